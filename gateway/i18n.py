@@ -1,0 +1,32 @@
+"""Bilingual user-facing text. Japanese first, English too (operators in Japan are the
+first audience). KANMON_LANG=ja|en|both selects what the CLI prints; default both."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Text:
+    ja: str
+    en: str
+
+    def format(self, **kw: object) -> "Text":
+        return Text(self.ja.format(**kw), self.en.format(**kw))
+
+    def render(self, lang: str | None = None) -> str:
+        lang = lang or current_lang()
+        if lang == "ja":
+            return self.ja
+        if lang == "en":
+            return self.en
+        return f"{self.ja}\n{self.en}"
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def current_lang() -> str:
+    lang = os.environ.get("KANMON_LANG", "both").lower()
+    return lang if lang in ("ja", "en", "both") else "both"
