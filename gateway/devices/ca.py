@@ -193,7 +193,10 @@ def issue_device_certificate(ca: OrgCa, device_id: str, wg_public_key: str | byt
     if end <= start:
         raise DeviceCaError("bad-validity", Text(
             "有効期限の終了が開始より前です", "not_after is not after not_before"))
-    if start < ca.cert.not_valid_before_utc or end > ca.cert.not_valid_after_utc:
+    # A start before the CA existed is narrowed to the CA's start (harmless); an end after
+    # the CA expires is refused, since the certificate would silently die early.
+    start = max(start, ca.cert.not_valid_before_utc)
+    if end > ca.cert.not_valid_after_utc or end <= start:
         raise DeviceCaError("outside-ca-validity", Text(
             f"端末証明書の有効期間が CA の有効期間({ca.cert.not_valid_before_utc:%Y-%m-%d}〜"
             f"{ca.cert.not_valid_after_utc:%Y-%m-%d})を外れています",

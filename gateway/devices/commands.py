@@ -1,0 +1,134 @@
+"""`kanmon ca ...`: create the organization device CA, trust external (MDM/SCEP) CA bundles,
+import CRLs, show what is trusted. The PKI lives in <state-dir>/pki (ca.pki_dir)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, import_crl, init_ca,
+                                pki_dir, trust_bundle)
+from gateway.i18n import Text
+
+# Refusals caused by the current state rather than by bad input: "check failed" (1).
+_STATE_CONFLICTS = frozenset({"ca-exists", "crl-older"})
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ca = subparsers.add_parser("ca", help="device certificate authorities / 端末認証局")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+
+    p = ca_sub.add_parser("init", help="create the organization device CA / 組織の端末 CA を作成")
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.add_argument("--org", required=True, help="organization name / 組織名")
+    p.add_argument("--days", type=int, default=3650, help="CA validity in days (default 3650)")
+    p.add_argument("--common-name", default=None)
+    p.set_defaults(func=cmd_init)
+
+    p = ca_sub.add_parser("trust", help="trust an external CA bundle (PEM) / 外部 CA を信頼")
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.add_argument("file", type=Path, metavar="FILE.pem")
+    p.set_defaults(func=cmd_trust)
+
+    p = ca_sub.add_parser("import-crl", help="import a CRL from a trusted CA / CRL を取り込む")
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_import_crl)
+
+    p = ca_sub.add_parser("show", help="show trusted CAs and CRLs / 信頼済み CA と CRL を表示")
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.set_defaults(func=cmd_show)
+
+
+def _say(text: Text) -> None:
+    print(text.render())
+
+
+def _fail(exc: DeviceCaError) -> int:
+    print(exc.text.render(), file=sys.stderr)
+    return 1 if exc.code in _STATE_CONFLICTS else 2
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        print(Text(f"ファイルを読めません: {path}: {exc.strerror}",
+                   f"cannot read file: {path}: {exc.strerror}").render(), file=sys.stderr)
+        return None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    try:
+        ca = init_ca(pki_dir(args.state_dir), args.org, valid_days=args.days,
+                     common_name=args.common_name)
+    except DeviceCaError as exc:
+        return _fail(exc)
+    store = CaStore(pki_dir(args.state_dir))
+    _say(Text(
+        f"組織の端末 CA を作成しました: {ca.cert.subject.rfc4514_string()}\n"
+        f"  証明書: {store.cert_path}\n  秘密鍵: {store.key_path}(0600、バックアップして厳重に保管)\n"
+        f"  SHA-256: {fingerprint_sha256(ca.cert)}\n  有効期限: {ca.cert.not_valid_after_utc:%Y-%m-%d}",
+        f"created the organization device CA: {ca.cert.subject.rfc4514_string()}\n"
+        f"  certificate: {store.cert_path}\n  private key: {store.key_path} (0600; back it up, keep it safe)\n"
+        f"  SHA-256: {fingerprint_sha256(ca.cert)}\n  valid until: {ca.cert.not_valid_after_utc:%Y-%m-%d}"))
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    data = _read(args.file)
+    if data is None:
+        return 2
+    try:
+        certs = trust_bundle(pki_dir(args.state_dir), data)
+    except DeviceCaError as exc:
+        return _fail(exc)
+    for cert in certs:
+        _say(Text(f"信頼しました: {cert.subject.rfc4514_string()}  SHA-256 {fingerprint_sha256(cert)}",
+                  f"trusted: {cert.subject.rfc4514_string()}  SHA-256 {fingerprint_sha256(cert)}"))
+    return 0
+
+
+def cmd_import_crl(args: argparse.Namespace) -> int:
+    data = _read(args.file)
+    if data is None:
+        return 2
+    try:
+        imported = import_crl(pki_dir(args.state_dir), data)
+    except DeviceCaError as exc:
+        return _fail(exc)
+    nxt = f"{imported.next_update:%Y-%m-%d %H:%M}Z" if imported.next_update else "-"
+    _say(Text(f"CRL を取り込みました: {imported.issuer}(失効 {imported.revoked_count} 件、次回更新 {nxt})",
+              f"imported the CRL of {imported.issuer} ({imported.revoked_count} revoked, next update {nxt})"))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = CaStore(pki_dir(args.state_dir))
+    try:
+        own = store.org_ca_cert()
+        trusted = store.trusted_cas()
+        crls = store.crls()
+    except ValueError as exc:
+        print(Text(f"PKI ファイルが壊れています: {exc}", f"PKI files are corrupt: {exc}").render(),
+              file=sys.stderr)
+        return 2
+    own_fp = fingerprint_sha256(own) if own is not None else None
+    lines_ja: list[str] = []
+    lines_en: list[str] = []
+    for cert in trusted:
+        fp = fingerprint_sha256(cert)
+        kind = ("組織 CA", "org CA") if fp == own_fp else ("外部 CA", "external CA")
+        lines_ja.append(f"{kind[0]}: {cert.subject.rfc4514_string()}  期限 {cert.not_valid_after_utc:%Y-%m-%d}  SHA-256 {fp}")
+        lines_en.append(f"{kind[1]}: {cert.subject.rfc4514_string()}  until {cert.not_valid_after_utc:%Y-%m-%d}  SHA-256 {fp}")
+    for crl in crls:
+        revoked = len(list(crl))
+        nxt = f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z" if crl.next_update_utc else "-"
+        lines_ja.append(f"CRL: {crl.issuer.rfc4514_string()}  失効 {revoked} 件  次回更新 {nxt}")
+        lines_en.append(f"CRL: {crl.issuer.rfc4514_string()}  {revoked} revoked  next update {nxt}")
+    if not trusted:
+        lines_ja.append("信頼済みの CA はありません(`kanmon ca init` か `kanmon ca trust`)")
+        lines_en.append("no trusted CA (`kanmon ca init` or `kanmon ca trust`)")
+    _say(Text("\n".join(lines_ja), "\n".join(lines_en)))
+    return 0
