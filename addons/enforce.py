@@ -1,0 +1,117 @@
+"""Verdict -> action. The last of Kanmon's decision-stage addons.
+
+It turns the verdict recorded by the decision addons into what happens to the traffic, and
+it is the fail-closed gate: a request, raw TCP flow or DNS query that reaches it without a
+verdict (no addon decided, or one failed) is blocked and counted; no upstream connection is
+opened for a client connection that holds no passing verdict; destinations inside the
+gateway (tunnel prefixes, its own addresses) are never proxied to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+
+from mitmproxy import dns, http, tcp
+from mitmproxy.proxy import server_hooks
+
+from addons.blockpage import Helpdesk, block_response, new_request_id
+from addons.hostrules import METADATA_VERDICT
+from addons.identity import METADATA_DEVICE
+from gateway.connections import LiveConnections
+from gateway.metrics import GatewayMetrics
+from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_NO_DECISION, Action, Stage, Verdict
+
+log = logging.getLogger("kanmon.enforce")
+
+METADATA_REQUEST_ID = "kanmon.request_id"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Enforcer:
+    name = "kanmon-enforce"
+
+    def __init__(self, connections: LiveConnections, metrics: GatewayMetrics, helpdesk: Helpdesk,
+                 internal_networks: Iterable[Network], cut_client: Callable[[str], None]):
+        self.connections = connections
+        self.metrics = metrics
+        self.helpdesk = helpdesk
+        self.internal_networks = tuple(internal_networks)
+        self.cut_client = cut_client
+
+    # -- helpers -------------------------------------------------------------------------
+    def is_internal(self, address: tuple | None) -> bool:
+        if not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+        except ValueError:
+            return False  # a host name: resolved upstream, never one of our literal addresses
+        return ip.is_loopback or ip.is_unspecified or any(ip in net for net in self.internal_networks)
+
+    def _count(self, verdict: Verdict) -> None:
+        self.metrics.decisions.labels(str(verdict.stage), str(verdict.action), verdict.rule_id or "default").inc()
+
+    def _gate(self, flow, stage: Stage) -> Verdict:
+        """The verdict to act on: fail-closed verdicts override whatever was decided."""
+        state = self.connections.get(flow.client_conn.id)
+        if state is not None and state.failed:
+            return Verdict(Action.BLOCK, RULE_FAIL_CLOSED, "an addon failed on this connection", stage)
+        if stage is not Stage.DNS and self.is_internal(flow.server_conn.address):
+            return Verdict(Action.BLOCK, RULE_INTERNAL_DESTINATION, "destination is inside the gateway", stage)
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        if not isinstance(verdict, Verdict):
+            self.metrics.fail_closed_blocks.labels(str(stage), "no-decision").inc()
+            return Verdict(Action.BLOCK, RULE_NO_DECISION, "no policy decision was made", stage)
+        return verdict
+
+    def block_http(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        device = flow.metadata.get(METADATA_DEVICE)
+        request_id = flow.metadata.setdefault(METADATA_REQUEST_ID, new_request_id())
+        flow.metadata[METADATA_VERDICT] = verdict
+        flow.response = block_response(
+            verdict, url=flow.request.pretty_url, device_id=device.device_id if device else None,
+            helpdesk=self.helpdesk, request_id=request_id)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        flow.metadata.setdefault(METADATA_REQUEST_ID, new_request_id())
+        if flow.response is not None:
+            return
+        verdict = self._gate(flow, Stage.REQUEST)
+        flow.metadata[METADATA_VERDICT] = verdict
+        self._count(verdict)
+        if not verdict.passes:
+            self.block_http(flow, verdict)
+            return
+        for name, value in verdict.headers:
+            flow.request.headers[name] = value  # replaces any client-sent copy
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        verdict = self._gate(flow, Stage.TCP)
+        flow.metadata[METADATA_VERDICT] = verdict
+        self._count(verdict)
+        state = self.connections.get(flow.client_conn.id)
+        if not verdict.passes and state is not None:
+            # server_connect below refuses the upstream connection; mitmproxy then closes the client.
+            state.blocked = verdict
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.connections.get(data.client.id)
+        if self.is_internal(data.server.address):
+            data.server.error = "kanmon: destination is inside the gateway"
+        elif state is None or not state.may_connect_upstream:
+            self.metrics.fail_closed_blocks.labels(str(Stage.UPSTREAM), "no-allow-verdict").inc()
+            data.server.error = "kanmon: no allow verdict covers this connection"
+
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        if flow.response is not None:
+            return
+        verdict = self._gate(flow, Stage.DNS)
+        flow.metadata[METADATA_VERDICT] = verdict
+        self._count(verdict)
+        if verdict.rule_id in (RULE_FAIL_CLOSED, RULE_NO_DECISION):
+            flow.response = flow.request.fail(dns.response_codes.REFUSED)
+        elif not verdict.passes:
+            flow.response = flow.request.fail(dns.response_codes.NXDOMAIN)

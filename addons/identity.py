@@ -1,0 +1,91 @@
+"""Tunnel identity -> device record.
+
+The tunnel source address is authenticated by WireGuard's cryptokey routing (each peer may
+only send from its own /32 and /128), so the proxy client's address names the device.
+A connection from an address that belongs to no admitted device is refused outright.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from mitmproxy import connection, dns, http, tcp, udp
+
+from gateway.connections import LiveConnections
+from gateway.metrics import GatewayMetrics
+from gateway.registry import DeviceRecord
+
+log = logging.getLogger("kanmon.identity")
+
+METADATA_DEVICE = "kanmon.device"
+
+
+class DeviceDirectory:
+    """Admitted devices by tunnel address. Replaced as a whole by the reconciler, so a
+    lookup never sees a half-updated table."""
+
+    def __init__(self) -> None:
+        self._by_ip: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, DeviceRecord] = {}
+
+    def replace(self, records: list[DeviceRecord]) -> None:
+        table = {}
+        for rec in records:
+            for addr in rec.addresses:
+                table[addr] = rec
+        self._by_ip = table
+
+    def by_ip(self, ip: str) -> DeviceRecord | None:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return self._by_ip.get(addr)
+
+    def __len__(self) -> int:
+        return len(self._by_ip)
+
+
+class DeviceIdentity:
+    name = "kanmon-identity"
+
+    def __init__(self, directory: DeviceDirectory, connections: LiveConnections, metrics: GatewayMetrics,
+                 on_refused: Callable[[connection.Client, str], None] | None = None):
+        self.directory = directory
+        self.connections = connections
+        self.metrics = metrics
+        self.on_refused = on_refused
+
+    def client_connected(self, client: connection.Client) -> None:
+        ip, port = client.peername[0], client.peername[1]
+        device = self.directory.by_ip(ip)
+        self.connections.open(client.id, ip, port, device)
+        if device is None:
+            self.metrics.unknown_device_connections.inc()
+            client.error = f"no admitted device has tunnel address {ip}"
+            log.warning("refused connection from %s: no admitted device", ip)
+            if self.on_refused:
+                self.on_refused(client, client.error)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.connections.close(client.id)
+
+    def _annotate(self, flow) -> None:
+        state = self.connections.get(flow.client_conn.id)
+        if state is not None and state.device is not None:
+            flow.metadata[METADATA_DEVICE] = state.device
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._annotate(flow)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        self._annotate(flow)
+
+    def udp_start(self, flow: udp.UDPFlow) -> None:
+        self._annotate(flow)
+
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        self._annotate(flow)

@@ -1,0 +1,207 @@
+"""`kanmon run`: bring up the data path, serve, tear down.
+
+Start-up order is chosen so that no device packet can pass before enforcement is ready:
+firewall table first (redirects point at listeners not yet bound: connections are refused),
+then the tunnel and its peers, then the proxy listeners. Every step is idempotent, so a
+restart after a crash (stale table, stale interface, stale control socket) recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from addons.accesslog import AccessLog
+from addons.blockpage import Helpdesk
+from addons.cutoff import ConnectionCutter
+from addons.enforce import Enforcer
+from addons.failclosed import FailClosedActions, Guarded
+from addons.hostrules import HostRuleDecider
+from addons.identity import DeviceDirectory, DeviceIdentity
+from gateway import steering
+from gateway.config import GatewayConfig
+from gateway.connections import LiveConnections
+from gateway.logstore import LogStore
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import ProxySettings, build_master, wait_for_listeners
+from gateway.reconcile import Reconciler
+from gateway.registry import SqliteRegistry
+from gateway.tunnel import WireGuardInterface, load_or_create_private_key
+
+log = logging.getLogger("kanmon.app")
+
+RECONCILE_POLL_SECONDS = 0.05   # registry revision poll: one indexed read, cheap
+RECONCILE_SAFETY_SECONDS = 30   # full pass even without a visible change
+
+
+class StartupError(Exception):
+    pass
+
+
+def sd_notify(message: str) -> None:
+    """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET. Ten lines of stdlib are
+    simpler than a dependency for it."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(path)
+            s.sendall(message.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+def load_extra_addon(spec: str) -> Any:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)()
+    except Exception as exc:
+        raise StartupError(f"addons.extra: cannot load {spec}: {exc}") from exc
+
+
+@dataclass
+class GatewayApp:
+    cfg: GatewayConfig
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+    def __post_init__(self) -> None:
+        self.connections = LiveConnections()
+        self.directory = DeviceDirectory()
+        self.tunnel = WireGuardInterface(self.cfg.wg_interface, self.cfg.wg_implementation)
+        self.cutter = ConnectionCutter()
+        self.fatal_reason: str | None = None
+        self._stop = asyncio.Event()
+        self.master = None
+        self.registry: SqliteRegistry | None = None
+        self.logstore: LogStore | None = None
+
+    # -- assembly ------------------------------------------------------------------------
+    def internal_networks(self) -> list:
+        nets = [self.cfg.ipv4_prefix]
+        if self.cfg.ipv6_prefix is not None:
+            nets.append(self.cfg.ipv6_prefix)
+        mgmt = ipaddress.ip_address(self.cfg.management_host)
+        nets.append(ipaddress.ip_network(f"{mgmt}/{mgmt.max_prefixlen}"))
+        return nets
+
+    def build_chain(self) -> list[Any]:
+        helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
+        enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut)
+        accesslog = AccessLog(self.logstore)
+        actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
+        chain = [
+            DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
+            HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni),
+            *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
+            enforcer,
+            accesslog,
+            self.cutter,
+        ]
+        return [Guarded(addon, actions) for addon in chain]
+
+    def fail(self, reason: str) -> None:
+        """An addon failed to load or configure: stop serving (systemd restarts us)."""
+        log.critical("fatal: %s", reason)
+        self.fatal_reason = reason
+        self._stop.set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def prepare_host(self) -> Reconciler:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.registry = SqliteRegistry(cfg.registry_path)
+        self.logstore = LogStore(cfg.log_dir, on_write_error=lambda stream, exc: self.metrics.log_write_errors.labels(stream).inc())
+        key = load_or_create_private_key(cfg.wg_private_key_file)
+        reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
+        initial = reconciler.initial()
+        steering.apply_ruleset(steering.SteeringPlan(
+            table=cfg.nft_table, tunnel_interface=cfg.wg_interface, uplink_interface=cfg.uplink_interface,
+            ipv4_prefix=cfg.ipv4_prefix, gateway_ipv4=cfg.gateway_ipv4,
+            ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
+            transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked)))
+        log.info("nftables table inet %s installed", cfg.nft_table)
+        addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
+        if cfg.ipv6_prefix is not None:
+            addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
+        kind = self.tunnel.ensure(key, cfg.wg_listen_port, cfg.wg_mtu, addresses)
+        log.info("tunnel %s up (%s), public key %s, port %d", cfg.wg_interface, kind, key.public_key(), cfg.wg_listen_port)
+        self._apply_reconcile(reconciler.run_once())
+        return reconciler
+
+    def _apply_reconcile(self, report) -> None:
+        """Event-loop side of a reconcile pass: swap the device directory, then cut every
+        live connection whose device is no longer admitted."""
+        self.directory.replace(list(report.admitted))
+        self.metrics.peers.set(len(report.admitted))
+        admitted_ids = {r.device_id for r in report.admitted}
+        for state in self.connections.all():
+            if state.device is not None and state.device.device_id not in admitted_ids:
+                if self.cutter.cut(state.client_id, "device no longer admitted"):
+                    self.metrics.connections_cut.inc()
+
+    async def reconcile_loop(self, reconciler: Reconciler) -> None:
+        loop = asyncio.get_running_loop()
+        last_full = loop.time()
+        while not self._stop.is_set():
+            try:
+                if reconciler.due() or loop.time() - last_full > RECONCILE_SAFETY_SECONDS:
+                    with self.metrics.reconcile_seconds.time():
+                        report = await asyncio.to_thread(reconciler.run_once)
+                    self._apply_reconcile(report)
+                    last_full = loop.time()
+            except Exception:
+                self.metrics.reconcile_errors.inc()
+                log.exception("reconcile failed; retrying")
+                await asyncio.sleep(1)
+            await asyncio.sleep(RECONCILE_POLL_SECONDS)
+
+    def teardown(self) -> None:
+        cfg = self.cfg
+        if steering.remove_table(cfg.nft_table):
+            log.info("nftables table inet %s removed", cfg.nft_table)
+        try:
+            self.tunnel.destroy()
+            log.info("tunnel %s removed", cfg.wg_interface)
+        except Exception:
+            log.exception("could not remove tunnel interface %s", cfg.wg_interface)
+        if self.logstore is not None:
+            self.logstore.close()
+        if self.registry is not None:
+            self.registry.close()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            reconciler = await asyncio.to_thread(self.prepare_host)
+            self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
+            if self.fatal_reason:
+                raise StartupError(self.fatal_reason)
+            run_task = asyncio.create_task(self.master.run(), name="mitmproxy")
+            await wait_for_listeners(self.master, run_task)
+            self.metrics.serve(self.cfg.management_host, self.cfg.management_port)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
+            reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
+            sd_notify("READY=1")
+            log.info("gateway ready")
+            stop_task = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({run_task, stop_task, reconcile_task}, return_when=asyncio.FIRST_COMPLETED)
+            sd_notify("STOPPING=1")
+            self.master.shutdown()
+            reconcile_task.cancel()
+            await asyncio.wait({run_task}, timeout=5)
+            return 1 if self.fatal_reason else 0
+        finally:
+            await asyncio.to_thread(self.teardown)

@@ -1,0 +1,112 @@
+"""`kanmon` command line. Sub-command groups live next to what they operate on; each
+module exposes `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+
+from gateway.i18n import Text
+
+# Modules that add command groups (each has `register(subparsers)`).
+COMMAND_MODULES = (
+    "gateway.devicecommands",
+)
+OPTIONAL_COMMAND_MODULES = (
+    "gateway.policy.commands",
+    "gateway.mail.commands",
+    "gateway.logstore.commands",
+    "gateway.devices.commands",
+)
+
+EXIT_USAGE = 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("mitmproxy", "hpack", "passlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load_config_or_exit(path: str):
+    """Parse and validate the config; on any problem print every error (file:line: key:
+    message) in both languages and exit 2 before anything on the host is touched."""
+    from gateway.config import load_config
+    from gateway.yamlsource import SourceErrors
+
+    try:
+        return load_config(path)
+    except SourceErrors as exc:
+        print(Text("設定ファイルに誤りがあります。ホストには何も変更していません:",
+                   "The configuration is invalid; nothing on the host was changed:").render(), file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config)
+    if os.geteuid() != 0:
+        print(Text("kanmon run には root 権限 (CAP_NET_ADMIN) が必要です。",
+                   "kanmon run needs root (CAP_NET_ADMIN).").render(), file=sys.stderr)
+        return EXIT_USAGE
+    from gateway.app import GatewayApp, StartupError
+
+    try:
+        return asyncio.run(GatewayApp(cfg).run())
+    except StartupError as exc:
+        print(Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=exc).render(), file=sys.stderr)
+        return 1
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config)
+    print(Text("設定は有効です: {p}", "Configuration is valid: {p}").format(p=cfg.source).render())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kanmon", description="Kanmon (関門) network-edge enforcement gateway")
+    parser.add_argument("--log-level", default=os.environ.get("KANMON_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway in the foreground (systemd runs this)")
+    run.add_argument("--config", required=True)
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="configuration file tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a gateway configuration file")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_config_check)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for name in OPTIONAL_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part of Kanmon is not installed in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

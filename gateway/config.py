@@ -1,0 +1,304 @@
+"""Gateway configuration: YAML -> schema-checked -> frozen `GatewayConfig`.
+
+Every problem is reported as ``file:line: key: message`` and nothing on the host is
+touched before the whole file is valid (`kanmon run` exits 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.verdict import Action
+from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
+
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_STR = {"type": "string", "minLength": 1}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["tunnel", "uplink", "state_dir"],
+    "properties": {
+        "node": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,30}$"}},
+        },
+        "state_dir": _STR,
+        "tunnel": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["interface", "listen_port", "ipv4_prefix"],
+            "properties": {
+                "interface": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,15}$"},
+                "listen_port": _PORT,
+                "ipv4_prefix": _STR,
+                "ipv6_prefix": _STR,
+                "endpoint": _STR,
+                "mtu": {"type": "integer", "minimum": 1280, "maximum": 9000},
+                "implementation": {"enum": ["auto", "kernel", "wireguard-go"]},
+                "private_key_file": _STR,
+            },
+        },
+        "uplink": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["interface"],
+            "properties": {"interface": {"type": "string", "pattern": "^[A-Za-z0-9_.@-]{1,15}$"}},
+        },
+        "proxy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "transparent_port": _PORT,
+                "dns_port": _PORT,
+                "upstream_dns": {"type": "array", "items": _STR},
+                "connection_strategy": {"enum": ["lazy", "eager"]},
+                "upstream_ca_bundle": _STR,
+                "tcp_timeout": {"type": "integer", "minimum": 10},
+                "no_sni": {"enum": ["block", "allow"]},
+            },
+        },
+        "management": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"listen": _STR},
+        },
+        "helpdesk": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"name_ja": _STR, "name_en": _STR, "contact": _STR},
+        },
+        "rules": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "default_action": {"enum": ["allow", "block"]},
+                "list": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["id", "action", "hosts"],
+                        "properties": {
+                            "id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]+$"},
+                            "action": {"enum": ["allow", "block"]},
+                            "hosts": {"type": "array", "minItems": 1, "items": _STR},
+                            "reason": _STR,
+                        },
+                    },
+                },
+            },
+        },
+        "addons": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "extra": {"type": "array", "items": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"}},
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """Placeholder allow/block rule on host names (exact, or suffix when written `.example`).
+    The policy engine replaces these; they stay as the gateway's built-in minimal filter."""
+
+    rule_id: str
+    action: Action
+    exact: frozenset[str]
+    suffixes: tuple[str, ...]
+    reason: str
+
+    def matches(self, host: str) -> bool:
+        return host in self.exact or any(host == s[1:] or host.endswith(s) for s in self.suffixes)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    node_name: str
+    state_dir: Path
+    wg_interface: str
+    wg_listen_port: int
+    wg_implementation: str
+    wg_private_key_file: Path
+    wg_mtu: int
+    endpoint: str | None
+    ipv4_prefix: ipaddress.IPv4Network
+    ipv6_prefix: ipaddress.IPv6Network | None
+    uplink_interface: str
+    transparent_port: int
+    dns_port: int
+    upstream_dns: tuple[str, ...]
+    connection_strategy: str
+    upstream_ca_bundle: Path | None
+    tcp_timeout: int
+    no_sni: str
+    management_host: str
+    management_port: int
+    helpdesk_ja: str
+    helpdesk_en: str
+    helpdesk_contact: str
+    default_action: Action
+    host_rules: tuple[HostRule, ...]
+    extra_addons: tuple[str, ...]
+
+    @property
+    def gateway_ipv4(self) -> ipaddress.IPv4Address:
+        return next(self.ipv4_prefix.hosts())
+
+    @property
+    def gateway_ipv6(self) -> ipaddress.IPv6Address | None:
+        return None if self.ipv6_prefix is None else self.ipv6_prefix[1]
+
+    @property
+    def nft_table(self) -> str:
+        return f"kanmon_{self.node_name.replace('-', '_')}"
+
+    @property
+    def mitmproxy_confdir(self) -> Path:
+        return self.state_dir / "mitmproxy"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite3"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    return _build(load_yaml_file(path))
+
+
+def load_config_text(text: str, filename: str = "<string>") -> GatewayConfig:
+    return _build(load_yaml_text(text, filename))
+
+
+def _build(doc: LoadedYaml) -> GatewayConfig:
+    if not isinstance(doc.data, dict):
+        raise SourceErrors([doc.error((), "the configuration must be a mapping of keys")])
+    errors = schema_errors(doc, SCHEMA)
+    if errors:
+        raise SourceErrors(errors)
+    d = doc.data
+    errors = []
+
+    def network(path: tuple, version: int):
+        try:
+            net = ipaddress.ip_network(_get(d, path), strict=True)
+        except ValueError as exc:
+            errors.append(doc.error(path, f"not a valid network: {exc}"))
+            return None
+        if net.version != version:
+            errors.append(doc.error(path, f"must be an IPv{version} prefix"))
+            return None
+        if net.num_addresses < 4:
+            errors.append(doc.error(path, "prefix too small for a gateway and devices"))
+            return None
+        return net
+
+    tunnel, proxy, mgmt = d["tunnel"], d.get("proxy", {}), d.get("management", {})
+    ipv4 = network(("tunnel", "ipv4_prefix"), 4)
+    ipv6 = network(("tunnel", "ipv6_prefix"), 6) if "ipv6_prefix" in tunnel else None
+
+    transparent_port = proxy.get("transparent_port", 8080)
+    dns_port = proxy.get("dns_port", 8053)
+    if transparent_port == dns_port:
+        errors.append(doc.error(("proxy", "dns_port"), "must differ from proxy.transparent_port"))
+
+    for i, server in enumerate(proxy.get("upstream_dns", [])):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            errors.append(doc.error(("proxy", "upstream_dns", i), f"{server!r} is not an IP address"))
+
+    mgmt_host, mgmt_port = "127.0.0.1", 9180
+    if "listen" in mgmt:
+        m = re.fullmatch(r"\[?([0-9A-Fa-f:.]+)\]?:(\d+)", mgmt["listen"])
+        if not m or not _is_ip(m.group(1)) or not 0 < int(m.group(2)) < 65536:
+            errors.append(doc.error(("management", "listen"), "must be ADDRESS:PORT, e.g. 127.0.0.1:9180"))
+        else:
+            mgmt_host, mgmt_port = m.group(1), int(m.group(2))
+
+    if d["uplink"]["interface"] == tunnel["interface"]:
+        errors.append(doc.error(("uplink", "interface"), "must differ from tunnel.interface"))
+
+    rules_cfg = d.get("rules", {})
+    rules, seen_ids = [], {}
+    for i, r in enumerate(rules_cfg.get("list", [])):
+        if r["id"] in seen_ids:
+            errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
+        seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
+        hosts = [h.strip().lower().rstrip(".") for h in r["hosts"]]
+        rules.append(
+            HostRule(
+                rule_id=r["id"],
+                action=Action(r["action"]),
+                exact=frozenset(h for h in hosts if not h.startswith(".")),
+                suffixes=tuple(h for h in hosts if h.startswith(".")),
+                reason=r.get("reason", ""),
+            )
+        )
+
+    if errors:
+        raise SourceErrors(errors)
+
+    state_dir = Path(d["state_dir"])
+    key_file = Path(tunnel.get("private_key_file", "wg-private.key"))
+    helpdesk = d.get("helpdesk", {})
+    return GatewayConfig(
+        source=doc.filename,
+        node_name=d.get("node", {}).get("name", "gw"),
+        state_dir=state_dir,
+        wg_interface=tunnel["interface"],
+        wg_listen_port=tunnel["listen_port"],
+        wg_implementation=tunnel.get("implementation", "auto"),
+        wg_private_key_file=key_file if key_file.is_absolute() else state_dir / key_file,
+        wg_mtu=tunnel.get("mtu", 1420),
+        endpoint=tunnel.get("endpoint"),
+        ipv4_prefix=ipv4,
+        ipv6_prefix=ipv6,
+        uplink_interface=d["uplink"]["interface"],
+        transparent_port=transparent_port,
+        dns_port=dns_port,
+        upstream_dns=tuple(proxy.get("upstream_dns", [])),
+        connection_strategy=proxy.get("connection_strategy", "lazy"),
+        upstream_ca_bundle=Path(proxy["upstream_ca_bundle"]) if "upstream_ca_bundle" in proxy else None,
+        tcp_timeout=proxy.get("tcp_timeout", 600),
+        no_sni=proxy.get("no_sni", "block"),
+        management_host=mgmt_host,
+        management_port=mgmt_port,
+        helpdesk_ja=helpdesk.get("name_ja", "情報システム担当"),
+        helpdesk_en=helpdesk.get("name_en", "IT helpdesk"),
+        helpdesk_contact=helpdesk.get("contact", ""),
+        default_action=Action(rules_cfg.get("default_action", "allow")),
+        host_rules=tuple(rules),
+        extra_addons=tuple(d.get("addons", {}).get("extra", [])),
+    )
+
+
+def _get(data: dict, path: tuple) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["GatewayConfig", "HostRule", "load_config", "load_config_text", "SourceError", "SourceErrors"]

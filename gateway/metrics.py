@@ -1,0 +1,41 @@
+"""Prometheus metrics of one gateway process (own registry: no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "kanmon_decisions_total", "Decisions made, by stage, verdict and rule id.",
+            ["stage", "verdict", "rule"], registry=r)
+        self.addon_errors = Counter(
+            "kanmon_addon_errors_total",
+            "Exceptions raised by addons; each blocked the connection it happened on (fail closed).",
+            ["addon", "hook"], registry=r)
+        self.fail_closed_blocks = Counter(
+            "kanmon_fail_closed_blocks_total",
+            "Connections or requests blocked because no decision could be made or an addon failed.",
+            ["stage", "reason"], registry=r)
+        self.unknown_device_connections = Counter(
+            "kanmon_unknown_device_connections_total",
+            "Proxy connections whose tunnel source address belongs to no admitted device.", registry=r)
+        self.peers = Gauge("kanmon_wireguard_peers", "WireGuard peers configured on the tunnel interface.", registry=r)
+        self.devices = Gauge("kanmon_devices", "Devices in the registry by effective status.", ["status"], registry=r)
+        self.reconcile_seconds = Histogram(
+            "kanmon_reconcile_duration_seconds", "Time to bring peers and drop sets in line with the registry.",
+            registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.reconcile_errors = Counter("kanmon_reconcile_errors_total", "Failed reconcile passes.", registry=r)
+        self.connections_cut = Counter(
+            "kanmon_connections_cut_total", "Live proxy connections cut because their device lost admission.",
+            registry=r)
+        self.log_write_errors = Counter(
+            "kanmon_log_write_errors_total", "Log records that could not be written.", ["stream"], registry=r)
+
+    def serve(self, host: str, port: int):
+        """Expose /metrics on the management address (a daemon thread)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, thread

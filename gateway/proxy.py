@@ -1,0 +1,101 @@
+"""mitmproxy inside the gateway process, configured in code.
+
+Only the mitmproxy addons the data path needs are loaded (no web UI, no scripting, no
+replay, no flow storage). Kanmon's own addons sit between mitmproxy's connection machinery
+and its DNS resolver, so every DNS query is decided before it is resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import options
+from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records, tlsconfig
+from mitmproxy.master import Master
+
+from gateway.config import GatewayConfig
+
+log = logging.getLogger("kanmon.proxy")
+
+
+class ProxyStartError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The mitmproxy options Kanmon sets, derived from the gateway config."""
+
+    modes: tuple[str, ...]
+    confdir: str
+    connection_strategy: str
+    dns_name_servers: tuple[str, ...]
+    upstream_ca: str | None
+    tcp_timeout: int
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig) -> "ProxySettings":
+        return cls(
+            # Listen on every address (both stacks); nftables admits only redirected tunnel
+            # traffic to these ports.
+            modes=(f"transparent@{cfg.transparent_port}", f"dns@{cfg.dns_port}"),
+            confdir=str(cfg.mitmproxy_confdir),
+            # lazy: no upstream connection is opened before the request has been decided, so
+            # a blocked request never reaches (or even touches) the server. The price: the
+            # interception certificate is made from SNI alone, without the upstream's.
+            connection_strategy=cfg.connection_strategy,
+            dns_name_servers=cfg.upstream_dns,
+            upstream_ca=str(cfg.upstream_ca_bundle) if cfg.upstream_ca_bundle else None,
+            tcp_timeout=cfg.tcp_timeout,
+        )
+
+    def option_values(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "mode": list(self.modes),
+            "confdir": self.confdir,
+            "connection_strategy": self.connection_strategy,
+            "dns_name_servers": list(self.dns_name_servers),
+            # The gateway's own /etc/hosts is not the devices' business.
+            "dns_use_hosts_file": not self.dns_name_servers,
+            "tcp_timeout": self.tcp_timeout,
+            "http3": False,           # QUIC is rejected at the firewall; clients use TCP
+            "stream_large_bodies": "2m",  # big downloads stream instead of filling memory
+            "strip_ech": True,
+        }
+        if self.upstream_ca:
+            values["ssl_verify_upstream_trusted_ca"] = self.upstream_ca
+        return values
+
+
+def build_master(settings: ProxySettings, chain: Sequence[Any]) -> Master:
+    """A mitmproxy master with our addon chain; call from inside the running event loop."""
+    master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
+    master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                      disable_h2c.DisableH2C())
+    master.addons.add(*chain)
+    master.addons.add(strip_dns_https_records.StripDnsHttpsRecords(), dns_resolver.DnsResolver())
+    master.options.update(**settings.option_values())
+    return master
+
+
+async def wait_for_listeners(master: Master, run_task: asyncio.Task, timeout: float = 15.0) -> None:
+    """mitmproxy logs a listen failure and keeps running without that server; a gateway
+    must not run half-bound, so wait until every configured server is up, or fail."""
+    ps = master.addons.get("proxyserver")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if run_task.done():
+            exc = run_task.exception()
+            raise ProxyStartError(f"proxy stopped during start-up: {exc!r}")
+        servers = list(ps.servers)
+        if servers and all(s.is_running for s in servers) and len(servers) == len(master.options.mode):
+            for s in servers:
+                log.info("proxy listening: %s on %s", s.mode.description, s.listen_addrs)
+            return
+        await asyncio.sleep(0.05)
+    states = {s.mode.full_spec: s.is_running for s in ps.servers}
+    raise ProxyStartError(f"proxy listeners did not start: {states}")
