@@ -208,6 +208,24 @@ def _verifier_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
     return ca_policy, ee_policy
 
 
+def _extend_to_root(chain: tuple[x509.Certificate, ...],
+                    trusted: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """When the anchor is a trusted intermediate (an MDM bundle often holds root and issuing
+    CA), continue upwards through trusted certificates so that a root's CRL revoking that
+    intermediate is honoured too."""
+    extended = list(chain)
+    for _ in range(MAX_CHAIN_DEPTH):
+        top = extended[-1]
+        if top.issuer == top.subject:
+            break
+        parents = [t for t in trusted if t.subject == top.issuer and t not in extended
+                   and _issued_by(top, t)]
+        if not parents:
+            break
+        extended.append(parents[0])
+    return tuple(extended)
+
+
 def _revocation(chain: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList],
                 now: dt.datetime) -> tuple[str | None, bool]:
     """(detail of the first revoked certificate or None, whether an applicable CRL is stale).
@@ -250,6 +268,8 @@ def check_device_certificate(leaf_pem_or_der: bytes | x509.Certificate | None,
     `now` must be timezone-aware. Never raises on bad input: refusals come back as CertCheck."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    if isinstance(leaf_pem_or_der, str):
+        leaf_pem_or_der = leaf_pem_or_der.encode("ascii", "replace")
     if leaf_pem_or_der is None or (not isinstance(leaf_pem_or_der, x509.Certificate)
                                    and not bytes(leaf_pem_or_der).strip()):
         return _refuse(Reason.NO_CERTIFICATE, "no client certificate")
@@ -290,7 +310,7 @@ def check_device_certificate(leaf_pem_or_der: bytes | x509.Certificate | None,
         return _refuse(Reason.CHAIN_INVALID, str(exc), **info)
     verified_chain = tuple(verified.chain)
 
-    revoked, stale = _revocation(verified_chain, crls, now)
+    revoked, stale = _revocation(_extend_to_root(verified_chain, trusted_cas), crls, now)
     if revoked is not None:
         return _refuse(Reason.REVOKED_CRL, revoked, crl_stale=stale, chain=verified_chain, **info)
 

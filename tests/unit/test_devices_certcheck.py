@@ -106,13 +106,14 @@ def test_org_certificate_with_bound_key_is_accepted(org_ca):
     assert result.message.ja and result.message.en
 
 
-def test_der_input_and_urlsafe_key_spelling_are_accepted(org_ca):
+def test_der_str_input_and_urlsafe_key_spelling_are_accepted(org_ca):
     key = wg_key()
     issued = issue(org_ca, key)
     der = issued.certificate.public_bytes(serialization.Encoding.DER)
     urlsafe = wg_key_uri(key).rsplit(":", 1)[1]
-    result = check_device_certificate(der, [], [org_ca.cert], [], NOW, urlsafe)
-    assert result.ok, result.detail
+    assert "=" not in urlsafe and len(urlsafe) == 43
+    assert check_device_certificate(der, [], [org_ca.cert], [], NOW, urlsafe).ok
+    assert check_device_certificate(issued.cert_pem.decode(), [], [org_ca.cert], [], NOW, key).ok
 
 
 def test_mdm_certificate_with_recorded_binding_and_intermediate(org_ca):
@@ -261,6 +262,10 @@ def test_intermediate_revoked_by_root_crl():
                                          .revocation_date(NOW - DAY).build())
                 .sign(ca.key, hashes.SHA256()))
     result = check_device_certificate(dev.cert_pem, [pem(sub)], [root2], [root_crl], NOW, key)
+    assert result.reason is Reason.REVOKED_CRL and "CN=Sub" in result.detail
+    # Same when the bundle trusted both root and intermediate (the path then ends at "Sub").
+    assert check_device_certificate(dev.cert_pem, [], [root2, sub], [], NOW, key).ok
+    result = check_device_certificate(dev.cert_pem, [], [root2, sub], [root_crl], NOW, key)
     assert result.reason is Reason.REVOKED_CRL and "CN=Sub" in result.detail
 
 
