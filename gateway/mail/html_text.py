@@ -1,0 +1,74 @@
+"""HTML mail to plain text, for the neutralize action (IPA SME sample 7.3: 受信メールのHTML表示
+を禁止し、テキスト形式に変換して表示). Scripts, styles and everything else active are dropped; each
+link is written as ``text <href>`` so a reader sees where it really goes.
+
+Hand-written on html.parser rather than a dependency: the common converter (html2text) is
+GPL-licensed, and we need only block structure, links and entity decoding.
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+_BLOCK = frozenset({
+    "p", "div", "br", "tr", "li", "ul", "ol", "table", "h1", "h2", "h3", "h4", "h5", "h6",
+    "blockquote", "pre", "hr", "section", "article", "header", "footer", "dt", "dd", "form",
+})
+_SKIP = frozenset({"script", "style", "head", "title", "noscript", "template", "object", "iframe", "svg", "math"})
+
+
+class _TextParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self._skip = 0
+        self._href: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIP:
+            self._skip += 1
+        elif tag in _BLOCK:
+            self.out.append("\n")
+            if tag == "li":
+                self.out.append("・")
+            if tag == "hr":
+                self.out.append("-" * 20 + "\n")
+        elif tag == "a":
+            self._href.append(dict(attrs).get("href"))
+        elif tag == "img":
+            alt = dict(attrs).get("alt")
+            if alt and not self._skip:
+                self.out.append(f"[{alt}]")
+        elif tag in ("td", "th"):
+            self.out.append("\t")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIP:
+            return
+        self.handle_starttag(tag, attrs)
+        if tag == "a":
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIP:
+            self._skip = max(0, self._skip - 1)
+        elif tag in _BLOCK:
+            self.out.append("\n")
+        elif tag == "a" and self._href:
+            href = self._href.pop()
+            if href and not self._skip and not href.startswith("#"):
+                self.out.append(f" <{href.strip()}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.out.append(data)
+
+
+def html_to_text(html: str) -> str:
+    parser = _TextParser()
+    parser.feed(html)
+    parser.close()
+    text = "".join(parser.out)
+    lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"

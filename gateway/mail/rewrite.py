@@ -1,0 +1,176 @@
+"""The message rewrites behind the tag and neutralize actions, and the notice a device gets
+instead of a quarantined or rejected message. Pure: bytes in, bytes out.
+
+* deliver: the original bytes object is returned as is — never re-serialized.
+* tag: subject prefix, and a first text part that warns in Japanese and English.
+* neutralize: tag, plus every attachment an indicator points at is replaced by a text notice,
+  and every HTML part is converted to plain text (IPA SME sample 7.3: 受信メールの HTML 表示を
+  禁止し、テキスト形式に変換する).
+
+DKIM is verified on the original bytes before any of this (engine.py); a rewritten message
+no longer carries a valid signature, which is expected and harmless after the gateway.
+"""
+
+from __future__ import annotations
+
+import email
+from email.message import EmailMessage, MIMEPart
+
+from gateway.i18n import Text
+from gateway.mail.engine import MailVerdict
+from gateway.mail.html_text import html_to_text
+from gateway.mail.indicators import ATTACHMENT_NAMES, MailAction, visible
+from gateway.mail.message import POLICY, body_text, fix_8bit
+from gateway.mail.policy import MailPolicy
+
+
+def render_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes | None:
+    """The bytes to hand on for ``verdict``; None for quarantine and reject."""
+    if verdict.action == MailAction.DELIVER:
+        return raw
+    if verdict.action == MailAction.TAG:
+        return tag_message(raw, verdict, policy)
+    if verdict.action == MailAction.NEUTRALIZE:
+        return neutralize_message(raw, verdict, policy)
+    return None
+
+
+def _linesep(raw: bytes) -> str:
+    return "\r\n" if b"\r\n" in raw[:4096] else "\n"
+
+
+def _serialize(msg: EmailMessage, raw: bytes) -> bytes:
+    return msg.as_bytes(policy=POLICY.clone(linesep=_linesep(raw)))
+
+
+def _indicator_lines(verdict: MailVerdict) -> tuple[list[str], list[str]]:
+    ja = [f"  - {i.name}: {i.evidence.ja}" for i in verdict.indicators]
+    en = [f"  - {i.name}: {i.evidence.en}" for i in verdict.indicators]
+    return ja, en
+
+
+def warning_text(verdict: MailVerdict, removed: list[str] | None = None) -> Text:
+    ja_lines, en_lines = _indicator_lines(verdict)
+    ja = ["【関門 メールゲートウェイからの警告】",
+          "このメールには標的型攻撃メールの特徴があります。添付ファイルを開いたり、リンクを",
+          "開いたりする前に、差出人に別の手段 (電話など) で確認してください。",
+          "不審な場合はシステム管理者に報告してください (IPA 中小企業の情報セキュリティ規程 7.4)。",
+          "", "検出した特徴:", *ja_lines]
+    en = ["[Warning from the Kanmon mail gateway]",
+          "This message shows signs of a targeted attack. Before opening any attachment or",
+          "link, confirm with the sender by another channel (e.g. phone).",
+          "Report it to your system administrator if in doubt.",
+          "", "Indicators found:", *en_lines]
+    if removed:
+        ja += ["", "安全のため次の添付ファイルを削除し、HTML 部分はテキストに変換しました:",
+               *[f"  - {r}" for r in removed]]
+        en += ["", "For your safety these attachments were removed and HTML was converted to text:",
+               *[f"  - {r}" for r in removed]]
+    return Text("\n".join(ja), "\n".join(en))
+
+
+def _warning_part(text: Text) -> MIMEPart:
+    part = MIMEPart(policy=POLICY)
+    part.set_content(f"{text.ja}\n\n----\n\n{text.en}\n", charset="utf-8", cte="base64")
+    return part
+
+
+def _prefix_subject(msg: EmailMessage, prefix: str) -> None:
+    try:
+        old = fix_8bit(str(msg.get("Subject", "")))
+    except (ValueError, IndexError, TypeError):
+        old = ""
+    del msg["Subject"]
+    msg["Subject"] = old if old.startswith(prefix) else prefix + old
+
+
+def _add_warning(msg: EmailMessage, text: Text) -> None:
+    if msg.get_content_type() != "multipart/mixed":
+        msg.make_mixed()
+    msg.get_payload().insert(0, _warning_part(text))
+
+
+def tag_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes:
+    msg = email.message_from_bytes(raw, policy=POLICY)
+    _prefix_subject(msg, policy.subject_prefix)
+    _add_warning(msg, warning_text(verdict))
+    return _serialize(msg, raw)
+
+
+def neutralize_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes:
+    msg = email.message_from_bytes(raw, policy=POLICY)
+    parts = list(msg.walk())  # same order as message.parse_message, so indexes match
+    reasons: dict[int, list[str]] = {}
+    for ind in verdict.indicators:
+        if ind.part is not None and ind.name in ATTACHMENT_NAMES:
+            reasons.setdefault(ind.part, []).append(ind.name)
+    removed: list[str] = []
+    for index in sorted(reasons):
+        if index >= len(parts):
+            continue
+        part = parts[index]
+        if part.is_multipart():
+            continue
+        name = _part_name(part)
+        removed.append(f"{name} ({', '.join(sorted(set(reasons[index])))})")
+        notice = Text(
+            f"【関門】添付ファイル「{name}」は危険と判定されたため削除しました ({', '.join(sorted(set(reasons[index])))})。\n"
+            "必要な場合はシステム管理者に連絡してください。",
+            f"[Kanmon] The attachment '{name}' was removed as dangerous ({', '.join(sorted(set(reasons[index])))}).\n"
+            "Contact your system administrator if you need it.")
+        part.set_content(f"{notice.ja}\n\n{notice.en}\n", charset="utf-8", cte="base64",
+                         disposition="attachment", filename="kanmon-removed-attachment.txt")
+        if part is not msg:
+            del part["MIME-Version"]
+    for index, part in enumerate(parts):
+        if index in reasons or part.is_multipart() or part.get_content_type() != "text/html":
+            continue
+        data = part.get_payload(decode=True) or b""
+        text = html_to_text(body_text(part, data))
+        was_attachment = (part.get_content_disposition() or "") == "attachment"
+        if was_attachment:
+            part.set_content(text, charset="utf-8", cte="base64", disposition="attachment",
+                             filename=_part_name(part) + ".txt")
+        else:
+            part.set_content(text, charset="utf-8", cte="base64")
+        if part is not msg:
+            del part["MIME-Version"]
+    _prefix_subject(msg, policy.subject_prefix)
+    _add_warning(msg, warning_text(verdict, removed or None))
+    return _serialize(msg, raw)
+
+
+def _part_name(part: EmailMessage) -> str:
+    try:
+        name = part.get_filename()
+    except (ValueError, LookupError, TypeError):
+        name = None
+    return visible(fix_8bit(str(name))) if name else f"({part.get_content_type()})"
+
+
+def notice_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy, quarantine_id: str | None = None) -> bytes:
+    """A short message that stands in for a quarantined or rejected one when it must still be
+    served (IMAP FETCH / POP3 RETR): the original's addressing headers, a bilingual notice."""
+    original = email.message_from_bytes(raw, policy=POLICY)
+    notice = EmailMessage(policy=POLICY)
+    for header in ("From", "To", "Cc", "Date", "Message-ID"):
+        try:
+            value = original.get(header)
+            if value is not None:
+                notice[header] = fix_8bit(str(value))
+        except (ValueError, IndexError, TypeError):
+            continue
+    try:
+        subject = fix_8bit(str(original.get("Subject", "")))
+    except (ValueError, IndexError, TypeError):
+        subject = ""
+    notice["Subject"] = policy.subject_prefix + subject
+    ja_lines, en_lines = _indicator_lines(verdict)
+    held = verdict.action == MailAction.QUARANTINE
+    qid = f" (ID: {quarantine_id})" if quarantine_id else ""
+    ja = (f"【関門】このメールは危険と判定されたため{'隔離しました' + qid if held else '受信を拒否しました'}。\n"
+          "必要な場合はシステム管理者に連絡してください。\n\n検出した特徴:\n" + "\n".join(ja_lines))
+    en = (f"[Kanmon] This message was {'quarantined' + qid if held else 'rejected'} as dangerous.\n"
+          "Contact your system administrator if you need it.\n\nIndicators found:\n" + "\n".join(en_lines))
+    notice.set_content(f"{ja}\n\n----\n\n{en}\n", charset="utf-8", cte="base64")
+    return notice.as_bytes(policy=POLICY.clone(linesep=_linesep(raw)))
