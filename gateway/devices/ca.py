@@ -23,7 +23,6 @@ device certificates), 6.2(5) (cut off lost devices — the CRL path), IPA SME sa
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
