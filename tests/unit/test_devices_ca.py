@@ -344,3 +344,11 @@ def test_start_before_the_ca_is_narrowed_to_the_ca_start():
     ca = build_org_ca("Org", now=NOW)
     issued = issue_device_certificate(ca, "d1", wg_key(), "o", NOW - 10 * DAY, NOW + DAY)
     assert issued.certificate.not_valid_before_utc == ca.cert.not_valid_before_utc
+
+
+def test_bundle_ca_without_key_cert_sign_is_refused(tmp_path):
+    _, cert = ext_ca("CA Flag But No Signing", is_ca=True, key_cert_sign=False)
+    with pytest.raises(DeviceCaError) as err:
+        trust_bundle(tmp_path, cert.public_bytes(serialization.Encoding.PEM))
+    assert "keyCertSign" in err.value.text.en and "CA:TRUE" not in err.value.text.en
+    assert CaStore(tmp_path).trusted_cas() == []

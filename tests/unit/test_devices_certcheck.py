@@ -388,3 +388,39 @@ def test_log_fields_carry_identity_and_reason(org_ca):
 def test_naive_now_is_a_programming_error(org_ca):
     with pytest.raises(ValueError):
         check_device_certificate(b"x", [], [org_ca.cert], [], NOW.replace(tzinfo=None), wg_key())
+
+
+def test_intermediate_without_key_cert_sign_is_refused(org_ca):
+    """CA keyUsage is enforced on the path, not only basicConstraints."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "KU Root")])
+
+    def ku(cert_sign: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                             data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+                             crl_sign=cert_sign, encipher_only=False, decipher_only=False)
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(1)
+            .not_valid_before(NOW - DAY).not_valid_after(NOW + 99 * DAY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(ku(True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256()))
+    results = {}
+    for cert_sign in (True, False):
+        int_key = ec.generate_private_key(ec.SECP256R1())
+        inter = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "KU Sub")]))
+                 .issuer_name(root_name).public_key(int_key.public_key()).serial_number(2)
+                 .not_valid_before(NOW - DAY).not_valid_after(NOW + 99 * DAY)
+                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                 .add_extension(ku(cert_sign), critical=True)
+                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(int_key.public_key()), critical=False)
+                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+                                critical=False)
+                 .sign(root_key, hashes.SHA256()))
+        key = wg_key()
+        dev = issue_device_certificate(OrgCa(key=int_key, cert=inter), "d", key, "o", NOW - DAY, NOW + DAY)
+        results[cert_sign] = check_device_certificate(dev.cert_pem, [pem(inter)], [root], [], NOW, key)
+    assert results[True].ok, results[True].detail
+    assert results[False].reason is Reason.CHAIN_INVALID
