@@ -130,7 +130,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return _error(NO_DIRECTORY.format(path=args.dir))
     if args.retention_days < 1:
         return _error(BAD_RETENTION)
-    cutoff = retention_cutoff(datetime.now(UTC), args.retention_days)
+    cutoff = retention_cutoff(args.now() if args.now else datetime.now(UTC), args.retention_days)
     report = purge(directory, cutoff, dry_run=args.dry_run)
     line = PURGE_WOULD if args.dry_run else PURGE_DID
     for path in report.removed:
@@ -170,4 +170,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--retention-days", type=int, default=DEFAULT_RETENTION_DAYS,
                    help=f"default {DEFAULT_RETENTION_DAYS} (3 years, IPA SME sample 技術的対策 3.8.3)")
     p.add_argument("--dry-run", action="store_true", help="list, do not remove / 一覧のみ")
-    p.set_defaults(func=cmd_purge)
+    p.set_defaults(func=cmd_purge, now=None)      # now: clock injected by tests
