@@ -1,0 +1,208 @@
+"""Engine benchmark: Kanmon's compiled policy next to python-adblock (adblock-rust), same
+rules, same URLs, one run.
+
+    /tmp/venv/bin/python bench/engine.py            # 1M domains, 10k URL patterns, 200k URLs
+    /tmp/venv/bin/python bench/engine.py --quick    # small sizes, a few seconds
+
+Everything is generated from a fixed seed. Each engine runs in its own forked process so its
+compile time and memory (RSS growth while compiling) are its own. Per-decision time includes
+turning the URL string into the engine's query (URL parsing) for both engines. Writes
+bench/results/engine.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import platform
+import random
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TLDS = ["com", "net", "org", "jp", "co.jp", "ne.jp", "io", "info", "biz", "de"]
+SOURCE_URL = "https://portal.example.lg.jp/"
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def generate(domains: int, patterns: int, urls: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word(n: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    blocked = [f"{word(rng.randint(4, 10))}{i}.{rng.choice(TLDS)}" for i in range(domains)]
+    n_sites = max(1, patterns * 4 // 5)
+    sites = [f"site{i}-{word(5)}.{rng.choice(TLDS)}" for i in range(n_sites)]
+    host_patterns = [(site, f"/{word(6)}{i}/") for i, site in enumerate(sites)]  # host + path prefix
+    generic = [f"/{word(7)}{i}/" for i in range(patterns - n_sites)]  # anywhere in the URL
+    clean = [f"{word(rng.randint(5, 12))}.{rng.choice(TLDS)}" for _ in range(max(1000, urls // 10))]
+    out = []
+    for _ in range(urls):
+        r = rng.random()
+        tail = f"{word(rng.randint(3, 12))}/{word(8)}.html?q={word(6)}"
+        if r < 0.3:
+            d = rng.choice(blocked)
+            host = d if rng.random() < 0.5 else f"{word(3)}.{d}"
+            out.append(f"https://{host}/{tail}")
+        elif r < 0.55:
+            site, path = rng.choice(host_patterns)
+            out.append(f"https://{site}{path}{tail}" if rng.random() < 0.7 else f"https://{site}/{tail}")
+        elif r < 0.65:
+            g = rng.choice(generic) if generic else "/"
+            out.append(f"https://{rng.choice(clean)}/x{g}{tail}")
+        else:
+            out.append(f"https://www.{rng.choice(clean)}/{tail}")
+    return {"blocked": blocked, "host_patterns": host_patterns, "generic": generic, "urls": out}
+
+
+def kanmon_inputs(data: dict) -> tuple[str, dict[str, tuple[str, str]]]:
+    lines = ["version: 1", "settings: {default_action: allow}", "lists:", "  bench: {file: bench.txt, format: domains}", "rules:",
+             "  - id: bench-domains", "    action: block", "    match: {list: bench}"]
+    if data["host_patterns"]:
+        lines += ["  - id: bench-url-host", "    action: block", "    match:", "      url:"]
+        lines += [f"        - '{site}{path}*'" for site, path in data["host_patterns"]]
+    if data["generic"]:
+        lines += ["  - id: bench-url-generic", "    action: block", "    match:", "      url_regex:"]
+        lines += [f"        - '{g}'" for g in data["generic"]]
+    return "\n".join(lines) + "\n", {"bench": ("bench.txt", "\n".join(data["blocked"]) + "\n")}
+
+
+def adblock_rules(data: dict) -> list[str]:
+    rules = [f"||{d}^" for d in data["blocked"]]
+    rules += [f"||{site}{path}" for site, path in data["host_patterns"]]
+    # "/x/" would be an ABP regex filter; the trailing "*" keeps it a plain substring filter,
+    # which is what the Kanmon side (an RE2 search for the literal) means too.
+    rules += [f"{g}*" for g in data["generic"]]
+    return rules
+
+
+def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    s = sorted(samples_ns)
+    return s[len(s) // 2] / 1000, s[min(len(s) - 1, int(len(s) * 0.99))] / 1000
+
+
+def run_kanmon(data: dict, conn) -> None:  # type: ignore[no-untyped-def]
+    from gateway.policy import DeviceContext, compile_text, query_for_url
+
+    text, lists = kanmon_inputs(data)
+    gc.collect()
+    before = rss_kib()
+    t0 = time.perf_counter()
+    snap = compile_text(text, lists, filename="bench.yaml")
+    compile_s = time.perf_counter() - t0
+    rss = rss_kib() - before
+    del text, lists
+    device = DeviceContext("bench", frozenset({"staff"}), "org")
+    urls = data["urls"]
+    now = datetime.now(timezone.utc)
+    samples = []
+    blocked = []
+    perf = time.perf_counter_ns
+    decide = snap.decide
+    t0 = time.perf_counter()
+    for url in urls:
+        s = perf()
+        v = decide(query_for_url(url, device, now=now))
+        samples.append(perf() - s)
+        blocked.append(v.action == "block")
+    total = time.perf_counter() - t0
+    p50, p99 = _percentiles(samples)
+    conn.send({"engine": "kanmon", "compile_s": compile_s, "rss_mib": rss / 1024, "decisions_per_s": len(urls) / total,
+               "mean_us": statistics.fmean(samples) / 1000, "p50_us": p50, "p99_us": p99, "blocked": blocked})
+
+
+def run_adblock(data: dict, conn) -> None:  # type: ignore[no-untyped-def]
+    import adblock
+
+    rules = adblock_rules(data)
+    gc.collect()
+    before = rss_kib()
+    t0 = time.perf_counter()
+    fs = adblock.FilterSet(debug=False)
+    fs.add_filters(rules, format="standard")
+    engine = adblock.Engine(filter_set=fs, optimize=True)
+    compile_s = time.perf_counter() - t0
+    del rules, fs
+    gc.collect()
+    rss = rss_kib() - before
+    urls = data["urls"]
+    samples = []
+    blocked = []
+    perf = time.perf_counter_ns
+    check = engine.check_network_urls
+    t0 = time.perf_counter()
+    for url in urls:
+        s = perf()
+        r = check(url, SOURCE_URL, "other")
+        samples.append(perf() - s)
+        blocked.append(r.matched)
+    total = time.perf_counter() - t0
+    p50, p99 = _percentiles(samples)
+    conn.send({"engine": "adblock", "compile_s": compile_s, "rss_mib": rss / 1024, "decisions_per_s": len(urls) / total,
+               "mean_us": statistics.fmean(samples) / 1000, "p50_us": p50, "p99_us": p99, "blocked": blocked})
+
+
+def in_child(target, data: dict) -> dict:  # type: ignore[no-untyped-def]
+    ctx = mp.get_context("fork")  # the child inherits the generated data without copying it
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(data, child))
+    proc.start()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Kanmon policy engine vs python-adblock")
+    ap.add_argument("--domains", type=int, default=1_000_000)
+    ap.add_argument("--patterns", type=int, default=10_000)
+    ap.add_argument("--urls", type=int, default=200_000)
+    ap.add_argument("--seed", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="20k domains, 1k patterns, 20k URLs")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "engine.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.domains, args.patterns, args.urls = 20_000, 1_000, 20_000
+    t0 = time.perf_counter()
+    data = generate(args.domains, args.patterns, args.urls, args.seed)
+    gen_s = time.perf_counter() - t0
+    results = [in_child(run_kanmon, data), in_child(run_adblock, data)]
+    k, a = results
+    agree = sum(x == y for x, y in zip(k.pop("blocked"), a.pop("blocked"))) / len(data["urls"])
+    ratio = k["mean_us"] / a["mean_us"]
+    rows = [("compile (s)", "compile_s", "{:.2f}"), ("RSS growth (MiB)", "rss_mib", "{:.0f}"),
+            ("decisions/s", "decisions_per_s", "{:,.0f}"), ("mean (µs)", "mean_us", "{:.2f}"),
+            ("p50 (µs)", "p50_us", "{:.2f}"), ("p99 (µs)", "p99_us", "{:.2f}")]
+    print(f"\n{args.domains:,} domains, {args.patterns:,} URL patterns, {args.urls:,} URLs (seed {args.seed}; generated in {gen_s:.1f}s)")
+    print(f"{'':<18}{'kanmon':>14}{'adblock':>14}{'kanmon/adblock':>16}")
+    for label, key, fmt in rows:
+        print(f"{label:<18}{fmt.format(k[key]):>14}{fmt.format(a[key]):>14}{k[key] / a[key] if a[key] else float('nan'):>16.2f}")
+    print(f"verdict agreement: {agree:.4%}; goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({ratio:.2f}x)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "sizes": {"domains": args.domains, "patterns": args.patterns, "urls": args.urls, "seed": args.seed},
+        "machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
+        "kanmon": k, "adblock": a, "per_decision_ratio": ratio, "agreement": agree, "goal_met": ratio <= 0.5,
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,472 @@
+"""Policy document -> PolicySnapshot. Pure: the caller supplies the policy text and the
+text of every list file; every problem is collected and raised together as SourceErrors
+(``file:line: key: message``), and nothing is built when there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import re2
+
+from gateway.policy import facts as F
+from gateway.policy.conditions import Check, ConditionError, System, as_list, build_check, system_from_spec
+from gateway.policy.lists import DomainList, parse_list, regex_error, valid_domain
+from gateway.policy.query import PolicyQuery, normalize_host
+from gateway.policy.schema import POLICY_SCHEMA
+from gateway.policy.snapshot import CompiledRule, PolicySnapshot, RuleInfo
+from gateway.policy.tenants import tenant_headers
+from gateway.policy.urlpattern import WildcardError, compile_wildcard
+from gateway.verdict import Action
+from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_text, schema_errors
+
+DEFAULT_TIMEZONE = "Asia/Tokyo"
+# RE2's default budget (8 MiB) runs out around two thousand URL patterns in one set.
+URL_SET_MAX_MEM = 1 << 30
+HOST_KEYS = ("domain", "domain_exact", "list")
+URL_KEYS = ("url", "url_regex")
+
+
+@dataclass(frozen=True)
+class ListSource:
+    name: str
+    file: str  # as written in the policy (relative to the policy file's directory)
+    format: str
+    match: str
+
+
+def parse_policy(text: str, filename: str) -> tuple[LoadedYaml, list[ListSource]]:
+    """Parse and schema-check the policy document; returns the list files it needs."""
+    doc = load_yaml_text(text, filename)
+    if not isinstance(doc.data, dict):
+        raise SourceErrors([SourceError(filename, 1, (), "a policy file is a mapping with at least 'version: 1'")])
+    errors = schema_errors(doc, POLICY_SCHEMA)
+    if errors:
+        raise SourceErrors(errors)
+    sources = [
+        ListSource(name, spec["file"], spec.get("format", "auto"), spec.get("match", "suffix"))
+        for name, spec in (doc.data.get("lists") or {}).items()
+    ]
+    return doc, sources
+
+
+def content_version(policy_text: str, list_texts: Mapping[str, tuple[str, str]]) -> str:
+    """Hash of every input, so a reload log can say which policy serves."""
+    h = hashlib.sha256(policy_text.encode())
+    for name in sorted(list_texts):
+        filename, text = list_texts[name]
+        h.update(b"\0" + name.encode() + b"\0" + text.encode())
+    return h.hexdigest()[:16]
+
+
+def compile_text(
+    text: str,
+    lists: Mapping[str, tuple[str, str]] | None = None,
+    filename: str = "<policy>",
+    compiled_at: datetime | None = None,
+) -> PolicySnapshot:
+    """Compile from strings: ``lists`` maps list name -> (filename, text)."""
+    doc, sources = parse_policy(text, filename)
+    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc))
+
+
+def compile_policy(
+    doc: LoadedYaml,
+    policy_text: str,
+    sources: list[ListSource],
+    list_texts: Mapping[str, tuple[str, str]],
+    compiled_at: datetime,
+) -> PolicySnapshot:
+    return _Compiler(doc, policy_text, sources, list_texts, compiled_at).build()
+
+
+class _Compiler:
+    def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
+                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime):
+        self.doc = doc
+        self.data: dict[str, Any] = doc.data
+        self.policy_text = policy_text
+        self.sources = sources
+        self.list_texts = list_texts
+        self.compiled_at = compiled_at
+        self.errors: list[SourceError] = []
+        self.lists: dict[str, DomainList] = {}
+        self.systems: dict[str, System] = {}
+        self.tenants: dict[str, tuple[tuple[str, str], ...]] = {}
+        # routing tables under construction
+        self.exact: dict[str, list[int]] = {}
+        self.suffix: dict[str, list[int]] = {}
+        self.generic: list[int] = []
+        self.url_only: list[int] = []
+        self.patterns: dict[str, int] = {}
+        self.pattern_rules: list[list[int]] = []
+        self.rules: list[CompiledRule] = []
+        self.retired: list[RuleInfo] = []
+
+    def err(self, path: tuple[Any, ...], message: str) -> None:
+        self.errors.append(self.doc.error(path, message))
+
+    # -- top level ----------------------------------------------------------------------
+
+    def build(self) -> PolicySnapshot:
+        settings = self.data.get("settings") or {}
+        tz_name = settings.get("timezone", DEFAULT_TIMEZONE)
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.err(("settings", "timezone"), f"unknown time zone {tz_name!r} (e.g. Asia/Tokyo)")
+            tz = ZoneInfo(DEFAULT_TIMEZONE)
+        self.tz = tz
+        self._load_lists()
+        self._load_systems()
+        self._load_tenants()
+        seen_ids: dict[str, int] = {}
+        for gi, group in enumerate(self.data.get("rule_groups") or []):
+            applies = group.get("applies_to") or {}
+            group_checks = []
+            for key, value in applies.items():
+                check = self._simple_check(("rule_groups", gi, "applies_to", key), key, value)
+                if check:
+                    group_checks.append(check)
+            for ri, rule in enumerate(group["rules"]):
+                self._rule(("rule_groups", gi, "rules", ri), rule, group["name"], tuple(group_checks), seen_ids)
+        for ri, rule in enumerate(self.data.get("rules") or []):
+            self._rule(("rules", ri), rule, None, (), seen_ids)
+        if self.errors:
+            raise SourceErrors(self.errors)
+        url_set = self._url_set()
+        if self.errors:
+            raise SourceErrors(self.errors)
+        interned: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+        def freeze(v: list[int]) -> tuple[int, ...]:
+            t = (v[0],) if len(v) == 1 else tuple(sorted(set(v)))
+            return interned.setdefault(t, t)
+
+        return PolicySnapshot(
+            version=content_version(self.policy_text, self.list_texts),
+            compiled_at=self.compiled_at,
+            tz=tz,
+            default_action=Action(settings.get("default_action", "allow")),
+            no_sni=settings.get("no_sni", "block"),
+            rules=tuple(self.rules),
+            exact={k: freeze(v) for k, v in self.exact.items()},
+            suffix={k: freeze(v) for k, v in self.suffix.items()},
+            generic=freeze(self.generic),
+            url_only=freeze(self.url_only),
+            url_set=url_set,
+            pattern_rules=tuple(freeze(v) for v in self.pattern_rules),
+            retired=tuple(self.retired),
+            lists={name: len(lst) for name, lst in self.lists.items()},
+            source=self.doc.filename,
+        )
+
+    def _load_lists(self) -> None:
+        for src in self.sources:
+            if src.name not in self.list_texts:
+                self.err(("lists", src.name, "file"), f"list file not read: {src.file}")
+                continue
+            filename, text = self.list_texts[src.name]
+            parsed, errors = parse_list(text, src.name, filename, src.format, src.match)
+            self.errors.extend(errors)
+            self.lists[src.name] = parsed
+
+    def _load_systems(self) -> None:
+        for name, spec in (self.data.get("systems") or {}).items():
+            try:
+                self.systems[name] = system_from_spec(name, spec)
+            except ConditionError as exc:
+                path: tuple[Any, ...] = ("systems", name)
+                if exc.key:
+                    path += (exc.key,) + ((exc.index,) if exc.index is not None else ())
+                self.err(path, str(exc))
+
+    def _load_tenants(self) -> None:
+        for name, spec in (self.data.get("tenants") or {}).items():
+            headers, problems = tenant_headers(spec)
+            for key, message in problems:
+                self.err(("tenants", name, key), message)
+            self.tenants[name] = headers
+
+    # -- rules --------------------------------------------------------------------------
+
+    def _simple_check(self, path: tuple[Any, ...], key: str, value: Any) -> Check | None:
+        try:
+            return build_check(key, value, self.systems)
+        except ConditionError as exc:
+            self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), str(exc))
+            return None
+
+    def _expiry(self, path: tuple[Any, ...], value: Any) -> tuple[date | None, datetime | None]:
+        if value is None:
+            return None, None
+        if isinstance(value, datetime):
+            value = value.date()
+        if isinstance(value, str):
+            try:
+                value = date.fromisoformat(value)
+            except ValueError:
+                self.err(path, f"not a date: {value!r} (write YYYY-MM-DD)")
+                return None, None
+        if not isinstance(value, date):
+            self.err(path, f"not a date: {value!r} (write YYYY-MM-DD)")
+            return None, None
+        # The rule applies through the whole expiry day in the policy's time zone.
+        end = datetime.combine(value + timedelta(days=1), time(0, 0), tzinfo=self.tz)
+        return value, end.astimezone(timezone.utc)
+
+    def _rule(self, path: tuple[Any, ...], spec: dict[str, Any], group: str | None,
+              group_checks: tuple[Check, ...], seen_ids: dict[str, int]) -> None:
+        rule_id = spec["id"]
+        line = self.doc.line_of(path + ("id",))
+        if rule_id in seen_ids:
+            self.err(path + ("id",), f"duplicate rule id {rule_id!r} (first on line {seen_ids[rule_id]})")
+        else:
+            seen_ids[rule_id] = line
+        action = Action(spec["action"])
+        headers: tuple[tuple[str, str], ...] = ()
+        tenant = spec.get("tenant")
+        if action is Action.TENANT_RESTRICT:
+            if tenant is None:
+                self.err(path + ("action",), "tenant-restrict needs tenant: <name of a tenants: entry>")
+            elif tenant not in self.tenants:
+                self.err(path + ("tenant",), f"unknown tenant {tenant!r} (define it under tenants:)")
+            else:
+                headers = self.tenants[tenant]
+        elif tenant is not None:
+            self.err(path + ("tenant",), "tenant is only used with action: tenant-restrict")
+        expires, expires_at = self._expiry(path + ("expires",), spec.get("expires"))
+        status = spec.get("status", "active")
+        ordinal = len(self.rules)
+        match = spec.get("match") or {}
+        unless = spec.get("unless") or {}
+        checks: list[Check] = list(group_checks)
+        needs = F.DEVICE
+        host_check, routes = self._host_condition(path + ("match",), match, ordinal, bucketed=True)
+        url_check, url_routes = self._url_condition(path + ("match",), match, ordinal)
+        if host_check:
+            checks.append(host_check)
+        if url_check:
+            checks.append(url_check)
+        for key, value in match.items():
+            if key in HOST_KEYS or key in URL_KEYS:
+                continue
+            check = self._simple_check(path + ("match", key), key, value)
+            if check:
+                checks.append(check)
+        unless_checks: list[Check] = []
+        if unless:
+            u_host, _ = self._host_condition(path + ("unless",), unless, ordinal, bucketed=False)
+            u_url, _ = self._url_condition(path + ("unless",), unless, ordinal)
+            unless_checks += [c for c in (u_host, u_url) if c]
+            for key, value in unless.items():
+                if key in HOST_KEYS or key in URL_KEYS:
+                    continue
+                check = self._simple_check(path + ("unless", key), key, value)
+                if check:
+                    unless_checks.append(check)
+        for c in checks + unless_checks:
+            needs |= c.needs
+        if "list" in match and any(self.lists.get(n) and self.lists[n].regexes for n in as_list(match["list"])):
+            needs |= F.URL  # a list with /regex/ entries can only be settled once the URL is known
+        info = RuleInfo(
+            id=rule_id, action=action, group=group, description=spec.get("description"), reason=spec.get("reason"),
+            owner=spec.get("owner"), expires=expires, status=status, category=spec.get("category"),
+            decided_at=F.earliest_stage(needs), filename=self.doc.filename, line=line,
+        )
+        if status == "retired":
+            self.retired.append(info)
+            return
+        # Register the rule's routes only now that it is kept.
+        if routes is not None:  # host condition: its hosts (URL patterns are then only checked)
+            self._route(ordinal, routes)
+        elif url_routes is not None:
+            self._route(ordinal, url_routes)
+        else:
+            self.generic.append(ordinal)
+        self.rules.append(CompiledRule(ordinal, info, tuple(checks), tuple(unless_checks), expires_at, headers))
+
+    def _route(self, ordinal: int, routes: "_Routes") -> None:
+        for host in routes.exact:
+            self.exact.setdefault(host, []).append(ordinal)
+        for host in routes.suffix:
+            self.suffix.setdefault(host, []).append(ordinal)
+        for lst in routes.suffix_lists:
+            for host in lst:
+                self.suffix.setdefault(host, []).append(ordinal)
+        for lst in routes.exact_lists:
+            for host in lst:
+                self.exact.setdefault(host, []).append(ordinal)
+        if routes.pattern_ids:
+            for pid in routes.pattern_ids:
+                self.pattern_rules[pid].append(ordinal)
+            self.url_only.append(ordinal)
+
+    def _pattern_id(self, regex: str) -> int:
+        pid = self.patterns.get(regex)
+        if pid is None:
+            pid = self.patterns[regex] = len(self.patterns)
+            self.pattern_rules.append([])
+        return pid
+
+    def _host_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int,
+                        bucketed: bool) -> tuple[Check | None, "_Routes | None"]:
+        """domain / domain_exact / list: one condition, true when any entry matches."""
+        if not any(k in block for k in HOST_KEYS):
+            return None, None
+        routes = _Routes()
+        texts = []
+        for key in ("domain", "domain_exact"):
+            if key not in block:
+                continue
+            values = as_list(block[key])
+            for i, raw in enumerate(values):
+                host = normalize_host(str(raw))
+                if host is None or not valid_domain(host):
+                    self.err(path + (key,) + ((i,) if isinstance(block[key], list) else ()), f"not a domain name: {raw!r}")
+                    continue
+                (routes.suffix if key == "domain" else routes.exact).add(host)
+            texts.append(f"{'host under' if key == 'domain' else 'host is'} {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
+        regex_ids: set[int] = set()
+        if "list" in block:
+            names = as_list(block["list"])
+            for i, name in enumerate(names):
+                lst = self.lists.get(name)
+                if lst is None:
+                    if name not in {s.name for s in self.sources}:
+                        self.err(path + ("list",) + ((i,) if isinstance(block["list"], list) else ()), f"unknown list {name!r} (define it under lists:)")
+                    continue
+                routes.suffix_lists.append(lst.suffix)
+                routes.exact_lists.append(lst.exact)
+                for pattern, _line in lst.regexes:
+                    regex_ids.add(self._pattern_id(pattern))
+            texts.append(f"host in list {', '.join(map(str, names))}")
+        routes.pattern_ids = frozenset(regex_ids)
+        text = " or ".join(texts)
+        if bucketed:
+            if regex_ids:
+                ids = frozenset(regex_ids)
+
+                def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
+                    if ordinal in f.host_hits:
+                        return True
+                    if not f.known & F.URL:
+                        return None
+                    return not ids.isdisjoint(f.matches())
+            else:
+                def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
+                    return ordinal in f.host_hits
+            return Check(F.HOST, fn, text), routes
+        # Unbucketed (inside unless:): walk the host's suffixes against this rule's own sets.
+        exact = frozenset(routes.exact).union(*routes.exact_lists) if routes.exact_lists else frozenset(routes.exact)
+        suffix_sets = [frozenset(routes.suffix)] + list(routes.suffix_lists)
+        ids = frozenset(regex_ids)
+
+        def walk(q: PolicyQuery, f: F.Facts) -> bool | None:
+            host = q.host
+            if host:
+                if host in exact:
+                    return True
+                name = host
+                while True:
+                    if any(name in s for s in suffix_sets):
+                        return True
+                    dot = name.find(".")
+                    if dot == -1:
+                        break
+                    name = name[dot + 1:]
+            if not ids:
+                return False
+            if not f.known & F.URL:
+                return None
+            return not ids.isdisjoint(f.matches())
+
+        return Check(F.HOST, walk, text), None
+
+    def _url_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int) -> tuple[Check | None, "_Routes | None"]:
+        """url / url_regex: one condition, true when any pattern matches the URL."""
+        if not any(k in block for k in URL_KEYS):
+            return None, None
+        ids: set[int] = set()
+        routes = _Routes()
+        keyed = "url_regex" not in block
+        texts = []
+        if "url" in block:
+            values = as_list(block["url"])
+            for i, raw in enumerate(values):
+                try:
+                    wc = compile_wildcard(str(raw))
+                except WildcardError as exc:
+                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), str(exc))
+                    continue
+                problem = regex_error(wc.regex)
+                if problem:
+                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
+                    continue
+                ids.add(self._pattern_id(wc.regex))
+                if wc.host is None:
+                    keyed = False
+                elif wc.host_is_suffix:
+                    routes.suffix.add(wc.host)
+                else:
+                    routes.exact.add(wc.host)
+            texts.append(f"URL like {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
+        if "url_regex" in block:
+            values = as_list(block["url_regex"])
+            for i, raw in enumerate(values):
+                problem = regex_error(str(raw))
+                if problem:
+                    self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), f"bad regular expression: {problem}")
+                    continue
+                ids.add(self._pattern_id(str(raw)))
+            texts.append(f"URL matches {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
+        frozen = frozenset(ids)
+        if len(frozen) == 1:
+            (only,) = frozen
+
+            def fn(q: PolicyQuery, f: F.Facts) -> bool:
+                return only in f.matches()
+        else:
+            def fn(q: PolicyQuery, f: F.Facts) -> bool:
+                return not frozen.isdisjoint(f.matches())
+
+        check = Check(F.URL, fn, " or ".join(texts))
+        if keyed and (routes.exact or routes.suffix):
+            return check, routes  # every pattern names its host: bucket by host
+        routes = _Routes()
+        routes.pattern_ids = frozen
+        return check, routes
+
+    def _url_set(self) -> Any:
+        if not self.patterns:
+            return None
+        options = re2.Options()
+        options.max_mem = URL_SET_MAX_MEM
+        options.case_sensitive = False
+        options.log_errors = False
+        url_set = re2.Set.SearchSet(options)
+        for regex, pid in sorted(self.patterns.items(), key=lambda kv: kv[1]):
+            added = url_set.Add(regex)
+            if added != pid:  # pragma: no cover - patterns were checked one by one above
+                raise AssertionError("RE2 set index out of step")
+        try:
+            url_set.Compile()
+        except re2.error:
+            self.err(("rules",), f"the {len(self.patterns)} URL patterns do not fit in one RE2 set")
+        return url_set
+
+
+class _Routes:
+    __slots__ = ("exact", "suffix", "exact_lists", "suffix_lists", "pattern_ids")
+
+    def __init__(self) -> None:
+        self.exact: set[str] = set()
+        self.suffix: set[str] = set()
+        self.exact_lists: list[frozenset[str]] = []
+        self.suffix_lists: list[frozenset[str]] = []
+        self.pattern_ids: frozenset[int] = frozenset()

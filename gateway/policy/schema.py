@@ -1,0 +1,179 @@
+"""JSON schema of a policy file. Structural checks only; meaning (CIDRs, regexes, list
+and tenant references, dates) is checked in model.py so every error still names its line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.policy.tenants import PROVIDERS
+
+ACTIONS = ["allow", "block", "monitor", "no-inspect", "tenant-restrict"]
+DEFAULT_ACTIONS = ["allow", "block", "monitor"]
+NO_SNI_CHOICES = ["allow", "block", "monitor", "no-inspect", "rules"]
+DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def _str_or_list(item: dict[str, Any] | None = None) -> dict[str, Any]:
+    item = item or {"type": "string", "minLength": 1}
+    return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1}]}
+
+
+_PORT = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string", "pattern": r"^[0-9]{1,5}(-[0-9]{1,5})?$"}]}
+_TIME_WINDOW = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["from", "to"],
+    "properties": {
+        "days": {"type": "array", "items": {"enum": DAYS + ["weekdays", "weekend", "all"]}, "minItems": 1},
+        "from": {"type": "string", "pattern": r"^([01][0-9]|2[0-3]):[0-5][0-9]$"},
+        "to": {"type": "string", "pattern": r"^([01][0-9]|2[0-4]):[0-5][0-9]$"},
+    },
+}
+
+CONDITIONS: dict[str, Any] = {
+    # device
+    "device_group": _str_or_list(),
+    "ownership": {"enum": ["org", "byod"]},
+    "device_id": _str_or_list(),
+    "user": _str_or_list(),
+    "device_status": _str_or_list(),
+    # posture
+    "platform": _str_or_list(),
+    "os_version_below": {"type": "object", "minProperties": 1, "additionalProperties": {"type": ["string", "number"]}},
+    "jailbroken": {"type": "boolean"},
+    "underlay_network": _str_or_list(),
+    # host
+    "domain": _str_or_list(),
+    "domain_exact": _str_or_list(),
+    "list": _str_or_list(),
+    # url
+    "url": _str_or_list(),
+    "url_regex": _str_or_list(),
+    "scheme": _str_or_list(),
+    "method": _str_or_list(),
+    # destination
+    "dst_cidr": _str_or_list(),
+    "dst_port": {"oneOf": [_PORT, {"type": "array", "items": _PORT, "minItems": 1}]},
+    "protocol": {"enum": ["tcp", "udp"]},
+    "system": _str_or_list(),
+    "system_class": {"type": "string", "pattern": r"^\s*(<=|>=|==|<|>|=)?\s*[1-3]\s*$"},
+    # content
+    "request_content_type": _str_or_list(),
+    "response_content_type": _str_or_list(),
+    "file_extension": _str_or_list(),
+    "body_size_over": {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*[0-9]+\s*([kKmMgG]i?[bB]?|[bB])?\s*$"}]},
+    # time
+    "time": {"oneOf": [_TIME_WINDOW, {"type": "array", "items": _TIME_WINDOW, "minItems": 1}]},
+}
+
+_CONDITION_BLOCK = {"type": "object", "additionalProperties": False, "properties": CONDITIONS}
+
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "action"],
+    "properties": {
+        "id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"},
+        "description": {"type": "string"},
+        "reason": {"type": "string"},
+        "owner": {"type": "string"},
+        "expires": {},  # a YAML date; checked in model.py
+        "status": {"enum": ["active", "retired"]},
+        "category": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
+        "action": {"enum": ACTIONS},
+        "tenant": {"type": "string"},
+        "match": _CONDITION_BLOCK,
+        "unless": _CONDITION_BLOCK,
+    },
+}
+
+_APPLIES_TO = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {k: CONDITIONS[k] for k in ("device_group", "ownership", "device_id", "user", "platform", "device_status")},
+}
+
+POLICY_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["version"],
+    "properties": {
+        "version": {"const": 1},
+        "settings": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "default_action": {"enum": DEFAULT_ACTIONS},
+                "timezone": {"type": "string"},
+                "no_sni": {"enum": NO_SNI_CHOICES},
+            },
+        },
+        "lists": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string"},
+                    "format": {"enum": ["auto", "domains", "hosts", "abp"]},
+                    "match": {"enum": ["suffix", "exact"]},
+                    "description": {"type": "string"},
+                },
+            },
+        },
+        "systems": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["class"],
+                "properties": {
+                    "class": {"enum": [1, 2, 3]},
+                    "hosts": {"type": "array", "items": {"type": "string"}},
+                    "cidrs": {"type": "array", "items": {"type": "string"}},
+                    "description": {"type": "string"},
+                    "owner": {"type": "string"},
+                },
+            },
+        },
+        "tenants": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["provider"],
+                "properties": {
+                    "provider": {"enum": list(PROVIDERS)},
+                    "description": {"type": "string"},
+                    "allowed_domains": {"type": "array", "items": {"type": "string"}},
+                    "tenants": {"type": "array", "items": {"type": "string"}},
+                    "context": {"type": "string"},
+                    "tenant_policy": {"type": "string", "pattern": r"^[^:\s]+:[^:\s]+$"},
+                    "restrict_msa": {"type": "boolean"},
+                    "workspaces": {"type": "array", "items": {"type": "string"}},
+                    "requester": {"type": "string"},
+                    "team_ids": {"type": "array", "items": {"type": "string"}},
+                    "mode": {"enum": ["strict", "moderate"]},
+                },
+            },
+        },
+        "rule_groups": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "rules"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                    "applies_to": _APPLIES_TO,
+                    "rules": {"type": "array", "items": _RULE},
+                },
+            },
+        },
+        "rules": {"type": "array", "items": _RULE},
+    },
+}

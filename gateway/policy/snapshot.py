@@ -1,0 +1,245 @@
+"""A compiled, immutable policy and the decision procedure.
+
+Precedence (LANGUAGE.md, "Precedence"): rules are tried in document order — every
+``rule_groups`` entry in order, then the top-level ``rules`` — and the first rule whose
+conditions all hold decides. The order is the same at every stage. A rule that needs a fact
+the stage does not know yet (a URL path at TLS, a response type at request time) is
+*unknown*; if an unknown rule comes before the first matching one, the stage cannot decide
+and the verdict says so (``is_deferred``): the gateway lets the flow continue to the stage
+that knows. Nothing matched and nothing unknown -> the configured default action.
+
+Most requests touch only their host's rules: rules are bucketed by exact host and by domain
+suffix (hash lookups along the host's labels), rules with free URL patterns are found
+through one RE2 set over all patterns, and only rules with neither (device-wide rules) are
+tried for every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from typing import Any
+
+from gateway.policy import facts as F
+from gateway.policy.conditions import Check
+from gateway.policy.query import DeviceContext, PolicyQuery
+from gateway.verdict import RULE_NO_DECISION, Action, Stage, Verdict
+
+RULE_NO_SNI = "kanmon:no-sni"
+# Up to this many rules routed only by free URL patterns are simply tried in order (and the
+# RE2 set asked lazily); above it the set is asked first and picks the candidates.
+LAZY_URL_RULES = 16
+_EMPTY: frozenset[int] = frozenset()
+
+
+def is_deferred(verdict: Verdict) -> bool:
+    """True when the stage could not decide and the flow must continue to a later stage."""
+    return verdict.rule_id == RULE_NO_DECISION
+
+
+@dataclass(frozen=True, slots=True)
+class RuleInfo:
+    """A rule as the operator wrote it (for check/test output and the block page)."""
+
+    id: str
+    action: Action
+    group: str | None
+    description: str | None
+    reason: str | None
+    owner: str | None
+    expires: Any  # datetime.date | None
+    status: str
+    category: str | None
+    decided_at: Stage  # first stage that knows everything the rule needs
+    filename: str
+    line: int
+
+
+@dataclass(slots=True)
+class CompiledRule:
+    ordinal: int
+    info: RuleInfo
+    checks: tuple[Check, ...]
+    unless: tuple[Check, ...]
+    expires_at: datetime | None  # aware; the rule stops applying at this instant
+    headers: tuple[tuple[str, str], ...] = ()  # tenant-restrict headers
+    verdicts: dict[Stage, Verdict] = field(default_factory=dict)
+
+
+def _all_of(checks: tuple[Check, ...], q: PolicyQuery, f: F.Facts) -> bool | None:
+    """Kleene AND: False if any check is false, None if any is unknown, else True."""
+    result: bool | None = True
+    missing = ~f.known
+    for c in checks:
+        if c.needs & missing:
+            result = None
+            continue
+        r = c.fn(q, f)
+        if r is None:
+            result = None
+        elif not r:
+            return False
+    return result
+
+
+class PolicySnapshot:
+    """Immutable after construction; safe to share between threads and swap atomically."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        compiled_at: datetime,
+        tz: tzinfo,
+        default_action: Action,
+        no_sni: str,
+        rules: tuple[CompiledRule, ...],
+        exact: dict[str, tuple[int, ...]],
+        suffix: dict[str, tuple[int, ...]],
+        generic: tuple[int, ...],
+        url_only: tuple[int, ...],
+        url_set: Any,
+        pattern_rules: tuple[tuple[int, ...], ...],
+        retired: tuple[RuleInfo, ...],
+        lists: dict[str, int],
+        source: str,
+    ):
+        self.version = version
+        self.compiled_at = compiled_at
+        self.tz = tz
+        self.default_action = default_action
+        self.no_sni = no_sni
+        self.rules = rules
+        self._exact = exact
+        self._suffix = suffix
+        self._generic = generic
+        self._url_only = url_only
+        self._url_set = url_set
+        self._pattern_rules = pattern_rules
+        self.retired = retired  # status: retired, kept for reports
+        self.lists = lists  # list name -> entry count
+        self.source = source
+        self._by_id = {r.info.id: r.info for r in rules}
+        self._default = {
+            s: Verdict(default_action, None, f"no rule matched: default action {default_action}", s) for s in Stage
+        }
+        for rule in rules:
+            rule.verdicts = {s: self._rule_verdict(rule, s) for s in Stage}
+
+    # -- public -------------------------------------------------------------------------
+
+    def rule(self, rule_id: str) -> RuleInfo | None:
+        return self._by_id.get(rule_id)
+
+    def expiring(self, now: datetime, days: int) -> list[RuleInfo]:
+        """Active rules that stop applying within ``days`` of ``now`` (or already have)."""
+        horizon = now.timestamp() + days * 86400
+        return [r.info for r in self.rules if r.expires_at is not None and r.expires_at.timestamp() <= horizon]
+
+    def decide(self, query: PolicyQuery) -> Verdict:
+        stage = query.stage
+        if stage is Stage.TLS and query.host is None and self.no_sni != "rules":
+            return Verdict(Action(self.no_sni), RULE_NO_SNI, f"TLS without SNI: settings.no_sni is {self.no_sni}", stage)
+        return self._evaluate(query, F.KNOWN_AT[stage], query.now or self.compiled_at)
+
+    def host_verdict(self, device: DeviceContext, host: str, stage: Stage, now: datetime | None = None) -> Verdict | None:
+        """The decision for (device, host) when no path, content, destination address or
+        clock condition can change it; ``None`` when one can (then call ``decide``)."""
+        q = PolicyQuery(stage=stage, device=device, host=host, now=now)
+        v = self._evaluate(q, F.HOST_ONLY, now or self.compiled_at)
+        return None if is_deferred(v) else v
+
+    def next_expiry(self, now: datetime) -> datetime | None:
+        """The next instant a rule stops applying (cached host verdicts expire then)."""
+        future = [r.expires_at for r in self.rules if r.expires_at is not None and r.expires_at > now]
+        return min(future) if future else None
+
+    def __repr__(self) -> str:
+        return f"<PolicySnapshot {self.version} rules={len(self.rules)} lists={len(self.lists)}>"
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
+        parts: list[tuple[int, ...]] = []
+        hits: set[int] = set()
+        host = q.host
+        if host and known & F.HOST:
+            found = self._exact.get(host)
+            if found:
+                parts.append(found)
+                hits.update(found)
+            suffix = self._suffix
+            name = host
+            while True:
+                found = suffix.get(name)
+                if found:
+                    parts.append(found)
+                    hits.update(found)
+                dot = name.find(".")
+                if dot == -1:
+                    break
+                name = name[dot + 1:]
+        if self._generic:
+            parts.append(self._generic)
+        matched: set[int] | frozenset[int] | None = None
+        url_only = self._url_only
+        if known & F.URL and len(url_only) > LAZY_URL_RULES:
+            # Many URL-routed rules: ask the RE2 set now and try only the rules it names.
+            ids = self._url_set.Match(q.url) if q.url else None
+            matched = set(ids) if ids else _EMPTY
+            pattern_rules = self._pattern_rules
+            for pid in matched:
+                found = pattern_rules[pid]
+                if found:
+                    parts.append(found)
+        elif url_only:
+            # Few: try them in order; the RE2 set is asked only if one is reached.
+            parts.append(url_only)
+        if not parts:
+            return self._default[q.stage]
+        candidates = parts[0] if len(parts) == 1 else sorted(set().union(*parts))
+        facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
+        rules = self.rules
+        first_unknown: CompiledRule | None = None
+        for ordinal in candidates:
+            rule = rules[ordinal]
+            if rule.expires_at is not None and now >= rule.expires_at:
+                continue
+            result = _all_of(rule.checks, q, facts)
+            if result is False:
+                continue
+            if rule.unless:
+                exempt = _all_of(rule.unless, q, facts)
+                if exempt:
+                    continue
+                if exempt is None:
+                    result = None
+            if result is None:
+                if first_unknown is None:
+                    first_unknown = rule
+                continue
+            if first_unknown is None:
+                return rule.verdicts[q.stage]
+            return self._deferred(first_unknown, q.stage, rule)
+        if first_unknown is not None:
+            return self._deferred(first_unknown, q.stage, None)
+        return self._default[q.stage]
+
+    def _deferred(self, unknown: CompiledRule, stage: Stage, then: CompiledRule | None) -> Verdict:
+        after = f"rule {then.info.id} matches" if then else "no later rule matches"
+        return Verdict(
+            Action.ALLOW,
+            RULE_NO_DECISION,
+            f"undecided at {stage}: rule {unknown.info.id} needs facts known at {unknown.info.decided_at}; {after} so far",
+            stage,
+        )
+
+    def _rule_verdict(self, rule: CompiledRule, stage: Stage) -> Verdict:
+        info = rule.info
+        conds = "; ".join(c.text for c in rule.checks) or "every request"
+        if rule.unless:
+            conds += " unless " + "; ".join(c.text for c in rule.unless)
+        text = f"rule {info.id} ({info.action}): {conds}"
+        if info.reason:
+            text += f" — {info.reason}"
+        return Verdict(info.action, info.id, text.replace("\n", " "), stage, rule.headers, info.category)

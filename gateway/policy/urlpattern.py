@@ -1,0 +1,78 @@
+"""URL wildcard patterns -> RE2 regular expressions, and the host a pattern is tied to.
+
+Syntax (LANGUAGE.md, "URL patterns"): ``[scheme://]host[:port][/path]``; ``*`` matches any
+run of characters; ``*.example.com`` is example.com and every sub-domain; a pattern without
+a path matches every path on the host; a path is matched to its end (add ``*`` for "and
+more"), a query string is allowed after it unless the pattern names one. Matching is
+case-insensitive (a block on ``/upload`` also catches ``/UPLOAD``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CompiledWildcard:
+    regex: str
+    host: str | None  # bucket key, None when the host part has free wildcards
+    host_is_suffix: bool
+
+
+class WildcardError(ValueError):
+    pass
+
+
+def _glob(part: str, star: str) -> str:
+    return star.join(re.escape(chunk) for chunk in part.split("*"))
+
+
+def compile_wildcard(pattern: str) -> CompiledWildcard:
+    p = pattern.strip()
+    if not p:
+        raise WildcardError("empty URL pattern")
+    m = _SCHEME.match(p)
+    if m:
+        scheme_re = re.escape(m.group(1).lower())
+        rest = p[m.end():]
+    else:
+        scheme_re = "[a-z][a-z0-9+.-]*"
+        rest = p
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if "@" in authority:
+        raise WildcardError(f"user info is not allowed in a URL pattern: {pattern!r}")
+    port_re = "(?::[0-9]+)?"
+    if ":" in authority and not authority.endswith("]"):
+        authority, port = authority.rsplit(":", 1)
+        if port == "*":
+            port_re = "(?::[0-9]+)?"
+        elif port.isdigit():
+            port_re = f":{port}"
+        else:
+            raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
+    host = authority.lower().rstrip(".")
+    if not host:
+        raise WildcardError(f"URL pattern has no host: {pattern!r} (use * for any host)")
+    host_key: str | None = None
+    host_is_suffix = False
+    if host == "*":
+        host_re = "[^/?#]*"
+    elif host.startswith("*.") and "*" not in host[2:]:
+        host_key, host_is_suffix = host[2:], True
+        host_re = r"(?:[^/?#]*\.)?" + re.escape(host[2:])
+    elif "*" not in host:
+        host_key = host
+        host_re = re.escape(host)
+    else:
+        host_re = _glob(host, "[^/?#]*")
+    if not path:
+        path_re = "(?:[/?#].*)?"
+    else:
+        path_re = _glob(path, ".*")
+        if "?" not in path:
+            path_re += "(?:[?#].*)?"
+    return CompiledWildcard(f"^{scheme_re}://{host_re}{port_re}{path_re}$", host_key, host_is_suffix)
