@@ -8,6 +8,7 @@ form. Every field is described in FIELDS.md next to this module.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -62,7 +63,8 @@ def format_timestamp(moment: datetime) -> str:
     Fixed width, so timestamps also sort correctly as text."""
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware (UTC)")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime; this runs once per record.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -97,10 +99,14 @@ _FORBIDDEN_SEGMENT = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=8192)     # field names repeat: one regex per distinct name
 def is_forbidden_name(name: str) -> bool:
     if not _FORBIDDEN_SEGMENT.search(name):
         return False
     return name.rsplit(".", 1)[-1].lower() not in _ALLOWED_LAST_SEGMENTS
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def strip_forbidden(record: Mapping[str, Any], _prefix: str = "") -> tuple[dict[str, Any], list[str]]:
@@ -109,9 +115,12 @@ def strip_forbidden(record: Mapping[str, Any], _prefix: str = "") -> tuple[dict[
     kept: dict[str, Any] = {}
     removed: list[str] = []
     for key, value in record.items():
-        name = f"{_prefix}{key}"
+        name = f"{_prefix}{key}" if _prefix else key
         if is_forbidden_name(name):
             removed.append(name)
+            continue
+        if type(value) in _SCALARS:       # the common case, without the slower ABC checks
+            kept[key] = value
             continue
         if isinstance(value, Mapping):
             value, inner = strip_forbidden(value, name + ".")

@@ -56,7 +56,9 @@ class RedactionRule:
 
     def matches(self, name: str) -> bool:
         lowered = name.lower()
-        return lowered in self.params or any(p.fullmatch(lowered) for p in self._compiled)
+        if lowered in self.params:
+            return True
+        return bool(self._compiled) and any(p.fullmatch(lowered) for p in self._compiled)
 
 
 DEFAULT_REDACTION = RedactionRule()
@@ -64,15 +66,22 @@ DEFAULT_REDACTION = RedactionRule()
 
 def redact_query(query: str, rule: RedactionRule = DEFAULT_REDACTION) -> str:
     """``a=1&token=xyz`` -> ``a=1&token=REDACTED``. Separators ``&`` and ``;``."""
-    if not query:
+    if "=" not in query:
         return query
-    parts = re.split(r"([&;])", query)
-    for i in range(0, len(parts), 2):
-        part = parts[i]
-        name, eq, _value = part.partition("=")
-        if eq and rule.matches(unquote_plus(name)):
+    parts = re.split(r"([&;])", query) if ";" in query else query.split("&")
+    step = 2 if ";" in query else 1
+    changed = False
+    for i in range(0, len(parts), step):
+        name, eq, _value = parts[i].partition("=")
+        if not eq:
+            continue
+        plain = unquote_plus(name) if ("%" in name or "+" in name) else name
+        if rule.matches(plain):
             parts[i] = f"{name}={rule.replacement}"
-    return "".join(parts)
+            changed = True
+    if not changed:
+        return query
+    return "".join(parts) if step == 2 else "&".join(parts)
 
 
 def redact_url(url: str, rule: RedactionRule = DEFAULT_REDACTION) -> str:
