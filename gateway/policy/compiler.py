@@ -271,9 +271,7 @@ class _Compiler:
                 if check:
                     unless_checks.append(check)
         for c in checks + unless_checks:
-            needs |= c.needs
-        if "list" in match and any(self.lists.get(n) and self.lists[n].regexes for n in as_list(match["list"])):
-            needs |= F.URL  # a list with /regex/ entries can only be settled once the URL is known
+            needs |= c.needs | c.may_need
         info = RuleInfo(
             id=rule_id, action=action, group=group, description=spec.get("description"), reason=spec.get("reason"),
             owner=spec.get("owner"), expires=expires, status=status, category=spec.get("category"),
@@ -361,7 +359,7 @@ class _Compiler:
             else:
                 def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
                     return ordinal in f.host_hits
-            return Check(F.HOST, fn, text), routes
+            return Check(F.HOST, fn, text, F.URL if regex_ids else 0), routes
         # Unbucketed (inside unless:): walk the host's suffixes against this rule's own sets.
         exact = frozenset(routes.exact).union(*routes.exact_lists) if routes.exact_lists else frozenset(routes.exact)
         suffix_sets = [frozenset(routes.suffix)] + list(routes.suffix_lists)
@@ -386,7 +384,7 @@ class _Compiler:
                 return None
             return not ids.isdisjoint(f.matches())
 
-        return Check(F.HOST, walk, text), None
+        return Check(F.HOST, walk, text, F.URL if ids else 0), None
 
     def _url_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int) -> tuple[Check | None, "_Routes | None"]:
         """url / url_regex: one condition, true when any pattern matches the URL."""

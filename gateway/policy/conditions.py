@@ -25,6 +25,7 @@ class Check:
     needs: int  # facts.* flags; unknown when the stage lacks one of them
     fn: CheckFn
     text: str  # for the verdict's explanation
+    may_need: int = 0  # further facts the check asks for when ``needs`` alone cannot settle it
 
 
 class ConditionError(ValueError):
@@ -187,7 +188,7 @@ def system_check(selected: list[System], text: str) -> Check:
         ip = q.dst_ip
         return ip is not None and any(ip in n for n in networks)
 
-    return Check(F.HOST, fn, text)
+    return Check(F.HOST, fn, text, F.DST if networks else 0)
 
 
 def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:

@@ -82,6 +82,10 @@ def _all_of(checks: tuple[Check, ...], q: PolicyQuery, f: F.Facts) -> bool | Non
     return result
 
 
+def _same_outcome(a: CompiledRule, b: CompiledRule) -> bool:
+    return a.info.action is b.info.action and a.headers == b.headers
+
+
 class PolicySnapshot:
     """Immutable after construction; safe to share between threads and swap atomically."""
 
@@ -201,6 +205,7 @@ class PolicySnapshot:
         facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
         rules = self.rules
         first_unknown: CompiledRule | None = None
+        mixed = False  # undecided rules disagree among themselves
         for ordinal in candidates:
             rule = rules[ordinal]
             if rule.expires_at is not None and now >= rule.expires_at:
@@ -217,11 +222,17 @@ class PolicySnapshot:
             if result is None:
                 if first_unknown is None:
                     first_unknown = rule
+                elif not _same_outcome(first_unknown, rule):
+                    mixed = True
                 continue
-            if first_unknown is None:
+            # An undecided earlier rule holds the decision back only if it would act
+            # differently: "block (unknown) ... block (matched)" is a block either way.
+            if first_unknown is None or (not mixed and _same_outcome(first_unknown, rule)):
                 return rule.verdicts[q.stage]
             return self._deferred(first_unknown, q.stage, rule)
         if first_unknown is not None:
+            if not mixed and first_unknown.info.action is self.default_action and not first_unknown.headers:
+                return self._default[q.stage]
             return self._deferred(first_unknown, q.stage, None)
         return self._default[q.stage]
 
