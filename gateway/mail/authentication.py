@@ -46,11 +46,14 @@ def verify_dkim(raw: bytes, message, dns_txt: DnsTxtLookup) -> list[DkimResult]:
     if not signatures:
         return []
 
+    dns_failed: list[str] = []  # dkimpy logs DNS errors and returns False; we must tell them apart
+
     def dnsfunc(name: bytes | str, timeout: int = 5) -> bytes | None:
         name_s = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         try:
             value = dns_txt(name_s.rstrip("."))
         except DnsLookupError as exc:
+            dns_failed.append(str(exc))
             raise dkim.DnsTimeoutError(str(exc)) from None
         return value.encode("ascii", "replace") if isinstance(value, str) else value
 
@@ -58,9 +61,10 @@ def verify_dkim(raw: bytes, message, dns_txt: DnsTxtLookup) -> list[DkimResult]:
     results: list[DkimResult] = []
     for idx, header in enumerate(signatures):
         tags = _dkim_tags(str(header))
+        dns_failed.clear()
         try:
             ok = verifier.verify(idx=idx, dnsfunc=dnsfunc)
-            result = "pass" if ok else "fail"
+            result = "pass" if ok else ("temperror" if dns_failed else "fail")
         except dkim.DnsTimeoutError:
             result = "temperror"
         except dkim.KeyFormatError:

@@ -132,9 +132,11 @@ def find_lookalike(host: str, protected_domains: tuple[str, ...], max_distance: 
                 raw_tail = ".".join(shown.split(".")[-width:])
                 real = edit_distance(raw_tail, protected, max_distance + 3)
                 return Lookalike(protected, "punycode" if had_punycode else "edit-distance", shown, max(real, dist, 1))
-        if p_skel in skel:
+    # Containment last, so a closer match (a typo of one protected domain) is reported first.
+    for protected in protected_domains:
+        if skeleton(protected) in skel:
             return Lookalike(protected, "contains", shown)
         for label in protected.split("."):
-            if len(label) >= 5 and label not in _GENERIC_LABELS and label in skel:
+            if len(label) >= 5 and label not in _GENERIC_LABELS and skeleton(label) in skel:
                 return Lookalike(protected, "contains", shown)
     return None
