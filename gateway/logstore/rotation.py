@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -56,18 +57,27 @@ def clean_leftovers(directory: Path, stream: str) -> list[Path]:
     return removed
 
 
-def compress_sealed(directory: Path, before: date, skip: frozenset[Path] = frozenset()) -> list[Path]:
+def compress_sealed(directory: Path, before: date, skip: frozenset[Path] = frozenset(),
+                    on_error: Callable[[str, Path, OSError], None] | None = None) -> list[Path]:
     """Gzip every plain day file older than ``before`` whose last record is its seal.
-    Unsealed files are left alone: the writer seals them when it next opens the stream."""
+    Unsealed files are left alone: the writer seals them when it next opens the stream.
+    A failure (e.g. disk full) leaves the plain file as it was, removes the partial gzip,
+    is reported to ``on_error`` (or raised without one) and the other files carry on."""
     done = []
     for stream in STREAMS:
-        clean_leftovers(directory, stream)
         for day_file in day_files(directory, stream):
             if day_file.compressed or day_file.day >= before or day_file.path in skip:
                 continue
-            last = last_chained_record(day_file.path)
-            if last is not None and is_seal(last.record):
-                done.append(gzip_file(day_file.path))
+            try:
+                last = last_chained_record(day_file.path)
+                if last is not None and is_seal(last.record):
+                    done.append(gzip_file(day_file.path))
+            except OSError as exc:
+                day_file.path.with_name(day_file.path.name + ".gz.tmp").unlink(missing_ok=True)
+                if on_error is None:
+                    raise
+                on_error(stream, day_file.path, exc)
+        clean_leftovers(directory, stream)
     return done
 
 

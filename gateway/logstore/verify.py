@@ -114,7 +114,8 @@ class _StreamCheck:
                 f"compressed file is truncated or corrupt after line {last_line} ({exc})"))
             return
         for number, offset, raw in pending:
-            if newest and sealed_at is None and not raw.endswith(b"\n") and number == last_line:
+            if (newest and not day_file.compressed and sealed_at is None
+                    and not raw.endswith(b"\n") and number == last_line):
                 self.add("torn-open", path, number, Text(
                     "最終行が不完全です（書き込み中にクラッシュ）。次回の書き込み開始時に記録されます",
                     "final line is incomplete (crash during a write); the writer marks it when it reopens the file"),

@@ -383,3 +383,59 @@ def test_decode_rejects_lines_that_are_not_chained_records():
     assert decode_chained(b"") is None
     assert decode_chained(b'{"a":1}\n') is None
     assert decode_chained(b"[1,2]") is None
+
+
+def test_fsync_interval_bounds_syncs(tmp_path, clock, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    with LogStore(tmp_path / "every", clock=clock, fsync="interval", fsync_interval=0) as store:
+        store.append("proxy", proxy_record(1))
+        calls.clear()
+        for i in range(3):
+            store.append("proxy", proxy_record(i))
+        assert len(calls) == 3
+    with LogStore(tmp_path / "hourly", clock=clock, fsync="interval", fsync_interval=3600) as store:
+        store.append("proxy", proxy_record(1))
+        calls.clear()
+        for i in range(3):
+            store.append("proxy", proxy_record(i))
+        assert calls == []
+
+
+def test_failed_compression_keeps_the_sealed_file_and_retries(tmp_path, monkeypatch):
+    from gateway.logstore import rotation
+    clock = Clock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    errors = []
+    store = LogStore(tmp_path, clock=clock, on_write_error=lambda s, e: errors.append((s, e.errno)))
+    store.append("proxy", proxy_record(1))
+    clock.advance(days=1)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rotation.shutil, "copyfileobj", full)
+    assert store.rotate_if_needed() == []
+    folder = tmp_path / "proxy"
+    assert sorted(p.name for p in folder.iterdir()) == ["proxy-2026-03-01.jsonl"]
+    assert store.compress_errors == 1 and errors == [("proxy", errno.ENOSPC)]
+    monkeypatch.undo()
+    assert [p.name for p in store.rotate_if_needed()] == ["proxy-2026-03-01.jsonl.gz"]
+    store.close()
+    assert verify(tmp_path).findings == []
+
+
+def test_write_error_handler_may_log_to_another_stream(tmp_path, clock):
+    control = {"failing": False}
+    opener = lambda p: FailingFile(p, control) if p.parent.name == "proxy" else open(p, "ab", buffering=0)
+    store: LogStore
+
+    def report(stream: str, exc: Exception) -> None:
+        store.append("audit", {"user.name": "kanmon", "event.action": "log-write-failed",
+                               "event.outcome": "failure", "event.reason": f"{stream}: {exc}"})
+    store = LogStore(tmp_path, clock=clock, opener=opener, on_write_error=report)
+    control["failing"] = True
+    with pytest.raises(LogWriteError):
+        store.append("proxy", proxy_record(1))
+    store.close()
+    (audit,) = lines(tmp_path / "audit" / "audit-2026-03-01.jsonl")
+    assert audit["event.action"] == "log-write-failed" and "proxy" in audit["event.reason"]
