@@ -25,7 +25,7 @@ KNOWN_AT: dict[Stage, int] = {
     Stage.CONNECT: DEVICE | TIME,
     Stage.DNS: DEVICE | HOST | TIME,
     Stage.TLS: DEVICE | HOST | DST | TIME,
-    Stage.TCP: DEVICE | HOST | DST | TIME,
+    Stage.TCP: ALL,  # a raw TCP flow has no later stage: URL/content conditions are simply false
     Stage.UPSTREAM: DEVICE | HOST | DST | TIME,
     Stage.REQUEST: DEVICE | HOST | DST | URL | REQUEST_BODY | TIME,
     Stage.RESPONSE: ALL,
