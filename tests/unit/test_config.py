@@ -1,0 +1,88 @@
+"""Gateway config: valid files load; every mistake is named with file:line and key."""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+
+import pytest
+
+from gateway.config import load_config_text
+from gateway.verdict import Action
+from gateway.yamlsource import SourceErrors
+
+VALID = textwrap.dedent("""\
+    node:
+      name: tokyo-1
+    state_dir: /var/lib/kanmon
+    tunnel:
+      interface: kmwg0
+      listen_port: 51820
+      ipv4_prefix: 10.77.0.0/24
+      ipv6_prefix: fd77:77::/64
+    uplink:
+      interface: eth0
+    proxy:
+      upstream_dns: [192.0.2.53]
+    management:
+      listen: 127.0.0.1:9180
+    rules:
+      default_action: block
+      list:
+        - id: allow-intranet
+          action: allow
+          hosts: [intranet.example.jp, .example.jp]
+    """)
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(SourceErrors) as exc:
+        load_config_text(text, "k.yaml")
+    return [str(e) for e in exc.value.errors]
+
+
+def test_valid_config_derives_addresses_and_rules():
+    cfg = load_config_text(VALID, "k.yaml")
+    assert cfg.gateway_ipv4 == ipaddress.ip_address("10.77.0.1")
+    assert cfg.gateway_ipv6 == ipaddress.ip_address("fd77:77::1")
+    assert cfg.nft_table == "kanmon_tokyo_1"
+    assert cfg.default_action is Action.BLOCK
+    rule = cfg.host_rules[0]
+    assert rule.matches("intranet.example.jp") and rule.matches("www.example.jp") and rule.matches("example.jp")
+    assert not rule.matches("example.jp.evil.test") and not rule.matches("notexample.jp")
+    assert cfg.connection_strategy == "lazy"
+
+
+def test_schema_errors_name_key_and_line():
+    bad = VALID.replace("listen_port: 51820", "listen_port: 70000").replace("name: tokyo-1", "name: Tokyo 1")
+    errs = errors_of(bad + "extra_key: 1\n")
+    assert any(e.startswith("k.yaml:6: tunnel.listen_port:") and "70000" in e for e in errs)
+    assert any(e.startswith("k.yaml:2: node.name:") for e in errs)
+    assert any(e.startswith("k.yaml:21: extra_key: unknown key") for e in errs)
+
+
+def test_semantic_errors_name_key_and_line():
+    bad = (VALID.replace("ipv4_prefix: 10.77.0.0/24", "ipv4_prefix: fd00::/64")
+                .replace("upstream_dns: [192.0.2.53]", "upstream_dns: [resolver.example]")
+                .replace("listen: 127.0.0.1:9180", "listen: localhost"))
+    errs = errors_of(bad)
+    assert "k.yaml:7: tunnel.ipv4_prefix: must be an IPv4 prefix" in errs
+    assert "k.yaml:12: proxy.upstream_dns[0]: 'resolver.example' is not an IP address" in errs
+    assert any(e.startswith("k.yaml:14: management.listen:") for e in errs)
+
+
+def test_host_bits_in_prefix_and_duplicate_rule_ids_are_refused():
+    text = VALID.replace("10.77.0.0/24", "10.77.0.5/24") + "    - id: allow-intranet\n      action: block\n      hosts: [x.test]\n"
+    errs = errors_of(text)
+    assert any(e.startswith("k.yaml:7: tunnel.ipv4_prefix: not a valid network") for e in errs)
+    assert any(e.startswith("k.yaml:21: rules.list[1].id: duplicate rule id") for e in errs)
+
+
+def test_yaml_syntax_and_duplicate_keys():
+    assert errors_of("tunnel: [\n")[0].startswith("k.yaml:2: YAML syntax error")
+    errs = errors_of(VALID.replace("uplink:\n  interface: eth0\n", "uplink:\n  interface: eth0\n  interface: eth1\n"))
+    assert errs == ["k.yaml:11: uplink.interface: duplicate key (first defined on line 10)"]
+
+
+def test_not_a_mapping():
+    assert errors_of("- a\n- b\n") == ["k.yaml:1: the configuration must be a mapping of keys"]

@@ -1,0 +1,93 @@
+"""Device registry (SQLite): addresses, admission over time, revisions, conflicts."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from wireguard_tools import WireguardKey
+
+from gateway.registry import DeviceRecord, DeviceStatus, RegistryError, SqliteRegistry
+from gateway.reconcile import desired_state
+
+P4, P6 = ipaddress.ip_network("10.77.0.0/29"), ipaddress.ip_network("fd77:77::/64")
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def key() -> str:
+    return str(WireguardKey.generate().public_key())
+
+
+def add(reg: SqliteRegistry, device_id: str, **kw) -> DeviceRecord:
+    v4, v6 = reg.allocate_addresses(P4, P6)
+    return reg.add(DeviceRecord(device_id=device_id, wg_public_key=key(), ipv4=v4, ipv6=v6, **kw))
+
+
+def test_allocation_skips_gateway_and_used_addresses_and_mirrors_v6(tmp_path):
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    a, b = add(reg, "a"), add(reg, "b")
+    assert (str(a.ipv4), str(a.ipv6)) == ("10.77.0.2", "fd77:77::2")
+    assert (str(b.ipv4), str(b.ipv6)) == ("10.77.0.3", "fd77:77::3")
+    for name in "cde":
+        add(reg, name)
+    with pytest.raises(RegistryError, match="no free address"):
+        reg.allocate_addresses(P4, P6)
+
+
+def test_revision_changes_on_every_write_and_records_round_trip(tmp_path):
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    r0 = reg.revision()
+    rec = add(reg, "phone-1", owner="sato@example.jp", groups=frozenset({"staff", "sales"}),
+              valid_until=NOW + timedelta(days=30))
+    r1 = reg.revision()
+    reg.update(replace(rec, status=DeviceStatus.SUSPENDED, suspended_until=NOW + timedelta(hours=1)))
+    assert r0 < r1 < reg.revision()
+    back = SqliteRegistry(tmp_path / "r.sqlite3").get("phone-1")  # a second process sees it
+    assert back.groups == frozenset({"staff", "sales"}) and back.status is DeviceStatus.SUSPENDED
+    assert back.suspended_until == NOW + timedelta(hours=1)
+
+
+def test_duplicate_key_or_id_is_refused_and_unknown_update_fails(tmp_path):
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    rec = add(reg, "a")
+    v4, v6 = reg.allocate_addresses(P4, P6)
+    with pytest.raises(RegistryError):
+        reg.add(DeviceRecord(device_id="b", wg_public_key=rec.wg_public_key, ipv4=v4, ipv6=v6))
+    with pytest.raises(RegistryError):
+        reg.add(replace(rec, wg_public_key=key(), ipv4=v4, ipv6=v6))
+    with pytest.raises(RegistryError, match="no such device"):
+        reg.update(replace(rec, device_id="ghost"))
+    assert [r.device_id for r in reg.all()] == ["a"]
+
+
+@pytest.mark.parametrize("changes, admitted", [
+    ({}, True),
+    ({"status": DeviceStatus.REVOKED}, False),
+    ({"status": DeviceStatus.QUARANTINED}, True),
+    ({"status": DeviceStatus.SUSPENDED}, False),
+    ({"status": DeviceStatus.SUSPENDED, "suspended_until": NOW + timedelta(minutes=1)}, False),
+    ({"status": DeviceStatus.SUSPENDED, "suspended_until": NOW - timedelta(seconds=1)}, True),
+    ({"valid_from": NOW + timedelta(days=1)}, False),
+    ({"valid_until": NOW}, False),
+    ({"valid_until": NOW + timedelta(seconds=1)}, True),
+])
+def test_admission_over_time(changes, admitted):
+    rec = DeviceRecord("d", key(), ipaddress.ip_address("10.77.0.2"), **changes)
+    assert rec.admitted(NOW) is admitted
+
+
+def test_desired_state_blocks_non_admitted_and_finds_next_change():
+    ok = DeviceRecord("ok", key(), ipaddress.ip_address("10.77.0.2"), ipaddress.ip_address("fd77:77::2"))
+    gone = DeviceRecord("gone", key(), ipaddress.ip_address("10.77.0.3"), ipaddress.ip_address("fd77:77::3"),
+                        status=DeviceStatus.REVOKED)
+    later = DeviceRecord("later", key(), ipaddress.ip_address("10.77.0.4"), status=DeviceStatus.SUSPENDED,
+                         suspended_until=NOW + timedelta(minutes=5))
+    state = desired_state([ok, gone, later], NOW)
+    assert [r.device_id for r in state.admitted] == ["ok"]
+    assert state.peers[ok.wg_public_key].allowed_ips == ("10.77.0.2/32", "fd77:77::2/128")
+    assert gone.wg_public_key not in state.peers and later.wg_public_key not in state.peers
+    assert state.blocked == {gone.ipv4, gone.ipv6, later.ipv4}
+    assert state.next_change == NOW + timedelta(minutes=5)
+    assert [r.device_id for r in desired_state([later], NOW + timedelta(minutes=5)).admitted] == ["later"]
