@@ -71,10 +71,7 @@ def read_tail(path: Path, *, max_bytes: int = 64 * 1024 * 1024) -> Tail:
             start = max(0, size - want)
             handle.seek(start)
             tail = Tail(size, start, handle.read(size - start))
-            if start == 0 or want >= max_bytes:
-                return tail
-            if any(decode_chained(raw) for raw in tail.complete_lines[-1:]) or (
-                len(tail.complete_lines) > 1 and any(decode_chained(r) for r in tail.complete_lines)
-            ):
+            if (start == 0 or want >= max_bytes
+                    or any(decode_chained(raw) is not None for raw in reversed(tail.complete_lines))):
                 return tail
             want *= 4

@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import json
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest

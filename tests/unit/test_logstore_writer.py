@@ -439,3 +439,16 @@ def test_write_error_handler_may_log_to_another_stream(tmp_path, clock):
     store.close()
     (audit,) = lines(tmp_path / "audit" / "audit-2026-03-01.jsonl")
     assert audit["event.action"] == "log-write-failed" and "proxy" in audit["event.reason"]
+
+
+def test_restart_finds_the_chain_head_behind_a_record_larger_than_one_read(tmp_path, clock):
+    big = {"user.name": "admin", "event.action": "policy-reloaded",
+           "kanmon.audit.after": {"rules": ["x" * 100] * 2000}}       # ~200 KB line
+    with LogStore(tmp_path, clock=clock) as store:
+        store.append("audit", {"user.name": "admin"})
+        store.append("audit", big)
+    with LogStore(tmp_path, clock=clock) as store:
+        store.append("audit", {"user.name": "admin"})
+    records = lines(tmp_path / "audit" / "audit-2026-03-01.jsonl")
+    assert [r["event.sequence"] for r in records] == [1, 2, 3]
+    assert verify(tmp_path).findings == []
