@@ -162,6 +162,18 @@ class LogStore:
             except Exception:  # forwarding must never break logging
                 self.forward_errors += 1
 
+    def open_streams(self) -> None:
+        """Open (and recover) every stream now rather than on its first append. Call it at
+        start-up, before traffic: finding the chain head may mean reading a torn tail or
+        decompressing the previous day's file, which should not delay a request."""
+        now = self._clock()
+        with self._lock:
+            for stream in STREAMS:
+                try:
+                    self._current(stream, now)
+                except (OSError, ValueError) as exc:
+                    self._fail(stream, exc)
+
     def rotate_if_needed(self, *, compress: bool = True) -> list[Path]:
         """Seal and close every open file of a past UTC day; then (``compress``) gzip all
         sealed plain files of past days. Returns the files compressed. Raises

@@ -452,3 +452,17 @@ def test_restart_finds_the_chain_head_behind_a_record_larger_than_one_read(tmp_p
     records = lines(tmp_path / "audit" / "audit-2026-03-01.jsonl")
     assert [r["event.sequence"] for r in records] == [1, 2, 3]
     assert verify(tmp_path).findings == []
+
+
+def test_open_streams_up_front_then_empty_days_seal_cleanly(tmp_path):
+    clock = Clock(datetime(2026, 3, 1, 8, 0, tzinfo=UTC))
+    store = LogStore(tmp_path, clock=clock)
+    store.open_streams()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["proxy", "conn", "dns", "auth", "mail", "audit"])
+    store.append("dns", {"dns.question.name": "a.jp"})
+    clock.advance(days=1)
+    store.rotate_if_needed()
+    store.close()
+    seal = lines(tmp_path / "mail" / "mail-2026-03-01.jsonl.gz")[-1]
+    assert seal["kanmon.seal.records"] == 0 and seal["event.sequence"] == 1
+    assert verify(tmp_path).findings == []
