@@ -15,6 +15,7 @@ from gateway.i18n import Text
 # Modules that add command groups (each has `register(subparsers)`).
 COMMAND_MODULES = (
     "gateway.devicecommands",
+    "gateway.demo",
 )
 OPTIONAL_COMMAND_MODULES = (
     "gateway.policy.commands",

@@ -86,3 +86,12 @@ def test_yaml_syntax_and_duplicate_keys():
 
 def test_not_a_mapping():
     assert errors_of("- a\n- b\n") == ["k.yaml:1: the configuration must be a mapping of keys"]
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    from gateway.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "systemd" / "kanmon.yaml.example")
+    assert cfg.wg_interface == "kmwg0" and cfg.host_rules[0].rule_id == "block-free-webmail"
