@@ -18,8 +18,9 @@ from mitmproxy import connection, dns, http, tcp
 from addons.enforce import METADATA_REQUEST_ID
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
+from gateway.logstore import verdict_fields
 from gateway.registry import DeviceRecord
-from gateway.verdict import Verdict
+from gateway.verdict import RULE_UNKNOWN_DEVICE, Verdict
 
 log = logging.getLogger("kanmon.accesslog")
 
@@ -41,15 +42,9 @@ def _device_fields(device: DeviceRecord | None, client: connection.Client) -> di
 
 
 def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
-    if verdict is None:
-        return {"event.action": "unknown", "rule.id": None}
-    return {
-        "event.action": str(verdict.action),
-        "event.outcome": "success" if verdict.passes else "failure",
-        "event.reason": verdict.explain,
-        "rule.id": verdict.rule_id,
-        "kanmon.stage": str(verdict.stage),
-    }
+    if verdict is None:  # cannot happen after the enforcer; logged as such if it does
+        return {"kanmon.verdict": "undecided", "rule.id": None}
+    return verdict_fields(verdict)
 
 
 class AccessLog:
@@ -125,10 +120,10 @@ class AccessLog:
         rec = _device_fields(None, client)
         rec.update({
             "event.dataset": "kanmon.conn",
-            "event.action": "block",
-            "event.outcome": "failure",
+            "kanmon.verdict": "block",
+            "event.type": ["denied"],
             "event.reason": reason,
-            "rule.id": "kanmon:unknown-device",
+            "rule.id": RULE_UNKNOWN_DEVICE,
             "network.transport": client.transport_protocol,
         })
         self._write("conn", rec)

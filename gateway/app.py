@@ -39,6 +39,7 @@ log = logging.getLogger("kanmon.app")
 
 RECONCILE_POLL_SECONDS = 0.05   # registry revision poll: one indexed read, cheap
 RECONCILE_SAFETY_SECONDS = 30   # full pass even without a visible change
+LOG_ROTATION_CHECK_SECONDS = 60
 
 
 class StartupError(Exception):
@@ -122,6 +123,7 @@ class GatewayApp:
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = SqliteRegistry(cfg.registry_path)
         self.logstore = LogStore(cfg.log_dir, on_write_error=lambda stream, exc: self.metrics.log_write_errors.labels(stream).inc())
+        self.logstore.open_streams()
         key = load_or_create_private_key(cfg.wg_private_key_file)
         reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
         initial = reconciler.initial()
@@ -166,6 +168,15 @@ class GatewayApp:
                 await asyncio.sleep(1)
             await asyncio.sleep(RECONCILE_POLL_SECONDS)
 
+    async def log_rotation_loop(self) -> None:
+        """Seal and compress the previous day's files off the event loop (gzip is slow)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(LOG_ROTATION_CHECK_SECONDS)
+            try:
+                await asyncio.to_thread(self.logstore.rotate_if_needed)
+            except Exception:
+                log.exception("log rotation failed; will retry")
+
     def teardown(self) -> None:
         cfg = self.cfg
         if steering.remove_table(cfg.nft_table):
@@ -194,6 +205,7 @@ class GatewayApp:
             self.metrics.serve(self.cfg.management_host, self.cfg.management_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
+            rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
             sd_notify("READY=1")
             log.info("gateway ready")
             stop_task = asyncio.create_task(self._stop.wait())
@@ -201,6 +213,7 @@ class GatewayApp:
             sd_notify("STOPPING=1")
             self.master.shutdown()
             reconcile_task.cancel()
+            rotation_task.cancel()
             await asyncio.wait({run_task}, timeout=5)
             return 1 if self.fatal_reason else 0
         finally:

@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "5. The gateway's proxy log (device identity and verdict):"))
         for rec in lab.log_records("proxy"):
             print(f"   {rec['@timestamp']} device={rec.get('device.id')} src={rec.get('source.ip')} "
-                  f"{rec.get('http.request.method')} {rec.get('url.full')} -> {rec.get('event.action')}"
+                  f"{rec.get('http.request.method')} {rec.get('url.full')} -> {rec.get('kanmon.verdict')}"
                   f" rule={rec.get('rule.id') or '-'} status={rec.get('http.response.status_code')}")
         seen = lab.nginx_requests()
         _say(Text("6. 模擬インターネット側のサーバが受けた要求: {n} 件 (ブロックした要求は届いていません)",

@@ -61,7 +61,7 @@ def test_device_fetches_http_and_https_through_the_tunnel(lab: Lab):
         assert len(records) == 1
         assert records[0]["source.ip"] == dev.ipv4
         assert records[0]["device.id"] == dev.device_id
-        assert records[0]["event.action"] == "allow"
+        assert records[0]["kanmon.verdict"] == "allow"
 
 
 @pytest.mark.parametrize("url", ["http://blocked.test/page-{n}", "https://www.blocked.test/page-{n}"])
@@ -73,7 +73,7 @@ def test_blocked_request_gets_block_page_and_never_reaches_server(lab: Lab, url:
     assert "組織のセキュリティポリシー" in result.stdout and "security policy" in result.stdout
     assert requests_for(lab, marker) == []
     records = [r for r in lab.log_records("proxy") if marker in (r.get("url.full") or "")]
-    assert records and records[0]["event.action"] == "block"
+    assert records and records[0]["kanmon.verdict"] == "block"
     assert records[0]["rule.id"] == "lab-block-blocked-test"
 
 

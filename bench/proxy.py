@@ -1,0 +1,178 @@
+"""Proxy throughput, side by side in one run, in the namespace lab (needs root).
+
+Scenarios, all from one WireGuard device in its namespace to nginx in the fake internet
+(HTTP keep-alive, small responses, `wrk` with N connections):
+
+  tunnel          the WireGuard tunnel, routed and masqueraded by the gateway, no proxy
+  mitmproxy       + bare `mitmdump --mode transparent` (no addons) behind an nftables redirect
+  mitmproxy xW    + W bare mitmdump workers, nftables spreading connections (jhash of the
+                  source address and port) over their ports: does one-process-per-core scale?
+  kanmon          the Kanmon gateway (`kanmon run`: identity, decisions, enforcer, access log)
+
+Prints a table with ratios and writes bench/results/proxy.json.
+
+    sudo .venv/bin/python bench/proxy.py [--duration 10] [--connections 10] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.lab.topology import GATEWAY_TUNNEL4, TUNNEL4, WEB4, WG_PORT, Lab, run, wait_until  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def parse_wrk(text: str) -> dict:
+    def latency_ms(value: str) -> float:
+        m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+        number, unit = float(m.group(1)), m.group(2)
+        return number / 1000 if unit == "us" else number * 1000 if unit == "s" else number
+
+    out = {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))}
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", text, re.M)
+        out[f"p{pct}_ms"] = latency_ms(m.group(1)) if m else None
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)", text)
+    out["non_2xx"] = int(errors.group(1)) if errors else 0
+    out["socket_errors"] = socket_errors.group(1).strip() if socket_errors else ""
+    out["requests"] = int(re.search(r"(\d+) requests in", text).group(1))
+    return out
+
+
+def load(lab: Lab, duration: int, connections: int) -> dict:
+    dev = lab.devices[0]
+    url = f"http://{WEB4}/bench"
+    dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", "2s", url, timeout=60)  # warm-up
+    result = dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", f"{duration}s", "--latency", url,
+                        timeout=duration + 60)
+    return parse_wrk(result.stdout)
+
+
+def manual_tunnel(lab: Lab) -> None:
+    """The tunnel alone: wireguard-go with the device as peer, routed + masqueraded."""
+    gw, wg = lab.gw, lab.wg_interface
+    env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
+    run(gw.cmd("wireguard-go", wg), env=env)
+    gw.run("wg", "set", wg, "private-key", str(lab.state_dir / "wg-private.key"), "listen-port", str(WG_PORT))
+    for dev in lab.devices:
+        gw.run("wg", "set", wg, "peer", dev.public_key, "allowed-ips", f"{dev.ipv4}/32")
+    gw.run("ip", "addr", "add", f"{GATEWAY_TUNNEL4}/{TUNNEL4.split('/')[1]}", "dev", wg)
+    gw.run("ip", "link", "set", wg, "mtu", "1420", "up")
+    gw.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def steer(lab: Lab, ports: list[int] | None) -> None:
+    """nft table for the manual scenarios: masquerade, plus redirect to bare mitmdump port(s)."""
+    wg, up = lab.wg_interface, lab.uplink_interface
+    redirect = ""
+    if ports:
+        if len(ports) == 1:
+            target = f":{ports[0]}"
+        else:
+            mapping = ", ".join(f"{i} : {p}" for i, p in enumerate(ports))
+            target = f": jhash ip saddr . tcp sport mod {len(ports)} map {{ {mapping} }}"
+        redirect = f'chain pre {{ type nat hook prerouting priority dstnat; policy accept; iifname "{wg}" meta l4proto tcp redirect to {target}; }}'
+    ruleset = (f"table inet benchsteer {{}}\ndelete table inet benchsteer\n"
+               f"table inet benchsteer {{\n {redirect}\n"
+               f' chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname "{up}" masquerade; }}\n}}\n')
+    lab.gw.run("nft", "-f", "-", input=ruleset)
+
+
+def start_mitmdump(lab: Lab, port: int, confdir: Path) -> subprocess.Popen:
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    proc = lab.gw.popen(str(mitmdump), "--mode", f"transparent@{port}", "--set", "connection_strategy=lazy",
+                        "--set", f"confdir={confdir}", "-q")
+    wait_until(lambda: f":{port} " in lab.gw.run("ss", "-ltnH").stdout or proc.poll() is not None, 30,
+               f"mitmdump on {port}")
+    return proc
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per scenario")
+    ap.add_argument("--connections", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default=str(RESULTS / "proxy.json"))
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install --no-install-recommends wrk", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+    lab = Lab(workdir, n_devices=0)
+    results: dict[str, dict] = {}
+    try:
+        lab.build()
+        lab.add_device(1)
+        manual_tunnel(lab)
+        steer(lab, None)
+        results["tunnel"] = load(lab, args.duration, args.connections)
+
+        procs = [start_mitmdump(lab, 18080, workdir / "mitm")]
+        steer(lab, [18080])
+        results["mitmproxy"] = load(lab, args.duration, args.connections)
+        stop(procs)
+
+        ports = [18080 + i for i in range(args.workers)]
+        procs = [start_mitmdump(lab, p, workdir / "mitm") for p in ports]
+        steer(lab, ports)
+        results[f"mitmproxy x{args.workers}"] = load(lab, args.duration, args.connections)
+        stop(procs)
+
+        lab.gw.run("nft", "delete", "table", "inet", "benchsteer")
+        lab.gw.run("ip", "link", "del", lab.wg_interface)
+        lab.gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+        lab.start_gateway()
+        lab.wait_for_peer(lab.devices[0])
+        results["kanmon"] = load(lab, args.duration, args.connections)
+    finally:
+        lab.teardown()
+
+    base, bare = results["tunnel"]["requests_per_s"], results["mitmproxy"]["requests_per_s"]
+    print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "
+          f"{os.cpu_count()} cores\n")
+    print(f"{'scenario':16} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} {'errors':>8}")
+    for name, r in results.items():
+        print(f"{name:16} {r['requests_per_s']:10.0f} {r['p50_ms'] or 0:8.2f} {r['p90_ms'] or 0:8.2f} {r['p99_ms'] or 0:8.2f} "
+              f"{r['requests_per_s'] / base:10.3f} {r['requests_per_s'] / bare:13.3f} {r['non_2xx']:>8}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "cores": os.cpu_count(), "duration_s": args.duration, "connections": args.connections,
+        "workers": args.workers, "results": results,
+        "ratios": {name: {"vs_tunnel": r["requests_per_s"] / base, "vs_mitmproxy": r["requests_per_s"] / bare}
+                   for name, r in results.items()},
+    }, indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
