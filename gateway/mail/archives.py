@@ -135,7 +135,7 @@ def _members(data: bytes, kind: str, limits: ArchiveLimits, report: ArchiveRepor
             try:
                 with zf.open(info) as fh:
                     content = fh.read(remaining + 1)
-            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, zlib.error) as exc:
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError, zlib.error) as exc:
                 raise _Uninspectable(f"cannot read member {visible(name)}: {exc}") from None
             report.bytes_read += len(content)
             if len(content) > remaining:
@@ -146,7 +146,7 @@ def _members(data: bytes, kind: str, limits: ArchiveLimits, report: ArchiveRepor
             tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
         except tarfile.ReadError:
             tf = None
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
             raise _Uninspectable(f"damaged {kind}: {exc}") from None
         if tf is None:
             if kind != "gzip":
@@ -164,7 +164,7 @@ def _members(data: bytes, kind: str, limits: ArchiveLimits, report: ArchiveRepor
                 if len(content) > remaining:
                     raise _BudgetExceeded(f"more than {limits.max_total_bytes} bytes uncompressed")
                 yield member.name, content, False
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
             raise _Uninspectable(f"damaged {kind}: {exc}") from None
     else:
         raise _Uninspectable(f"{kind} format is not supported by the inspector")

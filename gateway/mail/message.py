@@ -51,6 +51,17 @@ class ParsedMail:
 
 
 def parse_message(raw: bytes) -> ParsedMail:
+    try:
+        return _parse(raw)
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the email package raises assorted errors on hostile input
+        raise MalformedMessage(Text(
+            f"メッセージを解析できません ({type(exc).__name__})",
+            f"the message cannot be parsed ({type(exc).__name__}: {exc})")) from exc
+
+
+def _parse(raw: bytes) -> ParsedMail:
     if not raw.strip():
         raise MalformedMessage(Text("メッセージが空です", "the message is empty"))
     message = email.message_from_bytes(raw, policy=POLICY)

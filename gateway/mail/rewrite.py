@@ -14,6 +14,7 @@ no longer carries a valid signature, which is expected and harmless after the ga
 from __future__ import annotations
 
 import email
+import functools
 from email.message import EmailMessage, MIMEPart
 
 from gateway.i18n import Text
@@ -25,7 +26,8 @@ from gateway.mail.policy import MailPolicy
 
 
 def render_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes | None:
-    """The bytes to hand on for ``verdict``; None for quarantine and reject."""
+    """The bytes to hand on for ``verdict``; None for quarantine and reject. Raises
+    RewriteFailed when a tag/neutralize rewrite cannot be written (then quarantine)."""
     if verdict.action == MailAction.DELIVER:
         return raw
     if verdict.action == MailAction.TAG:
@@ -39,8 +41,17 @@ def _linesep(raw: bytes) -> str:
     return "\r\n" if b"\r\n" in raw[:4096] else "\n"
 
 
+class RewriteFailed(Exception):
+    """The email package could not write the rewritten message (hostile headers can trip
+    its folder). The adapter must then hold the original (quarantine), never pass it on."""
+
+
 def _serialize(msg: EmailMessage, raw: bytes) -> bytes:
-    return msg.as_bytes(policy=POLICY.clone(linesep=_linesep(raw)))
+    # refold_source="none": headers we did not touch are written exactly as they came.
+    try:
+        return msg.as_bytes(policy=POLICY.clone(linesep=_linesep(raw), refold_source="none"))
+    except (ValueError, TypeError, LookupError, IndexError, AttributeError, AssertionError) as exc:
+        raise RewriteFailed(f"cannot serialize the rewritten message: {type(exc).__name__}: {exc}") from exc
 
 
 def _indicator_lines(verdict: MailVerdict) -> tuple[list[str], list[str]]:
@@ -75,12 +86,18 @@ def _warning_part(text: Text) -> MIMEPart:
     return part
 
 
+def _one_line(value: str) -> str:
+    """A header value that is safe to set: every line break str.splitlines knows becomes a space."""
+    return " ".join(value.splitlines())
+
+
 def _prefix_subject(msg: EmailMessage, prefix: str) -> None:
     try:
         old = fix_8bit(str(msg.get("Subject", "")))
     except (ValueError, IndexError, TypeError):
         old = ""
     del msg["Subject"]
+    old = _one_line(old)
     msg["Subject"] = old if old.startswith(prefix) else prefix + old
 
 
@@ -90,6 +107,20 @@ def _add_warning(msg: EmailMessage, text: Text) -> None:
     msg.get_payload().insert(0, _warning_part(text))
 
 
+def _library_errors_as_rewrite_failed(fn):
+    """The email package raises assorted errors on hostile input; callers get RewriteFailed."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RewriteFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise RewriteFailed(f"cannot rewrite the message: {type(exc).__name__}: {exc}") from exc
+    return wrapper
+
+
+@_library_errors_as_rewrite_failed
 def tag_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes:
     msg = email.message_from_bytes(raw, policy=POLICY)
     _prefix_subject(msg, policy.subject_prefix)
@@ -97,6 +128,7 @@ def tag_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes:
     return _serialize(msg, raw)
 
 
+@_library_errors_as_rewrite_failed
 def neutralize_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> bytes:
     msg = email.message_from_bytes(raw, policy=POLICY)
     parts = list(msg.walk())  # same order as message.parse_message, so indexes match
@@ -148,6 +180,7 @@ def _part_name(part: EmailMessage) -> str:
     return visible(fix_8bit(str(name))) if name else f"({part.get_content_type()})"
 
 
+@_library_errors_as_rewrite_failed
 def notice_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy, quarantine_id: str | None = None) -> bytes:
     """A short message that stands in for a quarantined or rejected one when it must still be
     served (IMAP FETCH / POP3 RETR): the original's addressing headers, a bilingual notice."""
@@ -157,14 +190,14 @@ def notice_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy, quarant
         try:
             value = original.get(header)
             if value is not None:
-                notice[header] = fix_8bit(str(value))
+                notice[header] = _one_line(fix_8bit(str(value)))
         except (ValueError, IndexError, TypeError):
             continue
     try:
         subject = fix_8bit(str(original.get("Subject", "")))
     except (ValueError, IndexError, TypeError):
         subject = ""
-    notice["Subject"] = policy.subject_prefix + subject
+    notice["Subject"] = policy.subject_prefix + _one_line(subject)
     ja_lines, en_lines = _indicator_lines(verdict)
     held = verdict.action == MailAction.QUARANTINE
     qid = f" (ID: {quarantine_id})" if quarantine_id else ""
@@ -173,4 +206,4 @@ def notice_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy, quarant
     en = (f"[Kanmon] This message was {'quarantined' + qid if held else 'rejected'} as dangerous.\n"
           "Contact your system administrator if you need it.\n\nIndicators found:\n" + "\n".join(en_lines))
     notice.set_content(f"{ja}\n\n----\n\n{en}\n", charset="utf-8", cte="base64")
-    return notice.as_bytes(policy=POLICY.clone(linesep=_linesep(raw)))
+    return _serialize(notice, raw)

@@ -34,7 +34,11 @@ class Address:
 
 def header_addresses(message, name: str) -> list[Address]:
     out: list[Address] = []
-    for value in message.get_all(name, []) or []:
+    try:
+        values = message.get_all(name, []) or []
+    except Exception:  # noqa: BLE001 — the stdlib header parser raises assorted errors on hostile input
+        return out
+    for value in values:
         try:
             groups = value.addresses
         except (AttributeError, ValueError, IndexError, TypeError):

@@ -235,3 +235,25 @@ def test_dkim_dns_failure_is_not_a_failure():
     assert v.indicators == ()
     v = evaluate_message(corpus.by_name("clean-dkim-valid").raw, POLICY, dns_txt=lambda name: None)
     assert [i.name for i in v.indicators] == ["sender-auth-failure"]  # key missing: permerror
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SEEDS = [m.raw for m in build_corpus().mails]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(_SEEDS), cut=st.integers(0, 4000), junk=st.binary(max_size=64), pos=st.integers(0, 4000))
+def test_hostile_bytes_give_a_verdict_or_malformed_never_a_crash(seed, cut, junk, pos):
+    from gateway.mail.rewrite import neutralize_message, tag_message
+
+    raw = seed[:pos] + junk + seed[pos:cut] if cut > pos else seed[:pos] + junk
+    try:
+        verdict = evaluate_message(raw, POLICY)
+    except MalformedMessage as exc:
+        assert exc.text.ja and exc.text.en
+        return
+    forced = dataclasses.replace(verdict, action=MailAction.NEUTRALIZE)
+    assert isinstance(neutralize_message(raw, forced, POLICY), bytes)
+    assert isinstance(tag_message(raw, forced, POLICY), bytes)
