@@ -152,6 +152,19 @@ class GatewayApp:
                 if self.cutter.cut(state.client_id, "device no longer admitted"):
                     self.metrics.connections_cut.inc()
 
+    def ship_audit(self) -> int:
+        """Copy operator changes recorded in the registry (by any process) into the
+        tamper-evident audit stream; only this process writes the log files."""
+        entries = self.registry.unshipped_audit()
+        for e in entries:
+            self.logstore.append("audit", {
+                "event.dataset": "kanmon.audit", "event.action": e.action, "event.outcome": "success",
+                "event.reason": e.reason, "user.name": e.actor, "device.id": e.device_id,
+                "kanmon.audit.object": "device", "kanmon.audit.time": e.at.isoformat() if e.at else None,
+                "kanmon.audit.before": e.before, "kanmon.audit.after": e.after})
+        self.registry.mark_audit_shipped([e.id for e in entries])
+        return len(entries)
+
     async def reconcile_loop(self, reconciler: Reconciler) -> None:
         loop = asyncio.get_running_loop()
         last_full = loop.time()
@@ -161,6 +174,7 @@ class GatewayApp:
                     with self.metrics.reconcile_seconds.time():
                         report = await asyncio.to_thread(reconciler.run_once)
                     self._apply_reconcile(report)
+                    self.ship_audit()
                     last_full = loop.time()
             except Exception:
                 self.metrics.reconcile_errors.inc()

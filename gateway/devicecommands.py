@@ -4,13 +4,16 @@ reconciler notices every change (registry revision) and applies it within ~50 ms
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import json
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 
 from gateway.i18n import Text
-from gateway.registry import DeviceRecord, DeviceStatus, Ownership, RegistryError, SqliteRegistry
+from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError, SqliteRegistry,
+                              record_as_dict)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -33,24 +36,14 @@ def _parse_time(text: str | None, what: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def operator_name() -> str:
+    """Who is acting, for the audit log: the invoking user behind sudo if any."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
 def _error(text: Text) -> int:
     print(text.render(), file=sys.stderr)
     return EXIT_USAGE
-
-
-def _as_dict(rec: DeviceRecord) -> dict:
-    def ts(v):
-        return v.isoformat() if v else None
-    return {
-        "device_id": rec.device_id, "owner": rec.owner, "department": rec.department,
-        "groups": sorted(rec.groups), "ownership": str(rec.ownership), "platform": rec.platform,
-        "os_version": rec.os_version, "jailbroken": rec.jailbroken, "wg_public_key": rec.wg_public_key,
-        "ipv4": str(rec.ipv4), "ipv6": str(rec.ipv6) if rec.ipv6 else None,
-        "status": str(rec.status), "status_reason": rec.status_reason,
-        "suspended_until": ts(rec.suspended_until), "valid_from": ts(rec.valid_from),
-        "valid_until": ts(rec.valid_until), "cert_serial": rec.cert_serial,
-        "created_at": ts(rec.created_at), "updated_at": ts(rec.updated_at),
-    }
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -68,10 +61,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             department=args.department or "", groups=frozenset(args.group or ()),
             ownership=Ownership(args.ownership), platform=args.platform, os_version=args.os_version,
             valid_from=_parse_time(args.valid_from, "--valid-from"),
-            valid_until=_parse_time(args.valid_until, "--valid-until")))
+            valid_until=_parse_time(args.valid_until, "--valid-until")),
+            audit=AuditEntry(operator_name(), "device-added", args.reason or ""))
     except RegistryError as exc:
         return _error(Text("端末を登録できません: {e}", "Cannot add the device: {e}").format(e=exc))
-    print(json.dumps(_as_dict(rec), ensure_ascii=False) if args.json else
+    print(json.dumps(record_as_dict(rec), ensure_ascii=False) if args.json else
           f"{rec.device_id} {rec.ipv4} {rec.ipv6 or '-'} {rec.status}")
     return EXIT_OK
 
@@ -81,7 +75,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     for rec in registry.all():
         if args.json:
-            print(json.dumps(_as_dict(rec), ensure_ascii=False))
+            print(json.dumps(record_as_dict(rec), ensure_ascii=False))
         else:
             print(f"{rec.device_id}\t{rec.ipv4}\t{rec.effective_status(now)}\t{rec.owner}\t{','.join(sorted(rec.groups))}")
     return EXIT_OK
@@ -93,7 +87,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if rec is None:
         print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    print(json.dumps(_as_dict(rec), ensure_ascii=False, indent=2))
+    print(json.dumps(record_as_dict(rec), ensure_ascii=False, indent=2))
     return EXIT_OK
 
 
@@ -105,7 +99,8 @@ def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str =
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:
         return _error(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id))
-    registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until))
+    registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until),
+                    audit=AuditEntry(operator_name(), AUDIT_ACTIONS[status], reason))
     print(f"{rec.device_id} {status}")
     return EXIT_OK
 
@@ -122,6 +117,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _change_status(args, DeviceStatus.ACTIVE)
 
 
+AUDIT_ACTIONS = {
+    DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
+    DeviceStatus.ACTIVE: "device-resumed", DeviceStatus.QUARANTINED: "device-quarantined",
+}
 REVOKE_REASONS = ("lost", "stolen", "retired", "compromised", "policy-violation", "other")
 
 
@@ -144,6 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--os-version")
     add.add_argument("--valid-from")
     add.add_argument("--valid-until")
+    add.add_argument("--reason", help="why (audit log)")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=cmd_add)
 

@@ -40,7 +40,7 @@ class RegistryError(Exception):
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
     device_id: str
-    wg_public_key: str
+    wg_public_key: str | None   # None: registered, not yet enrolled (no peer)
     ipv4: IPv4
     ipv6: IPv6 | None = None
     owner: str = ""
@@ -62,6 +62,8 @@ class DeviceRecord:
 
     def admitted(self, now: datetime) -> bool:
         """May this device have a WireGuard peer right now?"""
+        if self.wg_public_key is None:
+            return False
         if self.status is DeviceStatus.REVOKED:
             return False
         if self.status is DeviceStatus.SUSPENDED and (self.suspended_until is None or now < self.suspended_until):
@@ -82,12 +84,29 @@ class DeviceRecord:
         return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """Who changed what about a device, and why (written with the change, atomically)."""
+
+    actor: str
+    action: str
+    reason: str = ""
+    id: int | None = None
+    at: datetime | None = None
+    device_id: str | None = None
+    before: dict | None = None
+    after: dict | None = None
+
+
 class DeviceRegistry(Protocol):
     def revision(self) -> int: ...
-    def add(self, record: DeviceRecord) -> DeviceRecord: ...
+    def add(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord: ...
     def get(self, device_id: str) -> DeviceRecord | None: ...
+    def by_public_key(self, key: str) -> DeviceRecord | None: ...
     def all(self) -> list[DeviceRecord]: ...
-    def update(self, record: DeviceRecord) -> DeviceRecord: ...
+    def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord: ...
+    def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]: ...
+    def mark_audit_shipped(self, ids: list[int]) -> None: ...
     def allocate_addresses(self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None) -> tuple[IPv4, IPv6 | None]: ...
 
 
@@ -96,8 +115,9 @@ _SCHEMA = [
     """
     CREATE TABLE devices (
         device_id TEXT PRIMARY KEY,
-        wg_public_key TEXT NOT NULL UNIQUE,
+        wg_public_key TEXT UNIQUE,         -- NULL until the device enrolls its own key
         ipv4 TEXT NOT NULL UNIQUE,
+        ipv4_int INTEGER NOT NULL UNIQUE,  -- for address allocation without a scan
         ipv6 TEXT UNIQUE,
         owner TEXT NOT NULL DEFAULT '',
         department TEXT NOT NULL DEFAULT '',
@@ -117,6 +137,18 @@ _SCHEMA = [
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL
     );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        device_id TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        before_json TEXT,
+        after_json TEXT,
+        shipped INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX audit_unshipped ON audit (shipped, id);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta VALUES ('revision', 0);
     CREATE TRIGGER devices_ins AFTER INSERT ON devices BEGIN
@@ -129,7 +161,7 @@ _SCHEMA = [
 ]
 
 _COLUMNS = (
-    "device_id", "wg_public_key", "ipv4", "ipv6", "owner", "department", "groups_json", "ownership",
+    "device_id", "wg_public_key", "ipv4", "ipv4_int", "ipv6", "owner", "department", "groups_json", "ownership",
     "platform", "os_version", "jailbroken", "cert_serial", "cert_fingerprint", "valid_from",
     "valid_until", "status", "status_reason", "suspended_until", "created_at", "updated_at",
 )
@@ -170,7 +202,7 @@ def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
 
 def _record_to_row(rec: DeviceRecord) -> tuple:
     return (
-        rec.device_id, rec.wg_public_key, str(rec.ipv4), str(rec.ipv6) if rec.ipv6 else None,
+        rec.device_id, rec.wg_public_key, str(rec.ipv4), int(rec.ipv4), str(rec.ipv6) if rec.ipv6 else None,
         rec.owner, rec.department, json.dumps(sorted(rec.groups)), str(rec.ownership),
         rec.platform, rec.os_version, int(rec.jailbroken), rec.cert_serial, rec.cert_fingerprint,
         _ts(rec.valid_from), _ts(rec.valid_until), str(rec.status), rec.status_reason,
@@ -213,28 +245,46 @@ class SqliteRegistry:
         with self._lock:
             return self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]
 
-    def add(self, record: DeviceRecord) -> DeviceRecord:
+    def _write(self, sql: str, params: tuple, audit: AuditEntry | None, device_id: str,
+               before: DeviceRecord | None, after: DeviceRecord | None) -> int:
+        """One change and its audit entry in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(sql, params)
+                if audit is not None and cur.rowcount == 1:
+                    self._db.execute(
+                        "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json)"
+                        " VALUES (?,?,?,?,?,?,?)",
+                        (_ts(self._clock()), audit.actor, audit.action, device_id, audit.reason,
+                         json.dumps(record_as_dict(before), ensure_ascii=False) if before else None,
+                         json.dumps(record_as_dict(after), ensure_ascii=False) if after else None))
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                self._db.execute("ROLLBACK")
+                raise RegistryError(f"device {device_id!r} conflicts with an existing device: {exc}") from None
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return cur.rowcount
+
+    def add(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
         now = self._clock()
         record = replace(record, created_at=record.created_at or now, updated_at=now)
         placeholders = ",".join("?" * len(_COLUMNS))
-        with self._lock:
-            try:
-                self._db.execute(f"INSERT INTO devices ({','.join(_COLUMNS)}) VALUES ({placeholders})", _record_to_row(record))
-            except sqlite3.IntegrityError as exc:
-                raise RegistryError(f"device {record.device_id!r} conflicts with an existing device: {exc}") from None
+        self._write(f"INSERT INTO devices ({','.join(_COLUMNS)}) VALUES ({placeholders})", _record_to_row(record),
+                    audit, record.device_id, None, record)
         return record
 
-    def update(self, record: DeviceRecord) -> DeviceRecord:
+    def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
+        before = self.get(record.device_id)
+        if before is None:
+            raise RegistryError(f"no such device: {record.device_id!r}")
         record = replace(record, updated_at=self._clock())
         assignments = ",".join(f"{c}=?" for c in _COLUMNS[1:])
-        with self._lock:
-            try:
-                cur = self._db.execute(
-                    f"UPDATE devices SET {assignments} WHERE device_id=?", _record_to_row(record)[1:] + (record.device_id,)
-                )
-            except sqlite3.IntegrityError as exc:
-                raise RegistryError(f"update of {record.device_id!r} conflicts: {exc}") from None
-        if cur.rowcount != 1:
+        rows = self._write(f"UPDATE devices SET {assignments} WHERE device_id=?",
+                           _record_to_row(record)[1:] + (record.device_id,), audit, record.device_id, before, record)
+        if rows != 1:
             raise RegistryError(f"no such device: {record.device_id!r}")
         return record
 
@@ -243,25 +293,76 @@ class SqliteRegistry:
             row = self._db.execute("SELECT * FROM devices WHERE device_id=?", (device_id,)).fetchone()
         return _row_to_record(row) if row else None
 
+    def by_public_key(self, key: str) -> DeviceRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM devices WHERE wg_public_key=?", (key,)).fetchone()
+        return _row_to_record(row) if row else None
+
     def all(self) -> list[DeviceRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
         return [_row_to_record(r) for r in rows]
 
+    def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM audit WHERE shipped=0 ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=_parse_ts(r["at"]),
+                           device_id=r["device_id"],
+                           before=json.loads(r["before_json"]) if r["before_json"] else None,
+                           after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
+
+    def mark_audit_shipped(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            self._db.executemany("UPDATE audit SET shipped=1 WHERE id=?", [(i,) for i in ids])
+
     def allocate_addresses(
         self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None
     ) -> tuple[IPv4, IPv6 | None]:
-        """Lowest free host address of the prefix; the first host address is the gateway's.
-        The IPv6 address mirrors the IPv4 host number, so both are easy to read together."""
+        """Lowest free host address of the prefix above the gateway's (the first host address).
+        Uses the integer index: next after the highest in use, else the first gap; no scan of
+        every device. The IPv6 address mirrors the IPv4 host number, so both read together."""
+        first = int(prefix4.network_address) + 2
+        last = int(prefix4.broadcast_address) - 1
         with self._lock:
-            used = {r[0] for r in self._db.execute("SELECT ipv4 FROM devices")}
-        for offset, addr in enumerate(prefix4.hosts()):
-            if offset == 0 or str(addr) in used:
-                continue
-            host_number = int(addr) - int(prefix4.network_address)
-            v6 = prefix6[host_number] if prefix6 is not None else None
-            return addr, v6
-        raise RegistryError(f"tunnel prefix {prefix4} has no free address")
+            top = self._db.execute("SELECT MAX(ipv4_int) FROM devices WHERE ipv4_int BETWEEN ? AND ?",
+                                   (first, last)).fetchone()[0]
+            if top is None:
+                candidate = first
+            elif top < last:
+                candidate = top + 1
+            else:
+                gap = self._db.execute(
+                    "SELECT d.ipv4_int + 1 FROM devices d WHERE d.ipv4_int BETWEEN ? AND ? AND NOT EXISTS"
+                    " (SELECT 1 FROM devices e WHERE e.ipv4_int = d.ipv4_int + 1) ORDER BY 1 LIMIT 1",
+                    (first - 1, last - 1)).fetchone()
+                in_use_first = self._db.execute("SELECT 1 FROM devices WHERE ipv4_int=?", (first,)).fetchone()
+                candidate = first if in_use_first is None else (gap[0] if gap else None)
+        if candidate is None or candidate > last:
+            raise RegistryError(f"tunnel prefix {prefix4} has no free address")
+        host_number = candidate - int(prefix4.network_address)
+        return ipaddress.IPv4Address(candidate), (prefix6[host_number] if prefix6 is not None else None)
+
+
+def record_as_dict(rec: DeviceRecord | None) -> dict | None:
+    """JSON-ready view of a record (CLI output, audit before/after)."""
+    if rec is None:
+        return None
+
+    def ts(v):
+        return v.isoformat() if v else None
+
+    return {
+        "device_id": rec.device_id, "owner": rec.owner, "department": rec.department,
+        "groups": sorted(rec.groups), "ownership": str(rec.ownership), "platform": rec.platform,
+        "os_version": rec.os_version, "jailbroken": rec.jailbroken, "wg_public_key": rec.wg_public_key,
+        "ipv4": str(rec.ipv4), "ipv6": str(rec.ipv6) if rec.ipv6 else None,
+        "status": str(rec.status), "status_reason": rec.status_reason,
+        "suspended_until": ts(rec.suspended_until), "valid_from": ts(rec.valid_from),
+        "valid_until": ts(rec.valid_until), "cert_serial": rec.cert_serial,
+        "cert_fingerprint": rec.cert_fingerprint, "created_at": ts(rec.created_at), "updated_at": ts(rec.updated_at),
+    }
 
 
 def _split_sql(script: str) -> list[str]:

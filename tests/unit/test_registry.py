@@ -91,3 +91,32 @@ def test_desired_state_blocks_non_admitted_and_finds_next_change():
     assert state.blocked == {gone.ipv4, gone.ipv6, later.ipv4}
     assert state.next_change == NOW + timedelta(minutes=5)
     assert [r.device_id for r in desired_state([later], NOW + timedelta(minutes=5)).admitted] == ["later"]
+
+
+def test_changes_carry_their_audit_entry_atomically(tmp_path):
+    from gateway.registry import AuditEntry
+
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    v4, v6 = reg.allocate_addresses(P4, P6)
+    rec = reg.add(DeviceRecord("a", key(), v4, v6), audit=AuditEntry("ito", "device.add", "new phone"))
+    reg.update(replace(rec, status=DeviceStatus.REVOKED, status_reason="lost"),
+               audit=AuditEntry("ito", "device.revoke", "lost"))
+    entries = reg.unshipped_audit()
+    assert [(e.actor, e.action, e.reason, e.device_id) for e in entries] == [
+        ("ito", "device.add", "new phone", "a"), ("ito", "device.revoke", "lost", "a")]
+    assert entries[1].before["status"] == "active" and entries[1].after["status"] == "revoked"
+    # A refused change writes no audit entry.
+    with pytest.raises(RegistryError):
+        reg.add(DeviceRecord("b", rec.wg_public_key, *reg.allocate_addresses(P4, P6)), audit=AuditEntry("ito", "device.add"))
+    reg.mark_audit_shipped([entries[0].id])
+    assert [e.id for e in reg.unshipped_audit()] == [entries[1].id]
+
+
+def test_unenrolled_device_has_no_peer_and_allocation_fills_gaps(tmp_path):
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    pending = reg.add(DeviceRecord("pending", None, *reg.allocate_addresses(P4, P6)))
+    assert not pending.admitted(NOW)
+    others = [add(reg, n) for n in "bcde"]
+    assert str(others[-1].ipv4) == "10.77.0.6"
+    reg._db.execute("DELETE FROM devices WHERE device_id='c'")  # a freed address in the middle
+    assert str(reg.allocate_addresses(P4, P6)[0]) == "10.77.0.4"
