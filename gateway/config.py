@@ -7,6 +7,7 @@ touched before the whole file is valid (`kanmon run` exits 2).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,16 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "policy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"path": _STR},
+        },
+        "quarantine": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"allow_hosts": {"type": "array", "items": _STR}},
+        },
         "addons": {
             "type": "object",
             "additionalProperties": False,
@@ -150,6 +161,8 @@ class GatewayConfig:
     default_action: Action
     host_rules: tuple[HostRule, ...]
     extra_addons: tuple[str, ...]
+    policy_path: Path | None = None          # the policy engine's file; None: built-in host rules
+    quarantine_allow_hosts: tuple[str, ...] = ()
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -174,6 +187,25 @@ class GatewayConfig:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def applied_policy_link(self) -> Path:
+        """`kanmon policy apply` points this at the policy in force; it wins over policy.path."""
+        return self.state_dir / "policy-applied"
+
+    @property
+    def policy_status_path(self) -> Path:
+        return self.state_dir / "policy-status.json"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.state_dir / "kanmon.pid"
+
+    def active_policy_path(self) -> Path | None:
+        link = self.applied_policy_link
+        if link.is_symlink() or link.exists():
+            return Path(os.readlink(link)) if link.is_symlink() else Path(link.read_text().strip())
+        return self.policy_path
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -284,7 +316,14 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         default_action=Action(rules_cfg.get("default_action", "allow")),
         host_rules=tuple(rules),
         extra_addons=tuple(d.get("addons", {}).get("extra", [])),
+        policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,
+        quarantine_allow_hosts=tuple(h.strip().lower().rstrip(".") for h in d.get("quarantine", {}).get("allow_hosts", [])),
     )
+
+
+def _relative_to(config_file: str, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(config_file).resolve().parent / p
 
 
 def _get(data: dict, path: tuple) -> Any:
