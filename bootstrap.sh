@@ -22,6 +22,8 @@ APT_PACKAGES=(
   systemd
   zbar-tools
   clamav clamav-daemon
+  chromium
+  wrk
 )
 
 say() { printf '\n== %s\n' "$*"; }

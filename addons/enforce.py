@@ -19,9 +19,10 @@ from mitmproxy.proxy import server_hooks
 from addons.blockpage import Helpdesk, block_response, new_request_id
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
+from addons.policy import METADATA_DNS_BLOCK
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_NO_DECISION, Action, Stage, Verdict
+from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.enforce")
 
@@ -33,12 +34,14 @@ class Enforcer:
     name = "kanmon-enforce"
 
     def __init__(self, connections: LiveConnections, metrics: GatewayMetrics, helpdesk: Helpdesk,
-                 internal_networks: Iterable[Network], cut_client: Callable[[str], None]):
+                 internal_networks: Iterable[Network], cut_client: Callable[[str], None],
+                 sinkhole: tuple[str, str] = ("198.18.0.1", "100::1")):
         self.connections = connections
         self.metrics = metrics
         self.helpdesk = helpdesk
         self.internal_networks = tuple(internal_networks)
         self.cut_client = cut_client
+        self.sinkhole = sinkhole
 
     # -- helpers -------------------------------------------------------------------------
     def is_internal(self, address: tuple | None) -> bool:
@@ -63,7 +66,7 @@ class Enforcer:
         verdict = flow.metadata.get(METADATA_VERDICT)
         if not isinstance(verdict, Verdict):
             self.metrics.fail_closed_blocks.labels(str(stage), "no-decision").inc()
-            return Verdict(Action.BLOCK, RULE_NO_DECISION, "no policy decision was made", stage)
+            return Verdict(Action.BLOCK, RULE_UNDECIDED, "no policy decision was made", stage)
         return verdict
 
     def block_http(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
@@ -88,6 +91,38 @@ class Enforcer:
         for name, value in verdict.headers:
             flow.request.headers[name] = value  # replaces any client-sent copy
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A verdict that needed the response (its content type) blocks here, before any of
+        the body reaches the device."""
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        if not isinstance(verdict, Verdict) or verdict.stage is not Stage.RESPONSE or flow.response is None:
+            return
+        self._count(verdict)
+        if verdict.passes:
+            return
+        self.block_http(flow, verdict)
+        page = flow.response.content
+        # mitmproxy keeps relaying the server's body after this hook: stream it through a
+        # filter that emits the block page once and drops everything the server sends.
+        sent = False
+
+        def only_the_block_page(chunk: bytes) -> bytes:
+            nonlocal sent
+            if sent:
+                return b""
+            sent = True
+            return page
+
+        flow.response.stream = only_the_block_page
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A bodiless response skips streaming and is re-read from the server: put the block
+        page back if a response-stage verdict blocked it."""
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        if (isinstance(verdict, Verdict) and not verdict.passes and flow.response is not None
+                and "X-Kanmon-Rule" not in flow.response.headers):
+            self.block_http(flow, verdict)
+
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         verdict = self._gate(flow, Stage.TCP)
         flow.metadata[METADATA_VERDICT] = verdict
@@ -111,7 +146,20 @@ class Enforcer:
         verdict = self._gate(flow, Stage.DNS)
         flow.metadata[METADATA_VERDICT] = verdict
         self._count(verdict)
-        if verdict.rule_id in (RULE_FAIL_CLOSED, RULE_NO_DECISION):
+        if not verdict.passes and verdict.rule_id in (RULE_FAIL_CLOSED, RULE_UNDECIDED):
             flow.response = flow.request.fail(dns.response_codes.REFUSED)
         elif not verdict.passes:
-            flow.response = flow.request.fail(dns.response_codes.NXDOMAIN)
+            if flow.metadata.get(METADATA_DNS_BLOCK) == "sinkhole":
+                flow.response = self._sinkhole_answer(flow.request)
+            else:
+                flow.response = flow.request.fail(dns.response_codes.NXDOMAIN)
+
+    def _sinkhole_answer(self, request: dns.DNSMessage) -> dns.DNSMessage:
+        """Blocked name answered with an address that leads only to the proxy, so a browser
+        connects and shows the block page. Other record types get an empty answer."""
+        q = request.question
+        if q is None or q.type not in (dns.types.A, dns.types.AAAA):
+            return request.succeed([])
+        address = self.sinkhole[0] if q.type == dns.types.A else self.sinkhole[1]
+        return request.succeed([dns.ResourceRecord(q.name, q.type, dns.classes.IN, 60,
+                                                   ipaddress.ip_address(address).packed)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -25,11 +26,15 @@ from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
+from addons.policy import PolicyDecider, PolicyHolder
+from addons.quarantine import QuarantineGate
 from gateway import steering
 from gateway.config import GatewayConfig
 from gateway.connections import LiveConnections
 from gateway.logstore import LogStore
 from gateway.metrics import GatewayMetrics
+from gateway.policy import PolicySnapshot, load_policy
+from gateway.yamlsource import SourceErrors
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
 from gateway.registry import SqliteRegistry
@@ -85,6 +90,8 @@ class GatewayApp:
         self.master = None
         self.registry: SqliteRegistry | None = None
         self.logstore: LogStore | None = None
+        self.policy: PolicyHolder | None = None
+        self._reload_lock = asyncio.Lock()
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -97,13 +104,19 @@ class GatewayApp:
 
     def build_chain(self) -> list[Any]:
         helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
-        enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut)
+        enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut,
+                            sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
         accesslog = AccessLog(self.logstore)
         actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
+        if self.policy is not None:
+            decider = PolicyDecider(self.policy, self.connections)
+        else:
+            decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
         chain = [
             DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
-            HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni),
+            decider,
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
+            QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
             enforcer,
             accesslog,
             self.cutter,
@@ -117,9 +130,62 @@ class GatewayApp:
         self._stop.set()
 
     # -- lifecycle -----------------------------------------------------------------------
+    # -- policy --------------------------------------------------------------------------
+    def _policy_loaded(self, snapshot: PolicySnapshot, path) -> None:
+        from datetime import UTC, datetime
+        self.metrics.policy_reloads.labels("success").inc()
+        self.metrics.policy_rules.set(len(snapshot.rules))
+        self.metrics.policy_rules_expiring.labels("7").set(len(snapshot.expiring(datetime.now(UTC), 7)))
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(snapshot.version).set(1)
+        self._write_policy_status({"result": "success", "version": snapshot.version, "path": str(path)})
+        log.info("policy %s in force (version %s)", path, snapshot.version)
+
+    def _write_policy_status(self, status: dict) -> None:
+        tmp = self.cfg.policy_status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, ensure_ascii=False))
+        os.replace(tmp, self.cfg.policy_status_path)
+
+    def load_initial_policy(self) -> None:
+        """A policy that does not compile stops the start (fail closed): the gateway does not
+        serve with a guessed policy. The errors name file and line."""
+        path = self.cfg.active_policy_path()
+        if path is None:
+            return
+        try:
+            snapshot = load_policy(path)
+        except SourceErrors as exc:
+            self.metrics.policy_reloads.labels("failure").inc()
+            raise StartupError("the policy does not compile:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+        self.policy = PolicyHolder(snapshot, str(path))
+        self._policy_loaded(snapshot, path)
+
+    async def reload_policy(self) -> bool:
+        """SIGHUP / `kanmon policy apply`: compile off the loop, then swap in one assignment.
+        A policy that does not compile is refused and the old one keeps serving."""
+        async with self._reload_lock:
+            path = self.cfg.active_policy_path()
+            if path is None or self.policy is None:
+                log.warning("reload asked, but the gateway runs without a policy file (built-in host rules)")
+                return False
+            try:
+                snapshot = await asyncio.to_thread(load_policy, path)
+            except SourceErrors as exc:
+                self.metrics.policy_reloads.labels("failure").inc()
+                errors = [str(e) for e in exc.errors]
+                log.error("policy reload refused; the old policy (version %s) keeps serving:\n  %s",
+                          self.policy.current.snapshot.version, "\n  ".join(errors))
+                self._write_policy_status({"result": "failure", "errors": errors, "path": str(path),
+                                           "version": self.policy.current.snapshot.version})
+                return False
+            self.policy.swap(snapshot)
+            self._policy_loaded(snapshot, path)
+            return True
+
     def prepare_host(self) -> Reconciler:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.load_initial_policy()
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = SqliteRegistry(cfg.registry_path)
         self.logstore = LogStore(cfg.log_dir, on_write_error=lambda stream, exc: self.metrics.log_write_errors.labels(stream).inc())
@@ -146,11 +212,20 @@ class GatewayApp:
         live connection whose device is no longer admitted."""
         self.directory.replace(list(report.admitted))
         self.metrics.peers.set(len(report.admitted))
-        admitted_ids = {r.device_id for r in report.admitted}
+        current = {r.device_id: r for r in report.admitted}
         for state in self.connections.all():
-            if state.device is not None and state.device.device_id not in admitted_ids:
-                if self.cutter.cut(state.client_id, "device no longer admitted"):
-                    self.metrics.connections_cut.inc()
+            if state.device is None:
+                continue
+            now_record = current.get(state.device.device_id)
+            if now_record == state.device:
+                continue
+            # Revoked/suspended, or changed (quarantined, groups, posture): cut, so the
+            # device's next connection is judged with what the registry says now.
+            if self.policy is not None:
+                self.policy.invalidate_device(state.device.device_id)
+            reason = "device no longer admitted" if now_record is None else "device record changed"
+            if self.cutter.cut(state.client_id, reason):
+                self.metrics.connections_cut.inc()
 
     def ship_audit(self) -> int:
         """Copy operator changes recorded in the registry (by any process) into the
@@ -193,6 +268,7 @@ class GatewayApp:
 
     def teardown(self) -> None:
         cfg = self.cfg
+        cfg.pid_path.unlink(missing_ok=True)
         if steering.remove_table(cfg.nft_table):
             log.info("nftables table inet %s removed", cfg.nft_table)
         try:
@@ -209,6 +285,7 @@ class GatewayApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_policy()))
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
@@ -220,6 +297,7 @@ class GatewayApp:
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
+            self.cfg.pid_path.write_text(f"{os.getpid()}\n")
             sd_notify("READY=1")
             log.info("gateway ready")
             stop_task = asyncio.create_task(self._stop.wait())

@@ -16,12 +16,12 @@ from gateway.i18n import Text
 COMMAND_MODULES = (
     "gateway.devicecommands",
     "gateway.demo",
-)
-OPTIONAL_COMMAND_MODULES = (
-    "gateway.policy.commands",
     "gateway.mail.commands",
     "gateway.logstore.commands",
     "gateway.devices.commands",
+)
+OPTIONAL_COMMAND_MODULES = (
+    "gateway.reports.commands",   # being built (issue #6)
 )
 
 EXIT_USAGE = 2
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=cmd_config_check)
 
+    from gateway.policy.commands import register as register_policy
+    from gateway.policyapply import register_apply
+
+    register_apply(register_policy(sub))
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for name in OPTIONAL_COMMAND_MODULES:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
 
@@ -63,12 +64,37 @@ SCHEMA: dict[str, Any] = {
                 "upstream_ca_bundle": _STR,
                 "tcp_timeout": {"type": "integer", "minimum": 10},
                 "no_sni": {"enum": ["block", "allow"]},
+                "sinkhole_ipv4": _STR,
+                "sinkhole_ipv6": _STR,
             },
         },
         "management": {
             "type": "object",
             "additionalProperties": False,
             "properties": {"listen": _STR},
+        },
+        "enrollment": {
+            # issue #3: mTLS enrollment endpoint (gateway/enroll); absent = not served
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["listen"],
+            "properties": {
+                "listen": _STR,
+                "server_cert_file": _STR,
+                "server_key_file": _STR,
+                "server_names": {"type": "array", "items": _STR},
+                "rate_per_minute": {"type": "number", "exclusiveMinimum": 0},
+                "burst": {"type": "integer", "minimum": 1},
+            },
+        },
+        "posture": {
+            # issue #3: device posture (gateway/posture.py)
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "min_os": {"type": "object", "additionalProperties": {"type": ["string", "number"]}},
+                "quarantine_jailbroken": {"type": "boolean"},
+            },
         },
         "helpdesk": {
             "type": "object",
@@ -161,8 +187,20 @@ class GatewayConfig:
     default_action: Action
     host_rules: tuple[HostRule, ...]
     extra_addons: tuple[str, ...]
+    sinkhole_ipv4: str = "198.18.0.1"   # DNS answer for names blocked with dns_block: sinkhole
+    sinkhole_ipv6: str = "100::1"       # (RFC 2544 benchmark / RFC 6666 discard: never real hosts)
     policy_path: Path | None = None          # the policy engine's file; None: built-in host rules
     quarantine_allow_hosts: tuple[str, ...] = ()
+    # issue #3 (enrollment endpoint, posture); defaults keep older constructors working
+    enrollment_host: str | None = None          # None: the enrollment endpoint is not served
+    enrollment_port: int = 8443
+    enrollment_cert_file: Path | None = None    # None: issued from the org CA (or self-signed) under state_dir
+    enrollment_key_file: Path | None = None
+    enrollment_server_names: tuple[str, ...] = ()
+    enrollment_rate_per_minute: float = 6.0
+    enrollment_burst: int = 5
+    posture_min_os: tuple[tuple[str, str], ...] = ()
+    posture_quarantine_jailbroken: bool = True
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -262,6 +300,42 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         else:
             mgmt_host, mgmt_port = m.group(1), int(m.group(2))
 
+    enroll = d.get("enrollment")
+    enroll_host, enroll_port = None, 8443
+    if enroll is not None:
+        m = re.fullmatch(r"\[?([0-9A-Fa-f:.]+)\]?:(\d+)", enroll["listen"])
+        if not m or not _is_ip(m.group(1)) or not 0 < int(m.group(2)) < 65536:
+            errors.append(doc.error(("enrollment", "listen"), "must be ADDRESS:PORT, e.g. 0.0.0.0:8443"))
+        else:
+            enroll_host, enroll_port = m.group(1), int(m.group(2))
+            if enroll_port in (transparent_port, dns_port) or (enroll_port == mgmt_port and enroll_host == mgmt_host):
+                errors.append(doc.error(("enrollment", "listen"), "port already used by the proxy or management listener"))
+        if ("server_cert_file" in enroll) != ("server_key_file" in enroll):
+            errors.append(doc.error(("enrollment",), "server_cert_file and server_key_file go together"))
+
+    posture_cfg = d.get("posture", {})
+    min_os = []
+    for platform, version in posture_cfg.get("min_os", {}).items():
+        if isinstance(version, float):
+            # YAML reads 17.10 as the number 17.1: refuse rather than enforce the wrong floor.
+            errors.append(doc.error(("posture", "min_os", platform),
+                                    f"write the version in quotes (YAML reads {version!r} as a number)"))
+            continue
+        try:
+            parse_version(str(version))
+        except VersionError as exc:
+            errors.append(doc.error(("posture", "min_os", platform), str(exc)))
+        else:
+            min_os.append((normalize_platform(platform), str(version)))
+
+    for key, version in (("sinkhole_ipv4", 4), ("sinkhole_ipv6", 6)):
+        if key in proxy:
+            try:
+                if ipaddress.ip_address(proxy[key]).version != version:
+                    raise ValueError
+            except ValueError:
+                errors.append(doc.error(("proxy", key), f"must be an IPv{version} address"))
+
     if d["uplink"]["interface"] == tunnel["interface"]:
         errors.append(doc.error(("uplink", "interface"), "must differ from tunnel.interface"))
 
@@ -316,9 +390,27 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         default_action=Action(rules_cfg.get("default_action", "allow")),
         host_rules=tuple(rules),
         extra_addons=tuple(d.get("addons", {}).get("extra", [])),
+        sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
+        sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),
         policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,
         quarantine_allow_hosts=tuple(h.strip().lower().rstrip(".") for h in d.get("quarantine", {}).get("allow_hosts", [])),
+        enrollment_host=enroll_host,
+        enrollment_port=enroll_port,
+        enrollment_cert_file=_state_path(state_dir, enroll.get("server_cert_file")) if enroll else None,
+        enrollment_key_file=_state_path(state_dir, enroll.get("server_key_file")) if enroll else None,
+        enrollment_server_names=tuple(enroll.get("server_names", [])) if enroll else (),
+        enrollment_rate_per_minute=float(enroll.get("rate_per_minute", 6.0)) if enroll else 6.0,
+        enrollment_burst=int(enroll.get("burst", 5)) if enroll else 5,
+        posture_min_os=tuple(min_os),
+        posture_quarantine_jailbroken=bool(posture_cfg.get("quarantine_jailbroken", True)),
     )
+
+
+def _state_path(state_dir: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else state_dir / path
 
 
 def _relative_to(config_file: str, path: str) -> Path:

@@ -32,6 +32,21 @@ class GatewayMetrics:
         self.connections_cut = Counter(
             "kanmon_connections_cut_total", "Live proxy connections cut because their device lost admission.",
             registry=r)
+        self.policy_reloads = Counter(
+            "kanmon_policy_reloads_total", "Policy loads and reloads by result (failure: the old policy keeps serving).",
+            ["result"], registry=r)
+        self.policy_rules = Gauge("kanmon_policy_rules", "Rules in the policy in force.", registry=r)
+        self.policy_rules_expiring = Gauge(
+            "kanmon_policy_rules_expiring", "Active rules that expire within the given number of days.", ["days"], registry=r)
+        self.policy_info = Gauge("kanmon_policy_info", "The policy in force (value 1), by version.", ["version"], registry=r)
+        self.decision_seconds = Histogram(
+            "kanmon_decision_duration_seconds", "Time to decide one request, DNS query or connection.", ["stage"],
+            registry=r, buckets=(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05))
+        self.auth_failures = Counter(
+            "kanmon_auth_failures_total", "Refused enrollments and other authentication failures, by reason.",
+            ["reason"], registry=r)
+        self.mail_verdicts = Counter(
+            "kanmon_mail_verdicts_total", "Mail verdicts, by verdict and indicator.", ["verdict", "indicator"], registry=r)
         self.log_write_errors = Counter(
             "kanmon_log_write_errors_total", "Log records that could not be written.", ["stream"], registry=r)
 

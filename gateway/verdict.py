@@ -55,5 +55,10 @@ class Verdict:
 # Rule ids used by the gateway itself (not operator rules).
 RULE_FAIL_CLOSED = "kanmon:fail-closed"
 RULE_UNKNOWN_DEVICE = "kanmon:unknown-device"
+# The policy engine's "this stage cannot decide yet; let the flow go on to the stage that
+# can" (an ALLOW that is not final). Never a final answer.
 RULE_NO_DECISION = "kanmon:no-decision"
+# The enforcer's fail-closed answer when a flow reaches it with no verdict at all (a BLOCK).
+RULE_UNDECIDED = "kanmon:undecided"
 RULE_INTERNAL_DESTINATION = "kanmon:internal-destination"
+RULE_QUARANTINE = "kanmon:quarantine"

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from dnslib import AAAA, QTYPE, RCODE, RR, A
+from dnslib import AAAA, HTTPS, QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
@@ -38,8 +38,8 @@ class ZoneResolver(BaseResolver):
         if records is None:
             reply.header.rcode = RCODE.NXDOMAIN
             return reply
-        for value in records.get(qtype, []) if qtype in ("A", "AAAA") else []:
-            rdata = A(value) if qtype == "A" else AAAA(value)
+        for value in records.get(qtype, []) if qtype in ("A", "AAAA", "HTTPS") else []:
+            rdata = A(value) if qtype == "A" else AAAA(value) if qtype == "AAAA" else HTTPS.fromZone(value)
             reply.add_answer(RR(request.q.qname, getattr(QTYPE, qtype), rdata=rdata, ttl=30))
         return reply
 

@@ -43,7 +43,11 @@ WG_PORT = 51820
 MANAGEMENT = "127.0.0.1:9180"
 
 WEB_NAMES = ["example.test", "www.example.test", "v6.example.test", "blocked.test", "www.blocked.test",
-             "allowed.test", "files.example.test", "mail.example.test", "webmail.test", "www.webmail.test"]
+             "allowed.test", "files.example.test", "mail.example.test", "webmail.test", "www.webmail.test",
+             "bank.test", "doh.test", "tracker.test", "switch.test", "ech.example.test", "mdm.test",
+             "accounts.google.com", "login.microsoftonline.com"]
+# A fake ECH config in an HTTPS record (the gateway must strip it so it can intercept).
+ECH_CONFIG_B64 = "AEX+DQBBpQAgACDDb5Ffyj7mNyvxBT4UDBkIEfQKNIEN+ZrLBLYW8vwKOAAEAAEAAQASY2xvdWRmbGFyZS1lY2guY29tAAA="
 
 
 class LabError(Exception):
@@ -218,6 +222,10 @@ class Lab:
             "records": {
                 "v6only.example.test": {"AAAA": [WEB6]},
                 "spare.test": {"A": [SPARE4]},
+                "accounts.google.com": {"A": [WEB4], "AAAA": [WEB6]},
+                "login.microsoftonline.com": {"A": [WEB4], "AAAA": [WEB6]},
+                "ech.example.test": {"A": [WEB4], "AAAA": [WEB6],
+                                     "HTTPS": [["1", ".", "alpn=h2", f"echconfig={ECH_CONFIG_B64}"]]},
             },
             "wildcard_a": WEB4,
             "wildcard_aaaa": WEB6,
@@ -265,7 +273,7 @@ http {{
     server_name _;
     location = /big {{ alias {www}/big.bin; default_type application/octet-stream; limit_rate 4m; }}
     location /files/ {{ alias {www}/files/; }}
-    location /echo-headers {{ default_type application/json; return 200 '{{"x_googapps_allowed_domains":"$http_x_googapps_allowed_domains","restrict_access_to_tenants":"$http_restrict_access_to_tenants","host":"$host"}}\\n'; }}
+    location /echo-headers {{ default_type application/json; return 200 '{{"x_googapps_allowed_domains":"$http_x_googapps_allowed_domains","restrict_access_to_tenants":"$http_restrict_access_to_tenants","restrict_access_context":"$http_restrict_access_context","host":"$host"}}\\n'; }}
     location / {{ default_type text/plain; return 200 "hello from $host via $scheme\\n"; }}
   }}
 }}

@@ -34,7 +34,8 @@ T_DIFF_SUMMARY = Text("{total} 件中 {changed} 件の URL で判定が変わり
                       "{changed} of {total} URLs change verdict (old {old} -> new {new})")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any) -> Any:
+    """Adds the `policy` group; returns its sub-parsers so the gateway can add `apply`."""
     policy = subparsers.add_parser("policy", help="check, test and compare policies / ポリシーの検査・試験・比較")
     sub = policy.add_subparsers(dest="policy_command", required=True)
 
@@ -60,6 +61,7 @@ def register(subparsers: Any) -> None:
     add_request_arguments(diff)
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(func=cmd_diff)
+    return sub
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

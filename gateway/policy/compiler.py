@@ -154,6 +154,7 @@ class _Compiler:
             tz=tz,
             default_action=Action(settings.get("default_action", "allow")),
             no_sni=settings.get("no_sni", "block"),
+            dns_block=settings.get("dns_block", "nxdomain"),
             rules=tuple(self.rules),
             exact={k: freeze(v) for k, v in self.exact.items()},
             suffix={k: freeze(v) for k, v in self.suffix.items()},
@@ -276,6 +277,7 @@ class _Compiler:
             id=rule_id, action=action, group=group, description=spec.get("description"), reason=spec.get("reason"),
             owner=spec.get("owner"), expires=expires, status=status, category=spec.get("category"),
             decided_at=F.earliest_stage(needs), filename=self.doc.filename, line=line,
+            dns_block=spec.get("dns_block"),
         )
         if status == "retired":
             self.retired.append(info)

@@ -82,6 +82,7 @@ _RULE = {
         "category": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]*$"},
         "action": {"enum": ACTIONS},
         "tenant": {"type": "string"},
+        "dns_block": {"enum": ["nxdomain", "sinkhole"]},
         "match": _CONDITION_BLOCK,
         "unless": _CONDITION_BLOCK,
     },
@@ -108,6 +109,7 @@ POLICY_SCHEMA: dict[str, Any] = {
                 "default_action": {"enum": DEFAULT_ACTIONS},
                 "timezone": {"type": "string"},
                 "no_sni": {"enum": NO_SNI_CHOICES},
+                "dns_block": {"enum": ["nxdomain", "sinkhole"]},
             },
         },
         "lists": {

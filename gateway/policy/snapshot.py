@@ -53,6 +53,9 @@ class RuleInfo:
     decided_at: Stage  # first stage that knows everything the rule needs
     filename: str
     line: int
+    # How a DNS-stage block is answered: NXDOMAIN, or the gateway's sinkhole address (the
+    # device then connects, and the proxy shows the block page). None: settings.dns_block.
+    dns_block: str | None = None
 
 
 @dataclass(slots=True)
@@ -98,6 +101,7 @@ class PolicySnapshot:
         default_action: Action,
         no_sni: str,
         rules: tuple[CompiledRule, ...],
+        dns_block: str = "nxdomain",
         exact: dict[str, tuple[int, ...]],
         suffix: dict[str, tuple[int, ...]],
         generic: tuple[int, ...],
@@ -113,6 +117,7 @@ class PolicySnapshot:
         self.tz = tz
         self.default_action = default_action
         self.no_sni = no_sni
+        self.dns_block = dns_block
         self.rules = rules
         self._exact = exact
         self._suffix = suffix
@@ -134,6 +139,11 @@ class PolicySnapshot:
 
     def rule(self, rule_id: str) -> RuleInfo | None:
         return self._by_id.get(rule_id)
+
+    def dns_block_mode(self, rule_id: str | None) -> str:
+        """`nxdomain` or `sinkhole` for a DNS-stage block by this rule."""
+        info = self._by_id.get(rule_id) if rule_id else None
+        return (info.dns_block if info and info.dns_block else None) or self.dns_block
 
     def expiring(self, now: datetime, days: int) -> list[RuleInfo]:
         """Active rules that stop applying within ``days`` of ``now`` (or already have)."""

@@ -21,7 +21,7 @@ from gateway.config import HostRule
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.registry import DeviceRecord
-from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_NO_DECISION, Action, Stage, Verdict
+from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
 
 DEVICE = DeviceRecord("phone-1", str(WireguardKey.generate().public_key()), ipaddress.ip_address("10.77.0.2"),
                       ipaddress.ip_address("fd77:77::2"), owner="sato@example.jp")
@@ -130,7 +130,7 @@ def test_no_verdict_means_blocked_and_counted():
     flow = chain.http("www.example.test")
     chain.enforcer.requestheaders(flow)  # no decision addon ran
     assert flow.response.status_code == 403
-    assert flow.response.headers["X-Kanmon-Rule"] == RULE_NO_DECISION
+    assert flow.response.headers["X-Kanmon-Rule"] == RULE_UNDECIDED
     assert chain.metrics.registry.get_sample_value(
         "kanmon_fail_closed_blocks_total", {"stage": "http-request", "reason": "no-decision"}) == 1
 

@@ -1,0 +1,176 @@
+"""Policy snapshot -> verdict, at every stage: DNS, TLS ClientHello (SNI), HTTP request,
+HTTP response, raw TCP.
+
+The snapshot is compiled and immutable (gateway/policy); `PolicyHolder.swap` replaces it
+and its connection table in one assignment, so a reload switches every new decision at one
+point and never serves a half-built policy. Path-independent decisions are cached per
+(device, host) in the snapshot's connection table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mitmproxy import dns, http, tcp, tls
+
+from addons.hostrules import METADATA_VERDICT
+from addons.identity import METADATA_DEVICE
+from gateway.connections import LiveConnections
+from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
+from gateway.registry import DeviceRecord
+from gateway.verdict import Stage, Verdict
+
+log = logging.getLogger("kanmon.policy")
+
+METADATA_DEFERRED = "kanmon.deferred"
+METADATA_DNS_BLOCK = "kanmon.dns_block"   # "nxdomain" | "sinkhole" for a DNS-stage block
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    snapshot: PolicySnapshot
+    table: ConnectionTable
+    path: str
+
+
+class PolicyHolder:
+    """The policy in force. Read by the event loop, replaced by reloads."""
+
+    def __init__(self, snapshot: PolicySnapshot, path: str):
+        self.current = LoadedPolicy(snapshot, ConnectionTable.for_snapshot(snapshot), path)
+
+    def swap(self, snapshot: PolicySnapshot) -> LoadedPolicy:
+        previous = self.current
+        self.current = LoadedPolicy(snapshot, ConnectionTable.for_snapshot(snapshot), previous.path)
+        return previous
+
+    def invalidate_device(self, device_id: str) -> None:
+        self.current.table.invalidate(device_id)
+
+
+def device_context(record: DeviceRecord, underlay_ip: str | None = None) -> DeviceContext:
+    return DeviceContext(
+        device_id=record.device_id, groups=record.groups, ownership=str(record.ownership),
+        user=record.owner or None, platform=record.platform, os_version=record.os_version,
+        jailbroken=record.jailbroken, status=str(record.status),
+        underlay_ip=ipaddress.ip_address(underlay_ip) if underlay_ip else None)
+
+
+def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not address:
+        return None
+    try:
+        return ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+class PolicyDecider:
+    name = "kanmon-policy"
+
+    def __init__(self, holder: PolicyHolder, connections: LiveConnections, underlay_of=lambda ip: None):
+        self.holder = holder
+        self.connections = connections
+        self.underlay_of = underlay_of  # tunnel address -> the peer's current outer address
+        self._contexts: dict[tuple[str, object], DeviceContext] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _context(self, record: DeviceRecord, client_ip: str) -> DeviceContext:
+        key = (record.device_id, record.updated_at)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) > 100_000:
+                self._contexts.clear()
+            ctx = self._contexts[key] = device_context(record, self.underlay_of(client_ip))
+        return ctx
+
+    def _device(self, client) -> DeviceContext | None:
+        state = self.connections.get(client.id)
+        if state is None or state.device is None:
+            return None
+        return self._context(state.device, state.peer_ip)
+
+    def _record(self, flow, verdict: Verdict) -> None:
+        flow.metadata[METADATA_VERDICT] = verdict
+        if (state := self.connections.get(flow.client_conn.id)) is not None:
+            state.record(verdict)
+
+    def _decide(self, query: PolicyQuery) -> Verdict:
+        loaded = self.holder.current
+        if query.stage in (Stage.DNS, Stage.TLS) and query.host:
+            cached = loaded.table.lookup(query.device, query.host, query.stage, query.now)
+            if cached is not None:
+                return cached
+        return loaded.snapshot.decide(query)
+
+    # -- stages --------------------------------------------------------------------------
+    def dns_request(self, flow: dns.DNSFlow) -> None:
+        device = self._device(flow.client_conn)
+        q = flow.request.question
+        if device is None or q is None:
+            return  # no verdict: the enforcer refuses it
+        verdict = self._decide(PolicyQuery(Stage.DNS, device, host=normalize_host(q.name), protocol="udp",
+                                           now=datetime.now(UTC)))
+        # A rule that needs facts DNS does not have (a path, a content type) decides later.
+        if not verdict.passes:
+            flow.metadata[METADATA_DNS_BLOCK] = self.holder.current.snapshot.dns_block_mode(verdict.rule_id)
+        self._record(flow, verdict)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        client = data.context.client
+        device = self._device(client)
+        state = self.connections.get(client.id)
+        if device is None or state is None:
+            return
+        server = data.context.server.address
+        verdict = self._decide(PolicyQuery(Stage.TLS, device, host=normalize_host(data.client_hello.sni),
+                                           dst_ip=_ip(server), dst_port=server[1] if server else None,
+                                           now=datetime.now(UTC)))
+        state.notes["tls_verdict"] = verdict
+        state.record(verdict)
+        if verdict.action == "no-inspect":
+            data.ignore_connection = True  # passed through untouched: never intercepted
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        device = self._device(flow.client_conn)
+        if device is None:
+            return
+        req = flow.request
+        for name in ALL_TENANT_HEADERS:  # client-sent copies are never trusted
+            if name in req.headers:
+                del req.headers[name]
+        size = req.headers.get("content-length")
+        query = PolicyQuery(
+            Stage.REQUEST, device, host=normalize_host(req.pretty_host), url=req.pretty_url, scheme=req.scheme,
+            method=req.method, dst_ip=_ip(flow.server_conn.address),
+            dst_port=flow.server_conn.address[1] if flow.server_conn.address else req.port,
+            request_content_type=req.headers.get("content-type"),
+            body_size=int(size) if size and size.isdigit() else None, now=datetime.now(UTC))
+        verdict = self._decide(query)
+        state = self.connections.get(flow.client_conn.id)
+        tls_verdict = state.notes.get("tls_verdict") if state else None
+        if verdict.passes and tls_verdict is not None and not tls_verdict.passes:
+            verdict = tls_verdict  # a blocked SNI is not unblocked by a different Host header
+        if is_deferred(verdict):
+            flow.metadata[METADATA_DEFERRED] = query
+        self._record(flow, verdict)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        query = flow.metadata.pop(METADATA_DEFERRED, None)
+        if query is None or flow.response is None:
+            return
+        verdict = self.holder.current.snapshot.decide(query._replace(
+            stage=Stage.RESPONSE, response_content_type=flow.response.headers.get("content-type")))
+        self._record(flow, verdict)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        device = self._device(flow.client_conn)
+        if device is None:
+            return
+        server = flow.server_conn.address
+        self._record(flow, self._decide(PolicyQuery(
+            Stage.TCP, device, host=normalize_host(flow.client_conn.sni), dst_ip=_ip(server),
+            dst_port=server[1] if server else None, now=datetime.now(UTC))))
