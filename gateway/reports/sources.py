@@ -29,7 +29,7 @@ def expiring_policy_rules(policy_path: Path, now: datetime, days: int) -> tuple[
     time zone. Raises gateway.yamlsource.SourceErrors for a bad policy."""
     from gateway.policy.loader import load_policy
 
-    snapshot = load_policy(policy_path)
+    snapshot = load_policy(policy_path, now)
     return snapshot.expiring(now, days), snapshot.tz
 
 
@@ -38,6 +38,9 @@ def write_atomically(path: Path, text: str) -> None:
     path = Path(path)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        mask = os.umask(0)          # mkstemp creates 0600; give the report the usual mode
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temp, path)
