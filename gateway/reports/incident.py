@@ -60,8 +60,8 @@ def build_incident(device_id: str, since: datetime, until: datetime,
                 continue
             if user := rv.text(record, "user.name"):
                 users.add(user)
-            if ip := rv.text(record, "source.ip"):
-                source_ips.add(ip)
+            if stream != "auth" and (ip := rv.text(record, "source.ip")):
+                source_ips.add(ip)      # tunnel address (auth records may carry the public one)
             groups.update(g for g in rv.groups(record) if g)
             row = _row(stream, record)
             table = {"proxy": "connections", "conn": "connections"}.get(stream, stream)

@@ -225,6 +225,7 @@ def test_incident_for_one_device(logs):
     counts = as_dict(report.records_by_stream)
     assert counts == {"proxy": 20, "conn": 0, "dns": 0, "mail": 0, "auth": 7, "audit": 1}
     assert report.users == ("user4",) and report.groups == ("dev",)
+    assert report.source_ips == ("10.8.0.4",)          # the tunnel IP, not the handshake's public address
     assert [(a.action, a.reason) for a in report.actions] == [("device-quarantined", "enrollment token guessing")]
     assert report.status_now == "quarantined"
     # tables keep the newest `limit` rows, in time order, and say they were cut
