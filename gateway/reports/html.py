@@ -39,6 +39,8 @@ STREAM_NAMES = {
 ACTION_NAMES = {
     "device-quarantined": Text("隔離", "quarantined"), "device-revoked": Text("失効", "revoked"),
     "device-suspended": Text("一時停止", "suspended"), "device-resumed": Text("再開", "resumed"),
+    "device-released": Text("隔離解除", "released from quarantine"), "device-renewed": Text("証明書更新", "certificate renewed"),
+    "device-posture-updated": Text("状態情報更新", "posture updated"),
     "device-added": Text("登録", "added"), "device-enrolled": Text("登録完了", "enrolled"),
 }
 

@@ -14,7 +14,8 @@ from .model import AuditAction, Count, EventRow, IncidentReport
 from .review import audit_action
 
 STATUS_AFTER = {"device-quarantined": "quarantined", "device-revoked": "revoked",
-                "device-suspended": "suspended", "device-resumed": "active"}
+                "device-suspended": "suspended", "device-resumed": "active",
+                "device-released": "active"}
 
 
 def _row(stream: str, record: dict[str, Any]) -> EventRow:

@@ -16,7 +16,7 @@ TRAFFIC_STREAMS = ("proxy", "conn", "dns")
 DECISION_STREAMS = ("proxy", "conn", "dns", "mail")
 # Device status changes an operator (or the gateway) made, from the audit stream
 # (gateway.devicecommands.AUDIT_ACTIONS).
-STATUS_ACTIONS = ("device-quarantined", "device-revoked", "device-suspended", "device-resumed")
+STATUS_ACTIONS = ("device-quarantined", "device-released", "device-revoked", "device-suspended", "device-resumed")
 
 
 def record_time(record: dict[str, Any]) -> datetime | None:
