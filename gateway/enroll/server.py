@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -343,6 +344,5 @@ class EnrollmentServer:
 
 
 def _timeval(seconds: float) -> bytes:
-    import struct
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))

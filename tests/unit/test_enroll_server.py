@@ -65,9 +65,7 @@ def make_env(tmp_path, rate=600, burst=100):
     inter_ca = build_org_ca("Interception", now=dt.datetime.now(dt.UTC)).cert.public_bytes(serialization.Encoding.PEM)
     server = EnrollmentServer(cfg, registry, logs, gw_key, inter_ca, port=0)
     server.start()
-    e = Env(tmp_path, cfg, ca, registry, logs, server, gw_key, inter_ca.decode())
-    yield_env = e
-    return yield_env
+    return Env(tmp_path, cfg, ca, registry, logs, server, gw_key, inter_ca.decode())
 
 
 class Env:
