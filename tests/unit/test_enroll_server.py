@@ -388,3 +388,22 @@ def test_rate_limit_per_source_ip(tmp_path):
     finally:
         env.server.stop()
         env.registry.close()
+
+
+def test_outside_usage_period(env):
+    env.register("dev-1", valid_until=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+    key = new_key()
+    _, ident = env.issue("dev-1", key)
+    status, body, _ = env.request({"wg_public_key": key}, identity=ident)
+    assert_refused(env, status, body, "outside-usage-period", "dev-1")
+
+
+def test_superseded_org_certificate(env):
+    """After `kanmon device renew` the registry holds the new certificate's fingerprint; the
+    old (still unexpired) certificate no longer enrolls."""
+    key = new_key()
+    old, old_ident = env.issue("dev-1", key)
+    new, _ = env.issue("dev-1", key)
+    env.register("dev-1", cert_fingerprint=new.fingerprint_sha256)
+    status, body, _ = env.request({"wg_public_key": key}, identity=old_ident)
+    assert_refused(env, status, body, "certificate-superseded", "dev-1")
