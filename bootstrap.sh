@@ -22,7 +22,8 @@ APT_PACKAGES=(
   systemd
   zbar-tools
   clamav clamav-daemon
-  chromium
+  chromium fonts-noto-cjk
+  prometheus
   wrk
 )
 

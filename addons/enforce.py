@@ -53,8 +53,11 @@ class Enforcer:
             return False  # a host name: resolved upstream, never one of our literal addresses
         return ip.is_loopback or ip.is_unspecified or any(ip in net for net in self.internal_networks)
 
-    def _count(self, verdict: Verdict) -> None:
-        self.metrics.decisions.labels(str(verdict.stage), str(verdict.action), verdict.rule_id or "default").inc()
+    def _count(self, verdict: Verdict, flow=None) -> None:
+        device = flow.metadata.get(METADATA_DEVICE) if flow is not None else None
+        group = min(device.groups) if device is not None and device.groups else "none"
+        self.metrics.decisions.labels(str(verdict.stage), str(verdict.action), verdict.rule_id or "default",
+                                      verdict.category or "none", group).inc()
 
     def _gate(self, flow, stage: Stage) -> Verdict:
         """The verdict to act on: fail-closed verdicts override whatever was decided."""
@@ -84,7 +87,7 @@ class Enforcer:
             return
         verdict = self._gate(flow, Stage.REQUEST)
         flow.metadata[METADATA_VERDICT] = verdict
-        self._count(verdict)
+        self._count(verdict, flow)
         if not verdict.passes:
             self.block_http(flow, verdict)
             return
@@ -97,7 +100,7 @@ class Enforcer:
         verdict = flow.metadata.get(METADATA_VERDICT)
         if not isinstance(verdict, Verdict) or verdict.stage is not Stage.RESPONSE or flow.response is None:
             return
-        self._count(verdict)
+        self._count(verdict, flow)
         if verdict.passes:
             return
         self.block_http(flow, verdict)
@@ -126,7 +129,7 @@ class Enforcer:
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         verdict = self._gate(flow, Stage.TCP)
         flow.metadata[METADATA_VERDICT] = verdict
-        self._count(verdict)
+        self._count(verdict, flow)
         state = self.connections.get(flow.client_conn.id)
         if not verdict.passes and state is not None:
             # server_connect below refuses the upstream connection; mitmproxy then closes the client.
@@ -145,7 +148,7 @@ class Enforcer:
             return
         verdict = self._gate(flow, Stage.DNS)
         flow.metadata[METADATA_VERDICT] = verdict
-        self._count(verdict)
+        self._count(verdict, flow)
         if not verdict.passes and verdict.rule_id in (RULE_FAIL_CLOSED, RULE_UNDECIDED):
             flow.response = flow.request.fail(dns.response_codes.REFUSED)
         elif not verdict.passes:

@@ -31,6 +31,7 @@ from addons.quarantine import QuarantineGate
 from gateway import steering
 from gateway.config import GatewayConfig
 from gateway.connections import LiveConnections
+from gateway.enroll.server import EnrollmentServer
 from gateway.logstore import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
@@ -38,6 +39,7 @@ from gateway.yamlsource import SourceErrors
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
 from gateway.registry import SqliteRegistry
+from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
 
 log = logging.getLogger("kanmon.app")
@@ -92,6 +94,10 @@ class GatewayApp:
         self.logstore: LogStore | None = None
         self.policy: PolicyHolder | None = None
         self._reload_lock = asyncio.Lock()
+        self._reconcile_now = asyncio.Event()
+        self.enrollment: EnrollmentServer | None = None
+        self.alerts: AlertDispatcher | None = None
+        self._log_alert_sent: dict[str, float] = {}
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -188,7 +194,9 @@ class GatewayApp:
         self.load_initial_policy()
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = SqliteRegistry(cfg.registry_path)
-        self.logstore = LogStore(cfg.log_dir, on_write_error=lambda stream, exc: self.metrics.log_write_errors.labels(stream).inc())
+        if cfg.alerts:
+            self.alerts = AlertDispatcher.from_settings(AlertSettings.from_mapping(cfg.alerts)).start()
+        self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed)
         self.logstore.open_streams()
         key = load_or_create_private_key(cfg.wg_private_key_file)
         reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
@@ -227,16 +235,31 @@ class GatewayApp:
             if self.cutter.cut(state.client_id, reason):
                 self.metrics.connections_cut.inc()
 
+    def _log_write_failed(self, stream: str, exc: Exception) -> None:
+        """Counted always; alerted at most once a minute per stream (a full disk fails
+        every write, and the alert queue must not fill with the same news)."""
+        import time
+        from datetime import UTC, datetime
+        self.metrics.log_write_errors.labels(stream).inc()
+        now = time.monotonic()
+        if self.alerts is not None and now - self._log_alert_sent.get(stream, -1e9) > 60:
+            self._log_alert_sent[stream] = now
+            self.alerts.send(log_failure_event(stream, exc, at=datetime.now(UTC)))
+
     def ship_audit(self) -> int:
         """Copy operator changes recorded in the registry (by any process) into the
         tamper-evident audit stream; only this process writes the log files."""
+        from datetime import UTC, datetime
         entries = self.registry.unshipped_audit()
         for e in entries:
-            self.logstore.append("audit", {
+            record = {
                 "event.dataset": "kanmon.audit", "event.action": e.action, "event.outcome": "success",
                 "event.reason": e.reason, "user.name": e.actor, "device.id": e.device_id,
                 "kanmon.audit.object": "device", "kanmon.audit.time": e.at.isoformat() if e.at else None,
-                "kanmon.audit.before": e.before, "kanmon.audit.after": e.after})
+                "kanmon.audit.before": e.before, "kanmon.audit.after": e.after}
+            self.logstore.append("audit", record)
+            if self.alerts is not None and (event := event_from_audit(record, at=datetime.now(UTC))):
+                self.alerts.send(event)
         self.registry.mark_audit_shipped([e.id for e in entries])
         return len(entries)
 
@@ -245,7 +268,9 @@ class GatewayApp:
         last_full = loop.time()
         while not self._stop.is_set():
             try:
-                if reconciler.due() or loop.time() - last_full > RECONCILE_SAFETY_SECONDS:
+                poked = self._reconcile_now.is_set()
+                self._reconcile_now.clear()
+                if poked or reconciler.due() or loop.time() - last_full > RECONCILE_SAFETY_SECONDS:
                     with self.metrics.reconcile_seconds.time():
                         report = await asyncio.to_thread(reconciler.run_once)
                     self._apply_reconcile(report)
@@ -269,6 +294,10 @@ class GatewayApp:
     def teardown(self) -> None:
         cfg = self.cfg
         cfg.pid_path.unlink(missing_ok=True)
+        if self.enrollment is not None:
+            self.enrollment.stop()
+        if self.alerts is not None:
+            self.alerts.close(timeout=5)
         if steering.remove_table(cfg.nft_table):
             log.info("nftables table inet %s removed", cfg.nft_table)
         try:
@@ -286,6 +315,9 @@ class GatewayApp:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_policy()))
+        # `kanmon device ...` pokes us after a change, so a revocation applies at once
+        # instead of at the next registry poll.
+        loop.add_signal_handler(signal.SIGUSR1, self._reconcile_now.set)
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
@@ -294,6 +326,14 @@ class GatewayApp:
             run_task = asyncio.create_task(self.master.run(), name="mitmproxy")
             await wait_for_listeners(self.master, run_task)
             self.metrics.serve(self.cfg.management_host, self.cfg.management_port)
+            if self.cfg.enrollment_host is not None:
+                # After the proxy started: mitmproxy writes its CA certificate then, and the
+                # enrollment answer hands it to the device.
+                self.enrollment = EnrollmentServer(
+                    self.cfg, self.registry, self.logstore, self.tunnel.public_key(),
+                    (self.cfg.mitmproxy_confdir / "mitmproxy-ca-cert.pem").read_bytes())
+                await asyncio.to_thread(self.enrollment.start)
+                log.info("enrollment endpoint on https://%s:%d/v1/enroll", self.cfg.enrollment_host, self.cfg.enrollment_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")

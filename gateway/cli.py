@@ -19,9 +19,7 @@ COMMAND_MODULES = (
     "gateway.mail.commands",
     "gateway.logstore.commands",
     "gateway.devices.commands",
-)
-OPTIONAL_COMMAND_MODULES = (
-    "gateway.reports.commands",   # being built (issue #6)
+    "gateway.reports.commands",
 )
 
 EXIT_USAGE = 2
@@ -95,14 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     register_apply(register_policy(sub))
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
-    for name in OPTIONAL_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that part of Kanmon is not installed in this build
-            raise
-        module.register(sub)
     return parser
 
 

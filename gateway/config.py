@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.posture import VersionError, normalize_platform, parse_version
+from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
 
@@ -132,6 +133,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"allow_hosts": {"type": "array", "items": _STR}},
         },
+        "alerts": ALERTS_SCHEMA,
         "addons": {
             "type": "object",
             "additionalProperties": False,
@@ -189,6 +191,7 @@ class GatewayConfig:
     extra_addons: tuple[str, ...]
     sinkhole_ipv4: str = "198.18.0.1"   # DNS answer for names blocked with dns_block: sinkhole
     sinkhole_ipv6: str = "100::1"       # (RFC 2544 benchmark / RFC 6666 discard: never real hosts)
+    alerts: dict | None = None                 # the `alerts:` section (gateway/reports/alerting.py)
     policy_path: Path | None = None          # the policy engine's file; None: built-in host rules
     quarantine_allow_hosts: tuple[str, ...] = ()
     # issue #3 (enrollment endpoint, posture); defaults keep older constructors working
@@ -390,6 +393,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         default_action=Action(rules_cfg.get("default_action", "allow")),
         host_rules=tuple(rules),
         extra_addons=tuple(d.get("addons", {}).get("extra", [])),
+        alerts=d.get("alerts"),
         sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
         sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),
         policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
+from gateway.gatewayprocess import poke_reconcile
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
 from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError, SqliteRegistry,
@@ -533,6 +534,20 @@ AUDIT_ACTIONS = {
 REVOKE_REASONS = ("lost", "stolen", "retired", "compromised", "policy-violation", "other")
 
 
+def _then_apply_now(handler):
+    """After a command that changed the registry, ask the running gateway to reconcile at
+    once (a revocation then takes effect in milliseconds, not at the next poll)."""
+    def run(args: argparse.Namespace) -> int:
+        code = handler(args)
+        if code in (EXIT_OK, EXIT_FAIL):  # import-posture: 1 = partly applied
+            from gateway.cli import load_config_or_exit
+
+            poke_reconcile(load_config_or_exit(args.config).pid_path)
+        return code
+    run.__name__ = handler.__name__
+    return run
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     device = sub.add_parser("device", help="manage registered devices / 端末の管理")
     dsub = device.add_subparsers(dest="device_command", required=True)
@@ -567,7 +582,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--valid-until")
     add.add_argument("--reason", help="why (audit log)")
     add.add_argument("--json", action="store_true")
-    add.set_defaults(func=cmd_add)
+    add.set_defaults(func=_then_apply_now(cmd_add))
 
     lst = with_config(dsub.add_parser("list", help="list devices"))
     lst.add_argument("--json", action="store_true")
@@ -580,27 +595,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     revoke = with_config(dsub.add_parser("revoke", help="cut a device off for good"))
     revoke.add_argument("id")
     revoke.add_argument("--reason", required=True, choices=REVOKE_REASONS)
-    revoke.set_defaults(func=cmd_revoke)
+    revoke.set_defaults(func=_then_apply_now(cmd_revoke))
 
     suspend = with_config(dsub.add_parser("suspend", help="cut a device off until a time"))
     suspend.add_argument("id")
     suspend.add_argument("--until", help="ISO 8601; without it, until `resume`")
     suspend.add_argument("--reason")
-    suspend.set_defaults(func=cmd_suspend)
+    suspend.set_defaults(func=_then_apply_now(cmd_suspend))
 
     resume = with_config(dsub.add_parser("resume", help="end a suspension"))
     resume.add_argument("id")
-    resume.set_defaults(func=cmd_resume)
+    resume.set_defaults(func=_then_apply_now(cmd_resume))
 
     quarantine = with_config(dsub.add_parser("quarantine", help="allow only remediation destinations / 隔離"))
     quarantine.add_argument("id")
     quarantine.add_argument("--reason", required=True)
-    quarantine.set_defaults(func=cmd_quarantine)
+    quarantine.set_defaults(func=_then_apply_now(cmd_quarantine))
 
     release = with_config(dsub.add_parser("release", help="end a quarantine / 隔離解除"))
     release.add_argument("id")
     release.add_argument("--reason")
-    release.set_defaults(func=cmd_release)
+    release.set_defaults(func=_then_apply_now(cmd_release))
 
     renew = with_config(dsub.add_parser("renew", help="issue a new device certificate / 証明書の更新"))
     renew.add_argument("id")
@@ -608,7 +623,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     renew.add_argument("--owner", help="owner in the certificate (default: the registry's)")
     renew.add_argument("--reason")
     with_issue(renew)
-    renew.set_defaults(func=cmd_renew)
+    renew.set_defaults(func=_then_apply_now(cmd_renew))
 
     update = with_config(dsub.add_parser("update", help="report posture: platform, OS version, jailbreak"))
     update.add_argument("id")
@@ -616,12 +631,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--os-version")
     update.add_argument("--jailbroken", help="yes|no")
     update.add_argument("--reason")
-    update.set_defaults(func=cmd_update)
+    update.set_defaults(func=_then_apply_now(cmd_update))
 
     imp = with_config(dsub.add_parser("import-posture", help="posture from an MDM export (CSV: "
                                                              "device_id, platform, os_version, jailbroken)"))
     imp.add_argument("file", metavar="FILE.csv")
-    imp.set_defaults(func=cmd_import_posture)
+    imp.set_defaults(func=_then_apply_now(cmd_import_posture))
 
     export = with_config(dsub.add_parser("export-config", help="wg-quick config, QR code, iOS .mobileconfig"))
     export.add_argument("id")

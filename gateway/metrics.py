@@ -10,8 +10,9 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
-            "kanmon_decisions_total", "Decisions made, by stage, verdict and rule id.",
-            ["stage", "verdict", "rule"], registry=r)
+            "kanmon_decisions_total",
+            "Decisions made, by stage, verdict, rule id, rule category and the device's (first) group.",
+            ["stage", "verdict", "rule", "category", "group"], registry=r)
         self.addon_errors = Counter(
             "kanmon_addon_errors_total",
             "Exceptions raised by addons; each blocked the connection it happened on (fail closed).",

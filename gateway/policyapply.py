@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.gatewayprocess import running_gateway_pid
 from gateway.i18n import Text
 from gateway.policy import load_policy
 from gateway.yamlsource import SourceErrors
@@ -36,7 +37,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     tmp.symlink_to(path)
     os.replace(tmp, link)  # atomic: the gateway sees the old or the new pointer, never none
 
-    pid = _gateway_pid(cfg.pid_path)
+    pid = running_gateway_pid(cfg.pid_path)
     if pid is None:
         print(Text("適用しました (ゲートウェイは停止中。次回起動時に使われます): {v}",
                    "Applied (the gateway is not running; it will use it at its next start): {v}")
@@ -59,15 +60,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(Text("ゲートウェイの応答がありません ({t} 秒)", "No answer from the gateway within {t} s").format(t=args.timeout).render(),
           file=sys.stderr)
     return 1
-
-
-def _gateway_pid(pid_path: Path) -> int | None:
-    try:
-        pid = int(pid_path.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
 
 
 def _status(path: Path) -> dict:

@@ -2,16 +2,14 @@
 config, brings the tunnel up with wireguard-go and browses; the proxy log names it. Every
 refusal gets a JSON error, an auth-log record, and no peer.
 
-Until `kanmon run` starts the enrollment endpoint itself, this test runs `EnrollmentServer`
-in the gateway namespace from a small helper process (same registry file, its own log
-directory: only one process may write a log store)."""
+`kanmon run` serves the endpoint on the management side (config `enrollment.listen`); its
+auth records go to the gateway's own tamper-evident log store."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,41 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from wireguard_tools import WireguardKey
 
 from gateway.devices.ca import CaStore, build_org_ca, init_ca, issue_device_certificate, pki_dir
-from gateway.lab.topology import UNDERLAY_GW, _project_root, wait_until
+from gateway.lab.topology import UNDERLAY_GW, wait_until
 
 ENROLL_PORT = 8443
 DAY = dt.timedelta(days=1)
-
-HELPER = r"""
-import sys, time
-from wireguard_tools import WireguardKey
-from gateway.config import load_config
-from gateway.enroll.server import EnrollmentServer
-from gateway.logstore import LogStore
-from gateway.registry import SqliteRegistry
-cfg = load_config(sys.argv[1])
-gw_pub = str(WireguardKey(cfg.wg_private_key_file.read_text().strip()).public_key())
-ca_pem = (cfg.mitmproxy_confdir / "mitmproxy-ca-cert.pem").read_bytes()
-logs = LogStore(sys.argv[2])
-server = EnrollmentServer(cfg, SqliteRegistry(cfg.registry_path), logs, gw_pub, ca_pem)
-server.start()
-print("enrollment ready", flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def _start_endpoint(lab) -> Path:
-    log_dir = lab.workdir / "enroll-logs"
-    out = open(lab.workdir / "enroll.out", "w")
-    env = dict(os.environ, PYTHONPATH=_project_root())
-    proc = lab.gw.popen(sys.executable, "-c", HELPER, str(lab.config_path), str(log_dir), stdout=out, env=env)
-    lab.server_procs.append(proc)
-    wait_until(lambda: "enrollment ready" in (lab.workdir / "enroll.out").read_text() or proc.poll() is not None,
-               20, "the enrollment endpoint")
-    assert proc.poll() is None, (lab.workdir / "enroll.out").read_text()
-    return log_dir
-
 
 def _auth_records(log_dir: Path) -> list[dict]:
     out = []
@@ -112,15 +79,16 @@ def _tunnel_from_config(ns, interface: str, config: str, private_key: str, workd
 
 
 def test_enrollment_end_to_end(make_lab):
-    lab = make_lab(n_devices=0, overrides={"enrollment": {"listen": f"{UNDERLAY_GW}:{ENROLL_PORT}",
-                                                            "rate_per_minute": 600, "burst": 30}})
+    lab = make_lab(n_devices=0, start=False,
+                   overrides={"enrollment": {"listen": f"{UNDERLAY_GW}:{ENROLL_PORT}", "rate_per_minute": 600, "burst": 30}})
     # The CA is back-dated (as `kanmon ca init` on an earlier day) so that an already expired
     # device certificate can be issued for the refusal case.
     init_ca(pki_dir(lab.state_dir), "関門ラボ市", now=dt.datetime.now(dt.UTC) - 30 * DAY)
     out_dir = lab.workdir / "issued"
     lab.kanmon("device", "add", "--config", str(lab.config_path), "--id", "phone-1", "--owner", "tanaka@example.test",
                "--group", "staff", "--issue-cert", "--out", str(out_dir))
-    log_dir = _start_endpoint(lab)
+    lab.start_gateway()
+    log_dir = lab.state_dir / "logs"
     ca_cert = out_dir / "ca.cert.pem"
 
     phone = lab.add_device(1, register=False, device_id="phone-1")

@@ -98,7 +98,7 @@ def test_blocked_request_gets_bilingual_block_page():
     assert "組織のセキュリティポリシー" in page and "security policy" in page
     assert "phone-1" in page and "内線 1234" in page
     assert chain.metrics.registry.get_sample_value(
-        "kanmon_decisions_total", {"stage": "http-request", "verdict": "block", "rule": "block-webmail"}) == 1
+        "kanmon_decisions_total", {"stage": "http-request", "verdict": "block", "rule": "block-webmail", "category": "none", "group": "none"}) == 1
 
 
 def test_sni_block_is_not_undone_by_a_different_host_header():
