@@ -12,15 +12,17 @@ import sys
 
 from gateway.i18n import Text
 
-# Modules that add command groups (each has `register(subparsers)`).
-COMMAND_MODULES = (
-    "gateway.devicecommands",
-    "gateway.demo",
-    "gateway.mail.commands",
-    "gateway.logstore.commands",
-    "gateway.devices.commands",
-    "gateway.reports.commands",
-)
+# Command group -> the module that adds it (`register(subparsers)`). Only the group being run
+# is imported: `kanmon device revoke` must not pay for matplotlib or the mail engine (a lost
+# phone is cut off when the command has run, so its start-up time counts).
+COMMAND_MODULES = {
+    "device": "gateway.devicecommands",
+    "demo": "gateway.demo",
+    "mail": "gateway.mail.commands",
+    "logs": "gateway.logstore.commands",
+    "ca": "gateway.devices.commands",
+    "report": "gateway.reports.commands",
+}
 
 EXIT_USAGE = 2
 
@@ -72,7 +74,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kanmon", description="Kanmon (関門) network-edge enforcement gateway")
     parser.add_argument("--log-level", default=os.environ.get("KANMON_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,17 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=cmd_config_check)
 
-    from gateway.policy.commands import register as register_policy
-    from gateway.policyapply import register_apply
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    wanted = words[0] if words else None
+    if wanted in (None, "policy") or wanted not in COMMAND_MODULES:
+        from gateway.policy.commands import register as register_policy
+        from gateway.policyapply import register_apply
 
-    register_apply(register_policy(sub))
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        register_apply(register_policy(sub))
+    for group, module in COMMAND_MODULES.items():
+        if wanted in (None, group) or wanted not in COMMAND_MODULES and wanted != "policy":
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     return args.func(args)
