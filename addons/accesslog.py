@@ -1,26 +1,35 @@
-"""Action -> log. One record per HTTP request (`proxy`), raw TCP flow and refused
-connection (`conn`), and DNS query (`dns`), with Elastic Common Schema field names
-(documented in gateway/logstore/FIELDS.md).
+"""Action -> log, with Elastic Common Schema field names (gateway/logstore/FIELDS.md):
 
-A record is written in the `response` hook, before the response is sent, so every completed
-request has its record. If the write fails and `on_log_failure` is "block" (the default),
-the exception propagates: the fail-closed guard then blocks the request instead of serving
-it unlogged.
+* `proxy`: one record per HTTP request, written in the `response` hook, before the response
+  is sent, so every completed request has its record;
+* `conn` (the firewall log, IPA 技術的対策 3.8.3 日時・送信元/送信先): a raw TCP flow's start
+  (`connection-opened`/`connection-blocked`) and end (`connection-closed`, with the bytes
+  each side sent); a TLS connection blocked at its SNI (`connection-blocked`); a no-inspect
+  connection passed through untouched (`connection-opened`, then `connection-closed`); a
+  client refused because its address belongs to no device;
+* `dns`: one record per answered query, written when the answer is known (our block answer,
+  or the upstream resolver's) so the record holds the response code and addresses.
+
+If a write fails and `on_log_failure` is "block" (the default), the exception propagates:
+the fail-closed guard then blocks the request, query or connection instead of serving it
+unlogged.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
-from mitmproxy import connection, dns, http, tcp
+from mitmproxy import connection, dns, http, tcp, tls
 
 from addons.enforce import METADATA_REQUEST_ID
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
+from gateway.connections import LiveConnections
 from gateway.logstore import verdict_fields
 from gateway.registry import DeviceRecord
-from gateway.verdict import RULE_UNKNOWN_DEVICE, Verdict
+from gateway.verdict import RULE_UNKNOWN_DEVICE, Action, Verdict
 
 log = logging.getLogger("kanmon.accesslog")
 
@@ -37,8 +46,26 @@ def _device_fields(device: DeviceRecord | None, client: connection.Client) -> di
         out["device.groups"] = sorted(device.groups)
         out["device.ownership"] = str(device.ownership)
     else:
+        # Required fields stay present (null) for an unknown device: FIELDS.md, REQUIRED_FIELDS.
         out["device.id"] = None
+        out["user.name"] = None
     return out
+
+
+def _address_fields(address: tuple | None) -> dict[str, Any]:
+    return {"destination.ip": str(address[0]) if address else None,
+            "destination.port": address[1] if address else None}
+
+
+def _tcp_bytes(flow: tcp.TCPFlow) -> tuple[int, int]:
+    """Bytes the client and the server sent on a raw TCP flow (sizes only, never content)."""
+    sent = received = 0
+    for message in flow.messages:
+        if message.from_client:
+            sent += len(message.content)
+        else:
+            received += len(message.content)
+    return sent, received
 
 
 def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
@@ -50,10 +77,29 @@ def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
 class AccessLog:
     name = "kanmon-accesslog"
 
-    def __init__(self, sink: RecordSink, redact_url=lambda url: url, on_log_failure: str = "block"):
+    def __init__(self, sink: RecordSink, redact_url=lambda url: url, on_log_failure: str = "block",
+                 connections: LiveConnections | None = None):
+        """``connections`` (the gateway's live connection table) lets the log see TLS-stage
+        verdicts: without it, SNI blocks and no-inspect connections get no `conn` record."""
         self.sink = sink
         self.redact_url = redact_url
         self.on_log_failure = on_log_failure
+        self.connections = connections
+        # No-inspect connections (no flow object exists for them) awaiting their end record.
+        self._passed_through: dict[str, dict[str, Any]] = {}
+
+    def running(self) -> None:
+        """Without an explicit ``connections``, use the enforcer's table (the one every
+        decision addon of the chain shares), found by addon name. Pass ``connections`` to
+        the constructor to make the dependency explicit."""
+        if self.connections is None:
+            from mitmproxy import ctx
+            enforcer = ctx.master.addons.get("kanmon-enforce")
+            table = getattr(enforcer, "connections", None)
+            if isinstance(table, LiveConnections):
+                self.connections = table
+            else:
+                log.warning("no live connection table: SNI blocks and no-inspect connections get no conn record")
 
     def _write(self, stream: str, record: dict[str, Any]) -> None:
         try:
@@ -90,21 +136,81 @@ class AccessLog:
         rec["error.message"] = flow.error.msg if flow.error else None
         self._write("proxy", rec)
 
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+    def _tcp_record(self, flow: tcp.TCPFlow) -> dict[str, Any]:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn)
-        rec.update(_verdict_fields(flow.metadata.get(METADATA_VERDICT)))
-        server = flow.server_conn.address
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        rec.update(_verdict_fields(verdict))
         rec.update({
             "event.dataset": "kanmon.conn",
             "network.transport": "tcp",
-            "destination.ip": str(server[0]) if server else None,
-            "destination.port": server[1] if server else None,
+            **_address_fields(flow.server_conn.address),
             "tls.client.server_name": flow.client_conn.sni,
         })
+        if flow.client_conn.sni:
+            rec["destination.domain"] = flow.client_conn.sni
+        return rec
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        rec = self._tcp_record(flow)
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        passes = isinstance(verdict, Verdict) and verdict.passes
+        rec["event.action"] = "connection-opened" if passes else "connection-blocked"
         self._write("conn", rec)
 
-    def dns_request(self, flow: dns.DNSFlow) -> None:
-        # Runs after the enforcer: blocked queries already carry their (NXDOMAIN) response.
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        rec = self._tcp_record(flow)
+        sent, received = _tcp_bytes(flow)
+        rec.update({"event.action": "connection-closed", "source.bytes": sent, "destination.bytes": received})
+        if started := flow.client_conn.timestamp_start:
+            # The hook runs as the flow ends, before mitmproxy stamps the connection's end.
+            rec["event.duration"] = int((time.time() - started) * 1e9)
+        if flow.error is not None:
+            rec["error.message"] = flow.error.msg
+        self._write("conn", rec)
+
+    tcp_error = tcp_end
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """A TLS connection blocked at its SNI, or passed through uninspected: the proxy log
+        will never see its requests, so the firewall log must."""
+        if self.connections is None:
+            return
+        client = data.context.client
+        state = self.connections.get(client.id)
+        verdict = state.notes.get("tls_verdict") if state is not None else None
+        if not isinstance(verdict, Verdict):
+            return
+        no_inspect = data.ignore_connection or verdict.action == Action.NO_INSPECT
+        if verdict.passes and not no_inspect:
+            return      # intercepted: each request gets its proxy record
+        rec = _device_fields(state.device, client)
+        rec.update(_verdict_fields(verdict))
+        sni = data.client_hello.sni
+        rec.update({
+            "event.dataset": "kanmon.conn",
+            "event.action": "connection-opened" if verdict.passes else "connection-blocked",
+            "network.transport": "tcp",
+            "network.protocol": "tls",
+            **_address_fields(data.context.server.address or client.sockname),
+            "destination.domain": sni,
+            "tls.client.server_name": sni,
+        })
+        self._write("conn", rec)
+        if verdict.passes:
+            self._passed_through[client.id] = rec
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        rec = self._passed_through.pop(client.id, None)
+        if rec is None:
+            return
+        rec = {**rec, "event.action": "connection-closed"}
+        rec.pop("@timestamp", None)
+        if client.timestamp_start:
+            ended = client.timestamp_end or time.time()
+            rec["event.duration"] = int((ended - client.timestamp_start) * 1e9)
+        self._write("conn", rec)
+
+    def _dns_record(self, flow: dns.DNSFlow) -> dict[str, Any]:
         q = flow.request.question
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn)
         rec.update(_verdict_fields(flow.metadata.get(METADATA_VERDICT)))
@@ -112,8 +218,31 @@ class AccessLog:
             "event.dataset": "kanmon.dns",
             "dns.question.name": q.name if q else None,
             "dns.question.type": dns.types.to_str(q.type) if q else None,
-            "dns.response_code": dns.response_codes.to_str(flow.response.response_code) if flow.response else None,
         })
+        if flow.server_conn.address:   # DNS mode resolves itself: usually no upstream address
+            rec.update(_address_fields(flow.server_conn.address))
+        return rec
+
+    def dns_response(self, flow: dns.DNSFlow) -> None:
+        # Runs for our own answers (blocks, sinkhole) and the upstream resolver's alike.
+        rec = self._dns_record(flow)
+        response = flow.response
+        if response is not None:
+            rec["dns.response_code"] = dns.response_codes.to_str(response.response_code)
+            resolved = []
+            for answer in response.answers:
+                if answer.type == dns.types.A:
+                    resolved.append(str(answer.ipv4_address))
+                elif answer.type == dns.types.AAAA:
+                    resolved.append(str(answer.ipv6_address))
+            rec["dns.resolved_ip"] = resolved
+        self._write("dns", rec)
+
+    def dns_error(self, flow: dns.DNSFlow) -> None:
+        # The client gets SERVFAIL from mitmproxy after this hook.
+        rec = self._dns_record(flow)
+        rec["dns.response_code"] = "SERVFAIL"
+        rec["error.message"] = flow.error.msg if flow.error else None
         self._write("dns", rec)
 
     def refused_client(self, client: connection.Client, reason: str) -> None:
@@ -124,6 +253,9 @@ class AccessLog:
             "event.type": ["denied"],
             "event.reason": reason,
             "rule.id": RULE_UNKNOWN_DEVICE,
+            "event.action": "connection-blocked",
             "network.transport": client.transport_protocol,
+            # Transparent mode: the client's socket name is the original destination.
+            **_address_fields(client.sockname),
         })
         self._write("conn", rec)
