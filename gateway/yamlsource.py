@@ -74,7 +74,10 @@ class LoadedYaml:
 def load_yaml_text(text: str, filename: str = "<string>") -> LoadedYaml:
     """Parse one YAML document (safe types only). Raises SourceErrors on syntax errors and
     on duplicate mapping keys, which PyYAML would otherwise silently resolve to the last one."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character first: may raise ReaderError
+    except yaml.reader.ReaderError as exc:
+        raise SourceErrors([_reader_error(exc, text, filename)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -89,11 +92,22 @@ def load_yaml_text(text: str, filename: str = "<string>") -> LoadedYaml:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise SourceErrors([SourceError(filename, line, (), f"YAML syntax error: {exc.problem or exc}")]) from None
+    except yaml.reader.ReaderError as exc:
+        raise SourceErrors([_reader_error(exc, text, filename)]) from None
     except yaml.YAMLError as exc:
         raise SourceErrors([SourceError(filename, 1, (), f"YAML error: {exc}")]) from None
     finally:
         loader.dispose()
     return LoadedYaml(filename, data, lines)
+
+
+def _reader_error(exc: yaml.reader.ReaderError, text: str, filename: str) -> SourceError:
+    """A character YAML does not allow (a control character, found by fuzzing): PyYAML
+    raises it before parsing, with a character offset instead of a mark."""
+    position = exc.position if isinstance(exc.position, int) else 0
+    line = text.count("\n", 0, position) + 1
+    char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return SourceError(filename, line, (), f"character U+{char:04X} is not allowed in YAML (control character)")
 
 
 def load_yaml_file(path: str | Path) -> LoadedYaml:

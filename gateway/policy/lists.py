@@ -29,6 +29,7 @@ _HOSTS_SELF_NAMES = frozenset(
      "ip6-allhosts", "0.0.0.0"}
 )
 _LABELS = re.compile(r"(?=.{1,253}\Z)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\Z")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _ABP_DOMAIN = re.compile(r"\|\|([^/^$|*]+)\^\Z")
 
 
@@ -79,7 +80,9 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
             return
         target.add(host)
 
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines as an editor numbers them: str.splitlines() also breaks at form feeds, NEL and
+    # U+2028, which shifted every later error's line number (found by tests/fuzz).
+    for lineno, line in enumerate(_LINE_BREAK.split(text), 1):
         s = line.strip()
         if not s or s[0] == "#" or (s[0] == "!" and fmt in ("auto", "abp")):
             continue

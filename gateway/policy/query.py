@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+import re
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import NamedTuple
 
@@ -52,11 +53,22 @@ def normalize_host(host: str | None) -> str | None:
     unencodable name. IP literals are returned in their canonical text form."""
     if not host:
         return None
-    h = host.strip().rstrip(".").lower()
-    if h.startswith("[") and h.endswith("]"):
-        h = h[1:-1]
+    h = host.lower()
+    while True:  # to a fixed point, so that normalizing twice changes nothing (tests/fuzz)
+        stripped = h.strip().rstrip(".")
+        if stripped.startswith("[") and stripped.endswith("]"):
+            stripped = stripped[1:-1]
+        if stripped == h:
+            break
+        h = stripped
     if not h:
         return None
+    if ":" in h:
+        # An IPv6 literal in its one canonical spelling: [2001:DB8:0::1] is 2001:db8::1.
+        try:
+            return str(ip_address(h))
+        except ValueError:
+            pass
     if h.isascii():
         return h
     try:
@@ -65,6 +77,64 @@ def normalize_host(host: str | None) -> str | None:
         return h.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
+
+
+def _unescape_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
+def normalize_url(url: str) -> str:
+    """The form URL patterns, regexes and file extensions are matched against: spellings
+    that reach the same resource on the server are made equal (RFC 3986 6.2.2-6.2.3), so a
+    URL rule cannot be stepped around by re-spelling the URL. Found by tests/fuzz: a
+    trailing dot on the host (``https://files.test./secret``) and percent-encoded letters
+    (``/%64ownload/x.%61pk``) used to escape ``url``/``url_regex``/``file_extension`` rules.
+
+    - user info is dropped, the host loses trailing dots, the default port is dropped;
+    - percent-encoded unreserved characters (letters, digits, ``-._~``) are decoded, other
+      escapes get upper-case hex; reserved escapes (``%2F``, ``%3F`` ...) stay encoded.
+    Case is left alone: matching is case-insensitive already. Unchanged URLs are returned
+    as the same object (the common case costs a few string scans)."""
+    start = url.find("://")
+    if start == -1:
+        return url
+    begin = start + 3
+    end = len(url)
+    for sep in "/?#":
+        at = url.find(sep, begin, end)
+        if at != -1:
+            end = at
+    authority = url[begin:end]
+    rest = url[end:]
+    new_authority = authority
+    at = new_authority.rfind("@")
+    if at != -1:
+        new_authority = new_authority[at + 1:]
+    default_port = _DEFAULT_PORTS.get(url[:start].lower())
+    close = new_authority.find("]")
+    if new_authority.startswith("[") and close != -1:  # [IPv6]:port, the literal in canonical form
+        literal, after = new_authority[1:close], new_authority[close + 1:]
+        try:
+            literal = str(ip_address(literal))
+        except ValueError:
+            pass
+        new_authority = f"[{literal}]" + ("" if after == default_port else after)
+    else:
+        host, colon, port = new_authority.partition(":")
+        if colon and ":" + port == default_port:
+            colon = port = ""
+        new_authority = host.rstrip(".") + colon + port
+    if "%" in rest:
+        rest = _ESCAPE.sub(_unescape_unreserved, rest)
+    if new_authority == authority and rest == url[end:]:
+        return url
+    return url[:begin] + new_authority + rest
 
 
 def query_for_url(

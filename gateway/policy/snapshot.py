@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.policy import facts as F
 from gateway.policy.conditions import Check
-from gateway.policy.query import DeviceContext, PolicyQuery
+from gateway.policy.query import DeviceContext, PolicyQuery, normalize_url
 from gateway.verdict import RULE_NO_DECISION, Action, Stage, Verdict
 
 RULE_NO_SNI = "kanmon:no-sni"
@@ -174,6 +174,10 @@ class PolicySnapshot:
     # -- internals ----------------------------------------------------------------------
 
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
+        if q.url:
+            url = normalize_url(q.url)  # the form URL conditions match against (query.py)
+            if url is not q.url:
+                q = q._replace(url=url)
         parts: list[tuple[int, ...]] = []
         hits: set[int] = set()
         host = q.host

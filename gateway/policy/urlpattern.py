@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from ipaddress import ip_address
 
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 
@@ -55,6 +56,11 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         else:
             raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
     host = authority.lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]") and "*" not in host:
+        try:  # the spelling normalize_url gives URLs: [2001:0DB8::5] is [2001:db8::5]
+            host = f"[{ip_address(host[1:-1])}]"
+        except ValueError:
+            pass
     if not host:
         raise WildcardError(f"URL pattern has no host: {pattern!r} (use * for any host)")
     host_key: str | None = None
