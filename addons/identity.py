@@ -36,6 +36,18 @@ class DeviceDirectory:
                 table[addr] = rec
         self._by_ip = table
 
+    def update(self, admitted: list[DeviceRecord], removed: list[DeviceRecord]) -> None:
+        """Apply a reconcile pass's changes (copy, then swap: lookups stay consistent)."""
+        table = dict(self._by_ip)
+        for rec in removed:
+            for addr in rec.addresses:  # a device's tunnel addresses never change
+                if (held := table.get(addr)) is not None and held.device_id == rec.device_id:
+                    del table[addr]
+        for rec in admitted:
+            for addr in rec.addresses:
+                table[addr] = rec
+        self._by_ip = table
+
     def by_ip(self, ip: str) -> DeviceRecord | None:
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])

@@ -212,26 +212,28 @@ class GatewayApp:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
         kind = self.tunnel.ensure(key, cfg.wg_listen_port, cfg.wg_mtu, addresses)
         log.info("tunnel %s up (%s), public key %s, port %d", cfg.wg_interface, kind, key.public_key(), cfg.wg_listen_port)
-        self._apply_reconcile(reconciler.run_once())
+        self._apply_reconcile(reconciler.run_once(full=True))
         return reconciler
 
     def _apply_reconcile(self, report) -> None:
-        """Event-loop side of a reconcile pass: swap the device directory, then cut every
-        live connection whose device is no longer admitted."""
-        self.directory.replace(list(report.admitted))
-        self.metrics.peers.set(len(report.admitted))
-        current = {r.device_id: r for r in report.admitted}
+        """Event-loop side of a reconcile pass: update the device directory, then cut every
+        live connection whose device lost admission or whose record changed (quarantine,
+        groups, posture), so its next connection is judged by what the registry says now."""
+        admitted = [r for r in report.changed if r.device_id in report.admitted_ids]
+        if report.full:
+            self.directory.replace(admitted)
+        else:
+            self.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
+        self.metrics.peers.set(len(report.admitted_ids))
+        changed = {r.device_id: r for r in report.changed}
         for state in self.connections.all():
-            if state.device is None:
+            if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
                 continue
-            now_record = current.get(state.device.device_id)
-            if now_record == state.device:
+            if now_record == state.device and now_record.device_id in report.admitted_ids:
                 continue
-            # Revoked/suspended, or changed (quarantined, groups, posture): cut, so the
-            # device's next connection is judged with what the registry says now.
             if self.policy is not None:
                 self.policy.invalidate_device(state.device.device_id)
-            reason = "device no longer admitted" if now_record is None else "device record changed"
+            reason = "device no longer admitted" if now_record.device_id not in report.admitted_ids else "device record changed"
             if self.cutter.cut(state.client_id, reason):
                 self.metrics.connections_cut.inc()
 
@@ -270,12 +272,14 @@ class GatewayApp:
             try:
                 poked = self._reconcile_now.is_set()
                 self._reconcile_now.clear()
-                if poked or reconciler.due() or loop.time() - last_full > RECONCILE_SAFETY_SECONDS:
+                full = loop.time() - last_full > RECONCILE_SAFETY_SECONDS
+                if poked or full or reconciler.due():
                     with self.metrics.reconcile_seconds.time():
-                        report = await asyncio.to_thread(reconciler.run_once)
+                        report = await asyncio.to_thread(reconciler.run_once, full)
                     self._apply_reconcile(report)
                     self.ship_audit()
-                    last_full = loop.time()
+                    if full:
+                        last_full = loop.time()
             except Exception:
                 self.metrics.reconcile_errors.inc()
                 log.exception("reconcile failed; retrying")

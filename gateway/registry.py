@@ -104,7 +104,20 @@ class DeviceRegistry(Protocol):
     def get(self, device_id: str) -> DeviceRecord | None: ...
     def by_public_key(self, key: str) -> DeviceRecord | None: ...
     def all(self) -> list[DeviceRecord]: ...
+    def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]: ...
     def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord: ...
+    def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
+        """(current revision, records changed after `revision`), read in one snapshot."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                current = self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]
+                rows = self._db.execute("SELECT * FROM devices WHERE row_rev > ? ORDER BY device_id",
+                                        (revision,)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return current, [_row_to_record(r) for r in rows]
+
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]: ...
     def mark_audit_shipped(self, ids: list[int]) -> None: ...
     def allocate_addresses(self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None) -> tuple[IPv4, IPv6 | None]: ...
@@ -135,8 +148,10 @@ _SCHEMA = [
         status_reason TEXT NOT NULL DEFAULT '',
         suspended_until TEXT,
         created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
+        updated_at TEXT NOT NULL,
+        row_rev INTEGER NOT NULL DEFAULT 0   -- registry revision of the row's last change
     );
+    CREATE INDEX devices_row_rev ON devices (row_rev);
     CREATE TABLE audit (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         at TEXT NOT NULL,
@@ -252,6 +267,11 @@ class SqliteRegistry:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(sql, params)
+                if cur.rowcount == 1:
+                    # Stamp the row with the revision its change produced (the triggers have
+                    # bumped it), so readers can fetch only what changed since a revision.
+                    self._db.execute("UPDATE devices SET row_rev = (SELECT value FROM meta WHERE key='revision')"
+                                     " WHERE device_id=?", (device_id,))
                 if audit is not None and cur.rowcount == 1:
                     self._db.execute(
                         "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json)"
@@ -302,6 +322,18 @@ class SqliteRegistry:
         with self._lock:
             rows = self._db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
         return [_row_to_record(r) for r in rows]
+
+    def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
+        """(current revision, records changed after `revision`), read in one snapshot."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                current = self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]
+                rows = self._db.execute("SELECT * FROM devices WHERE row_rev > ? ORDER BY device_id",
+                                        (revision,)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return current, [_row_to_record(r) for r in rows]
 
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
         with self._lock:

@@ -120,3 +120,62 @@ def test_unenrolled_device_has_no_peer_and_allocation_fills_gaps(tmp_path):
     assert str(others[-1].ipv4) == "10.77.0.6"
     reg._db.execute("DELETE FROM devices WHERE device_id='c'")  # a freed address in the middle
     assert str(reg.allocate_addresses(P4, P6)[0]) == "10.77.0.4"
+
+
+class FakeTunnel:
+    def __init__(self):
+        self.peers: dict[str, tuple] = {}
+        self.calls: list[tuple] = []
+
+    def sync_peers(self, desired):
+        from gateway.tunnel import PeerSyncResult
+        added = [k for k in desired if k not in self.peers]
+        removed = [k for k in self.peers if k not in desired]
+        self.peers = {k: v.allowed_ips for k, v in desired.items()}
+        self.calls.append(("sync", len(desired)))
+        return PeerSyncResult(tuple(added), tuple(removed), ())
+
+    def remove_peers(self, keys):
+        keys = list(keys)
+        for k in keys:
+            self.peers.pop(k)
+        self.calls.append(("remove", tuple(keys)))
+
+    def upsert_peers(self, peers):
+        peers = list(peers)
+        for p in peers:
+            self.peers[p.public_key] = p.allowed_ips
+        self.calls.append(("upsert", tuple(p.public_key for p in peers)))
+
+
+def test_reconciler_full_then_incremental_touches_only_what_changed(tmp_path):
+    from gateway.reconcile import Reconciler
+
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    devices = [add(reg, n) for n in "abcd"]
+    tunnel, nft = FakeTunnel(), []
+    clock = [NOW]
+    rec = Reconciler(reg, tunnel, "t", clock=lambda: clock[0], set_blocked=lambda t, add, remove: nft.append((set(add), set(remove))))
+    first = rec.run_once(full=True)
+    assert first.full and len(tunnel.peers) == 4 and first.admitted_ids == {"a", "b", "c", "d"}
+    assert not rec.due()
+    # Revoke one device: one row read, one peer removed, its addresses blocked; nothing else.
+    reg.update(replace(devices[1], status=DeviceStatus.REVOKED, status_reason="lost"))
+    assert rec.due()
+    tunnel.calls.clear()
+    report = rec.run_once()
+    assert not report.full and [r.device_id for r in report.changed] == ["b"]
+    assert tunnel.calls == [("remove", (devices[1].wg_public_key,))]
+    assert nft[-1] == ({devices[1].ipv4, devices[1].ipv6}, set())
+    assert report.admitted_ids == {"a", "c", "d"}
+    # A suspension that ends by itself: blocked now, admitted again when its time comes.
+    reg.update(replace(devices[2], status=DeviceStatus.SUSPENDED, suspended_until=NOW + timedelta(minutes=10)))
+    rec.run_once()
+    assert devices[2].wg_public_key not in tunnel.peers and rec.next_change == NOW + timedelta(minutes=10)
+    clock[0] = NOW + timedelta(minutes=10, seconds=1)
+    assert rec.due()
+    report = rec.run_once()
+    assert devices[2].wg_public_key in tunnel.peers and "c" in report.admitted_ids
+    assert nft[-1] == (set(), {devices[2].ipv4, devices[2].ipv6})
+    # The revoked device stays blocked through all of it.
+    assert devices[1].ipv4 in rec.applied_blocked
