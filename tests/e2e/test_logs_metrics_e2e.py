@@ -509,3 +509,58 @@ def test_real_prometheus_scrapes_the_gateway_sees_the_blocks_and_alerts_when_it_
         dest = ARTIFACTS / "e2e" / "test_prometheus_e2e"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(work / "prometheus.log", dest / "prometheus.log")
+
+
+# ---- 6. retention purge on a live log directory -------------------------------------------------
+
+def test_purge_on_the_live_directory_removes_exactly_the_expired_files(make_lab):
+    """The unit tests cover the cutoff arithmetic; this runs the real CLI on the directory a
+    running gateway writes to, whose proxy chain began years ago (written beforehand with
+    a stepped clock), and checks that the chain stays verifiable and keeps growing."""
+    from datetime import UTC, timedelta
+
+    from gateway.logstore import LogStore
+
+    lab = make_lab(n_devices=1, start=False)
+    logs = lab.state_dir / "logs"
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    ages = (1100, 1097, 1096, 2)        # 1096: the last day still inside three years
+    moment = {"now": today - timedelta(days=ages[0])}
+    store = LogStore(logs, clock=lambda: moment["now"])
+    for age in ages:
+        moment["now"] = today - timedelta(days=age)
+        store.append("proxy", {"url.full": f"http://old.test/{age}", "http.request.method": "GET",
+                               "device.id": "dev1", "source.ip": "10.77.0.2", "user.name": "user1@example.test",
+                               "kanmon.verdict": "allow", "rule.id": None})
+    store.rotate_if_needed()            # seals and gzips all but the newest (left open, as by a crash)
+    store.close()
+    names = {age: f"proxy-{(today - timedelta(days=age)).date()}" for age in ages}
+    assert (logs / "proxy" / f"{names[1100]}.jsonl.gz").exists()
+
+    lab.start_gateway()
+    dev = lab.devices[0]
+    lab.wait_for_peer(dev)
+    assert http_code(dev.curl("http://www.example.test/before-purge")) == "200"
+    assert verify(lab, logs)[0] == 0
+    before = {p.name for p in (logs / "proxy").iterdir()}
+
+    out = lab.kanmon("logs", "purge", "--dir", str(logs), "--retention-days", "1096")
+    after = {p.name for p in (logs / "proxy").iterdir()}
+    assert before - after == {f"{names[1100]}.jsonl.gz", f"{names[1097]}.jsonl.gz"}, out.stdout
+    assert f"{names[1096]}.jsonl.gz" in after
+    # Sealed by the gateway at start (left open by the stepped-clock writer); gzipped later.
+    assert after & {f"{names[2]}.jsonl", f"{names[2]}.jsonl.gz"}
+    manifest = [json.loads(line) for line in (logs / "purged.jsonl").read_text().splitlines()]
+    assert sorted(m["kanmon.purge.file"] for m in manifest) == [
+        f"proxy/{names[1100]}.jsonl.gz", f"proxy/{names[1097]}.jsonl.gz"]
+
+    # The chain is still whole: verify passes (the purge manifest explains its new start)
+    # and the gateway's next record continues it.
+    code, findings, summary = verify(lab, logs)
+    assert code == 0 and not [f for f in findings if f["tamper"]], (findings, summary)
+    assert http_code(dev.curl("http://www.example.test/after-purge")) == "200"
+    code, findings, summary = verify(lab, logs)
+    assert code == 0, (findings, summary)
+    live = lab.log_records("proxy")
+    assert live[-1]["url.full"].endswith("/after-purge")
+    assert live[-1]["event.sequence"] == live[-2]["event.sequence"] + 1
