@@ -564,3 +564,27 @@ def test_purge_on_the_live_directory_removes_exactly_the_expired_files(make_lab)
     live = lab.log_records("proxy")
     assert live[-1]["url.full"].endswith("/after-purge")
     assert live[-1]["event.sequence"] == live[-2]["event.sequence"] + 1
+
+
+# ---- metrics derived from the records written (no lab needed) -----------------------------------
+
+def test_auth_failures_and_records_are_counted_from_what_the_log_store_writes(tmp_path):
+    from gateway.logstore import LogStore
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    store = LogStore(tmp_path, on_record=metrics.observe_log_record)
+    auth = {"event.action": "enrollment", "device.id": None, "source.ip": "100.64.0.11", "user.name": None}
+    store.append("auth", {**auth, "event.outcome": "failure", "kanmon.auth.reason": "no-certificate"})
+    store.append("auth", {**auth, "event.outcome": "failure", "kanmon.auth.reason": "no-certificate"})
+    store.append("auth", {**auth, "event.outcome": "failure", "kanmon.auth.reason": "Bad Reason <script>"})
+    store.append("auth", {**auth, "event.outcome": "success", "kanmon.auth.reason": "failure"})
+    store.append("proxy", {"url.full": "http://x.test/failure", "event.outcome": "failure"})
+    store.close()
+    value = metrics.registry.get_sample_value
+    assert value("kanmon_auth_failures_total", {"reason": "no-certificate"}) == 2
+    assert value("kanmon_auth_failures_total", {"reason": "other"}) == 1      # unbounded text never a label
+    assert value("kanmon_auth_failures_total", {"reason": "failure"}) is None
+    assert value("kanmon_log_records_total", {"stream": "auth"}) == 4
+    assert value("kanmon_log_records_total", {"stream": "proxy"}) == 1
+    assert store.forward_errors == 0
