@@ -7,7 +7,9 @@ Scenarios, all from one WireGuard device in its namespace to nginx in the fake i
   mitmproxy       + bare `mitmdump --mode transparent` (no addons) behind an nftables redirect
   mitmproxy xW    + W bare mitmdump workers, nftables spreading connections (jhash of the
                   source address and port) over their ports: does one-process-per-core scale?
-  kanmon          the Kanmon gateway (`kanmon run`: identity, decisions, enforcer, access log)
+  kanmon          the Kanmon gateway (`kanmon run`: identity, built-in host rules, enforcer, access log)
+  kanmon+policy   the same with the shipped example policy (policies/example.yaml: every list,
+                  rule groups, tenants) compiled into the engine
 
 Prints a table with ratios and writes bench/results/proxy.json.
 
@@ -151,6 +153,11 @@ def main() -> int:
         lab.start_gateway()
         lab.wait_for_peer(lab.devices[0])
         results["kanmon"] = load(lab, args.duration, args.connections)
+        lab.stop_gateway()
+        lab.write_config({"policy": {"path": str(ROOT / "policies" / "example.yaml")}})
+        lab.start_gateway()
+        lab.wait_for_peer(lab.devices[0])
+        results["kanmon+policy"] = load(lab, args.duration, args.connections)
     finally:
         lab.teardown()
 
