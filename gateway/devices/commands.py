@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cryptography import x509
+
 from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, import_crl, init_ca,
                                 pki_dir, trust_bundle)
 from gateway.i18n import Text
@@ -101,7 +103,43 @@ def cmd_import_crl(args: argparse.Namespace) -> int:
     nxt = f"{imported.next_update:%Y-%m-%d %H:%M}Z" if imported.next_update else "-"
     _say(Text(f"CRL を取り込みました: {imported.issuer}(失効 {imported.revoked_count} 件、次回更新 {nxt})",
               f"imported the CRL of {imported.issuer} ({imported.revoked_count} revoked, next update {nxt})"))
+    revoked = revoke_devices_on_crl(Path(args.state_dir), data, imported.issuer)
+    for device_id in revoked:
+        _say(Text(f"CRL により端末を失効しました: {device_id}", f"device revoked by the CRL: {device_id}"))
     return 0
+
+
+def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list[str]:
+    """Registered devices whose enrolled certificate is on the imported CRL are revoked now
+    (audited), and the running gateway is asked to apply it at once."""
+    from dataclasses import replace
+
+    from gateway.devicecommands import operator_name
+    from gateway.gatewayprocess import poke_reconcile
+    from gateway.registry import AuditEntry, DeviceStatus, SqliteRegistry
+
+    registry_path = state_dir / "registry.sqlite3"
+    if not registry_path.exists():
+        return []
+    try:
+        crl = x509.load_pem_x509_crl(crl_data)
+    except ValueError:
+        crl = x509.load_der_x509_crl(crl_data)
+    listed = {format(entry.serial_number, "x") for entry in crl}
+    registry = SqliteRegistry(registry_path)
+    revoked = []
+    try:
+        for rec in registry.all():
+            if rec.cert_serial and rec.cert_serial.lower().lstrip("0") in listed and rec.status is not DeviceStatus.REVOKED:
+                reason = f"[crl] certificate {rec.cert_serial} revoked by {issuer}"
+                registry.update(replace(rec, status=DeviceStatus.REVOKED, status_reason=reason),
+                                audit=AuditEntry(operator_name(), "device-revoked", reason))
+                revoked.append(rec.device_id)
+    finally:
+        registry.close()
+    if revoked:
+        poke_reconcile(state_dir / "kanmon.pid")
+    return revoked
 
 
 def cmd_show(args: argparse.Namespace) -> int:

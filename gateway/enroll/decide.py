@@ -203,8 +203,14 @@ def decide_enrollment(leaf: bytes | x509.Certificate | None, chain: Sequence[byt
     if holder is not None and holder.device_id != record.device_id:
         return refusal("key-in-use", f"key registered to {holder.device_id!r}", **fields)
 
+    # The approved usage period never outlasts the certificate: the reconciler then cuts the
+    # device off at the certificate's expiry without any further check.
+    valid_until = record.valid_until
+    if check.not_after is not None and (valid_until is None or check.not_after < valid_until):
+        valid_until = check.not_after
     updated = replace(
         record, wg_public_key=key, cert_serial=check.serial_hex, cert_fingerprint=check.fingerprint_sha256,
+        valid_until=valid_until,
         platform=request.platform if request.platform is not None else record.platform,
         os_version=request.os_version if request.os_version is not None else record.os_version,
         jailbroken=request.jailbroken if request.jailbroken is not None else record.jailbroken)

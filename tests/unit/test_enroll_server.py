@@ -156,6 +156,8 @@ def test_enrollment_returns_config_and_writes_key(env):
     assert rec.cert_serial == format(issued.certificate.serial_number, "x")
     assert rec.cert_fingerprint == issued.fingerprint_sha256
     assert (rec.platform, rec.os_version, rec.jailbroken) == ("iOS", "17.4.1", False)
+    # The usage period ends with the certificate: the reconciler cuts the device off then.
+    assert rec.valid_until == issued.certificate.not_valid_after_utc
     cfg = body["wg_quick_config"]
     assert f"PublicKey = {env.gw_key}" in cfg
     assert "Endpoint = vpn.example.test:51820" in cfg
@@ -407,3 +409,32 @@ def test_superseded_org_certificate(env):
     env.register("dev-1", cert_fingerprint=new.fingerprint_sha256)
     status, body, _ = env.request({"wg_public_key": key}, identity=old_ident)
     assert_refused(env, status, body, "certificate-superseded", "dev-1")
+
+
+def test_importing_a_crl_revokes_enrolled_devices_on_it(env):
+    from gateway.devices.commands import revoke_devices_on_crl
+
+    for name in ("dev-1", "dev-2"):
+        env.register(name)
+    enrolled = {}
+    for name in ("dev-1", "dev-2"):
+        key = new_key()
+        issued, ident = env.issue(name, key)
+        status, body, _ = env.request({"wg_public_key": key}, identity=ident)
+        assert status == 200, body
+        enrolled[name] = issued
+    now = dt.datetime.now(dt.UTC)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(env.ca.cert.subject)
+           .last_update(now - dt.timedelta(minutes=1)).next_update(now + 7 * DAY)
+           .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                    .serial_number(enrolled["dev-2"].certificate.serial_number)
+                                    .revocation_date(now - dt.timedelta(minutes=1)).build())
+           .sign(env.ca.key, hashes.SHA256()))
+    data = crl.public_bytes(serialization.Encoding.PEM)
+    import_crl(pki_dir(env.cfg.state_dir), data)
+    assert revoke_devices_on_crl(env.cfg.state_dir, data, "the org CA") == ["dev-2"]
+    assert env.registry.get("dev-2").status is DeviceStatus.REVOKED
+    assert env.registry.get("dev-2").status_reason.startswith("[crl]")
+    assert env.registry.get("dev-1").status is DeviceStatus.ACTIVE
+    assert [e.action for e in env.registry.unshipped_audit()][-1] == "device-revoked"
+    assert revoke_devices_on_crl(env.cfg.state_dir, data, "the org CA") == []  # idempotent
