@@ -164,3 +164,30 @@ def test_spoofed_source_address_gets_nothing_through(make_lab):
     assert victim_syns == 1
     assert not [r for r in lab.log_records("proxy") if r.get("source.ip") == victim.ipv4 and
                 "victim-traffic" not in (r.get("url.full") or "")]
+
+
+def test_quarantine_allows_only_remediation_and_release_restores(make_lab):
+    lab = make_lab(n_devices=1, overrides={"quarantine": {"allow_hosts": ["mdm.test", ".updates.example.test"]}})
+    dev = lab.devices[0]
+    # A live connection is cut when the device is quarantined (its next one is judged anew).
+    long_download = subprocess.Popen(dev.ns.cmd(sys.executable, "-c", DOWNLOAD, WEB4), stdout=subprocess.PIPE, text=True)
+    assert long_download.stdout.readline().strip() == "flowing"
+    lab.kanmon("device", "quarantine", dev.device_id, "--reason", "malware found by MDM", "--config", str(lab.config_path))
+    assert json.loads(long_download.communicate(timeout=30)[0].strip().splitlines()[-1])["bytes"] < 512 * 1024 * 1024
+
+    def code(url):
+        return http_code(dev.curl(url, "-i", timeout=5))
+
+    wait_until(lambda: code("http://www.example.test/q-check") == "403", 5, "the quarantine to apply")
+    page = dev.curl("https://www.example.test/q-page", "-i")
+    assert "x-kanmon-rule: kanmon:quarantine" in page.stdout.lower() and "隔離" in page.stdout
+    assert code("https://mdm.test/enroll") == "200"
+    assert code("http://os.updates.example.test/patch") == "200"
+    assert not [r for r in lab.nginx_requests() if r["uri"] in ("/q-check", "/q-page")]
+    # The tunnel stays up (the device can be remediated), and the change is audited.
+    assert dev.public_key in lab.gw.run("wg", "show", lab.wg_interface, "peers").stdout
+    lab.kanmon("device", "release", dev.device_id, "--config", str(lab.config_path))
+    wait_until(lambda: code("http://www.example.test/after-release") == "200", 5, "the release to apply")
+    wait_until(lambda: {"device-quarantined", "device-released"} <=
+               {r["event.action"] for r in lab.log_records("audit") if r.get("device.id") == dev.device_id},
+               5, "the audit records")
