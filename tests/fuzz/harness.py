@@ -88,7 +88,7 @@ class Harness:
         test.__doc__ = f"fuzz harness {self.name}: no crash, no hang, invariants hold"
         return test
 
-    def run_for(self, seconds: float, batch: int = 500) -> tuple[int, float]:
+    def run_for(self, seconds: float, batch: int = 200) -> tuple[int, float]:
         """Run fresh random batches until ``seconds`` have passed: (inputs tried, seconds)."""
         start = time.monotonic()
         self.tried = 0
