@@ -123,11 +123,24 @@ class GatewayApp:
             decider,
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
             QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
+            *self._mail_addons(),   # issue #5: decides (private mail servers) before the enforcer
             enforcer,
             accesslog,
             self.cutter,
         ]
         return [Guarded(addon, actions) for addon in chain]
+
+    def _mail_addons(self) -> list[Any]:
+        """The mail filter when the config has a `mail:` section. Its policy must load, or
+        the gateway does not start (fail closed, errors with file:line)."""
+        if self.cfg.mail is None:
+            return []
+        from addons.mail import MailFilter
+        try:
+            return [MailFilter.from_config(self.cfg.mail, self.cfg.state_dir, self.connections, self.metrics,
+                                           self.logstore, self.cutter.cut)]
+        except SourceErrors as exc:
+            raise StartupError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
 
     def fail(self, reason: str) -> None:
         """An addon failed to load or configure: stop serving (systemd restarts us)."""

@@ -134,6 +134,22 @@ SCHEMA: dict[str, Any] = {
             "properties": {"allow_hosts": {"type": "array", "items": _STR}},
         },
         "alerts": ALERTS_SCHEMA,
+        "mail": {
+            # issue #5: mail filtering at the edge (addons/mail.py)
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["organization_hosts"],
+            "properties": {
+                "policy": _STR,
+                "organization_hosts": {"type": "array", "items": _STR},
+                "clamd_socket": _STR,
+                "idle_timeout_seconds": {"type": "integer", "minimum": 60},
+                "max_message_bytes": {"type": "integer", "minimum": 1024},
+                "starttls": {"enum": ["cut", "pass"]},
+                "reject_freemail_recipients": {"type": "boolean"},
+                "allowed_recipient_domains": {"type": "array", "items": _STR},
+            },
+        },
         "addons": {
             "type": "object",
             "additionalProperties": False,
@@ -158,6 +174,23 @@ class HostRule:
 
     def matches(self, host: str) -> bool:
         return host in self.exact or any(host == s[1:] or host.endswith(s) for s in self.suffixes)
+
+
+@dataclass(frozen=True)
+class MailSettings:
+    """The `mail:` section (issue #5, addons/mail.py). Only `organization_hosts` (host names
+    matched against SNI, `.suffix` for a domain, or IP addresses / networks matched against the
+    destination) are reachable on mail ports; everything else on 25/465/587/110/995/143/993
+    is blocked (IPA SME sample 7.3: no private mail servers)."""
+
+    policy_path: Path
+    organization_hosts: tuple[str, ...]
+    clamd_socket: str | None = None          # None: the mail policy's clamd section
+    idle_timeout_seconds: int = 1860         # IMAP IDLE: RFC 2177 asks clients to re-IDLE within 29 min
+    max_message_bytes: int = 50 * 1024 * 1024
+    starttls: str = "cut"                    # TLS inside a mail stream cannot be inspected
+    reject_freemail_recipients: bool = True
+    allowed_recipient_domains: tuple[str, ...] = ()   # empty: any recipient not on the free-mail list
 
 
 @dataclass(frozen=True)
@@ -204,6 +237,7 @@ class GatewayConfig:
     enrollment_burst: int = 5
     posture_min_os: tuple[tuple[str, str], ...] = ()
     posture_quarantine_jailbroken: bool = True
+    mail: MailSettings | None = None          # issue #5; None: no mail filtering
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -359,6 +393,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
             )
         )
 
+    mail = _mail_settings(doc, d.get("mail"), errors)
+
     if errors:
         raise SourceErrors(errors)
 
@@ -407,6 +443,29 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         enrollment_burst=int(enroll.get("burst", 5)) if enroll else 5,
         posture_min_os=tuple(min_os),
         posture_quarantine_jailbroken=bool(posture_cfg.get("quarantine_jailbroken", True)),
+        mail=mail,
+    )
+
+
+def _mail_settings(doc: LoadedYaml, m: dict | None, errors: list) -> MailSettings | None:
+    if m is None:
+        return None
+    for i, host in enumerate(m["organization_hosts"]):
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            if not re.fullmatch(r"\.?([A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?", host):
+                errors.append(doc.error(("mail", "organization_hosts", i), f"{host!r} is neither a host name nor an address"))
+    default_policy = Path(__file__).resolve().parents[1] / "policies" / "mail.yaml"
+    return MailSettings(
+        policy_path=_relative_to(doc.filename, m["policy"]) if "policy" in m else default_policy,
+        organization_hosts=tuple(h.strip().lower().rstrip(".") for h in m["organization_hosts"]),
+        clamd_socket=m.get("clamd_socket"),
+        idle_timeout_seconds=m.get("idle_timeout_seconds", 1860),
+        max_message_bytes=m.get("max_message_bytes", 50 * 1024 * 1024),
+        starttls=m.get("starttls", "cut"),
+        reject_freemail_recipients=m.get("reject_freemail_recipients", True),
+        allowed_recipient_domains=tuple(x.lower() for x in m.get("allowed_recipient_domains", [])),
     )
 
 
@@ -436,4 +495,4 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-__all__ = ["GatewayConfig", "HostRule", "load_config", "load_config_text", "SourceError", "SourceErrors"]
+__all__ = ["GatewayConfig", "HostRule", "MailSettings", "load_config", "load_config_text", "SourceError", "SourceErrors"]

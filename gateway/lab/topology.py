@@ -37,6 +37,7 @@ UPLINK_GW6, UPLINK_INET6 = "2001:db8:100::1", "2001:db8:100::fe"
 WEB4, WEB6 = "198.51.100.80", "2001:db8:100::80"
 DNS4 = "198.51.100.53"
 SPARE4 = "198.51.100.90"          # a second internet host (raw TCP / UDP listeners in tests)
+MAIL4, PRIVATE_MAIL4 = "198.51.100.25", "198.51.100.26"   # Lab(mail=True): organization / "private" mail server
 TUNNEL4, TUNNEL6 = "10.77.0.0/24", "fd77:77::/64"
 GATEWAY_TUNNEL4, GATEWAY_TUNNEL6 = "10.77.0.1", "fd77:77::1"
 WG_PORT = 51820
@@ -140,6 +141,8 @@ class Lab:
     prefix: str = field(default_factory=lambda: "km" + secrets.token_hex(2))
     config_overrides: dict = field(default_factory=dict)
     kanmon_cmd: tuple[str, ...] = (sys.executable, "-m", "gateway.cli")
+    mail: bool = False                  # Postfix + Dovecot + clamd in the internet namespace (issue #5)
+    mail_signatures: dict = field(default_factory=dict)   # clamd test signatures: name -> marker bytes
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -154,6 +157,7 @@ class Lab:
         self.ca: TestCA | None = None
         self.web_dir = self.workdir / "web"
         self.dns_query_log = self.workdir / "dns-queries.jsonl"
+        self.mail_servers = None
 
     # -- names ---------------------------------------------------------------------------
     @property
@@ -181,6 +185,8 @@ class Lab:
         self.ca = TestCA(self.workdir / "ca")
         self._start_dns()
         self._start_nginx()
+        if self.mail:
+            self._start_mail()
         self.write_config()
         for i in range(1, self.n_devices + 1):
             self.add_device(i)
@@ -203,7 +209,7 @@ class Lab:
         self.gw.run("ip", "route", "add", "default", "via", UPLINK_INET4)
         self.gw.run("ip", "-6", "route", "add", "default", "via", UPLINK_INET6)
         self.inet.run("ip", "addr", "add", f"{UPLINK_INET4}/24", "dev", inet_if)
-        for extra in (WEB4, DNS4, SPARE4):
+        for extra in (WEB4, DNS4, SPARE4, *((MAIL4, PRIVATE_MAIL4) if self.mail else ())):
             self.inet.run("ip", "addr", "add", f"{extra}/32", "dev", inet_if)
         self.inet.run("ip", "-6", "addr", "add", f"{UPLINK_INET6}/64", "dev", inet_if, "nodad")
         self.inet.run("ip", "-6", "addr", "add", f"{WEB6}/128", "dev", inet_if, "nodad")
@@ -230,6 +236,10 @@ class Lab:
             "wildcard_a": WEB4,
             "wildcard_aaaa": WEB6,
         }
+        if self.mail:
+            from gateway.lab.mailservers import MAIL_HOST, PRIVATE_MAIL_HOST
+            zone["records"][MAIL_HOST] = {"A": [MAIL4]}
+            zone["records"][PRIVATE_MAIL_HOST] = {"A": [PRIVATE_MAIL4]}
         zone_path = self.workdir / "zone.json"
         zone_path.write_text(json.dumps(zone))
         log = open(self.workdir / "dns-server.log", "w")
@@ -286,6 +296,13 @@ http {{
         wait_until(lambda: (self.web_dir / "nginx.pid").exists() or proc.poll() is not None, 15, "nginx")
         if proc.poll() is not None:
             raise LabError("nginx died: " + (self.web_dir / "nginx.out").read_text())
+
+    def _start_mail(self) -> None:
+        from gateway.lab.mailservers import MAIL_HOST, PRIVATE_MAIL_HOST, MailServers
+        pair = self.ca.issue_server("mail", [MAIL_HOST, PRIVATE_MAIL_HOST], [MAIL4, PRIVATE_MAIL4])
+        self.mail_servers = MailServers(self.inet, self.workdir / "mail", (MAIL4, PRIVATE_MAIL4), pair.cert_path,
+                                        pair.key_path, clamd_signatures=dict(self.mail_signatures))
+        self.mail_servers.start()
 
     # -- gateway -------------------------------------------------------------------------
     def gateway_config(self) -> dict:
@@ -462,6 +479,11 @@ http {{
         if self.gateway is not None:
             try:
                 self.stop_gateway()
+            except Exception:
+                pass
+        if self.mail_servers is not None:
+            try:
+                self.mail_servers.stop()
             except Exception:
                 pass
         for proc in self.server_procs:
