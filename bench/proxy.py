@@ -7,6 +7,10 @@ Scenarios, all from one WireGuard device in its namespace to nginx in the fake i
   mitmproxy       + bare `mitmdump --mode transparent` (no addons) behind an nftables redirect
   mitmproxy xW    + W bare mitmdump workers, nftables spreading connections (jhash of the
                   source address and port) over their ports: does one-process-per-core scale?
+  e2guardian      Debian's e2guardian 5.3 (C++ filtering proxy) as an explicit proxy on the gateway
+                  (it has no transparent mode for plain redirects of every port), its banned-site
+                  list loaded with the same domains as policies/lists/*.txt plus blocked.test;
+                  the device sends absolute-form requests to it (wrk Lua script)
   kanmon          the Kanmon gateway (`kanmon run`: identity, built-in host rules, enforcer, access log)
   kanmon+policy   the same with the shipped example policy (policies/example.yaml: every list,
                   rule groups, tenants) compiled into the engine
@@ -57,13 +61,54 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
-def load(lab: Lab, duration: int, connections: int) -> dict:
+def load(lab: Lab, duration: int, connections: int, via_proxy: str | None = None) -> dict:
+    """wrk from the device. With `via_proxy` (host:port) the requests go to that explicit
+    proxy in absolute form, for the same URL."""
     dev = lab.devices[0]
-    url = f"http://{WEB4}/bench"
-    dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", "2s", url, timeout=60)  # warm-up
-    result = dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", f"{duration}s", "--latency", url,
+    url, extra = f"http://{WEB4}/bench", []
+    if via_proxy:
+        script = lab.workdir / "absolute-form.lua"
+        script.write_text(f'wrk.path = "http://{WEB4}/bench"\nwrk.headers["Host"] = "{WEB4}"\n')
+        url, extra = f"http://{via_proxy}/", ["-s", str(script)]
+    dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", "2s", *extra, url, timeout=60)  # warm-up
+    result = dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", f"{duration}s", "--latency", *extra, url,
                         timeout=duration + 60)
     return parse_wrk(result.stdout)
+
+
+def start_e2guardian(lab: Lab, port: int) -> subprocess.Popen:
+    """e2guardian with a private copy of Debian's configuration: no daemon, our port, its
+    banned-site list = the domains of policies/lists plus the lab's blocked.test."""
+    etc = lab.workdir / "e2guardian"
+    shutil.copytree("/etc/e2guardian", etc)
+    etc.chmod(0o755)
+    lab.workdir.chmod(0o755)
+    for conf in etc.rglob("*.conf"):
+        text = conf.read_text(errors="replace").replace("/etc/e2guardian", str(etc))
+        conf.write_text(text)
+    main = etc / "e2guardian.conf"
+    text = main.read_text()
+    text = re.sub(r"^filterports = .*$", f"filterports = {port}", text, flags=re.M)
+    text = re.sub(r"^nodaemon = .*$", "nodaemon = on", text, flags=re.M)
+    text += f"\npidfilename = '{lab.workdir}/e2guardian.pid'\nloglocation = '{lab.workdir}/e2guardian-access.log'\n"
+    main.write_text(text)
+    domains = {"blocked.test"}
+    for lst in (ROOT / "policies" / "lists").glob("*.txt"):
+        for line in lst.read_text().splitlines():
+            entry = line.split("#", 1)[0].strip().removeprefix("||").removesuffix("^")
+            if entry and "/" not in entry and " " not in entry:
+                domains.add(entry)
+    for owned in ("e2guardian-access.log", "e2guardian.pid"):  # it drops privileges to user e2guardian
+        path = lab.workdir / owned
+        path.touch()
+        shutil.chown(path, "e2guardian", "e2guardian")
+    with open(etc / "lists" / "bannedsitelist", "a") as f:
+        f.write("\n" + "\n".join(sorted(domains)) + "\n")
+    proc = lab.gw.popen("e2guardian", "-N", "-c", str(main), stdout=open(lab.workdir / "e2guardian.out", "w"))
+    wait_until(lambda: f":{port} " in lab.gw.run("ss", "-ltnH").stdout or proc.poll() is not None, 30, "e2guardian")
+    if proc.poll() is not None:
+        raise RuntimeError("e2guardian did not start: " + (lab.workdir / "e2guardian.out").read_text())
+    return proc
 
 
 def manual_tunnel(lab: Lab) -> None:
@@ -147,6 +192,14 @@ def main() -> int:
         results[f"mitmproxy x{args.workers}"] = load(lab, args.duration, args.connections)
         stop(procs)
 
+        if shutil.which("e2guardian"):
+            steer(lab, None)
+            procs = [start_e2guardian(lab, 18090)]
+            results["e2guardian"] = load(lab, args.duration, args.connections, via_proxy=f"{GATEWAY_TUNNEL4}:18090")
+            stop(procs)
+        else:
+            print("e2guardian not installed (apt-get install --no-install-recommends e2guardian): skipped")
+
         lab.gw.run("nft", "delete", "table", "inet", "benchsteer")
         lab.gw.run("ip", "link", "del", lab.wg_interface)
         lab.gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
@@ -164,10 +217,12 @@ def main() -> int:
     base, bare = results["tunnel"]["requests_per_s"], results["mitmproxy"]["requests_per_s"]
     print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "
           f"{os.cpu_count()} cores\n")
-    print(f"{'scenario':16} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} {'errors':>8}")
+    e2g = results.get("e2guardian", {}).get("requests_per_s")
+    print(f"{'scenario':16} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} {'vs e2guardian':>14} {'errors':>8}")
     for name, r in results.items():
+        vs_e2g = f"{r['requests_per_s'] / e2g:14.3f}" if e2g else f"{'-':>14}"
         print(f"{name:16} {r['requests_per_s']:10.0f} {r['p50_ms'] or 0:8.2f} {r['p90_ms'] or 0:8.2f} {r['p99_ms'] or 0:8.2f} "
-              f"{r['requests_per_s'] / base:10.3f} {r['requests_per_s'] / bare:13.3f} {r['non_2xx']:>8}")
+              f"{r['requests_per_s'] / base:10.3f} {r['requests_per_s'] / bare:13.3f} {vs_e2g} {r['non_2xx']:>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
