@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mitmproxy import dns as mitm_dns
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records, tlsconfig
 from mitmproxy.master import Master
@@ -71,13 +72,42 @@ class ProxySettings:
         return values
 
 
+UPSTREAM_DNS_TIMEOUT = 3.0   # seconds; a device's stub resolver gives up after ~5 s per try
+
+
+class BoundedDnsResolver(dns_resolver.DnsResolver):
+    """mitmproxy's resolver with a deadline on each A/AAAA answer.
+
+    With the upstream resolver down, mitmproxy's resolver (hickory, no timeout option)
+    answered SERVFAIL only after about 15 s, so devices saw their own timeouts and retried
+    (found by tests/e2e/test_faults.py). Now they get SERVFAIL within UPSTREAM_DNS_TIMEOUT,
+    and the operator gets a warning (at most one per LOG_EVERY seconds)."""
+
+    name = "dnsresolver"
+    LOG_EVERY = 10.0
+
+    def __init__(self) -> None:
+        self._last_warning = float("-inf")
+
+    async def resolve(self, message):  # type: ignore[override]
+        try:
+            return await asyncio.wait_for(super().resolve(message), UPSTREAM_DNS_TIMEOUT)
+        except TimeoutError:
+            now = asyncio.get_running_loop().time()
+            if now - self._last_warning >= self.LOG_EVERY:
+                self._last_warning = now
+                log.warning("upstream DNS did not answer within %.0f s (e.g. %s): devices get SERVFAIL",
+                            UPSTREAM_DNS_TIMEOUT, message.question.name if message.question else "?")
+            return message.fail(mitm_dns.response_codes.SERVFAIL)
+
+
 def build_master(settings: ProxySettings, chain: Sequence[Any]) -> Master:
     """A mitmproxy master with our addon chain; call from inside the running event loop."""
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
     master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       disable_h2c.DisableH2C())
     master.addons.add(*chain)
-    master.addons.add(strip_dns_https_records.StripDnsHttpsRecords(), dns_resolver.DnsResolver())
+    master.addons.add(strip_dns_https_records.StripDnsHttpsRecords(), BoundedDnsResolver())
     master.options.update(**settings.option_values())
     return master
 
