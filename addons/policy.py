@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -71,9 +72,11 @@ def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 class PolicyDecider:
     name = "kanmon-policy"
 
-    def __init__(self, holder: PolicyHolder, connections: LiveConnections, underlay_of=lambda ip: None):
+    def __init__(self, holder: PolicyHolder, connections: LiveConnections, underlay_of=lambda ip: None,
+                 decision_seconds=None):
         self.holder = holder
         self.connections = connections
+        self.decision_seconds = decision_seconds  # histogram by stage (kanmon_decision_duration_seconds)
         self.underlay_of = underlay_of  # tunnel address -> the peer's current outer address
         self._contexts: dict[tuple[str, object], DeviceContext] = {}
 
@@ -99,6 +102,15 @@ class PolicyDecider:
             state.record(verdict)
 
     def _decide(self, query: PolicyQuery) -> Verdict:
+        if self.decision_seconds is None:
+            return self._decide_uncounted(query)
+        started = time.perf_counter()
+        try:
+            return self._decide_uncounted(query)
+        finally:
+            self.decision_seconds.labels(str(query.stage)).observe(time.perf_counter() - started)
+
+    def _decide_uncounted(self, query: PolicyQuery) -> Verdict:
         loaded = self.holder.current
         if query.stage in (Stage.DNS, Stage.TLS) and query.host:
             cached = loaded.table.lookup(query.device, query.host, query.stage, query.now)

@@ -16,7 +16,10 @@ import logging
 import os
 import signal
 import socket
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from addons.accesslog import AccessLog
@@ -32,15 +35,15 @@ from gateway import steering
 from gateway.config import GatewayConfig
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
-from gateway.logstore import LogStore
+from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
-from gateway.yamlsource import SourceErrors
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
 from gateway.registry import SqliteRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
+from gateway.yamlsource import SourceErrors
 
 log = logging.getLogger("kanmon.app")
 
@@ -98,6 +101,7 @@ class GatewayApp:
         self.enrollment: EnrollmentServer | None = None
         self.alerts: AlertDispatcher | None = None
         self._log_alert_sent: dict[str, float] = {}
+        self.syslog: SyslogForwarder | None = None
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -112,10 +116,10 @@ class GatewayApp:
         helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
         enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut,
                             sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
-        accesslog = AccessLog(self.logstore)
+        accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections)
         actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
         if self.policy is not None:
-            decider = PolicyDecider(self.policy, self.connections)
+            decider = PolicyDecider(self.policy, self.connections, decision_seconds=self.metrics.decision_seconds)
         else:
             decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
         chain = [
@@ -151,7 +155,6 @@ class GatewayApp:
     # -- lifecycle -----------------------------------------------------------------------
     # -- policy --------------------------------------------------------------------------
     def _policy_loaded(self, snapshot: PolicySnapshot, path) -> None:
-        from datetime import UTC, datetime
         self.metrics.policy_reloads.labels("success").inc()
         self.metrics.policy_rules.set(len(snapshot.rules))
         self.metrics.policy_rules_expiring.labels("7").set(len(snapshot.expiring(datetime.now(UTC), 7)))
@@ -209,7 +212,11 @@ class GatewayApp:
         self.registry = SqliteRegistry(cfg.registry_path)
         if cfg.alerts:
             self.alerts = AlertDispatcher.from_settings(AlertSettings.from_mapping(cfg.alerts)).start()
-        self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed)
+        if cfg.syslog:
+            self.syslog = SyslogForwarder(cfg.syslog["host"], cfg.syslog.get("port", 514),
+                                          transport=cfg.syslog.get("transport", "udp"))
+        self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
+                                 on_record=self._on_log_record)
         self.logstore.open_streams()
         key = load_or_create_private_key(cfg.wg_private_key_file)
         reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
@@ -226,6 +233,7 @@ class GatewayApp:
         kind = self.tunnel.ensure(key, cfg.wg_listen_port, cfg.wg_mtu, addresses)
         log.info("tunnel %s up (%s), public key %s, port %d", cfg.wg_interface, kind, key.public_key(), cfg.wg_listen_port)
         self._apply_reconcile(reconciler.run_once(full=True))
+        self.ship_audit()  # changes made while the gateway was down
         return reconciler
 
     def _apply_reconcile(self, report) -> None:
@@ -235,6 +243,10 @@ class GatewayApp:
         admitted = [r for r in report.changed if r.device_id in report.admitted_ids]
         if report.full:
             self.directory.replace(admitted)
+            now = datetime.now(UTC)
+            counts = Counter(str(r.effective_status(now)) for r in report.changed)
+            for status in ("active", "suspended", "quarantined", "revoked"):
+                self.metrics.devices.labels(status).set(counts.get(status, 0))
         else:
             self.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
         self.metrics.peers.set(len(report.admitted_ids))
@@ -250,11 +262,14 @@ class GatewayApp:
             if self.cutter.cut(state.client_id, reason):
                 self.metrics.connections_cut.inc()
 
+    def _on_log_record(self, stream: str, line: str) -> None:
+        self.metrics.observe_log_record(stream, line)
+        if self.syslog is not None:
+            self.syslog(stream, line)
+
     def _log_write_failed(self, stream: str, exc: Exception) -> None:
         """Counted always; alerted at most once a minute per stream (a full disk fails
         every write, and the alert queue must not fill with the same news)."""
-        import time
-        from datetime import UTC, datetime
         self.metrics.log_write_errors.labels(stream).inc()
         now = time.monotonic()
         if self.alerts is not None and now - self._log_alert_sent.get(stream, -1e9) > 60:
@@ -264,7 +279,6 @@ class GatewayApp:
     def ship_audit(self) -> int:
         """Copy operator changes recorded in the registry (by any process) into the
         tamper-evident audit stream; only this process writes the log files."""
-        from datetime import UTC, datetime
         entries = self.registry.unshipped_audit()
         for e in entries:
             record = {
@@ -305,8 +319,15 @@ class GatewayApp:
             await asyncio.sleep(LOG_ROTATION_CHECK_SECONDS)
             try:
                 await asyncio.to_thread(self.logstore.rotate_if_needed)
+                await asyncio.to_thread(self.purge_expired_logs)
             except Exception:
-                log.exception("log rotation failed; will retry")
+                log.exception("log rotation or retention purge failed; will retry")
+
+    def purge_expired_logs(self) -> None:
+        """Retention: remove whole day files older than logs.retention_days (default 3 years)."""
+        report = purge(self.cfg.log_dir, datetime.now(UTC) - timedelta(days=self.cfg.log_retention_days))
+        if report.removed:
+            log.info("retention: removed %d log files older than %d days", len(report.removed), self.cfg.log_retention_days)
 
     def teardown(self) -> None:
         cfg = self.cfg

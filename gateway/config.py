@@ -134,6 +134,22 @@ SCHEMA: dict[str, Any] = {
             "properties": {"allow_hosts": {"type": "array", "items": _STR}},
         },
         "alerts": ALERTS_SCHEMA,
+        "logs": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                # IPA SME 技術的対策 3.8: keep gateway logs three years.
+                "retention_days": {"type": "integer", "minimum": 1},
+                "on_write_error": {"enum": ["block", "continue"]},
+                "fsync": {"enum": ["rotate", "always", "interval"]},
+                "syslog": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["host"],
+                    "properties": {"host": _STR, "port": _PORT, "transport": {"enum": ["udp", "tcp"]}},
+                },
+            },
+        },
         "mail": {
             # issue #5: mail filtering at the edge (addons/mail.py)
             "type": "object",
@@ -224,6 +240,10 @@ class GatewayConfig:
     extra_addons: tuple[str, ...]
     sinkhole_ipv4: str = "198.18.0.1"   # DNS answer for names blocked with dns_block: sinkhole
     sinkhole_ipv6: str = "100::1"       # (RFC 2544 benchmark / RFC 6666 discard: never real hosts)
+    log_retention_days: int = 1096              # 3 years (IPA SME 技術的対策 3.8)
+    log_on_write_error: str = "block"           # block the request, or continue unlogged
+    log_fsync: str = "rotate"
+    syslog: dict | None = None                  # {host, port, transport}: RFC 5424 forwarding
     alerts: dict | None = None                 # the `alerts:` section (gateway/reports/alerting.py)
     policy_path: Path | None = None          # the policy engine's file; None: built-in host rules
     quarantine_allow_hosts: tuple[str, ...] = ()
@@ -430,6 +450,10 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         host_rules=tuple(rules),
         extra_addons=tuple(d.get("addons", {}).get("extra", [])),
         alerts=d.get("alerts"),
+        log_retention_days=d.get("logs", {}).get("retention_days", 1096),
+        log_on_write_error=d.get("logs", {}).get("on_write_error", "block"),
+        log_fsync=d.get("logs", {}).get("fsync", "rotate"),
+        syslog=d.get("logs", {}).get("syslog"),
         sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
         sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),
         policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,
