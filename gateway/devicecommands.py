@@ -51,6 +51,10 @@ def operator_name() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
+def _bad_key(value: str) -> int:
+    return _error(Text("WireGuard 公開鍵が不正です: {k}", "Not a WireGuard public key: {k}").format(k=value))
+
+
 def _error(text: Text) -> int:
     print(text.render(), file=sys.stderr)
     return EXIT_USAGE
@@ -183,11 +187,9 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    key = None
-    if args.public_key is not None:
-        key = _normalize_key(args.public_key)
-        if key is None:
-            return _error(Text("WireGuard 公開鍵が不正です: {k}", "Not a WireGuard public key: {k}").format(k=args.public_key))
+    key = _normalize_key(args.public_key) if args.public_key is not None else None
+    if args.public_key is not None and key is None:
+        return _bad_key(args.public_key)
     try:
         jailbroken = _yes_no(args.jailbroken)
     except ValueError:
@@ -311,11 +313,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    key = None
-    if args.public_key is not None:
-        key = _normalize_key(args.public_key)
-        if key is None:
-            return _error(Text("WireGuard 公開鍵が不正です: {k}", "Not a WireGuard public key: {k}").format(k=args.public_key))
+    key = _normalize_key(args.public_key) if args.public_key is not None else None
+    if args.public_key is not None and key is None:
+        return _bad_key(args.public_key)
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
