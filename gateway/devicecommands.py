@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -538,7 +539,17 @@ def _then_apply_now(handler):
     """After a command that changed the registry, ask the running gateway to reconcile at
     once (a revocation then takes effect in milliseconds, not at the next poll)."""
     def run(args: argparse.Namespace) -> int:
-        code = handler(args)
+        try:
+            code = handler(args)
+        except sqlite3.OperationalError as exc:
+            # e.g. another process holds the registry's write lock past the busy timeout
+            # (found by tests/e2e/test_faults.py: this was a traceback). The transaction
+            # was rolled back: nothing changed, and the gateway is not poked.
+            print(Text("端末登録データベースを変更できませんでした({e})。別のプロセスがロックしている可能性があります。"
+                       "何も変更していません。",
+                       "could not change the device registry ({e}); another process may hold its lock. "
+                       "Nothing was changed.").format(e=exc).render(), file=sys.stderr)
+            return EXIT_FAIL
         if code in (EXIT_OK, EXIT_FAIL):  # import-posture: 1 = partly applied
             from gateway.cli import load_config_or_exit
 

@@ -74,9 +74,12 @@ def normalize_host(host: str | None) -> str | None:
     try:
         # The stdlib IDNA 2003 codec: enough for the Japanese names operators write in
         # lists (例え.jp); the project pins no separate idna package.
-        return h.encode("idna").decode("ascii")
+        encoded = h.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+    # IDNA maps the other full stops (。．｡ and U+2024) to ".": "example.com。" must be
+    # example.com too, not "example.com." (found by bench/fuzz.py).
+    return encoded.rstrip(".") or None
 
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

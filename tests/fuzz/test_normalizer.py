@@ -72,7 +72,7 @@ def _respell_host(host: str, draw) -> str:
     if not host.isascii() and draw(st.booleans()):
         host = normalize_host(host) or host  # the punycode form
     host = "".join(c.upper() if c.isascii() and draw(st.booleans()) else c for c in host)
-    return host + draw(st.sampled_from(["", "", "."]))
+    return host + draw(st.sampled_from(["", "", ".", "\u3002"]))  # 。 is a full stop in IDNA
 
 
 def _respell_path(path: str, draw) -> str:
