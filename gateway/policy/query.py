@@ -132,6 +132,8 @@ def normalize_url(url: str) -> str:
         host, colon, port = new_authority.partition(":")
         if colon and ":" + port == default_port:
             colon = port = ""
+        if not host.isascii():  # IDN in punycode, as patterns are compiled (urlpattern.py)
+            host = normalize_host(host) or host
         new_authority = host.rstrip(".") + colon + port
     if "%" in rest:
         rest = _ESCAPE.sub(_unescape_unreserved, rest)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from ipaddress import ip_address
 
+from gateway.policy.query import normalize_host
+
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 
 
@@ -56,6 +58,10 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         else:
             raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
     host = authority.lower().rstrip(".")
+    if not host.isascii():  # an IDN: the punycode form normalize_url gives URLs
+        prefix = "*." if host.startswith("*.") else ""
+        if "*" not in host[len(prefix):]:
+            host = prefix + (normalize_host(host[len(prefix):]) or host[len(prefix):])
     if host.startswith("[") and host.endswith("]") and "*" not in host:
         try:  # the spelling normalize_url gives URLs: [2001:0DB8::5] is [2001:db8::5]
             host = f"[{ip_address(host[1:-1])}]"
