@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -313,6 +314,11 @@ class MailFilter:
             verdict = MailVerdict(policy.malformed_message, 0, (), notes=(exc.text,))
         action = verdict.action
         data: bytes | None = None
+        if context.direction == "outbound" and action == MailAction.NEUTRALIZE:
+            # Outgoing mail is never altered behind the sender's back: a message whose
+            # attachment would be removed is refused, and the sender is told why.
+            verdict = dataclasses.replace(verdict, action=MailAction.REJECT)
+            action = verdict.action
         if action in (MailAction.DELIVER, MailAction.TAG, MailAction.NEUTRALIZE):
             if context.direction == "outbound" and action == MailAction.TAG:
                 data = raw   # outgoing: a warning for the recipient is not ours to add; logged
@@ -320,9 +326,8 @@ class MailFilter:
                 try:
                     data = render_message(raw, verdict, policy)
                 except RewriteFailed:
-                    verdict = MailVerdict(MailAction.QUARANTINE, verdict.score, verdict.indicators, verdict.scanned,
-                                          verdict.notes)
-                    action = MailAction.QUARANTINE
+                    verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
+                    action = verdict.action
         qid = None
         if action == MailAction.QUARANTINE:
             qid = self.quarantine.put(raw, verdict, context)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,6 @@ MAIL_HOST = "mail.city.kanmon.example.jp"
 PRIVATE_MAIL_HOST = "mail.private-mail.test"  # a "private" mail server (not the organization's)
 MAIL_USERS = {"taro": "taro-pass", "hanako": "hanako-pass"}
 VMAIL_USER = "nobody"
-
-
-def _make_traversable(path: Path) -> None:
-    """The daemons drop root (postfix, dovecot, nobody for delivery): every directory above
-    the work dir must let them pass (execute only; listing stays refused). Test temp dirs
-    are created 0700."""
-    for p in [path, *path.parents]:
-        mode = p.stat().st_mode
-        if not mode & 0o001:
-            p.chmod(mode | 0o011)
 
 
 def mail_prerequisites() -> list[str]:
@@ -60,10 +51,18 @@ class MailServers:
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        self.postfix_dir = self.workdir / "postfix"
-        self.dovecot_dir = self.workdir / "dovecot"
+        # Configuration files go to the work dir (the test's temp dir). What the daemons use
+        # after dropping root (queues, Maildirs, sockets, logs) must be reachable by the
+        # postfix/dovecot/nobody users; test temp dirs are 0700 and other pytest sessions
+        # reset their root to 0700 at any time, so that lives in its own 0711 directory.
+        self.runtime = Path(tempfile.mkdtemp(prefix="kanmon-lab-mail-", dir="/var/tmp"))
+        self.runtime.chmod(0o711)
+        self.postfix_config = self.workdir / "postfix"
+        self.dovecot_config = self.workdir / "dovecot"
+        self.postfix_dir = self.runtime / "postfix"
+        self.dovecot_dir = self.runtime / "dovecot"
         self.clamd_dir = self.workdir / "clamd"
-        self.vmail = self.workdir / "vmail"
+        self.vmail = self.runtime / "vmail"
 
     @property
     def clamd_socket(self) -> Path:
@@ -75,7 +74,8 @@ class MailServers:
     # -- start ---------------------------------------------------------------------------
     def start(self) -> "MailServers":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        _make_traversable(self.workdir)
+        for path in (self.postfix_config, self.dovecot_config, self.postfix_dir, self.dovecot_dir):
+            path.mkdir(parents=True, exist_ok=True)
         uid, gid = pwd.getpwnam(VMAIL_USER).pw_uid, pwd.getpwnam(VMAIL_USER).pw_gid
         for user in MAIL_USERS:
             for sub in ("new", "cur", "tmp"):
@@ -89,7 +89,7 @@ class MailServers:
             self._wait_port(port)
         return self
 
-    def _wait_port(self, port: int, timeout: float = 30) -> None:
+    def _wait_port(self, port: int, timeout: float = 90) -> None:
         code = (f"import socket,sys\ns=socket.socket();s.settimeout(1)\n"
                 f"sys.exit(0 if s.connect_ex(({self.addresses[0]!r},{port}))==0 else 1)")
         deadline = time.monotonic() + timeout
@@ -133,8 +133,10 @@ class MailServers:
         d = self.dovecot_dir
         for sub in ("run", "state"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        c = self.dovecot_config
+        # The password file is read by the auth process after it dropped root: runtime dir.
         (d / "users").write_text("".join(f"{u}@{MAIL_DOMAIN}:{{PLAIN}}{p}\n" for u, p in MAIL_USERS.items()))
-        (d / "dovecot.conf").write_text(f"""
+        (c / "dovecot.conf").write_text(f"""
 base_dir = {d / 'run'}
 state_dir = {d / 'state'}
 log_path = {d / 'dovecot.log'}
@@ -184,7 +186,7 @@ service pop3-login {{
 }}
 """)
         log = open(d / "dovecot.out", "w")
-        proc = self.ns.popen("dovecot", "-F", "-c", str(d / "dovecot.conf"), stdout=log)
+        proc = self.ns.popen("dovecot", "-F", "-c", str(c / "dovecot.conf"), stdout=log)
         self.procs.append(proc)
         time.sleep(0.3)
         if proc.poll() is not None:
@@ -196,8 +198,10 @@ service pop3-login {{
             (d / sub).mkdir(parents=True, exist_ok=True)
         postfix_user = pwd.getpwnam("postfix")
         os.chown(d / "data", postfix_user.pw_uid, postfix_user.pw_gid)
+        c = self.postfix_config
+        # Lookup tables are opened by daemons that dropped root: runtime dir.
         (d / "vmailbox").write_text("".join(f"{u}@{MAIL_DOMAIN} {MAIL_DOMAIN}/{u}/\n" for u in MAIL_USERS))
-        (d / "main.cf").write_text(f"""
+        (c / "main.cf").write_text(f"""
 compatibility_level = 3.6
 queue_directory = {d / 'spool'}
 data_directory = {d / 'data'}
@@ -256,12 +260,12 @@ virtual_mailbox_limit = 0
             if command in ("cleanup", "bounce", "flush"):
                 maxproc = "0"
             lines.append(f"{name} {kind} {private} {unpriv.get(command, '-')} n {wakeup} {maxproc} {command}{args}")
-        (d / "master.cf").write_text("\n".join(lines) + "\n")
-        out = self.ns.run("postfix", "-c", str(d), "check", check=False)
+        (c / "master.cf").write_text("\n".join(lines) + "\n")
+        out = self.ns.run("postfix", "-c", str(c), "check", check=False)
         log = open(d / "postfix.out", "w")
         log.write(out.stdout + out.stderr)
         log.flush()
-        proc = self.ns.popen("postfix", "-c", str(d), "start-fg", stdout=log)
+        proc = self.ns.popen("postfix", "-c", str(c), "start-fg", stdout=log)
         self.procs.append(proc)
         time.sleep(0.5)
         if proc.poll() is not None:
@@ -297,7 +301,7 @@ virtual_mailbox_limit = 0
         return "\n".join(out)
 
     def stop(self) -> None:
-        subprocess.run(["postfix", "-c", str(self.postfix_dir), "stop"], capture_output=True, timeout=30)
+        subprocess.run(["postfix", "-c", str(self.postfix_config), "stop"], capture_output=True, timeout=30)
         for proc in self.procs:
             if proc.poll() is None:
                 try:
@@ -308,3 +312,9 @@ virtual_mailbox_limit = 0
                         os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        for path in (self.postfix_dir / "postfix.log", self.dovecot_dir / "dovecot.log"):
+            if path.exists():
+                shutil.copy(path, logs / path.name)
+        shutil.rmtree(self.runtime, ignore_errors=True)
