@@ -1,0 +1,732 @@
+"""Several gateway nodes on one PostgreSQL registry (issue #8): node identity and health,
+behaviour while the registry is unreachable, policy distribution, `kanmon cluster ...`.
+
+Deployment decisions (see the report / README section):
+- Tunnel addresses are allocated in the shared registry (`PgRegistry.allocate_addresses`,
+  leased under an advisory lock), so they never collide across nodes.
+- One WireGuard server key per deployment: every node has the same `tunnel.private_key_file`
+  (copied by the operator like any other secret; never stored in the database, so reading the
+  registry does not let anyone impersonate the gateway). Every node has every admitted device
+  as a peer, so a device may use any node with the same configuration; only the endpoint
+  differs (one DNS name for all nodes, or one per site). A device moves between nodes by
+  roaming (WireGuard follows the new endpoint) without re-enrollment.
+- Registry unreachable: each node keeps enforcing the last state it applied (the reconciler's
+  records and the host's peers/drop sets stay; usage periods and suspensions still end on time),
+  every change is refused with `RegistryUnavailable` (bilingual), `kanmon_registry_up` drops to 0
+  and an alert is sent. Revocations/suspensions/quarantines issued meanwhile with `kanmon cluster
+  revoke|suspend|quarantine` go into a local SQLite outbox (state_dir/registry-outbox.sqlite3):
+  the node they were issued on applies them at once, and they are replayed into the registry
+  (with their audit entries) as soon as it answers again, then reach every node. Nothing queued is
+  lost: an entry is marked replayed only in the same step that wrote it to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.i18n import Text
+from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, RegistryError
+
+log = logging.getLogger("kanmon.cluster")
+
+REGISTRY_URL_ENV = "KANMON_REGISTRY_URL"
+REPORT_SECONDS = 2.0           # how often a node writes its row in `nodes`
+STALE_SECONDS = 10.0           # a node silent for longer is shown as stale
+QUEUEABLE = {DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
+             DeviceStatus.QUARANTINED: "device-quarantined"}
+
+REGISTRY_SCHEMA = {
+    # config.py: "registry": REGISTRY_SCHEMA  (absent: the embedded SQLite registry)
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["url"],
+    "properties": {"url": {"type": "string", "pattern": "^postgres(ql)?://"}},
+}
+
+
+def registry_url_of(cfg) -> str | None:
+    """The shared registry's URL: `registry.url` in the config (cfg.registry_url once
+    config.py has it), else $KANMON_REGISTRY_URL; None: the embedded SQLite registry."""
+    return getattr(cfg, "registry_url", None) or os.environ.get(REGISTRY_URL_ENV) or None
+
+
+# -- local outbox ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueuedChange:
+    seq: int
+    device_id: str
+    status: DeviceStatus
+    reason: str
+    suspended_until: datetime | None
+    actor: str
+    queued_at: datetime
+    node: str
+
+
+class LocalOutbox:
+    """Status changes issued while the registry is unreachable (SQLite in the state dir,
+    shared by the CLI and the gateway process)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS queued (seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,"
+            " status TEXT NOT NULL, reason TEXT NOT NULL, suspended_until TEXT, actor TEXT NOT NULL,"
+            " queued_at TEXT NOT NULL, node TEXT NOT NULL, replayed_at TEXT, result TEXT)")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def queue(self, device_id: str, status: DeviceStatus, reason: str, actor: str, node: str,
+              suspended_until: datetime | None = None) -> int:
+        if status not in QUEUEABLE:
+            raise ValueError(f"only revocations, suspensions and quarantines are queued, not {status}")
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO queued (device_id, status, reason, suspended_until, actor, queued_at, node)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (device_id, str(status), reason, suspended_until.isoformat() if suspended_until else None, actor,
+                 datetime.now(UTC).isoformat(), node))
+            return cur.lastrowid
+
+    def pending(self) -> list[QueuedChange]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, device_id, status, reason, suspended_until, actor, queued_at, node"
+                                    " FROM queued WHERE replayed_at IS NULL ORDER BY seq").fetchall()
+        return [QueuedChange(r[0], r[1], DeviceStatus(r[2]), r[3], datetime.fromisoformat(r[4]) if r[4] else None,
+                             r[5], datetime.fromisoformat(r[6]), r[7]) for r in rows]
+
+    def mark_replayed(self, seq: int, result: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE queued SET replayed_at=?, result=? WHERE seq=?",
+                             (datetime.now(UTC).isoformat(), result, seq))
+
+    def history(self) -> list[tuple[int, str, str, str | None, str | None]]:
+        with self._lock:
+            return self._db.execute("SELECT seq, device_id, status, replayed_at, result FROM queued ORDER BY seq").fetchall()
+
+
+def apply_queued(rec: DeviceRecord, change: QueuedChange) -> DeviceRecord:
+    """Pure: the record after a queued change (a revocation is never undone by a later one)."""
+    if rec.status is DeviceStatus.REVOKED:
+        return rec
+    return replace(rec, status=change.status, status_reason=change.reason,
+                   suspended_until=change.suspended_until if change.status is DeviceStatus.SUSPENDED else None)
+
+
+def replay_outbox(registry, outbox: LocalOutbox) -> list[tuple[int, str]]:
+    """Write every pending queued change into the registry, oldest first, each with its audit
+    entry. Stops at the first RegistryUnavailable (the rest stays queued)."""
+    done = []
+    for change in outbox.pending():
+        rec = registry.get(change.device_id)
+        if rec is None:
+            result = "unknown device"
+        elif rec.status is DeviceStatus.REVOKED:
+            result = "already revoked"
+        else:
+            reason = f"{change.reason} (queued on {change.node} at {change.queued_at.isoformat()} during a registry outage)"
+            registry.update(apply_queued(rec, change), audit=AuditEntry(change.actor, QUEUEABLE[change.status], reason))
+            result = "applied"
+        outbox.mark_replayed(change.seq, result)
+        log.warning("queued %s of %s (#%d) replayed into the registry: %s", change.status, change.device_id,
+                    change.seq, result)
+        done.append((change.seq, result))
+    return done
+
+
+# -- the gateway's view of a shared registry ---------------------------------------------------
+
+class OutageTolerantRegistry:
+    """`DeviceRegistry` for the gateway process over a `PgRegistry`. While the server answers
+    it passes everything through and remembers the records; while it does not, reads come from
+    that memory with the local outbox's queued changes on top (so the node keeps enforcing the
+    last state and applies its own queued revocations), writes raise RegistryUnavailable. When
+    the server answers again it replays the outbox first, then serves the real revision.
+
+    Revisions seen during an outage are negative (never a real one): the first real read after
+    it continues from the last real revision the caller consumed."""
+
+    def __init__(self, inner, outbox: LocalOutbox, on_state: Callable[[bool, str], None] = lambda up, d: None):
+        self.inner = inner
+        self.outbox = outbox
+        self.on_state = on_state
+        self.up = True
+        self.records: dict[str, DeviceRecord] = {}
+        self.consumed_revision = 0
+        self._last_read_revision: int | None = None
+        self._overlaid: int = 0   # highest outbox seq already handed out during this outage
+
+    def __getattr__(self, name):     # report_node, nodes, close ... pass through
+        return getattr(self.inner, name)
+
+    def _down(self, exc: Exception) -> None:
+        if self.up:
+            self.up = False
+            log.critical("registry unreachable; enforcing the last known state: %s", getattr(exc, "detail", exc))
+            self.on_state(False, str(getattr(exc, "detail", exc)))
+
+    def _recovered(self) -> None:
+        if not self.up:
+            replay_outbox(self.inner, self.outbox)
+            self.up = True
+            self._overlaid = 0
+            log.warning("registry reachable again")
+            self.on_state(True, "")
+
+    def _pseudo_revision(self) -> int:
+        pending = self.outbox.pending()
+        return -1 - (pending[-1].seq if pending else 0)
+
+    def _overlay(self, records: dict[str, DeviceRecord], changes: list[QueuedChange]) -> list[DeviceRecord]:
+        out = []
+        for change in changes:
+            rec = records.get(change.device_id)
+            if rec is not None:
+                records[change.device_id] = rec = apply_queued(rec, change)
+                out.append(rec)
+        return out
+
+    def revision(self) -> int:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            if not self.up:
+                self.inner.revision()
+                self._recovered()
+            self._last_read_revision = self.inner.revision()
+            return self._last_read_revision
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            return self._pseudo_revision()
+
+    def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            if not self.up:
+                self._recovered()
+            current, changed = self.inner.changed_since(revision if revision >= 0 else self.consumed_revision)
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            fresh = [c for c in self.outbox.pending() if c.seq > self._overlaid]
+            if fresh:
+                self._overlaid = fresh[-1].seq
+            return self._pseudo_revision(), self._overlay(self.records, fresh)
+        self.records.update({r.device_id: r for r in changed})
+        self.consumed_revision = current
+        return current, changed
+
+    def all(self) -> list[DeviceRecord]:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            if not self.up:
+                self._recovered()
+            records = self.inner.all()
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            view = dict(self.records)
+            self._overlay(view, self.outbox.pending())
+            return sorted(view.values(), key=lambda r: r.device_id)
+        self.records = {r.device_id: r for r in records}
+        if self._last_read_revision is not None:
+            self.consumed_revision = self._last_read_revision
+        return records
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            return self.inner.get(device_id)
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            return self.records.get(device_id)
+
+    def by_public_key(self, key: str) -> DeviceRecord | None:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            return self.inner.by_public_key(key)
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            return next((r for r in self.records.values() if r.wg_public_key == key), None)
+
+    def add(self, record, audit=None):
+        return self.inner.add(record, audit)
+
+    def update(self, record, audit=None):
+        return self.inner.update(record, audit)
+
+    def allocate_addresses(self, prefix4, prefix6):
+        return self.inner.allocate_addresses(prefix4, prefix6)
+
+    def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            return self.inner.unshipped_audit(limit)
+        except RegistryUnavailable as exc:
+            self._down(exc)
+            return []
+
+    def mark_audit_shipped(self, ids: list[int]) -> None:
+        self.inner.mark_audit_shipped(ids)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.outbox.close()
+
+
+def outbox_path(cfg) -> Path:
+    return cfg.state_dir / "registry-outbox.sqlite3"
+
+
+def open_registry(cfg, *, node: str | None = None, gateway: bool = False):
+    """The registry the config selects: PostgreSQL when a registry URL is set (wrapped in
+    OutageTolerantRegistry for the gateway process), else the embedded SQLite file."""
+    url = registry_url_of(cfg)
+    if url is None:
+        from gateway.registry import SqliteRegistry
+        return SqliteRegistry(cfg.registry_path)
+    from gateway.registry_pg import PgRegistry
+    inner = PgRegistry(url, node=node or cfg.node_name)
+    if not gateway:
+        return inner
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return OutageTolerantRegistry(inner, LocalOutbox(outbox_path(cfg)))
+
+
+# -- node health -------------------------------------------------------------------------------
+
+class NodeReporter:
+    """Writes this node's row in `nodes` every REPORT_SECONDS (own connection, daemon thread);
+    failures are only logged (the registry may be down: the node keeps working)."""
+
+    def __init__(self, url: str, snapshot: Callable[[], object], interval: float = REPORT_SECONDS):
+        self.url = url
+        self.snapshot = snapshot
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._registry = None
+
+    def start(self) -> "NodeReporter":
+        self._thread = threading.Thread(target=self._run, name="node-reporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def report_once(self) -> None:
+        from gateway.registry_pg import PgRegistry
+        if self._registry is None:
+            self._registry = PgRegistry(self.url, node="reporter")
+        self._registry.report_node(self.snapshot())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.report_once()
+            except RegistryError as exc:
+                log.debug("node report failed: %s", exc)
+            except Exception:
+                log.exception("node report failed")
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(3)
+        if self._registry is not None:
+            self._registry.close()
+
+
+class ClusterMetrics:
+    """Cluster gauges on the gateway's own Prometheus registry (GatewayMetrics.registry)."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Counter, Gauge
+        self.registry_up = Gauge("kanmon_registry_up", "1 while the shared registry (PostgreSQL) answers.", registry=registry)
+        self.notifications = Counter("kanmon_registry_notifications_total", "LISTEN/NOTIFY messages received, by channel.",
+                                     ["channel"], registry=registry)
+        self.outbox_pending = Gauge("kanmon_registry_outbox_pending",
+                                    "Status changes queued locally during a registry outage, not yet replayed.", registry=registry)
+        self.node_info = Gauge("kanmon_node_info", "This node (value 1), by name, version and policy version.",
+                               ["node", "version", "policy_version"], registry=registry)
+        self.last_reconcile = Gauge("kanmon_last_reconcile_timestamp_seconds", "Unix time of the last reconcile pass.",
+                                    registry=registry)
+        self.registry_up.set(1)
+
+
+def registry_outage_event(node: str, detail: str, at: datetime):
+    from gateway.reports.alerting import SEVERITY_CRITICAL, AlertEvent
+    return AlertEvent("registry-unreachable", SEVERITY_CRITICAL,
+                      Text("ノード {n}: 端末登録データベースに接続できません。最後の状態で制御を継続し、変更は受け付けません",
+                           "node {n}: the device registry is unreachable; enforcing the last known state, refusing changes")
+                      .format(n=node), at, {"error.message": detail}, guideline="IPA SME 技術的対策 3.3")
+
+
+# -- policy distribution -----------------------------------------------------------------------
+
+class PolicySync:
+    """Brings the node's applied-policy link to the cluster's current policy: materializes it
+    under state_dir/cluster-policies/<version>/ and swaps the link atomically (the same link
+    `kanmon policy apply` uses); the caller then reloads (SIGHUP path: compile, swap)."""
+
+    def __init__(self, url: str, cfg):
+        self.url = url
+        self.cfg = cfg
+        self._store = None
+
+    def store(self):
+        from gateway.registry_pg import PolicyStore
+        if self._store is None:
+            self._store = PolicyStore(self.url)
+        return self._store
+
+    def sync_files(self) -> str | None:
+        """The current version id if the link now points at a different policy than before
+        (a reload is needed), else None. RegistryUnavailable when the server is down."""
+        from gateway.registry_pg import materialize
+        current = self.store().current()
+        if current is None:
+            return None
+        path = materialize(current, self.cfg.state_dir / "cluster-policies")
+        if self.cfg.active_policy_path() == path:
+            return None
+        link = self.cfg.applied_policy_link
+        tmp = link.with_name(link.name + ".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        os.replace(tmp, link)
+        log.info("cluster policy %s linked in", current.version_id)
+        return current.version_id
+
+
+# -- the gateway process with a shared registry (to be folded into gateway/app.py) ---------------
+
+def cluster_app_class():
+    """GatewayApp with the shared registry, LISTEN/NOTIFY, policy sync and node reports.
+    Imported lazily: gateway.app pulls in mitmproxy."""
+    import asyncio
+
+    import gateway.app as app_module
+    from gateway import __version__
+    from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL, NodeReport, RegistryUnavailable, RegistryWatcher
+
+    class ClusterGatewayApp(app_module.GatewayApp):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.registry_url = registry_url_of(self.cfg)
+            self.cluster_metrics = ClusterMetrics(self.metrics.registry)
+            self.started_at = datetime.now(UTC)
+            self.last_reconcile_at: datetime | None = None
+            self.admitted_count = 0
+            self.policy_sync = PolicySync(self.registry_url, self.cfg)
+            self.watcher: RegistryWatcher | None = None
+            self.reporter: NodeReporter | None = None
+            self._loop = None
+
+        def prepare_host(self):
+            try:
+                self.policy_sync.sync_files()      # start with the cluster's policy
+            except RegistryUnavailable as exc:
+                log.error("cannot read the cluster policy; starting with the local one: %s", exc.detail)
+            registry = open_registry(self.cfg, gateway=True)
+            registry.on_state = self._registry_state
+            original = app_module.SqliteRegistry
+            app_module.SqliteRegistry = lambda path: registry   # app.py wiring stand-in
+            try:
+                return super().prepare_host()
+            finally:
+                app_module.SqliteRegistry = original
+
+        def _apply_reconcile(self, report) -> None:
+            super()._apply_reconcile(report)
+            self.admitted_count = len(report.admitted_ids)
+            self.last_reconcile_at = datetime.now(UTC)
+            self.cluster_metrics.last_reconcile.set(self.last_reconcile_at.timestamp())
+            if isinstance(self.registry, OutageTolerantRegistry):
+                self.cluster_metrics.outbox_pending.set(len(self.registry.outbox.pending()))
+
+        def _registry_state(self, up: bool, detail: str) -> None:
+            self.cluster_metrics.registry_up.set(1 if up else 0)
+            if not up and self.alerts is not None:
+                self.alerts.send(registry_outage_event(self.cfg.node_name, detail, datetime.now(UTC)))
+            if up and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._reconcile_now.set)
+
+        def _on_notify(self, channel: str, payload: str) -> None:
+            self.cluster_metrics.notifications.labels(channel).inc()
+            if self._loop is None:
+                return
+            if channel == REGISTRY_CHANNEL:
+                self._loop.call_soon_threadsafe(self._reconcile_now.set)
+            elif channel == POLICY_CHANNEL:
+                self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sync_policy()))
+
+        async def _sync_policy(self) -> None:
+            try:
+                changed = await asyncio.to_thread(self.policy_sync.sync_files)
+            except RegistryUnavailable as exc:
+                log.error("cluster policy not readable: %s", exc.detail)
+                return
+            if changed:
+                await self.reload_policy()
+
+        def node_report(self) -> NodeReport:
+            policy_version = self.policy.current.snapshot.version if self.policy is not None else None
+            self.cluster_metrics.node_info.clear()
+            self.cluster_metrics.node_info.labels(self.cfg.node_name, __version__, policy_version or "").set(1)
+            registry = self.registry
+            return NodeReport(
+                name=self.cfg.node_name, version=__version__, policy_version=policy_version,
+                peers=self.admitted_count, registry_revision=getattr(registry, "consumed_revision", None),
+                last_reconcile_at=self.last_reconcile_at, started_at=self.started_at,
+                details={"endpoint": self.cfg.endpoint, "registry_up": bool(getattr(registry, "up", True)),
+                         "outbox_pending": len(registry.outbox.pending()) if isinstance(registry, OutageTolerantRegistry) else 0})
+
+        async def run(self) -> int:
+            self._loop = asyncio.get_running_loop()
+            self.watcher = RegistryWatcher(self.registry_url, self._on_notify).start()
+            self.reporter = NodeReporter(self.registry_url, self.node_report).start()
+            try:
+                return await super().run()
+            finally:
+                self.watcher.stop()
+                self.reporter.stop()
+
+    return ClusterGatewayApp
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _config(args):
+    from gateway.cli import load_config_or_exit
+    return load_config_or_exit(args.config)
+
+
+def _url_or_error(cfg) -> str | None:
+    url = registry_url_of(cfg)
+    if url is None:
+        print(Text("共有の端末登録データベースが設定されていません (registry.url または KANMON_REGISTRY_URL)。",
+                   "No shared registry is configured (registry.url or KANMON_REGISTRY_URL).").render(), file=sys.stderr)
+    return url
+
+
+def node_rows(nodes, current_policy: str | None, now_revision: int | None) -> list[dict]:
+    """Pure: the status table, one dict per node, with what is wrong with it."""
+    rows = []
+    for n in nodes:
+        problems = []
+        if n.age_seconds is not None and n.age_seconds > STALE_SECONDS:
+            problems.append("stale")
+        if current_policy is not None and n.policy_version != current_policy:
+            problems.append("policy-differs")
+        if not n.details.get("registry_up", True):
+            problems.append("registry-down")
+        rows.append({"name": n.name, "version": n.version, "policy_version": n.policy_version, "peers": n.peers,
+                     "registry_revision": n.registry_revision, "cluster_revision": now_revision,
+                     "last_reconcile_at": n.last_reconcile_at.isoformat() if n.last_reconcile_at else None,
+                     "reported_seconds_ago": round(n.age_seconds, 1) if n.age_seconds is not None else None,
+                     "endpoint": n.details.get("endpoint"), "outbox_pending": n.details.get("outbox_pending", 0),
+                     "state": ",".join(problems) or "ok"})
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.registry_pg import PgRegistry, PolicyStore, RegistryUnavailable
+    cfg = _config(args)
+    url = _url_or_error(cfg)
+    if url is None:
+        return EXIT_USAGE
+    try:
+        reg = PgRegistry(url, node=cfg.node_name)
+        nodes, revision = reg.nodes(), reg.revision()
+        current = PolicyStore(url).current()
+    except RegistryUnavailable as exc:
+        print(exc.text.render(), file=sys.stderr)
+        return EXIT_FAIL
+    rows = node_rows(nodes, current.version_id if current else None, revision)
+    if args.json:
+        print(json.dumps({"registry_revision": revision, "policy_version": current.version_id if current else None,
+                          "nodes": rows}, ensure_ascii=False, indent=2))
+    else:
+        print(Text("登録リビジョン {r} / クラスタのポリシー {p}", "registry revision {r} / cluster policy {p}")
+              .format(r=revision, p=current.version_id if current else "-").render())
+        print(f"{'NODE':<12} {'VERSION':<8} {'POLICY':<17} {'PEERS':>5} {'REV':>6} {'SEEN':>6}  STATE")
+        for r in rows:
+            print(f"{r['name']:<12} {r['version']:<8} {(r['policy_version'] or '-'):<17} {r['peers']:>5} "
+                  f"{r['registry_revision'] if r['registry_revision'] is not None else '-':>6} "
+                  f"{r['reported_seconds_ago']:>5}s  {r['state']}")
+    return EXIT_OK if rows and all(r["state"] == "ok" for r in rows) else EXIT_FAIL
+
+
+def _operator() -> str:
+    import getpass
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def queue_status_change(cfg, device_id: str, status: DeviceStatus, reason: str, actor: str,
+                        until: datetime | None = None) -> int:
+    """Queue a restrictive change in the node's local outbox (registry unreachable)."""
+    outbox = LocalOutbox(outbox_path(cfg))
+    try:
+        return outbox.queue(device_id, status, reason, actor, cfg.node_name, until)
+    finally:
+        outbox.close()
+
+
+def _status_command(status: DeviceStatus):
+    def handler(args: argparse.Namespace) -> int:
+        from gateway.gatewayprocess import poke_reconcile
+        from gateway.registry_pg import PgRegistry, RegistryUnavailable
+        cfg = _config(args)
+        url = _url_or_error(cfg)
+        if url is None:
+            return EXIT_USAGE
+        until = datetime.fromisoformat(args.until) if getattr(args, "until", None) else None
+        try:
+            reg = PgRegistry(url, node=cfg.node_name)
+            rec = reg.get(args.id)
+            if rec is None:
+                print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+                return EXIT_FAIL
+            if rec.status is DeviceStatus.REVOKED:
+                print(Text("既に失効しています: {d}", "already revoked: {d}").format(d=args.id).render())
+                return EXIT_OK
+            reg.update(replace(rec, status=status, status_reason=args.reason, suspended_until=until),
+                       audit=AuditEntry(_operator(), QUEUEABLE[status], args.reason))
+            print(f"{rec.device_id} {status}")
+        except RegistryUnavailable as exc:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            seq = queue_status_change(cfg, args.id, status, args.reason, _operator(), until)
+            print(exc.text.render(), file=sys.stderr)
+            print(Text("この変更 ({s}: {d}) はこのノードに保存しました (#{n})。このノードでは直ちに適用し、"
+                       "データベースの復旧後に全ノードへ反映します。",
+                       "This change ({s}: {d}) is queued on this node (#{n}): applied here at once, and on "
+                       "every node when the registry is back.").format(s=status, d=args.id, n=seq).render(), file=sys.stderr)
+            poke_reconcile(cfg.pid_path)
+            return EXIT_FAIL
+        poke_reconcile(cfg.pid_path)
+        return EXIT_OK
+    return handler
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    """Compile, store in the registry and make current; every node loads it (NOTIFY). Waits
+    until every node reporting recently runs this version."""
+    from gateway.registry_pg import PgRegistry, PolicyError, PolicyStore, RegistryUnavailable
+    from gateway.yamlsource import SourceErrors
+    cfg = _config(args)
+    url = _url_or_error(cfg)
+    if url is None:
+        return EXIT_USAGE
+    try:
+        version = PolicyStore(url).publish(Path(args.path).resolve(), actor=_operator(), node=cfg.node_name)
+    except SourceErrors as exc:
+        print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_FAIL
+    except PolicyError as exc:
+        print(exc.text.render(), file=sys.stderr)
+        return EXIT_FAIL
+    except RegistryUnavailable as exc:
+        print(exc.text.render(), file=sys.stderr)
+        return EXIT_FAIL
+    deadline = time.monotonic() + args.timeout
+    reg = PgRegistry(url, node=cfg.node_name)
+    lagging: list[str] = []
+    while time.monotonic() < deadline:
+        live = [n for n in reg.nodes() if (n.age_seconds or 0) <= STALE_SECONDS]
+        lagging = [n.name for n in live if n.policy_version != version]
+        if not lagging:
+            print(Text("全ノード ({n} 台) でバージョン {v} が有効です。", "version {v} is in force on all {n} nodes.")
+                  .format(v=version, n=len(live)).render())
+            return EXIT_OK
+        time.sleep(0.1)
+    print(Text("保存しましたが、次のノードはまだ切り替わっていません: {l}", "stored, but these nodes have not switched yet: {l}")
+          .format(l=", ".join(lagging)).render(), file=sys.stderr)
+    return EXIT_FAIL
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cluster = sub.add_parser("cluster", help="several nodes on one registry / 複数ノード構成")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+    status = csub.add_parser("status", help="every node's version, policy, peers, last reconcile")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    for name, st in (("revoke", DeviceStatus.REVOKED), ("suspend", DeviceStatus.SUSPENDED),
+                     ("quarantine", DeviceStatus.QUARANTINED)):
+        p = csub.add_parser(name, help=f"{name} a device; queued on this node while the registry is unreachable")
+        p.add_argument("id")
+        p.add_argument("--config", required=True)
+        p.add_argument("--reason", required=True)
+        if st is DeviceStatus.SUSPENDED:
+            p.add_argument("--until")
+        p.set_defaults(func=_status_command(st))
+    apply = csub.add_parser("policy-apply", help="store a policy in the registry; every node loads it")
+    apply.add_argument("path")
+    apply.add_argument("--config", required=True)
+    apply.add_argument("--timeout", type=float, default=15.0)
+    apply.set_defaults(func=cmd_policy_apply)
+
+
+# -- launcher: `python -m gateway.cluster [--registry-url URL] <kanmon arguments>` ------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """`kanmon` with the shared registry wired in (until app.py/cli.py/devicecommands.py do it):
+    `run` starts ClusterGatewayApp, `device ...` uses the PostgreSQL registry, `cluster ...` is
+    this module's group."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--registry-url"]:
+        os.environ[REGISTRY_URL_ENV] = argv[1]
+        argv = argv[2:]
+    from gateway import cli
+    if argv[:1] == ["run"]:
+        import asyncio
+        cfg = cli.load_config_or_exit(argv[argv.index("--config") + 1])
+        cli._configure_logging(os.environ.get("KANMON_LOG_LEVEL", "info"))
+        from gateway.app import StartupError
+        try:
+            return asyncio.run(cluster_app_class()(cfg).run())
+        except StartupError as exc:
+            print(Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=exc).render(), file=sys.stderr)
+            return 1
+    if argv[:1] == ["cluster"]:
+        parser = argparse.ArgumentParser(prog="kanmon")
+        register(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        cli._configure_logging("warning")
+        return args.func(args)
+    if argv[:1] == ["device"]:
+        import gateway.devicecommands as devicecommands
+
+        def _registry(args):
+            cfg = cli.load_config_or_exit(args.config)
+            return open_registry(cfg), cfg
+        devicecommands._registry = _registry   # devicecommands wiring stand-in
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            return cli.main(argv)
+        except RegistryUnavailable as exc:
+            print(exc.text.render(), file=sys.stderr)
+            return EXIT_FAIL
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
