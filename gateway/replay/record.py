@@ -25,6 +25,7 @@ def record(interface: str, out: str, seconds: float) -> int:
     sock.bind((interface, 0))
     sock.settimeout(0.2)
     writer = RawPcapWriter(out, linktype=LINKTYPE_RAW)
+    writer.write_header(None)  # also when nothing arrives: an empty capture is still a capture
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

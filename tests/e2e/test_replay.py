@@ -112,3 +112,62 @@ def test_bad_inputs_exit_2_with_the_reason(rlab: Lab, tmp_path: Path):
     code, _, err = kanmon_replay(str(CORPUS), "--expect", str(EXPECT), "--lab-state", str(rlab.workdir),
                                  "--device", "nope")
     assert code == 2 and "no device 'nope'" in err
+
+
+def test_record_then_replay_a_real_browse(rlab: Lab, tmp_path: Path):
+    import threading
+    import time
+
+    from gateway.replay.capture import read_capture, split_flows
+    dev = rlab.devices[0]
+    capture = tmp_path / "recorded.pcap"
+    recorded: dict = {}
+    recorder = threading.Thread(target=lambda: recorded.update(result=kanmon_replay(
+        "--record", "--lab-state", str(rlab.workdir), "--device", dev.device_id, "--out", str(capture),
+        "--seconds", "4")))
+    recorder.start()
+    time.sleep(1.5)
+    result = dev.curl("http://www.example.test/replay/recorded", "--resolve", f"www.example.test:80:{WEB4}")
+    assert result.stdout.endswith("HTTP_CODE=200"), result.stderr
+    recorder.join(timeout=30)
+    code, out, err = recorded["result"]
+    assert code == 0 and "recorded" in out, err
+    every = split_flows(read_capture(capture))
+    flows = [f for f in every if f.dport == 80]
+    assert len(flows) == 1 and flows[0].mode == "stream"
+    assert flows[0].payload.startswith(b"GET /replay/recorded HTTP/1.1")
+    # Besides the browse, the recording may hold the link's own chatter (IPv6 router
+    # solicitations from the tunnel's link-local address): the gateway answers none of it.
+    expect = tmp_path / "recorded.yaml"
+    expect.write_text("flows:\n" + "".join(
+        f'  "{f.id}": {{outcome: allowed, status: 200}}\n' if f.dport == 80 else f'  "{f.id}": {{outcome: dropped}}\n'
+        for f in every))
+    code, out, err = kanmon_replay(str(capture), "--expect", str(expect), "--lab-state", str(rlab.workdir))
+    assert code == 0, out + err
+    assert [r["uri"] for r in rlab.nginx_requests()].count("/replay/recorded") == 2  # browsed, then replayed
+
+
+def test_a_packet_leaving_around_the_proxy_is_counted_as_a_bypass(rlab: Lab, tmp_path: Path):
+    """The witness is not blind: a UDP packet sent from the gateway namespace straight to the
+    internet while a replay runs (what a steering bug would do) fails the replay."""
+    import threading
+    import time
+
+    from gateway.lab.topology import SPARE4
+    dev = rlab.devices[0]
+    capture = tmp_path / "one.pcap"
+    wrpcap(str(capture), [IP(src=dev.ipv4, dst=WEB4) / TCP(sport=47002, dport=80, flags="S", seq=1)
+                          / Raw(b"SYN with data")])
+    flow = f"tcp {dev.ipv4}:47002>{WEB4}:80"
+    expect = tmp_path / "one.yaml"
+    expect.write_text(f'flows:\n  "{flow}": {{outcome: answered}}\n')
+    leak_code = ("import socket, time\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "for _ in range(6):\n"
+                 f"    s.sendto(b'leak', ('{SPARE4}', 9999)); time.sleep(0.3)\n")
+    leaker = threading.Thread(target=lambda: (time.sleep(0.8), rlab.gw.python(leak_code)))
+    leaker.start()
+    code, out, err = kanmon_replay(str(capture), "--expect", str(expect), "--lab-state", str(rlab.workdir))
+    leaker.join(timeout=30)
+    assert code == 1, out + err
+    assert f"UDP to {SPARE4}:9999" in out and "迂回" in out
