@@ -157,43 +157,84 @@ class OutageTolerantRegistry:
     it passes everything through and remembers the records; while it does not, reads come from
     that memory with the local outbox's queued changes on top (so the node keeps enforcing the
     last state and applies its own queued revocations), writes raise RegistryUnavailable. When
-    the server answers again it replays the outbox first, then serves the real revision.
+    the server answers again the outbox is replayed first, then the real revisions continue.
 
-    Revisions seen during an outage are negative (never a real one): the first real read after
-    it continues from the last real revision the caller consumed."""
+    `revision()` does no I/O (the reconcile loop calls it on the event loop every 50 ms, and a
+    blackholed server must not freeze the proxy): it returns the latest revision learned from
+    NOTIFY payloads (`note_revision`) and from a probe thread (`start_probe`, own connection,
+    which also detects the outage and the recovery). Revisions handed out during an outage are
+    negative (never a real one): the first real read after it continues from the last real
+    revision the caller consumed."""
 
     def __init__(self, inner, outbox: LocalOutbox, on_state: Callable[[bool, str], None] = lambda up, d: None):
+        from gateway.registry_pg import RegistryUnavailable
+        self._Unavailable = RegistryUnavailable
         self.inner = inner
         self.outbox = outbox
         self.on_state = on_state
         self.up = True
         self.records: dict[str, DeviceRecord] = {}
         self.consumed_revision = 0
-        self._last_read_revision: int | None = None
-        self._overlaid: int = 0   # highest outbox seq already handed out during this outage
+        self.latest: int | None = None
+        self._lock = threading.Lock()
+        self._replay_due = False
+        self._overlaid = 0            # highest outbox seq already handed out during this outage
+        self._probe_stop = threading.Event()
+        self._probe_thread: threading.Thread | None = None
 
-    def __getattr__(self, name):     # report_node, nodes, close ... pass through
+    def __getattr__(self, name):     # report_node, nodes ... pass through
         return getattr(self.inner, name)
 
-    def _down(self, exc: Exception) -> None:
-        if self.up:
-            self.up = False
-            log.critical("registry unreachable; enforcing the last known state: %s", getattr(exc, "detail", exc))
-            self.on_state(False, str(getattr(exc, "detail", exc)))
+    # -- state -----------------------------------------------------------------------------
+    def note_revision(self, revision: int) -> None:
+        with self._lock:
+            if self.up and (self.latest is None or revision > self.latest):
+                self.latest = revision
 
-    def _recovered(self) -> None:
-        if not self.up:
-            replay_outbox(self.inner, self.outbox)
-            self.up = True
-            self._overlaid = 0
-            log.warning("registry reachable again")
+    def _down(self, exc: Exception) -> None:
+        with self._lock:
+            was_up, self.up = self.up, False
+        if was_up:
+            detail = str(getattr(exc, "detail", exc))
+            log.critical("registry unreachable; enforcing the last known state, refusing changes: %s", detail)
+            self.on_state(False, detail)
+
+    def _back(self, revision: int) -> None:
+        with self._lock:
+            was_up, self.up = self.up, True
+            if not was_up:
+                self._replay_due = True
+                self._overlaid = 0
+            if self.latest is None or revision > self.latest or not was_up:
+                self.latest = revision
+        if not was_up:
+            log.warning("registry reachable again; replaying queued changes")
             self.on_state(True, "")
+
+    def probe(self, probe_registry) -> None:
+        try:
+            self._back(probe_registry.revision())
+        except self._Unavailable as exc:
+            self._down(exc)
+
+    def start_probe(self, probe_registry, interval: float = 0.5) -> None:
+        def loop():
+            while not self._probe_stop.wait(interval):
+                self.probe(probe_registry)
+        self._probe_thread = threading.Thread(target=loop, name="registry-probe", daemon=True)
+        self._probe_thread.start()
+
+    def _replay_if_due(self) -> None:
+        if self._replay_due:
+            replay_outbox(self.inner, self.outbox)
+            self._replay_due = False
 
     def _pseudo_revision(self) -> int:
         pending = self.outbox.pending()
         return -1 - (pending[-1].seq if pending else 0)
 
-    def _overlay(self, records: dict[str, DeviceRecord], changes: list[QueuedChange]) -> list[DeviceRecord]:
+    @staticmethod
+    def _overlay(records: dict[str, DeviceRecord], changes: list[QueuedChange]) -> list[DeviceRecord]:
         out = []
         for change in changes:
             rec = records.get(change.device_id)
@@ -202,63 +243,64 @@ class OutageTolerantRegistry:
                 out.append(rec)
         return out
 
+    # -- DeviceRegistry --------------------------------------------------------------------
     def revision(self) -> int:
-        from gateway.registry_pg import RegistryUnavailable
-        try:
-            if not self.up:
-                self.inner.revision()
-                self._recovered()
-            self._last_read_revision = self.inner.revision()
-            return self._last_read_revision
-        except RegistryUnavailable as exc:
-            self._down(exc)
+        if not self.up:
             return self._pseudo_revision()
+        if self.latest is None:
+            try:
+                self._back(self.inner.revision())
+            except self._Unavailable as exc:
+                self._down(exc)
+                return self._pseudo_revision()
+        return self.latest
 
     def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
-        from gateway.registry_pg import RegistryUnavailable
         try:
             if not self.up:
-                self._recovered()
+                raise _StillDown()
+            self._replay_if_due()
             current, changed = self.inner.changed_since(revision if revision >= 0 else self.consumed_revision)
-        except RegistryUnavailable as exc:
-            self._down(exc)
+        except (self._Unavailable, _StillDown) as exc:
+            if not isinstance(exc, _StillDown):
+                self._down(exc)
             fresh = [c for c in self.outbox.pending() if c.seq > self._overlaid]
             if fresh:
                 self._overlaid = fresh[-1].seq
             return self._pseudo_revision(), self._overlay(self.records, fresh)
         self.records.update({r.device_id: r for r in changed})
         self.consumed_revision = current
+        self.note_revision(current)
         return current, changed
 
     def all(self) -> list[DeviceRecord]:
-        from gateway.registry_pg import RegistryUnavailable
         try:
             if not self.up:
-                self._recovered()
-            records = self.inner.all()
-        except RegistryUnavailable as exc:
-            self._down(exc)
+                raise _StillDown()
+            self._replay_if_due()
+            revision, records = self.inner.snapshot()
+        except (self._Unavailable, _StillDown) as exc:
+            if not isinstance(exc, _StillDown):
+                self._down(exc)
             view = dict(self.records)
             self._overlay(view, self.outbox.pending())
             return sorted(view.values(), key=lambda r: r.device_id)
         self.records = {r.device_id: r for r in records}
-        if self._last_read_revision is not None:
-            self.consumed_revision = self._last_read_revision
+        self.consumed_revision = revision
+        self.note_revision(revision)
         return records
 
     def get(self, device_id: str) -> DeviceRecord | None:
-        from gateway.registry_pg import RegistryUnavailable
         try:
             return self.inner.get(device_id)
-        except RegistryUnavailable as exc:
+        except self._Unavailable as exc:
             self._down(exc)
             return self.records.get(device_id)
 
     def by_public_key(self, key: str) -> DeviceRecord | None:
-        from gateway.registry_pg import RegistryUnavailable
         try:
             return self.inner.by_public_key(key)
-        except RegistryUnavailable as exc:
+        except self._Unavailable as exc:
             self._down(exc)
             return next((r for r in self.records.values() if r.wg_public_key == key), None)
 
@@ -272,10 +314,11 @@ class OutageTolerantRegistry:
         return self.inner.allocate_addresses(prefix4, prefix6)
 
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
-        from gateway.registry_pg import RegistryUnavailable
+        if not self.up:
+            return []
         try:
             return self.inner.unshipped_audit(limit)
-        except RegistryUnavailable as exc:
+        except self._Unavailable as exc:
             self._down(exc)
             return []
 
@@ -283,8 +326,13 @@ class OutageTolerantRegistry:
         self.inner.mark_audit_shipped(ids)
 
     def close(self) -> None:
+        self._probe_stop.set()
         self.inner.close()
         self.outbox.close()
+
+
+class _StillDown(Exception):
+    """Internal: the probe says the server is down; do not wait on it again."""
 
 
 def outbox_path(cfg) -> Path:
@@ -420,7 +468,8 @@ def cluster_app_class():
 
     import gateway.app as app_module
     from gateway import __version__
-    from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL, NodeReport, RegistryUnavailable, RegistryWatcher
+    from gateway.registry_pg import (POLICY_CHANNEL, REGISTRY_CHANNEL, NodeReport, PgRegistry, RegistryUnavailable,
+                                    RegistryWatcher)
 
     class ClusterGatewayApp(app_module.GatewayApp):
         def __post_init__(self) -> None:
@@ -442,6 +491,8 @@ def cluster_app_class():
                 log.error("cannot read the cluster policy; starting with the local one: %s", exc.detail)
             registry = open_registry(self.cfg, gateway=True)
             registry.on_state = self._registry_state
+            self._probe = PgRegistry(self.registry_url, node=self.cfg.node_name)
+            registry.start_probe(self._probe)
             original = app_module.SqliteRegistry
             app_module.SqliteRegistry = lambda path: registry   # app.py wiring stand-in
             try:
@@ -469,6 +520,8 @@ def cluster_app_class():
             if self._loop is None:
                 return
             if channel == REGISTRY_CHANNEL:
+                if payload.isdigit() and isinstance(self.registry, OutageTolerantRegistry):
+                    self.registry.note_revision(int(payload))
                 self._loop.call_soon_threadsafe(self._reconcile_now.set)
             elif channel == POLICY_CHANNEL:
                 self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sync_policy()))

@@ -198,11 +198,17 @@ def _row_to_record(row: dict) -> DeviceRecord:
     )
 
 
-def connect(url: str, *, connect_timeout: float = 3) -> psycopg.Connection:
+# A server that vanishes without closing the connection (cable, firewall) is noticed within a few
+# seconds instead of the kernel's default of minutes: libpq keepalives and TCP_USER_TIMEOUT.
+_TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2,
+                 "tcp_user_timeout": 3000}
+
+
+def connect(url: str, *, connect_timeout: float = 3, **kw) -> psycopg.Connection:
     """An autocommit connection in UTC; transactions are explicit (`with conn.transaction()`)."""
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-                               options="-c TimeZone=UTC", row_factory=dict_row)
+                               options="-c TimeZone=UTC", row_factory=dict_row, **_TCP_LIVENESS, **kw)
     except psycopg.OperationalError as exc:
         raise RegistryUnavailable(_short(exc)) from None
 
@@ -227,23 +233,43 @@ def migrate(conn: psycopg.Connection) -> int:
 
 class _Connected:
     """One connection guarded by a lock, reconnected on demand; every server or network
-    failure becomes RegistryUnavailable (never a traceback in an operator's terminal)."""
+    failure becomes RegistryUnavailable (never a traceback in an operator's terminal).
+
+    A connection idle for a while may have died with a server restart: it is checked with a
+    round trip before use, so a write never half-starts on it. Reads are retried once on a
+    fresh connection (they change nothing)."""
+
+    IDLE_CHECK_SECONDS = 2.0
 
     def __init__(self, url: str, connect_timeout: float):
         self.url = url
         self.connect_timeout = connect_timeout
         self._lock = threading.RLock()
         self._conn: psycopg.Connection | None = None
+        self._used = 0.0
 
-    def run(self, fn: Callable[[psycopg.Connection], object]):
-        with self._lock:
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is not None and not self._conn.closed and time.monotonic() - self._used > self.IDLE_CHECK_SECONDS:
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.url, connect_timeout=self.connect_timeout)
-                return fn(self._conn)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._conn.execute("SELECT 1")
+            except (psycopg.OperationalError, psycopg.InterfaceError):
                 self._drop()
-                raise RegistryUnavailable(_short(exc)) from None
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.url, connect_timeout=self.connect_timeout)
+        return self._conn
+
+    def run(self, fn: Callable[[psycopg.Connection], object], *, read: bool = False):
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    result = fn(self._connection())
+                    self._used = time.monotonic()
+                    return result
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    self._drop()
+                    if read and attempt == 1:
+                        continue
+                    raise RegistryUnavailable(_short(exc)) from None
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -275,7 +301,7 @@ class PgRegistry:
         self._db.close()
 
     def revision(self) -> int:
-        return self._db.run(lambda c: c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()["value"])
+        return self._db.run(lambda c: c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()["value"], read=True)
 
     def _write(self, sql: str, params: tuple, audit: AuditEntry | None, device_id: str,
                before: DeviceRecord | None, after: DeviceRecord | None, *, release_lease: int | None = None) -> int:
@@ -320,15 +346,15 @@ class PgRegistry:
         return record
 
     def get(self, device_id: str) -> DeviceRecord | None:
-        row = self._db.run(lambda c: c.execute(_SELECT + " WHERE device_id=%s", (device_id,)).fetchone())
+        row = self._db.run(lambda c: c.execute(_SELECT + " WHERE device_id=%s", (device_id,)).fetchone(), read=True)
         return _row_to_record(row) if row else None
 
     def by_public_key(self, key: str) -> DeviceRecord | None:
-        row = self._db.run(lambda c: c.execute(_SELECT + " WHERE wg_public_key=%s", (key,)).fetchone())
+        row = self._db.run(lambda c: c.execute(_SELECT + " WHERE wg_public_key=%s", (key,)).fetchone(), read=True)
         return _row_to_record(row) if row else None
 
     def all(self) -> list[DeviceRecord]:
-        rows = self._db.run(lambda c: c.execute(_SELECT + " ORDER BY device_id").fetchall())
+        rows = self._db.run(lambda c: c.execute(_SELECT + " ORDER BY device_id").fetchall(), read=True)
         return [_row_to_record(r) for r in rows]
 
     def snapshot(self) -> tuple[int, list[DeviceRecord]]:
@@ -343,7 +369,7 @@ class PgRegistry:
                 current = conn.execute("SELECT value FROM meta WHERE key='revision'").fetchone()["value"]
                 rows = conn.execute(_SELECT + " WHERE row_rev > %s ORDER BY device_id", (revision,)).fetchall()
             return current, rows
-        current, rows = self._db.run(tx)
+        current, rows = self._db.run(tx, read=True)
         return current, [_row_to_record(r) for r in rows]
 
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
@@ -421,7 +447,7 @@ class PgRegistry:
 
     def nodes(self) -> list["NodeReport"]:
         rows = self._db.run(lambda c: c.execute(
-            "SELECT *, extract(epoch FROM now() - reported_at) AS age FROM nodes ORDER BY name").fetchall())
+            "SELECT *, extract(epoch FROM now() - reported_at) AS age FROM nodes ORDER BY name").fetchall(), read=True)
         return [NodeReport(r["name"], r["version"], r["policy_version"], r["peers"], r["registry_revision"],
                            r["last_reconcile_at"], r["started_at"], dict(r["details"]), reported_at=r["reported_at"],
                            age_seconds=float(r["age"])) for r in rows]
@@ -509,7 +535,7 @@ class PolicyStore:
 
     def current(self) -> StoredPolicy | None:
         row = self._db.run(lambda c: c.execute(
-            "SELECT p.*, c.revision FROM policy_current c JOIN policies p USING (version_id)").fetchone())
+            "SELECT p.*, c.revision FROM policy_current c JOIN policies p USING (version_id)").fetchone(), read=True)
         if row is None:
             return None
         return StoredPolicy(row["version_id"], row["filename"], row["policy_text"], dict(row["list_files"]),
@@ -596,7 +622,7 @@ class RegistryWatcher:
         while not self._stop.is_set():
             conn = None
             try:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=3)
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=3, **_TCP_LIVENESS)
                 for channel in self.channels:
                     conn.execute(f"LISTEN {channel}")
                 self._set_state(True, "")

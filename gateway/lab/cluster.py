@@ -110,7 +110,13 @@ class PostgresServer:
                 f.write("host all all 100.64.0.0/24 trust\n")
         return self
 
+    def running(self) -> bool:
+        return self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
+
     def start(self, timeout: float = 30) -> "PostgresServer":
+        """Start (again); does nothing when it already runs."""
+        if self.started and self.running():
+            return self
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w",
                           "-t", str(int(timeout)), "start", timeout=timeout + 10)
         if not self.started:
