@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "logs": "gateway.logstore.commands",
     "ca": "gateway.devices.commands",
     "report": "gateway.reports.commands",
+    "replay": "gateway.replay.commands",
 }
 
 EXIT_USAGE = 2
@@ -94,8 +95,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted in (None, "policy") or wanted not in COMMAND_MODULES:
         from gateway.policy.commands import register as register_policy
         from gateway.policyapply import register_apply
+        from gateway.replay.policydiff import register_diff_pcap
 
-        register_apply(register_policy(sub))
+        policy_sub = register_policy(sub)
+        register_apply(policy_sub)
+        register_diff_pcap(policy_sub.choices["diff"])
     for group, module in COMMAND_MODULES.items():
         if wanted in (None, group) or wanted not in COMMAND_MODULES and wanted != "policy":
             importlib.import_module(module).register(sub)
