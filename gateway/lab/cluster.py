@@ -288,9 +288,13 @@ class ClusterLab:
         return device
 
     def use_node(self, device: Device, node: str) -> None:
-        """Move a device to another node: the same configuration, another endpoint."""
-        device.ns.run("wg", "set", device.wg_interface, "peer", self.lab.gateway_public_key,
-                      "endpoint", f"{self.nodes[node].underlay}:{WG_PORT}")
+        """Move a device to another node: the same configuration, another endpoint. The tunnel
+        is re-established (as a phone does when it changes network or reconnects): otherwise
+        WireGuard's roaming would follow the old node's next packet straight back to it."""
+        peer = self.lab.gateway_public_key
+        device.ns.run("wg", "set", device.wg_interface, "peer", peer, "remove")
+        device.ns.run("wg", "set", device.wg_interface, "peer", peer, "endpoint", f"{self.nodes[node].underlay}:{WG_PORT}",
+                      "allowed-ips", "0.0.0.0/0,::/0")
         self.device_node[device.device_id] = node
 
     # -- teardown --------------------------------------------------------------------------
