@@ -18,6 +18,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records, tlsconfig
 from mitmproxy.master import Master
 
+from gateway import dnslistener
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("kanmon.proxy")
@@ -103,6 +104,7 @@ class BoundedDnsResolver(dns_resolver.DnsResolver):
 
 def build_master(settings: ProxySettings, chain: Sequence[Any]) -> Master:
     """A mitmproxy master with our addon chain; call from inside the running event loop."""
+    dnslistener.install()  # see gateway/dnslistener.py: DNS over UDP must survive idle pauses
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
     master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
                       disable_h2c.DisableH2C())

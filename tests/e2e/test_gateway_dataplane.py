@@ -187,3 +187,22 @@ def test_gateway_refuses_connections_to_its_own_services(lab: Lab):
     result = lab.devices[0].curl("http://10.77.0.1:9180/metrics", timeout=5)
     assert http_code(result) in ("403", "000")
     assert "kanmon_decisions_total" not in result.stdout
+
+
+def test_dns_still_answered_after_idle_pause_on_the_same_source_port(lab: Lab):
+    """mitmproxy_rs drops a UDP client forever once its stream idled out (20 s); Kanmon's DNS
+    listener (gateway/dnslistener.py) must keep answering a resolver that reuses its port."""
+    probe = textwrap.dedent("""
+        import socket, time
+        from dnslib import DNSRecord
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 45555)); s.settimeout(3)
+        for pause in (0, 23):
+            time.sleep(pause)
+            s.sendto(DNSRecord.question("www.example.test").pack(), ("10.77.0.1", 53))
+            try:
+                print(pause, [str(r.rdata) for r in DNSRecord.parse(s.recvfrom(4096)[0]).rr], flush=True)
+            except socket.timeout:
+                print(pause, "timeout", flush=True)
+    """)
+    out = lab.devices[1].ns.python(probe, timeout=60).stdout.splitlines()
+    assert out == [f"0 ['{WEB4}']", f"23 ['{WEB4}']"]
