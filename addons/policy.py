@@ -160,7 +160,7 @@ class PolicyDecider:
             method=req.method, dst_ip=_ip(flow.server_conn.address),
             dst_port=flow.server_conn.address[1] if flow.server_conn.address else req.port,
             request_content_type=req.headers.get("content-type"),
-            body_size=int(size) if size and size.isdigit() else None, now=datetime.now(UTC))
+            body_size=int(size) if size and size.isascii() and size.isdigit() else None, now=datetime.now(UTC))
         verdict = self._decide(query)
         state = self.connections.get(flow.client_conn.id)
         tls_verdict = state.notes.get("tls_verdict") if state else None

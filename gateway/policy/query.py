@@ -173,11 +173,11 @@ def query_for_url(
     if authority.startswith("["):
         close = authority.find("]")
         raw_host, rest = authority[1:close], authority[close + 1:]
-        if rest.startswith(":") and rest[1:].isdigit():
+        if rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit():
             port = int(rest[1:])
     else:
         raw_host, colon, port_text = authority.partition(":")
-        if colon and port_text.isdigit():
+        if colon and port_text.isascii() and port_text.isdigit():  # "²".isdigit() is True (tests/fuzz)
             port = int(port_text)
     host = normalize_host(raw_host)
     if port is None:

@@ -53,7 +53,7 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         authority, port = authority.rsplit(":", 1)
         if port == "*":
             port_re = "(?::[0-9]+)?"
-        elif port.isdigit():
+        elif port.isascii() and port.isdigit():
             port_re = f":{port}"
         else:
             raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
