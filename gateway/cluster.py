@@ -459,42 +459,136 @@ class PolicySync:
         return current.version_id
 
 
-# -- the gateway process with a shared registry (to be folded into gateway/app.py) ---------------
+# -- the gateway process with a shared registry ----------------------------------------------------
+
+class ClusterNode:
+    """What a gateway process adds when it shares a registry; app.py calls it in five places
+    (see the module docstring of gateway/cluster.py and the issue #8 report):
+
+        self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None     # __post_init__
+        self.registry = self.cluster.open_registry() if self.cluster else SqliteRegistry(...)
+                                                      # prepare_host, BEFORE load_initial_policy()
+        if self.cluster: self.cluster.reconciled(report)                           # _apply_reconcile
+        if self.cluster: self.cluster.start(asyncio.get_running_loop())            # run(), when ready
+        if self.cluster: self.cluster.stop()                                       # teardown
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.cfg = app.cfg
+        self.url = registry_url_of(self.cfg)
+        self.metrics = ClusterMetrics(app.metrics.registry)
+        self.started_at = datetime.now(UTC)
+        self.last_reconcile_at: datetime | None = None
+        self.admitted_count = 0
+        self.policy_sync = PolicySync(self.url, self.cfg)
+        self.registry: OutageTolerantRegistry | None = None
+        self.watcher = None
+        self.reporter: NodeReporter | None = None
+        self._probe = None
+        self._loop = None
+
+    def open_registry(self) -> OutageTolerantRegistry:
+        """Link the cluster's policy (so the first load is the cluster's), open the registry
+        view and start its probe. Raises RegistryUnavailable when the server cannot be reached
+        at start (a node that never saw the registry has no state to keep enforcing)."""
+        from gateway.registry_pg import PgRegistry, RegistryUnavailable
+        try:
+            self.policy_sync.sync_files()
+        except RegistryUnavailable as exc:
+            log.error("cannot read the cluster policy; starting with the local one: %s", exc.detail)
+        registry = open_registry(self.cfg, gateway=True)
+        registry.on_state = self._registry_state
+        self._probe = PgRegistry(self.url, node=self.cfg.node_name)
+        registry.start_probe(self._probe)
+        self.registry = registry
+        return registry
+
+    def reconciled(self, report) -> None:
+        self.admitted_count = len(report.admitted_ids)
+        self.last_reconcile_at = datetime.now(UTC)
+        self.metrics.last_reconcile.set(self.last_reconcile_at.timestamp())
+        if self.registry is not None:
+            self.metrics.outbox_pending.set(len(self.registry.outbox.pending()))
+
+    def start(self, loop) -> None:
+        from gateway.registry_pg import RegistryWatcher
+        self._loop = loop
+        self.watcher = RegistryWatcher(self.url, self._on_notify).start()
+        self.reporter = NodeReporter(self.url, self.node_report).start()
+
+    def stop(self) -> None:
+        for part in (self.watcher, self.reporter):
+            if part is not None:
+                part.stop()
+        if self._probe is not None:
+            self._probe.close()
+
+    def _registry_state(self, up: bool, detail: str) -> None:
+        self.metrics.registry_up.set(1 if up else 0)
+        if not up and self.app.alerts is not None:
+            self.app.alerts.send(registry_outage_event(self.cfg.node_name, detail, datetime.now(UTC)))
+        if up and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.app._reconcile_now.set)
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        import asyncio
+
+        from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL
+        self.metrics.notifications.labels(channel).inc()
+        if self._loop is None:
+            return
+        if channel == REGISTRY_CHANNEL:
+            if payload.isdigit() and self.registry is not None:
+                self.registry.note_revision(int(payload))
+            self._loop.call_soon_threadsafe(self.app._reconcile_now.set)
+        elif channel == POLICY_CHANNEL:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sync_policy()))
+
+    async def _sync_policy(self) -> None:
+        import asyncio
+
+        from gateway.registry_pg import RegistryUnavailable
+        try:
+            changed = await asyncio.to_thread(self.policy_sync.sync_files)
+        except RegistryUnavailable as exc:
+            log.error("cluster policy not readable: %s", exc.detail)
+            return
+        if changed:
+            await self.app.reload_policy()
+
+    def node_report(self):
+        from gateway import __version__
+        from gateway.registry_pg import NodeReport
+        policy = self.app.policy
+        policy_version = policy.current.snapshot.version if policy is not None else None
+        self.metrics.node_info.clear()
+        self.metrics.node_info.labels(self.cfg.node_name, __version__, policy_version or "").set(1)
+        registry = self.registry
+        return NodeReport(
+            name=self.cfg.node_name, version=__version__, policy_version=policy_version, peers=self.admitted_count,
+            registry_revision=registry.consumed_revision if registry else None,
+            last_reconcile_at=self.last_reconcile_at, started_at=self.started_at,
+            details={"endpoint": self.cfg.endpoint, "registry_up": bool(registry.up) if registry else False,
+                     "outbox_pending": len(registry.outbox.pending()) if registry else 0})
+
 
 def cluster_app_class():
-    """GatewayApp with the shared registry, LISTEN/NOTIFY, policy sync and node reports.
-    Imported lazily: gateway.app pulls in mitmproxy."""
+    """GatewayApp with ClusterNode wired in the way app.py should (the launcher below uses
+    it until app.py does). Imported lazily: gateway.app pulls in mitmproxy."""
     import asyncio
 
     import gateway.app as app_module
-    from gateway import __version__
-    from gateway.registry_pg import (POLICY_CHANNEL, REGISTRY_CHANNEL, NodeReport, PgRegistry, RegistryUnavailable,
-                                    RegistryWatcher)
 
     class ClusterGatewayApp(app_module.GatewayApp):
         def __post_init__(self) -> None:
             super().__post_init__()
-            self.registry_url = registry_url_of(self.cfg)
-            self.cluster_metrics = ClusterMetrics(self.metrics.registry)
-            self.started_at = datetime.now(UTC)
-            self.last_reconcile_at: datetime | None = None
-            self.admitted_count = 0
-            self.policy_sync = PolicySync(self.registry_url, self.cfg)
-            self.watcher: RegistryWatcher | None = None
-            self.reporter: NodeReporter | None = None
-            self._loop = None
+            self.cluster = ClusterNode(self)
 
         def prepare_host(self):
-            try:
-                self.policy_sync.sync_files()      # start with the cluster's policy
-            except RegistryUnavailable as exc:
-                log.error("cannot read the cluster policy; starting with the local one: %s", exc.detail)
-            registry = open_registry(self.cfg, gateway=True)
-            registry.on_state = self._registry_state
-            self._probe = PgRegistry(self.registry_url, node=self.cfg.node_name)
-            registry.start_probe(self._probe)
+            registry = self.cluster.open_registry()
             original = app_module.SqliteRegistry
-            app_module.SqliteRegistry = lambda path: registry   # app.py wiring stand-in
+            app_module.SqliteRegistry = lambda path: registry   # stands in for the one-line change in app.py
             try:
                 return super().prepare_host()
             finally:
@@ -502,60 +596,14 @@ def cluster_app_class():
 
         def _apply_reconcile(self, report) -> None:
             super()._apply_reconcile(report)
-            self.admitted_count = len(report.admitted_ids)
-            self.last_reconcile_at = datetime.now(UTC)
-            self.cluster_metrics.last_reconcile.set(self.last_reconcile_at.timestamp())
-            if isinstance(self.registry, OutageTolerantRegistry):
-                self.cluster_metrics.outbox_pending.set(len(self.registry.outbox.pending()))
-
-        def _registry_state(self, up: bool, detail: str) -> None:
-            self.cluster_metrics.registry_up.set(1 if up else 0)
-            if not up and self.alerts is not None:
-                self.alerts.send(registry_outage_event(self.cfg.node_name, detail, datetime.now(UTC)))
-            if up and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._reconcile_now.set)
-
-        def _on_notify(self, channel: str, payload: str) -> None:
-            self.cluster_metrics.notifications.labels(channel).inc()
-            if self._loop is None:
-                return
-            if channel == REGISTRY_CHANNEL:
-                if payload.isdigit() and isinstance(self.registry, OutageTolerantRegistry):
-                    self.registry.note_revision(int(payload))
-                self._loop.call_soon_threadsafe(self._reconcile_now.set)
-            elif channel == POLICY_CHANNEL:
-                self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sync_policy()))
-
-        async def _sync_policy(self) -> None:
-            try:
-                changed = await asyncio.to_thread(self.policy_sync.sync_files)
-            except RegistryUnavailable as exc:
-                log.error("cluster policy not readable: %s", exc.detail)
-                return
-            if changed:
-                await self.reload_policy()
-
-        def node_report(self) -> NodeReport:
-            policy_version = self.policy.current.snapshot.version if self.policy is not None else None
-            self.cluster_metrics.node_info.clear()
-            self.cluster_metrics.node_info.labels(self.cfg.node_name, __version__, policy_version or "").set(1)
-            registry = self.registry
-            return NodeReport(
-                name=self.cfg.node_name, version=__version__, policy_version=policy_version,
-                peers=self.admitted_count, registry_revision=getattr(registry, "consumed_revision", None),
-                last_reconcile_at=self.last_reconcile_at, started_at=self.started_at,
-                details={"endpoint": self.cfg.endpoint, "registry_up": bool(getattr(registry, "up", True)),
-                         "outbox_pending": len(registry.outbox.pending()) if isinstance(registry, OutageTolerantRegistry) else 0})
+            self.cluster.reconciled(report)
 
         async def run(self) -> int:
-            self._loop = asyncio.get_running_loop()
-            self.watcher = RegistryWatcher(self.registry_url, self._on_notify).start()
-            self.reporter = NodeReporter(self.registry_url, self.node_report).start()
+            self.cluster.start(asyncio.get_running_loop())
             try:
                 return await super().run()
             finally:
-                self.watcher.stop()
-                self.reporter.stop()
+                self.cluster.stop()
 
     return ClusterGatewayApp
 
