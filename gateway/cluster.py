@@ -497,9 +497,14 @@ class ClusterNode:
             self.policy_sync.sync_files()
         except RegistryUnavailable as exc:
             log.error("cannot read the cluster policy; starting with the local one: %s", exc.detail)
-        registry = open_registry(self.cfg, gateway=True)
+        try:
+            registry = open_registry(self.cfg, gateway=True)
+            self._probe = PgRegistry(self.url, node=self.cfg.node_name)
+        except RegistryUnavailable as exc:
+            from gateway.app import StartupError
+            # Fail closed: a node that never read the registry has no state to enforce.
+            raise StartupError(exc.text.render()) from None
         registry.on_state = self._registry_state
-        self._probe = PgRegistry(self.url, node=self.cfg.node_name)
         registry.start_probe(self._probe)
         self.registry = registry
         return registry

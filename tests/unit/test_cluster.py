@@ -234,3 +234,40 @@ def test_audit_written_with_queued_replay_names_the_operator(db, tmp_path):
     last = reg.unshipped_audit()[-1]
     assert (last.actor, last.action, last.after["status"]) == ("suzuki", "device-suspended", "suspended")
     assert reg.get("d1").suspended_until == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def _fake_app(config_path):
+    from types import SimpleNamespace
+
+    from gateway.config import load_config
+    from gateway.metrics import GatewayMetrics
+    return SimpleNamespace(cfg=load_config(config_path), metrics=GatewayMetrics(), alerts=None, policy=None)
+
+
+def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgres, db, config):
+    from gateway.app import StartupError
+    from gateway.reconcile import ReconcileReport
+    from gateway.registry_pg import PgRegistry
+
+    app = _fake_app(config)
+    node = cluster.ClusterNode(app)
+    registry = node.open_registry()
+    try:
+        node.reconciled(ReconcileReport(3, True, 2, 0, frozenset(), frozenset(), (), frozenset({"a", "b"}), None, 0.01))
+        PgRegistry(db).report_node(node.node_report())
+        [row] = PgRegistry(db).nodes()
+        assert (row.name, row.peers, row.details["registry_up"]) == ("node-a", 2, True)
+        assert row.last_reconcile_at == node.last_reconcile_at
+        assert 'kanmon_node_info{node="node-a"' in _metrics_text(app)
+    finally:
+        node.stop()
+        registry.close()
+    postgres.stop()
+    with pytest.raises(StartupError) as refused:
+        cluster.ClusterNode(_fake_app(config)).open_registry()
+    assert "接続できません" in str(refused.value) and "unreachable" in str(refused.value)
+
+
+def _metrics_text(app) -> str:
+    from prometheus_client import generate_latest
+    return generate_latest(app.metrics.registry).decode()
