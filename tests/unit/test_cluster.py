@@ -271,3 +271,28 @@ def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgre
 def _metrics_text(app) -> str:
     from prometheus_client import generate_latest
     return generate_latest(app.metrics.registry).decode()
+
+
+def test_watcher_reports_the_outage_and_asks_for_a_pass_after_reconnecting(postgres, db):
+    import time
+
+    from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL, RegistryWatcher
+
+    states, heard = [], []
+    watcher = RegistryWatcher(db, lambda ch, p: heard.append((ch, p)), on_state=lambda up, d: states.append(up),
+                              retry_seconds=0.2).start()
+
+    def until(predicate, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return predicate()
+    try:
+        assert until(lambda: states == [True])
+        postgres.stop()
+        assert until(lambda: states == [True, False])
+        postgres.start()
+        assert until(lambda: states == [True, False, True])
+        assert until(lambda: {(REGISTRY_CHANNEL, "reconnected"), (POLICY_CHANNEL, "reconnected")} <= set(heard))
+    finally:
+        watcher.stop()
