@@ -22,8 +22,11 @@ APT_PACKAGES=(
   systemd
   zbar-tools
   clamav clamav-daemon
+  postfix dovecot-imapd dovecot-pop3d
+  e2guardian
   chromium fonts-noto-cjk
   prometheus
+  postgresql
   wrk
 )
 

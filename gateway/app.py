@@ -33,6 +33,7 @@ from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
 from gateway import steering
 from gateway.config import GatewayConfig
+from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
 from gateway.logstore import LogStore, SyslogForwarder, purge
@@ -101,6 +102,9 @@ class GatewayApp:
         self.enrollment: EnrollmentServer | None = None
         self.alerts: AlertDispatcher | None = None
         self._log_alert_sent: dict[str, float] = {}
+        # Several nodes on one PostgreSQL registry (registry.url): NOTIFY-driven reconcile,
+        # node reports, cluster policy, outage tolerance (gateway/cluster.py).
+        self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None
         self.syslog: SyslogForwarder | None = None
 
     # -- assembly ------------------------------------------------------------------------
@@ -207,9 +211,11 @@ class GatewayApp:
     def prepare_host(self) -> Reconciler:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.cluster is not None:
+            self.registry = self.cluster.open_registry()  # before the policy: links the cluster's
         self.load_initial_policy()
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.registry = SqliteRegistry(cfg.registry_path)
+        self.registry = self.registry or SqliteRegistry(cfg.registry_path)
         if cfg.alerts:
             self.alerts = AlertDispatcher.from_settings(AlertSettings.from_mapping(cfg.alerts)).start()
         if cfg.syslog:
@@ -261,6 +267,8 @@ class GatewayApp:
             reason = "device no longer admitted" if now_record.device_id not in report.admitted_ids else "device record changed"
             if self.cutter.cut(state.client_id, reason):
                 self.metrics.connections_cut.inc()
+        if self.cluster is not None:
+            self.cluster.reconciled(report)
 
     def _on_log_record(self, stream: str, line: str) -> None:
         self.metrics.observe_log_record(stream, line)
@@ -332,6 +340,8 @@ class GatewayApp:
     def teardown(self) -> None:
         cfg = self.cfg
         cfg.pid_path.unlink(missing_ok=True)
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.enrollment is not None:
             self.enrollment.stop()
         if self.alerts is not None:
@@ -375,6 +385,8 @@ class GatewayApp:
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
+            if self.cluster is not None:
+                self.cluster.start(asyncio.get_running_loop())
             self.cfg.pid_path.write_text(f"{os.getpid()}\n")
             sd_notify("READY=1")
             log.info("gateway ready")

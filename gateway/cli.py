@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "ca": "gateway.devices.commands",
     "report": "gateway.reports.commands",
     "replay": "gateway.replay.commands",
+    "cluster": "gateway.cluster",
 }
 
 EXIT_USAGE = 2
@@ -60,13 +61,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(Text("kanmon run には root 権限 (CAP_NET_ADMIN) が必要です。",
                    "kanmon run needs root (CAP_NET_ADMIN).").render(), file=sys.stderr)
         return EXIT_USAGE
+    import sqlite3
+
     from gateway.app import GatewayApp, StartupError
+    from gateway.registry import RegistryError
+    from gateway.registry_pg import RegistryUnavailable
 
     try:
         return asyncio.run(GatewayApp(cfg).run())
     except StartupError as exc:
         print(Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=exc).render(), file=sys.stderr)
         return 1
+    except RegistryUnavailable as exc:
+        print(exc.text.render(), file=sys.stderr)
+        return 1
+    except (sqlite3.DatabaseError, RegistryError) as exc:
+        # Fail closed: without a readable allowlist no device is admitted; tell the operator
+        # what to do instead of printing a traceback.
+        print(Text("端末レジストリ {p} を読めません ({e})。バックアップから復元してください。ゲートウェイは起動していません。",
+                   "The device registry {p} is unreadable ({e}); restore it from a backup. The gateway did not start.")
+              .format(p=cfg.registry_path, e=exc).render(), file=sys.stderr)
+        return 2
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.cluster_schema import REGISTRY_SCHEMA  # noqa: F401  (re-exported)
 from gateway.i18n import Text
 from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, RegistryError
 
@@ -45,15 +46,6 @@ REPORT_SECONDS = 2.0           # how often a node writes its row in `nodes`
 STALE_SECONDS = 10.0           # a node silent for longer is shown as stale
 QUEUEABLE = {DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
              DeviceStatus.QUARANTINED: "device-quarantined"}
-
-REGISTRY_SCHEMA = {
-    # config.py: "registry": REGISTRY_SCHEMA  (absent: the embedded SQLite registry)
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["url"],
-    "properties": {"url": {"type": "string", "pattern": "^postgres(ql)?://"}},
-}
-
 
 def registry_url_of(cfg) -> str | None:
     """The shared registry's URL: `registry.url` in the config (cfg.registry_url once
@@ -578,41 +570,6 @@ class ClusterNode:
                      "outbox_pending": len(registry.outbox.pending()) if registry else 0})
 
 
-def cluster_app_class():
-    """GatewayApp with ClusterNode wired in the way app.py should (the launcher below uses
-    it until app.py does). Imported lazily: gateway.app pulls in mitmproxy."""
-    import asyncio
-
-    import gateway.app as app_module
-
-    class ClusterGatewayApp(app_module.GatewayApp):
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            self.cluster = ClusterNode(self)
-
-        def prepare_host(self):
-            registry = self.cluster.open_registry()
-            original = app_module.SqliteRegistry
-            app_module.SqliteRegistry = lambda path: registry   # stands in for the one-line change in app.py
-            try:
-                return super().prepare_host()
-            finally:
-                app_module.SqliteRegistry = original
-
-        def _apply_reconcile(self, report) -> None:
-            super()._apply_reconcile(report)
-            self.cluster.reconciled(report)
-
-        async def run(self) -> int:
-            self.cluster.start(asyncio.get_running_loop())
-            try:
-                return await super().run()
-            finally:
-                self.cluster.stop()
-
-    return ClusterGatewayApp
-
-
 # -- commands ----------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -794,43 +751,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 # -- launcher: `python -m gateway.cluster [--registry-url URL] <kanmon arguments>` ------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """`kanmon` with the shared registry wired in (until app.py/cli.py/devicecommands.py do it):
-    `run` starts ClusterGatewayApp, `device ...` uses the PostgreSQL registry, `cluster ...` is
-    this module's group."""
+    """`python -m gateway.cluster [--registry-url URL] <kanmon arguments>`: `kanmon` with the
+    shared registry given on the command line instead of `registry.url` in the config
+    (the lab's two-node tests use it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--registry-url"]:
         os.environ[REGISTRY_URL_ENV] = argv[1]
         argv = argv[2:]
     from gateway import cli
-    if argv[:1] == ["run"]:
-        import asyncio
-        cfg = cli.load_config_or_exit(argv[argv.index("--config") + 1])
-        cli._configure_logging(os.environ.get("KANMON_LOG_LEVEL", "info"))
-        from gateway.app import StartupError
-        try:
-            return asyncio.run(cluster_app_class()(cfg).run())
-        except StartupError as exc:
-            print(Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=exc).render(), file=sys.stderr)
-            return 1
-    if argv[:1] == ["cluster"]:
-        parser = argparse.ArgumentParser(prog="kanmon")
-        register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        cli._configure_logging("warning")
-        return args.func(args)
-    if argv[:1] == ["device"]:
-        import gateway.devicecommands as devicecommands
-
-        def _registry(args):
-            cfg = cli.load_config_or_exit(args.config)
-            return open_registry(cfg), cfg
-        devicecommands._registry = _registry   # devicecommands wiring stand-in
-        from gateway.registry_pg import RegistryUnavailable
-        try:
-            return cli.main(argv)
-        except RegistryUnavailable as exc:
-            print(exc.text.render(), file=sys.stderr)
-            return EXIT_FAIL
     return cli.main(argv)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.posture import VersionError, normalize_platform, parse_version
+from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
@@ -134,6 +135,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {"allow_hosts": {"type": "array", "items": _STR}},
         },
         "alerts": ALERTS_SCHEMA,
+        "registry": REGISTRY_SCHEMA,
         "logs": {
             "type": "object",
             "additionalProperties": False,
@@ -244,6 +246,7 @@ class GatewayConfig:
     log_on_write_error: str = "block"           # block the request, or continue unlogged
     log_fsync: str = "rotate"
     syslog: dict | None = None                  # {host, port, transport}: RFC 5424 forwarding
+    registry_url: str | None = None            # postgresql://...: registry shared by several nodes
     alerts: dict | None = None                 # the `alerts:` section (gateway/reports/alerting.py)
     policy_path: Path | None = None          # the policy engine's file; None: built-in host rules
     quarantine_allow_hosts: tuple[str, ...] = ()
@@ -450,6 +453,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         host_rules=tuple(rules),
         extra_addons=tuple(d.get("addons", {}).get("extra", [])),
         alerts=d.get("alerts"),
+        registry_url=d.get("registry", {}).get("url"),
         log_retention_days=d.get("logs", {}).get("retention_days", 1096),
         log_on_write_error=d.get("logs", {}).get("on_write_error", "block"),
         log_fsync=d.get("logs", {}).get("fsync", "rotate"),

@@ -23,18 +23,21 @@ from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.gatewayprocess import poke_reconcile
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
-from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError, SqliteRegistry,
+from gateway.registry import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError,
                               record_as_dict)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _registry(args: argparse.Namespace) -> tuple[SqliteRegistry, object]:
+def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
+    """The registry the config selects: the embedded SQLite file, or the shared PostgreSQL
+    registry of a multi-node deployment (registry.url)."""
     from gateway.cli import load_config_or_exit
+    from gateway.cluster import open_registry
 
     cfg = load_config_or_exit(args.config)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return SqliteRegistry(cfg.registry_path), cfg
+    return open_registry(cfg), cfg
 
 
 def _parse_time(text: str | None, what: str) -> datetime | None:

@@ -22,6 +22,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from gateway.cli import load_config_or_exit
 
     cfg = load_config_or_exit(args.config)
+    from gateway.cluster import cmd_policy_apply, registry_url_of
+    if registry_url_of(cfg):
+        return cmd_policy_apply(args)  # several nodes: the policy goes through the shared registry
     path = Path(args.path).resolve()
     try:
         snapshot = load_policy(path)

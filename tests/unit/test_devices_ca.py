@@ -242,7 +242,7 @@ def test_bundle_garbage_is_refused(tmp_path, data):
 # ------------------------------------------------------------------ CRL import
 
 def test_import_crl_from_trusted_ca_is_honoured(tmp_path):
-    ca = init_ca(tmp_path, "Org")
+    ca = init_ca(tmp_path, "Org", now=NOW - DAY)  # valid at NOW however long the suite has run
     key = wg_key()
     issued = issue_device_certificate(ca, "d1", key, "o", NOW - DAY, NOW + DAY)
     imported = import_crl(tmp_path, crl(ca.cert, ca.key, [issued.certificate.serial_number], number=1))
@@ -260,7 +260,7 @@ def test_import_crl_of_an_external_trusted_ca_as_der(tmp_path):
 
 
 def test_crl_not_signed_by_a_trusted_ca_is_refused(tmp_path):
-    ca = init_ca(tmp_path, "Org")
+    ca = init_ca(tmp_path, "Org", now=NOW - DAY)  # valid at NOW however long the suite has run
     stranger_key, stranger = ext_ca("Stranger")
     before = snapshot(tmp_path)
     for data in (crl(stranger, stranger_key, [1]),           # unknown issuer
@@ -275,7 +275,7 @@ def test_crl_not_signed_by_a_trusted_ca_is_refused(tmp_path):
 
 
 def test_older_crl_never_replaces_newer(tmp_path):
-    ca = init_ca(tmp_path, "Org")
+    ca = init_ca(tmp_path, "Org", now=NOW - DAY)  # valid at NOW however long the suite has run
     import_crl(tmp_path, crl(ca.cert, ca.key, [1, 2], number=5))
     with pytest.raises(DeviceCaError) as err:
         import_crl(tmp_path, crl(ca.cert, ca.key, [], number=4))
