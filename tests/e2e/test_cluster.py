@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def cl(tmp_path_factory):
     require_lab()
     missing = postgres_prerequisites()
     if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("PostgreSQL missing in CI: " + ", ".join(missing))
         pytest.skip("PostgreSQL missing: " + ", ".join(missing))
     workdir = tmp_path_factory.mktemp("cluster")
     policy_dir = workdir / "policy"

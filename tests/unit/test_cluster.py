@@ -19,21 +19,6 @@ from gateway.cluster import LocalOutbox, OutageTolerantRegistry, apply_queued, n
 from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from gateway.lab.cluster import PostgresServer, postgres_prerequisites
-
-    missing = postgres_prerequisites()
-    if missing:
-        reason = "PostgreSQL tests cannot run here: missing " + ", ".join(missing)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = PostgresServer().init().start()
-    yield server
-    server.destroy()
-
-
 @pytest.fixture
 def db(postgres, request):
     name = "c_" + request.node.name.lower().replace("[", "_").replace("]", "").replace("-", "_")[:40]
