@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from mitmproxy import dns, http, tcp, tls
 
 from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
 from gateway.connections import LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.registry import DeviceRecord

@@ -25,7 +25,6 @@ Driver: psycopg 3 (`psycopg[binary]==3.3.9`).
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import threading
 import time

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
-from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, schema_errors
+from gateway.yamlsource import LoadedYaml, SourceErrors, load_yaml_file, schema_errors
 
 _ACTIONS = [str(a) for a in MailAction]
 _DOMAIN_PATTERN = r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}\.?$"
