@@ -179,3 +179,27 @@ def test_reconciler_full_then_incremental_touches_only_what_changed(tmp_path):
     assert nft[-1] == (set(), {devices[2].ipv4, devices[2].ipv6})
     # The revoked device stays blocked through all of it.
     assert devices[1].ipv4 in rec.applied_blocked
+
+
+def test_reconciler_follows_wall_clock_jumps_forward_and_back(tmp_path):
+    """Issue #7 'clock jump', at the reconciler: validity follows the wall clock it is given.
+    Forward past a usage period's end: cut at the next pass. Backward: a period-expired device
+    is admitted again (time-based states follow the clock), a revoked one never is."""
+    from gateway.reconcile import Reconciler
+
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    timed = add(reg, "timed", valid_until=NOW + timedelta(hours=1))
+    revoked = add(reg, "revoked")
+    reg.update(replace(revoked, status=DeviceStatus.REVOKED, status_reason="lost"))
+    tunnel, clock = FakeTunnel(), [NOW]
+    rec = Reconciler(reg, tunnel, "t", clock=lambda: clock[0], set_blocked=lambda *a, **k: None)
+    rec.run_once(full=True)
+    assert timed.wg_public_key in tunnel.peers and revoked.wg_public_key not in tunnel.peers
+    clock[0] = NOW + timedelta(days=1)            # jump forward
+    assert rec.due()
+    rec.run_once()
+    assert timed.wg_public_key not in tunnel.peers and timed.ipv4 in rec.applied_blocked
+    clock[0] = NOW                                # jump back
+    rec.run_once(full=True)
+    assert timed.wg_public_key in tunnel.peers
+    assert revoked.wg_public_key not in tunnel.peers and revoked.ipv4 in rec.applied_blocked
