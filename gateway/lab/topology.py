@@ -118,6 +118,17 @@ class Device:
     def public_key(self) -> str:
         return str(self.private_key.public_key())
 
+    def assume_identity(self, device_id: str, key: WireguardKey, ipv4: str, key_dir: Path) -> None:
+        """Reuse this namespace as another (newly registered) device: its key and /32 address."""
+        key_file = key_dir / f"{device_id}.key"
+        key_file.write_text(str(key) + "\n")
+        key_file.chmod(0o600)
+        self.ns.run("wg", "set", self.wg_interface, "private-key", str(key_file))
+        self.ns.run("ip", "addr", "flush", "dev", self.wg_interface)
+        self.ns.run("ip", "addr", "add", f"{ipv4}/32", "dev", self.wg_interface)
+        self.ns.run("ip", "route", "replace", "default", "dev", self.wg_interface)
+        self.private_key, self.ipv4, self.device_id = key, ipv4, device_id
+
     def curl(self, url: str, *extra: str, timeout: float = 20) -> subprocess.CompletedProcess:
         """curl from the device, trusting the gateway's interception CA (as an enrolled phone
         does). Output: body, then a last line `HTTP_CODE=<code>`."""

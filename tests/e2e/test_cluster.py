@@ -106,14 +106,7 @@ def _rekey(cl, device, device_id: str, node: str):
     out = cl.kanmon("node-a", "device", "add", "--config", _config(cl, "node-a"), "--id", device_id,
                     "--public-key", str(key.public_key()), "--owner", "trial", "--json")
     rec = json.loads(out.stdout)
-    key_file = cl.workdir / f"{device_id}.key"
-    key_file.write_text(str(key) + "\n")
-    ns, wg = device.ns, device.wg_interface
-    ns.run("wg", "set", wg, "private-key", str(key_file))
-    ns.run("ip", "addr", "flush", "dev", wg)
-    ns.run("ip", "addr", "add", f"{rec['ipv4']}/32", "dev", wg)
-    ns.run("ip", "route", "replace", "default", "dev", wg)
-    device.private_key, device.ipv4, device.device_id = key, rec["ipv4"], device_id
+    device.assume_identity(device_id, key, rec["ipv4"], cl.workdir)
     cl.wait_for_peer(node, device)
     return rec
 

@@ -58,14 +58,7 @@ def rekey_device(lab: Lab, device, device_id: str):
     out = lab.kanmon("device", "add", "--config", str(lab.config_path), "--id", device_id,
                      "--public-key", str(key.public_key()), "--owner", "lost-phone-owner", "--json")
     rec = json.loads(out.stdout)
-    key_file = lab.workdir / f"{device_id}.key"
-    key_file.write_text(str(key) + "\n")
-    ns, wg = device.ns, device.wg_interface
-    ns.run("wg", "set", wg, "private-key", str(key_file))
-    ns.run("ip", "addr", "flush", "dev", wg)
-    ns.run("ip", "addr", "add", f"{rec['ipv4']}/32", "dev", wg)
-    ns.run("ip", "route", "replace", "default", "dev", wg)
-    device.private_key, device.ipv4, device.device_id = key, rec["ipv4"], device_id
+    device.assume_identity(device_id, key, rec["ipv4"], lab.workdir)
     lab.wait_for_peer(device)
     return rec
 
