@@ -364,10 +364,12 @@ http {{
             cmd = ns.cmd(*cmd)
         return run(cmd, check=check, timeout=timeout, input=input, env=env)
 
-    def start_gateway(self, timeout: float = 60) -> GatewayProcess:
+    def start_gateway(self, timeout: float = 60, env: dict | None = None) -> GatewayProcess:
+        """`env`: extra environment variables for the gateway process only (e.g. LD_PRELOAD
+        of libfaketime in the clock-jump test)."""
         log_path = self.workdir / "gateway.log"
         log = open(log_path, "a")
-        env = dict(os.environ, PYTHONPATH=_project_root(), KANMON_LOG_LEVEL="info")
+        env = {**os.environ, "PYTHONPATH": _project_root(), "KANMON_LOG_LEVEL": "info", **(env or {})}
         proc = self.gw.popen(*self.kanmon_cmd, "run", "--config", str(self.config_path), stdout=log, env=env)
         self.gateway = GatewayProcess(proc, log_path)
         start = log_path.stat().st_size if log_path.exists() else 0
