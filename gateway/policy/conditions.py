@@ -83,6 +83,19 @@ def parse_size(value: int | str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_seconds(value: Any) -> int:
+    """``90`` (seconds), ``"30m"``, ``"8h"``, ``"1d"`` -> seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9]+)\s*([smhd])\s*", str(value))
+    if not m or int(m.group(1)) == 0:
+        raise ConditionError(f"not a duration (e.g. 8h, 30m, 3600): {value!r}")
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def _strings(value: Any, lower: bool = True) -> frozenset[str]:
     return frozenset(str(v).lower() if lower else str(v) for v in as_list(value))
 
@@ -205,6 +218,33 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
     if key == "user":
         users = _strings(value, lower=False)
         return Check(F.DEVICE, lambda q, f: q.device.user in users, f"user in {sorted(users)}")
+    if key == "signed_in":
+        flag = bool(value)
+        return Check(F.DEVICE, lambda q, f: q.device.signed_in == flag, "user signed in" if flag else "no user signed in")
+    if key == "user_group":
+        ugroups = _strings(value, lower=False)
+        return Check(F.DEVICE, lambda q, f: not ugroups.isdisjoint(q.device.user_groups),
+                     f"user's IdP group in {sorted(ugroups)}")
+    if key == "amr":
+        methods = _strings(value, lower=False)
+        return Check(F.DEVICE, lambda q, f: not methods.isdisjoint(q.device.amr), f"sign-in method (amr) in {sorted(methods)}")
+    if key == "acr":
+        classes = _strings(value, lower=False)
+        return Check(F.DEVICE, lambda q, f: q.device.acr in classes, f"sign-in context (acr) in {sorted(classes)}")
+    if key == "mfa":
+        flag = bool(value)
+        return Check(F.DEVICE, lambda q, f: q.device.signed_in and q.device.mfa == flag,
+                     "signed in with MFA" if flag else "signed in without MFA")
+    if key == "mfa_within":
+        seconds = parse_duration_seconds(value)
+
+        def fresh(q: PolicyQuery, f: F.Facts) -> bool:
+            d = q.device
+            return (d.signed_in and d.mfa and d.auth_time is not None
+                    and (f.now - d.auth_time).total_seconds() <= seconds)
+
+        # Needs the clock: a host verdict cached for the connection table must not outlive it.
+        return Check(F.DEVICE | F.TIME, fresh, f"signed in with MFA within {seconds} s")
     if key == "device_status":
         statuses = _strings(value)
         return Check(F.DEVICE, lambda q, f: q.device.status in statuses, f"device status in {sorted(statuses)}")

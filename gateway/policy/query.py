@@ -26,6 +26,14 @@ class DeviceContext:
     jailbroken: bool = False
     underlay_ip: IPv4Address | IPv6Address | None = None  # outer source address of the tunnel
     status: str = "active"  # "active" | "quarantined" ...
+    # The signed-in user (issue #9, OIDC): set only while the device holds a valid session.
+    # Without sign-in configured, ``user`` is the device's registered owner and these stay empty.
+    signed_in: bool = False
+    user_groups: frozenset[str] = frozenset()  # the IdP's groups claim
+    amr: frozenset[str] = frozenset()  # authentication methods (OIDC amr), e.g. {"pwd", "otp"}
+    acr: str | None = None  # authentication context class (OIDC acr)
+    mfa: bool = False  # the sign-in used a second factor (judged from amr/acr by the gateway config)
+    auth_time: datetime | None = None  # when the user authenticated at the IdP (aware UTC)
 
 
 class PolicyQuery(NamedTuple):

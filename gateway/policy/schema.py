@@ -37,6 +37,14 @@ CONDITIONS: dict[str, Any] = {
     "device_id": _str_or_list(),
     "user": _str_or_list(),
     "device_status": _str_or_list(),
+    # signed-in user (OIDC sign-in, issue #9)
+    "signed_in": {"type": "boolean"},
+    "user_group": _str_or_list(),
+    "amr": _str_or_list(),
+    "acr": _str_or_list(),
+    "mfa": {"type": "boolean"},
+    "mfa_within": {"oneOf": [{"type": "integer", "minimum": 1},
+                             {"type": "string", "pattern": r"^\s*[0-9]+\s*[smhd]\s*$"}]},
     # posture
     "platform": _str_or_list(),
     "os_version_below": {"type": "object", "minProperties": 1, "additionalProperties": {"type": ["string", "number"]}},
@@ -92,7 +100,8 @@ _APPLIES_TO = {
     "type": "object",
     "additionalProperties": False,
     "minProperties": 1,
-    "properties": {k: CONDITIONS[k] for k in ("device_group", "ownership", "device_id", "user", "platform", "device_status")},
+    "properties": {k: CONDITIONS[k] for k in ("device_group", "ownership", "device_id", "user", "platform", "device_status",
+                                             "signed_in", "user_group", "mfa")},
 }
 
 POLICY_SCHEMA: dict[str, Any] = {
