@@ -58,6 +58,10 @@ class GatewayMetrics:
             "kanmon_log_write_errors_total", "Log records that could not be written.", ["stream"], registry=r)
         self.log_records = Counter(
             "kanmon_log_records_total", "Log records written, by stream.", ["stream"], registry=r)
+        self.clock_jumps = Counter(
+            "kanmon_clock_jumps_total",
+            "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "
+            "re-evaluated every device's usage period and suspension.", ["direction"], registry=r)
 
     def observe_log_record(self, stream: str, line: str) -> None:
         """``LogStore(on_record=...)`` hook: counts every record written, and every failed
@@ -73,6 +77,10 @@ class GatewayMetrics:
             return
         reason = str(record.get("kanmon.auth.reason") or record.get("event.action") or "unknown")
         self.auth_failures.labels(reason if _LABEL_WORD.fullmatch(reason) else "other").inc()
+
+    def observe_clock_jump(self, seconds: float) -> None:
+        """``Reconciler(on_clock_jump=...)`` hook: one wall-clock step of `seconds` (signed)."""
+        self.clock_jumps.labels("forward" if seconds > 0 else "backward").inc()
 
     def serve(self, host: str, port: int):
         """Expose /metrics on the management address (a daemon thread)."""

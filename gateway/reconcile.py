@@ -5,7 +5,14 @@ sets, in the proxy's device directory; not admitted (revoked, suspended, outside
 period) -> no peer, address in the drop sets, live proxy connections cut.
 It runs on every registry change (polled by revision number, cheap) and at the next time
 a status changes by itself (end of a suspension, end of a usage period).
-"""
+
+Validity follows the wall clock. When the wall clock is stepped (NTP correcting a wrong
+clock, an operator's `date -s`, a VM resumed), the reconciler sees the wall clock move
+differently from the monotonic clock, warns the operator and makes its next pass a full one:
+a forward step cuts the devices whose usage period ended in between (and ends timed
+suspensions), a backward step applies what the new time says: a device whose usage period
+had ended is admitted again until that end comes round once more. A revoked device is never
+re-admitted by any clock (its status, not a time, keeps it out)."""
 
 from __future__ import annotations
 
@@ -23,6 +30,20 @@ from gateway.tunnel import PeerSpec, WireGuardInterface
 log = logging.getLogger("kanmon.reconcile")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Steps smaller than this are not reported: NTP slews small offsets, and validity periods
+# are set in minutes, so only a step of seconds or more can change who is admitted.
+CLOCK_JUMP_TOLERANCE_SECONDS = 5.0
+
+
+def clock_jump(before: tuple[datetime, float], after: tuple[datetime, float],
+               tolerance: float = CLOCK_JUMP_TOLERANCE_SECONDS) -> float:
+    """Pure: how many seconds the wall clock was stepped between two (wall, monotonic)
+    readings -- positive forward, negative backward, 0.0 when the two clocks agree within
+    `tolerance`. The monotonic clock (CLOCK_MONOTONIC) is never stepped; it also stops while
+    the host is suspended, so a resume shows as a forward step, which it is for validity."""
+    step = (after[0] - before[0]).total_seconds() - (after[1] - before[1])
+    return step if abs(step) > tolerance else 0.0
 
 
 @dataclass(frozen=True)
@@ -83,12 +104,18 @@ class Reconciler:
 
     def __init__(self, registry: DeviceRegistry, tunnel: WireGuardInterface, nft_table: str,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 set_blocked: Callable[..., None] = steering.set_blocked):
+                 set_blocked: Callable[..., None] = steering.set_blocked,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_clock_jump: Callable[[float], None] | None = None):
         self.registry = registry
         self.tunnel = tunnel
         self.nft_table = nft_table
         self.clock = clock
         self.set_blocked = set_blocked
+        self.monotonic = monotonic
+        self.on_clock_jump = on_clock_jump  # e.g. GatewayMetrics.observe_clock_jump
+        self.last_reading: tuple[datetime, float] | None = None
+        self.full_pass_pending = False       # set by a detected clock step
         self.records: dict[str, DeviceRecord] = {}
         self.peer_of: dict[str, PeerSpec] = {}          # device id -> peer applied
         self.blocked_of: dict[str, frozenset[Address]] = {}
@@ -98,22 +125,40 @@ class Reconciler:
 
     def initial(self) -> DesiredState:
         """Desired state before the tunnel and the table exist (the table is rendered with it)."""
-        state = desired_state(self.registry.all(), self.clock())
+        state = desired_state(self.registry.all(), self.now())
         self.applied_blocked = state.blocked
         return state
 
+    def now(self) -> datetime:
+        """The wall clock, checked against the monotonic clock since the previous reading
+        (due() reads it every poll, so a step is seen within one poll interval)."""
+        reading = (self.clock(), self.monotonic())
+        step = clock_jump(self.last_reading, reading) if self.last_reading is not None else 0.0
+        self.last_reading = reading
+        if step:
+            self.full_pass_pending = True
+            log.warning("wall clock stepped %s by %.0f s (against the monotonic clock; NTP, `date -s` or a "
+                        "resumed host); re-evaluating every device's usage period and suspension now. Check the "
+                        "time source: validity decisions follow the wall clock",
+                        "forward" if step > 0 else "backward", abs(step))
+            if self.on_clock_jump is not None:
+                self.on_clock_jump(step)
+        return reading[0]
+
     def due(self) -> bool:
-        if self.registry.revision() != self.seen_revision:
+        now = self.now()
+        if self.full_pass_pending or self.registry.revision() != self.seen_revision:
             return True
-        return self.next_change is not None and self.clock() >= self.next_change
+        return self.next_change is not None and now >= self.next_change
 
     def run_once(self, full: bool = False) -> ReconcileReport:
         """Blocking (registry, netlink/UAPI, nft): call from a worker thread. Blocks first, then
         removes peers, so a device losing admission is cut off at the firewall at once."""
         started = time.perf_counter()
-        now = self.clock()
+        now = self.now()
         timer_due = self.next_change is not None and now >= self.next_change
-        if full or self.seen_revision is None:
+        if full or self.seen_revision is None or self.full_pass_pending:
+            self.full_pass_pending = False
             return self._full(now, started)
         revision, changed = self.registry.changed_since(self.seen_revision)
         for rec in changed:
