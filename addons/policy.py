@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from mitmproxy import dns, http, tcp, tls
@@ -51,12 +51,19 @@ class PolicyHolder:
         self.current.table.invalidate(device_id)
 
 
-def device_context(record: DeviceRecord, underlay_ip: str | None = None) -> DeviceContext:
-    return DeviceContext(
+def device_context(record: DeviceRecord, underlay_ip: str | None = None, session=None,
+                   signin_configured: bool = False) -> DeviceContext:
+    """The policy's view of a device. With user sign-in configured (issue #9) the user is
+    the signed-in one (none before sign-in); without it, the registered owner."""
+    ctx = DeviceContext(
         device_id=record.device_id, groups=record.groups, ownership=str(record.ownership),
-        user=record.owner or None, platform=record.platform, os_version=record.os_version,
-        jailbroken=record.jailbroken, status=str(record.status),
+        user=None if signin_configured else (record.owner or None), platform=record.platform,
+        os_version=record.os_version, jailbroken=record.jailbroken, status=str(record.status),
         underlay_ip=ipaddress.ip_address(underlay_ip) if underlay_ip else None)
+    if session is None:
+        return ctx
+    return replace(ctx, user=session.user, signed_in=True, user_groups=session.groups, amr=session.amr,
+                   acr=session.acr, mfa=session.mfa, auth_time=session.auth_time)
 
 
 def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -72,7 +79,8 @@ class PolicyDecider:
     name = "kanmon-policy"
 
     def __init__(self, holder: PolicyHolder, connections: LiveConnections, underlay_of=lambda ip: None,
-                 decision_seconds=None):
+                 decision_seconds=None, session_of=None):
+        self.session_of = session_of  # DeviceRecord -> its signed-in user's session or None (issue #9)
         self.holder = holder
         self.connections = connections
         self.decision_seconds = decision_seconds  # histogram by stage (kanmon_decision_duration_seconds)
@@ -81,12 +89,14 @@ class PolicyDecider:
 
     # -- helpers -------------------------------------------------------------------------
     def _context(self, record: DeviceRecord, client_ip: str) -> DeviceContext:
-        key = (record.device_id, record.updated_at)
+        session = self.session_of(record) if self.session_of is not None else None
+        key = (record.device_id, record.updated_at, session.session_id if session is not None else None)
         ctx = self._contexts.get(key)
         if ctx is None:
             if len(self._contexts) > 100_000:
                 self._contexts.clear()
-            ctx = self._contexts[key] = device_context(record, self.underlay_of(client_ip))
+            ctx = self._contexts[key] = device_context(record, self.underlay_of(client_ip), session,
+                                                       signin_configured=self.session_of is not None)
         return ctx
 
     def _device(self, client) -> DeviceContext | None:

@@ -62,3 +62,5 @@ RULE_NO_DECISION = "kanmon:no-decision"
 RULE_UNDECIDED = "kanmon:undecided"
 RULE_INTERNAL_DESTINATION = "kanmon:internal-destination"
 RULE_QUARANTINE = "kanmon:quarantine"
+RULE_SIGNIN_REQUIRED = "kanmon:signin-required"   # issue #9: the device has no signed-in user
+RULE_SIGNIN_PORTAL = "kanmon:signin-portal"       # the gateway's own sign-in pages
