@@ -38,6 +38,7 @@ WEB4, WEB6 = "198.51.100.80", "2001:db8:100::80"
 DNS4 = "198.51.100.53"
 SPARE4 = "198.51.100.90"          # a second internet host (raw TCP / UDP listeners in tests)
 MAIL4, PRIVATE_MAIL4 = "198.51.100.25", "198.51.100.26"   # Lab(mail=True): organization / "private" mail server
+IDP4 = "198.51.100.43"            # Lab(idp=True): the OpenID Connect provider idp.test (issue #9)
 TUNNEL4, TUNNEL6 = "10.77.0.0/24", "fd77:77::/64"
 GATEWAY_TUNNEL4, GATEWAY_TUNNEL6 = "10.77.0.1", "fd77:77::1"
 WG_PORT = 51820
@@ -154,6 +155,10 @@ class Lab:
     kanmon_cmd: tuple[str, ...] = (sys.executable, "-m", "gateway.cli")
     mail: bool = False                  # Postfix + Dovecot + clamd in the internet namespace (issue #5)
     mail_signatures: dict = field(default_factory=dict)   # clamd test signatures: name -> marker bytes
+    # Lab(idp=True): a real OIDC provider at https://idp.test (issue #9). After build(), lab.idp
+    # is the running gateway.lab.oidcprovider.OidcProvider (None without the option).
+    idp: object = False
+    idp_client: object = None           # gateway.lab.oidcprovider.OidcClient to register (None: the default)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -169,6 +174,8 @@ class Lab:
         self.web_dir = self.workdir / "web"
         self.dns_query_log = self.workdir / "dns-queries.jsonl"
         self.mail_servers = None
+        self.with_idp = bool(self.idp)
+        self.idp = None
 
     # -- names ---------------------------------------------------------------------------
     @property
@@ -198,6 +205,8 @@ class Lab:
         self._start_nginx()
         if self.mail:
             self._start_mail()
+        if self.with_idp:
+            self._start_idp()
         self.write_config()
         for i in range(1, self.n_devices + 1):
             self.add_device(i)
@@ -220,7 +229,8 @@ class Lab:
         self.gw.run("ip", "route", "add", "default", "via", UPLINK_INET4)
         self.gw.run("ip", "-6", "route", "add", "default", "via", UPLINK_INET6)
         self.inet.run("ip", "addr", "add", f"{UPLINK_INET4}/24", "dev", inet_if)
-        for extra in (WEB4, DNS4, SPARE4, *((MAIL4, PRIVATE_MAIL4) if self.mail else ())):
+        extras = (*((MAIL4, PRIVATE_MAIL4) if self.mail else ()), *((IDP4,) if self.with_idp else ()))
+        for extra in (WEB4, DNS4, SPARE4, *extras):
             self.inet.run("ip", "addr", "add", f"{extra}/32", "dev", inet_if)
         self.inet.run("ip", "-6", "addr", "add", f"{UPLINK_INET6}/64", "dev", inet_if, "nodad")
         self.inet.run("ip", "-6", "addr", "add", f"{WEB6}/128", "dev", inet_if, "nodad")
@@ -251,6 +261,9 @@ class Lab:
             from gateway.lab.mailservers import MAIL_HOST, PRIVATE_MAIL_HOST
             zone["records"][MAIL_HOST] = {"A": [MAIL4]}
             zone["records"][PRIVATE_MAIL_HOST] = {"A": [PRIVATE_MAIL4]}
+        if self.with_idp:
+            from gateway.lab.oidcprovider import IDP_HOST
+            zone["records"][IDP_HOST] = {"A": [IDP4]}     # IPv4 only: no AAAA answer, no wildcard
         zone_path = self.workdir / "zone.json"
         zone_path.write_text(json.dumps(zone))
         log = open(self.workdir / "dns-server.log", "w")
@@ -314,6 +327,13 @@ http {{
         self.mail_servers = MailServers(self.inet, self.workdir / "mail", (MAIL4, PRIVATE_MAIL4), pair.cert_path,
                                         pair.key_path, clamd_signatures=dict(self.mail_signatures))
         self.mail_servers.start()
+
+    def _start_idp(self) -> None:
+        from gateway.lab.oidcprovider import IDP_HOST, OidcClient, OidcProvider
+        pair = self.ca.issue_server("idp", [IDP_HOST], [IDP4])
+        self.idp = OidcProvider(self.inet, self.workdir / "idp", IDP4, pair.cert_path, pair.key_path,
+                                self.ca.cert_path, client=self.idp_client or OidcClient())
+        self.idp.start()
 
     # -- gateway -------------------------------------------------------------------------
     def gateway_config(self) -> dict:
@@ -497,6 +517,11 @@ http {{
         if self.mail_servers is not None:
             try:
                 self.mail_servers.stop()
+            except Exception:
+                pass
+        if self.idp is not None:
+            try:
+                self.idp.stop()
             except Exception:
                 pass
         for proc in self.server_procs:
