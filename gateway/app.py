@@ -25,6 +25,8 @@ from typing import Any
 from addons.accesslog import AccessLog
 from addons.blockpage import Helpdesk
 from addons.cutoff import ConnectionCutter
+from gateway.signin.service import SignInService
+from gateway.signin.store import SessionStore, session_store_path
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
@@ -106,6 +108,7 @@ class GatewayApp:
         # node reports, cluster policy, outage tolerance (gateway/cluster.py).
         self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None
         self.syslog: SyslogForwarder | None = None
+        self.signin: SignInService | None = None   # issue #9: user sign-in (OIDC), when configured
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -122,8 +125,10 @@ class GatewayApp:
                             sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
         accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections)
         actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
+        session_of = self.signin.session_for if self.signin is not None else None
         if self.policy is not None:
-            decider = PolicyDecider(self.policy, self.connections, decision_seconds=self.metrics.decision_seconds)
+            decider = PolicyDecider(self.policy, self.connections, decision_seconds=self.metrics.decision_seconds,
+                                    session_of=session_of)
         else:
             decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
         chain = [
@@ -132,6 +137,7 @@ class GatewayApp:
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
             QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
             *self._mail_addons(),   # issue #5: decides (private mail servers) before the enforcer
+            *self._signin_addons(helpdesk),  # issue #9: unsigned devices reach only the sign-in path
             enforcer,
             accesslog,
             self.cutter,
@@ -149,6 +155,46 @@ class GatewayApp:
                                            self.logstore, self.cutter.cut)]
         except SourceErrors as exc:
             raise StartupError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+
+    def _signin_addons(self, helpdesk: Helpdesk) -> list[Any]:
+        if self.signin is None:
+            return []
+        from addons.signin import SignInGate
+        return [SignInGate(self.signin, self.connections, helpdesk.contact,
+                           portal_addresses=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))]
+
+    def open_signin(self) -> None:
+        """Sessions live beside the device registry (gateway/signin/store.py)."""
+        if self.cfg.signin is None:
+            return
+        store = SessionStore(session_store_path(self.cfg))
+        self.signin = SignInService(self.cfg.signin, store, self.logstore, metrics=self.metrics,
+                                    on_sessions_changed=self._sessions_changed)
+        self.signin.refresh()
+        log.info("user sign-in required (issuer %s, portal https://%s/)", self.cfg.signin.issuer,
+                 self.cfg.signin.portal_host)
+
+    def _sessions_changed(self, device_ids: set[str]) -> None:
+        """A sign-in, sign-out or expiry changes what the device's user may do: drop the
+        device's cached host verdicts."""
+        if self.policy is not None:
+            for device_id in device_ids:
+                self.policy.invalidate_device(device_id)
+        if self.signin is not None:
+            self.metrics.user_sessions.set(len(self.signin.directory))
+
+    def _cut_devices(self, device_ids: set[str], reason: str) -> None:
+        for state in self.connections.all():
+            if state.device is not None and state.device.device_id in device_ids:
+                if self.cutter.cut(state.client_id, reason):
+                    self.metrics.connections_cut.inc()
+
+    async def refresh_sessions(self) -> None:
+        if self.signin is None:
+            return
+        ended = await asyncio.to_thread(self.signin.refresh)
+        if ended:
+            self._cut_devices(ended, "user session ended")
 
     def fail(self, reason: str) -> None:
         """An addon failed to load or configure: stop serving (systemd restarts us)."""
@@ -224,6 +270,7 @@ class GatewayApp:
         self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
                                  on_record=self._on_log_record)
         self.logstore.open_streams()
+        self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
         reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
         initial = reconciler.initial()
@@ -257,6 +304,12 @@ class GatewayApp:
             self.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
         self.metrics.peers.set(len(report.admitted_ids))
         changed = {r.device_id: r for r in report.changed}
+        if self.signin is not None:
+            # A device that loses admission (revoked, suspended, expired) loses its user session too.
+            signed_in = {s.device_id for s in self.signin.directory.all()}
+            gone = {d for d in changed if d not in report.admitted_ids and d in signed_in}
+            if gone and self.signin.end_for_devices(gone, "device no longer admitted"):
+                self.ship_audit()
         for state in self.connections.all():
             if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
                 continue
@@ -315,6 +368,7 @@ class GatewayApp:
                     self.ship_audit()
                     if full:
                         last_full = loop.time()
+                await self.refresh_sessions()
             except Exception:
                 self.metrics.reconcile_errors.inc()
                 log.exception("reconcile failed; retrying")

@@ -24,6 +24,7 @@ COMMAND_MODULES = {
     "report": "gateway.reports.commands",
     "replay": "gateway.replay.commands",
     "cluster": "gateway.cluster",
+    "user": "gateway.signin.commands",
 }
 
 EXIT_USAGE = 2

@@ -17,6 +17,7 @@ from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
+from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
@@ -168,6 +169,7 @@ SCHEMA: dict[str, Any] = {
                 "allowed_recipient_domains": {"type": "array", "items": _STR},
             },
         },
+        "signin": SIGNIN_SCHEMA,   # issue #9: OIDC user sign-in (gateway/signin/settings.py)
         "addons": {
             "type": "object",
             "additionalProperties": False,
@@ -261,6 +263,7 @@ class GatewayConfig:
     posture_min_os: tuple[tuple[str, str], ...] = ()
     posture_quarantine_jailbroken: bool = True
     mail: MailSettings | None = None          # issue #5; None: no mail filtering
+    signin: SignInSettings | None = None      # issue #9; None: devices need no user sign-in
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -417,6 +420,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         )
 
     mail = _mail_settings(doc, d.get("mail"), errors)
+    signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
 
     if errors:
         raise SourceErrors(errors)
@@ -472,6 +476,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         posture_min_os=tuple(min_os),
         posture_quarantine_jailbroken=bool(posture_cfg.get("quarantine_jailbroken", True)),
         mail=mail,
+        signin=signin,
     )
 
 

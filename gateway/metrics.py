@@ -36,6 +36,11 @@ class GatewayMetrics:
             "kanmon_reconcile_duration_seconds", "Time to bring peers and drop sets in line with the registry.",
             registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
         self.reconcile_errors = Counter("kanmon_reconcile_errors_total", "Failed reconcile passes.", registry=r)
+        self.signins = Counter(
+            "kanmon_user_signins_total",
+            "User sign-ins through the OIDC portal (issue #9), by outcome and refusal reason.",
+            ["outcome", "reason"], registry=r)
+        self.user_sessions = Gauge("kanmon_user_sessions", "Active user sessions (signed-in devices).", registry=r)
         self.connections_cut = Counter(
             "kanmon_connections_cut_total", "Live proxy connections cut because their device lost admission.",
             registry=r)

@@ -47,6 +47,9 @@ def register(subparsers: Any) -> Any:
 
     test = sub.add_parser("test", help="show the verdict for URLs / URL の判定を表示")
     test.add_argument("--policy", required=True)
+    test.add_argument("--device", metavar="ID",
+                      help="a registered device, as the gateway sees it now (registry record and signed-in user); needs --config")
+    test.add_argument("--config", help="gateway configuration (for --device)")
     add_device_arguments(test)
     add_request_arguments(test)
     test.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -147,8 +150,15 @@ def _read_urls(lines: Any) -> list[str]:
 
 def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, stdin: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
+    registered = getattr(args, "device", None)
     try:
-        device = device_context_from_args(args)
+        if registered:
+            if not getattr(args, "config", None):
+                raise ValueError("--device needs --config (the gateway configuration)")
+            from gateway.policydevice import registered_device_context
+            device, _ = registered_device_context(args.config, registered)
+        else:
+            device = device_context_from_args(args)
     except ValueError as exc:
         print(T_BAD_ARG.format(detail=exc).render(), file=err)
         return 2
@@ -163,9 +173,13 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     for url in urls:
         v = snap.decide(query_from_args(url, device, args, now))
         if args.json:
-            print(json.dumps({"url": url, "verdict": str(v.action), "rule": v.rule_id, "explain": v.explain}, ensure_ascii=False), file=out)
+            obj = {"url": url, "verdict": str(v.action), "rule": v.rule_id, "explain": v.explain}
+            if registered:
+                obj.update({"device": device.device_id, "user": device.user, "mfa": device.mfa})
+            print(json.dumps(obj, ensure_ascii=False), file=out)
         else:
-            print(f"{v.action}\t{v.rule_id or '-'}\t{url}\t{v.explain}", file=out)
+            who = f"\t{device.device_id}/{device.user or '-'}" if registered else ""
+            print(f"{v.action}\t{v.rule_id or '-'}\t{url}\t{v.explain}{who}", file=out)
     return 0
 
 
