@@ -24,7 +24,8 @@ APT_PACKAGES=(
   clamav clamav-daemon
   postfix dovecot-imapd dovecot-pop3d
   e2guardian
-  chromium fonts-noto-cjk
+  chromium fonts-noto-cjk libnss3-tools
+  faketime
   prometheus
   postgresql
   wrk
@@ -58,6 +59,17 @@ install_system_packages() {
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   [ "$created_guard" -eq 1 ] && rm -f "$guard"
   return 0
+}
+
+install_node() {
+  # The sign-in e2e tests run a real OIDC provider (npm oidc-provider, pinned by
+  # gateway/lab/oidc/package-lock.json). Use the machine's Node.js if it has one.
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    say "node $(node --version) and npm $(npm --version 2>/dev/null) present"
+    return
+  fi
+  say "installing Debian's nodejs and npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
 }
 
 find_python() {
@@ -107,9 +119,9 @@ run_tests() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  install) need_root install; install_system_packages; install_python_env ;;
+  install) need_root install; install_system_packages; install_node; install_python_env ;;
   demo)    need_root demo; install_system_packages; install_python_env; exec "$VENV/bin/kanmon" demo "$@" ;;
-  test)    need_root test; install_system_packages; install_python_env; run_tests "$@" ;;
+  test)    need_root test; install_system_packages; install_node; install_python_env; run_tests "$@" ;;
   *)
     echo "usage: sudo ./bootstrap.sh demo | test | install" >&2
     exit 2 ;;
