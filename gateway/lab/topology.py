@@ -334,6 +334,11 @@ http {{
         self.idp = OidcProvider(self.inet, self.workdir / "idp", IDP4, pair.cert_path, pair.key_path,
                                 self.ca.cert_path, client=self.idp_client or OidcClient())
         self.idp.start()
+        # The gateway itself talks to the IdP (discovery, token, JWKS) by name, like a real
+        # gateway host with a resolver: `ip netns exec` binds this file over /etc/resolv.conf.
+        resolv = Path("/etc/netns") / self.gw.name
+        resolv.mkdir(parents=True, exist_ok=True)
+        (resolv / "resolv.conf").write_text(f"nameserver {DNS4}\n")
 
     # -- gateway -------------------------------------------------------------------------
     def gateway_config(self) -> dict:
