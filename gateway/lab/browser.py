@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,8 +83,6 @@ def trust_ca(home: Path, ca_path: Path) -> None:
 
 
 def _run_step(page, context, step: dict, default_timeout: float):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout   # noqa: F401  (documented raise)
-    import re
     timeout_ms = float(step.get("timeout", default_timeout)) * 1000
     action = step["action"]
     if action == "goto":
@@ -156,10 +155,12 @@ def run_script(steps: list[dict], ca_path: Path | None, timeout: float = 20) -> 
     return result
 
 
-def run_browser(device, steps: list[dict], timeout: float = 60, step_timeout: float = 20) -> dict:
+def run_browser(device, steps: list[dict], timeout: float = 60, step_timeout: float = 20,
+                trust_ca: bool = True) -> dict:
     """Run ``steps`` in a headless Chromium inside ``device``'s namespace (a
-    gateway.lab.topology.Device), trusting the gateway's interception CA. Returns the
-    script's JSON result (see the module docstring)."""
+    gateway.lab.topology.Device), trusting the gateway's interception CA (unless
+    ``trust_ca`` is False). Returns the script's JSON result (see the module docstring);
+    raises BrowserScriptError for a malformed script, LabError when the browser crashed."""
     from gateway.lab.topology import LabError, _project_root, run
 
     validate_steps(steps)
@@ -167,7 +168,8 @@ def run_browser(device, steps: list[dict], timeout: float = 60, step_timeout: fl
     script.write_text(json.dumps(steps))
     env = dict(os.environ, PYTHONPATH=_project_root())
     cmd = device.ns.cmd(sys.executable, "-m", "gateway.lab.browser", "--script", str(script),
-                        "--ca", str(device.lab.interception_ca), "--step-timeout", str(step_timeout))
+                        "--step-timeout", str(step_timeout),
+                        *(("--ca", str(device.lab.interception_ca)) if trust_ca else ()))
     try:
         proc = run(cmd, check=False, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
