@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from mitmproxy import connection, dns, http, tcp, tls
@@ -38,11 +39,13 @@ class RecordSink(Protocol):
     def append(self, stream: str, record: dict[str, Any]) -> None: ...
 
 
-def _device_fields(device: DeviceRecord | None, client: connection.Client) -> dict[str, Any]:
+def _device_fields(device: DeviceRecord | None, client: connection.Client,
+                   user_of: Callable[[DeviceRecord], str | None] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"source.ip": client.peername[0], "source.port": client.peername[1]}
     if device is not None:
         out["device.id"] = device.device_id
-        out["user.name"] = device.owner or None
+        # With user sign-in (issue #9) the signed-in user (None before sign-in); else the owner.
+        out["user.name"] = user_of(device) if user_of is not None else (device.owner or None)
         out["device.groups"] = sorted(device.groups)
         out["device.ownership"] = str(device.ownership)
     else:
@@ -78,13 +81,15 @@ class AccessLog:
     name = "kanmon-accesslog"
 
     def __init__(self, sink: RecordSink, redact_url=lambda url: url, on_log_failure: str = "block",
-                 connections: LiveConnections | None = None):
+                 connections: LiveConnections | None = None,
+                 user_of: Callable[[DeviceRecord], str | None] | None = None):
         """``connections`` (the gateway's live connection table) lets the log see TLS-stage
         verdicts: without it, SNI blocks and no-inspect connections get no `conn` record."""
         self.sink = sink
         self.redact_url = redact_url
         self.on_log_failure = on_log_failure
         self.connections = connections
+        self.user_of = user_of
         # No-inspect connections (no flow object exists for them) awaiting their end record.
         self._passed_through: dict[str, dict[str, Any]] = {}
 
@@ -110,7 +115,7 @@ class AccessLog:
             log.exception("log write failed (configured to continue)")
 
     def _http_record(self, flow: http.HTTPFlow) -> dict[str, Any]:
-        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn)
+        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
         rec.update(_verdict_fields(flow.metadata.get(METADATA_VERDICT)))
         server = flow.server_conn.address
         rec.update({
@@ -137,7 +142,7 @@ class AccessLog:
         self._write("proxy", rec)
 
     def _tcp_record(self, flow: tcp.TCPFlow) -> dict[str, Any]:
-        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn)
+        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
         verdict = flow.metadata.get(METADATA_VERDICT)
         rec.update(_verdict_fields(verdict))
         rec.update({
@@ -183,7 +188,7 @@ class AccessLog:
         no_inspect = data.ignore_connection or verdict.action == Action.NO_INSPECT
         if verdict.passes and not no_inspect:
             return      # intercepted: each request gets its proxy record
-        rec = _device_fields(state.device, client)
+        rec = _device_fields(state.device, client, self.user_of)
         rec.update(_verdict_fields(verdict))
         sni = data.client_hello.sni
         rec.update({
@@ -212,7 +217,7 @@ class AccessLog:
 
     def _dns_record(self, flow: dns.DNSFlow) -> dict[str, Any]:
         q = flow.request.question
-        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn)
+        rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
         rec.update(_verdict_fields(flow.metadata.get(METADATA_VERDICT)))
         rec.update({
             "event.dataset": "kanmon.dns",
@@ -246,7 +251,7 @@ class AccessLog:
         self._write("dns", rec)
 
     def refused_client(self, client: connection.Client, reason: str) -> None:
-        rec = _device_fields(None, client)
+        rec = _device_fields(None, client, self.user_of)
         rec.update({
             "event.dataset": "kanmon.conn",
             "kanmon.verdict": "block",

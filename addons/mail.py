@@ -154,9 +154,16 @@ class MailFilter:
         self.dns_txt = dns_txt
         self.hosts = OrganizationHosts(settings.organization_hosts)
         self.refusal = recipient_refusal_for(settings, policy)
+        # DeviceRecord -> the signed-in user (issue #9); None: the registered owner is logged.
+        self.user_of = None
         # Same message fetched again (IMAP clients refetch; section fetches): judged once, so
         # a quarantined message is stored once and every fetch shows the same notice.
         self._judged: collections.OrderedDict[tuple[str, str], tuple[Judgement, MailVerdict]] = collections.OrderedDict()
+
+    def _user(self, device) -> str | None:
+        if device is None:
+            return None
+        return self.user_of(device) if self.user_of is not None else (device.owner or None)
 
     @classmethod
     def from_config(cls, settings: MailSettings, state_dir, connections, metrics, sink, cut) -> "MailFilter":
@@ -355,7 +362,7 @@ class MailFilter:
         return {
             "event.dataset": "kanmon.mail",
             "device.id": device.device_id if device is not None else None,
-            "user.name": (device.owner or None) if device is not None else None,
+            "user.name": self._user(device),
             "source.ip": flow.client_conn.peername[0],
             "destination.ip": str(server[0]) if server else None,
             "destination.port": server[1] if server else None,

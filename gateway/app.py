@@ -123,7 +123,9 @@ class GatewayApp:
         helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
         enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut,
                             sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
-        accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections)
+        user_of = self._signed_in_user if self.signin is not None else None
+        accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections,
+                              user_of=user_of)
         actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
         session_of = self.signin.session_for if self.signin is not None else None
         if self.policy is not None:
@@ -151,10 +153,17 @@ class GatewayApp:
             return []
         from addons.mail import MailFilter
         try:
-            return [MailFilter.from_config(self.cfg.mail, self.cfg.state_dir, self.connections, self.metrics,
-                                           self.logstore, self.cutter.cut)]
+            mail = MailFilter.from_config(self.cfg.mail, self.cfg.state_dir, self.connections, self.metrics,
+                                          self.logstore, self.cutter.cut)
+            if self.signin is not None:
+                mail.user_of = self._signed_in_user
+            return [mail]
         except SourceErrors as exc:
             raise StartupError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+
+    def _signed_in_user(self, device) -> str | None:
+        session = self.signin.session_for(device) if self.signin is not None else None
+        return session.user if session is not None else None
 
     def _signin_addons(self, helpdesk: Helpdesk) -> list[Any]:
         if self.signin is None:
