@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import pytest
 
 from gateway.lab.oidcprovider import (ACR_MFA, ACR_PASSWORD, ISSUER, MODES, TEST_USERS, OidcClient, OidcProviderError,
-                                      oidc_prerequisites)
+                                      ensure_installed, oidc_prerequisites)
 from gateway.lab.topology import Lab
 from tests.e2e.conftest import _keep_evidence, require_lab
 
@@ -62,7 +62,12 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _clean_mode(lab):
+def _clean_mode(request):
+    """Every lab test starts and ends with unspoiled tokens."""
+    if "lab" not in request.fixturenames:
+        yield
+        return
+    lab = request.getfixturevalue("lab")
     lab.idp.set_mode("none")
     yield
     lab.idp.set_mode("none")
@@ -165,10 +170,15 @@ def test_the_browser_trusts_only_the_ca_it_is_given(lab):
     result = browse(lab, [{"action": "goto", "url": "https://example.test/"}], trust_ca=False)
     assert not result["ok"]
     assert "ERR_CERT_AUTHORITY_INVALID" in result["steps"][0]["error"]
-    trusted = browse(lab, [{"action": "goto", "url": "https://example.test/"}, {"action": "text", "selector": "body"}])
+    shot = lab.workdir / "example.png"
+    trusted = browse(lab, [{"action": "goto", "url": "https://example.test/"}, {"action": "text", "selector": "body"},
+                           {"action": "screenshot", "path": str(shot)}, {"action": "url"}])
     assert trusted["ok"], trusted
     assert trusted["steps"][0]["value"] == 200
     assert "hello from example.test via https" in trusted["steps"][1]["value"]
+    assert shot.read_bytes().startswith(b"\x89PNG")
+    assert trusted["steps"][3]["value"] == trusted["final_url"] == "https://example.test/"
+    assert [(r["url"], r["status"]) for r in trusted["responses"]] == [("https://example.test/", 200)]
 
 
 def test_alice_signs_in_with_otp_and_bob_with_password_only(lab):
@@ -343,3 +353,15 @@ def test_run_browser_rejects_a_bad_script(lab):
         browse(lab, [{"action": "goto", "url": "https://example.test/"}, {"action": "hover", "selector": "#x"}])
     with pytest.raises(BrowserScriptError, match="pattern"):
         browse(lab, [{"action": "wait_for_url"}])
+
+
+def test_bad_client_config_and_missing_node_are_clear_errors(monkeypatch, tmp_path):
+    with pytest.raises(OidcProviderError, match="client_secret_basic or client_secret_post"):
+        OidcClient(token_endpoint_auth_method="private_key_jwt")
+    with pytest.raises(OidcProviderError, match="at least one redirect URI"):
+        OidcClient(redirect_uris=())
+    monkeypatch.setenv("PATH", str(tmp_path))          # no node, no npm
+    assert oidc_prerequisites() == ["node (>= 18)", "npm"]
+    with pytest.raises(OidcProviderError, match="needs node"):
+        ensure_installed(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()           # nothing half-made
