@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import requests
-from authlib.integrations.base_client import BaseApp, OAuth2Mixin, OpenIDMixin
+from authlib.integrations.base_client import BaseApp, OAuth2Mixin, OAuthError, OpenIDMixin
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from joserfc import errors as jose_errors
@@ -28,6 +28,13 @@ from joserfc import errors as jose_errors
 from gateway.signin.settings import SignInSettings
 
 log = logging.getLogger("kanmon.signin.oidc")
+
+# Signature algorithms an ID token may use: public-key ones only. Authlib takes the list from
+# the IdP's discovery document, and OIDC Discovery lets an IdP list "none" for the code flow
+# (and HS* keyed with the client secret); the gateway accepts neither, so whatever the IdP
+# lists is narrowed to these (RS256 when nothing is left: the algorithm OIDC makes mandatory).
+SIGNATURE_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                  "ES256", "ES384", "ES512", "ES256K", "EdDSA", "Ed25519", "Ed448"})
 
 
 class SignInRefused(Exception):
@@ -80,8 +87,14 @@ class OidcRelyingParty:
         except (requests.RequestException, ValueError, ssl.SSLError) as exc:
             self._app.server_metadata.pop("_loaded_at", None)
             raise SignInRefused("idp-unreachable", f"discovery at {self.settings.discovery_url} failed: {exc}") from None
-        if md.get("issuer", "").rstrip("/") != self.settings.issuer:
-            raise SignInRefused("idp-issuer-mismatch", f"discovery names issuer {md.get('issuer')!r}")
+        named = md.get("issuer")
+        if not isinstance(named, str) or named.rstrip("/") != self.settings.issuer:
+            # forget the document: once the IdP is fixed, the next sign-in fetches it again
+            self._app.server_metadata.clear()
+            raise SignInRefused("idp-issuer-mismatch", f"discovery names issuer {named!r}")
+        listed = md.get("id_token_signing_alg_values_supported")
+        allowed = [a for a in listed if a in SIGNATURE_ALGORITHMS] if isinstance(listed, list) else []
+        md["id_token_signing_alg_values_supported"] = allowed or ["RS256"]
         return md
 
     # -- step 1: send the browser to the IdP ------------------------------------------------
@@ -99,7 +112,8 @@ class OidcRelyingParty:
         try:
             token = self._app.fetch_access_token(redirect_uri=self.settings.redirect_uri, code=code,
                                                  code_verifier=code_verifier)
-        except OAuth2Error as exc:
+        except (OAuthError, OAuth2Error) as exc:
+            # the requests client raises OAuthError for an {"error": ...} answer, not OAuth2Error
             raise SignInRefused("token-request-refused", f"{exc.error}: {exc.description or ''}".strip()) from None
         except (requests.RequestException, ValueError, ssl.SSLError) as exc:
             raise SignInRefused("idp-unreachable", f"token request failed: {exc}") from None
@@ -123,13 +137,17 @@ class OidcRelyingParty:
             raise SignInRefused(f"token-{exc.claim}-{kind}", str(exc)) from None
         except jose_errors.InvalidKeyIdError:
             raise SignInRefused("token-key-unknown", "no key of the IdP's JWKS (even refetched) signed it") from None
-        except (jose_errors.BadSignatureError, jose_errors.DecodeError, jose_errors.InvalidPayloadError,
-                jose_errors.MissingAlgorithmError, jose_errors.UnsupportedAlgorithmError) as exc:
+        except (jose_errors.MissingAlgorithmError, jose_errors.UnsupportedAlgorithmError) as exc:
+            # "none", HS256 and anything not a public-key signature (SIGNATURE_ALGORITHMS)
+            raise SignInRefused("token-alg-refused", f"{type(exc).__name__}: {exc}") from None
+        except (jose_errors.BadSignatureError, jose_errors.DecodeError, jose_errors.InvalidPayloadError) as exc:
             raise SignInRefused("token-signature-invalid", f"{type(exc).__name__}: {exc}") from None
         except jose_errors.JoseError as exc:
             raise SignInRefused("token-invalid", f"{type(exc).__name__}: {exc}") from None
         except (requests.RequestException, ssl.SSLError) as exc:
             raise SignInRefused("idp-unreachable", f"JWKS fetch failed: {exc}") from None
+        except RuntimeError as exc:  # Authlib: the discovery document has no jwks_uri
+            raise SignInRefused("idp-metadata-invalid", str(exc)) from None
         if claims is None:
             raise SignInRefused("token-id-token-missing", "no id_token")
         auth_time = claims.get("auth_time")
