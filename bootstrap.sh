@@ -25,7 +25,6 @@ APT_PACKAGES=(
   postfix dovecot-imapd dovecot-pop3d
   e2guardian
   chromium fonts-noto-cjk libnss3-tools
-  faketime
   prometheus
   postgresql
   wrk

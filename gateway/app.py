@@ -281,7 +281,7 @@ class GatewayApp:
         self.logstore.open_streams()
         self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
-        reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table)
+        reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table, on_clock_jump=self.metrics.observe_clock_jump)
         initial = reconciler.initial()
         steering.apply_ruleset(steering.SteeringPlan(
             table=cfg.nft_table, tunnel_interface=cfg.wg_interface, uplink_interface=cfg.uplink_interface,

@@ -111,6 +111,7 @@ def test_clock_jump_forward_cuts_back_readmits_and_a_revoked_device_stays_out(ma
     assert steady.public_key in peers(lab) and lab.metric_value("kanmon_wireguard_peers") == 1
     text = log_since(lab, mark)
     assert "wall clock stepped forward by 7200 s" in text, text[-3000:]
+    assert lab.metric_value("kanmon_clock_jumps_total", direction="forward") == 1
     # The gateway's own clock really moved: its access record of the steady device's request
     # is stamped two hours ahead of the real time.
     def proxy_records(marker: str) -> list[dict]:
@@ -132,6 +133,7 @@ def test_clock_jump_forward_cuts_back_readmits_and_a_revoked_device_stays_out(ma
     browse_seconds = time.monotonic() - stepped
     text = log_since(lab, mark)
     assert "wall clock stepped backward by 7200 s" in text, text[-3000:]
+    assert lab.metric_value("kanmon_clock_jumps_total", direction="backward") == 1
     # The revoked device, whose usage period is valid again by this clock, stays out.
     assert revoked.public_key not in peers(lab)
     assert http_code(revoked.curl("http://www.example.test/revoked-after-backward-step", timeout=3)) == "000"
