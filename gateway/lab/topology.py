@@ -334,14 +334,9 @@ http {{
         self.idp = OidcProvider(self.inet, self.workdir / "idp", IDP4, pair.cert_path, pair.key_path,
                                 self.ca.cert_path, client=self.idp_client or OidcClient())
         self.idp.start()
-        # The gateway itself is the relying party: its discovery, JWKS and token requests resolve
-        # idp.test with the lab DNS (as a real gateway host uses its site resolver) and must
-        # trust self.ca.cert_path (the lab's test CA) for https://idp.test.
-        resolv = Path("/etc/netns") / self.gw.name
-        resolv.mkdir(parents=True, exist_ok=True)
-        (resolv / "resolv.conf").write_text(f"nameserver {DNS4}\n")
         # The gateway itself talks to the IdP (discovery, token, JWKS) by name, like a real
         # gateway host with a resolver: `ip netns exec` binds this file over /etc/resolv.conf.
+        # It must trust self.ca.cert_path (the lab's test CA) for https://idp.test.
         resolv = Path("/etc/netns") / self.gw.name
         resolv.mkdir(parents=True, exist_ok=True)
         (resolv / "resolv.conf").write_text(f"nameserver {DNS4}\n")
