@@ -123,6 +123,11 @@ class SignInService:
                                                         code_verifier=pending.code_verifier)
         except SignInRefused as exc:
             return self.refuse(device, tunnel_ip, exc.reason, exc.detail, pending.next_url)
+        except Exception as exc:
+            # an IdP answer or a library error nobody foresaw: still a logged refusal with a
+            # reason, never an exception out of the portal with nothing in the auth log
+            log.exception("sign-in for device %s failed unexpectedly", device.device_id)
+            return self.refuse(device, tunnel_ip, "signin-error", f"{type(exc).__name__}: {exc}", pending.next_url)
         now = self._clock()
         session = session_from_claims(claims, device_id=device.device_id, tunnel_ip=tunnel_ip,
                                       settings=self.settings, now=now, auth_time=auth_time)

@@ -134,6 +134,14 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
         if not secret:
             errors.append(doc.error(("signin", "client_secret_file"), f"{path} is empty"))
             return None
+    if not (secret.isascii() and secret.isprintable()):
+        # Authlib sends it in an HTTP Basic header without the form-encoding RFC 6749 2.3.1
+        # asks for, so anything else would fail at every sign-in instead of here
+        key = "client_secret" if secret_file is None else "client_secret_file"
+        errors.append(doc.error(("signin", key), "the client secret must be printable ASCII"))
+    for key in ("session_lifetime", "pending_lifetime"):
+        if key in section and duration_seconds(section[key]) == 0:
+            errors.append(doc.error(("signin", key), "must be longer than 0"))
     if "openid" not in section.get("scopes", ["openid"]):
         errors.append(doc.error(("signin", "scopes"), "must include openid (this is OpenID Connect sign-in)"))
     ca_file = None
