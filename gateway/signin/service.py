@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from gateway.registry import DeviceRecord
 from gateway.signin.oidc import OidcRelyingParty, SignInRefused
 from gateway.signin.pending import PendingRefused, PendingSignIn, PendingSignIns
-from gateway.signin.sessions import SessionDirectory, UserSession, owner_matches, session_from_claims
+from gateway.signin.sessions import (SessionDirectory, UserSession, canonical_ip, owner_matches,
+                                     session_from_claims)
 from gateway.signin.settings import SignInSettings
 from gateway.signin.store import SessionStore
 
@@ -97,6 +98,7 @@ class SignInService:
     async def begin(self, device: DeviceRecord, tunnel_ip: str, next_url: str | None) -> str:
         """The IdP URL to send this device's browser to. Raises ``SignInRefused`` when the
         IdP cannot be reached (discovery)."""
+        tunnel_ip = canonical_ip(tunnel_ip)  # the peer address as the proxy saw it (maybe ::ffff:a.b.c.d)
         request = await asyncio.to_thread(self.rp.begin)
         self.pending.add(PendingSignIn(request.state, request.nonce, request.code_verifier, device.device_id,
                                        tunnel_ip, next_url, self._monotonic()))
@@ -107,6 +109,7 @@ class SignInService:
     async def finish(self, device: DeviceRecord, tunnel_ip: str, params: dict[str, str]) -> SignInOutcome:
         """The callback: check state, exchange the code, validate the ID token, check the
         device owner, start the session. Every outcome is written to the auth log."""
+        tunnel_ip = canonical_ip(tunnel_ip)
         try:
             pending = self.pending.redeem(params.get("state"), device_id=device.device_id, tunnel_ip=tunnel_ip,
                                           now=self._monotonic())

@@ -8,6 +8,7 @@ device *and* tunnel address it was made on, and only until it expires or is ende
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,20 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(18)
 
 
+def canonical_ip(ip: str) -> str:
+    """A tunnel address as the registry spells it: without an IPv6 zone, and an IPv4-mapped
+    IPv6 address (how a dual-stack listener sees an IPv4 peer) as plain IPv4 -- the same
+    normalisation the identity addon applies before it finds the device. Text that is not an
+    address is kept as it is (it then matches nothing)."""
+    try:
+        addr = ipaddress.ip_address(str(ip).split("%", 1)[0])
+    except ValueError:
+        return str(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 def _as_strings(value: Any) -> frozenset[str]:
     if isinstance(value, str):
         return frozenset({value})
@@ -60,7 +75,7 @@ def session_from_claims(claims: Mapping[str, Any], *, device_id: str, tunnel_ip:
     acr = claims.get("acr") if isinstance(claims.get("acr"), str) else None
     mfa = bool(amr & set(settings.mfa_amr)) or (acr is not None and acr in settings.mfa_acr)
     return UserSession(
-        session_id=new_session_id(), device_id=device_id, tunnel_ip=tunnel_ip, user=str(user),
+        session_id=new_session_id(), device_id=device_id, tunnel_ip=canonical_ip(tunnel_ip), user=str(user),
         subject=str(claims["sub"]), issuer=str(claims.get("iss", settings.issuer)),
         email=claims.get("email") if isinstance(claims.get("email"), str) else None,
         groups=_as_strings(claims.get(settings.groups_claim)), amr=amr, acr=acr, mfa=mfa,
@@ -110,7 +125,9 @@ class SessionDirectory:
         """The device's valid session, if it was made from one of the device's own tunnel
         addresses (cryptokey routing makes those the device's authenticated identity)."""
         s = self._by_device.get(device_id)
-        if s is None or not s.valid(now) or s.tunnel_ip not in tunnel_ips:
+        if s is None or not s.valid(now):
+            return None
+        if canonical_ip(s.tunnel_ip) not in {canonical_ip(ip) for ip in tunnel_ips}:
             return None
         return s
 

@@ -20,7 +20,8 @@ from gateway.registry import DeviceRecord, SqliteRegistry
 from gateway.signin.oidc import AuthorizationRequest, SignInRefused
 from gateway.signin.pending import PendingRefused, PendingSignIn, PendingSignIns
 from gateway.signin.service import SignInService
-from gateway.signin.sessions import SessionDirectory, UserSession, owner_matches, session_from_claims
+from gateway.signin.sessions import (SessionDirectory, UserSession, canonical_ip, owner_matches,
+                                     session_from_claims)
 from gateway.signin.settings import DEFAULT_MFA_AMR, SignInSettings
 from gateway.signin.store import SessionStore
 from gateway.yamlsource import SourceErrors
@@ -197,6 +198,23 @@ def test_directory_binds_a_session_to_its_device_and_tunnel_address():
     d.put(v6)
     assert d.for_device("dev-1", mine, T0) == v6
     assert d.remove("dev-1") == v6 and d.remove("dev-1") is None and len(d) == 0
+
+
+def test_canonical_ip_matches_the_identity_addons_view():
+    assert canonical_ip("::ffff:10.77.0.2") == "10.77.0.2"
+    assert canonical_ip("fd77:0077:0000::0002") == "fd77:77::2"
+    assert canonical_ip("fe80::1%kmwg0") == "fe80::1"
+    assert canonical_ip("10.77.0.2") == "10.77.0.2"
+    assert canonical_ip("not-an-ip") == "not-an-ip"
+
+
+def test_directory_compares_addresses_in_canonical_form():
+    d = SessionDirectory()
+    d.put(session(tunnel_ip="::ffff:10.77.0.2"))
+    assert d.for_device("dev-1", {"10.77.0.2"}, T0) is not None
+    d.put(session(tunnel_ip="fd77:77::2", tag="v6"))
+    assert d.for_device("dev-1", {"fd77:0077::0002"}, T0) is not None
+    assert d.for_device("dev-1", {"::ffff:10.77.0.2"}, T0) is None
 
 
 def test_directory_replace_keeps_the_newest_session_per_device():
@@ -526,6 +544,20 @@ def test_finish_starts_a_session_and_writes_one_auth_record(h):
     assert h.changed == [{"dev-1"}]
     # bound to the tunnel address: the same device id from elsewhere has no session
     assert h.service.session_for(dataclasses.replace(dev, ipv4=ipaddress.IPv4Address("10.77.0.99"), ipv6=None)) is None
+
+
+def test_signin_through_a_dual_stack_listener_binds_the_plain_ipv4_address(h):
+    # mitmproxy on a dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d; the identity
+    # addon maps it back to find the device, so the session must match it too
+    dev = device()
+    state = asyncio.run(h.service.begin(dev, "::ffff:10.77.0.2", None)).rsplit("state=", 1)[1]
+    s = h.finish(dev, {"state": state, "code": "c"}, tunnel_ip="::ffff:10.77.0.2").session
+    assert s is not None and s.tunnel_ip == "10.77.0.2"
+    assert h.service.session_for(dev) == s
+    assert h.store.get(s.session_id).tunnel_ip == "10.77.0.2"
+    # started through one view of the address, finished through the other: the same device
+    state = asyncio.run(h.service.begin(dev, "::ffff:10.77.0.2", None)).rsplit("state=", 1)[1]
+    assert h.finish(dev, {"state": state, "code": "c"}, tunnel_ip="10.77.0.2").session is not None
 
 
 def test_replayed_callback_is_refused_and_logged(h):
