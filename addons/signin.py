@@ -163,7 +163,7 @@ class SignInGate:
             try:
                 url = await self.service.begin(device, state.peer_ip, safe_next(query.get("next"), self.portal))
             except SignInRefused as exc:
-                self.service._refuse(device, state.peer_ip, exc.reason, exc.detail)
+                self.service.refuse(device, state.peer_ip, exc.reason, exc.detail)
                 return _page(502, pages.refused_page(reason=exc.reason, device_id=device.device_id,
                                                      portal_host=self.portal, contact=self.contact, now=now))
             return _redirect(url, RULE_SIGNIN_PORTAL)
