@@ -289,7 +289,12 @@ class _Compiler:
             self._route(ordinal, url_routes)
         else:
             self.generic.append(ordinal)
-        self.rules.append(CompiledRule(ordinal, info, tuple(checks), tuple(unless_checks), expires_at, headers))
+        # Decided by the host lookup alone: its one condition is the plain host condition
+        # (``ordinal in f.host_hits``, no list regexes), nothing else, never expires.
+        host_only = (host_check is not None and checks == [host_check] and not host_check.may_need
+                     and not unless_checks and expires_at is None)
+        self.rules.append(CompiledRule(ordinal, info, tuple(checks), tuple(unless_checks), expires_at, headers,
+                                       host_only=host_only))
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
         for host in routes.exact:

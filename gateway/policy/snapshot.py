@@ -29,6 +29,8 @@ RULE_NO_SNI = "kanmon:no-sni"
 # Up to this many rules routed only by free URL patterns are simply tried in order (and the
 # RE2 set asked lazily); above it the set is asked first and picks the candidates.
 LAZY_URL_RULES = 16
+# Per-device views kept by a snapshot (see ``_device_view``); cleared when full.
+DEVICE_VIEWS = 4096
 _EMPTY: frozenset[int] = frozenset()
 
 
@@ -67,6 +69,21 @@ class CompiledRule:
     expires_at: datetime | None  # aware; the rule stops applying at this instant
     headers: tuple[tuple[str, str], ...] = ()  # tenant-restrict headers
     verdicts: dict[Stage, Verdict] = field(default_factory=dict)
+    # The rule's only condition is "host in its host tables" (domain / domain_exact / list
+    # without regexes), it has no unless and no expiry: it matches exactly when the host
+    # lookup found it, so the engine decides it without calling the check (compiler.py).
+    host_only: bool = False
+
+
+class _DeviceView:
+    """What one device can never match, worked out once per (snapshot, device): rules with a
+    device condition (group, ownership, posture, user ...) that is false for this device."""
+
+    __slots__ = ("dead", "generic")
+
+    def __init__(self, dead: frozenset[int], generic: tuple[int, ...]):
+        self.dead = dead  # ordinals of rules this device cannot match
+        self.generic = generic  # the device-wide rules it still has to try
 
 
 def _all_of(checks: tuple[Check, ...], q: PolicyQuery, f: F.Facts) -> bool | None:
@@ -129,6 +146,16 @@ class PolicySnapshot:
         self.lists = lists  # list name -> entry count
         self.source = source
         self._by_id = {r.info.id: r.info for r in rules}
+        # Checks that read only the device (needs exactly DEVICE, nothing further): their
+        # result is a function of the DeviceContext alone, so it is computed once per device
+        # (``_device_view``). Every stage knows DEVICE, so such a check is never "unknown".
+        self._device_checks = tuple(
+            (rule.ordinal, tuple(c for c in rule.checks if c.needs == F.DEVICE and not c.may_need))
+            for rule in rules
+        )
+        self._device_checks = tuple((o, cs) for o, cs in self._device_checks if cs)
+        self._device_views: dict[DeviceContext, _DeviceView] = {}
+        self._deferred_verdicts: dict[tuple[int, Stage, int], Verdict] = {}
         self._default = {
             s: Verdict(default_action, None, f"no rule matched: default action {default_action}", s) for s in Stage
         }
@@ -173,37 +200,66 @@ class PolicySnapshot:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _device_view(self, device: DeviceContext) -> _DeviceView:
+        try:
+            view = self._device_views.get(device)
+        except TypeError:  # an unhashable context (a field that is a list): no cache
+            return self._make_device_view(device)
+        if view is None:
+            view = self._make_device_view(device)
+            if len(self._device_views) >= DEVICE_VIEWS:
+                self._device_views.clear()
+            self._device_views[device] = view
+        return view
+
+    def _make_device_view(self, device: DeviceContext) -> _DeviceView:
+        q = PolicyQuery(stage=Stage.CONNECT, device=device)
+        facts = F.Facts(F.DEVICE, None, None, _EMPTY, self.compiled_at, self.tz)
+        dead = set()
+        for ordinal, checks in self._device_checks:
+            for c in checks:
+                try:
+                    result = c.fn(q, facts)
+                except Exception:  # decide() evaluates it again and reports it as it always did
+                    result = None
+                if result is False:
+                    dead.add(ordinal)  # a false condition makes the whole rule false (Kleene AND)
+                    break
+        if not dead:
+            return _DeviceView(_EMPTY, self._generic)
+        return _DeviceView(frozenset(dead), tuple(o for o in self._generic if o not in dead))
+
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
         if q.url:
             url = normalize_url(q.url)  # the form URL conditions match against (query.py)
             if url is not q.url:
                 q = q._replace(url=url)
+        view = self._device_view(q.device)
         parts: list[tuple[int, ...]] = []
-        hits: set[int] = set()
         host = q.host
         if host and known & F.HOST:
             found = self._exact.get(host)
             if found:
                 parts.append(found)
-                hits.update(found)
             suffix = self._suffix
             name = host
             while True:
                 found = suffix.get(name)
                 if found:
                     parts.append(found)
-                    hits.update(found)
                 dot = name.find(".")
                 if dot == -1:
                     break
                 name = name[dot + 1:]
-        if self._generic:
-            parts.append(self._generic)
+        # The rules found through the host tables (a tuple when one bucket, else a set).
+        hits: tuple[int, ...] | set[int] = parts[0] if len(parts) == 1 else set().union(*parts) if parts else ()
+        if view.generic:
+            parts.append(view.generic)
         matched: set[int] | frozenset[int] | None = None
         url_only = self._url_only
         if known & F.URL and len(url_only) > LAZY_URL_RULES:
             # Many URL-routed rules: ask the RE2 set now and try only the rules it names.
-            ids = self._url_set.Match(q.url) if q.url else None
+            ids = self._url_set._set.Match(q.url.encode()) if q.url else None
             matched = set(ids) if ids else _EMPTY
             pattern_rules = self._pattern_rules
             for pid in matched:
@@ -218,21 +274,30 @@ class PolicySnapshot:
         candidates = parts[0] if len(parts) == 1 else sorted(set().union(*parts))
         facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
         rules = self.rules
+        dead = view.dead
+        host_known = known & F.HOST
         first_unknown: CompiledRule | None = None
         mixed = False  # undecided rules disagree among themselves
         for ordinal in candidates:
+            if ordinal in dead:
+                continue  # a device condition of this rule is false for this device
             rule = rules[ordinal]
-            if rule.expires_at is not None and now >= rule.expires_at:
-                continue
-            result = _all_of(rule.checks, q, facts)
-            if result is False:
-                continue
-            if rule.unless:
-                exempt = _all_of(rule.unless, q, facts)
-                if exempt:
+            if rule.host_only and host_known:
+                if ordinal not in hits:
                     continue
-                if exempt is None:
-                    result = None
+                result: bool | None = True
+            else:
+                if rule.expires_at is not None and now >= rule.expires_at:
+                    continue
+                result = _all_of(rule.checks, q, facts)
+                if result is False:
+                    continue
+                if rule.unless:
+                    exempt = _all_of(rule.unless, q, facts)
+                    if exempt:
+                        continue
+                    if exempt is None:
+                        result = None
             if result is None:
                 if first_unknown is None:
                     first_unknown = rule
@@ -251,6 +316,13 @@ class PolicySnapshot:
         return self._default[q.stage]
 
     def _deferred(self, unknown: CompiledRule, stage: Stage, then: CompiledRule | None) -> Verdict:
+        key = (unknown.ordinal, stage, then.ordinal if then is not None else -1)
+        verdict = self._deferred_verdicts.get(key)
+        if verdict is None:  # built once per (rule, stage, rule): a Verdict is immutable
+            verdict = self._deferred_verdicts[key] = self._deferred_verdict(unknown, stage, then)
+        return verdict
+
+    def _deferred_verdict(self, unknown: CompiledRule, stage: Stage, then: CompiledRule | None) -> Verdict:
         after = f"rule {then.info.id} matches" if then else "no later rule matches"
         return Verdict(
             Action.ALLOW,
