@@ -28,6 +28,8 @@ log = logging.getLogger("kanmon.enforce")
 
 METADATA_REQUEST_ID = "kanmon.request_id"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Destination addresses whose "inside the gateway?" answer is remembered; emptied when full.
+_INTERNAL_CACHE_SIZE = 4096
 
 
 class Enforcer:
@@ -42,11 +44,24 @@ class Enforcer:
         self.internal_networks = tuple(internal_networks)
         self.cut_client = cut_client
         self.sinkhole = sinkhole
+        self._internal: dict[str, bool] = {}  # address text -> is_internal (networks are fixed)
+        self._counters: dict[tuple[str, ...], object] = {}  # decision label values -> counter child
 
     # -- helpers -------------------------------------------------------------------------
     def is_internal(self, address: tuple | None) -> bool:
         if not address:
             return False
+        key = address[0]
+        if isinstance(key, str):
+            known = self._internal.get(key)
+            if known is None:
+                if len(self._internal) >= _INTERNAL_CACHE_SIZE:
+                    self._internal.clear()
+                known = self._internal[key] = self._is_internal(address)
+            return known
+        return self._is_internal(address)
+
+    def _is_internal(self, address: tuple) -> bool:
         try:
             ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
         except ValueError:
@@ -56,8 +71,14 @@ class Enforcer:
     def _count(self, verdict: Verdict, flow=None) -> None:
         device = flow.metadata.get(METADATA_DEVICE) if flow is not None else None
         group = min(device.groups) if device is not None and device.groups else "none"
-        self.metrics.decisions.labels(str(verdict.stage), str(verdict.action), verdict.rule_id or "default",
-                                      verdict.category or "none", group).inc()
+        labels = (str(verdict.stage), str(verdict.action), verdict.rule_id or "default", verdict.category or "none", group)
+        # labels() validates and locks on every call; a child, once made, is never removed.
+        child = self._counters.get(labels)
+        if child is None:
+            if len(self._counters) >= 65536:  # rule ids x groups is bounded; this is a backstop
+                self._counters.clear()
+            child = self._counters[labels] = self.metrics.decisions.labels(*labels)
+        child.inc()
 
     def _gate(self, flow, stage: Stage) -> Verdict:
         """The verdict to act on: fail-closed verdicts override whatever was decided."""
