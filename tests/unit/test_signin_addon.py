@@ -243,3 +243,27 @@ def test_wants_html():
     assert wants_html(req)
     req.headers["Accept"] = "application/json"
     assert not wants_html(req)
+
+
+def test_a_burst_of_refused_sign_ins_is_what_review_and_alerts_look_for(chain):
+    """Refusals go to the auth stream with a reason: the review report's burst finder and the
+    kanmon_auth_failures_total series (alert KanmonAuthFailureBurst) pick them up."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.logstore.fields import format_timestamp
+    from gateway.reports.review import find_auth_bursts
+
+    client = chain.client()
+    for _ in range(12):
+        chain.request(f"https://{PORTAL}/callback?code=x&state=forged", client=client)
+    failures = [r for r in chain.sink.auth() if r["event.outcome"] == "failure"]
+    assert len(failures) == 12 and {r["kanmon.auth.reason"] for r in failures} == {"state-unknown"}
+    start = datetime(2026, 11, 2, 1, 0, tzinfo=UTC)
+    stamped = [dict(r, **{"@timestamp": format_timestamp(start + timedelta(seconds=10 * i))}) for i, r in enumerate(failures)]
+    bursts = find_auth_bursts(stamped, threshold=10, window=timedelta(minutes=5))
+    assert len(bursts) == 1 and bursts[0].device_id == "alice-phone" and bursts[0].failures == 12
+    metrics = GatewayMetrics()
+    for r in failures:
+        metrics.observe_log_record("auth", json.dumps(r))
+    assert metrics.registry.get_sample_value("kanmon_auth_failures_total", {"reason": "state-unknown"}) == 12
