@@ -80,12 +80,22 @@ REFUSAL_TEXT = {
     "state-expired": ("サインインに時間がかかりすぎました。", "The sign-in took too long."),
     "state-other-device": ("別の端末で始めたサインインです。", "The sign-in was started on another device."),
     "owner-mismatch": ("この端末の登録利用者ではありません。", "You are not the registered user of this device."),
+    "idp-unreachable": ("認証基盤(IdP)に接続できません。しばらくしてからやり直してください。",
+                        "The identity provider cannot be reached. Try again later."),
+    "idp-error": ("認証基盤(IdP)がサインインを中止しました。", "The identity provider stopped the sign-in."),
+    "token-expired": ("認証情報の有効期限が切れています。端末の時刻を確認してやり直してください。",
+                      "The sign-in token has expired. Check the clock and try again."),
 }
+# Every other token-* reason: the identity provider's answer did not pass the gateway's checks.
+GENERIC_TOKEN = ("認証基盤(IdP)からの応答を検証できませんでした。情報システム担当に連絡してください。",
+                 "The identity provider's answer failed verification. Contact your IT desk.")
 
 
 def refused_page(*, reason: str, device_id: str, portal_host: str, contact: str, now: datetime) -> str:
     e = html.escape
-    ja, en = REFUSAL_TEXT.get(reason, ("サインインを受け付けられませんでした。", "The sign-in was not accepted."))
+    default = GENERIC_TOKEN if reason.startswith("token-") else ("サインインを受け付けられませんでした。",
+                                                                   "The sign-in was not accepted.")
+    ja, en = REFUSAL_TEXT.get(reason, default)
     return _page("サインインできませんでした / Sign-in refused", f"""
 <section lang="ja" id="ja"><h1>サインインできませんでした</h1><p>{e(ja)}</p></section>
 <section lang="en" id="en"><h2>Sign-in refused</h2><p>{e(en)}</p></section>

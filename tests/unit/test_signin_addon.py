@@ -267,3 +267,21 @@ def test_a_burst_of_refused_sign_ins_is_what_review_and_alerts_look_for(chain):
     for r in failures:
         metrics.observe_log_record("auth", json.dumps(r))
     assert metrics.registry.get_sample_value("kanmon_auth_failures_total", {"reason": "state-unknown"}) == 12
+
+
+@pytest.mark.parametrize("reason", ["state-replayed", "owner-mismatch", "token-aud-invalid", "idp-unreachable",
+                                    "<script>x</script>"])
+def test_refusal_pages_are_bilingual_self_contained_and_escaped(reason):
+    import re
+    from datetime import UTC, datetime
+
+    from gateway.signin import pages
+
+    page = pages.refused_page(reason=reason, device_id="alice-phone", portal_host=PORTAL, contact="内線 1234",
+                              now=datetime(2026, 11, 2, 1, 0, tzinfo=UTC))
+    assert "サインインできませんでした" in page and "Sign-in refused" in page and "2026-11-02 10:00:00 JST" in page
+    assert "<script>" not in page
+    # No external resources: the only link is the portal's own retry.
+    assert re.findall(r'(?:src|href)="([^"]+)"', page) == [f"https://{PORTAL}/start"]
+    ja_text = page.split('id="ja"')[1].split("</section>")[0]
+    assert "サインインを受け付けられませんでした" not in ja_text or reason.startswith("<")
