@@ -73,6 +73,9 @@ class CompiledRule:
     # without regexes), it has no unless and no expiry: it matches exactly when the host
     # lookup found it, so the engine decides it without calling the check (compiler.py).
     host_only: bool = False
+    # The one check of a rule with a single condition and no unless (set by the snapshot):
+    # tried directly instead of through _all_of.
+    single: Check | None = None
 
 
 class _DeviceView:
@@ -155,6 +158,12 @@ class PolicySnapshot:
         )
         self._device_checks = tuple((o, cs) for o, cs in self._device_checks if cs)
         self._device_views: dict[DeviceContext, _DeviceView] = {}
+        self._all_alive = _DeviceView(_EMPTY, generic)
+        # The last device asked about and its view, one tuple so threads read a matching pair:
+        # the gateway passes the same DeviceContext object for every request of a device.
+        self._last_view: tuple[DeviceContext | None, _DeviceView] = (None, self._all_alive)
+        for rule in rules:
+            rule.single = rule.checks[0] if len(rule.checks) == 1 and not rule.unless else None
         self._deferred_verdicts: dict[tuple[int, Stage, int], Verdict] = {}
         self._default = {
             s: Verdict(default_action, None, f"no rule matched: default action {default_action}", s) for s in Stage
@@ -201,6 +210,11 @@ class PolicySnapshot:
     # -- internals ----------------------------------------------------------------------
 
     def _device_view(self, device: DeviceContext) -> _DeviceView:
+        if not self._device_checks:
+            return self._all_alive
+        last, view = self._last_view
+        if last is device:
+            return view
         try:
             view = self._device_views.get(device)
         except TypeError:  # an unhashable context (a field that is a list): no cache
@@ -210,6 +224,7 @@ class PolicySnapshot:
             if len(self._device_views) >= DEVICE_VIEWS:
                 self._device_views.clear()
             self._device_views[device] = view
+        self._last_view = (device, view)
         return view
 
     def _make_device_view(self, device: DeviceContext) -> _DeviceView:
@@ -226,7 +241,7 @@ class PolicySnapshot:
                     dead.add(ordinal)  # a false condition makes the whole rule false (Kleene AND)
                     break
         if not dead:
-            return _DeviceView(_EMPTY, self._generic)
+            return self._all_alive
         return _DeviceView(frozenset(dead), tuple(o for o in self._generic if o not in dead))
 
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
@@ -271,8 +286,13 @@ class PolicySnapshot:
             parts.append(url_only)
         if not parts:
             return self._default[q.stage]
-        candidates = parts[0] if len(parts) == 1 else sorted(set().union(*parts))
-        facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
+        if len(parts) == 1:
+            candidates = parts[0]
+        elif len(parts) == 2 and parts[0][-1] < parts[1][0]:  # each part is sorted
+            candidates = parts[0] + parts[1]
+        else:
+            candidates = sorted(set().union(*parts))
+        facts: F.Facts | None = None  # made when the first rule needs more than the host lookup
         rules = self.rules
         dead = view.dead
         host_known = known & F.HOST
@@ -289,7 +309,17 @@ class PolicySnapshot:
             else:
                 if rule.expires_at is not None and now >= rule.expires_at:
                     continue
-                result = _all_of(rule.checks, q, facts)
+                if facts is None:
+                    facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
+                single = rule.single
+                if single is not None:  # _all_of for one check
+                    result = None if single.needs & ~known else single.fn(q, facts)
+                    if not result and result is not None:
+                        continue
+                    if result is not None:
+                        result = True
+                else:
+                    result = _all_of(rule.checks, q, facts)
                 if result is False:
                     continue
                 if rule.unless:
