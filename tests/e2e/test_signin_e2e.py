@@ -156,8 +156,9 @@ def _auth(lab: Lab, action: str, device_id: str | None = None) -> list[dict]:
             and (device_id is None or r.get("device.id") == device_id)]
 
 
-def _sessions(lab: Lab, user: str) -> list[dict]:
-    out = lab.kanmon("user", "sessions", "--config", str(lab.config_path), "--user", user, "--json")
+def _sessions(lab: Lab, user: str, *, ended_too: bool = False) -> list[dict]:
+    out = lab.kanmon("user", "sessions", "--config", str(lab.config_path), "--user", user, "--json",
+                     *(("--all",) if ended_too else ()))
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -213,6 +214,10 @@ def test_mfa_user_signs_in_in_chromium_and_is_named_in_logs_and_policy_test(slab
     assert _code(_curl(dev, "https://files.example.test/payroll")) == "200"
     wait_until(lambda: any(r.get("url.full", "").endswith("/after") and r.get("user.name") == "alice"
                            for r in slab.log_records("proxy")), 10, "proxy record naming alice")
+    dev.ns.run("getent", "hosts", "www.example.test", check=False)
+    wait_until(lambda: any(r.get("dns.question.name", "").rstrip(".") == "www.example.test"
+                           and r.get("user.name") == "alice" for r in slab.log_records("dns")),
+               10, "dns record naming alice")
     tested = slab.kanmon("policy", "test", "--policy", str(slab.workdir / "policy.yaml"), "--device", "alice-phone",
                          "--config", str(slab.config_path), "--json", "https://files.example.test/payroll")
     verdict = json.loads(tested.stdout)
@@ -310,3 +315,14 @@ def test_expired_session_redirects_again(slab):
     wait_until(lambda: _code(_curl(dev, "http://example.test/", "-H", "Accept: text/html")) == "302",
                SESSION_SECONDS + 15, f"redirect after the session expired at {expires}")
     assert _auth(slab, "user-session-expired", "pool-tablet")
+
+
+def test_revoking_the_device_ends_its_session(slab):
+    dev = slab.devices[1]
+    _signout(slab, "bob")
+    _sign_in(slab, dev, "bob")
+    slab.kanmon("device", "revoke", "pool-tablet", "--config", str(slab.config_path), "--reason", "lost")
+    wait_until(lambda: not [s for s in _sessions(slab, "bob") if s["ended_at"] is None], 10, "bob's session to end")
+    ended = [s for s in _sessions(slab, "bob", ended_too=True) if s["device_id"] == "pool-tablet"]
+    assert ended[-1]["end_reason"] == "device no longer admitted"
+    assert _auth(slab, "user-session-ended", "pool-tablet")[-1]["user.name"] == "bob"
