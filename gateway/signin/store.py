@@ -1,6 +1,8 @@
 """Sessions in the registry's SQLite file, so the operator CLI (`kanmon user signout`) and the
 gateway process see the same sessions, and an operator's sign-out lands in the same audit
-outbox the gateway ships into the tamper-evident audit stream (gateway/registry.py).
+outbox the gateway ships into the tamper-evident audit stream (gateway/registry.py). With a
+PostgreSQL registry (several nodes) they live there instead (gateway/signin/store_pg.py, same
+interface); `open_session_store` picks the one the config selects.
 
 Its own table, created if missing, with a revision column: the gateway polls
 ``revision()`` on every reconcile tick and reloads only when it moved.
@@ -144,7 +146,7 @@ class SessionStore:
         now = now or self._clock()
         with self._lock:
             rows = self._db.execute("SELECT * FROM user_sessions WHERE ended_at IS NULL AND expires_at > ?"
-                                    " ORDER BY created_at", (_ts(now),)).fetchall()
+                                    " ORDER BY created_at, session_id", (_ts(now),)).fetchall()
         return [_row(r) for r in rows]
 
     def get(self, session_id: str) -> UserSession | None:
@@ -154,7 +156,7 @@ class SessionStore:
 
     def of_user(self, user: str) -> list[UserSession]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM user_sessions WHERE user_name=? ORDER BY created_at",
+            rows = self._db.execute("SELECT * FROM user_sessions WHERE user_name=? ORDER BY created_at, session_id",
                                     (user,)).fetchall()
         return [_row(r) for r in rows]
 
@@ -165,7 +167,22 @@ class SessionStore:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='audit'").fetchone() is not None
 
 
+def open_session_store(cfg):
+    """The session store the config selects, beside the device registry: PostgreSQL when the
+    registry is shared by several nodes (`registry: {url: ...}` or $KANMON_REGISTRY_URL, the
+    same choice as gateway/cluster.py `open_registry`), so a sign-in or a sign-out on any node
+    holds on every node; else the registry's SQLite file (one place to back up, one audit outbox).
+    Raises RegistryUnavailable (a RegistryError) when PostgreSQL cannot be reached."""
+    from gateway.cluster import registry_url_of
+
+    url = registry_url_of(cfg)
+    if url:
+        from gateway.signin.store_pg import PgSessionStore
+        return PgSessionStore(url)
+    return SessionStore(cfg.registry_path)
+
+
 def session_store_path(cfg) -> Path:
-    """The SQLite file the sessions live in: the registry's own file (one place to back up,
-    one audit outbox), or a file of this node's when the registry is PostgreSQL."""
-    return cfg.state_dir / "sessions.sqlite" if cfg.registry_url else cfg.registry_path
+    """The SQLite file of a single node's sessions (the registry's own file). Kept only while
+    gateway/app.py still imports it; use `open_session_store`, which also covers PostgreSQL."""
+    return cfg.registry_path
