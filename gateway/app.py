@@ -176,7 +176,8 @@ class GatewayApp:
         """Sessions live beside the device registry (gateway/signin/store.py)."""
         if self.cfg.signin is None:
             return
-        store = SessionStore(session_store_path(self.cfg))
+        from gateway.signin.store import open_session_store  # shared by every node on PostgreSQL
+        store = open_session_store(self.cfg)
         self.signin = SignInService(self.cfg.signin, store, self.logstore, metrics=self.metrics,
                                     on_sessions_changed=self._sessions_changed)
         self.signin.refresh()

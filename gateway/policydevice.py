@@ -20,7 +20,7 @@ def registered_device_context(config_path: str, device_id: str,
     from gateway.cli import load_config_or_exit
     from gateway.cluster import open_registry
     from gateway.signin.sessions import SessionDirectory
-    from gateway.signin.store import SessionStore, session_store_path
+    from gateway.signin.store import open_session_store
 
     cfg = load_config_or_exit(config_path)
     registry = open_registry(cfg)
@@ -33,8 +33,8 @@ def registered_device_context(config_path: str, device_id: str,
     if record is None:
         raise DeviceLookupError(f"no registered device {device_id!r}")
     session = None
-    if cfg.signin is not None and session_store_path(cfg).exists():
-        store = SessionStore(session_store_path(cfg))
+    if cfg.signin is not None:
+        store = open_session_store(cfg)   # the registry's SQLite file, or the shared PostgreSQL
         try:
             directory = SessionDirectory()
             directory.replace(store.active(now or datetime.now(UTC)))

@@ -4,7 +4,9 @@
     kanmon user signout USER --config C [--reason TEXT]
 
 A sign-out ends every live session of the user at once; the running gateway is poked
-(SIGUSR1) and cuts the user's live connections, like a device revocation.
+(SIGUSR1) and cuts the user's live connections, like a device revocation. With a PostgreSQL
+registry the sessions are shared: every other node sees the sign-out at its next reconcile
+tick (it polls the session revision) and cuts the user's connections too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import sys
 from datetime import UTC, datetime
 
 from gateway.i18n import Text
+from gateway.registry import RegistryError
 from gateway.signin.sessions import UserSession
-from gateway.signin.store import SessionStore, session_store_path
+from gateway.signin.store import open_session_store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -27,7 +30,17 @@ def _store(args: argparse.Namespace):
 
     cfg = load_config_or_exit(args.config)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return SessionStore(session_store_path(cfg)), cfg
+    return open_session_store(cfg), cfg
+
+
+def _unreachable(exc: Exception) -> int:
+    """The session store (the registry's SQLite file or PostgreSQL) refused: say why, change nothing."""
+    text = getattr(exc, "text", None)
+    if text is None:
+        text = Text("セッションの保存先を使えません({e})。何も変更していません。",
+                    "the session store cannot be used ({e}); nothing was changed.").format(e=exc)
+    print(text.render(), file=sys.stderr)
+    return EXIT_FAIL
 
 
 def _as_dict(s: UserSession) -> dict:
@@ -40,7 +53,10 @@ def _as_dict(s: UserSession) -> dict:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
+    try:
+        store, _ = _store(args)
+    except (sqlite3.OperationalError, RegistryError) as exc:
+        return _unreachable(exc)
     try:
         if args.user:
             sessions = store.of_user(args.user)
@@ -49,6 +65,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                 sessions = [s for s in sessions if s.valid(now)]
         else:
             sessions = store.active()
+    except (sqlite3.OperationalError, RegistryError) as exc:
+        return _unreachable(exc)
     finally:
         store.close()
     if args.json:
@@ -69,12 +87,16 @@ def cmd_signout(args: argparse.Namespace) -> int:
     from gateway.devicecommands import operator_name
     from gateway.gatewayprocess import poke_reconcile
 
-    store, cfg = _store(args)
+    try:
+        store, cfg = _store(args)
+    except (sqlite3.OperationalError, RegistryError) as exc:
+        return _unreachable(exc)
     try:
         ended = store.end(user=args.user, reason=args.reason or "signed out by an operator", actor=operator_name())
-    except sqlite3.OperationalError as exc:
-        print(Text("セッションを終了できませんでした({e})。何も変更していません。",
-                   "could not end the sessions ({e}); nothing was changed.").format(e=exc).render(), file=sys.stderr)
+    except (sqlite3.OperationalError, RegistryError) as exc:
+        text = getattr(exc, "text", None) or Text("セッションを終了できませんでした({e})。何も変更していません。",
+                                                  "could not end the sessions ({e}); nothing was changed.").format(e=exc)
+        print(text.render(), file=sys.stderr)
         return EXIT_FAIL
     finally:
         store.close()
