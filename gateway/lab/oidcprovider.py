@@ -12,6 +12,7 @@ namespace) that switches how later ID tokens are spoiled:
     wrong-iss    iss is another issuer (re-signed with the real key)
     expired      exp one hour in the past (re-signed with the real key)
     rotate-keys  signed with a new key whose kid appears in the JWKS only from now on (valid token)
+    replay-nonce the nonce of the ID token issued before this one (a replayed earlier sign-in)
 
 Install once (bootstrap, or the first test run): ``python -m gateway.lab.oidcprovider --install``.
 Needs node >= 18 and npm on PATH.
@@ -37,7 +38,7 @@ DEFAULT_CACHE_DIR = Path("/var/cache/kanmon-lab/oidc")
 IDP_HOST = "idp.test"
 ISSUER = f"https://{IDP_HOST}"
 CONTROL_HOST, CONTROL_PORT = "127.0.0.1", 9999
-MODES = ("none", "tamper", "wrong-aud", "wrong-iss", "expired", "rotate-keys")
+MODES = ("none", "tamper", "wrong-aud", "wrong-iss", "expired", "rotate-keys", "replay-nonce")
 ACR_PASSWORD = "urn:kanmon:pwd"
 ACR_MFA = "urn:kanmon:mfa"
 # oidc-provider 8.8.1 (the last 8.x) supports Node 18 LTS and later; 9.x wants Node 22 LTS and

@@ -329,6 +329,13 @@ def test_each_mangling_mode_produces_its_defect(lab):
     assert {k["kid"] for k in jwks_after["keys"]} == {keys["primary_kid"], keys["rotated_kid"]}
     rotated = check("rotate-keys", jwks_after)
     assert rotated["preferred_username"] == "alice" and rotated["amr"] == check("none")["amr"]
+    # replay-nonce: the token carries the nonce of the token issued before it (a replayed sign-in).
+    with pytest.raises(InvalidClaimError, match="nonce"):
+        check("replay-nonce", jwks_after)
+    from joserfc import jwt as _jwt
+    from joserfc.jwk import KeySet as _KeySet
+    replayed = _jwt.decode(outcome["replay-nonce"][0]["id_token"], _KeySet.import_key_set(jwks_after))
+    assert replayed.claims["nonce"] == outcome["rotate-keys"][1].nonce
 
     # Only the named defect: signatures made with the real key verify for wrong-aud/iss/expired.
     from joserfc import jwt
@@ -343,7 +350,7 @@ def test_each_mangling_mode_produces_its_defect(lab):
     assert [e["mode"] for e in log] == list(MODES)
     assert all(e["status"] == 200 and e["grant_type"] == "authorization_code" and e["client_id"] == client.client_id
                for e in log)
-    assert [e["id_token_kid"] for e in log] == [keys["primary_kid"]] * 5 + [keys["rotated_kid"]]
+    assert [e["id_token_kid"] for e in log] == [keys["primary_kid"]] * 5 + [keys["rotated_kid"], keys["primary_kid"]]
     assert log[2]["id_token_claims"]["aud"] == "some-other-client"
 
 

@@ -249,7 +249,8 @@ def test_owner_mismatch_is_refused_on_a_personal_device(slab):
 
 # -- bad tokens and replays ---------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,reason", [("tamper", "token-signature-invalid"), ("wrong-aud", "token-aud-invalid"),
-                                         ("wrong-iss", "token-iss-invalid"), ("expired", "token-expired")])
+                                         ("wrong-iss", "token-iss-invalid"), ("expired", "token-expired"),
+                                         ("replay-nonce", "token-nonce-invalid")])
 def test_defective_id_tokens_are_refused_and_logged(slab, mode, reason):
     dev = slab.devices[1]
     _signout(slab, "bob")

@@ -30,7 +30,7 @@ import https from 'node:https';
 import * as jose from 'jose';
 import Provider from 'oidc-provider';
 
-const MODES = ['none', 'tamper', 'wrong-aud', 'wrong-iss', 'expired', 'rotate-keys'];
+const MODES = ['none', 'tamper', 'wrong-aud', 'wrong-iss', 'expired', 'rotate-keys', 'replay-nonce'];
 const SIGNING_ALG = 'RS256';
 
 const configPath = process.argv[2];
@@ -157,7 +157,11 @@ function flipSignatureByte(token) {
   return `${h}.${p}.${jose.base64url.encode(sig)}`;
 }
 
-async function mangle(idToken, how) {
+// The nonce of the ID token issued before the current one: 'replay-nonce' re-signs the new
+// token with it, as if an old token (from an earlier sign-in) were replayed to the client.
+let previousNonce = null;
+
+async function mangle(idToken, how, staleNonce) {
   const now = Math.floor(Date.now() / 1000);
   switch (how) {
     case 'none': return idToken;
@@ -168,6 +172,7 @@ async function mangle(idToken, how) {
     case 'rotate-keys':
       rotatedKeyPublished = true;
       return resign(idToken, () => ({}), rotatedKey);
+    case 'replay-nonce': return resign(idToken, () => ({ nonce: staleNonce ?? 'a-stale-nonce' }), primaryKey);
     default: throw new Error(`unknown mode ${how}`);
   }
 }
@@ -187,7 +192,9 @@ provider.use(async (ctx, next) => {
   };
   if (ctx.status === 200 && ctx.body?.id_token) {
     const how = mode;
-    ctx.body = { ...ctx.body, id_token: await mangle(ctx.body.id_token, how) };
+    const stale = previousNonce;
+    previousNonce = jose.decodeJwt(ctx.body.id_token).nonce ?? null;
+    ctx.body = { ...ctx.body, id_token: await mangle(ctx.body.id_token, how, stale) };
     entry.id_token_kid = jose.decodeProtectedHeader(ctx.body.id_token).kid;
     entry.id_token_claims = jose.decodeJwt(ctx.body.id_token);
   } else if (ctx.body?.error) {
