@@ -104,6 +104,10 @@ class _Compiler:
         self.generic: list[int] = []
         self.url_only: list[int] = []
         self.patterns: dict[str, int] = {}
+        # Which RE2 set each pattern goes in: KEYED_SET for the URL patterns of a rule bucketed
+        # by their hosts (asked only when such a rule is reached), FREE_SET for every other
+        # use. A pattern used both ways is in both.
+        self.pattern_sets: list[set[int]] = []
         self.pattern_rules: list[list[int]] = []
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
@@ -139,7 +143,7 @@ class _Compiler:
             self._rule(("rules", ri), rule, None, (), seen_ids)
         if self.errors:
             raise SourceErrors(self.errors)
-        url_set = self._url_set()
+        url_sets = self._url_sets()
         if self.errors:
             raise SourceErrors(self.errors)
         interned: dict[tuple[int, ...], tuple[int, ...]] = {}
@@ -160,7 +164,7 @@ class _Compiler:
             suffix={k: freeze(v) for k, v in self.suffix.items()},
             generic=freeze(self.generic),
             url_only=freeze(self.url_only),
-            url_set=url_set,
+            url_sets=url_sets,
             pattern_rules=tuple(freeze(v) for v in self.pattern_rules),
             retired=tuple(self.retired),
             lists={name: len(lst) for name, lst in self.lists.items()},
@@ -249,7 +253,7 @@ class _Compiler:
         checks: list[Check] = list(group_checks)
         needs = F.DEVICE
         host_check, routes = self._host_condition(path + ("match",), match, ordinal, bucketed=True)
-        url_check, url_routes = self._url_condition(path + ("match",), match, ordinal)
+        url_check, url_routes = self._url_condition(path + ("match",), match, ordinal, bucketed=True)
         if host_check:
             checks.append(host_check)
         if url_check:
@@ -263,7 +267,7 @@ class _Compiler:
         unless_checks: list[Check] = []
         if unless:
             u_host, _ = self._host_condition(path + ("unless",), unless, ordinal, bucketed=False)
-            u_url, _ = self._url_condition(path + ("unless",), unless, ordinal)
+            u_url, _ = self._url_condition(path + ("unless",), unless, ordinal, bucketed=False)
             unless_checks += [c for c in (u_host, u_url) if c]
             for key, value in unless.items():
                 if key in HOST_KEYS or key in URL_KEYS:
@@ -312,11 +316,14 @@ class _Compiler:
                 self.pattern_rules[pid].append(ordinal)
             self.url_only.append(ordinal)
 
-    def _pattern_id(self, regex: str) -> int:
+    def _pattern_id(self, regex: str, url_set: int | None = F.FREE_SET) -> int:
         pid = self.patterns.get(regex)
         if pid is None:
             pid = self.patterns[regex] = len(self.patterns)
             self.pattern_rules.append([])
+            self.pattern_sets.append(set())
+        if url_set is not None:
+            self.pattern_sets[pid].add(url_set)
         return pid
 
     def _host_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int,
@@ -393,7 +400,8 @@ class _Compiler:
 
         return Check(F.HOST, walk, text, F.URL if ids else 0), None
 
-    def _url_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int) -> tuple[Check | None, "_Routes | None"]:
+    def _url_condition(self, path: tuple[Any, ...], block: Mapping[str, Any], ordinal: int,
+                       bucketed: bool) -> tuple[Check | None, "_Routes | None"]:
         """url / url_regex: one condition, true when any pattern matches the URL."""
         if not any(k in block for k in URL_KEYS):
             return None, None
@@ -413,7 +421,7 @@ class _Compiler:
                 if problem:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
                     continue
-                ids.add(self._pattern_id(wc.regex))
+                ids.add(self._pattern_id(wc.regex, None))  # its set is known at the end
                 if wc.host is None:
                     keyed = False
                 elif wc.host_is_suffix:
@@ -428,42 +436,61 @@ class _Compiler:
                 if problem:
                     self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), f"bad regular expression: {problem}")
                     continue
-                ids.add(self._pattern_id(str(raw)))
+                ids.add(self._pattern_id(str(raw), None))
             texts.append(f"URL matches {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
         frozen = frozenset(ids)
+        keyed = keyed and bucketed and bool(routes.exact or routes.suffix)
+        url_set = F.KEYED_SET if keyed else F.FREE_SET
+        for pid in frozen:
+            self.pattern_sets[pid].add(url_set)
         if len(frozen) == 1:
             (only,) = frozen
 
             def fn(q: PolicyQuery, f: F.Facts) -> bool:
-                return only in f.matches()
+                return only in f.matches(url_set)
         else:
             def fn(q: PolicyQuery, f: F.Facts) -> bool:
-                return not frozen.isdisjoint(f.matches())
+                return not frozen.isdisjoint(f.matches(url_set))
 
         check = Check(F.URL, fn, " or ".join(texts))
-        if keyed and (routes.exact or routes.suffix):
+        if keyed:
             return check, routes  # every pattern names its host: bucket by host
         routes = _Routes()
         routes.pattern_ids = frozen
         return check, routes
 
-    def _url_set(self) -> Any:
+    def _url_sets(self) -> tuple[Any, Any] | None:
+        """(FREE_SET, KEYED_SET), each ``(compiled RE2 set, global pattern id of each of its
+        entries)`` or None when empty; None when there are no patterns at all."""
         if not self.patterns:
+            return None
+        members: tuple[list[int], list[int]] = ([], [])
+        for pid, sets in enumerate(self.pattern_sets):
+            for which in sets:
+                members[which].append(pid)
+        regexes = sorted(self.patterns, key=self.patterns.__getitem__)
+        return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET])
+
+    def _url_set(self, regexes: list[str], pids: list[int]) -> tuple[Any, tuple[int, ...]] | None:
+        if not pids:
             return None
         options = re2.Options()
         options.max_mem = URL_SET_MAX_MEM
         options.case_sensitive = False
         options.log_errors = False
         url_set = re2.Set.SearchSet(options)
-        for regex, pid in sorted(self.patterns.items(), key=lambda kv: kv[1]):
-            added = url_set.Add(regex)
-            if added != pid:  # pragma: no cover - patterns were checked one by one above
+        for index, pid in enumerate(pids):
+            added = url_set.Add(regexes[pid])
+            if added != index:  # pragma: no cover - patterns were checked one by one above
                 raise AssertionError("RE2 set index out of step")
         try:
             url_set.Compile()
         except re2.error:
-            self.err(("rules",), f"the {len(self.patterns)} URL patterns do not fit in one RE2 set")
-        return url_set
+            self.err(("rules",), f"the {len(pids)} URL patterns do not fit in one RE2 set")
+            return None
+        # The extension object's own Match (the wrapper only encodes and forwards: a third of
+        # the call on the hot path).
+        return url_set._set, tuple(pids)
 
 
 class _Routes:

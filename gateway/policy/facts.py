@@ -48,33 +48,44 @@ def earliest_stage(mask: int) -> Stage:
 
 _NONE: frozenset[int] = frozenset()
 
+# The two RE2 sets of a snapshot (compiler.py): patterns of rules bucketed by their hosts, and
+# every other URL pattern. A check asks the set that holds its patterns.
+FREE_SET = 0
+KEYED_SET = 1
+
 
 class Facts:
     """Per-decision scratch: what the stage knows, the URL patterns that match (asked of
     the RE2 set at most once, and only if a rule needs it), the rules found through the
     host tables, and the local time (computed at most once)."""
 
-    __slots__ = ("known", "host_hits", "now", "_url", "_url_set", "_matched", "_tz", "_local")
+    __slots__ = ("known", "host_hits", "now", "_url", "_url_sets", "_matched", "_tz", "_local")
 
-    def __init__(self, known: int, url: str | None, url_set: Any, host_hits: set[int], now: datetime, tz: tzinfo,
+    def __init__(self, known: int, url: str | None, url_sets: Any, host_hits: Any, now: datetime, tz: tzinfo,
                  matched: frozenset[int] | set[int] | None = None):
         self.known = known
-        self.host_hits = host_hits
+        self.host_hits = host_hits  # rule ordinals found through the host tables (supports ``in``)
         self.now = now
         self._url = url
-        self._url_set = url_set
-        self._matched = matched
+        self._url_sets = url_sets  # (FREE_SET, KEYED_SET) of the snapshot, or None
+        self._matched: list[Any] = [matched, None]  # per set, asked at most once
         self._tz = tz
         self._local: datetime | None = None
 
-    def matches(self) -> frozenset[int] | set[int]:
-        """Ids of the URL patterns that match this URL (empty when the URL is unknown)."""
-        if self._matched is None:
-            # The RE2 wrapper's own Match only encodes and forwards; calling the extension
-            # object directly saves a third of the call on this hot path.
-            ids = self._url_set._set.Match(self._url.encode()) if (self._url and self._url_set is not None) else None
-            self._matched = set(ids) if ids else _NONE
-        return self._matched
+    def matches(self, which: int = FREE_SET) -> frozenset[int] | set[int]:
+        """Ids of the URL patterns of set ``which`` that match this URL (empty when the URL
+        is unknown)."""
+        found = self._matched[which]
+        if found is None:
+            entry = self._url_sets[which] if (self._url and self._url_sets is not None) else None
+            if entry is None:
+                found = _NONE
+            else:
+                url_set, pids = entry
+                local = url_set.Match(self._url.encode())
+                found = {pids[i] for i in local} if local else _NONE
+            self._matched[which] = found
+        return found
 
     def local_now(self) -> datetime:
         if self._local is None:

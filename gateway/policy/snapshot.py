@@ -126,7 +126,7 @@ class PolicySnapshot:
         suffix: dict[str, tuple[int, ...]],
         generic: tuple[int, ...],
         url_only: tuple[int, ...],
-        url_set: Any,
+        url_sets: Any,
         pattern_rules: tuple[tuple[int, ...], ...],
         retired: tuple[RuleInfo, ...],
         lists: dict[str, int],
@@ -143,7 +143,7 @@ class PolicySnapshot:
         self._suffix = suffix
         self._generic = generic
         self._url_only = url_only
-        self._url_set = url_set
+        self._url_sets = url_sets  # (FREE_SET, KEYED_SET) entries, see compiler._url_sets
         self._pattern_rules = pattern_rules
         self.retired = retired  # status: retired, kept for reports
         self.lists = lists  # list name -> entry count
@@ -274,8 +274,10 @@ class PolicySnapshot:
         url_only = self._url_only
         if known & F.URL and len(url_only) > LAZY_URL_RULES:
             # Many URL-routed rules: ask the RE2 set now and try only the rules it names.
-            ids = self._url_set._set.Match(q.url.encode()) if q.url else None
-            matched = set(ids) if ids else _EMPTY
+            # url_only rules are those whose patterns are in FREE_SET.
+            entry = self._url_sets[F.FREE_SET] if (q.url and self._url_sets is not None) else None
+            local = entry[0].Match(q.url.encode()) if entry is not None else None
+            matched = {entry[1][i] for i in local} if local else _EMPTY
             pattern_rules = self._pattern_rules
             for pid in matched:
                 found = pattern_rules[pid]
@@ -310,7 +312,7 @@ class PolicySnapshot:
                 if rule.expires_at is not None and now >= rule.expires_at:
                     continue
                 if facts is None:
-                    facts = F.Facts(known, q.url, self._url_set, hits, now, self.tz, matched)
+                    facts = F.Facts(known, q.url, self._url_sets, hits, now, self.tz, matched)
                 single = rule.single
                 if single is not None:  # _all_of for one check
                     result = None if single.needs & ~known else single.fn(q, facts)

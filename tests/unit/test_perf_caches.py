@@ -228,3 +228,42 @@ def test_internal_destination_is_refused_every_time_and_outside_is_not():
     assert chain.enforcer.is_internal(("127.0.0.1", 80)) and chain.enforcer.is_internal(("127.0.0.1", 81))
     assert not chain.enforcer.is_internal(("not-an-address", 80))
     assert chain.enforcer.is_internal((b"10.77.0.9", 80)) is False  # bytes: never parsed as our address
+
+
+# -- the two RE2 sets (host-keyed URL patterns apart from the others) -------------------
+
+SHARED = """
+version: 1
+lists:
+  abp: {file: abp.txt, format: abp}
+rules:
+  - {id: keyed, action: block, match: {url: ["files.test/secret/*"]}}
+  - {id: free, action: monitor, match: {url: ["*/shared/*", "files.test/secret/*"], method: POST}}
+  - {id: exempt, action: block, match: {domain: other.test}, unless: {url: ["other.test/ok/*"]}}
+  - {id: listed, action: block, match: {list: abp}}
+"""
+
+
+@pytest.mark.parametrize("many", [0, 20])  # 20: more URL-only rules than are tried lazily
+def test_a_pattern_used_by_keyed_and_free_rules_matches_for_both(many):
+    text = SHARED + "".join(f"  - {{id: r{i}, action: block, match: {{url_regex: ['/only{i}/']}}}}\n" for i in range(many))
+    snap = compile_text(text, {"abp": ("abp.txt", "||ads.test^\n/banner[0-9]+/\n")})
+    free_set, keyed_set = snap._url_sets
+    assert free_set is not None and keyed_set is not None
+    d = DEVICES[0]
+
+    def rule(url: str, method: str = "GET"):
+        return snap.decide(query_for_url(url, d, method=method, now=NOW)).rule_id
+
+    assert rule("https://files.test/secret/a") == "keyed"
+    assert rule("https://FILES.test/Secret/a?x=1") == "keyed"
+    assert rule("https://files.test/public/a") is None
+    assert rule("https://x.test/shared/a", "POST") == "free"
+    assert rule("https://x.test/shared/a") is None
+    assert rule("https://other.test/ok/1") is None  # its unless URL matches
+    assert rule("https://other.test/no") == "exempt"
+    assert rule("https://x.test/img/banner42/a.png") == "listed"  # the list's /regex/ (free set)
+    assert rule("https://ads.test/") == "listed"
+    if many:
+        assert rule("https://x.test/only17/a") == "r17"
+        assert rule("https://files.test/secret/only3/") == "keyed"  # earlier rule wins
