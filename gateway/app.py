@@ -26,7 +26,7 @@ from addons.accesslog import AccessLog
 from addons.blockpage import Helpdesk
 from addons.cutoff import ConnectionCutter
 from gateway.signin.service import SignInService
-from gateway.signin.store import SessionStore, session_store_path
+from gateway.signin.store import open_session_store
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
@@ -176,7 +176,6 @@ class GatewayApp:
         """Sessions live beside the device registry (gateway/signin/store.py)."""
         if self.cfg.signin is None:
             return
-        from gateway.signin.store import open_session_store  # shared by every node on PostgreSQL
         store = open_session_store(self.cfg)
         self.signin = SignInService(self.cfg.signin, store, self.logstore, metrics=self.metrics,
                                     on_sessions_changed=self._sessions_changed)

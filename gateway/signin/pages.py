@@ -83,6 +83,8 @@ REFUSAL_TEXT = {
     "idp-unreachable": ("認証基盤(IdP)に接続できません。しばらくしてからやり直してください。",
                         "The identity provider cannot be reached. Try again later."),
     "idp-error": ("認証基盤(IdP)がサインインを中止しました。", "The identity provider stopped the sign-in."),
+    "session-store-unavailable": ("サインインを記録できませんでした。しばらくしてからやり直してください。",
+                                  "The sign-in could not be recorded. Try again later."),
     "token-expired": ("認証情報の有効期限が切れています。端末の時刻を確認してやり直してください。",
                       "The sign-in token has expired. Check the clock and try again."),
 }

@@ -140,7 +140,12 @@ class SignInService:
             return self.refuse(device, tunnel_ip, "owner-mismatch",
                                 f"device owner {device.owner!r}, signed in as {session.user!r}", pending.next_url,
                                 user=session.user)
-        await asyncio.to_thread(self.store.start, session)
+        try:
+            await asyncio.to_thread(self.store.start, session)
+        except Exception as exc:  # the session store (SQLite locked, PostgreSQL down): no session, say why
+            log.exception("could not record the session of device %s", device.device_id)
+            return self.refuse(device, tunnel_ip, "session-store-unavailable", f"{type(exc).__name__}: {exc}",
+                               pending.next_url, user=session.user)
         self.directory.put(session)
         self._revision = -1  # our own write moved the revision: reload at the next tick
         self._auth("signin", "success", device_id=device.device_id, source_ip=tunnel_ip, user=session.user,

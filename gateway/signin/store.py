@@ -180,9 +180,3 @@ def open_session_store(cfg):
         from gateway.signin.store_pg import PgSessionStore
         return PgSessionStore(url)
     return SessionStore(cfg.registry_path)
-
-
-def session_store_path(cfg) -> Path:
-    """The SQLite file of a single node's sessions (the registry's own file). Kept only while
-    gateway/app.py still imports it; use `open_session_store`, which also covers PostgreSQL."""
-    return cfg.registry_path

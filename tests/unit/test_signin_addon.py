@@ -285,3 +285,18 @@ def test_refusal_pages_are_bilingual_self_contained_and_escaped(reason):
     assert re.findall(r'(?:src|href)="([^"]+)"', page) == [f"https://{PORTAL}/start"]
     ja_text = page.split('id="ja"')[1].split("</section>")[0]
     assert "サインインを受け付けられませんでした" not in ja_text or reason.startswith("<")
+
+
+def test_a_session_store_failure_refuses_the_sign_in_with_a_reason(chain, monkeypatch):
+    def broken(session):
+        raise RuntimeError("registry unreachable")
+
+    monkeypatch.setattr(chain.service.store, "start", broken)
+    client = chain.client()
+    chain.request(f"https://{PORTAL}/start", client=client)
+    done = chain.request(f"https://{PORTAL}/callback?code=abc&state=state-1", client=client)
+    assert done.response.status_code == 403
+    assert done.response.headers["X-Kanmon-Signin-Refused"] == "session-store-unavailable"
+    assert chain.sink.auth()[-1]["kanmon.auth.reason"] == "session-store-unavailable"
+    after = chain.request("http://example.jp/", client=client)
+    assert after.response.status_code == 302   # still not signed in
