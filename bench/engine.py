@@ -7,7 +7,8 @@ rules, same URLs, one run.
 Everything is generated from a fixed seed. Each engine runs in its own forked process so its
 compile time and memory (RSS growth while compiling) are its own. Per-decision time includes
 turning the URL string into the engine's query (URL parsing) for both engines. Both engines
-run the same URL list ``--repeats`` times in the same order; the table shows the median over
+run the same URL list ``--repeats`` times in the same order, their passes alternating (see
+``run_interleaved``); the table shows the median over
 the passes of each figure (mean, p50, p99, decisions/s), and the first pass is also reported
 on its own ("cold"): RE2 builds its DFA lazily, so Kanmon's first pass over new URLs pays for
 building it, which a single-pass run used to count against every decision. Writes
@@ -132,7 +133,9 @@ def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyp
     decide = snap.decide
     block = Action.BLOCK
     passes = []
+    conn.send("ready")
     for _ in range(repeats):  # the loop body is the same shape as run_adblock's
+        conn.recv()  # the parent's turn signal: the engines' passes alternate
         samples, blocked = [], []
         gc.collect()
         gc.disable()  # same for both engines: time decisions, not collector pauses
@@ -144,6 +147,7 @@ def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyp
             blocked.append(v.action is block)
         passes.append((time.perf_counter() - t0, samples))
         gc.enable()
+        conn.send("pass")
     conn.send({"engine": "kanmon", "compile_s": compile_s, "rss_mib": rss / 1024, **summarize(passes, len(urls)),
                "blocked": blocked})
 
@@ -166,7 +170,9 @@ def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-unty
     perf = time.perf_counter_ns
     check = engine.check_network_urls
     passes = []
+    conn.send("ready")
     for _ in range(repeats):
+        conn.recv()
         samples, blocked = [], []
         gc.collect()
         gc.disable()  # same for both engines: time decisions, not collector pauses
@@ -178,18 +184,33 @@ def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-unty
             blocked.append(r.matched)
         passes.append((time.perf_counter() - t0, samples))
         gc.enable()
+        conn.send("pass")
     conn.send({"engine": "adblock", "compile_s": compile_s, "rss_mib": rss / 1024, **summarize(passes, len(urls)),
                "blocked": blocked})
 
 
-def in_child(target, data: dict, repeats: int) -> dict:  # type: ignore[no-untyped-def]
-    ctx = mp.get_context("fork")  # the child inherits the generated data without copying it
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(data, repeats, child))
-    proc.start()
-    result = parent.recv()
-    proc.join()
-    return result
+def run_interleaved(data: dict, repeats: int) -> list[dict]:
+    """Each engine in its own forked process (its own compile time and RSS), set up one after
+    the other; then their passes alternate (kanmon, adblock, adblock, kanmon, ...), so a
+    burst of load from other work on a shared machine hits both engines alike instead of
+    whichever happened to run then."""
+    ctx = mp.get_context("fork")  # the children inherit the generated data without copying it
+    workers = []
+    for target in (run_kanmon, run_adblock):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(data, repeats, child))
+        proc.start()
+        if parent.recv() != "ready":  # compiled before the next one starts compiling
+            raise RuntimeError(f"{target.__name__} did not start")
+        workers.append((proc, parent))
+    for r in range(repeats):
+        for _proc, pipe in (workers if r % 2 == 0 else workers[::-1]):
+            pipe.send("go")
+            pipe.recv()
+    results = [pipe.recv() for _proc, pipe in workers]
+    for proc, _pipe in workers:
+        proc.join()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = time.perf_counter() - t0
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
-    results = [in_child(run_kanmon, data, args.repeats), in_child(run_adblock, data, args.repeats)]
+    results = run_interleaved(data, args.repeats)
     k, a = results
     agree = sum(x == y for x, y in zip(k.pop("blocked"), a.pop("blocked"))) / len(data["urls"])
     ratio = k["mean_us"] / a["mean_us"]
