@@ -9,6 +9,7 @@ import ipaddress
 import pytest
 from mitmproxy import connection, dns
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
 from wireguard_tools import WireguardKey
 
@@ -257,3 +258,77 @@ def test_block_page_escapes_what_it_shows():
     assert "<script>alert" not in page and "&lt;script&gt;" in page
     assert "r&lt;1&gt;" in page and "reason &amp; &lt;b&gt;" in page
     assert "http" not in page.split("<body>")[0].replace("http-equiv", ""), "no external resources in <head>"
+
+
+# -- the hook-wrapper cache of Guarded (mitmproxy looks every hook up for every event) -------
+
+
+def test_guard_builds_each_hook_wrapper_once_and_it_still_fails_closed(monkeypatch):
+    built: list[str] = []
+    wrap = Guarded._wrap
+
+    def counting_wrap(self, hook, func):
+        built.append(hook)
+        return wrap(self, hook, func)
+
+    monkeypatch.setattr(Guarded, "_wrap", counting_wrap)
+    chain = Chain()
+    guarded = Guarded(Exploding(), chain.actions)
+    first, second = guarded.requestheaders, guarded.requestheaders
+    assert first is second
+    for _ in range(3):  # the cached wrapper blocks every time, not only the first
+        flow = chain.http("www.example.test")
+        guarded.requestheaders(flow)
+        assert flow.response.status_code == 403
+        assert flow.response.headers["X-Kanmon-Rule"] == RULE_FAIL_CLOSED
+    assert chain.errors("exploding", "requestheaders") == 3
+    # async hooks: cached too, still awaited and still failing closed
+    assert guarded.response is guarded.response
+    for _ in range(2):
+        flow = tflow.tflow(client_conn=chain.client(), resp=True)
+        asyncio.run(guarded.response(flow))
+        assert flow.response.status_code == 403
+    assert chain.errors("exploding", "response") == 2
+    assert built == ["requestheaders", "response"]
+
+
+def test_guard_cache_follows_a_hook_the_addon_rebinds():
+    chain = Chain()
+    inner = Exploding()
+    guarded = Guarded(inner, chain.actions)
+    old = guarded.requestheaders
+    seen = []
+    inner.requestheaders = seen.append  # an addon that swaps its hook at run time
+    flow = chain.http("www.example.test")
+    guarded.requestheaders(flow)
+    assert guarded.requestheaders is not old
+    assert seen == [flow] and flow.response is None
+    inner.requestheaders = lambda flow: 1 / 0
+    flow = chain.http("www.example.test")
+    guarded.requestheaders(flow)
+    assert flow.response.status_code == 403
+    assert chain.errors("exploding", "requestheaders") == 1
+
+
+class Parent:
+    name = "parent"
+
+    def __init__(self):
+        self.addons = [Exploding()]
+
+
+def test_guard_children_keep_their_wrappers_and_fail_closed_through_the_addon_manager():
+    chain = Chain()
+    parent = Parent()
+    guarded = Guarded(parent, chain.actions)
+    child = guarded.addons[0]
+    assert isinstance(child, Guarded) and child.inner is parent.addons[0]
+    assert guarded.addons[0] is child and child.requestheaders is guarded.addons[0].requestheaders
+    with taddons.context() as tctx:
+        for _ in range(2):  # mitmproxy's own lookup (traverse + getattr per event)
+            flow = chain.http("www.example.test")
+            tctx.master.addons.invoke_addon_sync(guarded, HttpRequestHeadersHook(flow))
+            assert flow.response.status_code == 403
+    assert chain.errors("exploding", "requestheaders") == 2
+    parent.addons = [Exploding(), Exploding()]  # a changed child list gets new wrappers
+    assert [g.inner for g in guarded.addons] == parent.addons
