@@ -209,6 +209,8 @@ def test_mfa_user_signs_in_in_chromium_and_is_named_in_logs_and_policy_test(slab
     assert ok[-1]["kanmon.auth.mfa"] is True and "otp" in ok[-1]["kanmon.auth.amr"]
     sessions = _sessions(slab, "alice")
     assert sessions and sessions[-1]["device_id"] == "alice-phone" and sessions[-1]["mfa"] is True
+    assert slab.metric_value("kanmon_user_sessions") >= 1
+    assert slab.metric_value("kanmon_user_signins_total", outcome="success", reason="signed-in") >= 1
     # Now browsing works, the log names the user, the MFA-only system is open to her.
     assert _code(_curl(dev, "https://example.test/after", "-H", "Accept: text/html")) == "200"
     assert _code(_curl(dev, "https://files.example.test/payroll")) == "200"
@@ -260,6 +262,9 @@ def test_defective_id_tokens_are_refused_and_logged(slab, mode, reason):
     assert result["steps"][-1]["value"] == reason, result
     failures = [r for r in _auth(slab, "user-signin", "pool-tablet") if r["event.outcome"] == "failure"]
     assert failures and failures[-1]["kanmon.auth.reason"] == reason
+    # The alert's series and the sign-in panel count it.
+    assert slab.metric_value("kanmon_auth_failures_total", reason=reason) >= 1
+    assert slab.metric_value("kanmon_user_signins_total", outcome="failure", reason=reason) >= 1
     assert not [s for s in _sessions(slab, "bob") if s["ended_at"] is None]
     assert _code(_curl(dev, "https://example.test/")) == "403"  # still not signed in
 
