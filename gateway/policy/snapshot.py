@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.policy import facts as F
 from gateway.policy.conditions import Check
-from gateway.policy.query import DeviceContext, PolicyQuery, normalize_url
+from gateway.policy.query import DeviceContext, PolicyQuery, is_normalized_url, normalize_url
 from gateway.verdict import RULE_NO_DECISION, Action, Stage, Verdict
 
 RULE_NO_SNI = "kanmon:no-sni"
@@ -245,7 +245,7 @@ class PolicySnapshot:
         return _DeviceView(frozenset(dead), tuple(o for o in self._generic if o not in dead))
 
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
-        if q.url:
+        if q.url and not is_normalized_url(q.url):  # query_for_url's URLs are normalized already
             url = normalize_url(q.url)  # the form URL conditions match against (query.py)
             if url is not q.url:
                 q = q._replace(url=url)
