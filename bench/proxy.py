@@ -15,9 +15,17 @@ Scenarios, all from one WireGuard device in its namespace to nginx in the fake i
   kanmon+policy   the same with the shipped example policy (policies/example.yaml: every list,
                   rule groups, tenants) compiled into the engine
 
-Prints a table with ratios and writes bench/results/proxy.json.
+Fairness on a shared machine: the scenarios run in ``--rounds`` rounds, each round runs every
+scenario once, and each round starts one step further along the list (rotated order), so no
+scenario is always the one that runs last, minutes after bare mitmproxy, when the machine's
+load has drifted. Every ratio is taken between two figures of the *same* round (e.g.
+kanmon+policy / mitmproxy of round 2) and the table shows the median over the rounds, with
+the per-round ratios to bare mitmproxy listed below it.
 
-    sudo .venv/bin/python bench/proxy.py [--duration 10] [--connections 10] [--workers 2]
+Prints a table with ratios and writes bench/results/proxy.json (per-round figures, per-scenario
+medians and per-round ratios).
+
+    sudo .venv/bin/python bench/proxy.py [--duration 10] [--rounds 3] [--connections 10] [--workers 2]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,15 +79,23 @@ def load(lab: Lab, duration: int, connections: int, via_proxy: str | None = None
         script = lab.workdir / "absolute-form.lua"
         script.write_text(f'wrk.path = "http://{WEB4}/bench"\nwrk.headers["Host"] = "{WEB4}"\n')
         url, extra = f"http://{via_proxy}/", ["-s", str(script)]
+    # After a switch between the manual tunnel and the gateway the device's WireGuard session
+    # is renewed: wait until a request gets through before the warm-up and the measurement.
+    probe = ["curl", "-sS", "-o", "/dev/null", "--max-time", "2"]
+    if via_proxy:
+        probe += ["--proxy", f"http://{via_proxy}"]
+    wait_until(lambda: dev.ns.run(*probe, f"http://{WEB4}/bench", check=False, timeout=10).returncode == 0,
+               30, "a request through the scenario", interval=0.2)
     dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", "2s", *extra, url, timeout=60)  # warm-up
     result = dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", f"{duration}s", "--latency", *extra, url,
                         timeout=duration + 60)
     return parse_wrk(result.stdout)
 
 
-def start_e2guardian(lab: Lab, port: int) -> subprocess.Popen:
-    """e2guardian with a private copy of Debian's configuration: no daemon, our port, its
-    banned-site list = the domains of policies/lists plus the lab's blocked.test."""
+def prepare_e2guardian(lab: Lab, port: int) -> Path:
+    """A private copy of Debian's e2guardian configuration: no daemon, our port, its
+    banned-site list = the domains of policies/lists plus the lab's blocked.test. Made once;
+    returns the main configuration file for ``start_e2guardian``."""
     etc = lab.workdir / "e2guardian"
     shutil.copytree("/etc/e2guardian", etc)
     etc.chmod(0o755)
@@ -104,6 +121,11 @@ def start_e2guardian(lab: Lab, port: int) -> subprocess.Popen:
         shutil.chown(path, "e2guardian", "e2guardian")
     with open(etc / "lists" / "bannedsitelist", "a") as f:
         f.write("\n" + "\n".join(sorted(domains)) + "\n")
+    return main
+
+
+def start_e2guardian(lab: Lab, main: Path, port: int) -> subprocess.Popen:
+    (lab.workdir / "e2guardian.pid").write_text("")  # a previous round's pid must not stop it starting
     proc = lab.gw.popen("e2guardian", "-N", "-c", str(main), stdout=open(lab.workdir / "e2guardian.out", "w"))
     wait_until(lambda: f":{port} " in lab.gw.run("ss", "-ltnH").stdout or proc.poll() is not None, 30, "e2guardian")
     if proc.poll() is not None:
@@ -160,77 +182,191 @@ def stop(procs: list[subprocess.Popen]) -> None:
                 p.kill()
 
 
+class Modes:
+    """Which of the two set-ups the lab is in: the manual tunnel (wireguard-go + nft steering,
+    for tunnel / mitmproxy / e2guardian) or the Kanmon gateway (it owns the tunnel and its own
+    nft table). Rounds go back and forth between them."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.mode: str | None = None
+        self.gateway_overrides: dict | None = None
+
+    def manual(self) -> None:
+        lab = self.lab
+        if self.mode == "manual":
+            return
+        if self.mode == "gateway":
+            lab.stop_gateway()  # removes its nft table and the tunnel interface
+            lab.gw.run("ip", "link", "del", lab.wg_interface, check=False)
+        manual_tunnel(lab)
+        self.mode = "manual"
+
+    def gateway(self, overrides: dict) -> None:
+        lab = self.lab
+        if self.mode == "gateway" and self.gateway_overrides == overrides:
+            return
+        if self.mode == "manual":
+            lab.gw.run("nft", "delete", "table", "inet", "benchsteer", check=False)
+            lab.gw.run("ip", "link", "del", lab.wg_interface, check=False)
+            lab.gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+        elif self.mode == "gateway":
+            lab.stop_gateway()
+        lab.write_config(overrides)
+        lab.start_gateway()
+        lab.wait_for_peer(lab.devices[0])
+        self.mode, self.gateway_overrides = "gateway", overrides
+
+
+def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -> dict:
+    """name -> a function that sets the scenario up, loads it once and returns wrk's figures."""
+    def load_now() -> dict:
+        return load(lab, args.duration, args.connections)
+
+    def tunnel() -> dict:
+        modes.manual()
+        steer(lab, None)
+        return load_now()
+
+    def mitmproxy(ports: list[int]) -> dict:
+        modes.manual()
+        procs = [start_mitmdump(lab, p, workdir / "mitm") for p in ports]
+        try:
+            steer(lab, ports)
+            return load_now()
+        finally:
+            stop(procs)
+            steer(lab, None)
+
+    e2g_conf: list[Path] = []
+
+    def e2guardian() -> dict:
+        modes.manual()
+        steer(lab, None)
+        if not e2g_conf:
+            e2g_conf.append(prepare_e2guardian(lab, 18090))
+        procs = [start_e2guardian(lab, e2g_conf[0], 18090)]
+        try:
+            return load(lab, args.duration, args.connections, via_proxy=f"{GATEWAY_TUNNEL4}:18090")
+        finally:
+            stop(procs)
+
+    def kanmon(overrides: dict) -> dict:
+        modes.gateway(overrides)
+        return load_now()
+
+    out = {
+        "tunnel": tunnel,
+        "mitmproxy": lambda: mitmproxy([18080]),
+        f"mitmproxy x{args.workers}": lambda: mitmproxy([18080 + i for i in range(args.workers)]),
+    }
+    if shutil.which("e2guardian"):
+        out["e2guardian"] = e2guardian
+    else:
+        print("e2guardian not installed (apt-get install --no-install-recommends e2guardian): skipped")
+    out["kanmon"] = lambda: kanmon({})
+    out["kanmon+policy"] = lambda: kanmon({"policy": {"path": str(ROOT / "policies" / "example.yaml")}})
+    return out
+
+
+def round_order(names: list[str], round_index: int, rounds: int) -> list[str]:
+    """Round r starts ``r * len(names) // rounds`` steps along the list: over the rounds every
+    scenario runs early, in the middle and late."""
+    k = (round_index * len(names) // max(1, rounds)) % len(names)
+    return names[k:] + names[:k]
+
+
+def summarize(names: list[str], rounds: list[dict]) -> dict:
+    """Per scenario: medians of its figures over the rounds, and its ratios to tunnel /
+    mitmproxy / e2guardian, each ratio taken within one round, with their median."""
+    out: dict[str, dict] = {}
+    for name in names:
+        rows = [r["results"][name] for r in rounds if name in r["results"]]
+        entry: dict = {key: statistics.median(row[key] for row in rows if row[key] is not None)
+                       if any(row[key] is not None for row in rows) else None
+                       for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms")}
+        entry["non_2xx"] = sum(row["non_2xx"] for row in rows)
+        entry["socket_errors"] = [row["socket_errors"] for row in rows if row["socket_errors"]]
+        entry["requests_per_s_per_round"] = [row["requests_per_s"] for row in rows]
+        for ref in ("tunnel", "mitmproxy", "e2guardian"):
+            per_round = [r["results"][name]["requests_per_s"] / r["results"][ref]["requests_per_s"]
+                         for r in rounds if name in r["results"] and r["results"].get(ref, {}).get("requests_per_s")]
+            entry[f"vs_{ref}_per_round"] = per_round
+            entry[f"vs_{ref}"] = statistics.median(per_round) if per_round else None
+        out[name] = entry
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=int, default=10, help="seconds per scenario")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per scenario and round")
+    ap.add_argument("--rounds", type=int, default=3, help="every scenario once per round, rotated order (medians reported)")
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(RESULTS / "proxy.json"))
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install --no-install-recommends wrk", file=sys.stderr)
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
     lab = Lab(workdir, n_devices=0)
-    results: dict[str, dict] = {}
+    rounds: list[dict] = []
     try:
         lab.build()
         lab.add_device(1)
-        manual_tunnel(lab)
-        steer(lab, None)
-        results["tunnel"] = load(lab, args.duration, args.connections)
-
-        procs = [start_mitmdump(lab, 18080, workdir / "mitm")]
-        steer(lab, [18080])
-        results["mitmproxy"] = load(lab, args.duration, args.connections)
-        stop(procs)
-
-        ports = [18080 + i for i in range(args.workers)]
-        procs = [start_mitmdump(lab, p, workdir / "mitm") for p in ports]
-        steer(lab, ports)
-        results[f"mitmproxy x{args.workers}"] = load(lab, args.duration, args.connections)
-        stop(procs)
-
-        if shutil.which("e2guardian"):
-            steer(lab, None)
-            procs = [start_e2guardian(lab, 18090)]
-            results["e2guardian"] = load(lab, args.duration, args.connections, via_proxy=f"{GATEWAY_TUNNEL4}:18090")
-            stop(procs)
-        else:
-            print("e2guardian not installed (apt-get install --no-install-recommends e2guardian): skipped")
-
-        lab.gw.run("nft", "delete", "table", "inet", "benchsteer")
-        lab.gw.run("ip", "link", "del", lab.wg_interface)
-        lab.gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
-        lab.start_gateway()
-        lab.wait_for_peer(lab.devices[0])
-        results["kanmon"] = load(lab, args.duration, args.connections)
-        lab.stop_gateway()
-        lab.write_config({"policy": {"path": str(ROOT / "policies" / "example.yaml")}})
-        lab.start_gateway()
-        lab.wait_for_peer(lab.devices[0])
-        results["kanmon+policy"] = load(lab, args.duration, args.connections)
+        modes = Modes(lab)
+        table = scenarios(lab, modes, args, workdir)
+        names = list(table)
+        for r in range(args.rounds):
+            order = round_order(names, r, args.rounds)
+            results: dict[str, dict] = {}
+            for name in order:
+                started = time.time()
+                results[name] = table[name]()
+                print(f"round {r + 1}/{args.rounds}: {name:16} {results[name]['requests_per_s']:8.0f} req/s "
+                      f"({time.time() - started:.0f} s)", flush=True)
+            rounds.append({"round": r + 1, "order": order, "results": results})
     finally:
         lab.teardown()
 
-    base, bare = results["tunnel"]["requests_per_s"], results["mitmproxy"]["requests_per_s"]
+    summary = summarize(names, rounds)
     print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "
-          f"{os.cpu_count()} cores\n")
-    e2g = results.get("e2guardian", {}).get("requests_per_s")
+          f"{args.rounds} rounds (rotated order), {os.cpu_count()} cores; medians over the rounds, "
+          f"ratios taken within each round\n")
+
+    def ratio(value: float | None, width: int) -> str:
+        return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
+
     print(f"{'scenario':16} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} {'vs e2guardian':>14} {'errors':>8}")
-    for name, r in results.items():
-        vs_e2g = f"{r['requests_per_s'] / e2g:14.3f}" if e2g else f"{'-':>14}"
-        print(f"{name:16} {r['requests_per_s']:10.0f} {r['p50_ms'] or 0:8.2f} {r['p90_ms'] or 0:8.2f} {r['p99_ms'] or 0:8.2f} "
-              f"{r['requests_per_s'] / base:10.3f} {r['requests_per_s'] / bare:13.3f} {vs_e2g} {r['non_2xx']:>8}")
+    for name in names:
+        s = summary[name]
+        print(f"{name:16} {s['requests_per_s']:10.0f} {s['p50_ms'] or 0:8.2f} {s['p90_ms'] or 0:8.2f} {s['p99_ms'] or 0:8.2f} "
+              f"{ratio(s['vs_tunnel'], 10)} {ratio(s['vs_mitmproxy'], 13)} {ratio(s['vs_e2guardian'], 14)} {s['non_2xx']:>8}")
+    print("\nper round (req/s, and ratio to bare mitmproxy of the same round):")
+    print(f"{'scenario':16} " + " ".join(f"{'round ' + str(r['round']):>18}" for r in rounds))
+    for name in names:
+        cells = []
+        for r in rounds:
+            row, bare = r["results"].get(name), r["results"].get("mitmproxy")
+            cells.append(f"{row['requests_per_s']:8.0f} ({row['requests_per_s'] / bare['requests_per_s']:5.3f}x)"
+                         if row and bare else f"{'-':>18}")
+        print(f"{name:16} " + " ".join(f"{c:>18}" for c in cells))
+    print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
         "cores": os.cpu_count(), "duration_s": args.duration, "connections": args.connections,
-        "workers": args.workers, "results": results,
-        "ratios": {name: {"vs_tunnel": r["requests_per_s"] / base, "vs_mitmproxy": r["requests_per_s"] / bare}
-                   for name, r in results.items()},
+        "workers": args.workers, "rounds_run": args.rounds,
+        "results": {name: {k: summary[name][k] for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "non_2xx")}
+                    for name in names},
+        "ratios": {name: {"vs_tunnel": summary[name]["vs_tunnel"], "vs_mitmproxy": summary[name]["vs_mitmproxy"],
+                          "vs_e2guardian": summary[name]["vs_e2guardian"]} for name in names},
+        "summary": summary,
+        "rounds": rounds,
     }, indent=2))
     print(f"\nwritten: {out}")
     return 0
