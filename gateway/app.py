@@ -33,7 +33,7 @@ from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
-from gateway import steering
+from gateway import diagnostics, steering
 from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
@@ -429,6 +429,7 @@ class GatewayApp:
         # `kanmon device ...` pokes us after a change, so a revocation applies at once
         # instead of at the next registry poll.
         loop.add_signal_handler(signal.SIGUSR1, self._reconcile_now.set)
+        diagnostics.install(loop, self.cfg.state_dir)  # opt-in memory reports on SIGUSR2 (env, see module)
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
