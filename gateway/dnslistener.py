@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from collections import OrderedDict
 from typing import Any
 
 from mitmproxy.proxy import mode_servers
@@ -27,6 +29,13 @@ from mitmproxy.proxy import mode_servers
 log = logging.getLogger("kanmon.dns")
 
 MAX_QUEUED_DATAGRAMS = 64  # per client address; more while the handler is busy are dropped
+# Live streams (client addresses) at most. A stream stays open until 20 s after its last
+# datagram, and stub resolvers send each query from a fresh port, so the live count is the
+# query rate times 20 s (the #7 soak: ~1000 for 50 devices, ~20 KiB each). Without a cap one
+# device cycling through its 65535 source ports held 65535 streams (over 1 GB). When full,
+# the stream idle longest is closed to make room: its answer has long been sent.
+MAX_STREAMS = 8192
+EVICTION_LOG_EVERY = 10.0  # seconds between warnings while streams are being evicted
 
 
 class DatagramStream:
@@ -81,24 +90,44 @@ class DatagramStream:
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, handle_stream) -> None:
+    def __init__(self, handle_stream, max_streams: int = MAX_STREAMS) -> None:
+        if max_streams < 1:
+            raise ValueError("max_streams must be positive")
         self.handle_stream = handle_stream
-        self.streams: dict[tuple, DatagramStream] = {}
+        self.max_streams = max_streams
+        # Least recently heard-from first: the eviction order.
+        self.streams: OrderedDict[tuple, DatagramStream] = OrderedDict()
         self.transport: asyncio.DatagramTransport | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.evicted = 0
+        self._last_eviction_log = float("-inf")
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         stream = self.streams.get(addr)
-        if stream is None:
+        if stream is not None:
+            self.streams.move_to_end(addr)
+        else:
+            while len(self.streams) >= self.max_streams:
+                self._evict_oldest()
             stream = DatagramStream(self.transport, addr, self.transport.get_extra_info("sockname"), self._closed)
             self.streams[addr] = stream
             task = asyncio.ensure_future(self.handle_stream(stream, stream))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         stream.feed(data)
+
+    def _evict_oldest(self) -> None:
+        _, oldest = self.streams.popitem(last=False)
+        oldest.close()   # ends its handler (end of stream) like an idle timeout would
+        self.evicted += 1
+        now = time.monotonic()
+        if now - self._last_eviction_log >= EVICTION_LOG_EVERY:
+            self._last_eviction_log = now
+            log.warning("DNS: %d live client streams (the cap): closing the longest idle ones (%d so far)",
+                        self.max_streams, self.evicted)
 
     def _closed(self, peer: tuple, stream: DatagramStream) -> None:
         if self.streams.get(peer) is stream:
