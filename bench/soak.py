@@ -11,7 +11,15 @@ descriptors are sampled. At the end:
 - lost log records: every request the devices saw complete has its `proxy` record;
 - RSS growth (MB/hour, least-squares slope after the first fifth of the run);
 - leaks: open descriptors and live connections back near the start after the load stops;
-- latency p50/p99 of the web requests.
+- latency p50/p99 of the web requests;
+- the shape of the RSS curve (mean RSS per minute, slope of each half of the warm part), so
+  warm-up (caches filling to their caps: the slope falls) is told apart from a leak (it does not);
+- the flow table (the gateway's live ConnectionState objects) early, late and after the load,
+  from the gateway's opt-in memory reports (gateway/diagnostics.py, SIGUSR2).
+
+With --tracemalloc the gateway also traces allocations; the reports (early, late, after the
+load: top sites, growth since the early one) are copied to --reports-dir. Tracing costs CPU
+and memory, so its RSS figures are not comparable with a run without it.
 
 Prints a table, writes bench/results/soak.json, exits 1 if an invariant fails (the CI test
 runs it for 60 s).
@@ -22,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway.diagnostics import parse_type_counts  # noqa: E402
 from gateway.lab.topology import Lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -102,6 +113,36 @@ def sample(pid: int) -> tuple[float, int]:
     return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memory_report(lab: Lab, pid: int, number: int, timeout: float = 60) -> str:
+    """Ask the gateway for its memory report number `number` (SIGUSR2) and return its text."""
+    path = lab.state_dir / f"memory-{number}.txt"
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"the gateway wrote no {path.name} within {timeout} s")
+        time.sleep(0.2)
+    return path.read_text()
+
+
+FLOW_TYPE = "gateway.connections.ConnectionState"
+
+
+def rss_shape(samples: list[tuple[float, float, int]], warm_from: float) -> dict:
+    """Mean RSS per minute and the slope of each half of the warm part: a cache filling to
+    its cap shows a falling slope, a leak a steady one."""
+    per_minute: dict[int, list[float]] = {}
+    for t, rss, _ in samples:
+        per_minute.setdefault(int(t // 60), []).append(rss)
+    warm = [(t, rss) for t, rss, _ in samples if t >= warm_from]
+    mid = (warm[0][0] + warm[-1][0]) / 2 if warm else 0
+    return {
+        "rss_mb_by_minute": [round(statistics.fmean(v), 1) for _, v in sorted(per_minute.items())],
+        "rss_growth_first_half_mb_per_hour": round(slope_per_hour([p for p in warm if p[0] <= mid]), 1),
+        "rss_growth_second_half_mb_per_hour": round(slope_per_hour([p for p in warm if p[0] > mid]), 1),
+    }
+
+
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
     if len(points) < 3:
         return 0.0
@@ -117,6 +158,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--mail", action="store_true", help="also IMAPS reading on a few devices (Postfix/Dovecot lab)")
     ap.add_argument("--out", default=str(RESULTS / "soak.json"))
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace the gateway's allocations and keep its memory reports (slower; RSS not comparable)")
+    ap.add_argument("--reports-dir", default=str(RESULTS / "soak-memory"),
+                    help="where --tracemalloc's memory reports are copied")
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="kanmon-soak-"))
@@ -135,7 +180,10 @@ def main() -> int:
                                          b"Subject: soak\r\nMessage-ID: <soak@example.test>\r\n\r\nhello\r\n")
         for i in range(1, args.devices + 1):
             lab.add_device(i)
-        lab.start_gateway(timeout=120)
+        gw_env = {"KANMON_DIAGNOSTICS": "1", "KANMON_DIAGNOSTICS_DIR": str(lab.state_dir)}
+        if args.tracemalloc:
+            gw_env["KANMON_TRACEMALLOC"] = "1"
+        lab.start_gateway(timeout=120, env=gw_env)
         for dev in lab.devices:
             lab.wait_for_peer(dev, timeout=30)
         report["setup_s"] = round(time.time() - t0, 1)
@@ -152,13 +200,24 @@ def main() -> int:
                                          stdout=subprocess.PIPE, text=True)
                         for d in lab.devices[:3]]
         samples, start = [], time.time()
+        reports: list[tuple[str, str]] = []
+        due = [("early", args.seconds / 5), ("late", args.seconds * 0.95)]
         while any(w.poll() is None for w in workers):
             rss, fds = sample(pid)
             samples.append((time.time() - start, rss, fds))
+            if due and samples[-1][0] >= due[0][1]:
+                reports.append((due.pop(0)[0], memory_report(lab, pid, len(reports) + 1)))
             time.sleep(2)
         outputs = [json.loads(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
         time.sleep(25)  # UDP DNS streams idle out after 20 s; TCP connections are closed already
         rss1, fds1 = sample(pid)
+        reports.append(("after", memory_report(lab, pid, len(reports) + 1)))
+        flows = {f"flows_{name}": parse_type_counts(text).get(FLOW_TYPE, 0) for name, text in reports}
+        if args.tracemalloc:
+            out_dir = Path(args.reports_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for number, (name, _) in enumerate(reports, 1):
+                shutil.copy(lab.state_dir / f"memory-{number}.txt", out_dir / f"memory-{number}-{name}.txt")
 
         web = [w for o in outputs for w in o.get("web", [])]
         blocked = [b for o in outputs for b in o.get("blocked", [])]
@@ -182,6 +241,9 @@ def main() -> int:
             "rss_start_mb": round(rss0, 1), "rss_end_mb": round(rss1, 1),
             "rss_peak_mb": round(max(s[1] for s in samples), 1) if samples else None,
             "rss_growth_mb_per_hour": round(slope_per_hour([(s[0], s[1]) for s in warm]), 1),
+            **rss_shape(samples, args.seconds / 5),
+            "tracemalloc": args.tracemalloc,
+            **flows,
             "fds_start": fds0, "fds_peak": max(s[2] for s in samples) if samples else None, "fds_end": fds1,
         })
     finally:
@@ -196,6 +258,8 @@ def main() -> int:
         failures.append(f"{report['dns_bad']} failed DNS queries")
     if report["fds_end"] > report["fds_start"] + 20:
         failures.append(f"descriptor leak: {report['fds_start']} -> {report['fds_end']}")
+    if report.get("flows_after", 0) > 20:
+        failures.append(f"flow-table leak: {report['flows_after']} live connections after the load")
     if args.mail and report["mail_sessions_bad"]:
         failures.append(f"{report['mail_sessions_bad']} failed mail sessions")
     report["failures"] = failures
