@@ -10,6 +10,10 @@ Off unless the environment asks for it (nothing is imported, started or hooked o
   from the second report on, the sites that grew most since the first one. tracemalloc
   costs CPU and memory on every allocation: for a soak or a lab, not for production.
 
+Every report also has the allocators' totals (Python's allocated blocks; glibc's bytes in
+use, free-but-held and mmapped): RSS that stays high while little is in use is the
+allocators' high-water mark, not live objects.
+
 Reports go to ``KANMON_DIAGNOSTICS_DIR`` (default: the gateway's state directory) as
 ``memory-<n>.txt``, numbered from 1, written whole under a temporary name and renamed, so a
 reader never sees half a report. ``bench/soak.py`` uses it to count the flow table and to
@@ -22,10 +26,12 @@ Everything but ``install`` is pure (takes the data, returns text) so it is teste
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
 import signal
+import sys
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -62,6 +68,32 @@ def frame_count(env: Mapping[str, str]) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{ENV_FRAMES} must be a whole number of frames (1 or more), not {text!r}")
     return int(text)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_stats() -> dict[str, int] | None:
+    """glibc's allocator totals over all its arenas (``mallinfo2``), in bytes: what live
+    objects use, what is free but still held (RSS that a high-water mark left behind), and
+    what is mapped for large blocks. ``None`` off glibc (< 2.33 or another libc)."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    m = mallinfo2()
+    return {"in_use": m.uordblks, "free_held": m.fordblks, "mmapped": m.hblkhd, "heap": m.arena}
+
+
+def format_malloc_stats(stats: Mapping[str, int] | None, python_blocks: int) -> list[str]:
+    lines = [f"python: {python_blocks} allocated blocks"]
+    if stats is None:
+        return lines + ["glibc: mallinfo2 not available"]
+    return lines + [f"glibc: {stats['in_use'] / 2**20:.1f} MiB in use, {stats['free_held'] / 2**20:.1f} MiB free "
+                    f"but held, {stats['mmapped'] / 2**20:.1f} MiB mmapped, {stats['heap'] / 2**20:.1f} MiB in arenas"]
 
 
 def type_counts(objects: Iterable[object]) -> Counter[str]:
@@ -125,6 +157,7 @@ class MemoryReporter:
     def render(self, counts: Counter[str], snapshot: tracemalloc.Snapshot | None) -> str:
         watched = Counter({name: counts.get(name, 0) for name in WATCHED_TYPES})
         lines = [f"report {self.written + 1}", "", "[watched]", *format_type_counts(watched, len(watched)),
+                 "", "[allocator]", *format_malloc_stats(malloc_stats(), sys.getallocatedblocks()),
                  "", "[objects]", *format_type_counts(counts)]
         if snapshot is not None:
             traced, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from gateway import diagnostics
 from gateway.connections import ConnectionState
 from gateway.diagnostics import MemoryReporter, enabled, format_type_counts, install, parse_type_counts, type_counts
 
@@ -151,3 +152,21 @@ def test_frame_count_is_used_or_refused_with_the_variable_named(tmp_path, value)
     finally:
         if not was_tracing and tracemalloc.is_tracing():
             tracemalloc.stop()
+
+
+def test_allocator_section_shows_glibc_bytes_in_use_and_free(tmp_path):
+    stats = diagnostics.malloc_stats()
+    if stats is None:
+        pytest.skip("not glibc >= 2.33")
+    before = stats["in_use"] + stats["mmapped"]
+    hoard = [bytes(200_000) for _ in range(20)]   # 4 MB through malloc (not pymalloc)
+    after = diagnostics.malloc_stats()
+    assert after["in_use"] + after["mmapped"] - before >= 3_000_000
+    assert len(hoard) == 20
+    text = MemoryReporter(tmp_path, trace=False).write().read_text()
+    line = text.split("[allocator]", 1)[1].strip().splitlines()[1]
+    assert line.startswith("glibc: ") and "MiB in use" in line and "free but held" in line
+
+
+def test_allocator_section_without_glibc():
+    assert diagnostics.format_malloc_stats(None, 12) == ["python: 12 allocated blocks", "glibc: mallinfo2 not available"]
