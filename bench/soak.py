@@ -14,11 +14,11 @@ descriptors are sampled. At the end:
 - latency p50/p99 of the web requests;
 - the shape of the RSS curve (mean RSS per minute, slope of each half of the warm part), so
   warm-up (caches filling to their caps: the slope falls) is told apart from a leak (it does not);
-- the flow table (the gateway's live ConnectionState objects) early, late and after the load,
+- the flow table (the gateway's live ConnectionState objects) at the start, early, late and after the load,
   from the gateway's opt-in memory reports (gateway/diagnostics.py, SIGUSR2).
 
-With --tracemalloc the gateway also traces allocations; the reports (early, late, after the
-load: top sites, growth since the early one) are copied to --reports-dir. Tracing costs CPU
+With --tracemalloc the gateway also traces allocations; the reports (start, early, late, after
+the load: top sites, growth since the start) are copied to --reports-dir. Tracing costs CPU
 and memory, so its RSS figures are not comparable with a run without it.
 
 Prints a table, writes bench/results/soak.json, exits 1 if an invariant fails (the CI test
@@ -190,6 +190,7 @@ def main() -> int:
         pid = gateway_pid(lab)
         time.sleep(2)
         rss0, fds0 = sample(pid)
+        reports: list[tuple[str, str]] = [("start", memory_report(lab, pid, 1))]   # before any load
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         workers = [subprocess.Popen(d.ns.cmd(sys.executable, "-c", WORKER, d.device_id, str(args.seconds)),
                                     stdout=subprocess.PIPE, text=True, env=env) for d in lab.devices]
@@ -200,7 +201,6 @@ def main() -> int:
                                          stdout=subprocess.PIPE, text=True)
                         for d in lab.devices[:3]]
         samples, start = [], time.time()
-        reports: list[tuple[str, str]] = []
         due = [("early", args.seconds / 5), ("late", args.seconds * 0.95)]
         while any(w.poll() is None for w in workers):
             rss, fds = sample(pid)
