@@ -31,7 +31,7 @@ log = logging.getLogger("kanmon.dns")
 MAX_QUEUED_DATAGRAMS = 64  # per client address; more while the handler is busy are dropped
 # Live streams (client addresses) at most. A stream stays open until 20 s after its last
 # datagram, and stub resolvers send each query from a fresh port, so the live count is the
-# query rate times 20 s (the #7 soak: ~1000 for 50 devices, ~20 KiB each). Without a cap one
+# query rate times 20 s (the #7 soak: 1000-2800 for 50 devices, ~20 KiB each). Without a cap one
 # device cycling through its 65535 source ports held 65535 streams (over 1 GB). When full,
 # the stream idle longest is closed to make room: its answer has long been sent.
 MAX_STREAMS = 8192
