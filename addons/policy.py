@@ -92,20 +92,24 @@ class PolicyDecider:
         self.connections = connections
         self.decision_seconds = decision_seconds  # histogram by stage (kanmon_decision_duration_seconds)
         self.underlay_of = underlay_of  # tunnel address -> the peer's current outer address
-        self._contexts: dict[tuple[str, object], DeviceContext] = {}
+        self._contexts: dict[str, tuple[tuple, DeviceContext]] = {}
         self._ips: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
         self._histograms: dict[Stage, object] = {}  # the histogram's child per stage label
 
     # -- helpers -------------------------------------------------------------------------
     def _context(self, record: DeviceRecord, client_ip: str) -> DeviceContext:
+        """The device's policy view, rebuilt when its record, its user session or its
+        underlay address changes. One entry per device (the newest), so the cache is bounded
+        by the number of devices."""
         session = self.session_of(record) if self.session_of is not None else None
-        key = (record.device_id, record.updated_at, session.session_id if session is not None else None)
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            if len(self._contexts) > 100_000:
-                self._contexts.clear()
-            ctx = self._contexts[key] = device_context(record, self.underlay_of(client_ip), session,
-                                                       signin_configured=self.session_of is not None)
+        underlay = self.underlay_of(client_ip)
+        version = (record.updated_at, session.session_id if session is not None else None, underlay)
+        held = self._contexts.get(record.device_id)
+        if held is not None and held[0] == version:
+            return held[1]
+        ctx = device_context(record, str(underlay) if underlay is not None else None, session,
+                             signin_configured=self.session_of is not None)
+        self._contexts[record.device_id] = (version, ctx)
         return ctx
 
     def _device(self, client) -> DeviceContext | None:

@@ -26,6 +26,7 @@ from addons.accesslog import AccessLog
 from addons.blockpage import Helpdesk
 from addons.cutoff import ConnectionCutter
 from gateway.signin.service import SignInService
+from gateway.underlay import UnderlayAddresses
 from gateway.signin.store import open_session_store
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
@@ -52,6 +53,7 @@ log = logging.getLogger("kanmon.app")
 
 RECONCILE_POLL_SECONDS = 0.05   # registry revision poll: one indexed read, cheap
 RECONCILE_SAFETY_SECONDS = 30   # full pass even without a visible change
+UNDERLAY_REFRESH_SECONDS = 1.0  # peer endpoint poll (one UAPI/netlink read of the peer list)
 LOG_ROTATION_CHECK_SECONDS = 60
 
 
@@ -109,6 +111,10 @@ class GatewayApp:
         self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None
         self.syslog: SyslogForwarder | None = None
         self.signin: SignInService | None = None   # issue #9: user sign-in (OIDC), when configured
+        # Each peer's current outer address, for `underlay_network` policy conditions (approved lines).
+        self._underlay_now = asyncio.Event()
+        self.underlay = UnderlayAddresses(read_peers=self.tunnel.peers, on_change=self._underlay_changed,
+                                          on_miss=self._underlay_now.set)
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -129,8 +135,8 @@ class GatewayApp:
         actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
         session_of = self.signin.session_for if self.signin is not None else None
         if self.policy is not None:
-            decider = PolicyDecider(self.policy, self.connections, decision_seconds=self.metrics.decision_seconds,
-                                    session_of=session_of)
+            decider = PolicyDecider(self.policy, self.connections, underlay_of=self.underlay,
+                                    decision_seconds=self.metrics.decision_seconds, session_of=session_of)
         else:
             decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
         chain = [
@@ -384,6 +390,31 @@ class GatewayApp:
                 await asyncio.sleep(1)
             await asyncio.sleep(RECONCILE_POLL_SECONDS)
 
+    async def underlay_loop(self) -> None:
+        """Keep the tunnel -> underlay table current: every second, and at most 5 times a
+        second when a lookup missed (a device that has just shaken hands). A device whose
+        outer address changed (roaming) gets its cached host verdicts dropped."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._underlay_now.wait(), timeout=UNDERLAY_REFRESH_SECONDS)
+            except TimeoutError:
+                pass
+            self._underlay_now.clear()
+            try:
+                await asyncio.to_thread(self.underlay.refresh)
+            except Exception:
+                log.exception("reading the peers' endpoints failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            await asyncio.sleep(0.2)
+
+    def _underlay_changed(self, tunnel_ips: set[str]) -> None:
+        """A device roamed (or just shook hands): drop its cached host verdicts."""
+        for ip in tunnel_ips:
+            device = self.directory.by_ip(ip)
+            if device is not None and self.policy is not None:
+                self.policy.invalidate_device(device.device_id)
+
     async def log_rotation_loop(self) -> None:
         """Seal and compress the previous day's files off the event loop (gzip is slow)."""
         while not self._stop.is_set():
@@ -449,6 +480,7 @@ class GatewayApp:
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
+            underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay") if self.policy is not None else None
             if self.cluster is not None:
                 self.cluster.start(asyncio.get_running_loop())
             self.cfg.pid_path.write_text(f"{os.getpid()}\n")
@@ -460,6 +492,8 @@ class GatewayApp:
             self.master.shutdown()
             reconcile_task.cancel()
             rotation_task.cancel()
+            if underlay_task is not None:
+                underlay_task.cancel()
             await asyncio.wait({run_task}, timeout=5)
             return 1 if self.fatal_reason else 0
         finally:
