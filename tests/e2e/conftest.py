@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,20 +65,29 @@ def make_lab(tmp_path_factory, request):
 FAULTY_ADDON = "tests.e2e.faulty_addon:ExplodeOnMarkedRequest"
 
 
+@contextmanager
+def running_lab(lab: Lab, evidence: str, *, start: bool = True) -> Iterator[Lab]:
+    """Build the lab (and with ``start``, start the gateway and wait for every device's
+    peer); on the way out keep its logs under artifacts/e2e/<evidence>/, then tear it down."""
+    try:
+        lab.build()
+        if start:
+            lab.start_gateway()
+            for device in lab.devices:
+                lab.wait_for_peer(device)
+        yield lab
+    finally:
+        try:
+            _keep_evidence(lab, evidence)
+        finally:
+            lab.teardown()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     """One running gateway with two devices, shared by a module's tests that leave it as
     they found it. Includes a deliberately faulty extra addon (fail-closed test)."""
     require_lab()
     lab = Lab(tmp_path_factory.mktemp("lab"), n_devices=2, config_overrides={"addons": {"extra": [FAULTY_ADDON]}})
-    try:
-        lab.build()
-        lab.start_gateway()
-        for device in lab.devices:
-            lab.wait_for_peer(device)
+    with running_lab(lab, request.module.__name__.rsplit(".", 1)[-1]):
         yield lab
-    finally:
-        try:
-            _keep_evidence(lab, request.module.__name__.rsplit(".", 1)[-1])
-        finally:
-            lab.teardown()

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.lab.mailservers import MAIL_DOMAIN, MAIL_HOST, PRIVATE_MAIL_HOST, mail_prerequisites
 from gateway.lab.topology import MAIL4, PRIVATE_MAIL4, Lab
-from tests.e2e.conftest import _keep_evidence, require_lab
+from tests.e2e.conftest import require_lab, running_lab
 from tests.mailcorpus.build import TEST_VIRUS_MARKER, build_corpus
 
 CORPUS = build_corpus()
@@ -40,16 +40,8 @@ def lab(tmp_path_factory, request):
                  "clamd_socket": str(workdir / "mail" / "clamd" / "clamd.sock"),
                  "idle_timeout_seconds": 120},
     }
-    try:
-        lab.build()
-        lab.start_gateway()
-        lab.wait_for_peer(lab.devices[0])
+    with running_lab(lab, "test_mail_e2e"):
         yield lab
-    finally:
-        try:
-            _keep_evidence(lab, "test_mail_e2e")
-        finally:
-            lab.teardown()
 
 
 def device_python(lab: Lab, code: str, timeout: float = 60) -> dict:

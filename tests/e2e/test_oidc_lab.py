@@ -20,7 +20,7 @@ import pytest
 from gateway.lab.oidcprovider import (ACR_MFA, ACR_PASSWORD, ISSUER, MODES, TEST_USERS, OidcClient, OidcProviderError,
                                       ensure_installed, oidc_prerequisites)
 from gateway.lab.topology import Lab
-from tests.e2e.conftest import _keep_evidence, require_lab
+from tests.e2e.conftest import require_lab, running_lab
 
 REDIRECT_URI = "https://example.test/cb"
 
@@ -49,16 +49,8 @@ def lab(tmp_path_factory):
     require_lab()
     _require_oidc_lab()
     lab = Lab(tmp_path_factory.mktemp("oidclab"), n_devices=1, idp=True)
-    try:
-        lab.build()
-        lab.start_gateway()
-        lab.wait_for_peer(lab.devices[0])
+    with running_lab(lab, "test_oidc_lab"):
         yield lab
-    finally:
-        try:
-            _keep_evidence(lab, "test_oidc_lab")
-        finally:
-            lab.teardown()
 
 
 @pytest.fixture(autouse=True)
