@@ -213,6 +213,17 @@ def _record_to_row(rec: DeviceRecord) -> tuple:
     )
 
 
+def open_registry_file(path: Path) -> sqlite3.Connection:
+    """The registry's SQLite file as every user of it opens it: shared between threads
+    (callers hold their own lock), autocommit (explicit BEGIN IMMEDIATE), WAL so the gateway
+    and the operator CLI can use it at once, and a busy timeout instead of instant errors."""
+    db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
 class SqliteRegistry:
     """The embedded registry. Safe to share between threads of one process; several
     processes (the gateway and the operator CLI) may open the same file (WAL mode)."""
@@ -221,10 +232,7 @@ class SqliteRegistry:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = open_registry_file(self.path)
         self._migrate()
 
     def _migrate(self) -> None:

@@ -16,6 +16,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.registry import open_registry_file
 from gateway.signin.sessions import UserSession
 
 _SCHEMA = (
@@ -66,10 +67,7 @@ class SessionStore:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = open_registry_file(self.path)  # the same file the device registry uses
         with self._lock:
             for statement in _SCHEMA:
                 self._db.execute(statement)
