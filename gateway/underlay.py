@@ -51,21 +51,23 @@ class UnderlayAddresses:
     """The table, callable as ``underlay_of(tunnel_ip)``.
 
     A lookup that misses (a device that has just shaken hands: its endpoint is new) reads the
-    peer list at once when that has been cheap (under ``sync_budget`` seconds last time, and
-    not more often than every ``min_interval``), so the device's first DNS query is already
-    judged by its real line; on a large interface it only asks the background refresh
-    (``on_miss``) instead of stalling the event loop."""
+    peer list at once, so the device's first DNS query is already judged by its real line --
+    once per address per ``retry_after`` seconds (an address with no endpoint must not cause a
+    read per query), and only while a read has been affordable (under ``sync_budget`` seconds
+    last time: on a very large interface it only asks the background refresh, ``on_miss``,
+    instead of stalling the event loop)."""
 
     def __init__(self, read_peers: Callable[[], Mapping[str, Any]] | None = None,
                  on_change: Callable[[set[str]], None] | None = None, on_miss: Callable[[], None] | None = None,
-                 sync_budget: float = 0.01, min_interval: float = 0.05, clock: Callable[[], float] | None = None):
+                 sync_budget: float = 0.1, retry_after: float = 1.0, clock: Callable[[], float] | None = None):
         import time
         self._table: dict[str, IP] = {}
         self.read_peers = read_peers
         self.on_change = on_change
         self.on_miss = on_miss
         self.sync_budget = sync_budget
-        self.min_interval = min_interval
+        self.retry_after = retry_after
+        self._tried: dict[str, float] = {}   # address -> when a miss last read the peer list
         self._clock = clock or time.monotonic
         self._last_read = -1e9
         self._last_cost = 0.0
@@ -90,9 +92,16 @@ class UnderlayAddresses:
         self._last_read = started
         return self.replace(table)
 
-    def _affordable(self) -> bool:
-        return (self.read_peers is not None and self._last_cost <= self.sync_budget
-                and self._clock() - self._last_read >= self.min_interval)
+    def _affordable(self, addr: str) -> bool:
+        if self.read_peers is None or self._last_cost > self.sync_budget:
+            return False
+        now = self._clock()
+        if now - self._tried.get(addr, -1e9) < self.retry_after:
+            return False
+        if len(self._tried) > 65536:
+            self._tried.clear()
+        self._tried[addr] = now
+        return True
 
     def __call__(self, tunnel_ip: str) -> IP | None:
         addr = tunnel_ip.split("%", 1)[0]
@@ -100,7 +109,7 @@ class UnderlayAddresses:
             addr = addr[7:]
         outer = self._table.get(addr)
         if outer is None:
-            if self._affordable():
+            if self._affordable(addr):
                 try:
                     self.refresh()
                 except Exception:  # the background refresh retries and logs
