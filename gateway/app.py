@@ -300,14 +300,17 @@ class GatewayApp:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
         kind = self.tunnel.ensure(key, cfg.wg_listen_port, cfg.wg_mtu, addresses)
         log.info("tunnel %s up (%s), public key %s, port %d", cfg.wg_interface, kind, key.public_key(), cfg.wg_listen_port)
-        self._apply_reconcile(reconciler.run_once(full=True))
+        self._end_sessions(self._apply_reconcile(reconciler.run_once(full=True)))
         self.ship_audit()  # changes made while the gateway was down
         return reconciler
 
-    def _apply_reconcile(self, report) -> None:
+    def _apply_reconcile(self, report) -> set[str]:
         """Event-loop side of a reconcile pass: update the device directory, then cut every
         live connection whose device lost admission or whose record changed (quarantine,
-        groups, posture), so its next connection is judged by what the registry says now."""
+        groups, posture), so its next connection is judged by what the registry says now.
+        Returns the signed-in devices that lost admission: their sessions are out of the
+        in-memory directory already; the caller ends them in the session store
+        (``_end_sessions``, blocking I/O: not on the event loop)."""
         admitted = [r for r in report.changed if r.device_id in report.admitted_ids]
         if report.full:
             self.directory.replace(admitted)
@@ -319,12 +322,13 @@ class GatewayApp:
             self.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
         self.metrics.peers.set(len(report.admitted_ids))
         changed = {r.device_id: r for r in report.changed}
+        gone: set[str] = set()
         if self.signin is not None:
             # A device that loses admission (revoked, suspended, expired) loses its user session too.
             signed_in = {s.device_id for s in self.signin.directory.all()}
             gone = {d for d in changed if d not in report.admitted_ids and d in signed_in}
-            if gone and self.signin.end_for_devices(gone, "device no longer admitted"):
-                self.ship_audit()
+            for device_id in gone:
+                self.signin.directory.remove(device_id)
         for state in self.connections.all():
             if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
                 continue
@@ -337,6 +341,12 @@ class GatewayApp:
                 self.metrics.connections_cut.inc()
         if self.cluster is not None:
             self.cluster.reconciled(report)
+        return gone
+
+    def _end_sessions(self, device_ids: set[str]) -> None:
+        """Blocking (session store, audit outbox): the sessions of devices that lost admission."""
+        if device_ids and self.signin is not None and self.signin.end_for_devices(device_ids, "device no longer admitted"):
+            self.ship_audit()
 
     def _on_log_record(self, stream: str, line: str) -> None:
         self.metrics.observe_log_record(stream, line)
@@ -379,7 +389,8 @@ class GatewayApp:
                 if poked or full or reconciler.due():
                     with self.metrics.reconcile_seconds.time():
                         report = await asyncio.to_thread(reconciler.run_once, full)
-                    self._apply_reconcile(report)
+                    if gone := self._apply_reconcile(report):
+                        await asyncio.to_thread(self._end_sessions, gone)
                     self.ship_audit()
                     if full:
                         last_full = loop.time()

@@ -56,6 +56,7 @@ class SignInService:
         self._clock = clock
         self._monotonic = monotonic
         self._revision = -1
+        self._ends_pending: dict[str, str] = {}   # device id -> reason: ends the store refused
 
     # -- who is signed in ---------------------------------------------------------------------
     def required_for(self, device: DeviceRecord) -> bool:
@@ -69,13 +70,15 @@ class SignInService:
         from the CLI, a sign-in on another node) or a session expired; returns the ids of the
         devices whose session ended, so their live connections can be cut."""
         now = self._clock()
+        if self._ends_pending:
+            self._retry_pending_ends()
         rev = self.store.revision()
         held = {s.device_id: s for s in self.directory.all()}
         expired = [s for s in held.values() if not s.valid(now)]
         if rev == self._revision and not expired:
             return set()
         self._revision = rev
-        self.directory.replace(self.store.active(now))
+        self.directory.replace(s for s in self.store.active(now) if s.device_id not in self._ends_pending)
         after = {s.device_id: s.session_id for s in self.directory.all()}
         ended = {d for d, s in held.items() if after.get(d) != s.session_id}
         for s in held.values():
@@ -172,14 +175,32 @@ class SignInService:
         return ended[0] if ended else None
 
     def end_for_devices(self, device_ids: Iterable[str], reason: str) -> list[UserSession]:
-        """Sessions end with their device's admission (revocation, suspension, expiry)."""
+        """Sessions end with their device's admission (revocation, suspension, expiry).
+
+        The device leaves the directory at once (in memory: its traffic no longer counts as
+        signed in), whether or not the session store can be written. An end the store
+        refuses (PostgreSQL down, SQLite locked) is kept and retried at every ``refresh``
+        until it is written; meanwhile ``refresh`` keeps the device out of the directory
+        even though the store still lists its session. Never raises for the store: the
+        caller (the reconcile pass) must go on to cut the device's connections."""
         ended: list[UserSession] = []
         for device_id in device_ids:
-            for s in self.store.end(device_id=device_id, reason=reason):
+            self.directory.remove(device_id)
+            try:
+                gone = self.store.end(device_id=device_id, reason=reason)
+            except Exception as exc:  # the store's own errors vary by backend (sqlite3, psycopg)
+                log.warning("session of device %s not ended in the session store (retried): %s", device_id, exc)
+                self._ends_pending[device_id] = reason
+                continue
+            self._ends_pending.pop(device_id, None)
+            for s in gone:
                 ended.append(s)
-                self.directory.remove(device_id)
                 self._auth("session-ended", "success", device_id=device_id, user=s.user, reason=reason)
         return ended
+
+    def _retry_pending_ends(self) -> None:
+        for device_id, reason in list(self._ends_pending.items()):
+            self.end_for_devices([device_id], reason)
 
     # -- log ------------------------------------------------------------------------------------
     def refuse(self, device: DeviceRecord, tunnel_ip: str, reason: str, detail: str, next_url: str | None = None,

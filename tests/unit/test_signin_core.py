@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import itertools
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -708,3 +709,32 @@ def test_user_signout_and_device_revocation_end_sessions(h):
     assert h.service.session_for(dev2) is None and h.store.active() == []
     assert h.sink.actions("user-session-ended")[0]["event.reason"] == "device revoked"
     assert h.service.refresh() == set()   # already out of the directory: not reported twice
+
+
+def test_revocation_while_the_session_store_is_down_ends_the_session_once_it_is_back(h, monkeypatch):
+    # PostgreSQL down (or SQLite locked) when a signed-in device is revoked: the device is
+    # signed out at once in memory, end_for_devices does not raise (the reconcile pass goes on
+    # to cut its connections), refresh keeps it out although the store still lists its
+    # session, and the end is written when the store answers again.
+    dev = device()
+    s = h.sign_in(dev).session
+    h.service.refresh()
+    real_end = h.store.end
+
+    def store_down(**kwargs):
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(h.store, "end", store_down)
+    assert h.service.end_for_devices(["dev-1"], "device revoked") == []
+    assert h.service.session_for(dev) is None
+    assert [x.session_id for x in h.store.active()] == [s.session_id]        # not written yet
+    h.service._revision = -1                                                  # force a reload from the store
+    h.service.refresh()
+    assert h.service.session_for(dev) is None                                 # the stored session is not served
+    assert h.sink.actions("user-session-ended") == []
+    monkeypatch.setattr(h.store, "end", real_end)
+    h.service.refresh()                                                       # the store is back: retried
+    assert h.store.active() == [] and h.store.get(s.session_id).end_reason == "device revoked"
+    (rec,) = h.sink.actions("user-session-ended")
+    assert rec["device.id"] == "dev-1" and rec["event.reason"] == "device revoked"
+    h.service.refresh()
+    assert len(h.sink.actions("user-session-ended")) == 1                     # written and logged once
