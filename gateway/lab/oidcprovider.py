@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote_plus
 
 SOURCE_DIR = Path(__file__).resolve().parent / "oidc"
 DEFAULT_CACHE_DIR = Path("/var/cache/kanmon-lab/oidc")
@@ -86,7 +87,9 @@ TEST_USERS: dict[str, TestUser] = {
 @dataclass(frozen=True)
 class OidcClient:
     client_id: str = "kanmon-gateway"
-    client_secret: str = "kanmon-lab-client-secret"
+    # "+", "/", "=" as in base64-made secrets, and "%41": a relying party that does not
+    # form-encode Basic credentials (RFC 6749 2.3.1) is refused by oidc-provider, which decodes them.
+    client_secret: str = "kanmon-lab+client/secret=%41"
     redirect_uris: tuple[str, ...] = ("https://example.test/cb",)
     token_endpoint_auth_method: str = "client_secret_basic"   # or client_secret_post
     post_logout_redirect_uris: tuple[str, ...] = ()
@@ -316,7 +319,7 @@ class OidcProvider:
                 "redirect_uri": redirect_uri or client.redirect_uris[0]}
         args: list[str] = []
         if client.token_endpoint_auth_method == "client_secret_basic":
-            args += ["-u", f"{client.client_id}:{client.client_secret}"]
+            args += ["-u", f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret)}"]  # RFC 6749 2.3.1
         else:
             form |= {"client_id": client.client_id, "client_secret": client.client_secret}
         for key, value in form.items():

@@ -12,12 +12,14 @@ Blocking I/O (requests): the addon calls ``complete`` in a worker thread.
 
 from __future__ import annotations
 
+import base64
 import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote_plus
 
 import requests
 from authlib.integrations.base_client import BaseApp, OAuth2Mixin, OAuthError, OpenIDMixin
@@ -63,8 +65,24 @@ class _NoFramework:
         return None
 
 
+def _client_secret_basic(client, method, uri, headers, body):
+    """HTTP Basic client authentication as RFC 6749 section 2.3.1 has it: client id and
+    secret form-urlencoded first, then base64. Authlib (1.9) sends them raw, so a secret with
+    "+", "%" or ":" (base64-made secrets often have "+") is read as another secret by an IdP
+    that decodes (oidc-provider, Keycloak), and one outside Latin-1 cannot be sent at all."""
+    text = f"{quote_plus(client.client_id, safe='')}:{quote_plus(client.client_secret, safe='')}"
+    headers["Authorization"] = "Basic " + base64.b64encode(text.encode("ascii")).decode("ascii")
+    return uri, headers, body
+
+
+class _Session(OAuth2Session):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_client_auth_method(("client_secret_basic", _client_secret_basic))
+
+
 class _OidcApp(OAuth2Mixin, OpenIDMixin, BaseApp):
-    client_cls = OAuth2Session
+    client_cls = _Session
 
 
 class OidcRelyingParty:

@@ -12,6 +12,7 @@ reason code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import socket
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import pytest
 from joserfc import jwt
@@ -219,8 +220,25 @@ def test_complete_returns_claims_and_auth_time_and_sends_verifier_and_client_aut
     scheme, _, blob = sent["authorization"].partition(" ")
     assert scheme == "Basic"
     user, _, password = base64.b64decode(blob).decode().partition(":")
-    from urllib.parse import unquote
-    assert (unquote(user), unquote(password)) == (CLIENT_ID, CLIENT_SECRET)
+    assert (unquote_plus(user), unquote_plus(password)) == (CLIENT_ID, CLIENT_SECRET)
+
+
+@pytest.mark.parametrize("client_id, secret", [
+    ("kanmon-gw", "Zm9v+YmFy/YmF6=="),          # base64-made: "+" must not reach the IdP as a space
+    ("kanmon:gw", "100% s:e:c:r:e:t"),           # ":" and "%" in either part, a space
+    ("kanmon-gw", "秘密のパスワード"),              # outside Latin-1: Authlib alone cannot send it
+])
+def test_basic_client_credentials_are_form_encoded_before_base64(idp, client_id, secret):
+    # RFC 6749 2.3.1: an IdP form-decodes both parts after base64; ours must survive it.
+    rp = OidcRelyingParty(dataclasses.replace(settings_for(idp.url), client_id=client_id, client_secret=secret), timeout=5)
+    request = rp.begin()
+    idp.id_token = lambda: idp.sign(idp.claims(request.nonce, aud=client_id))
+    rp.complete("the-code", nonce=request.nonce, code_verifier=request.code_verifier)
+    scheme, _, blob = idp.token_requests[-1]["authorization"].partition(" ")
+    raw = base64.b64decode(blob).decode("ascii")          # nothing but ASCII on the wire
+    user, colon, password = raw.partition(":")
+    assert scheme == "Basic" and colon and ":" not in password
+    assert (unquote_plus(user), unquote_plus(password)) == (client_id, secret)
 
 
 def test_token_without_auth_time_gives_none(idp, rp):
