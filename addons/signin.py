@@ -156,7 +156,7 @@ class SignInGate:
             if session is not None:
                 return _page(200, pages.signed_in_page(user=session.user, device_id=device.device_id,
                                                        expires_at=session.expires_at or now, mfa=session.mfa,
-                                                       next_url=next_url))
+                                                       next_url=next_url, session_id=session.session_id))
             return _page(200, pages.signin_required_page(portal_host=self.portal, next_url=next_url,
                                                          device_id=device.device_id, contact=self.contact))
         if path == "/start":
@@ -177,10 +177,18 @@ class SignInGate:
                 return _redirect(outcome.next_url, RULE_SIGNIN_PORTAL)
             s = outcome.session
             return _page(200, pages.signed_in_page(user=s.user, device_id=device.device_id,
-                                                   expires_at=s.expires_at or now, mfa=s.mfa, next_url=None))
+                                                   expires_at=s.expires_at or now, mfa=s.mfa, next_url=None,
+                                                   session_id=s.session_id))
         if path == "/signout":
-            self.service.sign_out_device(device, state.peer_ip)
-            return _page(200, pages.signin_required_page(portal_host=self.portal, next_url=None,
-                                                         device_id=device.device_id, contact=self.contact))
+            # Only the form on the device's own signed-in page signs out: a POST carrying that
+            # session's token. A link or another site's form (GET, or no/wrong token) changes
+            # nothing and gets the portal page.
+            session = self.service.session_for(device, now)
+            if flow.request.method == "POST" and session is not None \
+                    and query.get("session") == pages.signout_token(session.session_id):
+                self.service.sign_out_device(device, state.peer_ip)
+                return _page(200, pages.signin_required_page(portal_host=self.portal, next_url=None,
+                                                             device_id=device.device_id, contact=self.contact))
+            return _redirect(f"https://{self.portal}/", RULE_SIGNIN_PORTAL)
         return _page(404, pages.signin_required_page(portal_host=self.portal, next_url=None,
                                                      device_id=device.device_id, contact=self.contact))

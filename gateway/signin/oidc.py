@@ -116,9 +116,14 @@ class OidcRelyingParty:
         return md
 
     # -- step 1: send the browser to the IdP ------------------------------------------------
-    def begin(self) -> AuthorizationRequest:
+    def begin(self, *, force_login: bool = False) -> AuthorizationRequest:
+        """``force_login``: the IdP must authenticate the user again even if its own session
+        is still open (``prompt=login`` and ``max_age=0``, OIDC Core 3.1.2.1), as on a shared
+        device, where the previous user's IdP session must not sign the next one in. The
+        caller checks the returned ``auth_time`` (``prompt`` alone cannot be verified)."""
         self.metadata()
-        rv = self._app.create_authorization_url(redirect_uri=self.settings.redirect_uri)
+        extra = {"prompt": "login", "max_age": "0"} if force_login else {}
+        rv = self._app.create_authorization_url(redirect_uri=self.settings.redirect_uri, **extra)
         return AuthorizationRequest(url=rv["url"], state=rv["state"], nonce=rv["nonce"],
                                     code_verifier=rv["code_verifier"])
 

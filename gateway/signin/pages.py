@@ -3,6 +3,7 @@ external resources: before sign-in almost nothing is reachable)."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import quote
@@ -15,7 +16,8 @@ main { max-width: 40rem; margin: 2rem auto; background: #fff; padding: 1.5rem 2r
 main.refused { border-top-color: #b00020; }
 h1 { font-size: 1.4rem; margin: 0 0 .5rem; }
 h2 { font-size: 1.1rem; margin: 1.5rem 0 .5rem; color: #555; }
-a.button { display: inline-block; margin: 1rem 0; padding: .6rem 1.2rem; background: #1a5fb4; color: #fff;
+button.button { font: inherit; border: 0; cursor: pointer; }
+a.button, button.button { display: inline-block; margin: 1rem 0; padding: .6rem 1.2rem; background: #1a5fb4; color: #fff;
            text-decoration: none; border-radius: 4px; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1rem; }
 dt { font-weight: bold; }
@@ -59,13 +61,27 @@ def signin_required_page(*, portal_host: str, next_url: str | None, device_id: s
 </dl>""")
 
 
-def signed_in_page(*, user: str, device_id: str, expires_at: datetime, mfa: bool, next_url: str | None) -> str:
+def signout_token(session_id: str) -> str:
+    """What the sign-out form must send back: derived from the session id, which only the
+    device's own portal page shows (another site's page cannot read it, so it cannot sign
+    the user out with a forged form)."""
+    return hashlib.sha256(f"kanmon-signout:{session_id}".encode()).hexdigest()[:32]
+
+
+def signed_in_page(*, user: str, device_id: str, expires_at: datetime, mfa: bool, next_url: str | None,
+                   session_id: str | None = None) -> str:
     e = html.escape
     cont = f'<a class="button" id="continue" href="{e(next_url)}">続ける / Continue</a>' if next_url else ""
+    signout = (f'<form method="post" action="/signout?session={signout_token(session_id)}">'
+               f'<button class="button" id="signout" type="submit">サインアウト / Sign out</button></form>'
+               if session_id else "")
     return _page("サインインしました / Signed in", f"""
-<section lang="ja" id="ja"><h1>サインインしました</h1></section>
-<section lang="en" id="en"><h2>You are signed in</h2></section>
+<section lang="ja" id="ja"><h1>サインインしました</h1>
+<p>共用端末を使い終えたら、必ずサインアウトしてください。</p></section>
+<section lang="en" id="en"><h2>You are signed in</h2>
+<p>Sign out when you are done with a shared device.</p></section>
 {cont}
+{signout}
 <dl>
 <dt>利用者 / User</dt><dd id="user">{e(user)}</dd>
 <dt>端末 / Device</dt><dd id="device">{e(device_id)}</dd>
@@ -85,6 +101,8 @@ REFUSAL_TEXT = {
     "idp-error": ("認証基盤(IdP)がサインインを中止しました。", "The identity provider stopped the sign-in."),
     "session-store-unavailable": ("サインインを記録できませんでした。しばらくしてからやり直してください。",
                                   "The sign-in could not be recorded. Try again later."),
+    "reauthentication-missing": ("共用端末では、毎回パスワードを入力してサインインする必要があります。もう一度サインインしてください。",
+                                 "On a shared device you must enter your password at every sign-in. Sign in again."),
     "token-expired": ("認証情報の有効期限が切れています。端末の時刻を確認してやり直してください。",
                       "The sign-in token has expired. Check the clock and try again."),
 }

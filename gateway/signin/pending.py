@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class PendingSignIn:
     tunnel_ip: str
     next_url: str | None
     started: float  # monotonic seconds
+    # The IdP was asked to authenticate the user again (shared device): the wall-clock time
+    # the ID token's auth_time must not be older than (less the clock skew). None: not asked.
+    fresh_since: datetime | None = None
 
 
 class PendingRefused(Exception):

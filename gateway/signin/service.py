@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from gateway.registry import DeviceRecord
@@ -62,6 +62,10 @@ class SignInService:
     def required_for(self, device: DeviceRecord) -> bool:
         return not (device.groups & set(self.settings.exempt_groups))
 
+    def is_shared(self, device: DeviceRecord) -> bool:
+        """A pool device (``shared_groups``): any user may sign in on it, one after another."""
+        return bool(device.groups & set(self.settings.shared_groups))
+
     def session_for(self, device: DeviceRecord, now: datetime | None = None) -> UserSession | None:
         return self.directory.for_device(device.device_id, _addresses(device), now or self._clock())
 
@@ -102,9 +106,11 @@ class SignInService:
         """The IdP URL to send this device's browser to. Raises ``SignInRefused`` when the
         IdP cannot be reached (discovery)."""
         tunnel_ip = canonical_ip(tunnel_ip)  # the peer address as the proxy saw it (maybe ::ffff:a.b.c.d)
-        request = await asyncio.to_thread(self.rp.begin)
+        force_login = self.settings.reauthenticate_shared and self.is_shared(device)
+        request = await asyncio.to_thread(self.rp.begin, force_login=force_login)
         self.pending.add(PendingSignIn(request.state, request.nonce, request.code_verifier, device.device_id,
-                                       tunnel_ip, next_url, self._monotonic()))
+                                       tunnel_ip, next_url, self._monotonic(),
+                                       fresh_since=self._clock() if force_login else None))
         self._auth("signin-start", "success", device_id=device.device_id, source_ip=tunnel_ip,
                    reason="sent to the identity provider")
         return request.url
@@ -137,7 +143,13 @@ class SignInService:
         now = self._clock()
         session = session_from_claims(claims, device_id=device.device_id, tunnel_ip=tunnel_ip,
                                       settings=self.settings, now=now, auth_time=auth_time)
-        shared = bool(device.groups & set(self.settings.shared_groups))
+        if pending.fresh_since is not None and (
+                auth_time is None or auth_time < pending.fresh_since - timedelta(seconds=self.settings.clock_skew_seconds)):
+            # asked for a new login (shared device), got an old IdP session's token
+            return self.refuse(device, tunnel_ip, "reauthentication-missing",
+                               f"auth_time {auth_time.isoformat() if auth_time else 'absent'} is before the sign-in "
+                               f"started ({pending.fresh_since.isoformat()})", pending.next_url, user=session.user)
+        shared = self.is_shared(device)
         if self.settings.require_owner_match and not shared and not owner_matches(device.owner, session.user,
                                                                                     session.email):
             return self.refuse(device, tunnel_ip, "owner-mismatch",

@@ -9,6 +9,7 @@
       allow_before_signin: [login.example.lg.jp, mdm.example.lg.jp, .apple.com]
       mfa_amr: [otp, mfa, hwk, swk]
       shared_groups: [shared-pool]
+      reauthenticate_shared: true    # on shared devices the IdP asks for the password every time
 
 Durations accept ``s``/``m``/``h``/``d`` suffixes or plain seconds.
 """
@@ -47,6 +48,7 @@ SIGNIN_SCHEMA: dict[str, Any] = {
         "exempt_groups": {"type": "array", "items": _STR},
         "shared_groups": {"type": "array", "items": _STR},
         "require_owner_match": {"type": "boolean"},
+        "reauthenticate_shared": {"type": "boolean"},
     },
 }
 
@@ -84,6 +86,9 @@ class SignInSettings:
     exempt_groups: tuple[str, ...] = ()         # device groups that never need a user sign-in
     shared_groups: tuple[str, ...] = ()         # pool devices: any user may sign in on them
     require_owner_match: bool = True
+    # On a shared device the IdP's own session cookie in the browser outlives the gateway
+    # session: without a forced login the next person would be signed in as the previous one.
+    reauthenticate_shared: bool = True
 
     @property
     def redirect_uri(self) -> str:
@@ -171,4 +176,5 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
         exempt_groups=tuple(section.get("exempt_groups", ())),
         shared_groups=tuple(section.get("shared_groups", ())),
         require_owner_match=bool(section.get("require_owner_match", True)),
+        reauthenticate_shared=bool(section.get("reauthenticate_shared", True)),
     )

@@ -320,6 +320,35 @@ def test_expired_session_redirects_again(slab):
     wait_until(lambda: _auth(slab, "user-session-expired", "pool-tablet"), 5, "the session-expired auth record")
 
 
+def test_shared_device_hand_over_signs_out_and_the_idp_asks_the_next_user_to_log_in(slab):
+    # One browser on the pool tablet, as at a counter: bob signs in, presses the portal's
+    # sign-out button, carol signs in. The IdP still holds bob's session cookie in this
+    # browser; the gateway asks for a new login (prompt=login, max_age=0), so the IdP shows
+    # its login form again (the steps fill it: with single sign-on they would time out).
+    dev = slab.devices[1]
+    for user in ("bob", "carol"):
+        _signout(slab, user)
+    steps = _signin_steps("bob") + [
+        {"action": "goto", "url": f"https://{PORTAL}/"},
+        {"action": "text", "selector": "#user"},
+        {"action": "click", "selector": "#signout"},
+        {"action": "text", "selector": "#signin-link"},
+    ] + _signin_steps("carol")
+    result = run_browser(dev, steps, timeout=180)
+    assert result["ok"], result
+    texts = [s.get("value") for s in result["steps"] if s.get("action") == "text"]
+    assert "bob" in texts
+    active = [s for s in _sessions(slab, "carol") if s["ended_at"] is None and s["device_id"] == "pool-tablet"]
+    assert active, _sessions(slab, "carol", ended_too=True)
+    bob = [s for s in _sessions(slab, "bob", ended_too=True) if s["device_id"] == "pool-tablet"][-1]
+    assert bob["ended_at"] is not None and bob["end_reason"] == "signed out by the user"
+    assert _auth(slab, "user-signout", "pool-tablet")[-1]["user.name"] == "bob"
+    carol_in = [r for r in _auth(slab, "user-signin", "pool-tablet") if r["event.outcome"] == "success"][-1]
+    assert carol_in["user.name"] == "carol"
+    assert _code(_curl(dev, "https://example.test/")) == "200"
+    _signout(slab, "carol")     # the next tests start with the tablet signed out
+
+
 def test_revoking_the_device_ends_its_session(slab):
     dev = slab.devices[1]
     _signout(slab, "bob")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -49,7 +50,7 @@ class StubRP:
                        "email": "alice@example.jp", "amr": ["pwd", "otp"], "groups": ["staff"]}
         self.count = 0
 
-    def begin(self) -> AuthorizationRequest:
+    def begin(self, *, force_login: bool = False) -> AuthorizationRequest:
         if self.down:
             raise SignInRefused("idp-unreachable", "connection refused")
         self.count += 1
@@ -300,3 +301,32 @@ def test_a_session_store_failure_refuses_the_sign_in_with_a_reason(chain, monkey
     assert chain.sink.auth()[-1]["kanmon.auth.reason"] == "session-store-unavailable"
     after = chain.request("http://example.jp/", client=client)
     assert after.response.status_code == 302   # still not signed in
+
+
+def _signed_in(chain, client):
+    chain.request(f"https://{PORTAL}/start", client=client)
+    done = chain.request(f"https://{PORTAL}/callback?code=abc&state=state-{chain.rp.count}", client=client)
+    assert done.response.status_code == 200 and "サインインしました" in done.response.get_text()
+    return done.response.get_text()
+
+
+def test_the_sign_out_button_signs_out_only_with_its_own_session_token(chain):
+    client = chain.client()
+    page = _signed_in(chain, client)
+    action = re.search(r'<form method="post" action="(/signout\?session=[0-9a-f]{32})">', page).group(1)
+    assert 'id="signout"' in page and "サインアウト" in page and "Sign out" in page
+    # a link (GET) or another site's form (no token, a wrong one) changes nothing
+    for method, path in (("GET", action), ("POST", "/signout"), ("POST", "/signout?session=" + "0" * 32)):
+        r = chain.request(f"https://{PORTAL}{path}", client=client, method=method)
+        assert r.response.status_code == 302 and r.response.headers["Location"] == f"https://{PORTAL}/"
+        assert chain.service.session_for(ALICE_PHONE) is not None, (method, path)
+    out = chain.request(f"https://{PORTAL}{action}", client=client, method="POST")
+    assert out.response.status_code == 200 and "サインインが必要です" in out.response.get_text()
+    assert chain.service.session_for(ALICE_PHONE) is None
+    assert [r["user.name"] for r in chain.sink.auth() if r["event.action"] == "user-signout"] == ["alice"]
+    blocked = chain.request("http://example.jp/news", client=client)
+    assert blocked.response.status_code == 302      # back to the portal
+    # the old form cannot end the next session
+    _signed_in(chain, client)
+    again = chain.request(f"https://{PORTAL}{action}", client=client, method="POST")
+    assert again.response.status_code == 302 and chain.service.session_for(ALICE_PHONE) is not None

@@ -375,8 +375,12 @@ signin:
   exempt_groups: [kiosk]
   shared_groups: [shared-pool]
   require_owner_match: false
+  reauthenticate_shared: false
 """)
     s = load_config_text(text, "k.yaml").signin
+    assert not s.reauthenticate_shared
+    default = config("signin:\n  issuer: https://idp.example\n  client_id: c\n  client_secret: x\n")
+    assert load_config_text(default, "k.yaml").signin.reauthenticate_shared
     assert s.issuer == "https://login.example.lg.jp/realms/staff"
     assert s.discovery_url == "https://login.example.lg.jp/realms/staff/.well-known/openid-configuration"
     assert s.client_secret == "from-a-file"
@@ -485,8 +489,10 @@ class StubRP:
         self.auth_time: datetime | None = T0 - timedelta(seconds=20)
         self.error: Exception | None = None
         self.completed: list[tuple[str, str, str]] = []
+        self.forced: list[bool] = []
 
-    def begin(self) -> AuthorizationRequest:
+    def begin(self, *, force_login: bool = False) -> AuthorizationRequest:
+        self.forced.append(force_login)
         i = next(self.counter)
         return AuthorizationRequest(url=f"https://idp.example/authorize?state=st-{i}", state=f"st-{i}",
                                     nonce=f"nonce-{i}", code_verifier=f"verifier-{i}".ljust(43, "x"))
@@ -641,6 +647,38 @@ def test_owner_mismatch_is_refused_unless_the_device_is_shared(registry_file):
     assert h.sign_in(pool).session.user == "tanaka"
     by_mail = device("dev-5", owner="tanaka@example.lg.jp", n=5)
     assert h.sign_in(by_mail).session is not None
+
+
+def test_shared_devices_make_the_idp_authenticate_again_and_prove_it(registry_file):
+    # On a pool device the previous user's IdP session must not sign the next user in: the
+    # IdP is asked for a new login and the token's auth_time must be from this sign-in.
+    h = Harness(registry_file, shared_groups=("shared-pool",))
+    pool = device("dev-9", owner="pool", groups=("shared-pool",), n=9)
+    h.rp.auth_time = T0 - timedelta(seconds=h.settings.clock_skew_seconds - 1)    # within the skew: fresh
+    assert h.sign_in(pool).session.user == "tanaka" and h.rp.forced == [True]
+    h.service.sign_out_device(pool, "10.77.0.9")
+    h.clock.advance(minutes=5)
+    h.rp.auth_time = T0                                   # the IdP reused its 5-minute-old session
+    h.sink.records.clear()
+    outcome = h.sign_in(pool)
+    assert outcome.session is None and outcome.reason == "reauthentication-missing"
+    (rec,) = h.sink.actions("user-signin", "failure")
+    assert rec["kanmon.auth.reason"] == "reauthentication-missing" and rec["user.name"] == "tanaka"
+    assert h.service.session_for(pool) is None and h.store.active() == []
+    h.rp.auth_time = None                                 # no auth_time at all: cannot be proven
+    assert h.sign_in(pool).reason == "reauthentication-missing" and h.store.active() == []
+    h.rp.auth_time = h.clock() + timedelta(seconds=2)
+    assert h.sign_in(pool).session is not None
+    # a personal device keeps the IdP's single sign-on
+    h.rp.auth_time = T0 - timedelta(days=1)
+    assert h.sign_in(device()).session is not None and h.rp.forced[-1] is False
+
+
+def test_forced_login_on_shared_devices_can_be_switched_off(registry_file):
+    h = Harness(registry_file, shared_groups=("shared-pool",), reauthenticate_shared=False)
+    h.rp.auth_time = T0 - timedelta(days=1)
+    assert h.sign_in(device("dev-9", owner="pool", groups=("shared-pool",), n=9)).session is not None
+    assert h.rp.forced == [False]
 
 
 def test_owner_match_can_be_switched_off(registry_file):

@@ -195,6 +195,13 @@ def test_begin_sends_the_browser_with_pkce_state_nonce_and_redirect(idp, rp):
     assert idp.discovery_fetches == 1
 
 
+def test_forced_login_asks_the_idp_for_a_new_authentication(idp, rp):
+    plain = {k: v[0] for k, v in parse_qs(urlsplit(rp.begin().url).query).items()}
+    assert "prompt" not in plain and "max_age" not in plain          # personal devices keep the IdP's SSO
+    forced = {k: v[0] for k, v in parse_qs(urlsplit(rp.begin(force_login=True).url).query).items()}
+    assert forced["prompt"] == "login" and forced["max_age"] == "0" and forced["code_challenge_method"] == "S256"
+
+
 # -- step 2: a good token ------------------------------------------------------------------------
 
 def test_complete_returns_claims_and_auth_time_and_sends_verifier_and_client_auth(idp, rp):
