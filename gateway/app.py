@@ -39,6 +39,7 @@ from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
+from gateway.gatewayprocess import write_applied
 from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
@@ -103,6 +104,7 @@ class GatewayApp:
         self.policy: PolicyHolder | None = None
         self._reload_lock = asyncio.Lock()
         self._reconcile_now = asyncio.Event()
+        self._applied_revision: int | None = None   # the revision last written for waiting commands
         self.enrollment: EnrollmentServer | None = None
         self.alerts: AlertDispatcher | None = None
         self._log_alert_sent: dict[str, float] = {}
@@ -300,7 +302,9 @@ class GatewayApp:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
         kind = self.tunnel.ensure(key, cfg.wg_listen_port, cfg.wg_mtu, addresses)
         log.info("tunnel %s up (%s), public key %s, port %d", cfg.wg_interface, kind, key.public_key(), cfg.wg_listen_port)
-        self._end_sessions(self._apply_reconcile(reconciler.run_once(full=True)))
+        report = reconciler.run_once(full=True)
+        self._end_sessions(self._apply_reconcile(report))
+        self._confirm_applied(report.revision)
         self.ship_audit()  # changes made while the gateway was down
         return reconciler
 
@@ -342,6 +346,17 @@ class GatewayApp:
         if self.cluster is not None:
             self.cluster.reconciled(report)
         return gone
+
+    def _confirm_applied(self, revision: int) -> None:
+        """Tell waiting operator commands (``kanmon device revoke`` ...) that this registry
+        revision is enforced: peers, drop set and live connections are done."""
+        if revision != self._applied_revision:
+            try:
+                write_applied(self.cfg.applied_status_path, revision)
+            except OSError as exc:  # the commands then time out and say so; enforcement is unaffected
+                log.warning("could not write %s: %s", self.cfg.applied_status_path, exc)
+                return
+            self._applied_revision = revision
 
     def _end_sessions(self, device_ids: set[str]) -> None:
         """Blocking (session store, audit outbox): the sessions of devices that lost admission."""
@@ -391,6 +406,7 @@ class GatewayApp:
                         report = await asyncio.to_thread(reconciler.run_once, full)
                     if gone := self._apply_reconcile(report):
                         await asyncio.to_thread(self._end_sessions, gone)
+                    self._confirm_applied(report.revision)
                     self.ship_audit()
                     if full:
                         last_full = loop.time()

@@ -299,6 +299,11 @@ class GatewayConfig:
         return self.state_dir / "policy-status.json"
 
     @property
+    def applied_status_path(self) -> Path:
+        """The registry revision the running gateway has enforced (gatewayprocess.write_applied)."""
+        return self.state_dir / "applied-revision.json"
+
+    @property
     def pid_path(self) -> Path:
         return self.state_dir / "kanmon.pid"
 

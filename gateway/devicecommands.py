@@ -20,13 +20,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
-from gateway.gatewayprocess import poke_reconcile
+from gateway.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
 from gateway.registry import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError,
                               record_as_dict)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+APPLY_CONFIRM_SECONDS = 3.0   # how long a registry change waits for the running gateway to confirm it
 
 
 def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
@@ -554,12 +555,29 @@ def _then_apply_now(handler):
                        "Nothing was changed.").format(e=exc).render(), file=sys.stderr)
             return EXIT_FAIL
         if code in (EXIT_OK, EXIT_FAIL):  # import-posture: 1 = partly applied
-            from gateway.cli import load_config_or_exit
-
-            poke_reconcile(load_config_or_exit(args.config).pid_path)
+            _apply_now(args)
         return code
     run.__name__ = handler.__name__
     return run
+
+
+def _apply_now(args: argparse.Namespace) -> None:
+    """Ask the running gateway to apply the change at once, and return only when it has
+    (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
+    No gateway running here: it applies the change when it starts (or another node's does)."""
+    from gateway.cli import load_config_or_exit
+
+    cfg = load_config_or_exit(args.config)
+    if not poke_reconcile(cfg.pid_path):
+        return
+    registry, _ = _registry(args)
+    target = registry.revision()
+    if wait_applied(cfg.applied_status_path, target, APPLY_CONFIRM_SECONDS) is None:
+        print(Text("注意: 稼働中のゲートウェイが {s} 秒以内に変更の反映を確認しませんでした。登録は完了しており、"
+                   "ゲートウェイは反映を続けます。`kanmon device show` とゲートウェイのログを確認してください。",
+                   "warning: the running gateway did not confirm the change within {s} s. The registry has it and "
+                   "the gateway will still apply it; check `kanmon device show` and the gateway's log.")
+              .format(s=APPLY_CONFIRM_SECONDS).render(), file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -73,8 +73,10 @@ def test_revoke_kills_the_download_within_100ms(make_lab):
         proc = subprocess.Popen(dev.ns.cmd(sys.executable, "-c", DOWNLOAD, WEB4), stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "flowing", "the download must be running before the revoke"
         started = time.time()
-        lab.kanmon("device", "revoke", device_id, "--reason", "lost", "--config", str(lab.config_path))
+        out = lab.kanmon("device", "revoke", device_id, "--reason", "lost", "--config", str(lab.config_path))
         returned = time.time()
+        # the command returned because the gateway confirmed the revocation, not on a timeout
+        assert "did not confirm" not in out.stderr and "確認しませんでした" not in out.stderr, out.stderr
         outcome = json.loads(proc.communicate(timeout=30)[0].strip().splitlines()[-1])
         # Negative: the download was already dead when the command returned.
         latencies.append((outcome["last_data"] - returned) * 1000)
