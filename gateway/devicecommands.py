@@ -570,8 +570,12 @@ def _apply_now(args: argparse.Namespace) -> None:
     cfg = load_config_or_exit(args.config)
     if not poke_reconcile(cfg.pid_path):
         return
-    registry, _ = _registry(args)
-    target = registry.revision()
+    try:
+        target = _registry(args)[0].revision()
+    except Exception as exc:  # any backend error (sqlite3, psycopg): the change is in, only the wait is skipped
+        print(Text("注意: 反映の確認をしていません({e})", "warning: not waiting for the gateway's confirmation ({e})")
+              .format(e=exc).render(), file=sys.stderr)
+        return
     if wait_applied(cfg.applied_status_path, target, APPLY_CONFIRM_SECONDS) is None:
         print(Text("注意: 稼働中のゲートウェイが {s} 秒以内に変更の反映を確認しませんでした。登録は完了しており、"
                    "ゲートウェイは反映を続けます。`kanmon device show` とゲートウェイのログを確認してください。",
