@@ -17,8 +17,9 @@ descriptors are sampled. At the end:
 - the flow table (the gateway's live ConnectionState objects) at the start, early, late and after the load,
   from the gateway's opt-in memory reports (gateway/diagnostics.py, SIGUSR2).
 
-With --tracemalloc the gateway also traces allocations; the reports (start, early, late, after
-the load: top sites, growth since the start) are copied to --reports-dir. Tracing costs CPU
+The gateway's memory reports (start, early, late, after the load: watched object counts, glibc's
+in-use and free-but-held totals, which also go into the JSON) are copied to --reports-dir. With
+--tracemalloc the gateway also traces allocations (top sites, growth since the start). Tracing costs CPU
 and memory, so its RSS figures are not comparable with a run without it.
 
 Prints a table, writes bench/results/soak.json, exits 1 if an invariant fails (the CI test
@@ -43,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.diagnostics import parse_type_counts  # noqa: E402
+from gateway.diagnostics import parse_allocator, parse_type_counts  # noqa: E402
 from gateway.lab.topology import Lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -161,8 +162,18 @@ def main() -> int:
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace the gateway's allocations and keep its memory reports (slower; RSS not comparable)")
     ap.add_argument("--reports-dir", default=str(RESULTS / "soak-memory"),
-                    help="where --tracemalloc's memory reports are copied")
+                    help="where the gateway's memory reports (start, early, late, after) are copied")
+    ap.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the gateway, e.g. KANMON_MALLOC_TRIM_SECONDS=30 (repeatable)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the lab's directory (logs, state) after the run")
     args = ap.parse_args()
+
+    extra_env = {}
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            ap.error(f"--gateway-env wants NAME=VALUE, not {item!r}")
+        extra_env[name] = value
 
     workdir = Path(tempfile.mkdtemp(prefix="kanmon-soak-"))
     lab = Lab(workdir, n_devices=0, mail=args.mail)
@@ -183,6 +194,8 @@ def main() -> int:
         gw_env = {"KANMON_DIAGNOSTICS": "1", "KANMON_DIAGNOSTICS_DIR": str(lab.state_dir)}
         if args.tracemalloc:
             gw_env["KANMON_TRACEMALLOC"] = "1"
+        gw_env.update(extra_env)
+        report["gateway_env"] = {k: v for k, v in gw_env.items() if not k.startswith("KANMON_DIAGNOSTICS")}
         lab.start_gateway(timeout=120, env=gw_env)
         for dev in lab.devices:
             lab.wait_for_peer(dev, timeout=30)
@@ -213,11 +226,13 @@ def main() -> int:
         rss1, fds1 = sample(pid)
         reports.append(("after", memory_report(lab, pid, len(reports) + 1)))
         flows = {f"flows_{name}": parse_type_counts(text).get(FLOW_TYPE, 0) for name, text in reports}
-        if args.tracemalloc:
-            out_dir = Path(args.reports_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for number, (name, _) in enumerate(reports, 1):
-                shutil.copy(lab.state_dir / f"memory-{number}.txt", out_dir / f"memory-{number}-{name}.txt")
+        # glibc's totals at each report: live allocations vs freed-but-held memory tell a leak
+        # (in use grows) from fragmentation or a high-water mark (free-but-held grows)
+        allocator = {f"allocator_{name}": parse_allocator(text) for name, text in reports}
+        out_dir = Path(args.reports_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for number, (name, _) in enumerate(reports, 1):
+            shutil.copy(lab.state_dir / f"memory-{number}.txt", out_dir / f"memory-{number}-{name}.txt")
 
         web = [w for o in outputs for w in o.get("web", [])]
         blocked = [b for o in outputs for b in o.get("blocked", [])]
@@ -244,10 +259,13 @@ def main() -> int:
             **rss_shape(samples, args.seconds / 5),
             "tracemalloc": args.tracemalloc,
             **flows,
+            **allocator,
             "fds_start": fds0, "fds_peak": max(s[2] for s in samples) if samples else None, "fds_end": fds1,
         })
     finally:
         lab.teardown()
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)   # keys, logs, mail spool: hundreds of MB after an hour
 
     failures = []
     if report["wrong_verdicts"]:

@@ -34,7 +34,7 @@ from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
-from gateway import diagnostics, steering
+from gateway import diagnostics, heaptrim, steering
 from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
@@ -489,6 +489,10 @@ class GatewayApp:
         loop.add_signal_handler(signal.SIGUSR1, self._reconcile_now.set)
         diagnostics.install(loop, self.cfg.state_dir)  # opt-in memory reports on SIGUSR2 (env, see module)
         try:
+            trim_every = heaptrim.interval_from_env()  # opt-in periodic malloc_trim (env, see module)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        try:
             reconciler = await asyncio.to_thread(self.prepare_host)
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
             if self.fatal_reason:
@@ -508,6 +512,8 @@ class GatewayApp:
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
             underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay") if self.policy is not None else None
+            trim = heaptrim.load_malloc_trim() if trim_every else None
+            trim_task = asyncio.create_task(heaptrim.trim_loop(trim_every, trim), name="heap-trim") if trim else None
             if self.cluster is not None:
                 self.cluster.start(asyncio.get_running_loop())
             self.cfg.pid_path.write_text(f"{os.getpid()}\n")
@@ -519,8 +525,9 @@ class GatewayApp:
             self.master.shutdown()
             reconcile_task.cancel()
             rotation_task.cancel()
-            if underlay_task is not None:
-                underlay_task.cancel()
+            for task in (underlay_task, trim_task):
+                if task is not None:
+                    task.cancel()
             await asyncio.wait({run_task}, timeout=5)
             return 1 if self.fatal_reason else 0
         finally:

@@ -145,6 +145,29 @@ def parse_type_counts(report: str) -> dict[str, int]:
     return counts
 
 
+def parse_allocator(report: str) -> dict[str, float]:
+    """The ``[allocator]`` section of a report back as numbers (for bench scripts):
+    ``python_blocks`` and, on glibc, ``glibc_in_use_mib``, ``glibc_free_held_mib``,
+    ``glibc_mmapped_mib``, ``glibc_heap_mib``. Missing or unreadable lines are left out."""
+    out: dict[str, float] = {}
+    for line in report.splitlines():
+        if line.startswith("python: ") and line.endswith(" allocated blocks"):
+            number = line[len("python: "):-len(" allocated blocks")]
+            if number.isdigit():
+                out["python_blocks"] = int(number)
+        elif line.startswith("glibc: ") and "MiB" in line:
+            for part in line[len("glibc: "):].split(", "):
+                value, _, what = part.partition(" MiB ")
+                key = {"in use": "in_use", "free but held": "free_held", "mmapped": "mmapped",
+                       "in arenas": "heap"}.get(what)
+                try:
+                    if key is not None:
+                        out[f"glibc_{key}_mib"] = float(value)
+                except ValueError:
+                    continue
+    return out
+
+
 class MemoryReporter:
     """Writes numbered reports; the first tracemalloc snapshot is the growth baseline."""
 

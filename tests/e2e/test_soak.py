@@ -26,7 +26,8 @@ def test_soak_50_devices_mixed_traffic():
         pytest.fail("mail servers missing for the soak: " + ", ".join(mail_prerequisites()))
     out = ARTIFACTS / "soak.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--devices", "50", "--seconds", "60", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--devices", "50", "--seconds", "60", "--out", str(out),
+           "--reports-dir", str(ARTIFACTS / "soak-memory")]
     result = subprocess.run(cmd + (["--mail"] if mail else []), capture_output=True, text=True, timeout=900)
     print(result.stdout[-3000:])
     report = json.loads(out.read_text())
@@ -34,5 +35,6 @@ def test_soak_50_devices_mixed_traffic():
     assert report["web_ok"] > 50 * 20 and report["blocked_requests"] > 50 * 20   # every device kept going
     assert report["wrong_verdicts"] == 0 and report["lost_log_records"] == 0
     assert report["fds_end"] <= report["fds_start"] + 20
+    assert report["allocator_after"].get("python_blocks", 0) > 0      # the memory reports were read
     if mail:
         assert report["mail_sessions_ok"] > 0 and report["mail_sessions_bad"] == 0

@@ -170,3 +170,16 @@ def test_allocator_section_shows_glibc_bytes_in_use_and_free(tmp_path):
 
 def test_allocator_section_without_glibc():
     assert diagnostics.format_malloc_stats(None, 12) == ["python: 12 allocated blocks", "glibc: mallinfo2 not available"]
+
+
+def test_allocator_section_parses_back_for_the_soak_report():
+    stats = {"in_use": 36 * 2**20, "free_held": int(3.5 * 2**20), "mmapped": 2 * 2**20, "heap": int(39.5 * 2**20)}
+    text = "\n".join(["[allocator]", *diagnostics.format_malloc_stats(stats, 1073905), "", "[objects]", "  12  dict"])
+    assert diagnostics.parse_allocator(text) == {
+        "python_blocks": 1073905, "glibc_in_use_mib": 36.0, "glibc_free_held_mib": 3.5,
+        "glibc_mmapped_mib": 2.0, "glibc_heap_mib": 39.5}
+    bare = "\n".join(diagnostics.format_malloc_stats(None, 7))
+    assert diagnostics.parse_allocator(bare) == {"python_blocks": 7}
+    # a damaged report gives what can be read, never an exception
+    assert diagnostics.parse_allocator("python: many allocated blocks\nglibc: x MiB in use, 2.0 MiB mmapped") == {
+        "glibc_mmapped_mib": 2.0}
