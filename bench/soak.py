@@ -205,13 +205,26 @@ def main() -> int:
         rss0, fds0 = sample(pid)
         reports: list[tuple[str, str]] = [("start", memory_report(lab, pid, 1))]   # before any load
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        workers = [subprocess.Popen(d.ns.cmd(sys.executable, "-c", WORKER, d.device_id, str(args.seconds)),
-                                    stdout=subprocess.PIPE, text=True, env=env) for d in lab.devices]
+        # Each worker writes its result (every request it made: megabytes after an hour) to a
+        # file: into a pipe nobody reads until the end it blocked at 64 KiB and the hour's
+        # run never finished.
+        results_dir = workdir / "worker-results"
+        results_dir.mkdir()
+        result_files = []
+
+        def start_worker(cmd: list[str], name: str, **kw) -> subprocess.Popen:
+            path = results_dir / f"{name}.json"
+            result_files.append(path)
+            with open(path, "w") as out:
+                return subprocess.Popen(cmd, stdout=out, text=True, **kw)
+
+        workers = [start_worker(d.ns.cmd(sys.executable, "-c", WORKER, d.device_id, str(args.seconds)),
+                                f"web-{d.device_id}", env=env) for d in lab.devices]
         if args.mail:
             from gateway.lab.mailservers import MAIL_DOMAIN, MAIL_HOST
-            workers += [subprocess.Popen(d.ns.cmd(sys.executable, "-c", MAIL_WORKER, d.device_id, str(args.seconds),
-                                                  str(lab.interception_ca), MAIL_HOST, f"taro@{MAIL_DOMAIN}"),
-                                         stdout=subprocess.PIPE, text=True)
+            workers += [start_worker(d.ns.cmd(sys.executable, "-c", MAIL_WORKER, d.device_id, str(args.seconds),
+                                              str(lab.interception_ca), MAIL_HOST, f"taro@{MAIL_DOMAIN}"),
+                                     f"mail-{d.device_id}")
                         for d in lab.devices[:3]]
         samples, start = [], time.time()
         due = [("early", args.seconds / 5), ("late", args.seconds * 0.95)]
@@ -221,7 +234,9 @@ def main() -> int:
             if due and samples[-1][0] >= due[0][1]:
                 reports.append((due.pop(0)[0], memory_report(lab, pid, len(reports) + 1)))
             time.sleep(2)
-        outputs = [json.loads(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
+        for w in workers:
+            w.wait()
+        outputs = [json.loads(path.read_text().strip().splitlines()[-1]) for path in result_files]
         time.sleep(25)  # UDP DNS streams idle out after 20 s; TCP connections are closed already
         rss1, fds1 = sample(pid)
         reports.append(("after", memory_report(lab, pid, len(reports) + 1)))
