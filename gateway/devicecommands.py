@@ -566,12 +566,13 @@ def _apply_now(args: argparse.Namespace) -> None:
     (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
     No gateway running here: it applies the change when it starts (or another node's does)."""
     from gateway.cli import load_config_or_exit
+    from gateway.cluster import open_registry
 
     cfg = load_config_or_exit(args.config)
     if not poke_reconcile(cfg.pid_path):
         return
     try:
-        target = _registry(args)[0].revision()
+        target = open_registry(cfg).revision()
     except Exception as exc:  # any backend error (sqlite3, psycopg): the change is in, only the wait is skipped
         print(Text("注意: 反映の確認をしていません({e})", "warning: not waiting for the gateway's confirmation ({e})")
               .format(e=exc).render(), file=sys.stderr)
