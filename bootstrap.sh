@@ -15,7 +15,7 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 
 APT_PACKAGES=(
-  python3-venv ca-certificates
+  python3-venv ca-certificates libjemalloc2
   iproute2 iputils-ping nftables conntrack curl procps
   wireguard-go wireguard-tools
   nginx-light

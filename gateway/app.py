@@ -34,7 +34,7 @@ from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
-from gateway import diagnostics, heaptrim, steering
+from gateway import allocator, diagnostics, heaptrim, steering
 from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
@@ -488,6 +488,9 @@ class GatewayApp:
         # instead of at the next registry poll.
         loop.add_signal_handler(signal.SIGUSR1, self._reconcile_now.set)
         diagnostics.install(loop, self.cfg.state_dir)  # opt-in memory reports on SIGUSR2 (env, see module)
+        malloc = allocator.current_allocator()  # chosen by `kanmon run` before start-up (gateway/allocator.py)
+        self.metrics.allocator_info.labels(malloc).set(1)
+        log.info("malloc: %s", malloc)
         try:
             trim_every = heaptrim.interval_from_env()  # opt-in periodic malloc_trim (env, see module)
         except ValueError as exc:
@@ -512,7 +515,7 @@ class GatewayApp:
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
             underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay") if self.policy is not None else None
-            trim = heaptrim.load_malloc_trim() if trim_every else None
+            trim = heaptrim.load_malloc_trim() if trim_every and malloc == "glibc" else None
             trim_task = asyncio.create_task(heaptrim.trim_loop(trim_every, trim), name="heap-trim") if trim else None
             if self.cluster is not None:
                 self.cluster.start(asyncio.get_running_loop())

@@ -62,6 +62,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(Text("kanmon run には root 権限 (CAP_NET_ADMIN) が必要です。",
                    "kanmon run needs root (CAP_NET_ADMIN).").render(), file=sys.stderr)
         return EXIT_USAGE
+    from gateway import allocator
+
+    try:
+        chosen = allocator.ensure()  # may restart this process with jemalloc preloaded
+    except allocator.AllocatorError as exc:
+        print(Text("メモリアロケータの設定を満たせません: {e}", "The allocator setting cannot be met: {e}")
+              .format(e=exc).render(), file=sys.stderr)
+        return EXIT_USAGE
+    if chosen.warning:
+        logging.getLogger("kanmon.allocator").warning("%s", chosen.warning)
     import sqlite3
 
     from gateway.app import GatewayApp, StartupError

@@ -10,7 +10,7 @@ Off unless the environment asks for it (nothing is imported, started or hooked o
   from the second report on, the sites that grew most since the first one. tracemalloc
   costs CPU and memory on every allocation: for a soak or a lab, not for production.
 
-Every report also has the allocators' totals (Python's allocated blocks; glibc's bytes in
+Every report also has the allocators' totals (Python's allocated blocks; jemalloc's and glibc's bytes in
 use, free-but-held and mmapped): RSS that stays high while little is in use is the
 allocators' high-water mark, not live objects.
 
@@ -36,6 +36,8 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from gateway import allocator
 
 log = logging.getLogger("kanmon.diagnostics")
 
@@ -88,8 +90,12 @@ def malloc_stats() -> dict[str, int] | None:
     return {"in_use": m.uordblks, "free_held": m.fordblks, "mmapped": m.hblkhd, "heap": m.arena}
 
 
-def format_malloc_stats(stats: Mapping[str, int] | None, python_blocks: int) -> list[str]:
+def format_malloc_stats(stats: Mapping[str, int] | None, python_blocks: int,
+                        jemalloc: Mapping[str, int] | None = None) -> list[str]:
     lines = [f"python: {python_blocks} allocated blocks"]
+    if jemalloc is not None:
+        figures = ", ".join(f"{jemalloc[k] / 2**20:.1f} MiB {k}" for k in ("allocated", "active", "resident", "retained"))
+        lines.append(f"jemalloc: {figures}")
     if stats is None:
         return lines + ["glibc: mallinfo2 not available"]
     return lines + [f"glibc: {stats['in_use'] / 2**20:.1f} MiB in use, {stats['free_held'] / 2**20:.1f} MiB free "
@@ -147,24 +153,29 @@ def parse_type_counts(report: str) -> dict[str, int]:
 
 def parse_allocator(report: str) -> dict[str, float]:
     """The ``[allocator]`` section of a report back as numbers (for bench scripts):
-    ``python_blocks`` and, on glibc, ``glibc_in_use_mib``, ``glibc_free_held_mib``,
-    ``glibc_mmapped_mib``, ``glibc_heap_mib``. Missing or unreadable lines are left out."""
+    ``python_blocks``; on glibc ``glibc_in_use_mib``, ``glibc_free_held_mib``,
+    ``glibc_mmapped_mib``, ``glibc_heap_mib``; under jemalloc also ``jemalloc_allocated_mib``,
+    ``jemalloc_active_mib``, ``jemalloc_resident_mib``, ``jemalloc_retained_mib``.
+    Missing or unreadable lines are left out."""
+    glibc_keys = {"in use": "in_use", "free but held": "free_held", "mmapped": "mmapped", "in arenas": "heap"}
     out: dict[str, float] = {}
     for line in report.splitlines():
         if line.startswith("python: ") and line.endswith(" allocated blocks"):
             number = line[len("python: "):-len(" allocated blocks")]
             if number.isdigit():
                 out["python_blocks"] = int(number)
-        elif line.startswith("glibc: ") and "MiB" in line:
-            for part in line[len("glibc: "):].split(", "):
-                value, _, what = part.partition(" MiB ")
-                key = {"in use": "in_use", "free but held": "free_held", "mmapped": "mmapped",
-                       "in arenas": "heap"}.get(what)
-                try:
-                    if key is not None:
-                        out[f"glibc_{key}_mib"] = float(value)
-                except ValueError:
-                    continue
+            continue
+        lib, _, rest = line.partition(": ")
+        if lib not in ("glibc", "jemalloc") or "MiB" not in rest:
+            continue
+        for part in rest.split(", "):
+            value, _, what = part.partition(" MiB ")
+            key = glibc_keys.get(what) if lib == "glibc" else what.strip()
+            try:
+                if key:
+                    out[f"{lib}_{key}_mib"] = float(value)
+            except ValueError:
+                continue
     return out
 
 
@@ -180,7 +191,7 @@ class MemoryReporter:
     def render(self, counts: Counter[str], snapshot: tracemalloc.Snapshot | None) -> str:
         watched = Counter({name: counts.get(name, 0) for name in WATCHED_TYPES})
         lines = [f"report {self.written + 1}", "", "[watched]", *format_type_counts(watched, len(watched)),
-                 "", "[allocator]", *format_malloc_stats(malloc_stats(), sys.getallocatedblocks()),
+                 "", "[allocator]", *format_malloc_stats(malloc_stats(), sys.getallocatedblocks(), allocator.jemalloc_stats()),
                  "", "[objects]", *format_type_counts(counts)]
         if snapshot is not None:
             traced, peak = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)

@@ -51,6 +51,9 @@ class GatewayMetrics:
         self.policy_rules_expiring = Gauge(
             "kanmon_policy_rules_expiring", "Active rules that expire within the given number of days.", ["days"], registry=r)
         self.policy_info = Gauge("kanmon_policy_info", "The policy in force (value 1), by version.", ["version"], registry=r)
+        self.allocator_info = Gauge(
+            "kanmon_allocator_info", "The malloc the gateway runs on (value 1): jemalloc, or glibc when it is missing.",
+            ["allocator"], registry=r)
         self.decision_seconds = Histogram(
             "kanmon_decision_duration_seconds", "Time to decide one request, DNS query or connection.", ["stage"],
             registry=r, buckets=(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05))

@@ -94,3 +94,24 @@ def test_invalid_config_is_refused_with_key_and_line_and_host_unchanged(make_lab
     assert "設定ファイルに誤りがあります" in result.stderr
     assert host_state(lab) == before
     assert not (lab.state_dir / "registry.sqlite3").exists()
+
+
+def test_gateway_runs_on_jemalloc_unless_told_otherwise(make_lab):
+    """Issue #7: glibc's malloc let RSS creep under long load; `kanmon run` restarts itself
+    once with jemalloc preloaded. The restart keeps the PID (the process systemd and the lab
+    started is the gateway), the memory is jemalloc's, and the operator can see and override it."""
+    lab = make_lab(n_devices=1)
+    pid = lab.gateway.proc.pid
+    assert int((lab.state_dir / "kanmon.pid").read_text()) == pid, "the restart must keep the PID"
+    maps = open(f"/proc/{pid}/maps").read()
+    assert "libjemalloc" in maps, "the gateway must run on jemalloc when the host has it"
+    assert lab.metric_value("kanmon_allocator_info", allocator="jemalloc") == 1
+    assert "malloc: jemalloc" in lab.gateway.log_text()
+    assert http_code(lab.devices[0].curl("http://www.example.test/on-jemalloc")) == "200"
+
+    lab.stop_gateway(signal.SIGTERM)
+    lab.start_gateway(env={"KANMON_ALLOCATOR": "glibc"})
+    lab.wait_for_peer(lab.devices[0])
+    assert "libjemalloc" not in open(f"/proc/{lab.gateway.proc.pid}/maps").read()
+    assert lab.metric_value("kanmon_allocator_info", allocator="glibc") == 1
+    assert http_code(lab.devices[0].curl("http://www.example.test/on-glibc")) == "200"
