@@ -32,6 +32,11 @@ ENV = "KANMON_ALLOCATOR"
 REEXEC_MARK = "KANMON_ALLOCATOR_REEXEC"
 CHOICES = ("auto", "jemalloc", "glibc")
 JEMALLOC_SONAME = "libjemalloc.so.2"
+# Preloads known to deadlock with jemalloc's initialisation (they call clock_gettime/dlsym,
+# which allocate, while jemalloc is initialising): libfaketime issues #130 and #478,
+# fakechroot #21; seen here with libfaketime 0.9.10 and the PyPI libfaketime 3.0.1 — the
+# clock-jump fault test runs the gateway under libfaketime.
+CLASHES = ("libfaketime", "libfakechroot")
 
 
 class AllocatorError(ValueError):
@@ -87,8 +92,15 @@ def plan(environ: Mapping[str, str], jemalloc: Path | None, current: str) -> Pla
         if choice == "jemalloc":
             raise AllocatorError(f"{ENV}=jemalloc: {message}")
         return Plan("glibc", warning=message)
-    if any("malloc" in Path(entry).name for entry in preload.replace(":", " ").split()):
+    names = [Path(entry).name for entry in preload.replace(":", " ").split()]
+    if any("malloc" in name for name in names):
         return Plan("glibc", warning=f"LD_PRELOAD already names an allocator ({preload}); jemalloc not added")
+    clash = next((name for name in names if any(lib in name for lib in CLASHES)), None)
+    if clash is not None:
+        message = f"{clash} in LD_PRELOAD does not work with jemalloc (both hang at start-up); running on glibc malloc"
+        if choice == "jemalloc":
+            raise AllocatorError(f"{ENV}=jemalloc: {message}")
+        return Plan("glibc", warning=message)
     if jemalloc is None:
         message = f"{JEMALLOC_SONAME} not found (Debian: apt-get install libjemalloc2); running on glibc malloc, whose RSS creeps under long load"
         if choice == "jemalloc":

@@ -24,8 +24,15 @@ def test_default_restarts_with_jemalloc_preloaded_and_marked():
 
 
 def test_an_existing_preload_is_kept_after_jemalloc():
-    decided = plan({"LD_PRELOAD": "/usr/lib/faketime/libfaketime.so.1"}, LIB, "glibc")
-    assert decided.exec_env["LD_PRELOAD"] == f"{LIB}:/usr/lib/faketime/libfaketime.so.1"
+    decided = plan({"LD_PRELOAD": "/opt/lib/libmytrace.so"}, LIB, "glibc")
+    assert decided.exec_env["LD_PRELOAD"] == f"{LIB}:/opt/lib/libmytrace.so"
+
+
+def test_libfaketime_keeps_glibc_because_the_two_hang_together():
+    decided = plan({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"}, LIB, "glibc")
+    assert decided.exec_env is None and decided.allocator == "glibc" and "libfaketime.so.1" in decided.warning
+    with pytest.raises(AllocatorError, match="does not work with jemalloc"):
+        plan({"LD_PRELOAD": "libfaketimeMT.so.1", allocator.ENV: "jemalloc"}, LIB, "glibc")
 
 
 def test_already_on_jemalloc_nothing_to_do():
@@ -107,8 +114,8 @@ def test_the_real_restart_lands_on_jemalloc_with_its_statistics():
 
 
 def test_restored_environment_keeps_the_operators_preload():
-    env = {"LD_PRELOAD": f"{LIB}:/usr/lib/faketime/libfaketime.so.1", allocator.REEXEC_MARK: "1", "HOME": "/root"}
-    assert allocator.restored_environment(env) == {"LD_PRELOAD": "/usr/lib/faketime/libfaketime.so.1", "HOME": "/root"}
+    env = {"LD_PRELOAD": f"{LIB}:/opt/lib/libmytrace.so", allocator.REEXEC_MARK: "1", "HOME": "/root"}
+    assert allocator.restored_environment(env) == {"LD_PRELOAD": "/opt/lib/libmytrace.so", "HOME": "/root"}
     assert allocator.restored_environment({"LD_PRELOAD": str(LIB), allocator.REEXEC_MARK: "1"}) == {}
     # an operator's own jemalloc preload (no mark) is theirs: untouched
     assert allocator.restored_environment({"LD_PRELOAD": str(LIB)}) == {"LD_PRELOAD": str(LIB)}
