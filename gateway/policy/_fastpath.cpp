@@ -26,6 +26,22 @@
 // The host tables are the snapshot's own Python dicts, looked up from here: a second copy
 // of a million-name table would double its memory, and the lookup cost is the dict's cache
 // misses either way.
+//
+// URL patterns are not all run through RE2. Measured on the benchmark's 10k patterns, an
+// RE2 set (or a DFA per pattern) costs 2-13 us per URL on a host with patterns: every URL
+// walks DFA states of its own, each a cache miss. Two kinds of pattern are matched with
+// plain string operations instead, with exactly the regex's meaning:
+//   - a wildcard tied to a host (`files.test/secret/*`, the KEYED set): the regex is
+//     ^scheme://host(:port)?path-glob(?:[?#].*)?$ (urlpattern.py); it can only match a URL
+//     whose host is the key (or under it for `*.key`) — the compiler's routing relies on
+//     the same fact — so only the patterns filed under the URL's host are tried: the scheme,
+//     the port and the path glob compared as ASCII, case-insensitive;
+//   - a regex that is a plain literal (`/upload/`, no metacharacter): it matches when the
+//     URL contains it. It is found through one of its inner tokens (a run of letters and
+//     digits with a separator on each side inside the literal: the URL then has that token
+//     whole), then confirmed by a substring search.
+// Everything else stays in RE2 sets (of those patterns only). The URL must be printable
+// ASCII without blanks for this (RE2's '.' would not match a line break), else Python.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +54,8 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -50,7 +68,19 @@ constexpr int STAGES = 2;  // 0: http-request, 1: http-response (what Python map
 struct Check {
     int type;
     int set;                // CHECK_URLS: which RE2 set
+    bool residual;          // CHECK_URLS on KEYED_SET: a pattern is left to the RE2 set
     std::vector<int> ids;   // global pattern ids, sorted
+};
+
+// A wildcard pattern tied to a host, as parts (all lower-case ASCII).
+struct Wildcard {
+    bool any_scheme;
+    std::string scheme;
+    bool any_port;
+    std::string port;
+    bool empty_path;
+    bool query_allowed;                // no '?' in the path: (?:[?#].*)? may follow it
+    std::vector<std::string> chunks;   // the path split at '*'
 };
 
 struct Rule {
@@ -61,6 +91,17 @@ struct Rule {
     std::vector<Check> checks;
 };
 
+// Per-decision scratch, reused (the GIL is held for the whole decision and nothing in it
+// calls back into Python code that could enter the engine again).
+struct Scratch {
+    std::string url, host, prefixed, lower;  // lower: the normalized URL in lower case
+    size_t scheme_end, host_end, rest;       // offsets in url: "://", end of host, after the port
+    std::vector<int> hits, candidates, local, host_patterns;
+    bool done[2];
+    bool host_patterns_done;
+    std::vector<int> matched[2];  // global pattern ids, sorted (FREE: literals and the set)
+};
+
 struct Engine {
     std::vector<Rule> rules;
     PyObject* exact = nullptr;   // dict str -> tuple[int, ...]
@@ -68,24 +109,35 @@ struct Engine {
     std::vector<int> url_only;
     std::vector<std::vector<int>> pattern_rules;
     size_t lazy_limit = 16;
+    re2::RE2::Options options;
+    // The RE2 sets of the patterns matched neither way below (None when there are none).
     std::unique_ptr<re2::RE2::Set> sets[2];
     std::vector<int> set_pids[2];  // entry index in the set -> global pattern id
+    // KEYED wildcards by host key (exact / suffix) -> pattern ids, and each one's parts.
+    std::unordered_map<std::string, std::vector<int>> keyed_exact, keyed_suffix;
+    std::vector<std::unique_ptr<Wildcard>> wildcard;
+    // FREE literals: inner token (hash) -> pattern ids, and each literal in lower case.
+    std::unordered_map<uint64_t, std::vector<int>> token_index;
+    std::vector<std::string> literal;
     PyObject* verdicts[STAGES] = {nullptr, nullptr};  // tuple: ordinal -> Verdict
     PyObject* defaults[STAGES] = {nullptr, nullptr};
-
-    ~Engine() {
-        Py_XDECREF(exact);
-        Py_XDECREF(suffix);
-        for (int s = 0; s < STAGES; s++) {
-            Py_XDECREF(verdicts[s]);
-            Py_XDECREF(defaults[s]);
-        }
-    }
+    Scratch scratch;
 };
 
 struct EngineObject {
     PyObject_HEAD
     Engine* engine;
+    // decide_url's Python side: the Stage objects of the native stages, the Python engine's
+    // decide_url (anything not decided here), the per-device view factory, the clock
+    // conversion (datetime -> microseconds; None when no native rule has an expiry), the
+    // snapshot's compile instant, and the last device asked about with its view.
+    PyObject* stages[STAGES];
+    PyObject* fallback;
+    PyObject* view_factory;
+    PyObject* micros;
+    long long compiled_us;
+    PyObject* last_device;
+    PyObject* last_view;
 };
 
 struct ViewObject {
@@ -100,6 +152,12 @@ PyTypeObject ViewType = {
     sizeof(ViewObject),               // tp_basicsize
 };
 
+PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(nullptr, 0)
+    "gateway.policy._fastpath.Engine",  // tp_name
+    sizeof(EngineObject),               // tp_basicsize
+};
+
 // -- conversions ------------------------------------------------------------------------
 
 bool int_list(PyObject* seq, std::vector<int>& out) {
@@ -107,7 +165,7 @@ bool int_list(PyObject* seq, std::vector<int>& out) {
     if (!fast) return false;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     out.clear();
-    out.reserve(n);
+    out.reserve(static_cast<size_t>(n));
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
         if (v == -1 && PyErr_Occurred()) {
@@ -168,7 +226,8 @@ inline bool lower_equals(const char* s, size_t n, const char* word) {
 
 // url (ASCII) -> the normalized URL and the lower-case host, exactly as query_for_url makes
 // them; false when the URL is not in the simple form (then Python decides).
-bool normalize(const char* in, size_t n, std::string& url, std::string& host) {
+bool normalize(const char* in, size_t n, std::string& url, std::string& host, std::string& prefixed,
+               size_t* offsets = nullptr) {
     url.clear();
     size_t start = std::string::npos;
     for (size_t i = 0; i + 2 < n; i++) {
@@ -177,11 +236,9 @@ bool normalize(const char* in, size_t n, std::string& url, std::string& host) {
             break;
         }
     }
-    std::string prefixed;
     const char* s = in;
     if (start == std::string::npos) {  // no scheme: taken as https://
-        prefixed.reserve(n + 8);
-        prefixed.append("https://");
+        prefixed.assign("https://");
         prefixed.append(in, n);
         s = prefixed.data();
         n = prefixed.size();
@@ -213,18 +270,26 @@ bool normalize(const char* in, size_t n, std::string& url, std::string& host) {
     host.assign(s + begin, host_end - begin);
     for (char& c : host)
         if (c >= 'A' && c <= 'Z') c = static_cast<char>(c | 0x20);
-    url.reserve(n);
     url.append(s, host_end);  // scheme://host as written (case is left alone)
     if (colon != end) {
         size_t plen = end - colon - 1;
         if (!(default_port && plen == std::strlen(default_port) && std::memcmp(s + colon + 1, default_port, plen) == 0))
             url.append(s + colon, end - colon);
     }
+    if (offsets) {
+        offsets[0] = start;
+        offsets[1] = host_end;
+        offsets[2] = url.size();
+    }
     // The rest: percent-escapes of unreserved characters decoded, other escapes upper-cased.
     size_t i = end;
     while (i < n) {
-        char c = s[i];
-        if (c == '%' && i + 2 < n && is_hex(s[i + 1]) && is_hex(s[i + 2])) {
+        const char* pct = static_cast<const char*>(std::memchr(s + i, '%', n - i));
+        size_t stop = pct ? static_cast<size_t>(pct - s) : n;
+        url.append(s + i, stop - i);
+        i = stop;
+        if (i >= n) break;
+        if (i + 2 < n && is_hex(s[i + 1]) && is_hex(s[i + 2])) {
             unsigned char decoded = static_cast<unsigned char>(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
             if (unreserved(decoded)) {
                 url.push_back(static_cast<char>(decoded));
@@ -236,7 +301,7 @@ bool normalize(const char* in, size_t n, std::string& url, std::string& host) {
             }
             i += 3;
         } else {
-            url.push_back(c);
+            url.push_back('%');
             i++;
         }
     }
@@ -256,33 +321,130 @@ bool lookup(PyObject* dict, const char* s, size_t n, std::vector<int>& out) {
     return append_ordinals(value, out);
 }
 
-struct Matches {
-    bool done[2] = {false, false};
-    bool failed = false;
-    std::vector<int> ids[2];  // global pattern ids, sorted
-};
-
-// The pattern ids of set `which` that match; false when RE2 could not tell (then Python).
-bool match_set(const Engine& e, int which, const std::string& url, Matches& m) {
-    if (m.done[which]) return !m.failed;
-    m.done[which] = true;
+// The ids of the patterns of RE2 set `which` that match, appended to out; false when RE2
+// could not tell (then Python).
+bool match_residual(const Engine& e, int which, Scratch& m, std::vector<int>& out) {
     const re2::RE2::Set* set = e.sets[which].get();
-    if (!set || url.empty()) return true;
-    std::vector<int> local;
+    if (!set) return true;
+    m.local.clear();
     re2::RE2::Set::ErrorInfo info;
-    if (!set->Match(re2::StringPiece(url), &local, &info)) {
-        if (info.kind != re2::RE2::Set::kNoError) {
-            m.failed = true;
-            return false;
-        }
-        return true;
-    }
-    std::vector<int>& out = m.ids[which];
-    out.reserve(local.size());
+    if (!set->Match(re2::StringPiece(m.url), &m.local, &info)) return info.kind == re2::RE2::Set::kNoError;
     const std::vector<int>& pids = e.set_pids[which];
-    for (int i : local) out.push_back(pids[static_cast<size_t>(i)]);
-    std::sort(out.begin(), out.end());
+    for (int i : m.local) out.push_back(pids[static_cast<size_t>(i)]);
     return true;
+}
+
+inline bool alnum(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+}
+
+inline uint64_t token_hash(const char* s, size_t n) {  // FNV-1a
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ static_cast<unsigned char>(s[i])) * 1099511628211ULL;
+    return h;
+}
+
+// FREE_SET: the literals the URL contains (found by token, confirmed by search) and the
+// residual set's matches, sorted. KEYED_SET: the residual set's matches.
+bool match_set(const Engine& e, int which, Scratch& m) {
+    if (m.done[which]) return true;
+    m.done[which] = true;
+    std::vector<int>& out = m.matched[which];
+    out.clear();
+    if (which == FREE_SET && !e.token_index.empty()) {
+        const std::string& u = m.lower;
+        size_t i = 0, n = u.size();
+        while (i < n) {
+            if (!alnum(u[i])) {
+                i++;
+                continue;
+            }
+            size_t j = i;
+            while (j < n && alnum(u[j])) j++;
+            auto it = e.token_index.find(token_hash(u.data() + i, j - i));
+            if (it != e.token_index.end()) {
+                for (int pid : it->second) {
+                    const std::string& lit = e.literal[static_cast<size_t>(pid)];
+                    if (u.find(lit) != std::string::npos) out.push_back(pid);
+                }
+            }
+            i = j;
+        }
+    }
+    if (!match_residual(e, which, m, out)) return false;
+    if (out.size() > 1) {
+        std::sort(out.begin(), out.end());
+        out.erase(std::unique(out.begin(), out.end()), out.end());
+    }
+    return true;
+}
+
+// The path glob c0*c1*...*ck against the rest of the URL r (lower case): c0 at the start,
+// the middle chunks at their first place after it (the earliest placement leaves the most
+// room), ck where the URL ends or a query/fragment follows (when the path has no '?').
+bool glob_rest(const Wildcard& w, const char* r, size_t n) {
+    if (w.empty_path) return true;  // (?:[/?#].*)?$: the rest is empty or starts with one of them
+    const std::vector<std::string>& c = w.chunks;
+    auto tail_ok = [&](size_t at) { return at == n || (w.query_allowed && (r[at] == '?' || r[at] == '#')); };
+    const std::string& first = c[0];
+    if (n < first.size() || std::memcmp(r, first.data(), first.size()) != 0) return false;
+    if (c.size() == 1) return tail_ok(first.size());
+    size_t pos = first.size();
+    std::string_view rest(r, n);
+    for (size_t i = 1; i + 1 < c.size(); i++) {
+        size_t at = rest.find(c[i], pos);
+        if (at == std::string_view::npos) return false;
+        pos = at + c[i].size();
+    }
+    const std::string& last = c.back();
+    if (!w.query_allowed) return n >= pos + last.size() && rest.compare(n - last.size(), last.size(), last) == 0;
+    for (size_t at = rest.find(last, pos); at != std::string_view::npos; at = rest.find(last, at + 1))
+        if (tail_ok(at + last.size())) return true;
+    return false;
+}
+
+bool wildcard_matches(const Wildcard& w, const Scratch& m) {
+    const char* u = m.lower.data();
+    if (w.any_scheme) {  // [a-z][a-z0-9+.-]*
+        if (m.scheme_end == 0 || !(u[0] >= 'a' && u[0] <= 'z')) return false;
+        for (size_t i = 1; i < m.scheme_end; i++)
+            if (!(alnum(u[i]) || u[i] == '+' || u[i] == '.' || u[i] == '-')) return false;
+    } else if (m.scheme_end != w.scheme.size() || std::memcmp(u, w.scheme.data(), m.scheme_end) != 0) {
+        return false;
+    }
+    if (!w.any_port) {  // :port exactly as the normalized URL has it (default ports are dropped)
+        size_t len = m.rest - m.host_end;
+        if (len != w.port.size() + 1 || std::memcmp(u + m.host_end + 1, w.port.data(), w.port.size()) != 0)
+            return false;
+    }
+    return glob_rest(w, u + m.rest, m.lower.size() - m.rest);
+}
+
+// Does one of `ids` (sorted KEYED pattern ids) match the URL through the string matcher?
+// Only the wildcards filed under the URL's host or one of its suffixes can.
+bool keyed_wildcards(const Engine& e, const std::vector<int>& ids, Scratch& m) {
+    if (!m.host_patterns_done) {
+        m.host_patterns_done = true;
+        m.host_patterns.clear();
+        auto it = e.keyed_exact.find(m.host);
+        if (it != e.keyed_exact.end()) m.host_patterns.insert(m.host_patterns.end(), it->second.begin(), it->second.end());
+        if (!e.keyed_suffix.empty()) {
+            size_t pos = 0;
+            while (true) {
+                auto sit = e.keyed_suffix.find(m.host.substr(pos));
+                if (sit != e.keyed_suffix.end())
+                    m.host_patterns.insert(m.host_patterns.end(), sit->second.begin(), sit->second.end());
+                size_t dot = m.host.find('.', pos);
+                if (dot == std::string::npos) break;
+                pos = dot + 1;
+            }
+        }
+    }
+    for (int pid : m.host_patterns) {
+        if (std::binary_search(ids.begin(), ids.end(), pid) && wildcard_matches(*e.wildcard[static_cast<size_t>(pid)], m))
+            return true;
+    }
+    return false;
 }
 
 inline bool any_in(const std::vector<int>& matched, const std::vector<int>& ids) {
@@ -295,57 +457,47 @@ inline bool contains(const std::vector<int>& v, int x) {
     return std::find(v.begin(), v.end(), x) != v.end();
 }
 
-// decide(url, stage, view, now_us) -> Verdict | None
-PyObject* engine_decide(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "decide(url, stage, view, now_us)");
-        return nullptr;
-    }
-    const Engine& e = *reinterpret_cast<EngineObject*>(self)->engine;
-    PyObject* url_obj = args[0];
-    if (!PyUnicode_Check(url_obj)) {
-        PyErr_SetString(PyExc_TypeError, "url must be a str");
-        return nullptr;
-    }
-    long stage = PyLong_AsLong(args[1]);
-    if (stage < 0 || stage >= STAGES) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "stage index out of range");
-        return nullptr;
-    }
-    if (Py_TYPE(args[2]) != &ViewType) {
-        PyErr_SetString(PyExc_TypeError, "view must be a View of this engine");
-        return nullptr;
-    }
-    const ViewObject* view = reinterpret_cast<ViewObject*>(args[2]);
-    long long now_us = PyLong_AsLongLong(args[3]);
-    if (now_us == -1 && PyErr_Occurred()) return nullptr;
+// 1: *out is the verdict (new reference); 0: Python decides; -1: a Python error is set.
+int decide_core(Engine& e, PyObject* url_obj, long stage, const ViewObject* view, long long now_us, PyObject** out) {
     if (view->flags->size() != e.rules.size()) {
         PyErr_SetString(PyExc_ValueError, "view was made for another engine");
-        return nullptr;
+        return -1;
     }
-    if (!PyUnicode_IS_ASCII(url_obj)) Py_RETURN_NONE;  // IDN and other non-ASCII: Python
-
-    std::string url, host;
+    if (!PyUnicode_IS_ASCII(url_obj)) return 0;  // IDN and other non-ASCII: Python
+    Scratch& m = e.scratch;
     const char* raw = reinterpret_cast<const char*>(PyUnicode_1BYTE_DATA(url_obj));
-    if (!normalize(raw, static_cast<size_t>(PyUnicode_GET_LENGTH(url_obj)), url, host)) Py_RETURN_NONE;
+    size_t n = static_cast<size_t>(PyUnicode_GET_LENGTH(url_obj));
+    for (size_t i = 0; i < n; i++)
+        if (raw[i] <= ' ' || raw[i] == 0x7f) return 0;  // blanks and control characters: Python
+    size_t offsets[3];
+    if (!normalize(raw, n, m.url, m.host, m.prefixed, offsets)) return 0;
+    m.scheme_end = offsets[0];
+    m.host_end = offsets[1];
+    m.rest = offsets[2];
+    m.lower.assign(m.url);
+    for (char& c : m.lower)
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c | 0x20);
+    m.done[0] = m.done[1] = false;
+    m.host_patterns_done = false;
 
     // Rules found through the host tables: the exact name, then every suffix.
-    std::vector<int> hits;
-    if (!lookup(e.exact, host.data(), host.size(), hits)) return nullptr;
+    std::vector<int>& hits = m.hits;
+    hits.clear();
+    if (!lookup(e.exact, m.host.data(), m.host.size(), hits)) return -1;
     size_t pos = 0;
     while (true) {
-        if (!lookup(e.suffix, host.data() + pos, host.size() - pos, hits)) return nullptr;
-        size_t dot = host.find('.', pos);
+        if (!lookup(e.suffix, m.host.data() + pos, m.host.size() - pos, hits)) return -1;
+        size_t dot = m.host.find('.', pos);
         if (dot == std::string::npos) break;
         pos = dot + 1;
     }
-    std::vector<int> candidates(hits);
+    std::vector<int>& candidates = m.candidates;
+    candidates.assign(hits.begin(), hits.end());
     candidates.insert(candidates.end(), view->generic->begin(), view->generic->end());
-    Matches matches;
     if (e.url_only.size() > e.lazy_limit) {
         // Many URL-routed rules: ask the free set first and try only the rules it names.
-        if (!match_set(e, FREE_SET, url, matches)) Py_RETURN_NONE;
-        for (int pid : matches.ids[FREE_SET]) {
+        if (!match_set(e, FREE_SET, m)) return 0;
+        for (int pid : m.matched[FREE_SET]) {
             const std::vector<int>& rs = e.pattern_rules[static_cast<size_t>(pid)];
             candidates.insert(candidates.end(), rs.begin(), rs.end());
         }
@@ -361,12 +513,12 @@ PyObject* engine_decide(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
         size_t o = static_cast<size_t>(ordinal);
         if (o >= e.rules.size()) {
             PyErr_SetString(PyExc_IndexError, "rule ordinal out of range");
-            return nullptr;
+            return -1;
         }
         uint8_t f = flags[o];
         if (f & FLAG_DEAD) continue;
         const Rule& rule = e.rules[o];
-        if (rule.python || (f & FLAG_UNSURE)) Py_RETURN_NONE;
+        if (rule.python || (f & FLAG_UNSURE)) return 0;
         if (rule.host_only) {
             if (!contains(hits, ordinal)) continue;
         } else {
@@ -378,24 +530,135 @@ PyObject* engine_decide(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
                 } else if (c.type == CHECK_HOST_OR_FREE) {
                     holds = contains(hits, ordinal);
                     if (!holds) {
-                        if (!match_set(e, FREE_SET, url, matches)) Py_RETURN_NONE;
-                        holds = any_in(matches.ids[FREE_SET], c.ids);
+                        if (!match_set(e, FREE_SET, m)) return 0;
+                        holds = any_in(m.matched[FREE_SET], c.ids);
+                    }
+                } else if (c.set == KEYED_SET) {
+                    holds = keyed_wildcards(e, c.ids, m);
+                    if (!holds && c.residual) {
+                        if (!match_set(e, KEYED_SET, m)) return 0;
+                        holds = any_in(m.matched[KEYED_SET], c.ids);
                     }
                 } else {
-                    if (!match_set(e, c.set, url, matches)) Py_RETURN_NONE;
-                    holds = any_in(matches.ids[c.set], c.ids);
+                    if (!match_set(e, FREE_SET, m)) return 0;
+                    holds = any_in(m.matched[FREE_SET], c.ids);
                 }
                 if (!holds) break;
             }
             if (!holds) continue;
         }
-        PyObject* v = PyTuple_GET_ITEM(e.verdicts[stage], ordinal);
-        Py_INCREF(v);
-        return v;
+        *out = PyTuple_GET_ITEM(e.verdicts[stage], ordinal);
+        Py_INCREF(*out);
+        return 1;
     }
-    PyObject* v = e.defaults[stage];
-    Py_INCREF(v);
-    return v;
+    *out = e.defaults[stage];
+    Py_INCREF(*out);
+    return 1;
+}
+
+// decide(url, stage, view, now_us) -> Verdict | None (None: the Python engine decides)
+PyObject* engine_decide(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "decide(url, stage, view, now_us)");
+        return nullptr;
+    }
+    Engine& e = *reinterpret_cast<EngineObject*>(self)->engine;
+    if (!PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "url must be a str");
+        return nullptr;
+    }
+    long stage = PyLong_AsLong(args[1]);
+    if (stage < 0 || stage >= STAGES) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "stage index out of range");
+        return nullptr;
+    }
+    if (Py_TYPE(args[2]) != &ViewType) {
+        PyErr_SetString(PyExc_TypeError, "view must be a View of this engine");
+        return nullptr;
+    }
+    long long now_us = PyLong_AsLongLong(args[3]);
+    if (now_us == -1 && PyErr_Occurred()) return nullptr;
+    PyObject* out = nullptr;
+    int r = decide_core(e, args[0], stage, reinterpret_cast<ViewObject*>(args[2]), now_us, &out);
+    if (r < 0) return nullptr;
+    if (r == 0) Py_RETURN_NONE;
+    return out;
+}
+
+// decide_url(url, device, stage=Stage.REQUEST, method="GET", now=None, **extra) -> Verdict:
+// PolicySnapshot.decide_url with the whole common case in this one call. Whatever is not
+// decided here — another stage, extra query fields, a URL or rule the native code does not
+// evaluate — goes to the Python decide_url with the arguments exactly as given.
+PyObject* engine_decide_url(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+    EngineObject* eo = reinterpret_cast<EngineObject*>(self);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *url = nargs > 0 ? args[0] : nullptr, *device = nargs > 1 ? args[1] : nullptr;
+    PyObject* stage_obj = nargs > 2 ? args[2] : nullptr;
+    PyObject* method = nargs > 3 ? args[3] : nullptr;
+    PyObject* now = nargs > 4 ? args[4] : nullptr;
+    bool native = nargs >= 2 && nargs <= 5;
+    if (native && kwnames) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw && native; i++) {
+            PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+            PyObject* value = args[nargs + i];
+            if (PyUnicode_CompareWithASCIIString(name, "now") == 0 && !now) now = value;
+            else if (PyUnicode_CompareWithASCIIString(name, "stage") == 0 && !stage_obj) stage_obj = value;
+            else if (PyUnicode_CompareWithASCIIString(name, "method") == 0 && !method) method = value;
+            else native = false;  // extra query fields (or a mistake): Python
+        }
+    }
+    if (native && (!PyUnicode_Check(url) || (method && !PyUnicode_Check(method)))) native = false;
+    long stage = 0;
+    if (native && stage_obj) {
+        if (stage_obj == eo->stages[0]) stage = 0;
+        else if (stage_obj == eo->stages[1]) stage = 1;
+        else native = false;
+    }
+    long long now_us = eo->compiled_us;
+    if (native && now && now != Py_None && eo->micros != Py_None) {
+        PyObject* us = PyObject_CallOneArg(eo->micros, now);
+        if (!us) {
+            PyErr_Clear();  // e.g. a naive datetime: Python decides (and says what is wrong)
+            native = false;
+        } else {
+            now_us = PyLong_AsLongLong(us);
+            Py_DECREF(us);
+            if (now_us == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                native = false;
+            }
+        }
+    }
+    if (native) {
+        PyObject* view = nullptr;
+        if (device == eo->last_device && eo->last_view) {
+            view = eo->last_view;
+            Py_INCREF(view);
+        } else {
+            view = PyObject_CallOneArg(eo->view_factory, device);
+            if (!view) return nullptr;
+            if (Py_TYPE(view) != &ViewType) {
+                Py_DECREF(view);
+                PyErr_SetString(PyExc_TypeError, "view factory must return a View");
+                return nullptr;
+            }
+            PyObject* old_device = eo->last_device;
+            PyObject* old_view = eo->last_view;
+            Py_INCREF(device);
+            Py_INCREF(view);
+            eo->last_device = device;
+            eo->last_view = view;
+            Py_XDECREF(old_device);
+            Py_XDECREF(old_view);
+        }
+        PyObject* out = nullptr;
+        int r = decide_core(*eo->engine, url, stage, reinterpret_cast<ViewObject*>(view), now_us, &out);
+        Py_DECREF(view);
+        if (r < 0) return nullptr;
+        if (r > 0) return out;
+    }
+    return PyObject_Vectorcall(eo->fallback, args, nargsf, kwnames);
 }
 
 // -- View -----------------------------------------------------------------------------------
@@ -442,6 +705,7 @@ bool parse_check(PyObject* spec, Check& c) {
     }
     const char* kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(spec, 0));
     if (!kind) return false;
+    c.residual = true;
     if (std::strcmp(kind, "host") == 0) {
         c.type = CHECK_HOST;
         return true;
@@ -493,27 +757,24 @@ bool parse_rule(PyObject* spec, Rule& r) {
     return true;
 }
 
-bool build_set(Engine& e, int which, PyObject* patterns, PyObject* pids) {
-    if (pids == Py_None) return true;
-    if (!int_list(pids, e.set_pids[which])) return false;
-    // The options compiler._url_set gives the Python binding's set.
-    re2::RE2::Options options;
-    options.set_max_mem(int64_t{1} << 30);
-    options.set_case_sensitive(false);
-    options.set_log_errors(false);
-    auto set = std::make_unique<re2::RE2::Set>(options, re2::RE2::UNANCHORED);
-    for (size_t index = 0; index < e.set_pids[which].size(); index++) {
-        int pid = e.set_pids[which][index];
-        if (pid < 0 || pid >= PyTuple_GET_SIZE(patterns)) {
-            PyErr_SetString(PyExc_IndexError, "pattern id out of range");
-            return false;
-        }
+// The RE2 set of the patterns of set `which` that neither string matcher takes.
+bool build_set(Engine& e, int which, PyObject* patterns, const std::vector<int>& members) {
+    std::vector<int>& pids = e.set_pids[which];
+    pids.clear();
+    for (int pid : members) {
+        bool by_string = which == FREE_SET ? !e.literal[static_cast<size_t>(pid)].empty()
+                                           : static_cast<bool>(e.wildcard[static_cast<size_t>(pid)]);
+        if (!by_string) pids.push_back(pid);
+    }
+    if (pids.empty()) return true;
+    auto set = std::make_unique<re2::RE2::Set>(e.options, re2::RE2::UNANCHORED);
+    for (size_t index = 0; index < pids.size(); index++) {
         Py_ssize_t len = 0;
-        const char* text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(patterns, pid), &len);
+        const char* text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(patterns, pids[index]), &len);
         if (!text) return false;
         std::string error;
         if (set->Add(re2::StringPiece(text, static_cast<size_t>(len)), &error) != static_cast<int>(index)) {
-            PyErr_Format(PyExc_ValueError, "RE2 refused pattern %d: %s", pid, error.c_str());
+            PyErr_Format(PyExc_ValueError, "RE2 refused pattern %d: %s", pids[index], error.c_str());
             return false;
         }
     }
@@ -525,18 +786,160 @@ bool build_set(Engine& e, int which, PyObject* patterns, PyObject* pids) {
     return true;
 }
 
+inline bool plain_host(const char* s, Py_ssize_t n) {
+    if (n == 0) return false;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_')) return false;
+    }
+    return true;
+}
+
+inline bool printable(const std::string& s) {
+    for (char c : s)
+        if (c <= ' ' || c == 0x7f) return false;  // also every byte >= 0x80 (char is signed)
+    return true;
+}
+
+std::string lower(std::string s) {
+    for (char& c : s)
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c | 0x20);
+    return s;
+}
+
+// A literal regex: printable ASCII without an RE2 metacharacter. Its longest inner token
+// (letters and digits with a separator inside the literal on each side), or "" for none.
+std::string inner_token(const std::string& lit) {
+    static const char* meta = "\\^$.|?*+()[]{}";
+    if (lit.empty() || !printable(lit) || lit.find_first_of(meta) != std::string::npos) return "";
+    std::string best;
+    size_t i = 0, n = lit.size();
+    while (i < n) {
+        if (!alnum(lit[i])) {
+            i++;
+            continue;
+        }
+        size_t j = i;
+        while (j < n && alnum(lit[j])) j++;
+        if (i > 0 && j < n && j - i > best.size()) best = lit.substr(i, j - i);
+        i = j;
+    }
+    return best;
+}
+
+// The string matchers' tables: FREE literals by inner token; KEYED wildcards with a plain
+// host key and ASCII parts by host (pattern_hosts: {pid: (host, is_suffix, scheme, port,
+// path)}).
+bool index_patterns(Engine& e, PyObject* patterns, const std::vector<int>& free_members,
+                    const std::vector<int>& keyed_members, PyObject* pattern_hosts) {
+    size_t count = static_cast<size_t>(PyTuple_GET_SIZE(patterns));
+    e.literal.assign(count, std::string());
+    e.wildcard.clear();
+    e.wildcard.resize(count);
+    for (int pid : free_members) {
+        if (pid < 0 || static_cast<size_t>(pid) >= count) {
+            PyErr_SetString(PyExc_IndexError, "pattern id out of range");
+            return false;
+        }
+        Py_ssize_t len = 0;
+        const char* text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(patterns, pid), &len);
+        if (!text) return false;
+        std::string lit = lower(std::string(text, static_cast<size_t>(len)));
+        std::string token = inner_token(lit);
+        if (token.empty()) continue;
+        e.literal[static_cast<size_t>(pid)] = lit;
+        e.token_index[token_hash(token.data(), token.size())].push_back(pid);
+    }
+    std::vector<bool> keyed(count, false);
+    for (int pid : keyed_members) {
+        if (pid < 0 || static_cast<size_t>(pid) >= count) {
+            PyErr_SetString(PyExc_IndexError, "pattern id out of range");
+            return false;
+        }
+        keyed[static_cast<size_t>(pid)] = true;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(pattern_hosts, &pos, &key, &value)) {
+        long pid = PyLong_AsLong(key);
+        if (pid == -1 && PyErr_Occurred()) return false;
+        if (pid < 0 || static_cast<size_t>(pid) >= count) {
+            PyErr_SetString(PyExc_IndexError, "pattern id out of range");
+            return false;
+        }
+        if (!keyed[static_cast<size_t>(pid)]) continue;
+        PyObject *host_obj, *suffix_obj, *scheme_obj, *port_obj, *path_obj;
+        if (!PyArg_ParseTuple(value, "OOOOO", &host_obj, &suffix_obj, &scheme_obj, &port_obj, &path_obj)) return false;
+        Py_ssize_t hlen = 0;
+        const char* host = PyUnicode_AsUTF8AndSize(host_obj, &hlen);
+        if (!host) return false;
+        if (!plain_host(host, hlen)) continue;
+        auto w = std::make_unique<Wildcard>();
+        w->any_scheme = scheme_obj == Py_None;
+        if (!w->any_scheme) {
+            const char* sc = PyUnicode_AsUTF8(scheme_obj);
+            if (!sc) return false;
+            w->scheme = lower(sc);
+        }
+        w->any_port = port_obj == Py_None;
+        if (!w->any_port) {
+            const char* pt = PyUnicode_AsUTF8(port_obj);
+            if (!pt) return false;
+            w->port = pt;
+        }
+        const char* path = PyUnicode_AsUTF8(path_obj);
+        if (!path) return false;
+        std::string p(path);
+        if (!printable(w->scheme) || !printable(w->port) || !printable(p)) continue;  // RE2 decides those
+        w->empty_path = p.empty();
+        w->query_allowed = p.find('?') == std::string::npos;
+        p = lower(p);
+        size_t start = 0;
+        while (true) {
+            size_t star = p.find('*', start);
+            w->chunks.push_back(p.substr(start, star == std::string::npos ? std::string::npos : star - start));
+            if (star == std::string::npos) break;
+            start = star + 1;
+        }
+        e.wildcard[static_cast<size_t>(pid)] = std::move(w);
+        auto& table = PyObject_IsTrue(suffix_obj) == 1 ? e.keyed_suffix : e.keyed_exact;
+        table[std::string(host, static_cast<size_t>(hlen))].push_back(static_cast<int>(pid));
+    }
+    for (Rule& r : e.rules) {
+        for (Check& c : r.checks) {
+            if (c.type != CHECK_URLS || c.set != KEYED_SET) continue;
+            c.residual = std::any_of(c.ids.begin(), c.ids.end(), [&](int pid) {
+                return pid < 0 || static_cast<size_t>(pid) >= count || !e.wildcard[static_cast<size_t>(pid)];
+            });
+        }
+    }
+    return true;
+}
+
 PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
     static const char* kwlist[] = {"rules", "exact", "suffix", "url_only", "pattern_rules", "lazy_limit",
-                                   "patterns", "free_pids", "keyed_pids", "verdicts", "defaults", nullptr};
-    PyObject *rules, *exact, *suffix, *url_only, *pattern_rules, *patterns, *free_pids, *keyed_pids, *verdicts,
-        *defaults;
+                                   "patterns", "free_pids", "keyed_pids", "pattern_hosts", "verdicts", "defaults",
+                                   "stages", "fallback", "view_factory", "micros", "compiled_us", nullptr};
+    PyObject *rules, *exact, *suffix, *url_only, *pattern_rules, *patterns, *free_pids, *keyed_pids, *pattern_hosts,
+        *verdicts, *defaults, *stages, *fallback, *view_factory, *micros;
     Py_ssize_t lazy_limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!OOnO!OOO!O!", const_cast<char**>(kwlist), &rules,
+    long long compiled_us;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!OOnO!OOO!O!O!O!OOOL", const_cast<char**>(kwlist), &rules,
                                      &PyDict_Type, &exact, &PyDict_Type, &suffix, &url_only, &pattern_rules,
-                                     &lazy_limit, &PyTuple_Type, &patterns, &free_pids, &keyed_pids, &PyTuple_Type,
-                                     &verdicts, &PyTuple_Type, &defaults))
+                                     &lazy_limit, &PyTuple_Type, &patterns, &free_pids, &keyed_pids, &PyDict_Type,
+                                     &pattern_hosts, &PyTuple_Type, &verdicts, &PyTuple_Type, &defaults,
+                                     &PyTuple_Type, &stages, &fallback, &view_factory, &micros, &compiled_us))
         return nullptr;
+    if (PyTuple_GET_SIZE(stages) != STAGES || !PyCallable_Check(fallback) || !PyCallable_Check(view_factory) ||
+        (micros != Py_None && !PyCallable_Check(micros))) {
+        PyErr_SetString(PyExc_TypeError, "stages: one per native stage; fallback, view_factory (and micros): callables");
+        return nullptr;
+    }
     auto e = std::make_unique<Engine>();
+    // The options compiler._url_set gives the Python binding's set.
+    e->options.set_max_mem(int64_t{1} << 30);
+    e->options.set_case_sensitive(false);
+    e->options.set_log_errors(false);
     PyObject* fast = PySequence_Fast(rules, "rules must be a sequence");
     if (!fast) return nullptr;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -564,7 +967,12 @@ PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
         }
     }
     Py_DECREF(pr);
-    if (!build_set(*e, FREE_SET, patterns, free_pids) || !build_set(*e, KEYED_SET, patterns, keyed_pids))
+    std::vector<int> free_members, keyed_members;
+    if ((free_pids != Py_None && !int_list(free_pids, free_members)) ||
+        (keyed_pids != Py_None && !int_list(keyed_pids, keyed_members)))
+        return nullptr;
+    if (!index_patterns(*e, patterns, free_members, keyed_members, pattern_hosts) ||
+        !build_set(*e, FREE_SET, patterns, free_members) || !build_set(*e, KEYED_SET, patterns, keyed_members))
         return nullptr;
     if (PyTuple_GET_SIZE(verdicts) != STAGES || PyTuple_GET_SIZE(defaults) != STAGES) {
         PyErr_SetString(PyExc_ValueError, "verdicts and defaults need one entry per stage");
@@ -584,12 +992,83 @@ PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
     EngineObject* self = reinterpret_cast<EngineObject*>(type->tp_alloc(type, 0));
     if (!self) return nullptr;
     self->engine = e.release();
+    for (int s = 0; s < STAGES; s++) {
+        self->stages[s] = PyTuple_GET_ITEM(stages, s);
+        Py_INCREF(self->stages[s]);
+    }
+    Py_INCREF(fallback);
+    self->fallback = fallback;
+    Py_INCREF(view_factory);
+    self->view_factory = view_factory;
+    Py_INCREF(micros);
+    self->micros = micros;
+    self->compiled_us = compiled_us;
+    self->last_device = nullptr;
+    self->last_view = nullptr;
     return reinterpret_cast<PyObject*>(self);
 }
 
+// The engine refers back to its snapshot (fallback, view_factory are its bound methods)
+// and the snapshot to the engine: a cycle the garbage collector must be able to break.
+int engine_traverse(PyObject* self, visitproc visit, void* arg) {
+    EngineObject* eo = reinterpret_cast<EngineObject*>(self);
+    Py_VISIT(eo->fallback);
+    Py_VISIT(eo->view_factory);
+    Py_VISIT(eo->micros);
+    Py_VISIT(eo->last_device);
+    Py_VISIT(eo->last_view);
+    for (int s = 0; s < STAGES; s++) Py_VISIT(eo->stages[s]);
+    if (eo->engine) {
+        Py_VISIT(eo->engine->exact);
+        Py_VISIT(eo->engine->suffix);
+        for (int s = 0; s < STAGES; s++) {
+            Py_VISIT(eo->engine->verdicts[s]);
+            Py_VISIT(eo->engine->defaults[s]);
+        }
+    }
+    return 0;
+}
+
+int engine_clear(PyObject* self) {
+    EngineObject* eo = reinterpret_cast<EngineObject*>(self);
+    Py_CLEAR(eo->fallback);
+    Py_CLEAR(eo->view_factory);
+    Py_CLEAR(eo->micros);
+    Py_CLEAR(eo->last_device);
+    Py_CLEAR(eo->last_view);
+    for (int s = 0; s < STAGES; s++) Py_CLEAR(eo->stages[s]);
+    delete eo->engine;  // drops its references to the tables and verdicts
+    eo->engine = nullptr;
+    return 0;
+}
+
 void engine_dealloc(PyObject* self) {
-    delete reinterpret_cast<EngineObject*>(self)->engine;
+    PyObject_GC_UnTrack(self);
+    engine_clear(self);
     Py_TYPE(self)->tp_free(self);
+}
+
+PyObject* engine_guard(PyObject* self) {
+    if (!reinterpret_cast<EngineObject*>(self)->engine) {
+        PyErr_SetString(PyExc_RuntimeError, "engine was cleared");
+        return nullptr;
+    }
+    return self;
+}
+
+PyObject* engine_decide_checked(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    if (!engine_guard(self)) return nullptr;
+    return engine_decide(self, args, nargs);
+}
+
+PyObject* engine_decide_url_checked(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+    if (!engine_guard(self)) return nullptr;
+    return engine_decide_url(self, args, nargsf, kwnames);
+}
+
+PyObject* engine_view_checked(PyObject* self, PyObject* args) {
+    if (!engine_guard(self)) return nullptr;
+    return engine_view(self, args);
 }
 
 // normalize(url) -> (normalized url, host) | None: the simple-form normalization, exposed
@@ -600,25 +1079,22 @@ PyObject* py_normalize(PyObject*, PyObject* arg) {
         return nullptr;
     }
     if (!PyUnicode_IS_ASCII(arg)) Py_RETURN_NONE;
-    std::string url, host;
+    std::string url, host, prefixed;
     if (!normalize(reinterpret_cast<const char*>(PyUnicode_1BYTE_DATA(arg)),
-                   static_cast<size_t>(PyUnicode_GET_LENGTH(arg)), url, host))
+                   static_cast<size_t>(PyUnicode_GET_LENGTH(arg)), url, host, prefixed))
         Py_RETURN_NONE;
     return Py_BuildValue("(s#s#)", url.data(), static_cast<Py_ssize_t>(url.size()), host.data(),
                          static_cast<Py_ssize_t>(host.size()));
 }
 
 PyMethodDef engine_methods[] = {
-    {"decide", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_decide)), METH_FASTCALL,
+    {"decide", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_decide_checked)), METH_FASTCALL,
      "decide(url, stage, view, now_us) -> Verdict | None (None: the Python engine decides)"},
-    {"view", engine_view, METH_VARARGS, "view(dead, unsure, generic) -> View"},
+    {"decide_url", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_decide_url_checked)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide_url(url, device, stage=Stage.REQUEST, method='GET', now=None, **extra) -> Verdict"},
+    {"view", engine_view_checked, METH_VARARGS, "view(dead, unsure, generic) -> View"},
     {nullptr, nullptr, 0, nullptr},
-};
-
-PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(nullptr, 0)
-    "gateway.policy._fastpath.Engine",  // tp_name
-    sizeof(EngineObject),               // tp_basicsize
 };
 
 PyMethodDef module_methods[] = {
@@ -638,7 +1114,9 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     ViewType.tp_flags = Py_TPFLAGS_DEFAULT;
     ViewType.tp_doc = "One device's view of an Engine (dead and unsettled rules).";
     EngineType.tp_dealloc = engine_dealloc;
-    EngineType.tp_flags = Py_TPFLAGS_DEFAULT;
+    EngineType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+    EngineType.tp_traverse = engine_traverse;
+    EngineType.tp_clear = engine_clear;
     EngineType.tp_doc = "A snapshot's routing tables, URL sets and verdicts, for decide().";
     EngineType.tp_methods = engine_methods;
     EngineType.tp_new = engine_new;

@@ -115,6 +115,10 @@ class _Compiler:
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
         self.url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
+        # A wildcard pattern tied to a host: (host key, is a suffix, scheme, port, path), the
+        # parts its regex was made of (urlpattern.py). A URL it matches has that host; the
+        # native fast path matches these parts as strings for the URL's host only.
+        self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
         self.native = native
 
     def err(self, path: tuple[Any, ...], message: str) -> None:
@@ -176,6 +180,7 @@ class _Compiler:
             source=self.doc.filename,
             url_patterns=tuple(sorted(self.patterns, key=self.patterns.__getitem__)),
             url_members=self.url_members,
+            pattern_hosts=self.pattern_hosts,
             native=self.native,
         )
 
@@ -430,7 +435,10 @@ class _Compiler:
                 if problem:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
                     continue
-                ids.add(self._pattern_id(wc.regex, None))  # its set is known at the end
+                pid = self._pattern_id(wc.regex, None)  # its set is known at the end
+                ids.add(pid)
+                if wc.host is not None:
+                    self.pattern_hosts[pid] = (wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path)
                 if wc.host is None:
                     keyed = False
                 elif wc.host_is_suffix:

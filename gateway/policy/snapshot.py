@@ -152,6 +152,7 @@ class PolicySnapshot:
         source: str,
         url_patterns: tuple[str, ...] = (),
         url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
+        pattern_hosts: dict[int, tuple[Any, ...]] | None = None,
         native: bool | None = None,
     ):
         self.version = version
@@ -199,7 +200,8 @@ class PolicySnapshot:
         module, self.native_problem = N.module(native)
         if module is not None:
             try:
-                self._native = self._native_engine(module, url_patterns, url_members)
+                self._native = self._native_engine(module, url_patterns, url_members, pattern_hosts or {})
+                self.decide_url = self._native.decide_url  # type: ignore[method-assign]
                 self.engine = "native"
             except Exception as exc:  # noqa: BLE001 - e.g. RE2 refuses a pattern: the Python engine decides
                 if native:
@@ -229,24 +231,16 @@ class PolicySnapshot:
 
     def decide_url(self, url: str, device: DeviceContext, stage: Stage = Stage.REQUEST, method: str = "GET",
                    now: datetime | None = None, **extra: Any) -> Verdict:
-        """``decide(query_for_url(url, device, stage, method, now, **extra))``, the same
-        Verdict object, in one native call when the fast path can decide it. (The body of
-        ``native_verdict`` is repeated here: a call less on the hot path.)"""
-        native = self._native
-        if native is not None:
-            index = _NATIVE_STAGES.get(stage)
-            if index is not None and (now is None or now.tzinfo is not None):
-                view = self._device_view(device)
-                nv = view.native
-                if nv is None:
-                    nv = view.native = native.view(sorted(view.dead), sorted(view.unsure), view.generic)
-                now_us = 0
-                if self._native_clock:
-                    now_us = self._compiled_us if now is None else _micros(now)
-                verdict = native.decide(url, index, nv, now_us)
-                if verdict is not None:
-                    return verdict
+        """``decide(query_for_url(url, device, stage, method, now, **extra))``.
+
+        With the native engine (``engine == "native"``) this method is replaced, on the
+        instance, by the engine's own ``decide_url``: one C call that returns the very Verdict
+        object this method would, and calls this method for whatever it does not decide
+        (other stages, extra query fields, URLs outside the simple form, rules with
+        conditions it does not evaluate)."""
         return self.decide(query_for_url(url, device, stage, method, now, **extra))
+
+    _python_decide_url = decide_url
 
     def native_verdict(self, url: str, device: DeviceContext, stage: Stage = Stage.REQUEST,
                        now: datetime | None = None) -> Verdict | None:
@@ -256,11 +250,8 @@ class PolicySnapshot:
         index = _NATIVE_STAGES.get(stage)
         if native is None or index is None or (now is not None and now.tzinfo is None):
             return None
-        view = self._device_view(device)
-        if view.native is None:
-            view.native = native.view(sorted(view.dead), sorted(view.unsure), view.generic)
         now_us = (self._compiled_us if now is None else _micros(now)) if self._native_clock else 0
-        return native.decide(url, index, view.native, now_us)
+        return native.decide(url, index, self._native_view(device), now_us)
 
     def host_verdict(self, device: DeviceContext, host: str, stage: Stage, now: datetime | None = None) -> Verdict | None:
         """The decision for (device, host) when no path, content, destination address or
@@ -318,8 +309,16 @@ class PolicySnapshot:
             return self._all_alive
         return _DeviceView(frozenset(dead), tuple(o for o in self._generic if o not in dead), frozenset(unsure))
 
+    def _native_view(self, device: DeviceContext) -> Any:
+        """The fast path's copy of this device's view (made once per view)."""
+        view = self._device_view(device)
+        if view.native is None:
+            view.native = self._native.view(sorted(view.dead), sorted(view.unsure), view.generic)
+        return view.native
+
     def _native_engine(self, module: Any, patterns: tuple[str, ...],
-                       members: tuple[tuple[int, ...] | None, tuple[int, ...] | None]) -> Any:
+                       members: tuple[tuple[int, ...] | None, tuple[int, ...] | None],
+                       pattern_hosts: dict[int, tuple[Any, ...]]) -> Any:
         """The fast path's engine over this snapshot's tables. Per rule: whether it needs
         Python (unless:, or a condition without a native form), host_only, the expiry, and
         the native forms of its conditions; device-only conditions are left to the
@@ -344,9 +343,11 @@ class PolicySnapshot:
         return module.Engine(
             rules=specs, exact=self._exact, suffix=self._suffix, url_only=self._url_only,
             pattern_rules=self._pattern_rules, lazy_limit=LAZY_URL_RULES, patterns=tuple(patterns),
-            free_pids=members[F.FREE_SET], keyed_pids=members[F.KEYED_SET],
+            free_pids=members[F.FREE_SET], keyed_pids=members[F.KEYED_SET], pattern_hosts=pattern_hosts,
             verdicts=tuple(tuple(rule.verdicts[s] for rule in self.rules) for s in stages),
             defaults=tuple(self._default[s] for s in stages),
+            stages=tuple(stages), fallback=self._python_decide_url, view_factory=self._native_view,
+            micros=_micros if self._native_clock else None, compiled_us=self._compiled_us,
         )
 
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:

@@ -159,10 +159,12 @@ NATIVE_POLICY = textwrap.dedent("""
       - {id: expired, action: block, expires: 2026-01-01, match: {domain: [old.test]}}
       - {id: current, action: monitor, expires: 2026-12-31, match: {domain: [old.test, new.test]}}
       - {id: keyed, action: block, match: {url: ["files.test/secret/*", "*.docs.test/private*", "https://[2001:db8::5]/admin*"]}}
+      - {id: keyed-parts, action: monitor, match: {url: ["http://files.test:8080/a*b*c", "files.test/q?x=*", "*.docs.test/x/*/y",
+                                                       "HTTPS://files.test:443/tls", "ftp://docs.test", "files.test/Ex%41ct"]}}
       - {id: staff-only, action: monitor, match: {device_group: staff, domain: [staff.test]}}
       - {id: unless, action: block, match: {domain: [unless.test]}, unless: {device_group: it}}
       - {id: post, action: block, match: {domain: [post.test], method: POST}}
-      - {id: free-rx, action: block, match: {url_regex: ["/upload/[0-9]+", "tracking=1"]}}
+      - {id: free-rx, action: block, match: {url_regex: ["/upload/[0-9]+", "tracking=1", "/DownLoad/", "=evil&"]}}
 """)
 FREE_RULES = "".join(f"  - {{id: free-{i}, action: block, match: {{url_regex: ['/f{i}/']}}}}\n" for i in range(20))
 MAIL = "mail.test\n/webmail-[a-z]+\\.test/\n"
@@ -176,7 +178,8 @@ HOSTS = ["blocked.test", "a.blocked.test", "ok.blocked.test", "例え.jp", "xn--
          "storage.test", "old.test", "new.test", "files.test", "docs.test", "a.docs.test", "staff.test",
          "unless.test", "post.test", "other.test", "192.0.2.1"]
 PATHS = ["/", "/secret/x", "/private", "/privateer?q=1", "/upload/123", "/a?tracking=1", "/f3/", "/F19/x", "/%73ecret/x",
-         "/admin"]
+         "/admin", "/a1b2c", "/axbyc?z", "/abcb", "/q?x=1", "/Q?X=", "/x/any/y", "/x/y", "/x/a/y#f", "/x/a/yz", "/download/z",
+         "/?q=evil&x", "/tls", "/ExAct", "/exact?a", "/%2Fdownload/"]
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["few-url-rules", "many-url-rules"])
@@ -239,11 +242,11 @@ _CASE = st.sampled_from([str.lower, str.upper, str.title])
 
 @st.composite
 def _url(draw) -> str:
-    scheme = draw(st.sampled_from(["https://", "http://", "HTTPS://", "ws://", "wss://", "ftp://", ""]))
+    scheme = draw(st.sampled_from(["https://", "http://", "HTTPS://", "ws://", "wss://", "ftp://", "", "1x://", "a+b://"]))
     user = draw(st.sampled_from(["", "", "user@", "u:p@", "@"]))
     host = draw(_CASE)(draw(_HOST)) if draw(st.booleans()) else draw(_HOST)
     dots = draw(st.sampled_from(["", "", ".", ".."]))
-    port = draw(st.sampled_from(["", "", ":443", ":80", ":8080", ":", ":0x1", ":²", ": 80"]))
+    port = draw(st.sampled_from(["", "", ":443", ":80", ":8080", ":", ":0x1", ":²", ": 80", ":08080"]))
     path = draw(st.lists(st.sampled_from(PATHS + ["%7e", "%7E", "%2F", "%2f", "%41", "%zz", "%4", "%", "~", "例",
                                                    "?q=%61", "#f", " "]), max_size=4))
     return scheme + user + host + dots + port + "".join(path)
