@@ -23,9 +23,11 @@
 // Everything else (unless:, time windows, methods, content types, destination, ...) sends
 // the decision back to Python the moment such a rule is reached.
 //
-// The host tables are the snapshot's own Python dicts, looked up from here: a second copy
-// of a million-name table would double its memory, and the lookup cost is the dict's cache
-// misses either way.
+// The host tables (exact and suffix: name -> rule ordinals) are copied into flat
+// open-addressing tables: looking names up in the snapshot's Python dicts was the largest
+// single cost left on the full benchmark (each probe of a million-entry dict touches its
+// index, its entry and the key object: three cache misses, plus a new str per suffix).
+// Here a probe touches one 16-byte slot, and the name only when the hash agrees.
 //
 // URL patterns are not all run through RE2. Measured on the benchmark's 10k patterns, an
 // RE2 set (or a DFA per pattern) costs 2-13 us per URL on a host with patterns: every URL
@@ -59,6 +61,8 @@
 #include <vector>
 
 namespace {
+
+bool append_ordinals(PyObject* tuple, std::vector<int>& out);
 
 enum CheckType { CHECK_HOST = 0, CHECK_HOST_OR_FREE = 1, CHECK_URLS = 2 };
 enum { FREE_SET = 0, KEYED_SET = 1 };
@@ -102,10 +106,82 @@ struct Scratch {
     std::vector<int> matched[2];  // global pattern ids, sorted (FREE: literals and the set)
 };
 
+// name -> rule ordinals, read-only after build.
+class HostTable {
+  public:
+    // dict[str, tuple[int, ...]]; the same tuple object (the compiler interns them) is stored once.
+    bool build(PyObject* dict) {
+        Py_ssize_t n = PyDict_GET_SIZE(dict);
+        size_t cap = 16;
+        while (cap < static_cast<size_t>(n) * 2) cap <<= 1;
+        slots_.assign(cap, Slot{0, 0, 0});
+        mask_ = cap - 1;
+        std::unordered_map<PyObject*, uint32_t> seen;
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(dict, &pos, &key, &value)) {
+            Py_ssize_t len = 0;
+            const char* name = PyUnicode_AsUTF8AndSize(key, &len);
+            if (!name) return false;
+            if (len > 0xffff) continue;  // not a host name a URL can have
+            auto found = seen.find(value);
+            uint32_t vindex;
+            if (found == seen.end()) {
+                vindex = static_cast<uint32_t>(value_start_.size());
+                value_start_.push_back(static_cast<uint32_t>(values_.size()));
+                if (!append_ordinals(value, values_)) return false;
+                value_end_.push_back(static_cast<uint32_t>(values_.size()));
+                seen.emplace(value, vindex);
+            } else {
+                vindex = found->second;
+            }
+            uint64_t h = hash(name, static_cast<size_t>(len));
+            size_t i = h & mask_;
+            while (slots_[i].hash != 0) i = (i + 1) & mask_;
+            slots_[i] = Slot{h, static_cast<uint32_t>(names_.size()), vindex};
+            names_.push_back(static_cast<char>(len & 0xff));
+            names_.push_back(static_cast<char>(len >> 8));
+            names_.append(name, static_cast<size_t>(len));
+        }
+        return true;
+    }
+
+    // Appends the ordinals filed under name.
+    void find(const char* name, size_t len, std::vector<int>& out) const {
+        uint64_t h = hash(name, len);
+        for (size_t i = h & mask_;; i = (i + 1) & mask_) {
+            const Slot& slot = slots_[i];
+            if (slot.hash == 0) return;
+            if (slot.hash != h) continue;
+            const char* stored = names_.data() + slot.name;
+            size_t stored_len = static_cast<unsigned char>(stored[0]) | (static_cast<size_t>(static_cast<unsigned char>(stored[1])) << 8);
+            if (stored_len == len && std::memcmp(stored + 2, name, len) == 0) {
+                out.insert(out.end(), values_.begin() + value_start_[slot.value], values_.begin() + value_end_[slot.value]);
+                return;
+            }
+        }
+    }
+
+  private:
+    struct Slot {
+        uint64_t hash;   // 0: empty
+        uint32_t name;   // offset in names_: 2-byte length, then the name
+        uint32_t value;  // index in value_start_/value_end_
+    };
+    static uint64_t hash(const char* s, size_t n) {
+        uint64_t h = std::hash<std::string_view>{}(std::string_view(s, n));
+        return h ? h : 1;
+    }
+    std::vector<Slot> slots_;
+    size_t mask_ = 0;
+    std::string names_;
+    std::vector<int> values_;
+    std::vector<uint32_t> value_start_, value_end_;
+};
+
 struct Engine {
     std::vector<Rule> rules;
-    PyObject* exact = nullptr;   // dict str -> tuple[int, ...]
-    PyObject* suffix = nullptr;  // dict str -> tuple[int, ...]
+    HostTable exact, suffix;
     std::vector<int> url_only;
     std::vector<std::vector<int>> pattern_rules;
     size_t lazy_limit = 16;
@@ -122,6 +198,13 @@ struct Engine {
     PyObject* verdicts[STAGES] = {nullptr, nullptr};  // tuple: ordinal -> Verdict
     PyObject* defaults[STAGES] = {nullptr, nullptr};
     Scratch scratch;
+
+    ~Engine() {
+        for (int s = 0; s < STAGES; s++) {
+            Py_XDECREF(verdicts[s]);
+            Py_XDECREF(defaults[s]);
+        }
+    }
 };
 
 struct EngineObject {
@@ -310,17 +393,6 @@ bool normalize(const char* in, size_t n, std::string& url, std::string& host, st
 
 // -- the decision ---------------------------------------------------------------------------
 
-// Appends the rule ordinals the host table has for this name; false on a Python error.
-bool lookup(PyObject* dict, const char* s, size_t n, std::vector<int>& out) {
-    PyObject* key = PyUnicode_New(static_cast<Py_ssize_t>(n), 127);
-    if (!key) return false;
-    std::memcpy(PyUnicode_1BYTE_DATA(key), s, n);
-    PyObject* value = PyDict_GetItemWithError(dict, key);  // borrowed
-    Py_DECREF(key);
-    if (!value) return !PyErr_Occurred();
-    return append_ordinals(value, out);
-}
-
 // The ids of the patterns of RE2 set `which` that match, appended to out; false when RE2
 // could not tell (then Python).
 bool match_residual(const Engine& e, int which, Scratch& m, std::vector<int>& out) {
@@ -483,10 +555,10 @@ int decide_core(Engine& e, PyObject* url_obj, long stage, const ViewObject* view
     // Rules found through the host tables: the exact name, then every suffix.
     std::vector<int>& hits = m.hits;
     hits.clear();
-    if (!lookup(e.exact, m.host.data(), m.host.size(), hits)) return -1;
+    e.exact.find(m.host.data(), m.host.size(), hits);
     size_t pos = 0;
     while (true) {
-        if (!lookup(e.suffix, m.host.data() + pos, m.host.size() - pos, hits)) return -1;
+        e.suffix.find(m.host.data() + pos, m.host.size() - pos, hits);
         size_t dot = m.host.find('.', pos);
         if (dot == std::string::npos) break;
         pos = dot + 1;
@@ -951,10 +1023,7 @@ PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
         }
     }
     Py_DECREF(fast);
-    Py_INCREF(exact);
-    e->exact = exact;
-    Py_INCREF(suffix);
-    e->suffix = suffix;
+    if (!e->exact.build(exact) || !e->suffix.build(suffix)) return nullptr;
     if (!int_list(url_only, e->url_only)) return nullptr;
     e->lazy_limit = static_cast<size_t>(lazy_limit < 0 ? 0 : lazy_limit);
     PyObject* pr = PySequence_Fast(pattern_rules, "pattern_rules must be a sequence");
@@ -1019,8 +1088,6 @@ int engine_traverse(PyObject* self, visitproc visit, void* arg) {
     Py_VISIT(eo->last_view);
     for (int s = 0; s < STAGES; s++) Py_VISIT(eo->stages[s]);
     if (eo->engine) {
-        Py_VISIT(eo->engine->exact);
-        Py_VISIT(eo->engine->suffix);
         for (int s = 0; s < STAGES; s++) {
             Py_VISIT(eo->engine->verdicts[s]);
             Py_VISIT(eo->engine->defaults[s]);

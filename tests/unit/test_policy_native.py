@@ -277,3 +277,17 @@ _SNAPS = (
     (_compile(NATIVE_POLICY, native.available()), _compile(NATIVE_POLICY, False),
      _compile(NATIVE_POLICY + FREE_RULES, native.available()), _compile(NATIVE_POLICY + FREE_RULES, False))
 )
+
+
+def test_snapshot_and_native_engine_are_freed():
+    """The engine calls back into its snapshot (fallback, device views): a reference cycle
+    the collector must break, or every policy reload would leak the old tables."""
+    import gc
+    import weakref
+
+    snap = _compile(NATIVE_POLICY, native.available())
+    snap.decide_url("https://blocked.test/", DEVICES[0])
+    ref = weakref.ref(snap)
+    del snap
+    gc.collect()
+    assert ref() is None
