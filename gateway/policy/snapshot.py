@@ -196,17 +196,14 @@ class PolicySnapshot:
         self._compiled_us = _micros(compiled_at)
         self._native: Any = None
         self._native_clock = False  # a rule the fast path evaluates has an expiry
-        self.engine = "python"  # or "native": which path decide_url takes
-        module, self.native_problem = N.module(native)
-        if module is not None:
-            try:
-                self._native = self._native_engine(module, url_patterns, url_members, pattern_hosts or {})
-                self.decide_url = self._native.decide_url  # type: ignore[method-assign]
-                self.engine = "native"
-            except Exception as exc:  # noqa: BLE001 - e.g. RE2 refuses a pattern: the Python engine decides
-                if native:
-                    raise
-                self.native_problem = f"native engine not built for this policy: {exc}"
+        # The native engine is built on the first decide_url (or prepare_native): the
+        # gateway's addons call decide() and never pay for its tables.
+        self._native_inputs = (url_patterns, url_members, pattern_hosts or {})
+        self._native_forced = bool(native)
+        self._native_module, self.native_problem = N.module(native)
+        self.engine = "native" if self._native_module is not None else "python"  # decide_url's path
+        if native:
+            self.prepare_native()
 
     # -- public -------------------------------------------------------------------------
 
@@ -238,14 +235,37 @@ class PolicySnapshot:
         object this method would, and calls this method for whatever it does not decide
         (other stages, extra query fields, URLs outside the simple form, rules with
         conditions it does not evaluate)."""
+        if self._native is None and self._native_module is not None and self.prepare_native() == "native":
+            return self._native.decide_url(url, device, stage, method, now, **extra)
         return self.decide(query_for_url(url, device, stage, method, now, **extra))
 
     _python_decide_url = decide_url
+
+    def prepare_native(self) -> str:
+        """Build the native engine now (else the first decide_url does); returns ``engine``.
+        A policy the native code cannot take (RE2 refuses a pattern) stays on Python, with
+        ``native_problem`` saying why; with ``native=True`` that raises instead."""
+        module = self._native_module
+        if self._native is not None or module is None:
+            return self.engine
+        try:
+            engine = self._native_engine(module, *self._native_inputs)
+        except Exception as exc:  # noqa: BLE001 - the Python engine decides
+            self._native_module = None
+            self.engine = "python"
+            self.native_problem = f"native engine not built for this policy: {exc}"
+            if self._native_forced:
+                raise
+            return self.engine
+        self._native = engine
+        self.decide_url = engine.decide_url  # type: ignore[method-assign]
+        return self.engine
 
     def native_verdict(self, url: str, device: DeviceContext, stage: Stage = Stage.REQUEST,
                        now: datetime | None = None) -> Verdict | None:
         """What the native fast path answers for this URL, or None when it hands the
         decision to Python (or is not in use). For tests and the benchmark."""
+        self.prepare_native()
         native = self._native
         index = _NATIVE_STAGES.get(stage)
         if native is None or index is None or (now is not None and now.tzinfo is None):

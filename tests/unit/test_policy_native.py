@@ -72,6 +72,25 @@ def test_extension_is_built_and_used():
     assert snap.engine == ("python" if native.switched_off() else "native")
     forced = compile_text("version: 1\nrules: []\n", native=True)
     assert forced.engine == "native" and forced.native_problem == ""
+    if snap.engine == "native":  # built on first use: the addons' decide() never pays for it
+        assert snap._native is None
+        assert snap.decide_url("https://x.a.test/", DEVICES[0]).rule_id == "a"
+        assert snap._native is not None and snap.native_verdict("https://x.a.test/", DEVICES[0]).rule_id == "a"
+
+
+def test_a_policy_the_native_engine_refuses_stays_on_python(monkeypatch):
+    needs_native()
+    from gateway.policy.snapshot import PolicySnapshot
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("RE2 refused pattern 0")
+
+    monkeypatch.setattr(PolicySnapshot, "_native_engine", refuse)
+    snap = compile_text("version: 1\nrules:\n  - {id: a, action: block, match: {domain: a.test}}\n")
+    assert snap.decide_url("https://a.test/", DEVICES[0]).rule_id == "a"
+    assert snap.engine == "python" and "RE2 refused" in snap.native_problem
+    with pytest.raises(ValueError):
+        compile_text("version: 1\nrules: []\n", native=True)
 
 
 def test_kanmon_native_0_switches_to_python(monkeypatch):
