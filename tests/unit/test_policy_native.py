@@ -86,6 +86,7 @@ def test_a_policy_the_native_engine_refuses_stays_on_python(monkeypatch):
         raise ValueError("RE2 refused pattern 0")
 
     monkeypatch.setattr(PolicySnapshot, "_native_engine", refuse)
+    monkeypatch.delenv("KANMON_NATIVE", raising=False)
     snap = compile_text("version: 1\nrules:\n  - {id: a, action: block, match: {domain: a.test}}\n")
     assert snap.decide_url("https://a.test/", DEVICES[0]).rule_id == "a"
     assert snap.engine == "python" and "RE2 refused" in snap.native_problem
