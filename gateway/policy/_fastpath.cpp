@@ -55,6 +55,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -134,11 +136,12 @@ class HostTable {
             vindex = static_cast<uint32_t>(value_index);
         }
         uint64_t h = hash(name, len);
+        if (names_.size() + len + 4 > UINT32_MAX) throw std::length_error("host table over 4 GiB");
         size_t i = h & mask_;
         while (slots_[i].hash != 0) i = (i + 1) & mask_;
         slots_[i] = Slot{h, static_cast<uint32_t>(names_.size()), vindex};
-        names_.push_back(static_cast<char>(len & 0xff));
-        names_.push_back(static_cast<char>(len >> 8));
+        uint32_t len32 = static_cast<uint32_t>(len);
+        names_.append(reinterpret_cast<const char*>(&len32), sizeof len32);
         names_.append(name, len);
         return vindex;
     }
@@ -154,7 +157,6 @@ class HostTable {
             Py_ssize_t len = 0;
             const char* name = PyUnicode_AsUTF8AndSize(key, &len);
             if (!name) return false;
-            if (len > 0xffff) continue;  // not a host name a URL can have
             auto found = seen.find(value);
             if (found != seen.end()) {
                 insert(name, static_cast<size_t>(len), nullptr, 0, found->second);
@@ -182,9 +184,9 @@ class HostTable {
             if (slot.hash == 0) return;
             if (slot.hash != h) continue;
             const char* stored = names_.data() + slot.name;
-            size_t stored_len = static_cast<unsigned char>(stored[0]) |
-                                (static_cast<size_t>(static_cast<unsigned char>(stored[1])) << 8);
-            if (stored_len == len && std::memcmp(stored + 2, name, len) == 0) {
+            uint32_t stored_len;
+            std::memcpy(&stored_len, stored, sizeof stored_len);
+            if (stored_len == len && std::memcmp(stored + sizeof stored_len, name, len) == 0) {
                 out.insert(out.end(), values_.begin() + value_start_[slot.value], values_.begin() + value_end_[slot.value]);
                 return;
             }
@@ -194,7 +196,7 @@ class HostTable {
   private:
     struct Slot {
         uint64_t hash;   // 0: empty
-        uint32_t name;   // offset in names_: 2-byte length, then the name
+        uint32_t name;   // offset in names_: 4-byte length, then the name
         uint32_t value;  // index in value_start_/value_end_
     };
     std::vector<Slot> slots_;
@@ -1054,7 +1056,7 @@ bool index_patterns(Engine& e, PyObject* patterns, const std::vector<int>& free_
     return true;
 }
 
-PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
+PyObject* engine_new_impl(PyTypeObject* type, PyObject* args, PyObject* kwds) {
     static const char* kwlist[] = {"rules", "exact", "suffix", "url_only", "pattern_rules", "lazy_limit",
                                    "patterns", "free_pids", "keyed_pids", "pattern_hosts", "verdicts", "defaults",
                                    "stages", "fallback", "view_factory", "micros", "compiled_us", nullptr};
@@ -1189,19 +1191,36 @@ PyObject* engine_guard(PyObject* self) {
     return self;
 }
 
+// No C++ exception (std::bad_alloc, a table over 4 GiB) may cross into the interpreter.
+template <typename F>
+PyObject* guarded(F f) {
+    try {
+        return f();
+    } catch (const std::bad_alloc&) {
+        return PyErr_NoMemory();
+    } catch (const std::exception& ex) {
+        PyErr_SetString(PyExc_RuntimeError, ex.what());
+        return nullptr;
+    }
+}
+
+PyObject* engine_new(PyTypeObject* type, PyObject* args, PyObject* kwds) {
+    return guarded([&] { return engine_new_impl(type, args, kwds); });
+}
+
 PyObject* engine_decide_checked(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     if (!engine_guard(self)) return nullptr;
-    return engine_decide(self, args, nargs);
+    return guarded([&] { return engine_decide(self, args, nargs); });
 }
 
 PyObject* engine_decide_url_checked(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
     if (!engine_guard(self)) return nullptr;
-    return engine_decide_url(self, args, nargsf, kwnames);
+    return guarded([&] { return engine_decide_url(self, args, nargsf, kwnames); });
 }
 
 PyObject* engine_view_checked(PyObject* self, PyObject* args) {
     if (!engine_guard(self)) return nullptr;
-    return engine_view(self, args);
+    return guarded([&] { return engine_view(self, args); });
 }
 
 // normalize(url) -> (normalized url, host) | None: the simple-form normalization, exposed
