@@ -9,16 +9,21 @@
 // No existing library decides Kanmon's rule language (first match in document order with
 // per-device dead rules), so this file is the engine's loop, not a wrapper.
 //
-// The contract (gateway/policy/snapshot.py, PolicySnapshot.decide_url): given a URL string,
-// a stage (http-request or http-response), a per-device view and the clock, return the very
-// Verdict object the Python engine returns, or None when anything is outside what this file
-// evaluates. None is never a guess: the caller then runs the Python engine, so results are
-// identical by construction. What is evaluated here:
+// The contract (gateway/policy/snapshot.py, PolicySnapshot.decide_url): Engine.decide_url
+// takes decide_url's arguments (URL string, device, stage, method, clock) and returns the
+// very Verdict object the Python engine returns; whenever anything is outside what this
+// file evaluates it calls the Python decide_url with the arguments as given (decide() is
+// the same test returning None instead). Nothing is guessed, so results are the Python
+// engine's by construction — with one caveat: the regexes left to RE2 here run on the
+// system's libre2 (Debian's 2022-06-01), the Python engine on the RE2 bundled with the
+// google-re2 wheel; the differential tests hold them equal on the project's policies.
+// What is evaluated here:
 //   - URLs in the simple form (ASCII, no '@', '[' or '%' in the authority, a numeric port,
 //     no trailing dot or blanks on the host); '%'-escapes in the path are normalized the
 //     way normalize_url does;
+//   - the stages http-request and http-response, without extra query fields;
 //   - rules whose conditions are: the host tables (domain / domain_exact / list), URL
-//     pattern membership in one of the two RE2 sets, and device conditions that the
+//     pattern membership in one of the two URL sets, and device conditions that the
 //     per-device view has settled (dead or certainly true); an expiry instant.
 // Everything else (unless:, time windows, methods, content types, destination, ...) sends
 // the decision back to Python the moment such a rule is reached.
