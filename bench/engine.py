@@ -1,5 +1,10 @@
 """Engine benchmark: Kanmon's compiled policy next to python-adblock (adblock-rust), same
-rules, same URLs, one run.
+rules, same URLs, one run. Kanmon runs twice: ``kanmon`` is ``snapshot.decide_url`` with the
+native fast path (gateway/policy/_fastpath.cpp; the table says "python" if it is not built
+or KANMON_NATIVE=0), ``kanmon (python)`` is the pure-Python engine,
+``decide(query_for_url(...))``. Verdict agreement is reported for each against adblock and
+between the two Kanmon paths (same action and rule on every URL), plus the share of URLs
+the native path handed back to Python.
 
     /tmp/venv/bin/python bench/engine.py            # 1M domains, 10k URL patterns, 200k URLs
     /tmp/venv/bin/python bench/engine.py --quick    # small sizes, a few seconds
@@ -114,7 +119,9 @@ def summarize(passes: list[tuple[float, list[int]]], n: int) -> dict:
     return out
 
 
-def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyped-def]
+def run_kanmon(data: dict, repeats: int, conn, native: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """``native``: decide through ``decide_url`` (the fast path when it is built), else the
+    pure-Python engine exactly as before the fast path existed."""
     from gateway.policy import DeviceContext, compile_text, query_for_url
     from gateway.verdict import Action
 
@@ -122,7 +129,8 @@ def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyp
     gc.collect()
     before = rss_kib()
     t0 = time.perf_counter()
-    snap = compile_text(text, lists, filename="bench.yaml")
+    snap = compile_text(text, lists, filename="bench.yaml", native=None if native else False)
+    snap.prepare_native()  # built on first use otherwise: counted in the compile time here
     compile_s = time.perf_counter() - t0
     rss = rss_kib() - before
     del text, lists
@@ -131,25 +139,38 @@ def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyp
     now = datetime.now(timezone.utc)
     perf = time.perf_counter_ns
     decide = snap.decide
+    decide_url = snap.decide_url
     block = Action.BLOCK
     passes = []
     conn.send("ready")
     for _ in range(repeats):  # the loop body is the same shape as run_adblock's
         conn.recv()  # the parent's turn signal: the engines' passes alternate
-        samples, blocked = [], []
+        samples, blocked, verdicts = [], [], []
         gc.collect()
-        gc.disable()  # same for both engines: time decisions, not collector pauses
+        gc.disable()  # same for every engine: time decisions, not collector pauses
         t0 = time.perf_counter()
-        for url in urls:
-            s = perf()
-            v = decide(query_for_url(url, device, now=now))
-            samples.append(perf() - s)
-            blocked.append(v.action is block)
+        if native:
+            for url in urls:
+                s = perf()
+                v = decide_url(url, device, now=now)
+                samples.append(perf() - s)
+                blocked.append(v.action is block)
+                verdicts.append(v)
+        else:
+            for url in urls:
+                s = perf()
+                v = decide(query_for_url(url, device, now=now))
+                samples.append(perf() - s)
+                blocked.append(v.action is block)
+                verdicts.append(v)
         passes.append((time.perf_counter() - t0, samples))
         gc.enable()
         conn.send("pass")
-    conn.send({"engine": "kanmon", "compile_s": compile_s, "rss_mib": rss / 1024, **summarize(passes, len(urls)),
-               "blocked": blocked})
+    # Untimed: how many URLs the native path answered itself (the rest went to Python).
+    handed_back = sum(snap.native_verdict(url, device, now=now) is None for url in urls) if snap.engine == "native" else len(urls)
+    conn.send({"engine": "kanmon" if native else "kanmon_python", "path": snap.engine, "compile_s": compile_s,
+               "rss_mib": rss / 1024, **summarize(passes, len(urls)), "handed_to_python": handed_back / len(urls),
+               "blocked": blocked, "verdicts": [(str(v.action), v.rule_id) for v in verdicts]})
 
 
 def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyped-def]
@@ -191,20 +212,21 @@ def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-unty
 
 def run_interleaved(data: dict, repeats: int) -> list[dict]:
     """Each engine in its own forked process (its own compile time and RSS), set up one after
-    the other; then their passes alternate (kanmon, adblock, adblock, kanmon, ...), so a
-    burst of load from other work on a shared machine hits both engines alike instead of
-    whichever happened to run then."""
+    the other; then their passes alternate, the order rotating every pass (kanmon, kanmon
+    python, adblock; kanmon python, adblock, kanmon; ...), so a burst of load from other work
+    on a shared machine hits every engine alike instead of whichever happened to run then."""
     ctx = mp.get_context("fork")  # the children inherit the generated data without copying it
     workers = []
-    for target in (run_kanmon, run_adblock):
+    for target, args in ((run_kanmon, (True,)), (run_kanmon, (False,)), (run_adblock, ())):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(data, repeats, child))
+        proc = ctx.Process(target=target, args=(data, repeats, child, *args))
         proc.start()
         if parent.recv() != "ready":  # compiled before the next one starts compiling
             raise RuntimeError(f"{target.__name__} did not start")
         workers.append((proc, parent))
     for r in range(repeats):
-        for _proc, pipe in (workers if r % 2 == 0 else workers[::-1]):
+        shift = r % len(workers)
+        for _proc, pipe in workers[shift:] + workers[:shift]:
             pipe.send("go")
             pipe.recv()
     results = [pipe.recv() for _proc, pipe in workers]
@@ -231,19 +253,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     results = run_interleaved(data, args.repeats)
-    k, a = results
-    agree = sum(x == y for x, y in zip(k.pop("blocked"), a.pop("blocked"))) / len(data["urls"])
+    k, kp, a = results
+    n = len(data["urls"])
+    a_blocked = a.pop("blocked")
+    agree = sum(x == y for x, y in zip(k.pop("blocked"), a_blocked)) / n
+    agree_python = sum(x == y for x, y in zip(kp.pop("blocked"), a_blocked)) / n
+    agree_paths = sum(x == y for x, y in zip(k.pop("verdicts"), kp.pop("verdicts"))) / n
     ratio = k["mean_us"] / a["mean_us"]
+    ratio_python = kp["mean_us"] / a["mean_us"]
     rows = [("compile (s)", "compile_s", "{:.2f}"), ("RSS growth (MiB)", "rss_mib", "{:.0f}"),
             ("decisions/s", "decisions_per_s", "{:,.0f}"), ("mean (µs)", "mean_us", "{:.2f}"),
             ("p50 (µs)", "p50_us", "{:.2f}"), ("p99 (µs)", "p99_us", "{:.2f}"),
             ("cold pass mean (µs)", "cold_mean_us", "{:.2f}")]
     print(f"\n{args.domains:,} domains, {args.patterns:,} URL patterns, {args.urls:,} URLs (seed {args.seed}; generated in {gen_s:.1f}s); "
           f"median of {args.repeats} passes")
-    print(f"{'':<20}{'kanmon':>14}{'adblock':>14}{'kanmon/adblock':>16}")
+    native_label = f"kanmon ({k['path']})"
+    print(f"{'':<20}{native_label:>16}{'kanmon (python)':>16}{'adblock':>12}{'native/adblock':>16}{'python/adblock':>16}")
     for label, key, fmt in rows:
-        print(f"{label:<20}{fmt.format(k[key]):>14}{fmt.format(a[key]):>14}{k[key] / a[key] if a[key] else float('nan'):>16.2f}")
-    print(f"verdict agreement: {agree:.4%}; goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({ratio:.2f}x)")
+        print(f"{label:<20}{fmt.format(k[key]):>16}{fmt.format(kp[key]):>16}{fmt.format(a[key]):>12}"
+              f"{k[key] / a[key] if a[key] else float('nan'):>16.2f}{kp[key] / a[key] if a[key] else float('nan'):>16.2f}")
+    print(f"verdict agreement with adblock: {native_label} {agree:.4%}, kanmon (python) {agree_python:.4%}; "
+          f"{native_label} vs kanmon (python): {agree_paths:.4%} same action and rule; "
+          f"URLs the native path handed to Python: {k['handed_to_python']:.2%}")
+    print(f"goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({native_label} {ratio:.2f}x, "
+          f"kanmon (python) {ratio_python:.2f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -251,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                   "repeats": args.repeats},
         "machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
         "kanmon": k, "adblock": a, "per_decision_ratio": ratio, "agreement": agree, "goal_met": ratio <= 0.5,
+        "kanmon_python": kp, "per_decision_ratio_python": ratio_python, "agreement_python": agree_python,
+        "agreement_native_python": agree_paths, "kanmon_path": k["path"],
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -16,7 +16,7 @@ from gateway.i18n import Text
 from gateway.policy.loader import load_policy
 from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
 from gateway.policy.snapshot import PolicySnapshot
-from gateway.verdict import Stage
+from gateway.verdict import Stage, Verdict
 from gateway.yamlsource import SourceErrors
 
 T_INVALID = Text("ポリシーにエラーがあります（適用されません）:", "The policy has errors (nothing applied):")
@@ -99,6 +99,19 @@ def query_from_args(url: str, device: DeviceContext, args: argparse.Namespace, n
     return q
 
 
+def decide_from_args(snap: PolicySnapshot, url: str, device: DeviceContext, args: argparse.Namespace,
+                     now: datetime) -> Verdict:
+    """``snap.decide(query_from_args(...))``; at the HTTP stages through ``decide_url`` (the
+    native fast path when it is built: the same verdict)."""
+    stage = Stage(args.stage)
+    if stage in (Stage.DNS, Stage.TLS):
+        return snap.decide(query_from_args(url, device, args, now))
+    extra = {key: value for key, value in (("response_content_type", args.content_type),
+                                           ("request_content_type", args.request_content_type),
+                                           ("body_size", args.body_size)) if value is not None}
+    return snap.decide_url(url, device, stage, args.method, now, **extra)
+
+
 def device_context_from_args(args: argparse.Namespace) -> DeviceContext:
     """The device a test query is made for. Raises ValueError on a bad value."""
     underlay = ip_address(args.underlay_ip) if getattr(args, "underlay_ip", None) else None
@@ -171,7 +184,7 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return 2
     now = datetime.now(timezone.utc)
     for url in urls:
-        v = snap.decide(query_from_args(url, device, args, now))
+        v = decide_from_args(snap, url, device, args, now)
         if args.json:
             obj = {"url": url, "verdict": str(v.action), "rule": v.rule_id, "explain": v.explain}
             if registered:

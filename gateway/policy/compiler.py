@@ -69,10 +69,12 @@ def compile_text(
     lists: Mapping[str, tuple[str, str]] | None = None,
     filename: str = "<policy>",
     compiled_at: datetime | None = None,
+    native: Any = None,
 ) -> PolicySnapshot:
-    """Compile from strings: ``lists`` maps list name -> (filename, text)."""
+    """Compile from strings: ``lists`` maps list name -> (filename, text). ``native``: see
+    ``PolicySnapshot`` (None: the fast path when it is built and not switched off)."""
     doc, sources = parse_policy(text, filename)
-    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc))
+    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc), native)
 
 
 def compile_policy(
@@ -81,13 +83,14 @@ def compile_policy(
     sources: list[ListSource],
     list_texts: Mapping[str, tuple[str, str]],
     compiled_at: datetime,
+    native: Any = None,
 ) -> PolicySnapshot:
-    return _Compiler(doc, policy_text, sources, list_texts, compiled_at).build()
+    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, native).build()
 
 
 class _Compiler:
     def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
-                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime):
+                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime, native: Any = None):
         self.doc = doc
         self.data: dict[str, Any] = doc.data
         self.policy_text = policy_text
@@ -111,6 +114,12 @@ class _Compiler:
         self.pattern_rules: list[list[int]] = []
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
+        self.url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
+        # A wildcard pattern tied to a host: (host key, is a suffix, scheme, port, path), the
+        # parts its regex was made of (urlpattern.py). A URL it matches has that host; the
+        # native fast path matches these parts as strings for the URL's host only.
+        self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
+        self.native = native
 
     def err(self, path: tuple[Any, ...], message: str) -> None:
         self.errors.append(self.doc.error(path, message))
@@ -169,6 +178,10 @@ class _Compiler:
             retired=tuple(self.retired),
             lists={name: len(lst) for name, lst in self.lists.items()},
             source=self.doc.filename,
+            url_patterns=tuple(sorted(self.patterns, key=self.patterns.__getitem__)),
+            url_members=self.url_members,
+            pattern_hosts=self.pattern_hosts,
+            native=self.native,
         )
 
     def _load_lists(self) -> None:
@@ -373,7 +386,8 @@ class _Compiler:
             else:
                 def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
                     return ordinal in f.host_hits
-            return Check(F.HOST, fn, text, F.URL if regex_ids else 0), routes
+            native = ("host_or_free", tuple(sorted(regex_ids))) if regex_ids else ("host",)
+            return Check(F.HOST, fn, text, F.URL if regex_ids else 0, native), routes
         # Unbucketed (inside unless:): walk the host's suffixes against this rule's own sets.
         exact = frozenset(routes.exact).union(*routes.exact_lists) if routes.exact_lists else frozenset(routes.exact)
         suffix_sets = [frozenset(routes.suffix)] + list(routes.suffix_lists)
@@ -421,7 +435,10 @@ class _Compiler:
                 if problem:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
                     continue
-                ids.add(self._pattern_id(wc.regex, None))  # its set is known at the end
+                pid = self._pattern_id(wc.regex, None)  # its set is known at the end
+                ids.add(pid)
+                if wc.host is not None:
+                    self.pattern_hosts[pid] = (wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path)
                 if wc.host is None:
                     keyed = False
                 elif wc.host_is_suffix:
@@ -452,7 +469,7 @@ class _Compiler:
             def fn(q: PolicyQuery, f: F.Facts) -> bool:
                 return not frozen.isdisjoint(f.matches(url_set))
 
-        check = Check(F.URL, fn, " or ".join(texts))
+        check = Check(F.URL, fn, " or ".join(texts), native=("urls", url_set, tuple(sorted(frozen))))
         if keyed:
             return check, routes  # every pattern names its host: bucket by host
         routes = _Routes()
@@ -469,6 +486,7 @@ class _Compiler:
             for which in sets:
                 members[which].append(pid)
         regexes = sorted(self.patterns, key=self.patterns.__getitem__)
+        self.url_members = (tuple(members[F.FREE_SET]) or None, tuple(members[F.KEYED_SET]) or None)
         return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET])
 
     def _url_set(self, regexes: list[str], pids: list[int]) -> tuple[Any, tuple[int, ...]] | None:

@@ -23,6 +23,12 @@ class CompiledWildcard:
     regex: str
     host: str | None  # bucket key, None when the host part has free wildcards
     host_is_suffix: bool
+    # The parts the regex was made of, for the native fast path's string matcher
+    # (_fastpath.cpp): the scheme (lower-case; None: any), the port (digits; None: any), the
+    # path glob as written ("" : none).
+    scheme: str | None = None
+    port: str | None = None
+    path: str = ""
 
 
 class WildcardError(ValueError):
@@ -38,8 +44,10 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
     if not p:
         raise WildcardError("empty URL pattern")
     m = _SCHEME.match(p)
+    scheme: str | None = None
     if m:
-        scheme_re = re.escape(m.group(1).lower())
+        scheme = m.group(1).lower()
+        scheme_re = re.escape(scheme)
         rest = p[m.end():]
     else:
         scheme_re = "[a-z][a-z0-9+.-]*"
@@ -49,12 +57,14 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
     if "@" in authority:
         raise WildcardError(f"user info is not allowed in a URL pattern: {pattern!r}")
     port_re = "(?::[0-9]+)?"
+    port_digits: str | None = None
     if ":" in authority and not authority.endswith("]"):
         authority, port = authority.rsplit(":", 1)
         if port == "*":
             port_re = "(?::[0-9]+)?"
         elif port.isascii() and port.isdigit():
             port_re = f":{port}"
+            port_digits = port
         else:
             raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
     host = authority.lower().rstrip(".")
@@ -87,4 +97,5 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         path_re = _glob(path, ".*")
         if "?" not in path:
             path_re += "(?:[?#].*)?"
-    return CompiledWildcard(f"^{scheme_re}://{host_re}{port_re}{path_re}$", host_key, host_is_suffix)
+    return CompiledWildcard(f"^{scheme_re}://{host_re}{port_re}{path_re}$", host_key, host_is_suffix,
+                            scheme, port_digits, path)
