@@ -16,7 +16,7 @@ VENV="$ROOT/.venv"
 
 APT_PACKAGES=(
   python3-venv ca-certificates libjemalloc2
-  g++ python3-dev libre2-dev
+  g++ libre2-dev
   iproute2 iputils-ping nftables conntrack curl procps
   wireguard-go wireguard-tools
   nginx-light
