@@ -304,6 +304,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(RESULTS / "proxy.json"))
+    ap.add_argument("--only", action="append", metavar="SCENARIO",
+                    help="run only this scenario (repeatable; e.g. to profile one of them)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -319,6 +321,12 @@ def main() -> int:
         lab.add_device(1)
         modes = Modes(lab)
         table = scenarios(lab, modes, args, workdir)
+        if args.only:
+            unknown = sorted(set(args.only) - set(table))
+            if unknown:
+                print(f"unknown scenario {', '.join(unknown)}; known: {', '.join(table)}", file=sys.stderr)
+                return 2
+            table = {name: run_one for name, run_one in table.items() if name in args.only}
         names = list(table)
         for r in range(args.rounds):
             order = round_order(names, r, args.rounds)
