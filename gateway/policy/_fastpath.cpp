@@ -446,6 +446,23 @@ inline bool alnum(char c) {
     return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
 }
 
+// Calls fn(begin, end) for every token of s: a maximal run of ASCII letters and digits.
+// One definition for the URL scan (hot path) and for choosing a literal's inner token.
+template <typename Fn>
+inline void for_each_token(const std::string& s, Fn&& fn) {
+    size_t i = 0, n = s.size();
+    while (i < n) {
+        if (!alnum(s[i])) {
+            i++;
+            continue;
+        }
+        size_t j = i;
+        while (j < n && alnum(s[j])) j++;
+        fn(i, j);
+        i = j;
+    }
+}
+
 inline uint64_t token_hash(const char* s, size_t n) {  // FNV-1a
     uint64_t h = 1469598103934665603ULL;
     for (size_t i = 0; i < n; i++) h = (h ^ static_cast<unsigned char>(s[i])) * 1099511628211ULL;
@@ -461,25 +478,17 @@ bool match_set(const Engine& e, int which, Scratch& m) {
     out.clear();
     if (which == FREE_SET && !e.token_index.empty()) {
         const std::string& u = m.lower;
-        size_t i = 0, n = u.size();
-        while (i < n) {
-            if (!alnum(u[i])) {
-                i++;
-                continue;
-            }
-            size_t j = i;
-            while (j < n && alnum(u[j])) j++;
+        for_each_token(u, [&](size_t i, size_t j) {
             uint64_t h = token_hash(u.data() + i, j - i);
             size_t bit = h & (TOKEN_BITS - 1);
-            auto it = (e.token_filter[bit >> 6] >> (bit & 63)) & 1 ? e.token_index.find(h) : e.token_index.end();
-            if (it != e.token_index.end()) {
-                for (int pid : it->second) {
-                    const std::string& lit = e.literal[static_cast<size_t>(pid)];
-                    if (u.find(lit) != std::string::npos) out.push_back(pid);
-                }
+            if (!((e.token_filter[bit >> 6] >> (bit & 63)) & 1)) return;
+            auto it = e.token_index.find(h);
+            if (it == e.token_index.end()) return;
+            for (int pid : it->second) {
+                const std::string& lit = e.literal[static_cast<size_t>(pid)];
+                if (u.find(lit) != std::string::npos) out.push_back(pid);
             }
-            i = j;
-        }
+        });
     }
     if (!match_residual(e, which, m, out)) return false;
     if (out.size() > 1) {
@@ -945,17 +954,9 @@ std::string inner_token(const std::string& lit) {
     static const char* meta = "\\^$.|?*+()[]{}";
     if (lit.empty() || !printable(lit) || lit.find_first_of(meta) != std::string::npos) return "";
     std::string best;
-    size_t i = 0, n = lit.size();
-    while (i < n) {
-        if (!alnum(lit[i])) {
-            i++;
-            continue;
-        }
-        size_t j = i;
-        while (j < n && alnum(lit[j])) j++;
-        if (i > 0 && j < n && j - i > best.size()) best = lit.substr(i, j - i);
-        i = j;
-    }
+    for_each_token(lit, [&](size_t i, size_t j) {
+        if (i > 0 && j < lit.size() && j - i > best.size()) best = lit.substr(i, j - i);
+    });
     return best;
 }
 
