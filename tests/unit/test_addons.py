@@ -274,6 +274,8 @@ def test_guard_builds_each_hook_wrapper_once_and_it_still_fails_closed(monkeypat
     monkeypatch.setattr(Guarded, "_wrap", counting_wrap)
     chain = Chain()
     guarded = Guarded(Exploding(), chain.actions)
+    implemented = ["client_connected", "configure", "dns_request", "requestheaders", "response", "tcp_message"]
+    assert sorted(built) == implemented, "one wrapper per hook the addon implements, built when guarded"
     first, second = guarded.requestheaders, guarded.requestheaders
     assert first is second
     for _ in range(3):  # the cached wrapper blocks every time, not only the first
@@ -289,7 +291,13 @@ def test_guard_builds_each_hook_wrapper_once_and_it_still_fails_closed(monkeypat
         asyncio.run(guarded.response(flow))
         assert flow.response.status_code == 403
     assert chain.errors("exploding", "response") == 2
-    assert built == ["requestheaders", "response"]
+    # what mitmproxy asks per event is answered from plain attributes: no hook -> None, no children
+    assert guarded.websocket_message is None and tuple(guarded.addons) == ()
+    with taddons.context() as tctx:
+        flow = chain.http("www.example.test")
+        tctx.master.addons.invoke_addon_sync(guarded, HttpRequestHeadersHook(flow))
+        assert flow.response.status_code == 403
+    assert sorted(built) == implemented, "and none built again per event"
 
 
 def test_guard_cache_follows_a_hook_the_addon_rebinds():
@@ -301,13 +309,22 @@ def test_guard_cache_follows_a_hook_the_addon_rebinds():
     inner.requestheaders = seen.append  # an addon that swaps its hook at run time
     flow = chain.http("www.example.test")
     guarded.requestheaders(flow)
-    assert guarded.requestheaders is not old
+    assert guarded.requestheaders is old, "the same wrapper calls whatever the addon has now"
     assert seen == [flow] and flow.response is None
     inner.requestheaders = lambda flow: 1 / 0
     flow = chain.http("www.example.test")
     guarded.requestheaders(flow)
     assert flow.response.status_code == 403
     assert chain.errors("exploding", "requestheaders") == 1
+
+    async def late_boom(flow):  # rebound to an async function: still awaited and guarded
+        await asyncio.sleep(0)
+        raise ValueError("async boom")
+    inner.requestheaders = late_boom
+    flow = chain.http("www.example.test")
+    asyncio.run(guarded.requestheaders(flow))
+    assert flow.response.status_code == 403
+    assert chain.errors("exploding", "requestheaders") == 2
 
 
 class Parent:
