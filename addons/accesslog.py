@@ -27,6 +27,7 @@ from mitmproxy import connection, dns, http, tcp, tls
 from addons.enforce import METADATA_REQUEST_ID
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
+from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.logstore import verdict_fields
 from gateway.registry import DeviceRecord
@@ -118,10 +119,11 @@ class AccessLog:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
         rec.update(_verdict_fields(flow.metadata.get(METADATA_VERDICT)))
         server = flow.server_conn.address
+        host, url = request_target(flow)
         rec.update({
             "event.dataset": "kanmon.proxy",
-            "url.full": self.redact_url(flow.request.pretty_url),
-            "url.domain": flow.request.pretty_host,
+            "url.full": self.redact_url(url),
+            "url.domain": host,
             "url.scheme": flow.request.scheme,
             "http.request.method": flow.request.method,
             "destination.ip": str(server[0]) if server else None,

@@ -20,6 +20,7 @@ from addons.blockpage import Helpdesk, block_response, new_request_id
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.policy import METADATA_DNS_BLOCK
+from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
@@ -98,7 +99,7 @@ class Enforcer:
         request_id = flow.metadata.setdefault(METADATA_REQUEST_ID, new_request_id())
         flow.metadata[METADATA_VERDICT] = verdict
         flow.response = block_response(
-            verdict, url=flow.request.pretty_url, device_id=device.device_id if device else None,
+            verdict, url=request_target(flow)[1], device_id=device.device_id if device else None,
             helpdesk=self.helpdesk, request_id=request_id)
 
     # -- hooks ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mitmproxy import dns, http, tcp, tls
 
+from addons.requesttarget import request_target
 from gateway.config import HostRule
 from gateway.connections import LiveConnections
 from gateway.verdict import Action, Stage, Verdict
@@ -57,7 +58,7 @@ class HostRuleDecider:
         state.record(verdict)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        verdict = self.decide_host(flow.request.pretty_host, Stage.REQUEST)
+        verdict = self.decide_host(request_target(flow)[0], Stage.REQUEST)
         tls_verdict = self.connections.get(flow.client_conn.id)
         tls_verdict = tls_verdict.notes.get("tls_verdict") if tls_verdict else None
         if verdict.passes and tls_verdict is not None and not tls_verdict.passes:

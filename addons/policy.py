@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from mitmproxy import dns, http, tcp, tls
 
 from addons.hostrules import METADATA_VERDICT
+from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
+from gateway.policy.query import marked_normalized_url
 from gateway.registry import DeviceRecord
 from gateway.verdict import Stage, Verdict
 
@@ -201,8 +203,9 @@ class PolicyDecider:
                 if name in req.headers:
                     del req.headers[name]
         size = req.headers.get("content-length")
+        host, url = request_target(flow)
         query = PolicyQuery(
-            Stage.REQUEST, device, host=normalize_host(req.pretty_host), url=req.pretty_url, scheme=req.scheme,
+            Stage.REQUEST, device, host=normalize_host(host), url=marked_normalized_url(url), scheme=req.scheme,
             method=req.method, dst_ip=self._ip(flow.server_conn.address),
             dst_port=flow.server_conn.address[1] if flow.server_conn.address else req.port,
             request_content_type=req.headers.get("content-type"),
@@ -220,8 +223,7 @@ class PolicyDecider:
         query = flow.metadata.pop(METADATA_DEFERRED, None)
         if query is None or flow.response is None:
             return
-        verdict = self.holder.current.snapshot.decide(query._replace(
-            stage=Stage.RESPONSE, response_content_type=flow.response.headers.get("content-type")))
+        verdict = self.holder.current.snapshot.decide(query.at_response(flow.response.headers.get("content-type")))
         self._record(flow, verdict)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from mitmproxy import dns, http, tcp, tls
 
 from addons.hostrules import METADATA_VERDICT, normalize_host
+from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.registry import DeviceStatus
 from gateway.verdict import RULE_QUARANTINE, Action, Stage, Verdict
@@ -51,7 +52,7 @@ class QuarantineGate:
             data.ignore_connection = False  # never pass a quarantined device's TLS through uninspected
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._override(flow, flow.request.pretty_host, Stage.REQUEST)
+        self._override(flow, request_target(flow)[0], Stage.REQUEST)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self._override(flow, flow.client_conn.sni, Stage.TCP)

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from mitmproxy import dns, http, tcp, tls
 
 from addons.hostrules import METADATA_VERDICT, normalize_host
+from addons.requesttarget import request_target
 from gateway.connections import ConnectionState, LiveConnections
 from gateway.registry import DeviceRecord
 from gateway.signin import pages
@@ -119,7 +120,7 @@ class SignInGate:
         state = self._state(flow.client_conn)
         if state is None or flow.response is not None:
             return
-        host = normalize_host(flow.request.pretty_host)
+        host = normalize_host(request_target(flow)[0])
         if host == self.portal:
             self._set(flow, Verdict(Action.ALLOW, RULE_SIGNIN_PORTAL, "the gateway's sign-in page", Stage.REQUEST), None)
             flow.response = await self._portal(flow, state)
@@ -132,7 +133,7 @@ class SignInGate:
         verdict = Verdict(Action.BLOCK, RULE_SIGNIN_REQUIRED, EXPLAIN, Stage.REQUEST)
         self._set(flow, verdict, state)
         if wants_html(flow.request):
-            target = f"https://{self.portal}/?next={quote(flow.request.pretty_url, safe='')}"
+            target = f"https://{self.portal}/?next={quote(request_target(flow)[1], safe='')}"
             flow.response = _redirect(target, RULE_SIGNIN_REQUIRED)
         # else: the enforcer answers with the block page (403, X-Kanmon-Rule: kanmon:signin-required)
 

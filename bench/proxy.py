@@ -5,6 +5,8 @@ Scenarios, all from one WireGuard device in its namespace to nginx in the fake i
 
   tunnel          the WireGuard tunnel, routed and masqueraded by the gateway, no proxy
   mitmproxy       + bare `mitmdump --mode transparent` (no addons) behind an nftables redirect
+  mitmproxy jemalloc  bare mitmdump with jemalloc preloaded, as `kanmon run` preloads it: the
+                  fair reference for the gateway's own ratio (allocator held equal)
   mitmproxy xW    + W bare mitmdump workers, nftables spreading connections (jhash of the
                   source address and port) over their ports: does one-process-per-core scale?
   e2guardian      Debian's e2guardian 5.3 (C++ filtering proxy) as an explicit proxy on the gateway
@@ -14,6 +16,7 @@ Scenarios, all from one WireGuard device in its namespace to nginx in the fake i
   kanmon          the Kanmon gateway (`kanmon run`: identity, built-in host rules, enforcer, access log)
   kanmon+policy   the same with the shipped example policy (policies/example.yaml: every list,
                   rule groups, tenants) compiled into the engine
+  kanmon+policy glibc  the same on glibc's malloc (KANMON_ALLOCATOR=glibc), next to bare mitmproxy
 
 Fairness on a shared machine: the scenarios run in ``--rounds`` rounds, each round runs every
 scenario once, and each round starts one step further along the list (rotated order), so no
@@ -47,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway.allocator import find_jemalloc  # noqa: E402
 from gateway.lab.topology import GATEWAY_TUNNEL4, TUNNEL4, WEB4, WG_PORT, Lab, run, wait_until  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -163,12 +167,15 @@ def steer(lab: Lab, ports: list[int] | None) -> None:
     lab.gw.run("nft", "-f", "-", input=ruleset)
 
 
-def start_mitmdump(lab: Lab, port: int, confdir: Path) -> subprocess.Popen:
+def start_mitmdump(lab: Lab, port: int, confdir: Path, preload: Path | None = None) -> subprocess.Popen:
     mitmdump = Path(sys.executable).parent / "mitmdump"
+    env = dict(os.environ, LD_PRELOAD=str(preload)) if preload else None
     proc = lab.gw.popen(str(mitmdump), "--mode", f"transparent@{port}", "--set", "connection_strategy=lazy",
-                        "--set", f"confdir={confdir}", "-q")
+                        "--set", f"confdir={confdir}", "-q", env=env)
     wait_until(lambda: f":{port} " in lab.gw.run("ss", "-ltnH").stdout or proc.poll() is not None, 30,
                f"mitmdump on {port}")
+    if preload and proc.poll() is None and preload.name not in Path(f"/proc/{proc.pid}/maps").read_text():
+        raise RuntimeError(f"mitmdump on {port} did not load {preload}")
     return proc
 
 
@@ -190,7 +197,7 @@ class Modes:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.mode: str | None = None
-        self.gateway_overrides: dict | None = None
+        self.gateway_overrides: tuple | None = None
 
     def manual(self) -> None:
         lab = self.lab
@@ -202,9 +209,9 @@ class Modes:
         manual_tunnel(lab)
         self.mode = "manual"
 
-    def gateway(self, overrides: dict) -> None:
+    def gateway(self, overrides: dict, env: dict | None = None) -> None:
         lab = self.lab
-        if self.mode == "gateway" and self.gateway_overrides == overrides:
+        if self.mode == "gateway" and self.gateway_overrides == (overrides, env):
             return
         if self.mode == "manual":
             lab.gw.run("nft", "delete", "table", "inet", "benchsteer", check=False)
@@ -213,9 +220,9 @@ class Modes:
         elif self.mode == "gateway":
             lab.stop_gateway()
         lab.write_config(overrides)
-        lab.start_gateway()
+        lab.start_gateway(env=env)
         lab.wait_for_peer(lab.devices[0])
-        self.mode, self.gateway_overrides = "gateway", overrides
+        self.mode, self.gateway_overrides = "gateway", (overrides, env)
 
 
 def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -> dict:
@@ -228,9 +235,9 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
         steer(lab, None)
         return load_now()
 
-    def mitmproxy(ports: list[int]) -> dict:
+    def mitmproxy(ports: list[int], preload: Path | None = None) -> dict:
         modes.manual()
-        procs = [start_mitmdump(lab, p, workdir / "mitm") for p in ports]
+        procs = [start_mitmdump(lab, p, workdir / "mitm", preload) for p in ports]
         try:
             steer(lab, ports)
             return load_now()
@@ -251,21 +258,28 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
         finally:
             stop(procs)
 
-    def kanmon(overrides: dict) -> dict:
-        modes.gateway(overrides)
+    def kanmon(overrides: dict, env: dict | None = None) -> dict:
+        modes.gateway(overrides, env)
         return load_now()
 
+    jemalloc = find_jemalloc()
     out = {
         "tunnel": tunnel,
         "mitmproxy": lambda: mitmproxy([18080]),
-        f"mitmproxy x{args.workers}": lambda: mitmproxy([18080 + i for i in range(args.workers)]),
     }
+    if jemalloc is not None:
+        out["mitmproxy jemalloc"] = lambda: mitmproxy([18080], jemalloc)
+    else:
+        print("libjemalloc2 not installed: 'mitmproxy jemalloc' skipped (the gateway runs on glibc too)")
+    out[f"mitmproxy x{args.workers}"] = lambda: mitmproxy([18080 + i for i in range(args.workers)])
     if shutil.which("e2guardian"):
         out["e2guardian"] = e2guardian
     else:
         print("e2guardian not installed (apt-get install --no-install-recommends e2guardian): skipped")
     out["kanmon"] = lambda: kanmon({})
-    out["kanmon+policy"] = lambda: kanmon({"policy": {"path": str(ROOT / "policies" / "example.yaml")}})
+    example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
+    out["kanmon+policy"] = lambda: kanmon(example)
+    out["kanmon+policy glibc"] = lambda: kanmon(example, {"KANMON_ALLOCATOR": "glibc"})
     return out
 
 
@@ -288,11 +302,12 @@ def summarize(names: list[str], rounds: list[dict]) -> dict:
         entry["non_2xx"] = sum(row["non_2xx"] for row in rows)
         entry["socket_errors"] = [row["socket_errors"] for row in rows if row["socket_errors"]]
         entry["requests_per_s_per_round"] = [row["requests_per_s"] for row in rows]
-        for ref in ("tunnel", "mitmproxy", "e2guardian"):
+        for ref in ("tunnel", "mitmproxy", "mitmproxy jemalloc", "e2guardian"):
             per_round = [r["results"][name]["requests_per_s"] / r["results"][ref]["requests_per_s"]
                          for r in rounds if name in r["results"] and r["results"].get(ref, {}).get("requests_per_s")]
-            entry[f"vs_{ref}_per_round"] = per_round
-            entry[f"vs_{ref}"] = statistics.median(per_round) if per_round else None
+            key = ref.replace(" ", "_")
+            entry[f"vs_{key}_per_round"] = per_round
+            entry[f"vs_{key}"] = statistics.median(per_round) if per_round else None
         out[name] = entry
     return out
 
@@ -334,7 +349,7 @@ def main() -> int:
             for name in order:
                 started = time.time()
                 results[name] = table[name]()
-                print(f"round {r + 1}/{args.rounds}: {name:16} {results[name]['requests_per_s']:8.0f} req/s "
+                print(f"round {r + 1}/{args.rounds}: {name:20} {results[name]['requests_per_s']:8.0f} req/s "
                       f"({time.time() - started:.0f} s)", flush=True)
             rounds.append({"round": r + 1, "order": order, "results": results})
     finally:
@@ -348,20 +363,23 @@ def main() -> int:
     def ratio(value: float | None, width: int) -> str:
         return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
 
-    print(f"{'scenario':16} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} {'vs e2guardian':>14} {'errors':>8}")
+    w = max(16, *(len(n) for n in names))
+    print(f"{'scenario':{w}} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} "
+          f"{'vs mitm+jemalloc':>17} {'vs e2guardian':>14} {'errors':>8}")
     for name in names:
         s = summary[name]
-        print(f"{name:16} {s['requests_per_s']:10.0f} {s['p50_ms'] or 0:8.2f} {s['p90_ms'] or 0:8.2f} {s['p99_ms'] or 0:8.2f} "
-              f"{ratio(s['vs_tunnel'], 10)} {ratio(s['vs_mitmproxy'], 13)} {ratio(s['vs_e2guardian'], 14)} {s['non_2xx']:>8}")
+        print(f"{name:{w}} {s['requests_per_s']:10.0f} {s['p50_ms'] or 0:8.2f} {s['p90_ms'] or 0:8.2f} {s['p99_ms'] or 0:8.2f} "
+              f"{ratio(s['vs_tunnel'], 10)} {ratio(s['vs_mitmproxy'], 13)} {ratio(s['vs_mitmproxy_jemalloc'], 17)} "
+              f"{ratio(s['vs_e2guardian'], 14)} {s['non_2xx']:>8}")
     print("\nper round (req/s, and ratio to bare mitmproxy of the same round):")
-    print(f"{'scenario':16} " + " ".join(f"{'round ' + str(r['round']):>18}" for r in rounds))
+    print(f"{'scenario':{w}} " + " ".join(f"{'round ' + str(r['round']):>18}" for r in rounds))
     for name in names:
         cells = []
         for r in rounds:
             row, bare = r["results"].get(name), r["results"].get("mitmproxy")
             cells.append(f"{row['requests_per_s']:8.0f} ({row['requests_per_s'] / bare['requests_per_s']:5.3f}x)"
                          if row and bare else f"{'-':>18}")
-        print(f"{name:16} " + " ".join(f"{c:>18}" for c in cells))
+        print(f"{name:{w}} " + " ".join(f"{c:>18}" for c in cells))
     print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,8 +389,8 @@ def main() -> int:
         "workers": args.workers, "rounds_run": args.rounds,
         "results": {name: {k: summary[name][k] for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "non_2xx")}
                     for name in names},
-        "ratios": {name: {"vs_tunnel": summary[name]["vs_tunnel"], "vs_mitmproxy": summary[name]["vs_mitmproxy"],
-                          "vs_e2guardian": summary[name]["vs_e2guardian"]} for name in names},
+        "ratios": {name: {k: summary[name][k] for k in ("vs_tunnel", "vs_mitmproxy", "vs_mitmproxy_jemalloc", "vs_e2guardian")}
+                   for name in names},
         "summary": summary,
         "rounds": rounds,
     }, indent=2))

@@ -55,6 +55,12 @@ class PolicyQuery(NamedTuple):
     body_size: int | None = None
     now: datetime | None = None  # aware UTC; None = the snapshot's compile time
 
+    def at_response(self, content_type: str | None) -> "PolicyQuery":
+        """This request's query at the response stage, with the response's content type:
+        ``_replace(stage=..., response_content_type=...)`` without its cost (~1.5 µs, once
+        per deferred request in the gateway)."""
+        return tuple.__new__(PolicyQuery, (Stage.RESPONSE, *self[1:10], content_type, *self[11:]))
+
 
 def normalize_host(host: str | None) -> str | None:
     """Lower-case, no trailing dot, IDNA (punycode) form; ``None`` for an empty or
@@ -158,6 +164,15 @@ class _NormalizedUrl(str):
     always. Only this module makes them (``is_normalized_url``)."""
 
     __slots__ = ()
+
+
+def marked_normalized_url(url: str) -> str:
+    """``normalize_url(url)``, marked so that ``decide`` does not normalize it again: for a
+    caller that decides the same URL at several stages (the gateway's request and response
+    hooks)."""
+    if type(url) is _NormalizedUrl:
+        return url
+    return _NormalizedUrl(normalize_url(url))
 
 
 def is_normalized_url(url: object) -> bool:

@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.policy import DeviceContext, PolicyQuery, compile_text, query_for_url
-from gateway.policy.query import is_normalized_url, normalize_host, normalize_url
+from gateway.policy.query import is_normalized_url, marked_normalized_url, normalize_host, normalize_url
 from gateway.verdict import Stage
 
 DEVICE = DeviceContext("q-1", frozenset({"staff"}), "org")
@@ -124,3 +124,28 @@ def test_normalized_url_reads_as_the_plain_string():
     assert q.url == "https://Files.Test/~me/b.apk?q=%2F" and q.host == "files.test" and q.dst_port == 443
     assert q.url.encode() == b"https://Files.Test/~me/b.apk?q=%2F"
     assert POLICY.decide(q).rule_id == "ext"
+
+
+# -- the gateway's request hook marks its URL once; the response stage reuses the query -------
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=string.ascii_letters + string.digits + "%./:-_~?#@[]", max_size=40))
+@example("https://docs.test./%70rivate/x.%61pk")
+def test_marked_url_decides_like_the_plain_one_at_every_stage(tail):
+    url = "https://" + tail
+    m = marked_normalized_url(url)
+    assert is_normalized_url(m) and m == normalize_url(url)
+    assert marked_normalized_url(m) is m  # marking twice does nothing
+    host = normalize_host(tail.split("/")[0].split("?")[0].split("#")[0].rpartition("@")[2]) or "x.test"
+    for stage in (Stage.REQUEST, Stage.RESPONSE):
+        plain = PolicyQuery(stage, DEVICE, host=host, url=url, now=NOW)
+        assert POLICY.decide(plain._replace(url=m)) == POLICY.decide(plain)
+
+
+def test_at_response_is_replace_of_stage_and_response_type():
+    q = query_for_url("https://files.test/a/b.apk?x=1", DEVICE, Stage.REQUEST, "POST", NOW,
+                      request_content_type="text/plain", body_size=12)
+    r = q.at_response("application/vnd.android.package-archive")
+    assert type(r) is PolicyQuery
+    assert r == q._replace(stage=Stage.RESPONSE, response_content_type="application/vnd.android.package-archive")
+    assert q.at_response(None) == q._replace(stage=Stage.RESPONSE, response_content_type=None)
