@@ -140,11 +140,16 @@ class Guarded:
         return self._inner
 
     def __getattr__(self, item: str) -> Any:
-        # Only for what is not a hook (those are instance attributes): options, commands,
-        # the addon's own state.
+        # For what is not an instance attribute: options, commands, the addon's own state,
+        # and a hook whose event class was registered after this addon was guarded (its
+        # module imported later): wrapped then, never handed out unguarded.
         if item == "_inner":
             raise AttributeError(item)  # not initialised yet (copy, pickle)
-        return getattr(self._inner, item)
+        attr = getattr(self._inner, item)
+        if item in hooks.all_hooks and callable(attr):
+            attr = self._wrap(item, attr)
+            setattr(self, item, attr)
+        return attr
 
     def _wrap(self, hook: str, func: Callable) -> Callable:
         actions, name, inner = self._actions, self.name, self._inner

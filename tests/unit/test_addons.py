@@ -327,6 +327,33 @@ def test_guard_cache_follows_a_hook_the_addon_rebinds():
     assert chain.errors("exploding", "requestheaders") == 2
 
 
+def test_guard_wraps_a_hook_whose_event_is_registered_after_the_addon_was_guarded():
+    from dataclasses import dataclass
+
+    from mitmproxy import hooks
+
+    chain = Chain()
+
+    class LateAddon:
+        name = "late"
+
+        def kanmon_test_late_event(self, flow):
+            raise ValueError("late hook boom")
+
+    guarded = Guarded(LateAddon(), chain.actions)
+
+    @dataclass
+    class LateEvent(hooks.Hook):  # a hook mitmproxy learns only now (a module imported later)
+        name = "kanmon_test_late_event"
+        flow: object
+
+    with taddons.context() as tctx:
+        flow = chain.http("www.example.test")
+        tctx.master.addons.invoke_addon_sync(guarded, LateEvent(flow))
+        assert flow.response.status_code == 403, "still guarded: blocked, not passed through unguarded"
+    assert chain.errors("late", "kanmon_test_late_event") == 1
+
+
 class Parent:
     name = "parent"
 
