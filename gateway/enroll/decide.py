@@ -4,7 +4,9 @@ key, compute the record to write, the response and the auth-log record. No I/O: 
 functions over the registry.
 
 Order of checks (first failure wins, each with a stable reason code for the auth log):
-  bad-request                          body is not the JSON we expect
+  bad-request                          body is not the JSON we expect (also: nested deeper than
+                                       MAX_JSON_DEPTH, a number longer than MAX_NUMBER_CHARS,
+                                       a key given twice)
   <certcheck reasons>                  chain, validity window, clientAuth, CRL, key binding
                                        (gateway/devices/certcheck.py)
   unknown-device                       the certificate's device id is not on the allowlist
@@ -61,6 +63,10 @@ REFUSALS: dict[str, tuple[int, Text]] = {
                              "this WireGuard public key is registered to another device")),
     "internal-error": (500, Text("内部エラーです。管理者に連絡してください",
                                  "internal error; contact the administrator")),
+    # Fail closed (issue #18): no enrollment without its auth-log record.
+    "auth-log-unavailable": (503, Text("認証ログを記録できないため、登録を受け付けられません。管理者に連絡してください",
+                                       "the authentication log cannot be written, so enrollment is refused; "
+                                       "contact the administrator")),
 }
 
 
@@ -81,22 +87,98 @@ class EnrollRequest:
 
 
 _FIELDS = {"wg_public_key", "platform", "os_version", "jailbroken"}
+_EXPECTED = Text("wg_public_key(必須)、platform、os_version、jailbroken",
+                 "wg_public_key (required), platform, os_version, jailbroken")
+
+# Bounds on the JSON itself (issue #15). A real request is one flat object of short values.
+# Python's json recurses per nesting level (RecursionError near 1,000 levels) and converts
+# integers of more than 4,300 digits with a ValueError: both are refused before that.
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_CHARS = 100
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """Client-supplied text quoted in a message: short, and encodable (a lone surrogate from
+    a JSON escape like "\\ud800" would break the UTF-8 answer and the log line)."""
+    short = text if len(text) <= limit else text[:limit] + "…"
+    return short.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH before json.loads sees it. A scan by hand:
+    the standard library parser has no depth limit, and no dependency offers one; the body
+    is at most the server's MAX_BODY_BYTES, so one linear pass is cheap."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise RequestProblem(Text(f"JSON の入れ子が深すぎます({MAX_JSON_DEPTH} 段まで)",
+                                          f"the JSON is nested too deeply (at most {MAX_JSON_DEPTH} levels)"))
+        elif ch in "]}":
+            depth -= 1
+
+
+def _number(kind: Callable[[str], object]) -> Callable[[str], object]:
+    def parse(digits: str) -> object:
+        if len(digits) > MAX_NUMBER_CHARS:
+            raise RequestProblem(Text(f"数値が長すぎます({MAX_NUMBER_CHARS} 文字まで)",
+                                      f"a number is too long (at most {MAX_NUMBER_CHARS} characters)"))
+        return kind(digits)
+    return parse
+
+
+def _no_constant(name: str) -> object:
+    raise RequestProblem(Text(f"{name} は JSON の値ではありません", f"{name} is not a JSON value"))
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        names = ", ".join(_shown(k) for k in twice[:5])
+        raise RequestProblem(Text(f"同じ項目が二度あります: {names}", f"duplicate fields: {names}"))
+    return data
+
+
+def _load_json(body: bytes) -> object:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestProblem(Text("本文が UTF-8 ではありません", "the body is not UTF-8")) from None
+    _check_depth(text)
+    try:
+        return json.loads(text, parse_int=_number(int), parse_float=_number(float), parse_constant=_no_constant,
+                          object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise RequestProblem(Text(f"本文が JSON ではありません: {exc}", f"the body is not JSON: {exc}")) from None
+    except (RecursionError, ValueError) as exc:   # a bound above should have caught it first
+        raise RequestProblem(Text(f"本文を JSON として読めません: {type(exc).__name__}",
+                                  f"the body cannot be read as JSON: {type(exc).__name__}")) from None
 
 
 def parse_enroll_request(body: bytes) -> EnrollRequest:
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestProblem(Text("本文が UTF-8 ではありません", "the body is not UTF-8")) from None
-    except json.JSONDecodeError as exc:
-        raise RequestProblem(Text(f"本文が JSON ではありません: {exc}", f"the body is not JSON: {exc}")) from None
+    data = _load_json(body)
     if not isinstance(data, dict):
-        raise RequestProblem(Text("本文は JSON オブジェクトにしてください", "the body must be a JSON object"))
+        raise RequestProblem(Text(f"本文は JSON オブジェクトにしてください(項目: {_EXPECTED.ja})",
+                                  f"the body must be a JSON object (fields: {_EXPECTED.en})"))
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         # A misspelt "jailbroken" must not silently count as "not jailbroken".
-        raise RequestProblem(Text(f"不明な項目があります: {', '.join(unknown)}",
-                                  f"unknown fields: {', '.join(unknown)}"))
+        names = ", ".join(_shown(name) for name in unknown[:5]) + (", …" if len(unknown) > 5 else "")
+        raise RequestProblem(Text(f"不明な項目があります: {names}(使える項目: {_EXPECTED.ja})",
+                                  f"unknown fields: {names} (expected: {_EXPECTED.en})"))
     key = data.get("wg_public_key")
     if not isinstance(key, str) or not key.strip():
         raise RequestProblem(Text("wg_public_key(WireGuard 公開鍵)が必要です",
