@@ -508,7 +508,7 @@ class GatewayApp:
                 # enrollment answer hands it to the device.
                 self.enrollment = EnrollmentServer(
                     self.cfg, self.registry, self.logstore, self.tunnel.public_key(),
-                    (self.cfg.mitmproxy_confdir / "mitmproxy-ca-cert.pem").read_bytes())
+                    (self.cfg.mitmproxy_confdir / "mitmproxy-ca-cert.pem").read_bytes(), metrics=self.metrics)
                 await asyncio.to_thread(self.enrollment.start)
                 log.info("enrollment endpoint on https://%s:%d/v1/enroll", self.cfg.enrollment_host, self.cfg.enrollment_port)
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)

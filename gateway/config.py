@@ -88,6 +88,11 @@ SCHEMA: dict[str, Any] = {
                 "server_names": {"type": "array", "items": _STR},
                 "rate_per_minute": {"type": "number", "exclusiveMinimum": 0},
                 "burst": {"type": "integer", "minimum": 1},
+                # issue #15: bounds under load (defaults in Config below)
+                "handshake_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
+                "request_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 120},
+                "max_connections": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "max_connections_per_source": {"type": "integer", "minimum": 1},
             },
         },
         "posture": {
@@ -260,6 +265,13 @@ class GatewayConfig:
     enrollment_server_names: tuple[str, ...] = ()
     enrollment_rate_per_minute: float = 6.0
     enrollment_burst: int = 5
+    # issue #15: a connection must finish TLS within handshake_timeout, then send its request
+    # within request_timeout; at most max_connections at once, max_connections_per_source of
+    # them from one source address (IPv6: one /64), refused at accept before any TLS.
+    enrollment_handshake_timeout: float = 5.0
+    enrollment_request_timeout: float = 10.0
+    enrollment_max_connections: int = 128
+    enrollment_max_connections_per_source: int = 4
     posture_min_os: tuple[tuple[str, str], ...] = ()
     posture_quarantine_jailbroken: bool = True
     mail: MailSettings | None = None          # issue #5; None: no mail filtering
@@ -478,6 +490,10 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         enrollment_server_names=tuple(enroll.get("server_names", [])) if enroll else (),
         enrollment_rate_per_minute=float(enroll.get("rate_per_minute", 6.0)) if enroll else 6.0,
         enrollment_burst=int(enroll.get("burst", 5)) if enroll else 5,
+        enrollment_handshake_timeout=float((enroll or {}).get("handshake_timeout", 5.0)),
+        enrollment_request_timeout=float((enroll or {}).get("request_timeout", 10.0)),
+        enrollment_max_connections=int((enroll or {}).get("max_connections", 128)),
+        enrollment_max_connections_per_source=int((enroll or {}).get("max_connections_per_source", 4)),
         posture_min_os=tuple(min_os),
         posture_quarantine_jailbroken=bool(posture_cfg.get("quarantine_jailbroken", True)),
         mail=mail,

@@ -60,6 +60,10 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "kanmon_auth_failures_total", "Refused enrollments and other authentication failures, by reason.",
             ["reason"], registry=r)
+        self.enrollment_connections_dropped = Counter(
+            "kanmon_enrollment_connections_dropped_total",
+            "Enrollment connections closed without an answer, by reason: source-limit / slots-full (at accept, "
+            "before TLS), handshake-timeout, request-timeout.", ["reason"], registry=r)
         self.mail_verdicts = Counter(
             "kanmon_mail_verdicts_total", "Mail verdicts, by verdict and indicator.", ["verdict", "indicator"], registry=r)
         self.log_write_errors = Counter(

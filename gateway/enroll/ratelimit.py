@@ -1,4 +1,5 @@
-"""Per-source-IP token buckets for the enrollment endpoint. No I/O; the clock is passed in.
+"""Per-source limits for the enrollment endpoint: token buckets for attempts, and connection
+slots per source address. No I/O; the clock is passed in.
 
 Each source IP may make `burst` attempts at once and then `rate_per_minute` on average.
 The table is bounded (`max_sources`): when full, buckets that have refilled completely
@@ -8,7 +9,9 @@ so a flood of spoofed sources cannot grow memory without bound.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -57,3 +60,66 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def source_key(ip: str) -> str:
+    """The unit a per-source limit counts: an IPv4 address, or the /64 of an IPv6 address
+    (one subscriber line usually gets a whole /64: counting single IPv6 addresses would let
+    one attacker hold any number of slots). IPv4-mapped IPv6 counts as its IPv4 address;
+    anything unparsable counts as itself."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class ConnectionSlots:
+    """At most `total` connections at once, at most `per_source` of them from one source
+    (`source_key`). Taken at accept, before TLS, and given back when the connection ends: one
+    address holding idle connections fills its own share and nothing else. Thread-safe."""
+
+    SOURCE_FULL = "source-limit"
+    ALL_FULL = "slots-full"
+
+    def __init__(self, total: int, per_source: int) -> None:
+        if total < 1 or per_source < 1:
+            raise ValueError("total and per_source must be >= 1")
+        self.total = total
+        self.per_source = per_source
+        self._lock = threading.Lock()
+        self._by_source: dict[str, int] = {}
+        self._used = 0
+
+    def acquire(self, ip: str) -> str | None:
+        """None when a slot was taken for `ip`; else why not (SOURCE_FULL or ALL_FULL)."""
+        key = source_key(ip)
+        with self._lock:
+            held = self._by_source.get(key, 0)
+            if held >= self.per_source:
+                return self.SOURCE_FULL
+            if self._used >= self.total:
+                return self.ALL_FULL
+            self._by_source[key] = held + 1
+            self._used += 1
+            return None
+
+    def release(self, ip: str) -> None:
+        key = source_key(ip)
+        with self._lock:
+            held = self._by_source.get(key, 0)
+            if held <= 0:
+                raise RuntimeError(f"no connection slot held for {ip}")
+            if held == 1:
+                del self._by_source[key]     # the table holds only sources with live connections
+            else:
+                self._by_source[key] = held - 1
+            self._used -= 1
+
+    def held(self, ip: str | None = None) -> int:
+        with self._lock:
+            return self._used if ip is None else self._by_source.get(source_key(ip), 0)

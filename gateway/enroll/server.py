@@ -1,7 +1,15 @@
 """The enrollment endpoint: HTTPS with client-certificate authentication, `POST /v1/enroll`.
 
-One thread accepts; each connection gets a thread (at most `max_connections` at a time,
-more are closed at once) and carries exactly one request (`Connection: close`).
+One thread accepts; each connection gets a thread and carries exactly one request
+(`Connection: close`). Under load (issue #15) the slots are shared out before any TLS: at
+accept, a source address (IPv6: its /64) already holding `max_connections_per_source`
+connections, or a server holding `max_connections`, gets its connection closed at once
+(reset), counted in kanmon_enrollment_connections_dropped_total and logged at most once a
+minute. The TLS handshake must end within `handshake_timeout` (default 5 s) of the accept,
+the request arrive and the answer leave within `request_timeout` (default 10 s) after it:
+one address holding hundreds of idle connections holds its own few slots for a few seconds
+each and never anyone else's. (The per-attempt token bucket, ratelimit.py, counts requests,
+after the handshake.)
 Decisions are in decide.py (pure); this module does the I/O: TLS, HTTP, the registry write,
 the auth log.
 
@@ -14,8 +22,14 @@ granted. TLS still proves possession of the certificate's private key (Certifica
 which is what the accept-all callback does not weaken.
 
 HTTP/1.1 is parsed by h11 (a dependency of mitmproxy): sans-I/O, strict, with a size limit
-on the request head; we add a body limit and an overall deadline per connection, so a slow
-or hostile client costs one bounded thread for at most `request_timeout` seconds.
+on the request head; we add a body limit and the deadlines above, so a slow or hostile
+client costs one bounded thread for at most `handshake_timeout + request_timeout` seconds.
+The body is parsed with bounded depth and number length (decide.py).
+
+Fail closed (issue #18): a successful enrollment writes its auth-log record BEFORE the
+registry; when the record cannot be written the enrollment is refused (503
+auth-log-unavailable, kanmon_fail_closed_blocks_total{stage="enrollment"}) and nothing is
+written. Should the registry write then fail, a second record logs that refusal.
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ from gateway.enroll import servercert
 from gateway.enroll.decide import (ENROLL_ACTOR, Decision, EnrollRequest, RequestProblem, auth_log_record,
                                    decide_enrollment, enrollment_response, error_body, parse_enroll_request,
                                    refusal)
-from gateway.enroll.ratelimit import TokenBuckets
+from gateway.enroll.ratelimit import ConnectionSlots, TokenBuckets
 from gateway.posture import PosturePolicy
 from gateway.registry import AuditEntry, RegistryError
 
@@ -52,6 +66,39 @@ MAX_BODY_BYTES = 16 * 1024
 
 class _Closed(Exception):
     """The peer went away or the deadline passed: drop the connection quietly."""
+
+
+class _Deadline(_Closed):
+    """The deadline passed (counted by phase)."""
+
+
+class _DropReport:
+    """Connections dropped without an answer: counted always, logged at most once per
+    `interval` seconds per reason with how many and from which source last (a flood must not
+    flood the log). Thread-safe."""
+
+    def __init__(self, metrics, monotonic: Callable[[], float], interval: float = 60.0) -> None:
+        self.metrics = metrics
+        self.monotonic = monotonic
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, reason: str, source_ip: str) -> None:
+        if self.metrics is not None:
+            self.metrics.enrollment_connections_dropped.labels(reason).inc()
+        now = self.monotonic()
+        with self._lock:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+            self._pending[reason] = self._pending.get(reason, 0) + 1
+            if now - self._last.get(reason, -1e18) < self.interval:
+                return
+            self._last[reason] = now
+            count = self._pending.pop(reason)
+        log.warning("enrollment: %d connection(s) dropped (%s) since the last report; latest from %s",
+                    count, reason, source_ip)
 
 
 @dataclass
@@ -71,7 +118,11 @@ class EnrollmentServer:
                  ca_store: CaStore | None = None, host: str | None = None, port: int | None = None,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
                  monotonic: Callable[[], float] = time.monotonic,
-                 request_timeout: float = 10.0, max_connections: int = 32) -> None:
+                 request_timeout: float | None = None, handshake_timeout: float | None = None,
+                 max_connections: int | None = None, max_connections_per_source: int | None = None,
+                 metrics=None) -> None:
+        """The timeouts and slot counts default to the config's `enrollment.*`; `metrics` is
+        a GatewayMetrics (None: counted only in `self.dropped.counts` and the log)."""
         self.cfg = config
         self.registry = registry
         self.logstore = logstore
@@ -83,13 +134,20 @@ class EnrollmentServer:
         self.port = port if port is not None else config.enrollment_port
         self.clock = clock
         self.monotonic = monotonic
-        self.request_timeout = request_timeout
+        self.request_timeout = request_timeout if request_timeout is not None else config.enrollment_request_timeout
+        self.handshake_timeout = (handshake_timeout if handshake_timeout is not None
+                                  else config.enrollment_handshake_timeout)
+        self.metrics = metrics
         self.policy = PosturePolicy.from_pairs(config.posture_min_os, config.posture_quarantine_jailbroken)
         self.limiter = TokenBuckets(config.enrollment_rate_per_minute, config.enrollment_burst)
         self._limiter_lock = threading.Lock()
         self._limited_logged: set[str] = set()    # one auth record per run of 429s per source
         self._write_lock = threading.Lock()       # one enrollment decision+write at a time
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.slots = ConnectionSlots(
+            max_connections if max_connections is not None else config.enrollment_max_connections,
+            max_connections_per_source if max_connections_per_source is not None
+            else config.enrollment_max_connections_per_source)
+        self.dropped = _DropReport(metrics, monotonic)
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -140,7 +198,7 @@ class EnrollmentServer:
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
-        listener.listen(64)
+        listener.listen(256)
         listener.settimeout(0.2)
         self._listener = listener
         self.address = listener.getsockname()[:2]
@@ -167,15 +225,28 @@ class EnrollmentServer:
                 log.exception("enrollment: accept failed")
                 time.sleep(0.1)
                 continue
-            if not self._slots.acquire(blocking=False):
-                sock.close()      # overloaded: refuse rather than queue without bound
+            refused = self.slots.acquire(addr[0])
+            if refused is not None:
+                # Over its share (or all slots busy): refuse rather than queue, before any
+                # TLS work. Reset, not FIN: no TIME_WAIT left behind by a flood.
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                finally:
+                    sock.close()
+                self.dropped(refused, addr[0])
                 continue
-            threading.Thread(target=self._serve, args=(sock, addr[0]), name="kanmon-enroll-conn",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(sock, addr[0]), name="kanmon-enroll-conn",
+                                 daemon=True).start()
+            except RuntimeError:      # no thread to be had: give the slot back, drop the connection
+                sock.close()
+                self.slots.release(addr[0])
+                self.dropped("no-thread", addr[0])
 
     # ---- one connection -----------------------------------------------------------------
     def _serve(self, sock: socket.socket, source_ip: str) -> None:
-        deadline = self.monotonic() + self.request_timeout
+        deadline = self.monotonic() + self.handshake_timeout
+        phase = "handshake-timeout"
         tls = None
         try:
             sock.setblocking(True)
@@ -183,9 +254,12 @@ class EnrollmentServer:
             tls = SSL.Connection(self._ctx, sock)
             tls.set_accept_state()
             self._io(tls, deadline, tls.do_handshake)
+            deadline, phase = self.monotonic() + self.request_timeout, "request-timeout"
             reply = self._handle(tls, source_ip, deadline)
             if reply is not None:
                 self._send(tls, reply, deadline)
+        except _Deadline:
+            self.dropped(phase, source_ip)
         except _Closed:
             pass
         except SSL.Error as exc:
@@ -200,7 +274,7 @@ class EnrollmentServer:
             except Exception:
                 pass
             sock.close()
-            self._slots.release()
+            self.slots.release(source_ip)
 
     def _io(self, tls: SSL.Connection, deadline: float, op: Callable[..., Any], *args: Any) -> Any:
         """Run a TLS operation on the blocking socket with SO_RCVTIMEO/SO_SNDTIMEO bounded by
@@ -208,7 +282,7 @@ class EnrollmentServer:
         while True:
             remaining = deadline - self.monotonic()
             if remaining <= 0:
-                raise _Closed()
+                raise _Deadline()
             timeval = _timeval(min(remaining, 5.0))
             tls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             tls.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
@@ -290,6 +364,9 @@ class EnrollmentServer:
             with self._write_lock:
                 decision = decide_enrollment(leaf, chain, trusted, crls, self.clock(), request,
                                              self.registry.get, self.registry.by_public_key, self.policy)
+                # The auth record first: an enrollment that cannot be logged does not happen.
+                if decision.ok and not self._log(decision, source_ip, request):
+                    return self._log_unavailable(decision, source_ip, conn, request)
                 if decision.ok and decision.write is not None:
                     self.registry.update(decision.write, audit=AuditEntry(ENROLL_ACTOR, decision.audit_action,
                                                                           decision.audit_reason))
@@ -306,8 +383,18 @@ class EnrollmentServer:
                                    endpoint=self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}",
                                    dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=None,
                                    changed=decision.write is not None)
-        self._log(decision, source_ip, request)
         return _Reply(200, body, conn=conn)
+
+    def _log_unavailable(self, decision: Decision, source_ip: str, conn: h11.Connection,
+                         request: EnrollRequest) -> _Reply:
+        """Fail closed: the enrollment was acceptable but its auth record could not be written."""
+        if self.metrics is not None:
+            self.metrics.fail_closed_blocks.labels("enrollment", "auth-log-unavailable").inc()
+        log.error("enrollment: refused the enrollment of %s from %s: its auth log record could not be written",
+                  decision.device_id, source_ip)
+        return self._finish(refusal("auth-log-unavailable", f"device {decision.device_id}", check=decision.check,
+                                    device_id=decision.device_id, record=decision.record),
+                            source_ip, conn, request=request, log_it=False)
 
     def _finish(self, decision: Decision, source_ip: str, conn: h11.Connection, *, request: EnrollRequest | None = None,
                 headers: tuple = (), text_detail: str = "", log_it: bool = True) -> _Reply:
@@ -316,11 +403,15 @@ class EnrollmentServer:
         detail = text_detail or (decision.detail if decision.http_status < 500 else "")
         return _Reply(decision.http_status, error_body(decision.reason, decision.message, detail), headers, conn)
 
-    def _log(self, decision: Decision, source_ip: str, request: EnrollRequest | None) -> None:
+    def _log(self, decision: Decision, source_ip: str, request: EnrollRequest | None) -> bool:
+        """Write the auth record; False (logged here, the log store counts it) when it failed.
+        A refusal stays the refusal it is; a success is turned into a 503 by the caller."""
         try:
             self.logstore.append("auth", auth_log_record(decision, source_ip, request=request))
+            return True
         except Exception:
-            log.exception("enrollment: could not write the auth log record")
+            log.exception("enrollment: could not write the auth log record (%s, %s)", decision.reason, source_ip)
+            return False
 
     def _send(self, tls: SSL.Connection, reply: _Reply, deadline: float) -> None:
         conn = reply.conn
