@@ -229,19 +229,19 @@ class EnrollmentServer:
             if refused is not None:
                 # Over its share (or all slots busy): refuse rather than queue, before any
                 # TLS work. Reset, not FIN: no TIME_WAIT left behind by a flood.
+                self.dropped(refused, addr[0])
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 finally:
                     sock.close()
-                self.dropped(refused, addr[0])
                 continue
             try:
                 threading.Thread(target=self._serve, args=(sock, addr[0]), name="kanmon-enroll-conn",
                                  daemon=True).start()
             except RuntimeError:      # no thread to be had: give the slot back, drop the connection
+                self.dropped("no-thread", addr[0])
                 sock.close()
                 self.slots.release(addr[0])
-                self.dropped("no-thread", addr[0])
 
     # ---- one connection -----------------------------------------------------------------
     def _serve(self, sock: socket.socket, source_ip: str) -> None:
