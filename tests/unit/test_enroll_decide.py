@@ -12,7 +12,7 @@ from cryptography import x509
 
 from gateway.devices.ca import build_org_ca
 from gateway.enroll.decide import RequestProblem, auth_log_record, parse_enroll_request, refusal
-from gateway.enroll.ratelimit import TokenBuckets
+from gateway.enroll.ratelimit import ConnectionSlots, TokenBuckets, source_key
 from gateway.enroll.servercert import build_server_identity, load_or_create, server_names
 
 KEY = "A" * 43 + "="
@@ -53,6 +53,31 @@ def test_token_bucket_table_is_bounded():
     for i in range(1000):
         buckets.take(f"10.0.{i // 256}.{i % 256}", float(i) / 1000)
     assert len(buckets) <= 100
+
+
+def test_connection_slots_per_source_then_in_total():
+    slots = ConnectionSlots(total=5, per_source=2)
+    assert [slots.acquire("192.0.2.1") for _ in range(3)] == [None, None, ConnectionSlots.SOURCE_FULL]
+    assert slots.acquire("2001:db8:1:2::a") is None and slots.acquire("2001:db8:1:2::b") is None
+    assert slots.acquire("2001:db8:1:2:ffff::1") == ConnectionSlots.SOURCE_FULL      # the same /64
+    assert slots.acquire("::ffff:192.0.2.1") == ConnectionSlots.SOURCE_FULL          # IPv4-mapped
+    assert slots.acquire("198.51.100.1") is None
+    assert slots.acquire("198.51.100.2") == ConnectionSlots.ALL_FULL and slots.held() == 5
+    slots.release("192.0.2.1")
+    assert slots.held("192.0.2.1") == 1 and slots.acquire("198.51.100.2") is None
+    for ip in ("192.0.2.1", "2001:db8:1:2::a", "2001:db8:1:2::b", "198.51.100.1", "198.51.100.2"):
+        slots.release(ip)
+    assert slots.held() == 0 and slots._by_source == {}       # nothing kept for gone sources
+    with pytest.raises(RuntimeError):
+        slots.release("192.0.2.1")                             # a double release is a bug, said loudly
+
+
+def test_source_key():
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("2001:db8::1") == source_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert source_key("2001:db8:0:1::1") != source_key("2001:db8::1")
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7" and source_key("fe80::1%eth0") == "fe80::/64"
+    assert source_key("not an address") == "not an address"
 
 
 def test_auth_log_record_of_a_refusal_without_certificate():
