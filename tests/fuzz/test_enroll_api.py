@@ -10,7 +10,9 @@ The client presents no certificate, so no request can succeed. Must hold:
   reason code and a Japanese and an English message, parseable as HTTP/1.1; or closes the
   connection quietly when no complete request arrived; never raises, never hangs;
 - the answer does not depend on how the bytes were chunked;
-- ``parse_enroll_request`` on any body gives an ``EnrollRequest`` or ``RequestProblem``;
+- ``parse_enroll_request`` on any body gives an ``EnrollRequest`` or ``RequestProblem``,
+  also on hostile bodies (issue #15: nesting thousands deep, numbers thousands of digits
+  long, long strings and keys, escaped lone surrogates); its message stays short and UTF-8;
   ``decide_enrollment`` on any certificate bytes and request refuses with a 4xx.
 """
 
@@ -183,6 +185,53 @@ def check_parse_request(body: bytes) -> None:
     assert isinstance(request, EnrollRequest) and request.wg_public_key
 
 
+@st.composite
+def hostile_body(draw) -> bytes:
+    """Bodies built to break a JSON parser: deep nesting, huge numbers, long strings."""
+    depth = draw(st.one_of(st.integers(0, 40), st.integers(0, 9000)))
+    opener = draw(st.sampled_from(["[", '{"a":', '{"":[', "[{\"k\":"]))
+    closer = {"[": "]", '{"a":': "}", '{"":[': "]}", "[{\"k\":": "}]"}[opener]
+    leaf = draw(st.one_of(
+        st.integers(1, 6000).map(lambda n: "-" * (n % 2) + "9" * n),
+        st.integers(1, 6000).map(lambda n: "0." + "1" * n),
+        st.integers(1, 6000).map(lambda n: "1e" + "7" * n),
+        st.integers(0, 15000).map(lambda n: '"' + "x" * n + '"'),
+        st.sampled_from(["NaN", "-Infinity", '"\\ud800"', "null", "true", "{}", '"' + GOOD_KEY + '"'])))
+    value = opener * depth + leaf + closer * depth
+    shape = draw(st.sampled_from(["bare", "field", "key", "name"]))
+    if shape == "field":
+        doc = '{"wg_public_key": "%s", "%s": %s}' % (GOOD_KEY, draw(st.sampled_from(sorted(_FIELD_NAMES))), value)
+    elif shape == "key":
+        doc = '{"wg_public_key": %s}' % value
+    elif shape == "name":
+        doc = '{"%s": 1, "wg_public_key": "%s"}' % ("n" * draw(st.integers(0, 15000)), GOOD_KEY)
+    else:
+        doc = value
+    raw = doc.encode()
+    if draw(st.booleans()):
+        raw = raw[:draw(st.integers(0, len(raw)))]       # truncated: invalid JSON, maybe invalid UTF-8
+    return raw
+
+
+_FIELD_NAMES = {"platform", "os_version", "jailbroken", "wg_public_key", "jailbroke"}
+
+
+def check_hostile_body(body: bytes) -> None:
+    try:
+        request = parse_enroll_request(body)
+    except RequestProblem as exc:
+        for text in (exc.text.ja, exc.text.en):
+            assert text and len(text) < 600, text[:200]
+            text.encode("utf-8")
+        return
+    assert isinstance(request, EnrollRequest) and request.wg_public_key
+
+
+def hostile_request(body: bytes) -> bytes:
+    return (b"POST /v1/enroll HTTP/1.1\r\nHost: vpn.example.test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
 def check_decide_refuses(case: tuple[bytes, bytes]) -> None:
     leaf, body = case
     try:
@@ -202,6 +251,9 @@ HARNESSES = [
     Harness("enroll-http", _REQUEST_CASE, check_clean_refusal, ci_examples=250),
     Harness("enroll-body", _BODY, check_parse_request, ci_examples=300),
     Harness("enroll-decide", st.tuples(_DER_LIKE, _BODY), check_decide_refuses, ci_examples=150),
+    Harness("enroll-hostile-body", hostile_body(), check_hostile_body, ci_examples=200),
+    Harness("enroll-hostile-http", st.tuples(hostile_body().map(hostile_request), _CUTS, _CUTS), check_clean_refusal,
+            ci_examples=100),
 ]
 
 for _h in HARNESSES:
