@@ -28,6 +28,7 @@ from gateway.enroll.server import EnrollmentServer
 from gateway.logstore.writer import LogStore
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryError, SqliteRegistry
+from gateway.yamlsource import SourceErrors
 from tests.unit.test_enroll_server import CONFIG, DAY, Env, ListLog, new_key
 
 ATTACKER = "127.0.0.2"
@@ -111,6 +112,11 @@ def test_config_defaults_are_the_documented_ones(tmp_path, envs):
                     "max_connections_per_source: 2}"))
     assert (cfg.enrollment_handshake_timeout, cfg.enrollment_request_timeout) == (2.5, 7.0)
     assert (cfg.enrollment_max_connections, cfg.enrollment_max_connections_per_source) == (64, 2)
+    for bad in ("handshake_timeout: 0", "request_timeout: -1", "max_connections: 0", "max_connections_per_source: 0",
+                "handshake_timeout: 600"):
+        with pytest.raises(SourceErrors) as exc:
+            load_config_text(CONFIG.format(state=tmp_path, rate=1, burst=1).replace("burst: 1}", f"burst: 1, {bad}}}"))
+        assert bad.split(":")[0] in str(exc.value.errors[0]), exc.value.errors
 
 
 def test_idle_connections_from_one_address_do_not_starve_another(tmp_path, envs):
