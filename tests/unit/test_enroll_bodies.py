@@ -148,9 +148,14 @@ def test_the_depth_limit_is_exactly_32_levels(env):
 
 
 def test_a_body_over_the_cap_is_a_413_with_a_record(env):
+    """Without Content-Length (chunked) the read itself is bounded. The client sends exactly
+    one byte too many and no more (unread bytes at close would reset the connection)."""
     _, ident = env.issue("dev-1", new_key())
     before = len(env.logs.auth())
-    status, reply, _ = env.request(deep(MAX_BODY_BYTES).encode(), identity=ident)
+    over = deep(MAX_BODY_BYTES).encode()[:MAX_BODY_BYTES + 1]
+    raw = (b"POST /v1/enroll HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % len(over) + over)
+    status, reply, _ = env.request(None, identity=ident, raw=raw)
     assert status == 413 and reply["error"] == "too-large"
     assert [r["kanmon.auth.reason"] for r in env.logs.auth()[before:]] == ["too-large"]
 
