@@ -63,7 +63,7 @@ class GatewayMetrics:
         self.enrollment_connections_dropped = Counter(
             "kanmon_enrollment_connections_dropped_total",
             "Enrollment connections closed without an answer, by reason: source-limit / slots-full (at accept, "
-            "before TLS), handshake-timeout, request-timeout.", ["reason"], registry=r)
+            "before TLS), handshake-timeout, request-timeout, tls-error.", ["reason"], registry=r)
         self.mail_verdicts = Counter(
             "kanmon_mail_verdicts_total", "Mail verdicts, by verdict and indicator.", ["verdict", "indicator"], registry=r)
         self.log_write_errors = Counter(

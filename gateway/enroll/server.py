@@ -9,7 +9,7 @@ minute. The TLS handshake must end within `handshake_timeout` (default 5 s) of t
 the request arrive and the answer leave within `request_timeout` (default 10 s) after it:
 one address holding hundreds of idle connections holds its own few slots for a few seconds
 each and never anyone else's. (The per-attempt token bucket, ratelimit.py, counts requests,
-after the handshake.)
+after the handshake.) Timeouts and failed handshakes are counted and logged the same way.
 Decisions are in decide.py (pure); this module does the I/O: TLS, HTTP, the registry write,
 the auth log.
 
@@ -86,7 +86,7 @@ class _DropReport:
         self._pending: dict[str, int] = {}
         self.counts: dict[str, int] = {}
 
-    def __call__(self, reason: str, source_ip: str) -> None:
+    def __call__(self, reason: str, source_ip: str, detail: str = "") -> None:
         if self.metrics is not None:
             self.metrics.enrollment_connections_dropped.labels(reason).inc()
         now = self.monotonic()
@@ -97,8 +97,8 @@ class _DropReport:
                 return
             self._last[reason] = now
             count = self._pending.pop(reason)
-        log.warning("enrollment: %d connection(s) dropped (%s) since the last report; latest from %s",
-                    count, reason, source_ip)
+        log.warning("enrollment: %d connection(s) dropped (%s) since the last report; latest from %s%s",
+                    count, reason, source_ip, f": {detail}" if detail else "")
 
 
 @dataclass
@@ -263,7 +263,9 @@ class EnrollmentServer:
         except _Closed:
             pass
         except SSL.Error as exc:
-            log.info("enrollment: TLS failure from %s: %s", source_ip, exc)
+            # Rate-limited like the rest: garbage instead of a ClientHello costs an attacker
+            # nothing, one log line each would flood the log.
+            self.dropped("tls-error", source_ip, str(exc)[:200])
         except Exception:
             log.exception("enrollment: unexpected error serving %s", source_ip)
         finally:

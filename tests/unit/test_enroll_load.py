@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import json
+import logging
 import socket
 import ssl
 import time
@@ -183,6 +184,22 @@ def test_a_connection_that_sends_no_request_is_closed_after_the_request_timeout(
     wait_for(lambda: env.server.dropped.counts.get("request-timeout") == 1, 10, "the timeout to be counted")
     wait_for(lambda: env.server.slots.held() == 0, 10, "the slot to be given back")
     assert env.logs.auth() == [], "no request, so no attempt to log"
+
+
+def test_failed_handshakes_are_counted_and_logged_once_a_minute(tmp_path, envs, caplog):
+    metrics = GatewayMetrics()
+    envs.append(env := start(tmp_path, metrics=metrics))
+    with caplog.at_level(logging.INFO, logger="kanmon.enroll"):
+        for _ in range(20):
+            with idle_connection(env) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")       # not a ClientHello
+                closed_by_server(sock)
+        wait_for(lambda: env.server.dropped.counts.get("tls-error") == 20, 10, "20 failed handshakes counted")
+    assert metrics.registry.get_sample_value("kanmon_enrollment_connections_dropped_total",
+                                             {"reason": "tls-error"}) == 20
+    lines = [r.getMessage() for r in caplog.records if "tls-error" in r.getMessage()]
+    assert len(lines) == 1 and ATTACKER in lines[0], lines
+    assert enroll(env, "dev-1")[0] == 200
 
 
 # ------------------------------------------------------------------ fail closed on the auth log
