@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.hostname import normalize_host_entry
 from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.reports.alerting import ALERTS_SCHEMA
@@ -413,7 +414,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         if r["id"] in seen_ids:
             errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
         seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
-        hosts = [h.strip().lower().rstrip(".") for h in r["hosts"]]
+        hosts = [normalize_host_entry(h) for h in r["hosts"]]
         rules.append(
             HostRule(
                 rule_id=r["id"],
@@ -470,7 +471,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
         sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),
         policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,
-        quarantine_allow_hosts=tuple(h.strip().lower().rstrip(".") for h in d.get("quarantine", {}).get("allow_hosts", [])),
+        quarantine_allow_hosts=tuple(normalize_host_entry(h) for h in d.get("quarantine", {}).get("allow_hosts", [])),
         enrollment_host=enroll_host,
         enrollment_port=enroll_port,
         enrollment_cert_file=_state_path(state_dir, enroll.get("server_cert_file")) if enroll else None,
@@ -497,7 +498,7 @@ def _mail_settings(doc: LoadedYaml, m: dict | None, errors: list) -> MailSetting
     default_policy = Path(__file__).resolve().parents[1] / "policies" / "mail.yaml"
     return MailSettings(
         policy_path=_relative_to(doc.filename, m["policy"]) if "policy" in m else default_policy,
-        organization_hosts=tuple(h.strip().lower().rstrip(".") for h in m["organization_hosts"]),
+        organization_hosts=tuple(normalize_host_entry(h) for h in m["organization_hosts"]),
         clamd_socket=m.get("clamd_socket"),
         idle_timeout_seconds=m.get("idle_timeout_seconds", 1860),
         max_message_bytes=m.get("max_message_bytes", 50 * 1024 * 1024),

@@ -131,7 +131,7 @@ class _Compiler:
         tz_name = settings.get("timezone", DEFAULT_TIMEZONE)
         try:
             tz = ZoneInfo(tz_name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
             self.err(("settings", "timezone"), f"unknown time zone {tz_name!r} (e.g. Asia/Tokyo)")
             tz = ZoneInfo(DEFAULT_TIMEZONE)
         self.tz = tz

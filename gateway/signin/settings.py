@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.hostname import normalize_host, normalize_host_entry
+
 _STR = {"type": "string", "minLength": 1}
 _DURATION = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*[0-9]+\s*[smhd]\s*$"}]}
 _HOSTS = {"type": "array", "items": _STR}
@@ -107,7 +109,9 @@ class SignInSettings:
         before sign-in; without them no one could ever sign in."""
         if not host:
             return False
-        h = host.lower().rstrip(".")
+        h = normalize_host(host)
+        if h is None:
+            return False
         if h == self.issuer_host:
             return True
         for entry in self.allow_before_signin:
@@ -156,7 +160,7 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
             errors.append(doc.error(("signin", "ca_file"), f"no such file: {ca_file}"))
 
     def hosts(key: str) -> tuple[str, ...]:
-        return tuple(h.strip().lower().rstrip(".") for h in section.get(key, []))
+        return tuple(normalize_host_entry(h) for h in section.get(key, []))
 
     return SignInSettings(
         issuer=section["issuer"].rstrip("/"),
