@@ -19,7 +19,8 @@ from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
-from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
+from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
+                                schema_errors)
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _STR = {"type": "string", "minLength": 1}
@@ -383,6 +384,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
             errors.append(doc.error(("enrollment",), "server_cert_file and server_key_file go together"))
 
     posture_cfg = d.get("posture", {})
+    # Platforms compare without case (posture.normalize_platform): ios and IOS are one key.
+    errors += duplicate_folded_keys(doc, ("posture", "min_os"), posture_cfg.get("min_os", {}),
+                                    lambda p: normalize_platform(p) or "")
     min_os = []
     for platform, version in posture_cfg.get("min_os", {}).items():
         if isinstance(version, float):

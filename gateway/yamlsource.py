@@ -38,6 +38,9 @@ MAX_LINE_CHARS = 64 * 1024
 MAX_DEPTH = 32
 MAX_SCALAR_CHARS = 64 * 1024
 MAX_NUMBER_CHARS = 32  # an integer or float as written: far beyond any port, size or count
+# A list file (gateway/policy/lists.py, the mail policy's free-mail lists): 64 MiB holds two
+# million domains (UT1's largest category is about 1 MB).
+MAX_LIST_BYTES = 64 * 1024 * 1024
 MAX_ERRORS = 100  # per file: a wrong file (a binary, a password file) gives a page, not a flood
 
 _TAG = "tag:yaml.org,2002:"

@@ -22,6 +22,7 @@ from gateway.policy.schema import POLICY_SCHEMA
 from gateway.policy.snapshot import CompiledRule, PolicySnapshot, RuleInfo
 from gateway.policy.tenants import tenant_headers
 from gateway.policy.urlpattern import WildcardError, compile_wildcard
+from gateway.i18n import Text
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_text, schema_errors
 
@@ -121,7 +122,7 @@ class _Compiler:
         self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
         self.native = native
 
-    def err(self, path: tuple[Any, ...], message: str) -> None:
+    def err(self, path: tuple[Any, ...], message: "str | Text") -> None:
         self.errors.append(self.doc.error(path, message))
 
     # -- top level ----------------------------------------------------------------------
@@ -217,7 +218,7 @@ class _Compiler:
         try:
             return build_check(key, value, self.systems)
         except ConditionError as exc:
-            self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), str(exc))
+            self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), exc.text or str(exc))
             return None
 
     def _expiry(self, path: tuple[Any, ...], value: Any) -> tuple[date | None, datetime | None]:

@@ -24,11 +24,9 @@ import re2
 
 from gateway.hostname import normalize_host
 from gateway.i18n import Text
-from gateway.yamlsource import MAX_ERRORS, SourceError
+from gateway.yamlsource import MAX_ERRORS, MAX_LIST_BYTES, SourceError
 
-# A domain is at most 253 characters; an ABP regex line a few hundred. 64 MiB holds a list
-# of two million domains (UT1's largest category is about 1 MB).
-MAX_LIST_BYTES = 64 * 1024 * 1024
+# A domain is at most 253 characters; an ABP regex line a few hundred.
 MAX_LIST_LINE_CHARS = 4096
 
 T_LINE_TOO_LONG = Text("行が長すぎます（上限 {limit} 文字）", "line too long (at most {limit} characters)")

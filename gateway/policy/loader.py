@@ -9,9 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gateway.policy.compiler import compile_policy, parse_policy
-from gateway.policy.lists import MAX_LIST_BYTES
 from gateway.policy.snapshot import PolicySnapshot
-from gateway.yamlsource import MAX_YAML_BYTES, SourceError, SourceErrors, read_text_file
+from gateway.yamlsource import MAX_LIST_BYTES, MAX_YAML_BYTES, SourceError, SourceErrors, read_text_file
 
 
 def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot:
