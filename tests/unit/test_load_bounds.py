@@ -158,6 +158,12 @@ def test_deep_nesting_is_refused(shape, depth):
     assert_bilingual_at(errors, "p.yaml")
 
 
+def test_too_many_values_are_refused_at_the_first_one_over(monkeypatch):
+    monkeypatch.setattr("gateway.yamlsource.MAX_NODES", 1000)  # the real bound (250,000) takes ~1 s to reach
+    errors = refused(load_yaml_text, "- 1\n" * 5000, "y.yaml")
+    assert_bilingual_at(errors, "y.yaml", 1000, "too many values")
+
+
 def test_nesting_within_the_bound_loads():
     doc = load_yaml_text("x: " + flow_nesting(MAX_DEPTH - 1))
     assert doc.data["x"] is not None
