@@ -262,7 +262,7 @@ class _BoundedLoader(yaml.composer.Composer, _Parser, *_PARSER_STEPS, yaml.const
     def construct_object(self, node: Any, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError, TypeError) as exc:
+        except (ValueError, OverflowError, TypeError, KeyError, IndexError) as exc:  # KeyError: !!bool maybe (tests/fuzz)
             ja, en = _KIND_OF_TAG.get(node.tag, ("値", "value"))
             detail = str(exc)[:120]
             raise _Refused(node.start_mark, Text(T_BAD_VALUE.ja.format(kind=ja, detail=detail),
