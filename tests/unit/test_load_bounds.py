@@ -307,6 +307,10 @@ def test_cli_missing_config_and_policy_exit_2_with_a_clear_message(tmp_path):
     assert "Errno" not in result.stderr and "Traceback" not in result.stderr
     result = _kanmon("policy", "check", "missing.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "kanmon.yaml").write_text(CONFIG.format(state=tmp_path / "state"))
+    result = _kanmon("policy", "apply", "missing.yaml", "--config", "kanmon.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "policy-applied").exists()
     # A policy with an error in it still exits 1 (the check failed), with file:line.
     (tmp_path / "bad.yaml").write_text("version: 1\nrules:\n  - {id: r, action: block, expires: 2025-13-01}\n")
     result = _kanmon("policy", "check", "bad.yaml", cwd=tmp_path)
