@@ -391,3 +391,10 @@ def test_host_normalizer_is_linear_in_the_name_length():
 
     assert_linear(normalize_host, lambda n: ".".join(["例え"] * n) + ".jp", 200)
     assert_linear(normalize_host, lambda n: ".".join(["label"] * n) + ".JP.", 2000)
+
+
+def test_a_signin_secret_file_that_is_dev_zero_is_refused_not_read(tmp_path):
+    text = CONFIG.format(state=tmp_path) + "signin:\n  issuer: https://idp.example\n  client_id: c\n  client_secret_file: /dev/zero\n"
+    errors = refused(load_config_text, text, "k.yaml")
+    assert [(e.line, e.dotted) for e in errors] == [(11, "signin.client_secret_file")]
+    assert "not a regular file" in errors[0].message
