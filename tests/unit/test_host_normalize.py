@@ -39,6 +39,8 @@ SPELLINGS = [
     ("ΣΑΣ.gr", "xn--mxa9ab.gr"),            # final sigma kept (nontransitional)
     ("☃.net", "xn--n3h.net"),                # valid in UTS 46, refused by strict IDNA 2008: browsers accept it
     (" Example.COM. ", "example.com"),
+    ("A\xa0", "a"),                          # ASCII once the no-break space is stripped (tests/fuzz)
+    ("\u3000Example.COM\u3000", "example.com"),
     ("[2001:DB8:0::1]", "2001:db8::1"),
 ]
 
