@@ -198,6 +198,9 @@ T_NUMBER_TOO_LONG = Text("数値が長すぎます（上限 {limit} 文字）", 
 T_BAD_VALUE = Text("{kind}として正しくありません: {detail}", "not a valid {kind}: {detail}")
 T_DUPLICATE_CASE = Text("重複したキーです（{line} 行目の {other!r} と大文字・小文字だけが違います）",
                         "duplicate key (differs only in case from {other!r} on line {line})")
+T_SYNTAX = Text("YAML の構文エラーです: {problem}", "YAML syntax error: {problem}")
+T_DUPLICATE = Text("重複したキーです（最初は {line} 行目）", "duplicate key (first defined on line {line})")
+T_CONTROL = Text("文字 U+{char:04X} は YAML に書けません（制御文字）", "character U+{char:04X} is not allowed in YAML (control character)")
 T_TOO_MANY = Text("エラーが多すぎるため、ここで検査をやめました（{limit} 件）",
                   "too many errors; stopped checking here ({limit} shown)")
 _KIND_OF_TAG = {_TAG + "int": ("整数", "integer"), _TAG + "float": ("数値", "number"),
@@ -308,11 +311,12 @@ def load_yaml_text(text: str, filename: str = "<string>") -> LoadedYaml:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise SourceErrors([SourceError(filename, line, (), f"YAML syntax error: {exc.problem or exc}")]) from None
+        problem = str(exc.problem or exc)[:200]
+        raise SourceErrors([SourceError.of(filename, line, (), T_SYNTAX.format(problem=problem))]) from None
     except yaml.reader.ReaderError as exc:
         raise SourceErrors([_reader_error(exc, text, filename)]) from None
     except yaml.YAMLError as exc:
-        raise SourceErrors([SourceError(filename, 1, (), f"YAML error: {exc}")]) from None
+        raise SourceErrors([SourceError.of(filename, 1, (), T_SYNTAX.format(problem=str(exc)[:200]))]) from None
     finally:
         loader.dispose()
     return LoadedYaml(filename, data, lines)
@@ -331,7 +335,7 @@ def _reader_error(exc: yaml.reader.ReaderError, text: str, filename: str) -> Sou
     position = exc.position if isinstance(exc.position, int) else 0
     line = text.count("\n", 0, position) + 1
     char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
-    return SourceError(filename, line, (), f"character U+{char:04X} is not allowed in YAML (control character)")
+    return SourceError.of(filename, line, (), T_CONTROL.format(char=char))
 
 
 def load_yaml_file(path: str | Path) -> LoadedYaml:
@@ -369,7 +373,7 @@ def _walk(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], errors: lis
                 continue
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node)
             if key in seen:
-                errors.append(SourceError(filename, key_line, path + (key,), f"duplicate key (first defined on line {seen[key]})"))
+                errors.append(SourceError.of(filename, key_line, path + (key,), T_DUPLICATE.format(line=seen[key])))
             seen[key] = key_line
             _walk(key_node, path + (key,), {}, errors, filename, loader)
             _walk(value_node, path + (key,), lines, errors, filename, loader)

@@ -398,3 +398,12 @@ def test_a_signin_secret_file_that_is_dev_zero_is_refused_not_read(tmp_path):
     errors = refused(load_config_text, text, "k.yaml")
     assert [(e.line, e.dotted) for e in errors] == [(11, "signin.client_secret_file")]
     assert "not a regular file" in errors[0].message
+
+
+@pytest.mark.parametrize("text,line,message", [
+    ("a: [\n", 2, "YAML syntax error"),
+    ("a: 1\nb: 2\na: 3\n", 3, "duplicate key"),
+    ("a: 1\nb: \x01\n", 2, "control character"),
+])
+def test_syntax_duplicate_and_control_character_errors_are_bilingual(text, line, message):
+    assert_bilingual_at(refused(load_yaml_text, text, "y.yaml"), "y.yaml", line, message)
