@@ -11,13 +11,15 @@ from mitmproxy import dns, http, tcp, tls
 from addons.requesttarget import request_target
 from gateway.config import HostRule
 from gateway.connections import LiveConnections
+from gateway.hostname import normalize_host as _normalize_host
 from gateway.verdict import Action, Stage, Verdict
 
 METADATA_VERDICT = "kanmon.verdict"
 
 
 def normalize_host(host: str) -> str:
-    return host.strip().lower().rstrip(".")
+    """gateway.hostname's normalization (IDNA UTS 46), "" for a name that does not map."""
+    return _normalize_host(host) or ""
 
 
 class HostRuleDecider:

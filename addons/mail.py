@@ -49,6 +49,7 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from gateway.config import MailSettings
 from gateway.connections import LiveConnections
+from gateway.hostname import normalize_host
 from gateway.logstore import verdict_fields
 from gateway.mail.adapters import Judgement, Output
 from gateway.mail.adapters.imap import ImapAdapter
@@ -104,7 +105,7 @@ class OrganizationHosts:
 
     def allows(self, sni: str | None, address: tuple | None) -> bool:
         if sni:
-            host = sni.lower().rstrip(".")
+            host = normalize_host(sni) or ""
             if host in self.names or any(host == s[1:] or host.endswith(s) for s in self.suffixes):
                 return True
         if address:

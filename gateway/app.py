@@ -246,6 +246,10 @@ class GatewayApp:
         except SourceErrors as exc:
             self.metrics.policy_reloads.labels("failure").inc()
             raise StartupError("the policy does not compile:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+        except Exception as exc:  # noqa: BLE001 - a loader bug still stops the start with a clear line
+            self.metrics.policy_reloads.labels("failure").inc()
+            log.exception("loading the policy %s failed", path)
+            raise StartupError(f"the policy does not load: {path}: internal error ({type(exc).__name__})") from None
         self.policy = PolicyHolder(snapshot, str(path))
         self._policy_loaded(snapshot, path)
 
@@ -259,9 +263,12 @@ class GatewayApp:
                 return False
             try:
                 snapshot = await asyncio.to_thread(load_policy, path)
-            except SourceErrors as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure (SourceErrors or a bug): refused, counted, old one serves
                 self.metrics.policy_reloads.labels("failure").inc()
-                errors = [str(e) for e in exc.errors]
+                errors = ([str(e) for e in exc.errors] if isinstance(exc, SourceErrors)
+                          else [f"{path}: internal error while loading ({type(exc).__name__}); see the gateway log"])
+                if not isinstance(exc, SourceErrors):
+                    log.exception("policy reload of %s failed", path)
                 log.error("policy reload refused; the old policy (version %s) keeps serving:\n  %s",
                           self.policy.current.snapshot.version, "\n  ".join(errors))
                 self._write_policy_status({"result": "failure", "errors": errors, "path": str(path),

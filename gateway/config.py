@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.hostname import normalize_host_entry
 from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
-from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_file, load_yaml_text, schema_errors
+from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
+                                schema_errors)
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _STR = {"type": "string", "minLength": 1}
@@ -394,6 +396,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
             errors.append(doc.error(("enrollment",), "server_cert_file and server_key_file go together"))
 
     posture_cfg = d.get("posture", {})
+    # Platforms compare without case (posture.normalize_platform): ios and IOS are one key.
+    errors += duplicate_folded_keys(doc, ("posture", "min_os"), posture_cfg.get("min_os", {}),
+                                    lambda p: normalize_platform(p) or "")
     min_os = []
     for platform, version in posture_cfg.get("min_os", {}).items():
         if isinstance(version, float):
@@ -425,7 +430,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         if r["id"] in seen_ids:
             errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
         seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
-        hosts = [h.strip().lower().rstrip(".") for h in r["hosts"]]
+        hosts = [normalize_host_entry(h) for h in r["hosts"]]
         rules.append(
             HostRule(
                 rule_id=r["id"],
@@ -482,7 +487,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
         sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),
         policy_path=_relative_to(doc.filename, d["policy"]["path"]) if "path" in d.get("policy", {}) else None,
-        quarantine_allow_hosts=tuple(h.strip().lower().rstrip(".") for h in d.get("quarantine", {}).get("allow_hosts", [])),
+        quarantine_allow_hosts=tuple(normalize_host_entry(h) for h in d.get("quarantine", {}).get("allow_hosts", [])),
         enrollment_host=enroll_host,
         enrollment_port=enroll_port,
         enrollment_cert_file=_state_path(state_dir, enroll.get("server_cert_file")) if enroll else None,
@@ -513,7 +518,7 @@ def _mail_settings(doc: LoadedYaml, m: dict | None, errors: list) -> MailSetting
     default_policy = Path(__file__).resolve().parents[1] / "policies" / "mail.yaml"
     return MailSettings(
         policy_path=_relative_to(doc.filename, m["policy"]) if "policy" in m else default_policy,
-        organization_hosts=tuple(h.strip().lower().rstrip(".") for h in m["organization_hosts"]),
+        organization_hosts=tuple(normalize_host_entry(h) for h in m["organization_hosts"]),
         clamd_socket=m.get("clamd_socket"),
         idle_timeout_seconds=m.get("idle_timeout_seconds", 1860),
         max_message_bytes=m.get("max_message_bytes", 50 * 1024 * 1024),

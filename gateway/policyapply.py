@@ -15,7 +15,7 @@ from pathlib import Path
 from gateway.gatewayprocess import running_gateway_pid
 from gateway.i18n import Text
 from gateway.policy import load_policy
-from gateway.yamlsource import SourceErrors
+from gateway.yamlsource import SourceErrors, UnreadableSource
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -29,10 +29,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         snapshot = load_policy(path)
     except SourceErrors as exc:
-        print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
+        if isinstance(exc, UnreadableSource):  # missing, not a regular file, too large: an input error
+            print(Text("ポリシーファイルを読めません。適用していません:", "Cannot read the policy file; nothing was applied:").render(),
+                  file=sys.stderr)
+        else:
+            print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UnreadableSource) else 1
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     link = cfg.applied_policy_link
     tmp = link.with_name(link.name + ".new")

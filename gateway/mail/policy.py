@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
-from gateway.yamlsource import LoadedYaml, SourceErrors, load_yaml_file, schema_errors
+from gateway.yamlsource import MAX_LIST_BYTES, LoadedYaml, SourceErrors, load_yaml_file, read_text_file, schema_errors
 
 _ACTIONS = [str(a) for a in MailAction]
 _DOMAIN_PATTERN = r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}\.?$"
@@ -264,9 +264,9 @@ def load_mail_policy(path: str | Path) -> MailPolicy:
     for index, name in enumerate(doc.data.get("freemail", {}).get("lists", ())):
         list_path = base / name
         try:
-            text = list_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(doc.error(("freemail", "lists", index), f"cannot read {list_path}: {exc}"))
+            text = read_text_file(list_path, MAX_LIST_BYTES)  # a regular file within a bound (issue #15)
+        except SourceErrors as exc:
+            errors.append(doc.error(("freemail", "lists", index), f"cannot read {list_path}: {exc.errors[0].text}"))
             continue
         entries, list_errors = parse_freemail_list(text, str(list_path))
         errors.extend(list_errors)

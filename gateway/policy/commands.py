@@ -17,9 +17,10 @@ from gateway.policy.loader import load_policy
 from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
 from gateway.policy.snapshot import PolicySnapshot
 from gateway.verdict import Stage, Verdict
-from gateway.yamlsource import SourceErrors
+from gateway.yamlsource import SourceErrors, UnreadableSource
 
 T_INVALID = Text("ポリシーにエラーがあります（適用されません）:", "The policy has errors (nothing applied):")
+T_UNREADABLE = Text("ポリシーファイルを読めません（適用されません）:", "Cannot read the policy file (nothing applied):")
 T_VALID = Text("ポリシーは有効です: {path}（版 {version}、ルール {rules} 件、リスト {lists} 件、廃止 {retired} 件）",
                "Policy is valid: {path} (version {version}, {rules} rules, {lists} lists, {retired} retired)")
 T_STAGES = Text("判定される段階: {counts}", "Decided at stage: {counts}")
@@ -129,20 +130,27 @@ def device_context_from_args(args: argparse.Namespace) -> DeviceContext:
 
 
 def _load(path: str, err: TextIO) -> PolicySnapshot | None:
+    return _load_with_code(path, err)[0]
+
+
+def _load_with_code(path: str, err: TextIO) -> tuple[PolicySnapshot | None, int]:
+    """The snapshot, or None and the exit code: 2 when the file cannot be read (missing,
+    not a regular file, too large), 1 when it has errors."""
     try:
-        return load_policy(path)
+        return load_policy(path), 0
     except SourceErrors as exc:
-        print(T_INVALID.render(), file=err)
+        unreadable = isinstance(exc, UnreadableSource)
+        print((T_UNREADABLE if unreadable else T_INVALID).render(), file=err)
         for e in exc.errors:
             print(str(e), file=err)
-        return None
+        return None, 2 if unreadable else 1
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    snap = _load(args.path, err)
+    snap, code = _load_with_code(args.path, err)
     if snap is None:
-        return 1
+        return code
     print(T_VALID.format(path=args.path, version=snap.version, rules=len(snap.rules), lists=len(snap.lists),
                          retired=len(snap.retired)).render(), file=out)
     counts: dict[str, int] = {}

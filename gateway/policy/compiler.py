@@ -22,6 +22,7 @@ from gateway.policy.schema import POLICY_SCHEMA
 from gateway.policy.snapshot import CompiledRule, PolicySnapshot, RuleInfo
 from gateway.policy.tenants import tenant_headers
 from gateway.policy.urlpattern import WildcardError, compile_wildcard
+from gateway.i18n import Text
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_text, schema_errors
 
@@ -121,7 +122,7 @@ class _Compiler:
         self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
         self.native = native
 
-    def err(self, path: tuple[Any, ...], message: str) -> None:
+    def err(self, path: tuple[Any, ...], message: "str | Text") -> None:
         self.errors.append(self.doc.error(path, message))
 
     # -- top level ----------------------------------------------------------------------
@@ -131,7 +132,7 @@ class _Compiler:
         tz_name = settings.get("timezone", DEFAULT_TIMEZONE)
         try:
             tz = ZoneInfo(tz_name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
             self.err(("settings", "timezone"), f"unknown time zone {tz_name!r} (e.g. Asia/Tokyo)")
             tz = ZoneInfo(DEFAULT_TIMEZONE)
         self.tz = tz
@@ -217,7 +218,7 @@ class _Compiler:
         try:
             return build_check(key, value, self.systems)
         except ConditionError as exc:
-            self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), str(exc))
+            self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), exc.text or str(exc))
             return None
 
     def _expiry(self, path: tuple[Any, ...], value: Any) -> tuple[date | None, datetime | None]:

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
 
+from gateway.i18n import Text
 from gateway.policy import facts as F
 from gateway.policy.query import PolicyQuery, normalize_host
+
+T_PLATFORM_TWICE = Text("プラットフォーム {plat!r} が重複しています（大文字・小文字は区別しません）",
+                        "platform {plat!r} given twice (platform names are compared without case)")
 
 CheckFn = Callable[[PolicyQuery, F.Facts], "bool | None"]
 
@@ -35,10 +39,11 @@ class Check:
 class ConditionError(ValueError):
     """A bad condition value; ``index`` points into a list value for the line number."""
 
-    def __init__(self, message: str, index: int | None = None, key: str | None = None):
+    def __init__(self, message: str, index: int | None = None, key: str | None = None, text: Text | None = None):
         super().__init__(message)
         self.index = index
         self.key = key
+        self.text = text  # the message in both languages, when it has them
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,9 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
             parsed = parse_version(str(ver))
             if not parsed:
                 raise ConditionError(f"not a version number for {plat}: {ver!r}")
+            if str(plat).lower() in minimums:  # compared without case below: IOS would override ios
+                text = T_PLATFORM_TWICE.format(plat=str(plat)[:60])
+                raise ConditionError(text.en, text=text)
             minimums[str(plat).lower()] = parsed
 
         def below(q: PolicyQuery, f: F.Facts) -> bool:

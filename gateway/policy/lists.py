@@ -7,6 +7,11 @@ Entry semantics (documented in LANGUAGE.md):
 - hosts ``0.0.0.0 a.example b.example`` -> exactly those names (hosts files list names)
 - ABP ``||example.com^`` -> example.com and every sub-domain
 - ABP ``/regex/`` -> a URL regular expression (RE2 syntax), checked at the HTTP stages
+
+Bounds (issue #15): a list file is at most ``MAX_LIST_BYTES`` (read by gateway/yamlsource's
+``read_text_file``: a regular file only), a line at most ``MAX_LIST_LINE_CHARS``, and at most
+``MAX_ERRORS`` errors are reported per file. Errors name the file and line but never quote
+the line: a list pointed at the wrong file (/etc/shadow) must not print it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,25 @@ from ipaddress import ip_address
 
 import re2
 
-from gateway.policy.query import normalize_host
-from gateway.yamlsource import SourceError
+from gateway.hostname import normalize_host
+from gateway.i18n import Text
+from gateway.yamlsource import MAX_ERRORS, MAX_LIST_BYTES, SourceError
+
+# A domain is at most 253 characters; an ABP regex line a few hundred.
+MAX_LIST_LINE_CHARS = 4096
+
+T_LINE_TOO_LONG = Text("行が長すぎます（上限 {limit} 文字）", "line too long (at most {limit} characters)")
+T_NOT_DOMAIN = Text("ドメイン名として正しくありません", "not a valid domain name")
+T_BAD_REGEX = Text("正規表現の誤り: {problem}", "bad regular expression: {problem}")
+T_ABP = Text("対応していない ABP ルールです（使えるのは ||domain^ と /regex/ だけです）",
+             "unsupported ABP rule (only ||domain^ and /regex/ are understood)")
+T_HOSTS_IP = Text("hosts 形式の行は IP アドレスで始まります", "hosts line must start with an IP address")
+T_HOSTS_EMPTY = Text("hosts 形式の行にホスト名がありません", "hosts line names no host")
+T_ONE_PER_LINE = Text("1 行に 1 つのドメインを書いてください", "one domain per line expected")
+T_NOT_NAME = Text("ドメイン名ではありません（サブドメインは自動で含まれます。パスには url ルールを使ってください）",
+                  "not a domain name (a plain entry already covers sub-domains; use a url rule for paths)")
+T_TOO_MANY = Text("エラーが多すぎるため、ここで検査をやめました（{limit} 件）",
+                  "too many errors; stopped checking here ({limit} shown)")
 
 FORMATS = ("auto", "domains", "hosts", "abp")
 
@@ -70,19 +92,25 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
     errors: list[SourceError] = []
     plain_target = exact if match == "exact" else suffix
 
-    def err(lineno: int, msg: str) -> None:
-        errors.append(SourceError(filename, lineno, (), msg))
+    def err(lineno: int, text: Text) -> None:
+        errors.append(SourceError.of(filename, lineno, (), text))
 
     def add_domain(raw: str, lineno: int, target: set[str]) -> None:
         host = normalize_host(raw)
         if host is None or not valid_domain(host):
-            err(lineno, f"not a valid domain name: {raw!r}")
+            err(lineno, T_NOT_DOMAIN)
             return
         target.add(host)
 
     # Lines as an editor numbers them: str.splitlines() also breaks at form feeds, NEL and
     # U+2028, which shifted every later error's line number (found by tests/fuzz).
     for lineno, line in enumerate(_LINE_BREAK.split(text), 1):
+        if len(errors) >= MAX_ERRORS:
+            err(lineno, T_TOO_MANY.format(limit=MAX_ERRORS))
+            break
+        if len(line) > MAX_LIST_LINE_CHARS:
+            err(lineno, T_LINE_TOO_LONG.format(limit=MAX_LIST_LINE_CHARS))
+            continue
         s = line.strip()
         if not s or s[0] == "#" or (s[0] == "!" and fmt in ("auto", "abp")):
             continue
@@ -100,13 +128,14 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
                 pattern = s[1:-1]
                 problem = regex_error(pattern)
                 if problem:
-                    err(lineno, f"bad regular expression: {problem}")
+                    # RE2 quotes the offending part after ": "; the line is not printed.
+                    err(lineno, T_BAD_REGEX.format(problem=problem.split(": ", 1)[0][:200]))
                 else:
                     regexes.append((pattern, lineno))
                 continue
             m = _ABP_DOMAIN.match(s)
             if not m:
-                err(lineno, f"unsupported ABP rule {s!r} (only ||domain^ and /regex/ are understood)")
+                err(lineno, T_ABP)
                 continue
             add_domain(m.group(1), lineno, suffix)
         elif kind == "hosts":
@@ -114,10 +143,10 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
             try:
                 ip_address(fields[0])
             except ValueError:
-                err(lineno, f"hosts line must start with an IP address: {s!r}")
+                err(lineno, T_HOSTS_IP)
                 continue
             if len(fields) < 2:
-                err(lineno, f"hosts line names no host: {s!r}")
+                err(lineno, T_HOSTS_EMPTY)
                 continue
             for raw in fields[1:]:
                 if raw.lower() in _HOSTS_SELF_NAMES:
@@ -125,10 +154,10 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
                 add_domain(raw, lineno, exact)
         else:
             if " " in s or "\t" in s:
-                err(lineno, f"one domain per line expected: {s!r}")
+                err(lineno, T_ONE_PER_LINE)
                 continue
             if "*" in s or "/" in s:
-                err(lineno, f"not a domain name: {s!r} (a plain entry already covers sub-domains; use a url rule for paths)")
+                err(lineno, T_NOT_NAME)
                 continue
             add_domain(s, lineno, plain_target)
     return DomainList(name, filename, frozenset(suffix), frozenset(exact), tuple(regexes)), errors

@@ -1,4 +1,7 @@
-"""The I/O edge of the policy layer: read the policy file and its list files, compile."""
+"""The I/O edge of the policy layer: read the policy file and its list files, compile.
+
+Every file is read with gateway/yamlsource's ``read_text_file``: a regular file only, within
+a size bound (a list named as /dev/zero or a FIFO is refused at once, issue #15)."""
 
 from __future__ import annotations
 
@@ -7,21 +10,15 @@ from pathlib import Path
 
 from gateway.policy.compiler import compile_policy, parse_policy
 from gateway.policy.snapshot import PolicySnapshot
-from gateway.yamlsource import SourceError, SourceErrors
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceErrors([SourceError(str(path), 1, (), f"cannot read file: {exc}")]) from None
+from gateway.yamlsource import MAX_LIST_BYTES, MAX_YAML_BYTES, SourceError, SourceErrors, read_text_file
 
 
 def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot:
     """Read, validate and compile a policy. Raises SourceErrors listing every problem
-    (``file:line: key: message``); nothing is half-built."""
+    (``file:line: key: message``); nothing is half-built. A policy file that cannot be read
+    raises ``UnreadableSource`` (a SourceErrors: the commands exit 2)."""
     policy_path = Path(path)
-    text = _read(policy_path)
+    text = read_text_file(policy_path, MAX_YAML_BYTES)
     doc, sources = parse_policy(text, str(policy_path))
     list_texts: dict[str, tuple[str, str]] = {}
     errors: list[SourceError] = []
@@ -30,10 +27,12 @@ def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot
         if not list_path.is_absolute():
             list_path = policy_path.parent / list_path
         try:
-            list_texts[src.name] = (str(list_path), _read(list_path))
+            list_texts[src.name] = (str(list_path), read_text_file(list_path, MAX_LIST_BYTES))
         except SourceErrors as exc:
             # Point at the policy line that names the file, and say which file.
-            errors.append(doc.error(("lists", src.name, "file"), exc.errors[0].message + f" ({list_path})"))
+            first = exc.errors[0]
+            errors.append(SourceError(doc.filename, doc.line_of(("lists", src.name, "file")), ("lists", src.name, "file"),
+                                      f"{first.message} ({list_path})", f"{first.ja}（{list_path}）" if first.ja else ""))
     if errors:
         raise SourceErrors(errors)
     return compile_policy(doc, text, sources, list_texts, now or datetime.now(timezone.utc))

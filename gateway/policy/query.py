@@ -12,6 +12,7 @@ import re
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import NamedTuple
 
+from gateway.hostname import normalize_host  # the one host normalization (IDNA UTS 46)
 from gateway.verdict import Stage
 
 
@@ -60,40 +61,6 @@ class PolicyQuery(NamedTuple):
         ``_replace(stage=..., response_content_type=...)`` without its cost (~1.5 µs, once
         per deferred request in the gateway)."""
         return tuple.__new__(PolicyQuery, (Stage.RESPONSE, *self[1:10], content_type, *self[11:]))
-
-
-def normalize_host(host: str | None) -> str | None:
-    """Lower-case, no trailing dot, IDNA (punycode) form; ``None`` for an empty or
-    unencodable name. IP literals are returned in their canonical text form."""
-    if not host:
-        return None
-    h = host.lower()
-    while True:  # to a fixed point, so that normalizing twice changes nothing (tests/fuzz)
-        stripped = h.strip().rstrip(".")
-        if stripped.startswith("[") and stripped.endswith("]"):
-            stripped = stripped[1:-1]
-        if stripped == h:
-            break
-        h = stripped
-    if not h:
-        return None
-    if ":" in h:
-        # An IPv6 literal in its one canonical spelling: [2001:DB8:0::1] is 2001:db8::1.
-        try:
-            return str(ip_address(h))
-        except ValueError:
-            pass
-    if h.isascii():
-        return h
-    try:
-        # The stdlib IDNA 2003 codec: enough for the Japanese names operators write in
-        # lists (例え.jp); the project pins no separate idna package.
-        encoded = h.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    # IDNA maps the other full stops (。．｡ and U+2024) to ".": "example.com。" must be
-    # example.com too, not "example.com." (found by bench/fuzz.py).
-    return encoded.rstrip(".") or None
 
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

@@ -116,7 +116,9 @@ POLICY_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "default_action": {"enum": DEFAULT_ACTIONS},
-                "timezone": {"type": "string"},
+                # An IANA name (Asia/Tokyo, UTC, Etc/GMT+9): bounded, no path tricks (issue #15:
+                # 5,000 characters used to reach the file system as one file name).
+                "timezone": {"type": "string", "maxLength": 64, "pattern": r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"},
                 "no_sni": {"enum": NO_SNI_CHOICES},
                 "dns_block": {"enum": ["nxdomain", "sinkhole"]},
             },

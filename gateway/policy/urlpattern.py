@@ -67,11 +67,13 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
             port_digits = port
         else:
             raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
-    host = authority.lower().rstrip(".")
-    if not host.isascii():  # an IDN: the punycode form normalize_url gives URLs
+    host = authority.rstrip(".")
+    if host.isascii():
+        host = host.lower()
+    else:  # an IDN: the punycode form normalize_url gives URLs (UTS 46 folds case itself)
         prefix = "*." if host.startswith("*.") else ""
-        if "*" not in host[len(prefix):]:
-            host = prefix + (normalize_host(host[len(prefix):]) or host[len(prefix):])
+        rest = host[len(prefix):]
+        host = prefix + (normalize_host(rest) or rest.lower()) if "*" not in rest else host.lower()
     if host.startswith("[") and host.endswith("]") and "*" not in host:
         try:  # the spelling normalize_url gives URLs: [2001:0DB8::5] is [2001:db8::5]
             host = f"[{ip_address(host[1:-1])}]"

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.hostname import normalize_host, normalize_host_entry
+from gateway.yamlsource import SourceErrors, read_text_file
+
 _STR = {"type": "string", "minLength": 1}
 _DURATION = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*[0-9]+\s*[smhd]\s*$"}]}
 _HOSTS = {"type": "array", "items": _STR}
@@ -107,7 +110,9 @@ class SignInSettings:
         before sign-in; without them no one could ever sign in."""
         if not host:
             return False
-        h = host.lower().rstrip(".")
+        h = normalize_host(host)
+        if h is None:
+            return False
         if h == self.issuer_host:
             return True
         for entry in self.allow_before_signin:
@@ -131,10 +136,11 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
         return None
     if secret_file is not None:
         path = relative_to(doc.filename, secret_file)
-        try:
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            errors.append(doc.error(("signin", "client_secret_file"), f"cannot read {path}: {exc.strerror}"))
+        try:  # a regular file of at most 64 KiB: /dev/zero or a FIFO is refused, not read (issue #15)
+            secret = read_text_file(path, 64 * 1024).strip()
+        except SourceErrors as exc:
+            reason = exc.errors[0].message.removeprefix("cannot read file: ")
+            errors.append(doc.error(("signin", "client_secret_file"), f"cannot read {path}: {reason}"))
             return None
         if not secret:
             errors.append(doc.error(("signin", "client_secret_file"), f"{path} is empty"))
@@ -156,7 +162,7 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
             errors.append(doc.error(("signin", "ca_file"), f"no such file: {ca_file}"))
 
     def hosts(key: str) -> tuple[str, ...]:
-        return tuple(h.strip().lower().rstrip(".") for h in section.get(key, []))
+        return tuple(normalize_host_entry(h) for h in section.get(key, []))
 
     return SignInSettings(
         issuer=section["issuer"].rstrip("/"),

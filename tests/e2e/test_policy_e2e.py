@@ -194,6 +194,19 @@ def test_broken_policy_is_refused_and_the_old_one_keeps_serving(plab: Lab):
         assert status["result"] == "failure" and any(str(live) in e for e in status["errors"])
         assert dns_query(plab, "tracker.test")["rcode"] == "NXDOMAIN"
         assert http_code(plab.devices[0].curl("http://www.example.test/still-served")) == "200"
+        # Issue #15: an alias bomb (6 GB before) and an impossible date are refused as quickly,
+        # with file:line, counted, and the gateway keeps serving the old policy.
+        from tests.unit.test_load_bounds import alias_bomb
+        for hostile, line in ((good + alias_bomb(), good.count("\n") + 1),
+                              (good.replace("rules:", "rules:\n  - {id: bad-date, action: block, expires: 2025-13-01}", 1), None)):
+            live.write_text(hostile)
+            plab.gw.run("kill", "-HUP", (plab.state_dir / "kanmon.pid").read_text().strip())
+            time.sleep(1.5)
+            status = json.loads((plab.state_dir / "policy-status.json").read_text())
+            assert status["result"] == "failure", status
+            assert any(e.startswith(f"{live}:{line}:" if line else f"{live}:") for e in status["errors"]), status
+            assert dns_query(plab, "tracker.test")["rcode"] == "NXDOMAIN"
+            assert http_code(plab.devices[0].curl("http://www.example.test/still-served")) == "200"
     finally:
         live.write_text(good)
 

@@ -196,6 +196,60 @@ def _dump(doc: object) -> str:
         return "version: 1\n"
 
 
+# Hostile inputs at the bounds (issue #15): alias bombs, nesting, huge numbers, odd tags,
+# impossible dates, long lines and time zones, each built at a random size, put into a
+# valid policy. Every one must give file:line errors (or compile), quickly, and no error
+# may print a whole huge value.
+_HOSTILE_TAGS = ["!!binary aGk=", "!!set {a: null}", "!!omap [a: 1]", "!!pairs [a: 1]", "!!python/name:os.system",
+                 "!local x", "!!int abc", "!!float x", "!!bool maybe", "!!timestamp 2025-99-99", "!!str ok", "!!int 0x1F"]
+
+
+@st.composite
+def _hostile_policy(draw) -> str:
+    kind = draw(st.sampled_from(["bomb", "flow", "block", "number", "tag", "date", "line", "timezone", "merge"]))
+    rule = "rules:\n  - id: r\n    action: block\n    match: {domain: example.com}\n"
+    if kind == "bomb":
+        levels, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+        lines = ["x0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+        lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+        return "version: 1\n" + rule + "\n".join(lines) + "\n"
+    if kind == "flow":
+        depth = draw(st.integers(1, 3000))
+        return "version: 1\n" + rule + "x: " + "[" * depth + "]" * depth + "\n"
+    if kind == "block":
+        depth = draw(st.integers(1, 300))
+        return "version: 1\n" + rule + "x:\n" + "".join("  " * (i + 1) + "k:\n" for i in range(depth))
+    if kind == "number":
+        digits = draw(st.integers(1, 6000))
+        where = draw(st.sampled_from(["version: {n}\n", "version: 1\nsettings: {{timezone: {n}}}\n",
+                                      "version: 1\nsystems: {{s: {{class: {n}}}}}\n",
+                                      "version: 1\nrules:\n  - {{id: r, action: block, match: {{mfa_within: {n}}}}}\n"]))
+        return where.format(n=draw(st.sampled_from(["", "-", "0x", "0o", "1_"])) + "9" * digits)
+    if kind == "tag":
+        return "version: 1\n" + rule + "    expires: " + draw(st.sampled_from(_HOSTILE_TAGS)) + "\n"
+    if kind == "date":
+        y, m, d = draw(st.integers(0, 99999)), draw(st.integers(0, 99)), draw(st.integers(0, 99))
+        return "version: 1\n" + rule + f"    expires: {y:04d}-{m:02d}-{d:02d}\n"
+    if kind == "line":
+        n = draw(st.integers(60_000, 140_000))
+        return "version: 1\n" + rule + "    description: " + "x" * n + "\n"
+    if kind == "timezone":
+        return "version: 1\nsettings:\n  timezone: " + draw(st.text(min_size=1, max_size=20)).replace("\n", "") * \
+            draw(st.integers(1, 400)) + "\n"
+    return "version: 1\n" + rule + "x:\n  a: 1\n  <<: {a: 2}\n"
+
+
+def check_hostile(text: str) -> None:
+    try:
+        check_compiles_or_points_at_a_line(text, {})
+    except SourceErrors as exc:  # pragma: no cover - check_compiles_or_points_at_a_line handles these
+        raise AssertionError(exc) from None
+    try:
+        compile_text(text, _list_texts({}), filename=FILENAME, compiled_at=NOW)
+    except SourceErrors as exc:
+        assert all(len(str(err)) < 2000 for err in exc.errors), [len(str(e)) for e in exc.errors]
+
+
 HARNESSES = [
     Harness("policy-text", st.tuples(st.one_of(st.text(max_size=400), st.binary(max_size=300).map(
         lambda b: b.decode("utf-8", "replace"))), _LISTS), lambda v: check_compiles_or_points_at_a_line(*v),
@@ -203,6 +257,7 @@ HARNESSES = [
     Harness("policy-mutated", _mutated_seed(), lambda v: check_compiles_or_points_at_a_line(*v), ci_examples=120),
     Harness("policy-structure", st.tuples(_POLICY.map(_dump), _LISTS),
             lambda v: check_compiles_or_points_at_a_line(*v), ci_examples=150),
+    Harness("policy-hostile", _hostile_policy(), check_hostile, ci_examples=120, hang_seconds=5.0),
 ]
 
 for _h in HARNESSES:

@@ -79,9 +79,9 @@ def test_host_bits_in_prefix_and_duplicate_rule_ids_are_refused():
 
 
 def test_yaml_syntax_and_duplicate_keys():
-    assert errors_of("tunnel: [\n")[0].startswith("k.yaml:2: YAML syntax error")
+    assert errors_of("tunnel: [\n")[0].startswith("k.yaml:2: YAML の構文エラーです") and "YAML syntax error" in errors_of("tunnel: [\n")[0]
     errs = errors_of(VALID.replace("uplink:\n  interface: eth0\n", "uplink:\n  interface: eth0\n  interface: eth1\n"))
-    assert errs == ["k.yaml:11: uplink.interface: duplicate key (first defined on line 10)"]
+    assert errs == ["k.yaml:11: uplink.interface: 重複したキーです（最初は 10 行目） / duplicate key (first defined on line 10)"]
 
 
 def test_not_a_mapping():
