@@ -113,7 +113,7 @@ class Enforcer:
             verdict, url=request_target(flow)[1], device_id=device.device_id if device else None,
             helpdesk=self.helpdesk, request_id=request_id)
         if verdict.rule_id == RULE_MALFORMED_AUTHORITY:
-            flow.response.status_code = 400   # the request itself is broken, not forbidden
+            flow.response.status_code, flow.response.reason = 400, "Bad Request"   # broken, not forbidden
 
     # -- hooks ---------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
