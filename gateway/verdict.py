@@ -58,10 +58,10 @@ CONNECTION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.TCP})
 
 def strictest(held: Verdict | None, new: Verdict) -> Verdict:
     """The verdict that stands when a later stage (or addon) decides again on the same
-    flow: a block already reached is never loosened by a later pass; otherwise the newer,
-    better-informed verdict stands. The one rule by which verdicts combine (README,
-    "identify or deny")."""
-    if held is not None and not held.passes and new.passes:
+    flow: a block already reached stands (with its own rule and reason; a later pass never
+    loosens it); otherwise the newer, better-informed verdict stands. The one rule by which
+    verdicts combine (README, "identify or deny")."""
+    if held is not None and not held.passes:
         return held
     return new
 

@@ -190,6 +190,8 @@ def test_a_later_pass_never_loosens_a_block():
     assert strictest(None, ALLOW) is ALLOW
     later = Verdict(Action.MONITOR, None, "z", Stage.RESPONSE)
     assert strictest(ALLOW, later) is later
+    other_block = Verdict(Action.BLOCK, "r-other", "w", Stage.REQUEST)
+    assert strictest(BLOCK, other_block) is BLOCK     # the first block keeps its rule and reason
 
 
 def test_a_connection_block_holds_for_every_later_request_of_the_connection():
