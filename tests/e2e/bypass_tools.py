@@ -5,7 +5,7 @@ from a device, and the checks every case makes.
 What a case proves, in two halves that must both hold:
 (a) upstream: nothing the gateway should have refused reached any recording server (the
     blocked host name, the case's marker, or for raw cases any application byte at all);
-(b) log: the gateway's access log (`conn`/`proxy`, gateway/logstore/FIELDS.md) has a denying
+(b) log: the gateway's access log (`conn`/`proxy`/`dns`, gateway/logstore/FIELDS.md) has a denying
     record for the device's connection (matched by tunnel address and source port) that
     names the reason rule id or the blocked host, and no record of that connection passes
     after one denied it (no stage loosens an earlier verdict).
@@ -39,10 +39,11 @@ BLOCKED = "blocked.test"            # blocked by the lab rule added to the examp
 WEBMAIL = "gmail.com"               # blocked by the example policy's webmail list
 ALLOWED = "www.example.test"        # allowed (default action of the example policy)
 NO_INSPECT = "bank.test"            # no-inspect (lab rule; the example's bank names do not resolve here)
-UPSTREAM_PORTS = (80, 443, 853, 2525, 8080, 8443)
+UPSTREAM_PORTS = (53, 80, 443, 853, 2525, 5353, 8080, 8443)
 HOST_PORT = 18080                   # a listener on every address of the gateway host
 PASSING = frozenset({"allow", "monitor", "no-inspect", "tenant-restrict"})
-LOG_FIELDS_NAMING_HOSTS = ("url.domain", "url.full", "destination.domain", "tls.client.server_name")
+LOG_FIELDS_NAMING_HOSTS = ("url.domain", "url.full", "destination.domain", "tls.client.server_name",
+                           "dns.question.name")
 # Reason rule ids of the fixed data path (issue #14).
 UNIDENTIFIED = "kanmon:unidentified-protocol"
 MISMATCH = "kanmon:authority-mismatch"
@@ -184,7 +185,7 @@ def connection_records(lab: Lab, device: Device, sport: int | None) -> list[dict
     if sport is None:
         return []
     out = []
-    for stream in ("conn", "proxy"):
+    for stream in ("conn", "proxy", "dns"):
         for rec in lab.log_records(stream):
             if rec.get("source.port") == sport and rec.get("source.ip") in (device.ipv4, device.ipv6):
                 out.append(rec)
@@ -259,11 +260,11 @@ def check_refused(lab: BypassLab, device: Device, obs: Observation, *, forbidden
     if nothing_reaches:
         hits += [f"conn {cid} on {c['local']}:{c['lport']} got {c['data'][:300]!r}"
                  for cid, c in conns.items() if c["data"]]
+    if not hits and may_drop and not obs.result["connected"]:
+        return   # dropped by the firewall: no handshake, nothing to log per connection
     obs.records = wait_for_denial(lab, device, obs.result["sport"], reasons, hosts, timeout=0 if hits else 5)
     assert not hits, "BYPASS: the upstream received what the gateway must refuse:\n" + "\n".join(hits) \
         + "\n" + describe(obs)
-    if may_drop and not obs.result["connected"]:
-        return   # dropped by the firewall: no handshake, nothing to log per connection
     denial = [r for r in obs.records if denied(r) and (r.get("rule.id") in reasons or names_host(r, hosts))]
     assert denial, f"no log record names the reason ({', '.join(reasons)}) or {', '.join(hosts)}:\n" + describe(obs)
     looser = loosened(obs.records)

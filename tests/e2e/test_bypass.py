@@ -117,10 +117,11 @@ CASES: list[Case] = [
     _c1("c1-crlf-plaintext-on-443", WEB4, 443, lambda m: ["\r\n" + _rest(m)]),
     _c1("c1-crlf-webmail", WEB4, 80, lambda m: ["\r\n" + _rest(m, WEBMAIL)], hosts=(WEBMAIL,)),
     _c1("c1-ssh-banner-on-443", WEB4, 443, lambda m: [f"SSH-2.0-OpenSSH_9.6 {m}\r\n"], hosts=(),
-        reasons=(UNIDENTIFIED,)),
+        reasons=(UNIDENTIFIED,), read_timeout=1.5),
     _c1("c1-binary-on-80", WEB4, 80, lambda m: ["\x00\x01\x02\x03" + m], hosts=(), reasons=(UNIDENTIFIED,),
         read_timeout=1.5),
-    _c1("c1-unknown-line-port8443", WEB4, 8443, lambda m: [f"hello-{m}\r\n"], hosts=(), reasons=(UNIDENTIFIED,)),
+    _c1("c1-unknown-line-port8443", WEB4, 8443, lambda m: [f"hello-{m}\r\n"], hosts=(), reasons=(UNIDENTIFIED,),
+        read_timeout=1.5),
     # c2: a ClientHello mitmproxy does not recognise is relayed untouched (real certificate).
     *[Case(f"c2-{name}", (lambda opts: lambda m: tls(WEB4, 443, BLOCKED, req(m), **opts))(opts), RAW,
            nothing_reaches=True)
@@ -232,6 +233,12 @@ CASES: list[Case] = [
          DNS, (), nothing_reaches=True),
     Case("c7-plain-dns-over-tcp-port853", lambda m: plain(WEB4, 853, dns_query_wire(f"{m}.{BLOCKED}", tcp=True),
                                                           read_timeout=1.5), DNS, (), nothing_reaches=True),
+    # DNS over TCP to port 5353 of any address: mitmproxy takes it for DNS and relays it there.
+    Case("c7-dns-tcp-port5353-allowed-name", lambda m: plain(SPARE4, 5353, dns_query_wire(f"{m}.example.test", tcp=True),
+                                                             read_timeout=1.5), DNS, (), nothing_reaches=True),
+    Case("c7-dns-tcp-port5353-blocked-name", lambda m: plain(SPARE4, 5353, dns_query_wire(f"{m}.{BLOCKED}", tcp=True),
+                                                             read_timeout=1.5), (*DNS, *BLOCK_RULES), (),
+         nothing_reaches=True),
     Case("c7-doh-post", lambda m: tls(WEB4, 443, ALLOWED, http_request(
         f"/dns-query?m={m}", ALLOWED, method="POST", extra="Content-Type: application/dns-message\r\n",
         body=dns_query_wire(f"{m}.{BLOCKED}", tcp=False))), (DNS_BYPASS,), (), nothing_reaches=True),
@@ -298,10 +305,12 @@ def test_doh_answer_is_refused(blab: BypassLab, observer: Observer, path: str, a
 
 
 # -- odd ClientHellos with an allowed name: the session must still be inspected --------------
-@pytest.mark.parametrize("opts", [{"split": [1]}, {"split": [2]}, {"record_version": "0304"},
-                                  {"record_version": "0305"}, {"fragment": 8}],
-                         ids=["c2-split-at-1", "c2-split-at-2", "c2-record-version-0304", "c2-record-version-0305",
-                              "c2-records-of-8-bytes"])
+@pytest.mark.parametrize("opts", [{"split": [1]}, {"split": [2]}, {"split": [5]}, {"record_version": "0304"},
+                                  {"record_version": "0305"}, {"record_version": "0300"}, {"fragment": 8},
+                                  {"fragment": 8, "split": [2]}],
+                         ids=["c2-split-at-1", "c2-split-at-2", "c2-split-at-5", "c2-record-version-0304",
+                              "c2-record-version-0305", "c2-record-version-0300", "c2-records-of-8-bytes",
+                              "c2-records-of-8-bytes-split-at-2"])
 def test_odd_client_hello_is_still_intercepted(blab: BypassLab, observer: Observer, opts: dict):
     marker = new_marker()
     obs = observer.run(blab.devices[0], tls(WEB4, 443, ALLOWED, req(marker, ALLOWED), **opts))

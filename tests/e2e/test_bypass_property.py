@@ -11,7 +11,7 @@ fake internet (gateway/lab/recorder.py), and checks one invariant:
   ClientHello's segmentation or record version), so the property cannot hold by everything
   being refused.
 
-Bounded and deterministic: 80 examples, derandomized, no shrinking (each example is a real
+Bounded and deterministic: 60 examples, derandomized, no shrinking (each example is a real
 connection through the lab; the failing example is printed as it was generated).
 """
 
@@ -104,7 +104,7 @@ def allowed_authority(value: str) -> bool:
     return bool(m) and m.group(1) == ALLOWED and (m.group(2) is None or 1 <= int(m.group(2)) <= 65535)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(attempt=attempts())
 def test_blocked_host_never_reaches_and_allowed_requests_do(plab, attempt):
