@@ -21,6 +21,13 @@ Classes (ids start with the class number of the issue):
  c8 SMTP to a private server on a non-mail port after a CRLF
  c9 the gateway host's own services through its other addresses
  c10 further finds (pipelined requests)
+
+Found while writing the corpus, beyond the issue's list: HTTP/2 with two Host fields (the h2
+library compares only the last with :authority; mitmproxy judges :authority and relays both,
+the blocked one first), an obs-folded Host (`Host: blocked.test` continued by ` :80x` is
+judged as one odd name; the upstream reads the first line), DNS over TCP to port 5353 of any
+address (mitmproxy takes it for DNS and relays it to that server), and a response-stage
+re-decision that logs an enforcer block (internal-destination) as `allow` (c9-tunnel-http).
 """
 
 from __future__ import annotations
