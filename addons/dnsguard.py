@@ -103,7 +103,7 @@ class DnsBypassGuard:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         headers = flow.request.headers
         carried = {_media_type(headers.get("content-type")), *(_media_type(v) for v in headers.get("accept", "").split(","))}
-        if not carried & DNS_MESSAGE_TYPES or self._allowed(flow):
+        if not (carried & DNS_MESSAGE_TYPES or _dns_query_parameter(flow.request)) or self._allowed(flow):
             return
         record_verdict(flow, self._verdict("DNS over HTTPS request (DNS message content type)", Stage.REQUEST),
                        self.connections)
@@ -134,3 +134,17 @@ def _media_type(value: str | None) -> str | None:
     if not value:
         return None
     return value.split(";", 1)[0].strip().lower() or None
+
+
+_BASE64URL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
+
+
+def _dns_query_parameter(request: http.Request) -> bool:
+    """RFC 8484 GET: the DNS message itself in ``?dns=`` (base64url, at least a header's
+    worth). Clients should also send ``Accept: application/dns-message``, but need not."""
+    if request.method != "GET" or b"dns=" not in request.data.path:
+        return False
+    for name, value in request.query.items(multi=True):
+        if name == "dns" and len(value) >= 16 and set(value.encode()) <= _BASE64URL:
+            return True
+    return False

@@ -21,14 +21,14 @@ import logging
 import time
 
 from mitmproxy.addons import next_layer
-from mitmproxy.proxy import layers
+from mitmproxy.proxy import events, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import ClientTLSLayer, ServerTLSLayer, modes
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from gateway.connections import PROTOCOL_MAIL, PROTOCOL_UNIDENTIFIED, LiveConnections
-from gateway.firstbytes import Kind, classify
+from gateway.firstbytes import Kind, classify, normalized_record_versions
 
 log = logging.getLogger("kanmon.protocol")
 
@@ -53,6 +53,8 @@ class ProtocolIdentifier(next_layer.NextLayer):
 
     def next_layer(self, nextlayer) -> None:
         try:
+            if not nextlayer.layer and next_layer.stack_match(nextlayer.context, [modes.TransparentProxy]):
+                _normalize_record_versions(nextlayer)
             super().next_layer(nextlayer)
         except Exception:
             # Fail closed: a connection we could not classify is unidentified (its upstream
@@ -113,3 +115,25 @@ class ProtocolIdentifier(next_layer.NextLayer):
         if state is not None:
             # Inside intercepted TLS the inner protocol is what counts ("tls" then "http").
             state.protocol = protocol
+
+
+def _normalize_record_versions(nextlayer) -> None:
+    """Replace the client's buffered bytes by the same bytes with an unusual TLS record
+    version (0x0304+) set to 0x0301, so that mitmproxy's TLS layer, which reads these
+    bytes next and accepts only 3.0-3.3, intercepts such a ClientHello like any other
+    instead of failing (the record version is not negotiated; servers ignore it)."""
+    client = nextlayer.context.client
+    received = [e for e in nextlayer.events if isinstance(e, events.DataReceived) and e.connection == client]
+    if not received:
+        return
+    fixed = normalized_record_versions(b"".join(e.data for e in received))
+    if fixed is None:
+        return
+    first = received[0]
+    rewritten = []
+    for e in nextlayer.events:
+        if e is first:
+            rewritten.append(events.DataReceived(client, fixed))
+        elif not (isinstance(e, events.DataReceived) and e.connection == client):
+            rewritten.append(e)
+    nextlayer.events[:] = rewritten

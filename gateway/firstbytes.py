@@ -6,8 +6,10 @@ protocol is not identified is denied unless a policy rule names its destination.
 module is the identification, and it is strict on purpose:
 
 * TLS is recognised from a complete ClientHello, however the client segmented it (one byte
-  per TCP segment is still TLS), never from the first three bytes alone. A record-layer
-  version other than 3.0-3.3 (0x0300-0x0303, what every real client sends) is not TLS.
+  per TCP segment is still TLS) and whatever minor record-layer version its records carry
+  (0x03xx; the record version is not negotiated and servers ignore it), never from the
+  first three bytes alone. ``normalized_record_versions`` rewrites an unusual one (0x0304+)
+  to 0x0301 before the bytes reach mitmproxy's TLS layer, which accepts only 3.0-3.3.
 * HTTP/1 is a complete, well-formed request line: a method token, one space, a target
   without controls or spaces, one space, ``HTTP/1.0`` or ``HTTP/1.1``. A leading empty line,
   a lower-case method, a tab, or a bare ``\\n`` before the line are *not* HTTP here: a real
@@ -64,14 +66,12 @@ def _tls(data: bytes) -> Kind:
     """A TLS handshake record stream whose first message is a whole ClientHello."""
     if len(data) >= 2 and data[1] != 0x03:
         return Kind.UNIDENTIFIED
-    if len(data) >= 3 and data[2] > 0x03:
-        return Kind.UNIDENTIFIED   # record version 3.4+ does not exist (TLS 1.3 sends 0x0301/0x0303)
     hello = bytearray()
     offset = 0
     while True:
         if len(data) < offset + 5:
             return _more(data)
-        if data[offset] != 0x16 or data[offset + 1] != 0x03 or data[offset + 2] > 0x03:
+        if data[offset] != 0x16 or data[offset + 1] != 0x03:
             return Kind.UNIDENTIFIED   # a later record that is not a handshake record
         size = int.from_bytes(data[offset + 3: offset + 5], "big")
         if size == 0 or size > 16384 + 2048:
@@ -94,6 +94,24 @@ def _tls(data: bytes) -> Kind:
                 return Kind.UNIDENTIFIED
             if len(hello) >= wanted:
                 return Kind.TLS if _client_hello_parses(bytes(hello[:wanted])) else Kind.UNIDENTIFIED
+
+
+def normalized_record_versions(data: bytes) -> bytes | None:
+    """``data`` with every handshake record header's version set to 0x0301 where its minor
+    version is above 3 (None when there is nothing to rewrite). Walks the record headers of
+    the ClientHello's records only; the rest of the bytes are not touched."""
+    out: bytearray | None = None
+    offset = 0
+    while len(data) >= offset + 5 and data[offset] == 0x16 and data[offset + 1] == 0x03:
+        if data[offset + 2] > 0x03:
+            if out is None:
+                out = bytearray(data)
+            out[offset + 2] = 0x01
+        offset += 5 + int.from_bytes(data[offset + 3: offset + 5], "big")
+    if out is None and len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and data[2] > 0x03:
+        out = bytearray(data)
+        out[2] = 0x01
+    return bytes(out) if out is not None else None
 
 
 def _client_hello_parses(handshake: bytes) -> bool:

@@ -184,6 +184,9 @@ def probe(spec: dict) -> dict:
     family = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if spec.get("sport"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(spec["sport"])))
     sock.settimeout(float(spec.get("connect_timeout", 3)))
     response = b""
     try:

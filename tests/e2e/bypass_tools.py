@@ -15,7 +15,9 @@ allowed Host only.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import secrets
 import shutil
@@ -159,6 +161,9 @@ class Observation:
     records: list[dict] = field(default_factory=list)
 
 
+_SOURCE_PORTS = itertools.count(20000 + (os.getpid() % 50) * 200)
+
+
 class Observer:
     """Reads the recorders' logs from where the previous probe left them."""
 
@@ -174,6 +179,10 @@ class Observer:
 
     def run(self, device: Device, spec: dict, settle: float = 0.2) -> Observation:
         self.drain()
+        # A source port never used before in this run: the gateway's redirect is NAT, and
+        # conntrack remaps a source port whose earlier connection (TIME_WAIT) would clash, so
+        # an ephemeral port reused by a later probe is logged under another number.
+        spec = {"sport": next(_SOURCE_PORTS), **spec}
         result = run_probe(device, spec)
         time.sleep(settle)   # anything the gateway relayed reached the recorder before the answer did
         up, host = self.drain()
@@ -253,8 +262,13 @@ def describe(obs: Observation) -> str:
 
 
 def check_refused(lab: BypassLab, device: Device, obs: Observation, *, forbidden, reasons, hosts=(BLOCKED,),
-                  nothing_reaches: bool = False, may_drop: bool = False) -> None:
-    """Half (a) and (b) for a case the gateway must refuse."""
+                  nothing_reaches: bool = False, may_drop: bool = False, parser_refusal: bool = False) -> None:
+    """Half (a) and (b) for a case the gateway must refuse.
+
+    ``parser_refusal``: mitmproxy's own HTTP parser refuses the request before any hook runs
+    (an HTTP/1 request line it cannot read gets 400; an HTTP/2 header block that breaks the
+    protocol's own rules gets GOAWAY): there is no request, so no request record; the case
+    holds when nothing reached the upstream and the device saw that refusal."""
     conns = {**obs.upstream, **{("host", k): v for k, v in obs.host.items()}}
     hits = leaked(conns, forbidden)
     if nothing_reaches:
@@ -262,6 +276,11 @@ def check_refused(lab: BypassLab, device: Device, obs: Observation, *, forbidden
                  for cid, c in conns.items() if c["data"]]
     if not hits and may_drop and not obs.result["connected"]:
         return   # dropped by the firewall: no handshake, nothing to log per connection
+    if not hits and parser_refusal:
+        response = obs.result.get("response") or ""
+        h2_events = " ".join(obs.result.get("h2_events") or [])
+        assert response.startswith("HTTP/1.1 400") or "ConnectionTerminated" in h2_events, describe(obs)
+        return
     obs.records = wait_for_denial(lab, device, obs.result["sport"], reasons, hosts, timeout=0 if hits else 5)
     assert not hits, "BYPASS: the upstream received what the gateway must refuse:\n" + "\n".join(hits) \
         + "\n" + describe(obs)

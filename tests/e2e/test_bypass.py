@@ -88,6 +88,7 @@ class Case:
     hosts: tuple[str, ...] = (BLOCKED,)  # blocked host(s): never upstream; a log record naming one counts
     nothing_reaches: bool = False        # not one application byte may reach an upstream
     may_drop: bool = False               # nftables may drop it (no handshake) instead of a log record
+    parser_refusal: bool = False         # mitmproxy's HTTP parser refuses it before any hook (400 / GOAWAY)
     resolved_by_other_device: Callable[[str], str] | None = None   # marker -> name device 2 looks up first
 
     def __str__(self) -> str:
@@ -167,7 +168,7 @@ CASES: list[Case] = [
     Case("c4-uppercase-scheme-and-host",
          lambda m: plain(WEB4, 80, req(m, ALLOWED, target=f"HTTP://{BLOCKED.upper()}/{m}")), AUTH),
     Case("c4-userinfo", lambda m: plain(WEB4, 80, req(m, "allowed.test", target=f"http://allowed.test@{BLOCKED}/{m}")),
-         AUTH),
+         AUTH, parser_refusal=True),
     Case("c4-trailing-dot", lambda m: plain(WEB4, 80, req(m, ALLOWED, target=f"http://{BLOCKED}./{m}")), AUTH),
     Case("c4-explicit-port", lambda m: plain(WEB4, 80, req(m, ALLOWED, target=f"http://{BLOCKED}:80/{m}")), AUTH),
     Case("c4-http10-without-host", lambda m: plain(WEB4, 80, req(m, None, version="1.0",
@@ -179,10 +180,10 @@ CASES: list[Case] = [
     Case("c4-webmail", lambda m: plain(WEB4, 80, req(m, ALLOWED, target=f"http://{WEBMAIL}/{m}")), AUTH, (WEBMAIL,)),
     Case("c4-h2-authority-blocked", lambda m: {**tls(WEB4, 443, ALLOWED, alpn=["h2"]), "h2": [
         [":method", "GET"], [":scheme", "https"], [":authority", BLOCKED], [":path", f"/{m}"], ["host", ALLOWED]]},
-        AUTH),
+        AUTH, parser_refusal=True),
     Case("c4-h2-host-blocked", lambda m: {**tls(WEB4, 443, ALLOWED, alpn=["h2"]), "h2": [
         [":method", "GET"], [":scheme", "https"], [":authority", ALLOWED], [":path", f"/{m}"], ["host", BLOCKED]]},
-        AUTH),
+        AUTH, parser_refusal=True),
     # The h2 library checks :authority against the *last* Host only; mitmproxy judges
     # :authority and relays both Host fields to an HTTP/1.1 upstream, the blocked one first.
     Case("c4-h2-duplicate-host-blocked-first", lambda m: {**tls(WEB4, 443, ALLOWED, alpn=["h2"]), "h2": [
@@ -208,7 +209,7 @@ CASES: list[Case] = [
     Case("c5-duplicate-host-blocked-first",
          lambda m: plain(WEB4, 80, req(m, BLOCKED, extra=f"Host: {ALLOWED}\r\n")), AUTH),
     Case("c5-h2-authority-port-80x", lambda m: {**tls(WEB4, 443, ALLOWED, alpn=["h2"]), "h2": [
-        [":method", "GET"], [":scheme", "https"], [":authority", f"{BLOCKED}:80x"], [":path", f"/{m}"]]}, AUTH),
+        [":method", "GET"], [":scheme", "https"], [":authority", f"{BLOCKED}:80x"], [":path", f"/{m}"]]}, AUTH, parser_refusal=True),
     # obs-fold (a header line continued on the next line): the first line is all a server
     # that ignores the fold sees; mitmproxy judges the folded whole.
     Case("c5-obs-fold-port", lambda m: plain(WEB4, 80, req(m, f"{BLOCKED}\r\n :80x")), AUTH),
@@ -274,7 +275,9 @@ CASES: list[Case] = [
           ("uplink-crlf-raw", lambda m: plain(UPLINK_GW4, HOST_PORT, "\r\n" + req(m, ALLOWED), connect_timeout=2)),
           ("uplink-tls", lambda m: {**tls(UPLINK_GW4, HOST_PORT, ALLOWED, req(m, ALLOWED)), "connect_timeout": 2}),
           ("uplink-ipv6-http", lambda m: plain(UPLINK_GW6, HOST_PORT, req(m, ALLOWED), connect_timeout=2)),
-          ("underlay-http", lambda m: plain(UNDERLAY_GW, HOST_PORT, req(m, ALLOWED), connect_timeout=2)),
+          # Not here: the gateway's underlay address. The device reaches it on its own network
+          # (that is how WireGuard is reached), never through the tunnel, so it is the host
+          # firewall's concern (only the WireGuard port and enrollment there), not the proxy's.
           ("tunnel-http", lambda m: plain(GATEWAY_TUNNEL4, HOST_PORT, req(m, ALLOWED), connect_timeout=2)),
           ("loopback-http", lambda m: plain("127.0.0.1", HOST_PORT, req(m, ALLOWED), connect_timeout=2))]],
     # c10: a second, pipelined request on a connection whose first request is allowed.
@@ -292,7 +295,7 @@ def test_refused(blab: BypassLab, observer: Observer, case: Case):
         run_probe(blab.devices[1], {"dst": None, "resolve": [case.resolved_by_other_device(marker)]})
     obs = observer.run(device, case.spec(marker))
     check_refused(blab, device, obs, forbidden=(*case.hosts, marker), reasons=case.reasons, hosts=case.hosts,
-                  nothing_reaches=case.nothing_reaches, may_drop=case.may_drop)
+                  nothing_reaches=case.nothing_reaches, may_drop=case.may_drop, parser_refusal=case.parser_refusal)
 
 
 # -- DoH by GET: the query leaves as a URL, so the answer is what must be refused ------------

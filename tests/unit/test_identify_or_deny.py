@@ -20,7 +20,7 @@ from addons.requesttarget import RequestAuthority
 from gateway.authority import MalformedAuthority, parse_authority
 from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.dnsbinding import DnsBindings, canonical_address
-from gateway.firstbytes import MAX_IDENTIFY_BYTES, Kind, classify
+from gateway.firstbytes import MAX_IDENTIFY_BYTES, Kind, classify, normalized_record_versions
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import (RULE_AUTHORITY_MISMATCH, RULE_DNS_BYPASS, RULE_MALFORMED_AUTHORITY,
                              RULE_NO_INSPECT_UNRESOLVED, RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)
@@ -55,11 +55,33 @@ def test_a_client_hello_spread_over_two_records_is_tls():
     assert classify(two) is Kind.TLS
 
 
-@pytest.mark.parametrize("version", [b"\x03\x04", b"\x03\x05", b"\x03\xff", b"\x02\x00", b"\x04\x01"])
-def test_an_unusual_record_version_is_not_tls(version):
+@pytest.mark.parametrize("minor", [0x00, 0x04, 0x05, 0xFF])
+def test_tls_does_not_depend_on_the_record_version(minor):
+    hello = client_hello()
+    odd = hello[:2] + bytes([minor]) + hello[3:]
+    assert classify(odd) is Kind.TLS
+    fixed = normalized_record_versions(odd)
+    if minor > 3:
+        assert fixed == hello[:2] + b"\x01" + hello[3:]    # what mitmproxy's TLS layer then reads
+        assert classify(fixed) is Kind.TLS
+    else:
+        assert fixed is None
+
+
+def test_normalization_rewrites_every_record_of_a_split_client_hello():
+    hello = client_hello()
+    body = hello[5:]
+    half = len(body) // 2
+    odd = b"\x16\x03\x04" + half.to_bytes(2, "big") + body[:half] + b"\x16\x03\x05" + (len(body) - half).to_bytes(2, "big") + body[half:]
+    fixed = normalized_record_versions(odd)
+    assert fixed[:3] == b"\x16\x03\x01" and fixed[5 + half: 8 + half] == b"\x16\x03\x01"
+    assert fixed[5:5 + half] == body[:half] and classify(fixed) is Kind.TLS
+
+
+@pytest.mark.parametrize("version", [b"\x02\x00", b"\x04\x01", b"\x00\x03"])
+def test_a_record_whose_major_version_is_not_3_is_not_tls(version):
     hello = client_hello()
     assert classify(hello[:1] + version + hello[3:]) is Kind.UNIDENTIFIED
-    assert classify(hello[:1] + version[:1]) in (Kind.UNIDENTIFIED, Kind.NEED_MORE)
 
 
 def test_a_handshake_record_that_is_not_a_client_hello_is_unidentified():
@@ -299,6 +321,20 @@ def test_doh_requests_are_blocked_unless_a_rule_names_the_content_type(header, v
     flow2.metadata[METADATA_VERDICT] = Verdict(Action.ALLOW, "corp-resolver", "x", Stage.REQUEST)
     DnsBypassGuard(connections, rule_info=lambda rule_id: info).requestheaders(flow2)
     assert flow2.metadata[METADATA_VERDICT].rule_id == "corp-resolver"
+
+
+def test_a_doh_get_without_accept_header_is_blocked_at_the_request():
+    connections = LiveConnections()
+    flow = tflow.tflow()
+    flow.request.path = "/dns-query?dns=AAABAAABAAAAAAAAB2V4YW1wbGUDY29tAAABAAE"
+    flow.metadata[METADATA_VERDICT] = Verdict(Action.ALLOW, None, "default", Stage.REQUEST)
+    DnsBypassGuard(connections).requestheaders(flow)
+    assert flow.metadata[METADATA_VERDICT].rule_id == RULE_DNS_BYPASS
+    plain = tflow.tflow()
+    plain.request.path = "/search?dns=short"
+    plain.metadata[METADATA_VERDICT] = Verdict(Action.ALLOW, None, "default", Stage.REQUEST)
+    DnsBypassGuard(connections).requestheaders(plain)
+    assert plain.metadata[METADATA_VERDICT].passes
 
 
 def test_doh_responses_are_blocked_and_dot_is_refused_except_to_configured_resolvers():
