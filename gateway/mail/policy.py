@@ -75,6 +75,15 @@ SCHEMA: dict[str, Any] = {
             "type": "object", "additionalProperties": False,
             "properties": {k: {"type": "integer", "minimum": 1} for k in MessageLimits.__dataclass_fields__},
         },
+        "judge": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "cpu_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+                "memory_mb": {"type": "integer", "minimum": 128},
+                "wall_seconds": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
         "organization": _ENTITY,
         "partners": {"type": "array", "items": _ENTITY},
         "trusted_authserv_ids": {"type": "array", "items": {"type": "string", "minLength": 1}},
@@ -148,6 +157,17 @@ class ClamdAddress:
 
 
 @dataclass(frozen=True)
+class JudgeLimits:
+    """The gateway's mail judge pool (judgepool.py): worker processes, and what one judgement
+    may use before its worker is ended and the message gets message-too-complex."""
+
+    workers: int = 2
+    cpu_seconds: int = 10
+    memory_mb: int = 1024
+    wall_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class MailPolicy:
     thresholds: dict[MailAction, int]
     weights: dict[str, int]
@@ -174,6 +194,7 @@ class MailPolicy:
     malformed_message: MailAction = MailAction.QUARANTINE
     too_complex: MailAction = MailAction.QUARANTINE   # action for message-too-complex (limits.py)
     limits: MessageLimits = MessageLimits()
+    judge: JudgeLimits = JudgeLimits()
     outbound_indicators: frozenset[str] = frozenset({
         Name.EXECUTABLE_ATTACHMENT, Name.SHORTCUT_ATTACHMENT, Name.DOUBLE_EXTENSION,
         Name.EXTENSION_PADDING, Name.FILENAME_CONTROL_CHARS, Name.ARCHIVE_THREAT,
@@ -258,6 +279,7 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         malformed_message=MailAction(data.get("malformed_message", "quarantine")),
         too_complex=MailAction(data.get("too_complex", "quarantine")),
         limits=MessageLimits(**data.get("limits", {})),
+        judge=JudgeLimits(**data.get("judge", {})),
         clamd=clamd,
         **kwargs,
     )
