@@ -156,6 +156,7 @@ CLASSES = {
     "mime-parts": (mime_parts, 100_000),
     "mime-nesting": (mime_nesting, 5_000),
     "padding-filename": (padding_filename, 100_000),
+    "padding-filename-under-caps": (padding_filename, 5_000),
     "encoded-words": (encoded_words, 50_000),
     "subject-words": (subject_words, 50_000),
     "header-fields": (header_fields, 200_000),
