@@ -21,6 +21,7 @@ from gateway.mail.message import POLICY, MalformedMessage, fix_8bit
 from gateway.mail.policy import MailPolicy
 from gateway.mail.rewrite import RewriteFailed, notice_message, render_message
 
+_LOG_SOURCE_CHARS = 2000
 # A notice that copies no header of the original: for a message the parsers must not see.
 # (CRLF so the notice is written with CRLF line ends.)
 _NO_ORIGINAL = b"\r\n"
@@ -100,13 +101,18 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
 
 
 def log_headers(raw: bytes) -> dict[str, str]:
+    """The raw value is cut before it is decoded: the standard library's structured header
+    parsers are quadratic on long hostile values (a To of 60 KB), the log keeps 500 chars."""
     out: dict[str, str] = {}
     try:
         parsed = BytesHeaderParser(policy=POLICY).parsebytes(raw)
-        for key in ("From", "To", "Subject", "Message-ID"):
-            value = parsed.get(key)
-            if value is not None:
-                out[key.lower()] = fix_8bit(str(value))[:500]
+        raw_values: dict[str, str] = {}
+        for name, value in parsed.raw_items():
+            raw_values.setdefault(name.lower(), value)
+        for key in ("from", "to", "subject", "message-id"):
+            if key in raw_values:
+                header = POLICY.header_factory(key, raw_values[key][:_LOG_SOURCE_CHARS])
+                out[key] = fix_8bit(str(header))[:500]
     except Exception:  # noqa: BLE001 — a log line must not fail on a hostile header
         pass
     return out

@@ -45,6 +45,9 @@ class MessageLimits:
 
     max_header_fields: int = 2000          # header fields in the whole message, all parts
     max_header_field_bytes: int = 65536    # one field with its continuation lines
+    # From / Sender / Reply-To (and Resent-): the standard library's address parser is
+    # quadratic or worse on runs of dots, quotes or words (32 KB of '"': 11 s).
+    max_address_header_bytes: int = 4096
     max_encoded_words: int = 200           # RFC 2047 "=?" words in one header field
     max_parameters: int = 100              # ";" parameters of one Content-Type/-Disposition
     max_mime_parts: int = 1000             # part delimiter lines
@@ -116,6 +119,9 @@ def check_message(raw: bytes, limits: MessageLimits) -> None:
         pos = end
 
 
+_ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "resent-from", "resent-sender"})
+
+
 def _boundaries(raw: bytes) -> set[bytes]:
     out: set[bytes] = set()
     for m in _BOUNDARY.finditer(raw):
@@ -138,6 +144,9 @@ def _check_field(raw: bytes, start: int, end: int, limits: MessageLimits) -> Non
     if words > limits.max_encoded_words:
         raise too_complex(f"ヘッダー {shown} の RFC 2047 符号化語が {limits.max_encoded_words} 個を超える",
                           f"header field {shown} has more than {limits.max_encoded_words} RFC 2047 encoded words")
+    if name.lower() in _ADDRESS_HEADERS and size > limits.max_address_header_bytes:
+        raise too_complex(f"ヘッダー {shown} が {limits.max_address_header_bytes} バイトを超える",
+                          f"header field {shown} is longer than {limits.max_address_header_bytes} bytes")
     if name.lower() in ("content-type", "content-disposition"):
         params = raw.count(b";", start, end)
         if params > limits.max_parameters:

@@ -49,6 +49,20 @@ def from_dots(n: int) -> bytes:
     return _plain("hello", _HEAD.replace("From: sender@partner.example.co.jp", "From: a@" + "." * n))
 
 
+def from_quotes(n: int) -> bytes:
+    """A run of '"' in From: the standard library's address parser is worse than quadratic."""
+    return _plain("hello", _HEAD.replace("From: sender@partner.example.co.jp", "From: " + '"' * n))
+
+
+def to_words(n: int) -> bytes:
+    """A To of n short words (under the field cap): parsed for the log and the notice."""
+    return _plain("hello", _HEAD.replace("To: user@city.kanmon.example.jp", "To: " + "a " * n))
+
+
+def subject_text(n: int) -> bytes:
+    return _plain("hello", _HEAD.replace("Subject: test", "Subject: " + "a. " * n))
+
+
 def amp_body(n: int) -> bytes:
     """A run of address characters with no address in it, as text (signature scan)."""
     return _plain("&amp" * n)
@@ -149,6 +163,10 @@ CLASSES = {
     "anchor-redos-large": (anchor_redos, 1_000_000),
     "display-name": (display_name, 1_000_000),
     "from-dots": (from_dots, 200_000),
+    "from-quotes": (from_quotes, 60_000),
+    "from-quotes-under-caps": (from_quotes, 4_000),
+    "to-words": (to_words, 30_000),
+    "subject-text": (subject_text, 20_000),
     "amp-body": (amp_body, 1_000_000),
     "unclosed-tag": (unclosed_tag, 3_000_000),
     "address-run-html": (address_run_html, 1_000_000),

@@ -28,6 +28,9 @@ PEAK_BOUND_MB = 512
 EXPECT = {
     "anchor-redos": ("tag", ["link-text-mismatch"]),   # the 402-byte mail: judged normally, at once
     "amp-body": ("deliver", []),
+    "from-quotes-under-caps": ("deliver", []),    # 4,000 '"' in From: parsed, bounded by the cap
+    "to-words": ("deliver", []),                  # a To of 60 KB: only its first 2,000 chars are decoded for the log
+    "subject-text": ("deliver", []),
     "unclosed-tag": ("deliver", []),
     "address-run-html": ("deliver", []),
     "padding-filename-under-caps": ("neutralize", ["executable-attachment"]),   # 5,000 "_": scanned, linear
@@ -70,7 +73,8 @@ def _complex(raw: bytes, limits: MessageLimits) -> str:
 
 @pytest.mark.parametrize("key,value,raw,under", [
     ("max_header_fields", 50, hostile.header_fields(60), hostile.header_fields(30)),
-    ("max_header_field_bytes", 2000, hostile.display_name(3000), hostile.display_name(1500)),
+    ("max_header_field_bytes", 2000, hostile.to_words(1500), hostile.to_words(900)),
+    ("max_address_header_bytes", 2000, hostile.display_name(3000), hostile.display_name(1500)),
     ("max_encoded_words", 20, hostile.subject_words(21), hostile.subject_words(19)),
     ("max_parameters", 10, hostile.content_type_params(11), hostile.content_type_params(8)),
     ("max_mime_parts", 10, hostile.mime_parts(10), hostile.mime_parts(8)),  # n parts + the closing line
@@ -115,3 +119,17 @@ def test_policy_limits_too_complex_and_judge_keys():
     zero = text.replace("max_mime_parts: 7 ", "max_mime_parts: 0 ")
     with pytest.raises(SourceErrors):
         policy_from_doc(load_yaml_text(zero, "mail.yaml"), frozenset())
+
+
+def test_notice_and_log_do_not_parse_a_long_address_list():
+    from gateway.mail.engine import too_complex_verdict
+    from gateway.i18n import Text
+    from gateway.mail.judgement import log_headers
+    from gateway.mail.rewrite import notice_message
+    raw = hostile.to_words(30_000)                      # a To of 60 KB, under the field cap
+    verdict = too_complex_verdict(Text("テスト", "test"), POLICY)
+    notice = notice_message(raw, verdict, POLICY, "20261205T000000Z-000000000000")
+    head = notice.split(b"\r\n\r\n", 1)[0]
+    assert b"\nTo:" not in head and b"From: sender@partner.example.co.jp" in head
+    logged = log_headers(raw)
+    assert len(logged["to"]) <= 500 and logged["from"] == "sender@partner.example.co.jp"
