@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import re2
 
+from gateway.mail.html_text import defuse_charrefs
 from gateway.mail.limits import RE2_SPACE as _WS
 from gateway.mail.limits import MessageLimits, too_complex
 
@@ -94,7 +95,7 @@ def anchors(html: str, limits: MessageLimits = MessageLimits()) -> list[Anchor]:
         raise too_complex(f"HTML 本文が {limits.max_html_bytes} 文字を超える",
                           f"HTML body longer than {limits.max_html_bytes} characters")
     parser = _AnchorParser(limits)
-    parser.feed(html)
+    parser.feed(defuse_charrefs(html))
     parser.close()
     return parser.anchors
 

@@ -157,6 +157,12 @@ def huge_numbers(n: int) -> bytes:
             f"<p>&#{digits}; &#x{digits};</p><a href=\"http://example.com:{digits}/\">x</a>\r\n").encode()
 
 
+def huge_charref(n: int) -> bytes:
+    """Numeric character references of n digits (int() refuses more than 4,300: ValueError)."""
+    digits = "9" * n
+    return _html(f"<p>&#{digits}; &#x{digits}; &#{'0' * n}65;</p><a href=\"http://example.com/&#{digits};\">&#{digits};</a>")
+
+
 # name -> (generator, n for the bounds test: input of several MB where the class allows)
 CLASSES = {
     "anchor-redos": (anchor_redos, 40),
@@ -183,4 +189,5 @@ CLASSES = {
     "html-nesting": (html_nesting, 300_000),
     "anchor-text": (anchor_text, 1_000_000),
     "huge-numbers": (huge_numbers, 100_000),
+    "huge-charref": (huge_charref, 500_000),
 }
