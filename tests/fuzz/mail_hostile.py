@@ -8,6 +8,7 @@ Every generator is deterministic; ``n`` is the count of the repeated piece, not 
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import tarfile
 import zipfile
@@ -122,14 +123,27 @@ def header_fields(n: int) -> bytes:
     return _plain("hello", _HEAD + "".join(f"X-H{i}: v\r\n" for i in range(n)))
 
 
+def tar_dirs_bytes(n: int) -> bytes:
+    """A tar.gz of n directory entries. One ustar header is built by tarfile and copied with
+    the name and checksum patched (tarfile itself takes ~100 us per entry)."""
+    info = tarfile.TarInfo("d%09d/" % 0)
+    info.type = tarfile.DIRTYPE
+    template = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    template[148:156] = b" " * 8
+    base_sum = sum(template) - sum(template[0:11])
+    out = bytearray()
+    for i in range(n):
+        name = b"d%09d/" % i
+        block = bytearray(template)
+        block[0:11] = name
+        block[148:156] = b"%06o\0 " % (base_sum + sum(name))
+        out += block
+    out += b"\0" * 1024
+    return gzip.compress(bytes(out), 6, mtime=0)
+
+
 def tar_dirs(n: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for i in range(n):
-            info = tarfile.TarInfo(f"d{i}/")
-            info.type = tarfile.DIRTYPE
-            tf.addfile(info)
-    return _with_attachment(buf.getvalue(), "a.tar.gz", "application/gzip")
+    return _with_attachment(tar_dirs_bytes(n), "a.tar.gz", "application/gzip")
 
 
 def zip_entries(n: int) -> bytes:

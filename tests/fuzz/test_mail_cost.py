@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import tarfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -57,16 +56,6 @@ def _filename(name: str) -> None:
 
 _ARCHIVE_LIMITS = ArchiveLimits(3, 10**9, 10**12, POLICY.executable_extensions, POLICY.shortcut_extensions,
                                 POLICY.decoy_extensions, POLICY.padding_min_run)
-
-
-def _tar_dirs(n: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for i in range(n):
-            info = tarfile.TarInfo(f"d{i}/")
-            info.type = tarfile.DIRTYPE
-            tf.addfile(info)
-    return buf.getvalue()
 
 
 def _zip_files(n: int) -> bytes:
@@ -114,7 +103,7 @@ CASES: dict[str, tuple[Callable[[int], object], Callable[[object], object], int]
     "filenames/controls": (lambda n: "a" + "\u202e" * n + ".exe", _filename, 20_000),
     "filenames/dots": (lambda n: "a" + "." * n + "exe", _filename, 50_000),
     # archives: every entry counted, directories included
-    "archives/tar-dirs": (_tar_dirs, lambda data: inspect_archive(data, "a.tar.gz", _ARCHIVE_LIMITS), 2_000),
+    "archives/tar-dirs": (hostile.tar_dirs_bytes, lambda data: inspect_archive(data, "a.tar.gz", _ARCHIVE_LIMITS), 2_000),
     "archives/zip-files": (_zip_files, lambda data: inspect_archive(data, "a.zip", _ARCHIVE_LIMITS), 1_000),
     # MIME walk (standard library under our caps) and the judgement over the part cap
     "mime/walk-parts": (hostile.mime_parts, parse_message, 200),
