@@ -199,7 +199,7 @@ CLASSES = {
     "subject-words": (subject_words, 50_000),
     "header-fields": (header_fields, 200_000),
     "tar-dirs": (tar_dirs, 300_000),
-    "zip-entries": (zip_entries, 100_000),
+    "zip-entries": (zip_entries, 20_000),
     "html-nesting": (html_nesting, 300_000),
     "anchor-text": (anchor_text, 1_000_000),
     "huge-numbers": (huge_numbers, 100_000),

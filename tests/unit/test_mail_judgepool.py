@@ -138,3 +138,35 @@ def test_a_pool_that_cannot_start_a_worker_fails_closed(tmp_path):
             unpicklable.judge(CORPUS.by_name("clean-ascii").raw, MailContext("inbound"))
     finally:
         unpicklable.close()
+
+
+def test_the_gateway_addon_judges_in_the_pool_and_fails_closed(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from addons.mail import MailFilter
+    from gateway.config import MailSettings
+    from gateway.connections import LiveConnections
+    from gateway.metrics import GatewayMetrics
+    from tests.unit.test_mail_adapters_addon import Sink
+
+    settings = MailSettings(policy_path=REPO / "policies" / "mail.yaml", organization_hosts=("mail.city.example",),
+                            clamd_socket=str(tmp_path / "no-clamd.sock"))
+    sink = Sink()
+    f = MailFilter.from_config(settings, tmp_path, LiveConnections(), GatewayMetrics(), sink, cut=lambda *a: True)
+    assert isinstance(f.pool, JudgePool)
+    flow = SimpleNamespace(metadata={}, server_conn=SimpleNamespace(address=("198.51.100.25", 993)),
+                           client_conn=SimpleNamespace(peername=("10.0.0.2", 50000), sni="mail.city.example"))
+    judge = f._judge_for(flow, "imap")
+    try:
+        # clamd is down (no socket): the worker's scanner says so, the message is held — in a worker.
+        j = judge(anchor_redos(40), MailContext("inbound"))
+        assert j.action == "quarantine" and "virus-scan-unavailable" in j.reason
+        record = sink.records[-1][1]
+        assert record["kanmon.mail.quarantine_id"] and record["email.subject"] == "test"
+        assert f.quarantine.read(record["kanmon.mail.quarantine_id"]) == anchor_redos(40)
+        # A pool that cannot judge: the judge raises (the fail-closed guard cuts the connection).
+        f.pool.close()
+        with pytest.raises(JudgeFailed):
+            judge(CORPUS.by_name("clean-ascii").raw, MailContext("inbound"))
+    finally:
+        f.done()
