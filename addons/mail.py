@@ -186,6 +186,7 @@ class MailFilter:
             dns_txt = resolver_txt
         quarantine = QuarantineStore(state_dir / "mail-quarantine")
         pool = JudgePool(policy, quarantine, scanner=scanner, dns_txt=dns_txt)
+        pool.warm()
         return cls(settings, policy, connections, metrics, sink, quarantine, cut, scanner, dns_txt, pool)
 
     def done(self) -> None:

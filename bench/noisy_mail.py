@@ -6,12 +6,13 @@ Device 1 sends HTTP requests through the tunnel to the lab's web server, one aft
 for the whole run. Phase "idle": nothing else happens. Phase "noisy": device 0 fetches
 ``--messages`` copies (distinct Message-IDs, so each is judged) of the crafted mail of issue
 #15 — an HTML anchor whose text is ``a。`` repeated ``--reps`` times (40 = the 402-byte mail,
-which never finished judging before the fix; use ``--reps 22`` to see the old stall end).
+which never finished judging before the fix; ``--reps 24`` stalls the old gateway ~4 s per
+message and lets the run end).
 Rows: device 1's request latency per phase (median, p99, max) and the longest gap between two
 answers; device 0's fetch time per message.
 
     python bench/noisy_mail.py [--reps 40] [--messages 3] [--seconds 8]
-    python bench/noisy_mail.py --code /work/main --reps 22     # the gateway of another checkout
+    python bench/noisy_mail.py --code /work/main --reps 24     # the gateway of another checkout
 
 (The lab runs the gateway from the checkout its own code comes from: ``--code``.) Prints a table and writes
 bench/results/noisy_mail.json. tests/e2e/test_mail_stall.py asserts the same, lighter.
@@ -80,7 +81,7 @@ print(json.dumps(out))
 
 def crafted_mail(reps: int, index: int) -> bytes:
     """The 402-byte mail of issue #15 (at reps=40), with its own Message-ID."""
-    body = f'<a href="http://example.com/">{"a。" * reps}</a>'
+    body = f'<a href="http://example.com/">{"a。" * reps}!</a>'
     return (f"From: sender@partner.example.co.jp\r\nTo: taro@{MAIL_DOMAIN}\r\nSubject: noisy {index}\r\n"
             f"Date: Sat, 05 Dec 2026 07:00:00 +0900\r\nMessage-ID: <noisy-{index}@bench.kanmon>\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + body + "\r\n").encode()

@@ -119,6 +119,21 @@ class JudgePool:
         self.killed = 0     # workers ended for going over a limit (tests, logs)
 
     # -- public ----------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Start the workers now (in a background thread), so the first message does not wait
+        for them; a worker that fails to start here is tried again on first use."""
+        def start() -> None:
+            started = []
+            for _ in range(self.limits.workers):
+                try:
+                    started.append(self._take())
+                except JudgeFailed as exc:
+                    log.warning("mail judge worker not started ahead of use: %s", exc)
+                    break
+            for worker in started:
+                self._idle.put(worker)
+        threading.Thread(target=start, name="kanmon-mail-judge-warm", daemon=True).start()
+
     def judge(self, raw: bytes, context: MailContext) -> Outcome:
         reply, why = self._call(("judge", raw, context))
         if reply is not None:

@@ -73,7 +73,8 @@ def _judge(raw: bytes) -> None:
 # name -> (build an input of size n, the parser, base n)
 CASES: dict[str, tuple[Callable[[int], object], Callable[[object], object], int]] = {
     # html links: the 402-byte ReDoS shape, many anchors, unclosed tag, deep nesting, huge numbers
-    "html-links/anchor-run": (lambda n: f'<a href="http://x.example/">{"a。" * n}</a>', _links, 20_000),
+    "html-links/anchor-run": (lambda n: f'<a href="http://x.example/">{"a。" * n}!</a>', _links, 20_000),
+    "html-links/anchor-run-match": (lambda n: f'<a href="http://x.example/">{"a。" * n}</a>', _links, 20_000),
     "html-links/many-anchors": (lambda n: '<a href="http://a.example/">b.example</a>' * n, _links, 2_000),
     "html-links/unclosed-tag": (lambda n: "<a href=" + "x" * n, _links, 200_000),
     "html-links/nesting": (lambda n: "<div>" * n + "x" + "</div>" * n, _links, 8_000),

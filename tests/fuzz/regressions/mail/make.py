@@ -18,8 +18,8 @@ STORE_LIMIT = 64 * 1024
 
 # name -> (generator, n, what it did before the fix, expected action, expected indicators)
 ENTRIES = {
-    "anchor-redos-402b": ("anchor_redos", 40, "backtracking host pattern: never returns (24 reps 7.5 s, 26 -> 29 s)", "tag", ["link-text-mismatch"]),
-    "anchor-redos-26": ("anchor_redos", 26, "29 s with the interpreter lock held", "tag", ["link-text-mismatch"]),
+    "anchor-redos-402b": ("anchor_redos", 40, "backtracking host pattern: never returns (24 reps 7.5 s, 26 -> 29 s)", "deliver", []),
+    "anchor-redos-26": ("anchor_redos", 26, "29 s with the interpreter lock held", "deliver", []),
     "huge-charref-5000": ("huge_charref", 5000, "ValueError from int() in html.unescape: judgement failed", "deliver", []),
     "from-quotes-8000": ("from_quotes", 8000, "0.8 s in the address parser, 32k quotes 11 s", "quarantine", ["message-too-complex"]),
     "amp-body-100k": ("amp_body", 25_000, "quadratic address scan (100k chars 7 s)", "deliver", []),
