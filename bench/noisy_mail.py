@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,6 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve() if "--code" in sys.argv else ROOT
 sys.path.insert(0, str(CODE))
+# The lab starts the gateway as `python -m gateway.cli`, which puts the working directory
+# first on its path (before PYTHONPATH): work from the checkout whose gateway is measured.
+os.chdir(CODE)
 
 from gateway.lab.mailservers import MAIL_DOMAIN, MAIL_HOST  # noqa: E402
 from gateway.lab.topology import MAIL4, Lab  # noqa: E402
@@ -173,8 +177,9 @@ def main() -> int:
            "gateway_code": str(CODE), "machine": platform.platform(),
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "p99_ratio": ratio, **result}
-    (RESULTS / "noisy_mail.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"written {RESULTS / 'noisy_mail.json'}")
+    name = "noisy_mail.json" if CODE == ROOT else f"noisy_mail-{CODE.name}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"written {RESULTS / name}")
     return 0
 
 
