@@ -111,7 +111,7 @@ def log_headers(raw: bytes) -> dict[str, str]:
             raw_values.setdefault(name.lower(), value)
         for key in ("from", "to", "subject", "message-id"):
             if key in raw_values:
-                header = POLICY.header_factory(key, raw_values[key][:_LOG_SOURCE_CHARS])
+                header = POLICY.header_fetch_parse(key, raw_values[key][:_LOG_SOURCE_CHARS])
                 out[key] = fix_8bit(str(header))[:500]
     except Exception:  # noqa: BLE001 — a log line must not fail on a hostile header
         pass

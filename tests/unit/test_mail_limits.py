@@ -136,3 +136,15 @@ def test_notice_and_log_do_not_parse_a_long_address_list():
     assert b"\nTo:" not in head and b"From: sender@partner.example.co.jp" in head
     logged = log_headers(raw)
     assert len(logged["to"]) <= 500 and logged["from"] == "sender@partner.example.co.jp"
+
+
+def test_log_headers_of_real_mail_are_the_decoded_headers():
+    import email
+    from gateway.mail.judgement import log_headers
+    from gateway.mail.message import POLICY as EMAIL_POLICY, fix_8bit
+    from tests.mailcorpus.build import build_corpus
+    for mail in build_corpus().mails:     # raw 8-bit (Shift_JIS, UTF-8) headers included
+        parsed = email.message_from_bytes(mail.raw, policy=EMAIL_POLICY)
+        expect = {k.lower(): fix_8bit(str(parsed[k]))[:500] for k in ("From", "To", "Subject", "Message-ID")
+                  if parsed[k] is not None}
+        assert log_headers(mail.raw) == expect, mail.name
