@@ -136,19 +136,21 @@ def _check_field(raw: bytes, start: int, end: int, limits: MessageLimits) -> Non
     size = end - start
     colon = raw.find(b":", start, min(end, start + 200))
     name = raw[start:colon if colon >= 0 else min(end, start + 40)].strip().decode("ascii", "replace")
-    shown = "".join(ch if ch.isprintable() else "?" for ch in name)[:40]
+    lower = name.lower()
     if size > limits.max_header_field_bytes:
-        raise too_complex(f"ヘッダー {shown} が {limits.max_header_field_bytes} バイトを超える",
-                          f"header field {shown} is longer than {limits.max_header_field_bytes} bytes")
-    words = raw.count(b"=?", start, end)
-    if words > limits.max_encoded_words:
-        raise too_complex(f"ヘッダー {shown} の RFC 2047 符号化語が {limits.max_encoded_words} 個を超える",
-                          f"header field {shown} has more than {limits.max_encoded_words} RFC 2047 encoded words")
-    if name.lower() in _ADDRESS_HEADERS and size > limits.max_address_header_bytes:
-        raise too_complex(f"ヘッダー {shown} が {limits.max_address_header_bytes} バイトを超える",
-                          f"header field {shown} is longer than {limits.max_address_header_bytes} bytes")
-    if name.lower() in ("content-type", "content-disposition"):
-        params = raw.count(b";", start, end)
-        if params > limits.max_parameters:
-            raise too_complex(f"ヘッダー {shown} のパラメーターが {limits.max_parameters} 個を超える",
-                              f"header field {shown} has more than {limits.max_parameters} parameters")
+        raise _field_error(name, f"が {limits.max_header_field_bytes} バイトを超える",
+                           f"is longer than {limits.max_header_field_bytes} bytes")
+    if lower in _ADDRESS_HEADERS and size > limits.max_address_header_bytes:
+        raise _field_error(name, f"が {limits.max_address_header_bytes} バイトを超える",
+                           f"is longer than {limits.max_address_header_bytes} bytes")
+    if raw.count(b"=?", start, end) > limits.max_encoded_words:
+        raise _field_error(name, f"の RFC 2047 符号化語が {limits.max_encoded_words} 個を超える",
+                           f"has more than {limits.max_encoded_words} RFC 2047 encoded words")
+    if lower in ("content-type", "content-disposition") and raw.count(b";", start, end) > limits.max_parameters:
+        raise _field_error(name, f"のパラメーターが {limits.max_parameters} 個を超える",
+                           f"has more than {limits.max_parameters} parameters")
+
+
+def _field_error(name: str, ja: str, en: str) -> MessageTooComplex:
+    shown = "".join(ch if ch.isprintable() else "?" for ch in name)[:40]
+    return too_complex(f"ヘッダー {shown} {ja}", f"header field {shown} {en}")
