@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.i18n import Text
 
+from .anchor import ANCHOR_SUBDIR
 from .fields import json_default
 from .layout import STREAMS
 from .retention import DEFAULT_RETENTION_DAYS, purge, retention_cutoff
@@ -26,6 +27,8 @@ BAD_RANGE = Text("--since は --until より前にしてください", "--since 
 BAD_RETENTION = Text("--retention-days は 1 以上にしてください", "--retention-days must be at least 1")
 VERIFY_OK = Text("改ざんは検出されませんでした（{files} ファイル、{records} レコード）",
                  "no tampering found ({files} files, {records} records)")
+UNANCHORED = Text("注意: チェックポイントの検証鍵がありません ({anchor})。最新ファイルの削除・切り詰め・追記は検出できません",
+                  "note: no checkpoint key in {anchor}: deleting, truncating or extending the newest file cannot be detected")
 VERIFY_NOTICES = Text("注意 {count} 件（改ざんではありません）", "{count} notice(s) (not tampering)")
 VERIFY_BAD = Text("改ざんまたは欠落を検出しました: {count} 件（{files} ファイル、{records} レコード）",
                   "tampering or loss detected: {count} finding(s) ({files} files, {records} records)")
@@ -62,7 +65,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if directory is None:
         return _error(NO_DIRECTORY.format(path=args.dir))
     streams = tuple(args.stream) if args.stream else STREAMS
-    report = verify(directory, streams)
+    anchor_dir = Path(args.anchor_dir) if args.anchor_dir else directory.resolve().parent / ANCHOR_SUBDIR
+    report = verify(directory, streams, anchor_dir=anchor_dir)
     if args.json:
         for finding in report.findings:
             print(json.dumps({"kind": finding.kind, "file": str(finding.path), "line": finding.line,
@@ -74,6 +78,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     tampers = [f for f in report.findings if f.tamper]
     notices = len(report.findings) - len(tampers)
     out = sys.stderr if args.json else sys.stdout
+    if not report.anchored:
+        print(UNANCHORED.format(anchor=anchor_dir).render(), file=out)
     if notices:
         print(VERIFY_NOTICES.format(count=notices).render(), file=out)
     if tampers:
@@ -151,6 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dir", required=True, help="log directory / ログディレクトリ")
     p.add_argument("--stream", action="append", choices=STREAMS, help="only this stream (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per finding")
+    p.add_argument("--anchor-dir", help="signed checkpoints (default: log-anchor beside the log directory) / "
+                                        "チェックポイントのディレクトリ")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("search", help="stream matching records / 条件に合うレコードを出力")
