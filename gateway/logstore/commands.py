@@ -36,6 +36,8 @@ PURGE_WOULD = Text("削除予定（--dry-run）: {path}", "would remove (--dry-r
 PURGE_DID = Text("削除しました: {path}", "removed: {path}")
 PURGE_SUMMARY = Text("保存期間 {days} 日、基準日時 {cutoff}: {removed} ファイル（{bytes} バイト）を{verb}、{kept} ファイルを保持",
                      "retention {days} days, cutoff {cutoff}: {verb_en} {removed} file(s) ({bytes} bytes), kept {kept}")
+SEARCH_PROBLEMS = Text("読めない行またはファイルが {count} 件ありました（`kanmon logs verify` で確認してください）",
+                       "{count} unreadable line(s) or file(s) were skipped (check with `kanmon logs verify`)")
 SEARCH_COUNT = Text("{count} 件", "{count} record(s)")
 
 
@@ -112,9 +114,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     if since and until and since >= until:
         return _error(BAD_RANGE)
     count = 0
+    problems: list[str] = []
+
+    def report(path: Path, line: int | None, text: Text) -> None:   # file:line, carry on
+        where = f"{path}:{line}" if line is not None else str(path)
+        problems.append(where)
+        print(f"{where}: {text.render()}", file=sys.stderr)
+
     try:
         for record in search(directory, args.stream, since, until, device=args.device,
-                             rule=args.rule, verdict=args.verdict):
+                             rule=args.rule, verdict=args.verdict, on_problem=report):
             if args.json:
                 sys.stdout.write(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
                                             default=json_default) + "\n")
@@ -127,6 +136,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     except BrokenPipeError:       # `kanmon logs search ... | head`
         return EXIT_OK
     print(SEARCH_COUNT.format(count=count).render(), file=sys.stderr)
+    if problems:
+        print(SEARCH_PROBLEMS.format(count=len(problems)).render(), file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
