@@ -282,6 +282,7 @@ class LogStore:
     def _snapshot(self, reason: str, force: bool, streams: tuple[str, ...] | None = None) -> list[_anchor.Checkpoint]:
         """Under ``_lock``: the checkpoints to write now."""
         self._since_checkpoint = 0
+        self._wake.clear()          # with the count, so appends after this start a new round
         stamp = format_timestamp(self._clock())
         todo = []
         for stream in streams or STREAMS:
@@ -341,7 +342,6 @@ class LogStore:
     def _checkpoint_loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(self._checkpoint_seconds)
-            self._wake.clear()
             if self._stopping.is_set():
                 return
             try:
