@@ -82,6 +82,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     if not report.anchored:
         print(UNANCHORED.format(anchor=anchor_dir).render(), file=out)
+    for note in report.notes:
+        print(note.render(), file=out)
     if notices:
         print(VERIFY_NOTICES.format(count=notices).render(), file=out)
     if tampers:

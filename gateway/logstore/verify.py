@@ -22,7 +22,8 @@ ahead of them:
 * the chain ends before the checkpoint's sequence     -> ``anchor-truncated`` (emptied or cut)
 * the record at that sequence has another hash        -> ``anchor-mismatch`` (rewritten)
 * records after a checkpoint written at shutdown      -> ``anchor-extended``
-* records after an interval checkpoint                -> ``unanchored-tail`` (notice)
+* records after an interval checkpoint                -> ``unanchored-tail`` (in ``notes``: the
+  normal state of a running or crashed writer, not a finding)
 * checkpoint missing or its signature fails           -> ``checkpoint-missing`` / ``checkpoint-invalid``
 * a ``log-anchor-mismatch`` record (the writer found the disk disagreeing with the checkpoint
   when it started)                                    -> ``anchor-mismatch-at-start``
@@ -70,6 +71,7 @@ class VerifyReport:
     files: int = 0
     records: int = 0
     anchored: bool = False      # the ends were compared with signed checkpoints
+    notes: list[Finding] = field(default_factory=list)   # state worth knowing, not a finding
 
     @property
     def tampered(self) -> bool:
@@ -310,10 +312,10 @@ def _compare_with_checkpoint(check: _StreamCheck, directory: Path, anchor_dir: P
                 f"{said.ja}(正常停止時)。その後に {extra} 件のレコードがあります: 停止後に追記されています",
                 f"{said.en} (written at shutdown); {extra} record(s) follow it: appended after the gateway stopped"))
         else:
-            check.add("unanchored-tail", named, None, Text(
+            check.report.notes.append(Finding("unanchored-tail", named, None, Text(
                 f"最新の {extra} 件は最後のチェックポイント（{cp.at}、連番 {cp.sequence}）の後に書かれ、まだ固定されていません",
                 f"the newest {extra} record(s) were written after the last checkpoint ({cp.at}, sequence "
-                f"{cp.sequence}) and are not anchored yet"), tamper=False)
+                f"{cp.sequence}) and are not anchored yet"), tamper=False))
 
 
 def verify(directory: Path, streams: tuple[str, ...] = STREAMS, *, anchor_dir: Path | None = None) -> VerifyReport:

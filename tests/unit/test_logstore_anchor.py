@@ -159,7 +159,9 @@ def test_clean_restart_and_crash_restart_are_not_tampering(tmp_path):
     logs.checkpoint()
     logs.append("proxy", record(9))         # after the last checkpoint: the process "crashes"
     logs._stop_checkpointer()
-    assert check(tmp_path) == [("unanchored-tail", False)]
+    assert check(tmp_path) == []
+    notes = verify(tmp_path / "logs", anchor_dir=tmp_path / "log-anchor").notes
+    assert [n.kind for n in notes] == ["unanchored-tail"] and "newest 1 record(s)" in notes[0].detail.en
     again = store(tmp_path, clock)          # restart after the crash
     again.open_streams()
     again.close()
