@@ -255,16 +255,19 @@ def _parse_row(row: sqlite3.Row) -> DeviceRecord | BadRow:
         return BadRow(str(row["device_id"]), f"{type(exc).__name__}: {exc}")
 
 
-def _parse_rows(rows: list[sqlite3.Row], bad: list[BadRow]) -> list[DeviceRecord]:
-    """The rows that parse; the others are reported (logged, appended to `bad`) and left out,
-    so one damaged row never hides the rest and never admits its device."""
+def _parse_rows(rows: list[sqlite3.Row], bad: dict[str, BadRow]) -> list[DeviceRecord]:
+    """The rows that parse; the others are reported (recorded in `bad` by device, logged once
+    per device and reason: the reconciler reads often) and left out, so one damaged row never
+    hides the rest and never admits its device."""
     records = []
     for row in rows:
         parsed = _parse_row(row)
         if isinstance(parsed, BadRow):
-            bad.append(parsed)
-            log.warning("%s", parsed.text.render())
+            if bad.get(parsed.device_id) != parsed:
+                log.warning("%s", parsed.text.render())
+            bad[parsed.device_id] = parsed
         else:
+            bad.pop(parsed.device_id, None)
             records.append(parsed)
     return records
 
@@ -365,7 +368,7 @@ class SqliteRegistry:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self.bad_rows: list[BadRow] = []     # rows skipped by the reads so far (see _parse_rows)
+        self._bad: dict[str, BadRow] = {}    # device -> why its row was skipped (see _parse_rows)
         self._db = open_registry_file(self.path)
         try:
             self._migrate()
@@ -405,6 +408,11 @@ class SqliteRegistry:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def bad_rows(self) -> list[BadRow]:
+        """Rows the reads so far skipped because they do not parse (still damaged when last read)."""
+        return list(self._bad.values())
 
     def revision(self) -> int:
         with self._lock:
@@ -464,7 +472,7 @@ class SqliteRegistry:
             return None
         parsed = _parse_row(row)
         if isinstance(parsed, BadRow):
-            self.bad_rows.append(parsed)
+            self._bad[parsed.device_id] = parsed
             raise RegistryDamaged("bad-row", Text(
                 f"端末 {parsed.device_id!r} の登録行が壊れています: {parsed.reason}(`kanmon registry check` で診断)",
                 f"the registry row of device {parsed.device_id!r} is damaged: {parsed.reason} "
@@ -484,7 +492,7 @@ class SqliteRegistry:
     def all(self) -> list[DeviceRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
-        return _parse_rows(rows, self.bad_rows)
+        return _parse_rows(rows, self._bad)
 
     def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
         """(current revision, records changed after `revision`), read in one snapshot."""
@@ -496,7 +504,7 @@ class SqliteRegistry:
                                         (revision,)).fetchall()
             finally:
                 self._db.execute("COMMIT")
-        return current, _parse_rows(rows, self.bad_rows)
+        return current, _parse_rows(rows, self._bad)
 
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
         with self._lock:

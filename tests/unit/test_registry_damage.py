@@ -133,9 +133,10 @@ def test_one_bad_row_is_reported_and_the_rest_listed(gw, capsys, column, value):
     reg = SqliteRegistry(path)
     try:
         assert [r.device_id for r in reg.all()] == ["dev-1", "dev-3"]
-        assert [b.device_id for b in reg.bad_rows] == ["dev-2"]
         _rev, changed = reg.changed_since(0)
         assert [r.device_id for r in changed] == ["dev-1", "dev-3"]   # the reconciler never admits it
+        reg.all()
+        assert [b.device_id for b in reg.bad_rows] == ["dev-2"]          # once, however often it is read
         with pytest.raises(RegistryDamaged, match="dev-2"):
             reg.get("dev-2")
     finally:
