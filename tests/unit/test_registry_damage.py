@@ -161,3 +161,23 @@ def test_registry_check_exit_codes(gw, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         kanmon("registry", "check", "--config", str(bad))
     assert exited.value.code == 2
+
+
+def test_postgresql_registry_of_a_newer_schema_is_refused(gw, capsys, monkeypatch, postgres):
+    from gateway.cluster import REGISTRY_URL_ENV
+    from gateway.registry_pg import PgRegistry, connect
+
+    cfg, path = gw
+    url = postgres.create_database("futureschema")
+    PgRegistry(url).close()
+    conn = connect(url)
+    conn.execute("INSERT INTO kanmon_schema VALUES (99, now())")
+    with pytest.raises(RegistryDamaged) as refused:
+        PgRegistry(url)
+    assert refused.value.code == "future-schema" and "schema version 99" in refused.value.text.en
+    monkeypatch.setenv(REGISTRY_URL_ENV, url)
+    assert kanmon("device", "list", "--config", str(cfg)) == 2
+    assert "スキーマ版は 99" in capsys.readouterr().err
+    assert conn.execute("SELECT max(version) AS v FROM kanmon_schema").fetchone()["v"] == 99
+    conn.close()
+    assert not path.exists()
