@@ -145,16 +145,24 @@ class AnchorStore:
         return self.directory / f"{stream}.checkpoint"
 
     def load_or_create_key(self) -> Ed25519PrivateKey:
-        """The writer's signing key, created (0600, directory 0700) on first use."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """The writer's signing key, created (0600, directory 0700) on first use. A key file
+        that exists but does not load is refused (AnchorError), never silently replaced: a new
+        key would make every earlier checkpoint unverifiable."""
+        path = self.private_key_path
         try:
-            key = serialization.load_pem_private_key(self.private_key_path.read_bytes(), password=None)
-        except FileNotFoundError:
-            key = Ed25519PrivateKey.generate()
-            _write_atomic(self.private_key_path, key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except FileNotFoundError:
+                key = Ed25519PrivateKey.generate()
+                _write_atomic(path, key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+        except (ValueError, TypeError, OSError) as exc:
+            raise AnchorError(Text(f"ログのチェックポイント署名鍵 {path} を使えません: {exc}(壊れた鍵は別の場所へ移してください)",
+                                   f"cannot use the log checkpoint signing key {path}: {exc} (move a damaged key "
+                                   "aside; a new one is then created)")) from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{self.private_key_path} is not an Ed25519 key")
+            raise AnchorError(Text(f"{path} は Ed25519 鍵ではありません", f"{path} is not an Ed25519 key"))
         public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         try:
             current = self.public_key_path.read_bytes()

@@ -232,3 +232,15 @@ def test_checkpoints_reach_the_syslog_collector(tmp_path):
     assert all(m.startswith("<133>1 ") and " auth - " in m for m in messages)   # local0.notice, MSGID auth
     closing = parse_signed(messages[-1].split("\ufeff", 1)[1], public)
     assert (closing.reason, closing.sequence, closing.stream) == ("close", 1, "auth")
+
+
+def test_a_damaged_signing_key_is_refused_not_replaced(tmp_path):
+    from gateway.logstore.anchor import AnchorError
+
+    key = tmp_path / "log-anchor" / "checkpoint-key.pem"
+    key.parent.mkdir()
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(AnchorError) as refused:
+        store(tmp_path, Clock(datetime(2026, 4, 1, 9, 0, tzinfo=UTC)))
+    assert "署名鍵" in refused.value.text.ja and "signing key" in refused.value.text.en
+    assert b"not a key" in key.read_bytes()
