@@ -350,12 +350,14 @@ class LogStore:
                 self.checkpoint_errors += 1
                 log.exception("log checkpoint failed")
 
-    def _check_anchor(self, stream: str, opened: _OpenFile, now: datetime) -> None:
-        """First open of ``stream`` in this process: the disk must end where the last
-        checkpoint says (or later, after a crash). A disagreement is written into the chain
+    def _check_anchor(self, stream: str, opened: _OpenFile, now: datetime, found: tuple[int, str]) -> None:
+        """First open of ``stream`` in this process: the disk (``found``: sequence and hash of
+        its last record before this run wrote anything) must end where the last checkpoint
+        says (or later, after a crash). A disagreement is written into the chain
         (``log-anchor-mismatch``, found by verify and forwarded) and logged; then an ``open``
-        checkpoint anchors the head as found."""
+        checkpoint anchors the head."""
         assert self._anchor is not None and self._anchor_key is not None
+        found_seq, found_head = found
         raw = self._anchor.read_line(stream)
         problem: Text | None = None
         expected: _anchor.Checkpoint | None = None
@@ -365,21 +367,21 @@ class LogStore:
             except _anchor.AnchorError as exc:
                 problem = exc.text
         if expected is not None:
-            if opened.seq < expected.sequence:
+            if found_seq < expected.sequence:
                 problem = Text(
-                    f"ログは連番 {opened.seq} で終わっていますが、最後のチェックポイント（{expected.at}、{expected.file}）は連番 "
+                    f"ログは連番 {found_seq} で終わっていますが、最後のチェックポイント（{expected.at}、{expected.file}）は連番 "
                     f"{expected.sequence} まで記録しています: 停止中に末尾のレコードが削除されました",
-                    f"the log ends at sequence {opened.seq} but the last checkpoint ({expected.at}, {expected.file}) "
+                    f"the log ends at sequence {found_seq} but the last checkpoint ({expected.at}, {expected.file}) "
                     f"recorded sequence {expected.sequence}: records were removed while the gateway was stopped")
-            elif opened.seq == expected.sequence and opened.head != expected.hash:
+            elif found_seq == expected.sequence and found_head != expected.hash:
                 problem = Text(
-                    f"連番 {opened.seq} のレコードのハッシュが最後のチェックポイント（{expected.at}）と異なります: 書き換えられています",
-                    f"the record at sequence {opened.seq} does not match the last checkpoint ({expected.at}): rewritten")
-            elif opened.seq > expected.sequence and expected.reason == "close":
+                    f"連番 {found_seq} のレコードのハッシュが最後のチェックポイント（{expected.at}）と異なります: 書き換えられています",
+                    f"the record at sequence {found_seq} does not match the last checkpoint ({expected.at}): rewritten")
+            elif found_seq > expected.sequence and expected.reason == "close":
                 problem = Text(
                     f"正常停止時のチェックポイント（{expected.at}、連番 {expected.sequence}）の後にレコードが "
-                    f"{opened.seq - expected.sequence} 件追加されています: 停止中に追記されました",
-                    f"{opened.seq - expected.sequence} record(s) follow the checkpoint written at shutdown "
+                    f"{found_seq - expected.sequence} 件追加されています: 停止中に追記されました",
+                    f"{found_seq - expected.sequence} record(s) follow the checkpoint written at shutdown "
                     f"({expected.at}, sequence {expected.sequence}): appended while the gateway was stopped")
         if problem is not None:
             self.anchor_mismatches += 1
@@ -387,7 +389,7 @@ class LogStore:
             record = {"@timestamp": format_timestamp(now), "event.dataset": "kanmon.log",
                       "event.action": _anchor.ACTION_ANCHOR_MISMATCH, "event.outcome": "failure",
                       "event.reason": problem.en, "kanmon.anchor.reason_ja": problem.ja,
-                      "kanmon.anchor.found_sequence": opened.seq, "kanmon.anchor.found_hash": opened.head,
+                      "kanmon.anchor.found_sequence": found_seq, "kanmon.anchor.found_hash": found_head,
                       "kanmon.anchor.checkpoint_sequence": expected.sequence if expected else None,
                       "kanmon.anchor.checkpoint_hash": expected.hash if expected else None}
             line, digest = encode_chained(record, opened.seq + 1, opened.head)
@@ -462,11 +464,14 @@ class LogStore:
             self._seal(current, now)
             opened = self._create(stream, day, current.seq, current.head)
         else:
+            check = self._anchor is not None and stream not in self._anchored
+            # The head as the last run left it: _resume may add seal/recovery records first.
+            found = self._chain_head(stream, day_files(self.directory, stream)) if check else None
             opened = self._resume(stream, day, now)
             self._sealed.pop(stream, None)
             self._open[stream] = opened
-            if self._anchor is not None and stream not in self._anchored:
-                self._check_anchor(stream, opened, now)
+            if found is not None:
+                self._check_anchor(stream, opened, now, found)
             self._start_checkpointer()
         self._open[stream] = opened
         return opened

@@ -244,3 +244,12 @@ def test_a_damaged_signing_key_is_refused_not_replaced(tmp_path):
         store(tmp_path, Clock(datetime(2026, 4, 1, 9, 0, tzinfo=UTC)))
     assert "署名鍵" in refused.value.text.ja and "signing key" in refused.value.text.en
     assert b"not a key" in key.read_bytes()
+
+
+def test_restart_on_a_later_day_seals_the_old_file_without_a_false_mismatch(state):
+    logs = store(state, Clock(datetime(2026, 4, 5, 8, 0, tzinfo=UTC)))   # stopped on the 3rd, started on the 5th
+    logs.open_streams()
+    logs.append("proxy", record(1))
+    logs.close()
+    assert logs.anchor_mismatches == 0
+    assert check(state) == []
