@@ -305,6 +305,7 @@ class LogStore:
                     continue                    # a newer one was stored meanwhile
                 line = _anchor.sign(checkpoint, self._anchor_key)
                 try:
+                    self._sync_log_file(checkpoint)
                     self._anchor.write(checkpoint.stream, line)
                 except OSError as exc:
                     self.checkpoint_errors += 1
@@ -324,6 +325,22 @@ class LogStore:
                     except Exception:
                         self.forward_errors += 1
         return written
+
+    def _sync_log_file(self, checkpoint: _anchor.Checkpoint) -> None:
+        """The records a checkpoint names reach the disk before it does; otherwise a power
+        loss could leave a durable checkpoint ahead of the log (a false "truncated"). By path,
+        not by the writer's handle, which rotation may close meanwhile; a file already gone
+        was sealed (fsynced) and compressed."""
+        if not checkpoint.file:
+            return
+        try:
+            fd = os.open(self.directory / checkpoint.stream / checkpoint.file, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _start_checkpointer(self) -> None:
         if self._anchor is None or self._thread is not None:
