@@ -88,8 +88,9 @@ def sign(checkpoint: Checkpoint, key: Ed25519PrivateKey) -> str:
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
-def parse_signed(line: str | bytes, public: Ed25519PublicKey) -> Checkpoint:
-    """The checkpoint of a signed line; AnchorError when it is not one or the signature fails."""
+def parse_signed(line: str | bytes, public: Ed25519PublicKey, stream: str | None = None) -> Checkpoint:
+    """The checkpoint of a signed line; AnchorError when it is not one, the signature fails
+    or (``stream`` given) it is another stream's checkpoint."""
     bad = Text("チェックポイントが壊れているか署名が一致しません（偽造または破損）",
                "the checkpoint is damaged or its signature does not verify (forged or corrupt)")
     try:
@@ -112,6 +113,9 @@ def parse_signed(line: str | bytes, public: Ed25519PublicKey) -> Checkpoint:
     if not (isinstance(checkpoint.sequence, int) and isinstance(checkpoint.records, int)
             and isinstance(checkpoint.hash, str) and isinstance(checkpoint.file, str)):
         raise AnchorError(bad)
+    if stream is not None and checkpoint.stream != stream:
+        raise AnchorError(Text(f"チェックポイントは別のストリーム ({checkpoint.stream}) のものです（差し替えられています）",
+                               f"the checkpoint belongs to another stream ({checkpoint.stream}): it was swapped"))
     return checkpoint
 
 

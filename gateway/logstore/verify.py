@@ -262,7 +262,7 @@ def _read_checkpoints(anchor_dir: Path, streams: tuple[str, ...]
             found[stream] = None
             continue
         try:
-            found[stream] = _anchor.parse_signed(raw, public)
+            found[stream] = _anchor.parse_signed(raw, public, stream)
         except _anchor.AnchorError as exc:
             found[stream] = exc.text
     return found

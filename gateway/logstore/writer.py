@@ -380,7 +380,7 @@ class LogStore:
         expected: _anchor.Checkpoint | None = None
         if raw is not None:
             try:
-                expected = _anchor.parse_signed(raw, self._anchor_key.public_key())
+                expected = _anchor.parse_signed(raw, self._anchor_key.public_key(), stream)
             except _anchor.AnchorError as exc:
                 problem = exc.text
         if expected is not None:

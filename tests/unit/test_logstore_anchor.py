@@ -253,3 +253,14 @@ def test_restart_on_a_later_day_seals_the_old_file_without_a_false_mismatch(stat
     logs.close()
     assert logs.anchor_mismatches == 0
     assert check(state) == []
+
+
+def test_a_checkpoint_swapped_in_from_another_stream_is_refused(state):
+    anchor = state / "log-anchor"
+    logs = store(state, Clock(datetime(2026, 4, 3, 10, 0, tzinfo=UTC)))
+    logs.append("dns", record(1))
+    logs.close()
+    (anchor / "proxy.checkpoint").write_bytes((anchor / "dns.checkpoint").read_bytes())
+    findings = verify(state / "logs", anchor_dir=anchor).findings
+    assert [(f.kind, f.tamper) for f in findings] == [("checkpoint-invalid", True)]
+    assert "another stream (dns)" in findings[0].detail.en
