@@ -307,6 +307,9 @@ def _create_fresh(path: Path) -> None:
             os.link(tmp, path)                       # never replaces a file that appeared meanwhile
         except FileExistsError:
             pass
+        except OSError:                              # no hard links on this filesystem
+            if not path.exists():
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     try:
