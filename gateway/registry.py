@@ -333,7 +333,8 @@ def check_registry_header(path: Path) -> None:
         raise _damaged("empty", path, "ファイルが空 (0 バイト) です。端末の登録が失われています",
                        "the file is empty (0 bytes); the device registrations are gone")
     if head != SQLITE_MAGIC:
-        raise _damaged("not-sqlite", path, "SQLite データベースではありません", "it is not a SQLite database")
+        raise _damaged("not-sqlite", path, "SQLite データベースではありません",
+                       "it is not a SQLite database (file is not a database)")
 
 
 def open_registry_file(path: Path) -> sqlite3.Connection:
@@ -341,11 +342,20 @@ def open_registry_file(path: Path) -> sqlite3.Connection:
     (callers hold their own lock), autocommit (explicit BEGIN IMMEDIATE), WAL so the gateway
     and the operator CLI can use it at once, and a busy timeout instead of instant errors.
 
-    A missing file is the first start and is created (atomically, see `_create_fresh`); a file
-    that exists but is empty, not SQLite or unreadable raises RegistryDamaged and is left as
-    it is (SQLite itself would silently treat a 0-byte file as a new, empty database)."""
+    A missing file is the first start and is created (atomically, see `_create_fresh`) --
+    unless its marker `<file>.created` says a registry existed here before: then it was
+    deleted or moved, and RegistryDamaged says so instead of starting an empty allowlist. A
+    file that exists but is empty, not SQLite or unreadable raises RegistryDamaged and is left
+    as it is (SQLite itself would silently treat a 0-byte file as a new, empty database)."""
     path = Path(path)
+    marker = created_marker(path)
     if not path.exists():
+        if marker.exists():
+            raise RegistryDamaged("missing", Text(
+                f"端末レジストリ {path} がありません。以前は存在していました({marker} の記録)。削除または移動されています。"
+                f"バックアップから復元してください。意図して空のレジストリから始める場合は {marker} を削除してください。",
+                f"the device registry {path} is missing although one existed here ({marker}): it was deleted or "
+                f"moved. Restore it from a backup; to start an empty registry on purpose, remove {marker}."))
         _create_fresh(path)
     check_registry_header(path)
     db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
@@ -360,7 +370,17 @@ def open_registry_file(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         db.close()
         raise _damaged("corrupt", path, f"データベースが壊れています ({exc})", f"the database is corrupt ({exc})") from None
+    if not marker.exists():
+        try:   # from now on a vanished file is told apart from a first start (also for registries from before)
+            marker.write_text(datetime.now(UTC).isoformat() + "\n")
+        except OSError:
+            pass
     return db
+
+
+def created_marker(path: Path) -> Path:
+    """Written beside the registry once it exists: its absence is what makes a first start."""
+    return Path(path).with_name(Path(path).name + ".created")
 
 
 class SqliteRegistry:

@@ -60,7 +60,7 @@ def test_non_sqlite_file_is_refused_unchanged(gw, capsys):
     path.write_bytes(junk)
     assert kanmon("device", "list", "--config", str(cfg)) == 2
     err = capsys.readouterr().err
-    assert "SQLite データベースではありません" in err and "not a SQLite database" in err
+    assert "SQLite データベースではありません" in err and "not a SQLite database (file is not a database)" in err
     assert "Traceback" not in err
     assert path.read_bytes() == junk
 
@@ -71,6 +71,23 @@ def test_missing_file_is_the_first_start_and_is_created(gw):
     assert kanmon("device", "list", "--config", str(cfg)) == 0
     assert path.read_bytes()[:16] == b"SQLite format 3\x00"
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".new")]   # temp file gone
+
+
+def test_a_deleted_registry_is_not_a_first_start(gw, capsys):
+    cfg, path = gw
+    with_devices(cfg, "dev-1")
+    for leftover in path.parent.glob("registry.sqlite3*"):
+        if not leftover.name.endswith(".created"):
+            leftover.unlink()                     # rm registry.sqlite3 (and its -wal/-shm)
+    capsys.readouterr()
+    assert kanmon("device", "list", "--config", str(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "deleted or moved" in err and "削除または移動" in err
+    assert kanmon("device", "revoke", "--config", str(cfg), "dev-1", "--reason", "lost") == 2
+    assert not path.exists()                      # no empty allowlist was started in its place
+    (path.parent / "registry.sqlite3.created").unlink()   # the documented way to start afresh
+    assert kanmon("device", "list", "--config", str(cfg)) == 0
+    assert path.exists()
 
 
 def test_corrupt_pages_give_a_clear_error_not_a_traceback(gw, capsys):
