@@ -415,6 +415,11 @@ class LogStore:
             opened.head = digest
             if opened.first_seq is None:
                 opened.first_seq = opened.seq
+            if self._on_record is not None:      # forwarded like any record (syslog, metrics)
+                try:
+                    self._on_record(stream, line[:-1].decode("utf-8"))
+                except Exception:
+                    self.forward_errors += 1
         self._checkpoint_locked("open", True, (stream,))
 
     def __enter__(self) -> "LogStore":

@@ -124,11 +124,13 @@ def test_forged_or_removed_checkpoint_is_found(state):
 def test_the_writer_records_a_mismatch_found_at_start_up(state):
     append_forged(day3(state))
     clock = Clock(datetime(2026, 4, 3, 12, 0, tzinfo=UTC))
-    logs = store(state, clock)
+    forwarded: list[tuple[str, str]] = []
+    logs = store(state, clock, on_record=lambda stream, line: forwarded.append((stream, line)))
     logs.open_streams()
     logs.append("proxy", record(1))
     logs.close()
     assert logs.anchor_mismatches == 1
+    assert [json.loads(line)["event.action"] for _, line in forwarded][0] == "log-anchor-mismatch"
     # The restart's checkpoints anchor the extended chain, but the chain itself now says so.
     findings = verify(state / "logs", anchor_dir=state / "log-anchor").findings
     assert [(f.kind, f.tamper) for f in findings] == [("anchor-mismatch-at-start", True)]
