@@ -74,6 +74,13 @@ def cmd_check(args: argparse.Namespace) -> int:
               .render(), file=sys.stderr)
         return EXIT_USAGE
     path = Path(cfg.registry_path)
+    from gateway.registry import created_marker
+
+    if not path.exists() and created_marker(path).exists():
+        print(Text(f"端末レジストリ {path} がありません。以前は存在していました({created_marker(path)}): 削除または移動されています",
+                   f"the device registry {path} is missing although one existed ({created_marker(path)}): "
+                   "it was deleted or moved").render())
+        return EXIT_FINDINGS
     if not path.exists():
         print(Text(f"端末レジストリ {path} がありません(まだ作成されていません)",
                    f"there is no device registry at {path} (not created yet)").render(), file=sys.stderr)

@@ -85,6 +85,8 @@ def test_a_deleted_registry_is_not_a_first_start(gw, capsys):
     assert "deleted or moved" in err and "削除または移動" in err
     assert kanmon("device", "revoke", "--config", str(cfg), "dev-1", "--reason", "lost") == 2
     assert not path.exists()                      # no empty allowlist was started in its place
+    assert kanmon("registry", "check", "--config", str(cfg)) == 1
+    assert "deleted or moved" in capsys.readouterr().out
     (path.parent / "registry.sqlite3.created").unlink()   # the documented way to start afresh
     assert kanmon("device", "list", "--config", str(cfg)) == 0
     assert path.exists()
