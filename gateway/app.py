@@ -44,6 +44,7 @@ from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
 from gateway.gatewayprocess import write_applied
 from gateway.logstore import LogStore, SyslogForwarder, purge
+from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
 from gateway.dnsbinding import DnsBindings
@@ -300,8 +301,12 @@ class GatewayApp:
         if cfg.syslog:
             self.syslog = SyslogForwarder(cfg.syslog["host"], cfg.syslog.get("port", 514),
                                           transport=cfg.syslog.get("transport", "udp"))
-        self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
-                                 on_record=self._on_log_record)
+        try:
+            self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
+                                     on_record=self._on_log_record,
+                                     anchor_dir=cfg.state_dir / ANCHOR_SUBDIR, on_checkpoint=self.syslog)
+        except AnchorError as exc:
+            raise StartupError(exc.text.render()) from None
         self.logstore.open_streams()
         self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
