@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +30,11 @@ from gateway.mail.message import parse_message
 from gateway.mail.policy import load_mail_policy
 from gateway.mail.sender import Address, mismatch_findings, signature_block
 from tests.fuzz import mail_hostile as hostile
+from tests.fuzz.cost import assert_linear
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = load_mail_policy(REPO / "policies" / "mail.yaml")
 UNCAPPED = MessageLimits(**{k: 10**12 for k in MessageLimits.__dataclass_fields__})
-MAX_RATIO_PER_DOUBLING = 3.0
-REPEATS = 3
 
 
 def _links(html: str) -> None:
@@ -113,23 +111,7 @@ CASES: dict[str, tuple[Callable[[int], object], Callable[[object], object], int]
 }
 
 
-def cpu_cost(fn: Callable[[object], object], arg: object) -> float:
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.process_time()
-        fn(arg)
-        best = min(best, time.process_time() - start)
-    return best
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cost_grows_linearly(name):
     build, fn, n = CASES[name]
-    inputs = [build(n), build(2 * n), build(4 * n)]
-    costs = [cpu_cost(fn, x) for x in inputs]
-    floor = 0.002   # below 2 ms a ratio is timer noise
-    ratios = [max(costs[i + 1], floor) / max(costs[i], floor) for i in range(2)]
-    if max(ratios) > MAX_RATIO_PER_DOUBLING:   # one re-measure: a neighbour's burst is not a defect
-        costs = [cpu_cost(fn, x) for x in inputs]
-        ratios = [max(costs[i + 1], floor) / max(costs[i], floor) for i in range(2)]
-    assert max(ratios) <= MAX_RATIO_PER_DOUBLING, f"{name}: CPU {costs} for n={n},{2 * n},{4 * n}"
+    assert_linear(fn, build, n, name)
