@@ -202,7 +202,7 @@ class _Bucket:
     source_port: int | None
 
 
-Key = tuple[str, str | None, int | None, str | None, str]   # source, destination, dport, transport, reason
+Key = tuple[str | None, str | None, int | None, str | None, str]   # source, destination, dport, transport, reason
 
 
 @dataclass
@@ -210,28 +210,48 @@ class FirewallAggregator:
     """Counts logged packets per (source, destination, port, protocol, reason) and turns
     them into one record per key every ``interval`` seconds (``due``/``flush``).
 
-    At most ``max_keys`` distinct keys per interval: beyond that (a port scan, a sweep of
-    addresses) a packet is counted under (source, reason) with no destination, so memory and
-    disk stay bounded whatever a device sends. ``device_of(source_ip)`` returns (device id,
-    user, groups) or None."""
+    Records per interval are bounded whatever arrives, so a flood or a scan cannot fill the
+    disk: a source keeps at most ``per_source`` destination keys (a port scan, an address
+    sweep: further packets are counted under (source, reason) with no destination), all
+    sources together at most ``max_keys``; and when even the per-source keys reach
+    ``max_keys`` (many sources: traffic from outside to a proxy port), packets are counted per
+    reason only. At most 2 x ``max_keys`` + one per reason records per interval.
+    ``device_of(source_ip)`` returns (device id, user, groups) or None."""
 
     device_of: Callable[[str], tuple[str | None, str | None, tuple[str, ...]] | None]
     interval: float = 10.0
-    max_keys: int = 4096
+    max_keys: int = 256
+    per_source: int = 32
     _buckets: dict[Key, _Bucket] = field(default_factory=dict)
     _opened: float | None = None
-    overflowed: int = 0   # packets counted without their destination (over max_keys)
+    _per_source: dict[str, int] = field(default_factory=dict)
+    _detailed: int = 0
+    _coarse: int = 0
+    overflowed: int = 0   # packets counted without their destination
+
+    def _key(self, packet: LoggedPacket) -> Key:
+        key: Key = (packet.source, packet.destination, packet.destination_port, packet.transport, packet.reason)
+        if key in self._buckets:
+            return key
+        if self._detailed < self.max_keys and self._per_source.get(packet.source, 0) < self.per_source:
+            self._detailed += 1
+            self._per_source[packet.source] = self._per_source.get(packet.source, 0) + 1
+            return key
+        self.overflowed += 1
+        key = (packet.source, None, None, None, packet.reason)
+        if key in self._buckets:
+            return key
+        if self._coarse < self.max_keys:
+            self._coarse += 1
+            return key
+        return (None, None, None, None, packet.reason)
 
     def add(self, packet: LoggedPacket, now: datetime, monotonic: float) -> None:
         if self._opened is None:
             self._opened = monotonic
         at = packet.at or now
-        key: Key = (packet.source, packet.destination, packet.destination_port, packet.transport, packet.reason)
+        key = self._key(packet)
         bucket = self._buckets.get(key)
-        if bucket is None and len(self._buckets) >= self.max_keys:
-            key = (packet.source, None, None, None, packet.reason)
-            bucket = self._buckets.get(key)
-            self.overflowed += 1
         if bucket is None:
             self._buckets[key] = _Bucket(1, at, at, packet.source_port)
         else:
@@ -247,6 +267,7 @@ class FirewallAggregator:
     def flush(self) -> list[dict[str, Any]]:
         """The interval's records (conn stream), oldest first; starts a new interval."""
         buckets, self._buckets, self._opened = self._buckets, {}, None
+        self._per_source, self._detailed, self._coarse = {}, 0, 0
         records = [self._record(key, bucket) for key, bucket in buckets.items()]
         records.sort(key=lambda r: r["@timestamp"])
         return records
@@ -254,7 +275,7 @@ class FirewallAggregator:
     def _record(self, key: Key, bucket: _Bucket) -> dict[str, Any]:
         source, destination, dport, transport, reason = key
         action, explanation = REASONS.get(reason, ("packet-dropped", "dropped by a rule of the gateway's table"))
-        device = self.device_of(source)
+        device = self.device_of(source) if source is not None else None
         record: dict[str, Any] = {
             "@timestamp": format_timestamp(bucket.first),
             "event.dataset": "kanmon.firewall",
@@ -279,6 +300,6 @@ class FirewallAggregator:
             record["device.groups"] = sorted(device[2])
         if bucket.packets == 1 and bucket.source_port is not None:
             record["source.port"] = bucket.source_port
-        if destination is None:
-            record["kanmon.firewall.aggregated"] = "per-source"   # over max_keys: destinations not kept
+        if destination is None:   # over the key bounds: destinations (and sources) not kept
+            record["kanmon.firewall.aggregated"] = "per-source" if source is not None else "all-sources"
         return record

@@ -157,17 +157,37 @@ def test_keys_split_by_destination_port_reason_and_device():
     assert [r["@timestamp"] for r in records] == sorted(r["@timestamp"] for r in records)
 
 
-def test_port_scan_beyond_max_keys_is_counted_per_source():
-    agg = _aggregator(max_keys=100)
+def test_port_scan_beyond_the_per_source_bound_is_counted_per_source():
+    agg = _aggregator(per_source=100)
     for port in range(1, 10_001):
         agg.add(_pkt(dport=port, reason="not-tcp"), T0, 0)
+    agg.add(_pkt(src="10.77.0.9", dport=1, reason="not-tcp"), T0, 0)   # another device keeps its detail
     records = agg.flush()
-    assert len(records) == 101
+    assert len(records) == 102
     overflow = [r for r in records if r.get("kanmon.firewall.aggregated") == "per-source"]
-    assert len(overflow) == 1 and overflow[0]["destination.ip"] is None
+    assert len(overflow) == 1 and overflow[0]["destination.ip"] is None and overflow[0]["device.id"] == "dev-a"
     assert overflow[0]["kanmon.firewall.packets"] == 9_900
-    assert sum(r["kanmon.firewall.packets"] for r in records) == 10_000
+    assert sum(r["kanmon.firewall.packets"] for r in records) == 10_001
     assert agg.overflowed == 9_900
+    assert any(r["source.ip"] == "10.77.0.9" and r["destination.port"] == 1 for r in records)
+
+
+def test_many_sources_are_bounded_too():
+    """Spoofed sources from outside (a proxy port): records per interval stay bounded."""
+    agg = _aggregator(max_keys=50, per_source=5)
+    for i in range(20_000):
+        src = str(ipaddress.IPv4Address("192.0.2.0") + i)
+        agg.add(_pkt(src=src, dst="10.0.0.1", dport=8080, reason="listener-from-outside", transport="tcp"), T0, 0)
+    records = agg.flush()
+    assert len(records) == 50 + 50 + 1
+    [everything] = [r for r in records if r.get("kanmon.firewall.aggregated") == "all-sources"]
+    assert everything["source.ip"] is None and everything["device.id"] is None
+    assert everything["kanmon.firewall.packets"] == 20_000 - 100
+    assert sum(r["kanmon.firewall.packets"] for r in records) == 20_000
+    # the bounds are per interval: the next one starts with full detail again
+    agg.add(_pkt(), T0, 0)
+    [fresh] = agg.flush()
+    assert fresh["destination.ip"] == "192.0.2.10"
 
 
 def test_every_reason_has_an_action_and_explanation():
