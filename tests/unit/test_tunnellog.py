@@ -80,3 +80,20 @@ def test_peer_change_records():
                                   ("wireguard-peer-removed", "dev-b", "bob", "10.77.0.3", KEY_X)]
     assert records[1]["event.reason"] == "device no longer admitted (revoked)"
     assert all(r["event.outcome"] == "success" and r["@timestamp"] == T0 for r in records)
+
+
+def test_peer_endpoints_read_from_the_interface_bracket_ipv6(monkeypatch):
+    """An IPv6 outer address must come out as "[addr]:port", or the port is read as part of it."""
+    import ipaddress
+    from types import SimpleNamespace
+
+    from gateway.tunnel import WireGuardInterface
+    peers = {KEY_A: SimpleNamespace(endpoint_host=ipaddress.ip_address("2001:db8::7"), endpoint_port=51820,
+                                    allowed_ips=["10.77.0.2/32"], last_handshake=H0),
+             KEY_X: SimpleNamespace(endpoint_host=ipaddress.ip_address("203.0.113.7"), endpoint_port=40000,
+                                    allowed_ips=["10.77.0.3/32"], last_handshake=None)}
+    iface = WireGuardInterface("wg-test")
+    monkeypatch.setattr(iface, "_read_config", lambda: SimpleNamespace(peers=peers))
+    got = iface.peers()
+    assert got[KEY_A].endpoint == "[2001:db8::7]:51820" and got[KEY_X].endpoint == "203.0.113.7:40000"
+    assert split_endpoint(got[KEY_A].endpoint) == ("2001:db8::7", 51820)
