@@ -219,3 +219,23 @@ def test_every_drop_and_reject_is_preceded_by_its_rate_limited_log_rule():
         assert reason in REASONS
     assert steering.render_ruleset(_plan()).count(" log ") == 0   # no group: the table without logs
     assert "fib daddr type local counter drop" in "\n".join(lines)
+
+
+def test_reader_feeds_counts_and_flushes_without_a_socket():
+    """The I/O edge's own logic (gateway/firewalllog_reader.py) with a fake store: packets
+    counted by reason, unreadable messages counted and skipped, records written at flush."""
+    from gateway.firewalllog_reader import FirewallLogReader
+    from gateway.metrics import GatewayMetrics
+    written, metrics = [], GatewayMetrics()
+    reader = FirewallLogReader(7, written.append, DEVICES.get, metrics=metrics, interval=10)
+    good = _nflog(_ipv4("10.77.0.2", "192.0.2.10", 17, 40000, 443), "kanmon-fw:quic ")
+    reader.feed(good * 3, T0, 0.0)
+    reader.feed(b"\x01\x00", T0, 0.0)                           # too short: no message, nothing counted
+    reader.feed(struct.pack("=IHHII", 200, 0x400, 0, 0, 0), T0, 0.0)   # bad length: a parse error
+    assert written == []
+    reader.flush()
+    [record] = written
+    assert record["kanmon.firewall.packets"] == 3 and record["device.id"] == "dev-a"
+    value = metrics.registry.get_sample_value
+    assert value("kanmon_firewall_log_packets_total", {"reason": "quic"}) == 3
+    assert value("kanmon_firewall_log_errors_total", {"kind": "parse"}) == 1
