@@ -140,6 +140,15 @@ def test_firewall_drops_and_tunnel_sessions_are_logged(make_lab):
     [rec, *_] = wait_for(lab, "blocked-device record", revoked_dropped)
     assert rec["device.id"] == b.device_id and rec["rule.id"] == "kanmon:fw-blocked-device"
 
+    # -- a device registered while the gateway runs: its peer's addition is in auth
+    c = lab.add_device(3)
+    lab.wait_for_peer(c)
+    [added] = wait_for(lab, "peer addition of dev c", lambda: [
+        r for r in lab.log_records("auth")
+        if r.get("event.action") == "wireguard-peer-added" and r.get("device.id") == c.device_id])
+    assert added["source.ip"] == c.ipv4 and added["kanmon.peer.public_key"] == c.public_key
+    assert added["user.name"] == f"user{c.index}@example.test"
+
     # -- roaming: the device's outer address changes; auth names the new one
     dev_if = f"{lab.prefix}d{a.index}"
     old, new = f"100.64.0.{10 + a.index}", f"100.64.0.{60 + a.index}"
