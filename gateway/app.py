@@ -53,6 +53,8 @@ from gateway.reconcile import Reconciler
 from gateway.registry import SqliteRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
+from gateway.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
+from gateway.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.yamlsource import SourceErrors
 
 log = logging.getLogger("kanmon.app")
@@ -91,6 +93,13 @@ def load_extra_addon(spec: str) -> Any:
         raise StartupError(f"addons.extra: cannot load {spec}: {exc}") from exc
 
 
+def _not_admitted_because(rec, now: datetime) -> str:
+    status = str(rec.effective_status(now))
+    if status != "active":
+        return status
+    return "no key" if rec.wg_public_key is None else "outside its usage period"
+
+
 @dataclass
 class GatewayApp:
     cfg: GatewayConfig
@@ -121,7 +130,14 @@ class GatewayApp:
         # Each peer's current outer address, for `underlay_network` policy conditions (approved lines).
         self._underlay_now = asyncio.Event()
         self.dns_bindings = DnsBindings()   # no-inspect only to addresses our resolver gave (issue #14)
-        self.underlay = UnderlayAddresses(read_peers=self.tunnel.peers, on_change=self._underlay_changed,
+        # Evidence (issue #18): every device record seen (revoked ones too), by tunnel address
+        # and by WireGuard key, so the firewall and tunnel logs name the device.
+        self._known_by_ip: dict[str, Any] = {}
+        self._known_by_key: dict[str, Any] = {}
+        self._peer_ids: set[str] | None = None   # devices with a peer after the last reconcile
+        self.tunnel_events = TunnelEvents(self._tunnel_device)
+        self.firewall_log: FirewallLogReader | None = None
+        self.underlay = UnderlayAddresses(read_peers=self._read_peers, on_change=self._underlay_changed,
                                           on_miss=self._underlay_now.set)
 
     # -- assembly ------------------------------------------------------------------------
@@ -316,8 +332,16 @@ class GatewayApp:
             table=cfg.nft_table, tunnel_interface=cfg.wg_interface, uplink_interface=cfg.uplink_interface,
             ipv4_prefix=cfg.ipv4_prefix, gateway_ipv4=cfg.gateway_ipv4,
             ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
-            transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked)))
+            transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked),
+            log_group=cfg.firewall_log_group))
         log.info("nftables table inet %s installed", cfg.nft_table)
+        self._remember(reconciler.registry.all())
+        try:
+            self.firewall_log = FirewallLogReader(
+                cfg.firewall_log_group, lambda record: self.logstore.append("conn", record), self._firewall_device,
+                metrics=self.metrics, interval=cfg.firewall_log_interval).start()
+        except FirewallLogReaderError as exc:
+            raise StartupError(f"firewall log: {exc}") from None
         addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
         if cfg.ipv6_prefix is not None:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
@@ -337,6 +361,7 @@ class GatewayApp:
         in-memory directory already; the caller ends them in the session store
         (``_end_sessions``, blocking I/O: not on the event loop)."""
         admitted = [r for r in report.changed if r.device_id in report.admitted_ids]
+        self._log_peer_changes(report)
         if report.full:
             self.directory.replace(admitted)
             now = datetime.now(UTC)
@@ -367,6 +392,58 @@ class GatewayApp:
         if self.cluster is not None:
             self.cluster.reconciled(report)
         return gone
+
+    # -- evidence: firewall and tunnel logs (issue #18) ------------------------------------
+    def _remember(self, records) -> None:
+        """Keep every device record seen, admitted or not: a revoked device's dropped packets
+        and a removed peer's last events still name the device."""
+        if not records:
+            return
+        by_ip, by_key = dict(self._known_by_ip), dict(self._known_by_key)
+        for rec in records:
+            for addr in rec.addresses:
+                by_ip[str(addr)] = rec
+            if rec.wg_public_key:
+                by_key[rec.wg_public_key] = rec
+        self._known_by_ip, self._known_by_key = by_ip, by_key
+
+    @staticmethod
+    def _device_info(rec) -> DeviceInfo:
+        return DeviceInfo(rec.device_id, rec.owner or None, str(rec.ipv4), tuple(sorted(rec.groups)))
+
+    def _firewall_device(self, ip: str):
+        rec = self.directory.by_ip(ip) or self._known_by_ip.get(ip)
+        return None if rec is None else (rec.device_id, rec.owner or None, tuple(rec.groups))
+
+    def _tunnel_device(self, public_key: str) -> DeviceInfo | None:
+        rec = self._known_by_key.get(public_key)
+        return None if rec is None else self._device_info(rec)
+
+    def _read_peers(self):
+        """The underlay refresh's peer read, also fed to the tunnel log (handshakes, roaming)."""
+        peers = self.tunnel.peers()
+        for record in self.tunnel_events.observe(peers, datetime.now(UTC)):
+            self.metrics.tunnel_events.labels(record["event.action"]).inc()
+            if self.logstore is not None:
+                self.logstore.append("auth", record)
+        return peers
+
+    def _log_peer_changes(self, report) -> None:
+        """Peers the reconciler added or removed, into `auth`. The first pass after start-up
+        is not logged device by device (it loads every admitted device)."""
+        self._remember(report.changed)
+        before, self._peer_ids = self._peer_ids, set(report.admitted_ids)   # every device with a peer now
+        if before is None or self.logstore is None:
+            return
+        changed = {r.device_id: r for r in report.changed}
+        now = datetime.now(UTC)
+        added = [self._device_info(changed[d]) for d in sorted(self._peer_ids - before) if d in changed]
+        removed = [(self._device_info(changed[d]), _not_admitted_because(changed[d], now))
+                   for d in sorted(before - self._peer_ids) if d in changed]
+        keys = {r.device_id: r.wg_public_key for r in report.changed}
+        for record in peer_change_records(added, removed, keys, now):
+            self.metrics.tunnel_events.labels(record["event.action"]).inc()
+            self.logstore.append("auth", record)
 
     def _confirm_applied(self, revision: int) -> None:
         """Tell waiting operator commands (``kanmon device revoke`` ...) that this registry
@@ -488,6 +565,8 @@ class GatewayApp:
             self.enrollment.stop()
         if self.alerts is not None:
             self.alerts.close(timeout=5)
+        if self.firewall_log is not None:
+            self.firewall_log.stop()   # flushes the pending aggregated records
         if steering.remove_table(cfg.nft_table):
             log.info("nftables table inet %s removed", cfg.nft_table)
         try:
@@ -536,7 +615,8 @@ class GatewayApp:
             log.info("metrics on http://%s:%d/metrics", self.cfg.management_host, self.cfg.management_port)
             reconcile_task = asyncio.create_task(self.reconcile_loop(reconciler), name="reconcile")
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
-            underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay") if self.policy is not None else None
+            # Always: the peer read also feeds the tunnel log (auth stream), not only policy rules.
+            underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay")
             trim = heaptrim.load_malloc_trim() if trim_every and malloc == "glibc" else None
             trim_task = asyncio.create_task(heaptrim.trim_loop(trim_every, trim), name="heap-trim") if trim else None
             if self.cluster is not None:

@@ -154,6 +154,10 @@ SCHEMA: dict[str, Any] = {
                 "retention_days": {"type": "integer", "minimum": 1},
                 "on_write_error": {"enum": ["block", "continue"]},
                 "fsync": {"enum": ["rotate", "always", "interval"]},
+                # Firewall log (gateway/firewalllog.py): NFLOG group of the table's drop logs,
+                # and seconds per aggregated record.
+                "firewall_group": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "firewall_interval": {"type": "number", "minimum": 1, "maximum": 3600},
                 "syslog": {
                     "type": "object",
                     "additionalProperties": False,
@@ -257,6 +261,8 @@ class GatewayConfig:
     log_retention_days: int = 1096              # 3 years (IPA SME 技術的対策 3.8)
     log_on_write_error: str = "block"           # block the request, or continue unlogged
     log_fsync: str = "rotate"
+    firewall_log_group: int = 7                 # NFLOG group (per network namespace)
+    firewall_log_interval: float = 10.0         # seconds per aggregated firewall record
     syslog: dict | None = None                  # {host, port, transport}: RFC 5424 forwarding
     registry_url: str | None = None            # postgresql://...: registry shared by several nodes
     alerts: dict | None = None                 # the `alerts:` section (gateway/reports/alerting.py)
@@ -492,6 +498,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         log_retention_days=d.get("logs", {}).get("retention_days", 1096),
         log_on_write_error=d.get("logs", {}).get("on_write_error", "block"),
         log_fsync=d.get("logs", {}).get("fsync", "rotate"),
+        firewall_log_group=d.get("logs", {}).get("firewall_group", 7),
+        firewall_log_interval=float(d.get("logs", {}).get("firewall_interval", 10.0)),
         syslog=d.get("logs", {}).get("syslog"),
         sinkhole_ipv4=proxy.get("sinkhole_ipv4", "198.18.0.1"),
         sinkhole_ipv6=proxy.get("sinkhole_ipv6", "100::1"),

@@ -74,6 +74,24 @@ class GatewayMetrics:
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "
             "re-evaluated every device's usage period and suspension.", ["direction"], registry=r)
+        # Firewall log (gateway/firewalllog_reader.py): the table's drops, read over NFLOG.
+        self.firewall_log_packets = Counter(
+            "kanmon_firewall_log_packets_total",
+            "Dropped/rejected packets the kernel handed to the firewall log, by reason code.", ["reason"], registry=r)
+        self.firewall_log_errors = Counter(
+            "kanmon_firewall_log_errors_total",
+            "Firewall log trouble, by kind: overrun (the kernel dropped log messages: ENOBUFS), parse, socket.",
+            ["kind"], registry=r)
+        self.firewall_log_up = Gauge(
+            "kanmon_firewall_log_up", "1 while the firewall log reader is bound to its NFLOG group and reading.",
+            registry=r)
+        self.firewall_log_heartbeat = Gauge(
+            "kanmon_firewall_log_heartbeat_timestamp_seconds",
+            "Unix time the firewall log reader last went round its loop (at least once a second when healthy).",
+            registry=r)
+        self.tunnel_events = Counter(
+            "kanmon_tunnel_events_total", "WireGuard session events written to the auth stream, by action.",
+            ["action"], registry=r)
 
     def observe_log_record(self, stream: str, line: str) -> None:
         """``LogStore(on_record=...)`` hook: counts every record written, and every failed

@@ -41,6 +41,26 @@ class SteeringPlan:
     transparent_port: int
     dns_port: int
     blocked: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    # Firewall log (gateway/firewalllog.py): NFLOG group of the drop/reject log statements;
+    # None renders the table without them.
+    log_group: int | None = None
+
+
+# Kernel-side bound on logged packets, per drop rule (a flood is logged at this rate at most;
+# the reader aggregates what arrives into one record per key and interval).
+LOG_RATE_PER_SECOND = 200
+LOG_BURST_PACKETS = 400
+
+
+def _logged(match: str, reason: str, group: int | None, rate: int = LOG_RATE_PER_SECOND) -> list[str]:
+    """The log statement in front of a drop: a rule of its own with the drop's match, so a
+    packet over the log rate limit is still dropped by the next rule (a `limit` in the drop
+    rule itself would let it fall through). `counter` counts what was handed to the log."""
+    if group is None:
+        return []
+    match = f"{match} " if match else ""
+    return [f'    {match}limit rate {rate}/second burst {LOG_BURST_PACKETS} packets counter '
+            f'log prefix "kanmon-fw:{reason} " group {group}']
 
 
 def _elements(addrs: Iterable[ipaddress._BaseAddress], version: int) -> str:
@@ -54,6 +74,7 @@ def render_ruleset(plan: SteeringPlan) -> str:
     wg, up, t = plan.tunnel_interface, plan.uplink_interface, plan.table
     tp, dp = plan.transparent_port, plan.dns_port
     v6 = plan.ipv6_prefix is not None
+    lg = plan.log_group
     lines = [
         f"table inet {t} {{}}",
         f"delete table inet {t}",
@@ -67,19 +88,26 @@ def render_ruleset(plan: SteeringPlan) -> str:
         "  }",
         "",
         "  chain from_device {",
+        *_logged("ip saddr @blocked_v4", "blocked-device", lg),
         "    ip saddr @blocked_v4 drop",
+        *_logged("ip6 saddr @blocked_v6", "blocked-device", lg),
         "    ip6 saddr @blocked_v6 drop",
+        *_logged(f"meta nfproto ipv4 ip saddr != {plan.ipv4_prefix}", "spoofed-source", lg),
         f"    meta nfproto ipv4 ip saddr != {plan.ipv4_prefix} drop",
     ]
     if v6:
+        lines += _logged(f"meta nfproto ipv6 ip6 saddr != {plan.ipv6_prefix}", "spoofed-source", lg)
         lines.append(f"    meta nfproto ipv6 ip6 saddr != {plan.ipv6_prefix} drop")
     else:
+        lines += _logged("meta nfproto ipv6", "ipv6-disabled", lg)
         lines.append("    meta nfproto ipv6 drop")
     lines += [
         # device -> device (or any tunnel address but the gateway's own) never passes
+        *_logged(f"ip daddr {plan.ipv4_prefix} ip daddr != {plan.gateway_ipv4}", "device-to-device", lg),
         f"    ip daddr {plan.ipv4_prefix} ip daddr != {plan.gateway_ipv4} drop",
     ]
     if v6:
+        lines += _logged(f"ip6 daddr {plan.ipv6_prefix} ip6 daddr != {plan.gateway_ipv6}", "device-to-device", lg)
         lines.append(f"    ip6 daddr {plan.ipv6_prefix} ip6 daddr != {plan.gateway_ipv6} drop")
     lines += [
         "    udp dport 53 accept",
@@ -92,9 +120,12 @@ def render_ruleset(plan: SteeringPlan) -> str:
         # The gateway host itself, through any of its addresses (uplink, loopback-routed,
         # another interface): never a destination for a device (issue #14). DNS above is
         # redirected to the gateway's resolver whatever address it was sent to.
+        *_logged("fib daddr type local", "gateway-address", lg),
         "    fib daddr type local counter drop",
         "    meta l4proto tcp accept",
+        *_logged("udp dport 443", "quic", lg),
         "    udp dport 443 reject with icmpx type port-unreachable",
+        *_logged("", "not-tcp", lg),
         "    counter drop",
         "  }",
         "",
@@ -111,15 +142,20 @@ def render_ruleset(plan: SteeringPlan) -> str:
         f'    iifname "{wg}" tcp dport {{ {tp}, {dp} }} accept',
         f'    iifname "{wg}" udp dport {dp} accept',
         f'    iifname "{wg}" meta l4proto {{ icmp, ipv6-icmp }} accept',
+        *_logged(f'iifname "{wg}"', "local-service", lg),
         f'    iifname "{wg}" counter drop',
         # The proxy listeners are for redirected tunnel traffic only.
+        *_logged(f'iifname != "{wg}" tcp dport {{ {tp}, {dp} }}', "listener-from-outside", lg),
         f'    iifname != "{wg}" tcp dport {{ {tp}, {dp} }} drop',
+        *_logged(f'iifname != "{wg}" udp dport {dp}', "listener-from-outside", lg),
         f'    iifname != "{wg}" udp dport {dp} drop',
         "  }",
         "",
         "  chain route_through {",
         "    type filter hook forward priority filter; policy accept;",
+        *_logged(f'iifname "{wg}"', "forward-from-tunnel", lg),
         f'    iifname "{wg}" counter drop',
+        *_logged(f'oifname "{wg}"', "forward-to-tunnel", lg),
         f'    oifname "{wg}" counter drop',
         "  }",
         "",

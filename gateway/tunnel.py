@@ -231,7 +231,10 @@ class WireGuardInterface:
         cfg = self._read_config()
         out = {}
         for key, peer in cfg.peers.items():
-            endpoint = f"{peer.endpoint_host}:{peer.endpoint_port}" if peer.endpoint_host else None
+            host = peer.endpoint_host
+            # IPv6 in brackets ("[2001:db8::7]:51820"): unbracketed, the port reads as part of the address
+            endpoint = (f"[{host}]:{peer.endpoint_port}" if ":" in str(host) else f"{host}:{peer.endpoint_port}") \
+                if host else None
             out[str(key)] = PeerState(
                 public_key=str(key),
                 allowed_ips=tuple(sorted(str(a) for a in peer.allowed_ips)),

@@ -15,6 +15,7 @@ from gateway.yamlsource import SourceErrors
 
 from .charts import ChartMaker, find_cjk_font
 from .html import render_incident, render_review
+from .evidence import parse_approved_lines
 from .incident import build_incident
 from .review import build_review, expiring_rules_from, parse_month
 from .sources import expiring_policy_rules, has_log_files, stream_records, write_atomically
@@ -30,6 +31,8 @@ BAD_TIME = Text("{option} の日時を解釈できません: {value!r}（ISO 860
                 "cannot parse {option}: {value!r} (use ISO 8601, e.g. 2026-01-31T09:00:00+09:00)")
 BAD_RANGE = Text("--since は --until より前にしてください", "--since must be before --until")
 BAD_LIMIT = Text("--limit は 1 以上にしてください", "--limit must be at least 1")
+BAD_LINES = Text("--approved-lines のファイルを読めません: {path}: {error}",
+                 "cannot read the --approved-lines file: {path}: {error}")
 BAD_DAYS = Text("--expiring-days は 0 以上にしてください", "--expiring-days must be 0 or more")
 NO_RECORDS_MONTH = Text("{month} のログレコードがありません（{path}）", "no log records for {month} in {path}")
 UNKNOWN_DEVICE = Text("端末 {device} のログレコードが {since} 以降にありません（端末 ID を確認してください）",
@@ -80,6 +83,15 @@ def _log_dir(value: str) -> Path:
     if not has_log_files(directory):
         raise _InputError(NO_LOG_FILES.format(path=value))
     return directory
+
+
+def _approved_lines(value: str):
+    """The --approved-lines YAML: {group: [network, ...]} (gateway/reports/evidence.py)."""
+    import yaml
+    try:
+        return parse_approved_lines(yaml.safe_load(Path(value).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
+        raise _InputError(BAD_LINES.format(path=value, error=exc)) from None
 
 
 def _out_path(value: str) -> Path:
@@ -133,8 +145,10 @@ def _review(args: argparse.Namespace) -> int:
                 print(f"  {err}", file=sys.stderr)
             return EXIT_USAGE
         expiring = expiring_rules_from(infos, now.astimezone(policy_zone).date())
+    approved = _approved_lines(args.approved_lines) if getattr(args, "approved_lines", None) else None
     report = build_review(args.month, start, end, args.tz, stream_records(directory, start, end),
-                          generated_at=now, expiring_rules=expiring, expiring_days=args.expiring_days)
+                          generated_at=now, expiring_rules=expiring, expiring_days=args.expiring_days,
+                          approved_lines=approved)
     if sum(c.count for c in report.records_by_stream) == 0:
         raise _InputError(NO_RECORDS_MONTH.format(month=args.month, path=directory))
     return _write(out, render_review(report, _charts()))
@@ -179,6 +193,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--expiring-days", type=int, default=30, metavar="N",
                    help="rules expiring within N days (default 30) / N 日以内に期限切れ")
     p.add_argument("--tz", default="UTC", help="time zone of the month and its days, e.g. Asia/Tokyo (default UTC)")
+    p.add_argument("--approved-lines", metavar="FILE",
+                   help="YAML {group: [network, ...]}: outer networks approved per group; tunnel sessions from "
+                        "others are listed / グループごとの承認回線（YAML）")
     p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("incident", help="incident flash report for one device (IPA 3.3) / 端末のインシデント速報")

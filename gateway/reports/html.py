@@ -194,6 +194,8 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
                              + _counts([Text("操作", "action"), Text("件数", "count")], report.other_audit_by_action)
                              if report.other_audit_by_action else "")))
 
+    parts.extend(_evidence_sections(report, charts, zone))
+
     if report.expiring_rules is None:
         expiring = f'<p class="empty">{_t(Text("ポリシーファイルが指定されていません（--policy）。", "No policy file given (--policy)."))}</p>'
     else:
@@ -209,6 +211,40 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
         "確認者・確認日・所見・対応を記録し、異常があれば管理者へ報告してください（3.8.5「結果の記録」）。",
         "Record reviewer, date, findings and actions; report anomalies to the manager (3.8.5 \"record the result\")."))))
     return _page(Text("月次ログレビュー {m}", "Monthly log review {m}").format(m=report.month), "\n".join(parts))
+
+
+def _evidence_sections(report: ReviewReport, charts: ChartMaker, zone) -> list[str]:
+    """Issue #18: what the firewall dropped, and the WireGuard sessions (gateway/reports/evidence.py)."""
+    parts = []
+    fw = report.firewall
+    if fw is not None:
+        t_reason = Text("ファイアウォールで遮断したパケット（理由別）", "Packets dropped by the firewall, by reason")
+        body = (f'<p class="note">{_t(Text("ファイアウォールログ（conn）の集約レコード {r} 件、パケット {p} 件。カーネルは規則ごとに毎秒200件まで記録します（超えた分は遮断されますが数えられません）。", "{r} aggregated firewall records (conn), {p} packets. The kernel logs at most 200 packets/s per rule (the rest is dropped too, but not counted here).").format(r=f"{fw.records:,}", p=f"{fw.packets:,}"))}</p>'
+                + _chart_counts(charts, t_reason, fw.by_reason)
+                + _counts([Text("理由", "reason"), Text("パケット", "packets")], fw.by_reason)
+                + f"<h3>{_t(Text('端末別（括弧内は端末のないトンネルアドレス）', 'By device (in brackets: tunnel addresses of no device)'))}</h3>"
+                + _counts([Text("端末", "device"), Text("パケット", "packets")], fw.by_source)
+                + f"<h3>{_t(Text('宛先別', 'By destination'))}</h3>"
+                + _counts([Text("宛先", "destination"), Text("パケット", "packets")], fw.top_destinations)
+                + f"<h3>{_t(Text('失効・停止中の端末からのパケット', 'Packets from revoked or suspended devices'))}</h3>"
+                + _counts([Text("端末", "device"), Text("パケット", "packets")], fw.blocked_devices))
+        parts.append(_section("firewall-drops", Text("ファイアウォールで遮断した通信", "Traffic dropped by the firewall"), body))
+    tn = report.tunnel
+    if tn is not None:
+        body = (f'<p>{_t(Text("接続記録のあった端末 {d} 台", "{d} devices with tunnel sessions").format(d=tn.devices))}</p>'
+                + _counts([Text("記録", "event"), Text("件数", "count")], tn.events)
+                + f"<h3>{_t(Text('複数の接続元アドレスから接続した端末', 'Devices seen from more than one outer address'))}</h3>"
+                + _counts([Text("端末", "device"), Text("アドレス数", "addresses")], tn.many_outer_addresses)
+                + f"<h3>{_t(Text('承認されていない回線からの接続', 'Sessions from outer networks not approved for the group'))}</h3>")
+        if tn.off_line is None:
+            body += f'<p class="empty">{_t(Text("承認回線が指定されていません（--approved-lines）。", "No approved lines given (--approved-lines)."))}</p>'
+        else:
+            body += _table([Text("端末", "device"), Text("利用者", "user"), Text("グループ", "groups"), Text("接続元", "outer address"),
+                            Text("最初", "first"), Text("最後", "last"), Text("記録数", "events")],
+                           ([_e(s.device_id), _e(s.user or "-"), _e(", ".join(s.groups)), f'<span class="warn">{_e(s.outer_ip)}</span>',
+                             _time(s.first, zone), _time(s.last, zone), f"{s.events:,}"] for s in tn.off_line), numeric=(6,))
+        parts.append(_section("tunnel-sessions", Text("VPN（WireGuard）の接続記録", "VPN (WireGuard) sessions"), body))
+    return parts
 
 
 def _audit_table(actions: Sequence[AuditAction], zone) -> str:

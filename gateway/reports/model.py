@@ -87,6 +87,39 @@ class ReviewThresholds:
 
 
 @dataclass(frozen=True)
+class FirewallSummary:
+    """The firewall log's month (issue #18): aggregated drop records, counted in packets."""
+
+    records: int
+    packets: int
+    by_reason: tuple[Count, ...]
+    by_source: tuple[Count, ...]         # device id, or "(tunnel address)" of no device
+    top_destinations: tuple[Count, ...]  # "ip:port/transport"
+    blocked_devices: tuple[Count, ...]   # revoked/suspended devices whose packets still arrived
+
+
+@dataclass(frozen=True)
+class OffLineSession:
+    """A device's tunnel seen from an outer address outside its group's approved lines."""
+
+    device_id: str
+    user: str | None
+    groups: tuple[str, ...]
+    outer_ip: str
+    first: datetime
+    last: datetime
+    events: int
+
+
+@dataclass(frozen=True)
+class TunnelSummary:
+    events: tuple[Count, ...]              # session-start, resumed, roamed, peer-added, peer-removed
+    devices: int                           # devices with a session event
+    many_outer_addresses: tuple[Count, ...]  # devices seen from more than one outer address
+    off_line: tuple[OffLineSession, ...] | None   # None: no approved lines given
+
+
+@dataclass(frozen=True)
 class ReviewReport:
     month: str                       # YYYY-MM
     timezone: str
@@ -115,6 +148,8 @@ class ReviewReport:
     other_audit_by_action: tuple[Count, ...]
     expiring_rules: tuple[ExpiringRule, ...] | None   # None: no policy file given
     expiring_days: int
+    firewall: FirewallSummary | None = None   # issue #18 sections (gateway/reports/evidence.py)
+    tunnel: TunnelSummary | None = None
 
 
 @dataclass(frozen=True)

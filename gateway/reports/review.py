@@ -14,6 +14,7 @@ from typing import Any
 from gateway.i18n import Text
 
 from . import recordview as rv
+from .evidence import FirewallTally, Network, TunnelTally, is_firewall
 from .model import (NONE_KEY, AuditAction, AuthBurst, Count, DayCount, ExpiringRule, ReviewReport,
                     ReviewThresholds, UnusualDevice)
 
@@ -126,10 +127,13 @@ def audit_action(record: dict[str, Any]) -> AuditAction:
 def build_review(month: str, start: datetime, end: datetime, zone_name: str,
                  streams: Mapping[str, Iterable[dict[str, Any]]], *, generated_at: datetime,
                  expiring_rules: list[ExpiringRule] | None = None, expiring_days: int = 30,
-                 thresholds: ReviewThresholds = ReviewThresholds()) -> ReviewReport:
+                 thresholds: ReviewThresholds = ReviewThresholds(),
+                 approved_lines: Mapping[str, tuple[Network, ...]] | None = None) -> ReviewReport:
     """Aggregate one month. ``streams`` maps stream name -> its records with
     start <= @timestamp < end (records outside are ignored anyway). Each iterable is
-    consumed once, so the caller may stream from disk."""
+    consumed once, so the caller may stream from disk. Firewall drop records (aggregated,
+    counted in packets) get their own section instead of counting as decisions;
+    ``approved_lines`` (group -> networks) marks tunnel sessions from other outer networks."""
     zone = start.tzinfo
     records_by_stream: Counter = Counter()
     blocked_by_stream: Counter = Counter()
@@ -142,6 +146,8 @@ def build_review(month: str, start: datetime, end: datetime, zone_name: str,
     per_device_destinations: dict[str, set[str]] = defaultdict(set)
     per_device_users: dict[str, set[str]] = defaultdict(set)
     unknown_sources: Counter = Counter()
+    firewall = FirewallTally(thresholds.top)
+    tunnel = TunnelTally(approved_lines)
 
     def in_month(record: dict[str, Any]) -> datetime | None:
         moment = rv.record_time(record)
@@ -155,6 +161,9 @@ def build_review(month: str, start: datetime, end: datetime, zone_name: str,
             if moment is None:
                 continue
             records_by_stream[stream] += 1
+            if stream == "conn" and is_firewall(record):
+                firewall.add(record)
+                continue
             device = rv.text(record, "device.id")
             target = rv.destination(record)
             if stream in rv.TRAFFIC_STREAMS:
@@ -182,9 +191,11 @@ def build_review(month: str, start: datetime, end: datetime, zone_name: str,
     failure_reasons: Counter = Counter()
     failure_sources: Counter = Counter()
     for record in streams.get("auth", ()):
-        if in_month(record) is None:
+        if (moment := in_month(record)) is None:
             continue
         auth_total += 1
+        if record.get("event.dataset") == "kanmon.tunnel":
+            tunnel.add(record, moment)
         if record.get("event.outcome") != "failure":
             continue
         failures.append(record)
@@ -240,6 +251,8 @@ def build_review(month: str, start: datetime, end: datetime, zone_name: str,
         other_audit_by_action=_top(other_audit),
         expiring_rules=tuple(expiring_rules) if expiring_rules is not None else None,
         expiring_days=expiring_days,
+        firewall=firewall.result(),
+        tunnel=tunnel.result(),
     )
 
 

@@ -95,3 +95,13 @@ def test_shipped_example_config_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "systemd" / "kanmon.yaml.example")
     assert cfg.wg_interface == "kmwg0" and cfg.host_rules[0].rule_id == "block-free-webmail"
+
+
+def test_firewall_log_settings_default_and_bounds():
+    cfg = load_config_text(VALID, "k.yaml")
+    assert (cfg.firewall_log_group, cfg.firewall_log_interval) == (7, 10.0)
+    cfg = load_config_text(VALID + "logs:\n  firewall_group: 42\n  firewall_interval: 30\n", "k.yaml")
+    assert (cfg.firewall_log_group, cfg.firewall_log_interval) == (42, 30.0)
+    errs = errors_of(VALID + "logs:\n  firewall_group: 0\n  firewall_interval: 0.5\n")
+    assert any(e.startswith("k.yaml:22: logs.firewall_group:") for e in errs), errs
+    assert any(e.startswith("k.yaml:23: logs.firewall_interval:") for e in errs), errs

@@ -28,7 +28,10 @@ REQUIRED_ALERTS = {
     "KanmonAuthFailureBurst", "KanmonDeviceQuarantined", "KanmonLogWriteFailure",
     "KanmonPolicyReloadFailed", "KanmonRulesExpiringSoon", "KanmonBlockedTrafficSpike",
     "KanmonGatewayDown",
+    # issue #18: the evidence itself must not fail silently
+    "KanmonReconcileErrors", "KanmonAddonErrors", "KanmonFirewallLogDown", "KanmonFirewallLogLagging",
 }
+RUNBOOK = OBS / "RUNBOOK.md"
 # English part of the panel titles the issue asks for.
 REQUIRED_PANELS = (
     "Blocked traffic by category", "Blocked traffic by device group", "Top blocking rules",
@@ -81,12 +84,45 @@ def test_every_required_alert_has_severity_and_bilingual_annotations_citing_guid
         assert any(section in description for section in ("3.3", "3.8", "3.2.2")), name
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = heading.strip().lstrip("#").strip().lower()
+    return "".join(ch for ch in text if ch.isalnum() or ch in " -_").replace(" ", "-")
+
+
+def test_new_alerts_link_a_runbook_section_that_exists():
+    anchors = {_anchor(line) for line in RUNBOOK.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
+    rules = {r["alert"]: r for r in _rules()}
+    linked = {name for name, rule in rules.items() if "runbook_url" in rule["annotations"]}
+    assert {"KanmonReconcileErrors", "KanmonAddonErrors", "KanmonFirewallLogDown", "KanmonFirewallLogLagging",
+            "KanmonLogWriteFailure", "KanmonGatewayDown"} <= linked
+    for name in linked:
+        path, _, anchor = rules[name]["annotations"]["runbook_url"].partition("#")
+        assert (ROOT / path).resolve() == RUNBOOK.resolve(), name
+        assert anchor == name.lower() and anchor in anchors, (name, anchor)
+
+
 def test_alert_rules_use_the_gateway_metric_names():
     exprs = " ".join(r["expr"] for r in _rules())
     for metric in ("kanmon_auth_failures_total", "kanmon_devices", "kanmon_log_write_errors_total",
                    "kanmon_policy_reloads_total", "kanmon_policy_rules_expiring",
-                   "kanmon_decisions_total", 'up{job="kanmon"}'):
+                   "kanmon_decisions_total", 'up{job="kanmon"}', "kanmon_reconcile_errors_total",
+                   "kanmon_addon_errors_total", "kanmon_firewall_log_up",
+                   "kanmon_firewall_log_heartbeat_timestamp_seconds", "kanmon_firewall_log_errors_total"):
         assert metric in exprs
+
+
+def test_every_metric_an_alert_reads_is_exported_by_the_gateway():
+    import re
+
+    from gateway.metrics import GatewayMetrics
+    exported = set()
+    for metric in GatewayMetrics().registry.collect():
+        exported |= {sample.name for sample in metric.samples} | {metric.name}
+        if metric.type == "counter":   # the family name leaves out the `_total` the series carry
+            exported.add(metric.name + "_total")
+    used = set(re.findall(r"kanmon_[a-z_]+", " ".join(r["expr"] for r in _rules())))
+    assert used and used <= exported, used - exported
 
 
 def test_dashboard_has_the_required_panels_and_every_panel_has_a_query():
@@ -139,7 +175,8 @@ def test_promtool_unit_tests_of_the_alerts_pass():
     assert done.returncode == 0, done.stdout + done.stderr
     tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text(encoding="utf-8"))["tests"]
               for t in case["alert_rule_test"] if t["exp_alerts"]}
-    assert {"KanmonAuthFailureBurst", "KanmonLogWriteFailure", "KanmonGatewayDown"} <= tested
+    assert REQUIRED_ALERTS - {"KanmonDeviceQuarantined", "KanmonPolicyReloadFailed", "KanmonRulesExpiringSoon",
+                              "KanmonBlockedTrafficSpike"} <= tested
 
 
 def test_promtool_unit_tests_fail_when_the_threshold_is_raised(tmp_path):
