@@ -9,7 +9,19 @@ the native path handed back to Python.
     /tmp/venv/bin/python bench/engine.py            # 1M domains, 10k URL patterns, 200k URLs
     /tmp/venv/bin/python bench/engine.py --quick    # small sizes, a few seconds
 
-Everything is generated from a fixed seed. Each engine runs in its own forked process so its
+A second scenario uses real domains (issue #17): the shipped example policy
+(policies/example.yaml with every list in policies/lists/) plus every category of the UT1
+snapshot (``--ut1``, default /work/shared/data/ut1-2026-08-17: about 200k domains, UT1
+blacklists, Université Toulouse Capitole, CC BY-SA 4.0 — read only, never copied into the
+repository) as one block rule per category, after the example's rules. Its URLs are the
+corpus tests/corpus/urls.yaml, UT1 domains (bare and with a sub-domain) and the corpus'
+allowed hosts with random paths. Same engines, same rows; adblock gets ``||domain^`` for
+every list domain and the lists' /regex/ lines (it has no device conditions or tenant
+restrictions, so agreement there is below 100% by design: tenant-restricted and BYOD-only
+URLs). When the snapshot is absent the scenario is skipped and says why (``--no-real``
+skips it on purpose).
+
+Everything synthetic is generated from a fixed seed. Each engine runs in its own forked process so its
 compile time and memory (RSS growth while compiling) are its own. Per-decision time includes
 turning the URL string into the engine's query (URL parsing) for both engines. Both engines
 run the same URL list ``--repeats`` times in the same order, their passes alternating (see
@@ -81,6 +93,8 @@ def generate(domains: int, patterns: int, urls: int, seed: int) -> dict:
 
 
 def kanmon_inputs(data: dict) -> tuple[str, dict[str, tuple[str, str]]]:
+    if "policy" in data:  # the real-domain scenario brings its own policy text and lists
+        return data["policy"]
     lines = ["version: 1", "settings: {default_action: allow}", "lists:", "  bench: {file: bench.txt, format: domains}", "rules:",
              "  - id: bench-domains", "    action: block", "    match: {list: bench}"]
     if data["host_patterns"]:
@@ -93,12 +107,83 @@ def kanmon_inputs(data: dict) -> tuple[str, dict[str, tuple[str, str]]]:
 
 
 def adblock_rules(data: dict) -> list[str]:
+    if "adblock_rules" in data:
+        return list(data["adblock_rules"])
     rules = [f"||{d}^" for d in data["blocked"]]
     rules += [f"||{site}{path}" for site, path in data["host_patterns"]]
     # "/x/" would be an ABP regex filter; the trailing "*" keeps it a plain substring filter,
     # which is what the Kanmon side (an RE2 search for the literal) means too.
     rules += [f"{g}*" for g in data["generic"]]
     return rules
+
+
+UT1_DEFAULT = Path("/work/shared/data/ut1-2026-08-17")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _usable_list_text(text: str, name: str) -> tuple[str, int]:
+    """The lines of a UT1 ``domains`` file the policy list parser accepts (UT1 has a few IP
+    addresses and odd names; one bad line would refuse the whole policy), and how many
+    lines were dropped."""
+    from gateway.policy.lists import parse_list
+
+    lines = text.splitlines()
+    _, errors = parse_list(text, name, name, fmt="domains")
+    bad = {e.line for e in errors}
+    if len(errors) >= 100:  # the parser stops at 100 errors per file: check line by line
+        bad = {i for i, line in enumerate(lines, 1) if parse_list(line, name, name, fmt="domains")[1]}
+    kept = [line for i, line in enumerate(lines, 1) if i not in bad]
+    return "\n".join(kept) + "\n", len(bad)
+
+
+def real_inputs(ut1: Path, urls: int, seed: int) -> dict:
+    """The shipped example policy plus one block rule per UT1 category, and URLs drawn from
+    the corpus, UT1 and the corpus' allowed hosts."""
+    import yaml
+
+    from gateway.policy.lists import parse_list
+
+    rng = random.Random(seed)
+    policy_path = ROOT / "policies" / "example.yaml"
+    doc = yaml.safe_load(policy_path.read_text(encoding="utf-8"))
+    lists: dict[str, tuple[str, str]] = {}
+    adblock: list[str] = []
+    for name, spec in doc["lists"].items():
+        path = policy_path.parent / spec["file"]
+        text = path.read_text(encoding="utf-8")
+        lists[name] = (str(path), text)
+        parsed, _ = parse_list(text, name, str(path), spec.get("format", "auto"))
+        adblock += [f"||{d}^" for d in sorted(parsed.suffix | parsed.exact)] + [f"/{r}/" for r, _line in parsed.regexes]
+    ut1_domains: list[str] = []
+    skipped = 0
+    categories = sorted(d.name for d in ut1.iterdir() if (d / "domains").is_file())
+    for cat in categories:
+        text, dropped = _usable_list_text((ut1 / cat / "domains").read_text(encoding="utf-8", errors="replace"), cat)
+        skipped += dropped
+        name = f"ut1-{cat}"
+        lists[name] = (str(ut1 / cat / "domains"), text)
+        doc["lists"][name] = {"file": f"{name}.txt", "format": "domains"}
+        doc["rules"].append({"id": f"ut1-{cat}", "category": cat, "action": "block", "match": {"list": name}})
+        names = text.split()
+        ut1_domains += names
+        adblock += [f"||{d}^" for d in names]
+    corpus = yaml.safe_load((ROOT / "tests" / "corpus" / "urls.yaml").read_text(encoding="utf-8"))
+    corpus_urls = [e["url"] for items in corpus.values() for e in items]
+    allowed_hosts = sorted({u.split("/")[2] for u in (e["url"] for e in corpus.get("needed", []))})
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = list(corpus_urls)
+    while len(out) < urls:
+        tail = "".join(rng.choice(letters) for _ in range(8))
+        if rng.random() < 0.5:
+            d = rng.choice(ut1_domains)
+            out.append(f"https://{d if rng.random() < 0.5 else 'www.' + d}/{tail}.html")
+        else:
+            out.append(f"https://{rng.choice(allowed_hosts)}/{tail}/index.html?q={tail}")
+    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+    return {"policy": (text, lists), "adblock_rules": adblock, "urls": out[:max(urls, len(corpus_urls))],
+            "meta": {"ut1": str(ut1), "categories": len(categories), "ut1_domains": len(ut1_domains),
+                     "ut1_lines_skipped": skipped, "shipped_lists": len(doc["lists"]) - len(categories),
+                     "list_entries_total": len(adblock), "corpus_urls": len(corpus_urls)}}
 
 
 def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
@@ -244,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="passes over the URL list per engine (medians reported)")
     ap.add_argument("--quick", action="store_true", help="20k domains, 1k patterns, 20k URLs")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "engine.json"))
+    ap.add_argument("--ut1", default=str(UT1_DEFAULT), help="UT1 snapshot for the real-domain scenario (read only)")
+    ap.add_argument("--no-real", action="store_true", help="skip the real-domain scenario")
     args = ap.parse_args(argv)
     if args.quick:
         args.domains, args.patterns, args.urls = 20_000, 1_000, 20_000
@@ -277,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
           f"URLs the native path handed to Python: {k['handed_to_python']:.2%}")
     print(f"goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({native_label} {ratio:.2f}x, "
           f"kanmon (python) {ratio_python:.2f}x)")
+    real = None if args.no_real else run_real(Path(args.ut1), args.urls, args.seed, args.repeats, rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -286,9 +374,43 @@ def main(argv: list[str] | None = None) -> int:
         "kanmon": k, "adblock": a, "per_decision_ratio": ratio, "agreement": agree, "goal_met": ratio <= 0.5,
         "kanmon_python": kp, "per_decision_ratio_python": ratio_python, "agreement_python": agree_python,
         "agreement_native_python": agree_paths, "kanmon_path": k["path"],
+        "real": real if real is not None else {"skipped": "--no-real"},
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def run_real(ut1: Path, urls: int, seed: int, repeats: int, rows: list) -> dict:
+    """The real-domain scenario (module docstring); returns its JSON part, or why it was
+    skipped."""
+    if not (ut1.is_dir() and any((d / "domains").is_file() for d in ut1.iterdir())):
+        reason = f"UT1 snapshot not found at {ut1} (pass --ut1 DIR with <category>/domains files)"
+        print(f"\nreal-domain scenario skipped: {reason}")
+        return {"skipped": reason}
+    t0 = time.perf_counter()
+    data = real_inputs(ut1, urls, seed)
+    prep_s = time.perf_counter() - t0
+    meta = data.pop("meta")
+    k, kp, a = run_interleaved(data, repeats)
+    n = len(data["urls"])
+    a_blocked = a.pop("blocked")
+    agree = sum(x == y for x, y in zip(k.pop("blocked"), a_blocked)) / n
+    agree_python = sum(x == y for x, y in zip(kp.pop("blocked"), a_blocked)) / n
+    agree_paths = sum(x == y for x, y in zip(k.pop("verdicts"), kp.pop("verdicts"))) / n
+    print(f"\nreal domains: shipped example policy ({meta['shipped_lists']} lists) + UT1 {meta['categories']} categories, "
+          f"{meta['ut1_domains']:,} domains ({meta['ut1_lines_skipped']} unusable lines skipped), {n:,} URLs "
+          f"({meta['corpus_urls']} from tests/corpus; read in {prep_s:.1f}s); median of {repeats} passes")
+    native_label = f"kanmon ({k['path']})"
+    print(f"{'':<20}{native_label:>16}{'kanmon (python)':>16}{'adblock':>12}{'native/adblock':>16}{'python/adblock':>16}")
+    for label, key, fmt in rows:
+        print(f"{label:<20}{fmt.format(k[key]):>16}{fmt.format(kp[key]):>16}{fmt.format(a[key]):>12}"
+              f"{k[key] / a[key] if a[key] else float('nan'):>16.2f}{kp[key] / a[key] if a[key] else float('nan'):>16.2f}")
+    print(f"block agreement with adblock: {native_label} {agree:.4%}, kanmon (python) {agree_python:.4%} "
+          f"(adblock has no tenant restrictions or device conditions); {native_label} vs kanmon (python): "
+          f"{agree_paths:.4%} same action and rule; URLs the native path handed to Python: {k['handed_to_python']:.2%}")
+    return {"source": "UT1 blacklists, Université Toulouse Capitole (CC BY-SA 4.0)", **meta, "urls": n,
+            "kanmon": k, "kanmon_python": kp, "adblock": a, "agreement": agree, "agreement_python": agree_python,
+            "agreement_native_python": agree_paths, "kanmon_path": k["path"]}
 
 
 if __name__ == "__main__":

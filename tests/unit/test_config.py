@@ -94,7 +94,8 @@ def test_shipped_example_config_is_valid():
     from gateway.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "systemd" / "kanmon.yaml.example")
-    assert cfg.wg_interface == "kmwg0" and cfg.host_rules[0].rule_id == "block-free-webmail"
+    # issue #17: the example enforces the shipped policy, not the built-in host filter
+    assert cfg.wg_interface == "kmwg0" and cfg.policy_path == Path("/opt/kanmon/policies/example.yaml")
 
 
 def test_firewall_log_settings_default_and_bounds():
