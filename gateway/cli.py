@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "replay": "gateway.replay.commands",
     "cluster": "gateway.cluster",
     "user": "gateway.signin.commands",
+    "lists": "gateway.feeds.commands",
 }
 
 EXIT_USAGE = 2
