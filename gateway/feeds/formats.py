@@ -72,7 +72,11 @@ def parse_text(text: str, fmt: str, into: Category | None = None, kind: str = "d
             cat.skipped += 1
             continue
         s = line.strip()
-        if not s or s[0] == "#":
+        if not s:
+            continue
+        if s[0] == "#":
+            if fmt == "abp" and s[1:2] in ("#", "@", "?", "$"):
+                cat.skipped += 1  # a cosmetic rule for every site (##.ad, #@#.ad): not a host block
             continue
         if fmt == "abp":
             if s[0] == "!" or (s[0] == "[" and s[-1] == "]"):
