@@ -1,0 +1,136 @@
+"""Category feeds (issue #17) end to end: the running gateway fetches a signed UT1-layout
+blacklists.tar.gz from the lab's web server (internet namespace), blocks its hosts through
+the tunnel, blocks a host added to the feed after the next refresh without a restart, and
+refuses a tampered or truncated feed while the previous entries keep blocking."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tarfile
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from gateway.lab.topology import WEB4, Lab
+from tests.e2e.conftest import ARTIFACTS, require_lab
+
+pytestmark = pytest.mark.e2e
+
+KEY = Ed25519PrivateKey.generate()
+PUBLIC = base64.b64encode(KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+def ut1_tar(webmail: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for cat, names in (("webmail", webmail), ("games", ["game-site.test"])):
+            data = "".join(n + "\n" for n in names).encode()
+            info = tarfile.TarInfo(f"blacklists/{cat}/domains")
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def publish(lab: Lab, data: bytes, signature: bytes | None = None) -> None:
+    files = lab.web_dir / "www" / "files"
+    (files / "blacklists.tar.gz.sig").write_bytes(base64.b64encode(signature or KEY.sign(data)))
+    (files / "blacklists.tar.gz").write_bytes(data)
+
+
+def http_code(result) -> str:
+    return result.stdout.rsplit("HTTP_CODE=", 1)[-1].strip()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def flab(tmp_path_factory):
+    require_lab()
+    work = tmp_path_factory.mktemp("flab")
+    policy = work / "policy.yaml"
+    policy.write_text(f"""version: 1
+settings: {{dns_block: sinkhole}}  # a blocked name resolves to the sinkhole: the device sees the block page
+lists:
+  ut1:
+    url: http://{WEB4}/files/blacklists.tar.gz
+    format: ut1
+    categories: [webmail]
+    refresh: 2s
+    timeout: 5s
+    public_key: {PUBLIC}
+rules:
+  - id: feed-webmail
+    action: block
+    match: {{list: ut1/webmail}}
+    reason: "lab: webmail category feed"
+""")
+    lab = Lab(work, n_devices=1, config_overrides={"policy": {"path": str(policy)}})
+    try:
+        lab.build()
+        publish(lab, ut1_tar(["mail-a.test"]))
+        lab.start_gateway()
+        lab.wait_for_peer(lab.devices[0])
+        yield lab
+    finally:
+        dest = ARTIFACTS / "e2e" / "test_feeds_e2e"
+        dest.mkdir(parents=True, exist_ok=True)
+        if (work / "gateway.log").exists():
+            shutil.copy(work / "gateway.log", dest / "gateway.log")
+        lab.teardown()
+
+
+def blocked(lab: Lab, host: str) -> bool:
+    result = lab.devices[0].curl(f"http://{host}/inbox", "-i")
+    if http_code(result) == "403":
+        assert "x-kanmon-rule: feed-webmail" in result.stdout.lower(), result.stdout
+        return True
+    assert http_code(result) == "200", (result.stdout, result.stderr)
+    return False
+
+
+def test_feed_blocks_updates_without_restart_and_refuses_bad_copies(flab: Lab):
+    lab = flab
+    pid = lab.gateway.proc.pid
+    assert blocked(lab, "mail-a.test")
+    assert blocked(lab, "www.mail-a.test")
+    assert not blocked(lab, "mail-b.test")
+    assert not blocked(lab, "game-site.test")  # category not subscribed
+    assert lab.metric_value("kanmon_list_entries", list="ut1", category="webmail") == 1
+
+    # A host added to the feed is blocked after the next refresh, without a restart.
+    publish(lab, ut1_tar(["mail-a.test", "mail-b.test"]))
+    wait_for(lambda: blocked(lab, "mail-b.test"), 60, "mail-b.test to be blocked after the refresh")
+    assert lab.gateway.proc.poll() is None and lab.gateway.proc.pid == pid
+    assert lab.metric_value("kanmon_list_entries", list="ut1", category="webmail") == 2
+    # Not modified since: conditional requests answered 304 by nginx.
+    wait_for(lambda: any(r["uri"] == "/files/blacklists.tar.gz" and r["status"] == 304 for r in lab.nginx_requests()),
+             30, "a 304 answer to a conditional feed request")
+
+    # Tampered: mail-a removed, mail-c added, the old signature left in place.
+    old_sig = base64.b64decode((lab.web_dir / "www" / "files" / "blacklists.tar.gz.sig").read_bytes())
+    publish(lab, ut1_tar(["mail-c.test"]), signature=old_sig)
+    wait_for(lambda: lab.metric_value("kanmon_list_update_failures_total", list="ut1", reason="integrity") >= 1,
+             60, "the tampered feed to be refused")
+    assert blocked(lab, "mail-a.test") and blocked(lab, "mail-b.test")
+    assert not blocked(lab, "mail-c.test")
+
+    # Truncated in transit or on the mirror, but signed: refused as unreadable.
+    whole = ut1_tar(["mail-a.test", "mail-b.test", "mail-d.test"])
+    publish(lab, whole[: len(whole) // 2])
+    wait_for(lambda: lab.metric_value("kanmon_list_update_failures_total", list="ut1", reason="format") >= 1,
+             60, "the truncated feed to be refused")
+    assert blocked(lab, "mail-a.test") and not blocked(lab, "mail-d.test")
+    status = lab.kanmon("lists", "status", "--config", str(lab.config_path)).stdout
+    assert "webmail: 2 entries" in status and "the feed cannot be read" in status
+    assert lab.gateway.proc.pid == pid and lab.gateway.proc.poll() is None
