@@ -408,3 +408,44 @@ def test_runner_swaps_on_a_new_copy_only(tmp_path):
                                              {"list": "f", "reason": "public-suffix"}) == 1
     age = metrics.registry.get_sample_value("kanmon_list_age_seconds", {"list": "f"})
     assert 0 <= age < 600
+
+
+# -- bounds ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,make_line", [
+    ("domains", lambda i: "a." * 120 + f"x{i}"),  # long dotted names (labels the pattern walks)
+    ("abp", lambda i: "||" + "a-" * 100 + f"{i}^$third-party"),
+    ("hosts", lambda i: "0.0.0.0 " + " ".join(f"h{i}-{j}.example" for j in range(20))),
+    ("domains", lambda i: "-" * 4000),  # nearly over the cap, not a name
+])
+def test_feed_parsing_is_linear_in_the_number_of_lines(fmt, make_line):
+    from tests.unit.test_load_bounds import assert_linear
+    assert_linear(lambda text: parse_text(text, fmt), lambda n: "\n".join(make_line(i) for i in range(n)), 300)
+
+
+# -- operator commands -------------------------------------------------------------------------
+
+def test_lists_diff_shows_what_an_update_adds_and_removes_and_stores_nothing(tmp_path, capsys):
+    from gateway.cli import main
+    feed = tmp_path / "f.txt"
+    feed.write_text("keep.example\ngone.example\n")
+    policy = write_policy(tmp_path, f"url: {feed}\n")
+    args = ["--policy", str(policy), "--state-dir", str(tmp_path)]
+    assert main(["lists", "update", *args]) == 0
+    feed.write_text("keep.example\nnew.example\n")
+    capsys.readouterr()
+    assert main(["lists", "diff", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "+ f/all new.example" in out and "- f/all gone.example" in out
+    assert not any("keep.example" in line for line in out)
+    assert load_snapshot(tmp_path / "feeds", "f").categories["all"].domains == {"keep.example", "gone.example"}
+    assert main(["lists", "status", "--json", *args]) == 0
+    import json
+    status = json.loads(capsys.readouterr().out)[0]
+    assert status["entries"] == {"all": 2} and status["last_error"] is None and status["age_seconds"] >= 0
+    feed.write_text("com\n")
+    assert main(["lists", "update", *args]) == 1
+    assert "public-suffix" in capsys.readouterr().out
+    assert main(["lists", "status", "--json", *args]) == 0
+    status = json.loads(capsys.readouterr().out)[0]
+    assert status["last_error_reason"] == "public-suffix" and "公開接尾辞" in status["last_error"]
