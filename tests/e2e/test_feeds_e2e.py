@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import shutil
+import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway.lab.topology import WEB4, Lab
+from gateway.lab.topology import MANAGEMENT, WEB4, Lab
 from tests.e2e.conftest import ARTIFACTS, require_lab
 
 pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
 
 KEY = Ed25519PrivateKey.generate()
 PUBLIC = base64.b64encode(KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
@@ -134,3 +140,64 @@ def test_feed_blocks_updates_without_restart_and_refuses_bad_copies(flab: Lab):
     status = lab.kanmon("lists", "status", "--config", str(lab.config_path)).stdout
     assert "webmail: 2 entries" in status and "the feed cannot be read" in status
     assert lab.gateway.proc.pid == pid and lab.gateway.proc.poll() is None
+
+
+def test_stale_feed_alert_fires_in_prometheus(flab: Lab):
+    """The shipped KanmonFeedStale rule in a real Prometheus scraping the gateway. Its
+    threshold (two days) and ``for:`` are shortened to seconds so the test need not wait;
+    the expression is otherwise the shipped one."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("prometheus is required in CI (apt-get install prometheus)")
+        pytest.skip("prometheus not installed (apt-get install prometheus)")
+    lab = flab
+    publish(lab, ut1_tar(["mail-a.test", "mail-b.test", "mail-e.test"]))
+    wait_for(lambda: blocked(lab, "mail-e.test"), 60, "the good feed to be back")
+    work = lab.workdir / "prometheus-feeds"
+    work.mkdir()
+    rules = yaml.safe_load((ROOT / "observability" / "alerts.yml").read_text(encoding="utf-8"))
+    stale = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "KanmonFeedStale"]
+    assert len(stale) == 1 and "> 172800" in stale[0]["expr"]
+    stale[0]["expr"] = stale[0]["expr"].replace("> 172800", "> 8")
+    stale[0]["for"] = "1s"
+    (work / "alerts.yml").write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
+    (work / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(work / "alerts.yml")],
+        "scrape_configs": [{"job_name": "kanmon", "static_configs": [{"targets": [MANAGEMENT]}]}],
+    }))
+    log = open(work / "prometheus.log", "wb")
+    proc = lab.gw.popen(prometheus, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+                        "--web.listen-address=127.0.0.1:9090", stdout=log)
+
+    def api(path: str) -> dict:
+        out = lab.gw.run("curl", "-sS", "--max-time", "5", f"http://127.0.0.1:9090{path}", check=False).stdout
+        try:
+            return json.loads(out)
+        except json.JSONDecodeError:
+            return {}
+
+    def stale_alerts() -> list[dict]:
+        return [a for a in api("/api/v1/alerts").get("data", {}).get("alerts", [])
+                if a["labels"]["alertname"] == "KanmonFeedStale" and a["state"] == "firing"]
+
+    try:
+        wait_for(lambda: any(r["metric"].get("list") == "ut1" for r in
+                             api("/api/v1/query?query=kanmon_list_age_seconds").get("data", {}).get("result", [])),
+                 30, "Prometheus to scrape kanmon_list_age_seconds")
+        time.sleep(10)  # fresh (refreshed every 2 s, 304s count as success): the alert stays quiet
+        assert stale_alerts() == []
+        (lab.web_dir / "www" / "files" / "blacklists.tar.gz").unlink()  # the mirror loses the feed: 404
+        wait_for(lambda: bool(stale_alerts()), 60, "KanmonFeedStale to fire")
+        assert stale_alerts()[0]["labels"]["list"] == "ut1"
+        assert lab.metric_value("kanmon_list_update_failures_total", list="ut1", reason="http-status") >= 1
+        assert blocked(lab, "mail-e.test")  # the last good copy keeps blocking
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
