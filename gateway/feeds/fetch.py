@@ -72,7 +72,8 @@ def read_local(path: Path, max_bytes: int) -> bytes:
     except SourceErrors as exc:
         err = exc.errors[0]
         reason = "too-large" if "too large" in err.message else "unreachable"
-        raise FeedRefused(reason, T_LOCAL.format(e=f"{path}: {err.message}")) from None
+        raise FeedRefused(reason, Text(T_LOCAL.ja.format(e=f"{path}: {err.ja or err.message}"),
+                                       T_LOCAL.en.format(e=f"{path}: {err.message}"))) from None
 
 
 def fetch_bytes(url: str, timeout: float, max_bytes: int, base_dir: Path | None = None) -> bytes:

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.feeds.formats import Category
-from gateway.yamlsource import SourceErrors, read_bytes_file
+from gateway.i18n import Text
+from gateway.yamlsource import SourceError, SourceErrors, read_bytes_file
 
+T_DAMAGED = Text("フィードのコピーが壊れています（{kind}）。`kanmon lists update` で取得し直してください",
+                 "damaged feed copy ({kind}); run `kanmon lists update` to fetch it again")
 MAX_SNAPSHOT_BYTES = 1024 * 1024 * 1024
 MAX_STATE_BYTES = 64 * 1024
 DEFAULT_STATE_DIR = "/var/lib/kanmon"
@@ -103,9 +106,7 @@ def load_snapshot(directory: Path, name: str) -> Snapshot | None:
                 for k, v in doc["categories"].items()}
         return Snapshot(str(doc["name"]), str(doc["url"]), float(doc["fetched_at"]), str(doc["sha256"]), cats)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        from gateway.yamlsource import SourceError
-        raise SourceErrors([SourceError(str(path), 0, (), f"damaged feed copy ({type(exc).__name__}); "
-                                        "run `kanmon lists update` to fetch it again")]) from None
+        raise SourceErrors([SourceError.of(str(path), 0, (), T_DAMAGED.format(kind=type(exc).__name__))]) from None
 
 
 def load_state(directory: Path, name: str) -> FeedState:

@@ -449,3 +449,19 @@ def test_lists_diff_shows_what_an_update_adds_and_removes_and_stores_nothing(tmp
     assert main(["lists", "status", "--json", *args]) == 0
     status = json.loads(capsys.readouterr().out)[0]
     assert status["last_error_reason"] == "public-suffix" and "公開接尾辞" in status["last_error"]
+
+
+def test_a_damaged_copy_stops_the_compile_with_a_bilingual_error(tmp_path):
+    feed = tmp_path / "f.txt"
+    feed.write_text("old.example\n")
+    policy = write_policy(tmp_path, f"url: {feed}\n")
+    state = tmp_path / "state"
+    update_feed(spec_of(policy), state)
+    (state / "f.json").write_text('{"name": "f", "categories": 5}')
+    with pytest.raises(SourceErrors) as exc:
+        load_policy(policy, feeds_dir=state)
+    err = exc.value.errors[0]
+    assert "damaged feed copy" in err.message and "壊れています" in err.ja
+    # The next good fetch replaces it.
+    assert update_feed(spec_of(policy), state).outcome == "updated"
+    assert verdict(policy, state, "old.example") is Action.BLOCK
