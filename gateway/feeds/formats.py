@@ -25,7 +25,8 @@ ALL = "all"  # the one category of a feed that is not in the UT1 layout
 MAX_FEED_ENTRIES = 5_000_000  # all categories together; UT1 in full is about 4.5 million
 MAX_URL_ENTRIES = 50_000  # UT1 ``urls`` lines per category: each becomes one RE2 pattern
 MAX_TAR_MEMBERS = 20_000  # UT1 has a few hundred files
-MAX_UNPACKED_BYTES = 512 * 1024 * 1024  # a gzip bomb stops here
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024  # a gzip bomb stops here (members not taken are streamed past)
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one kept <category>/domains file, as a list file (MAX_LIST_BYTES)
 
 
 class FeedFormatError(ValueError):
@@ -182,7 +183,10 @@ def ut1_files_from_tar(data: bytes, categories: tuple[str, ...],
                 f = tar.extractfile(member)
                 if f is None:
                     continue
-                files[(cat_name, kind)] = f.read().decode("utf-8", "replace")
+                data = f.read(MAX_MEMBER_BYTES + 1)
+                if len(data) > MAX_MEMBER_BYTES:
+                    raise FeedFormatError("too-large", f"{cat_name}/{kind} is larger than {MAX_MEMBER_BYTES} bytes")
+                files[(cat_name, kind)] = data.decode("utf-8", "replace")
     except FeedFormatError:
         raise
     except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as exc:

@@ -465,3 +465,11 @@ def test_a_damaged_copy_stops_the_compile_with_a_bilingual_error(tmp_path):
     # The next good fetch replaces it.
     assert update_feed(spec_of(policy), state).outcome == "updated"
     assert verdict(policy, state, "old.example") is Action.BLOCK
+
+
+def test_one_oversized_member_is_refused_before_it_is_read_whole(monkeypatch):
+    monkeypatch.setattr(formats, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(FeedFormatError) as exc:
+        ut1_files_from_tar(make_tar({"webmail": "a.example\n" * 200}), ("webmail",))
+    assert exc.value.reason == "too-large" and "webmail/domains" in str(exc.value)
+    assert ut1_files_from_tar(make_tar({"webmail": "a.example\n" * 50}), ("webmail",))
