@@ -30,6 +30,8 @@ DEFAULT_TIMEZONE = "Asia/Tokyo"
 # RE2's default budget (8 MiB) runs out around two thousand URL patterns in one set.
 URL_SET_MAX_MEM = 1 << 30
 HOST_KEYS = ("domain", "domain_exact", "list")
+T_LIST_NAME_TAKEN = Text("リスト名 {name} はフィード {feed} のカテゴリ名と重なっています",
+                         "list name {name} is the name of a category of feed {feed}")
 T_NO_FEED_COPY = Text("フィード {name} の正常なコピーがまだありません（`kanmon lists update` で取得してください）",
                       "feed {name} has no good copy yet (fetch it with `kanmon lists update`)")
 URL_KEYS = ("url", "url_regex")
@@ -59,10 +61,14 @@ def parse_policy(text: str, filename: str) -> tuple[LoadedYaml, list[ListSource]
     except (ZoneInfoNotFoundError, ValueError, OSError):
         tz = ZoneInfo(DEFAULT_TIMEZONE)  # reported by the compiler
     sources = []
+    declared = set(doc.data.get("lists") or {})
     for name, spec in (doc.data.get("lists") or {}).items():
         feed = feed_from_spec(name, spec, tz, lambda p, t, n=name: errors.append(doc.error(("lists", n) + p, t)))
         file = spec.get("file") or spec.get("url", "")
         sources.append(ListSource(name, file, spec.get("format", "auto"), spec.get("match", "suffix"), feed))
+        for taken in (feed.list_names()[1:] if feed else ()):
+            if taken in declared:  # "ut1/webmail" is the feed's category: one name, one list
+                errors.append(doc.error(("lists", taken), T_LIST_NAME_TAKEN.format(name=taken, feed=name)))
     if errors:
         raise SourceErrors(errors)
     return doc, sources

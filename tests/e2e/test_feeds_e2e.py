@@ -201,3 +201,19 @@ def test_stale_feed_alert_fires_in_prometheus(flab: Lab):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_restart_with_the_feed_unreachable_keeps_blocking_from_the_last_good_copy(flab: Lab):
+    lab = flab
+    feed = lab.web_dir / "www" / "files" / "blacklists.tar.gz"
+    publish(lab, ut1_tar(["mail-a.test", "mail-f.test"]))
+    wait_for(lambda: blocked(lab, "mail-f.test"), 60, "mail-f.test to be blocked")
+    feed.unlink()  # the mirror is gone for good
+    lab.stop_gateway()
+    lab.start_gateway()
+    lab.wait_for_peer(lab.devices[0])
+    assert blocked(lab, "mail-f.test") and blocked(lab, "mail-a.test")
+    wait_for(lambda: lab.metric_value("kanmon_list_update_failures_total", list="ut1", reason="http-status") >= 1,
+             30, "the restarted gateway to try the feed and be refused")
+    assert blocked(lab, "mail-f.test")
+    assert lab.metric_value("kanmon_list_entries", list="ut1", category="webmail") == 2

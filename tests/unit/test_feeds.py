@@ -473,3 +473,25 @@ def test_one_oversized_member_is_refused_before_it_is_read_whole(monkeypatch):
         ut1_files_from_tar(make_tar({"webmail": "a.example\n" * 200}), ("webmail",))
     assert exc.value.reason == "too-large" and "webmail/domains" in str(exc.value)
     assert ut1_files_from_tar(make_tar({"webmail": "a.example\n" * 50}), ("webmail",))
+
+
+def test_a_list_named_like_a_feed_category_is_an_error(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("version: 1\nlists:\n  ut1: {url: /x, format: ut1, categories: [webmail]}\n"
+                 "  ut1/webmail: {file: a.txt}\n")
+    with pytest.raises(SourceErrors) as exc:
+        parse_policy(p.read_text(), str(p))
+    assert "category of feed ut1" in str(exc.value.errors[0]) and "カテゴリ" in exc.value.errors[0].ja
+
+
+def test_policy_test_with_config_reads_the_gateways_copies(tmp_path, capsys):
+    from gateway.cli import main
+    from tests.unit.test_load_bounds import CONFIG
+    feed = tmp_path / "f.txt"
+    feed.write_text("old.example\n")
+    policy = write_policy(tmp_path, f"url: {feed}\n")
+    config = tmp_path / "kanmon.yaml"
+    config.write_text(CONFIG.format(state=tmp_path / "gw-state"))
+    update_feed(spec_of(policy), tmp_path / "gw-state" / "feeds")
+    assert main(["policy", "test", "--policy", str(policy), "--config", str(config), "https://old.example/"]) == 0
+    assert capsys.readouterr().out.startswith("block\tfeed-block")
