@@ -22,8 +22,21 @@ T_TIMEOUT = Text("フィードの取得が {s} 秒以内に終わりませんで
 T_LOCAL = Text("フィードのファイルを読めません: {e}", "the feed file cannot be read: {e}")
 
 USER_AGENT = "kanmon-feeds/1"
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects stay on http(s): urllib would otherwise follow one to ftp://."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a non-HTTP URL refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 # Proxies from the environment are not used: the gateway fetches its feeds itself.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HttpOnlyRedirects())
 
 
 @dataclass

@@ -495,3 +495,19 @@ def test_policy_test_with_config_reads_the_gateways_copies(tmp_path, capsys):
     update_feed(spec_of(policy), tmp_path / "gw-state" / "feeds")
     assert main(["policy", "test", "--policy", str(policy), "--config", str(config), "https://old.example/"]) == 0
     assert capsys.readouterr().out.startswith("block\tfeed-block")
+
+
+def test_a_redirect_away_from_http_is_refused(tmp_path):
+    server = _FeedServer(b"")
+
+    def redirect(self):
+        self.send_response(302)
+        self.send_header("Location", "ftp://127.0.0.1/feed.txt")
+        self.end_headers()
+
+    server.httpd.RequestHandlerClass.do_GET = redirect
+    try:
+        result = update_feed(spec_of(write_policy(tmp_path, f"url: {server.url}\n")), tmp_path / "state")
+        assert (result.outcome, result.reason) == ("refused", "http-status")
+    finally:
+        server.close()
