@@ -155,6 +155,10 @@ class AccessLog:
         })
         if flow.client_conn.sni:
             rec["destination.domain"] = flow.client_conn.sni
+        state = self.connections.get(flow.client_conn.id) if self.connections is not None else None
+        if state is not None and state.protocol:
+            # What the first bytes were identified as ("unidentified": neither TLS nor HTTP).
+            rec["network.protocol"] = state.protocol
         return rec
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:

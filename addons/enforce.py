@@ -21,9 +21,10 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.policy import METADATA_DNS_BLOCK
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
+from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_MALFORMED_AUTHORITY, RULE_UNDECIDED,
+                             RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)
 
 log = logging.getLogger("kanmon.enforce")
 
@@ -92,6 +93,16 @@ class Enforcer:
         if not isinstance(verdict, Verdict):
             self.metrics.fail_closed_blocks.labels(str(stage), "no-decision").inc()
             return Verdict(Action.BLOCK, RULE_UNDECIDED, "no policy decision was made", stage)
+        if state is not None:
+            # No later stage loosens a block the connection already got (SNI, raw TCP).
+            verdict = strictest(state.connection_block, verdict)
+            if (stage is Stage.TCP and verdict.passes and state.protocol == PROTOCOL_UNIDENTIFIED
+                    and state.unidentified_allowed_by is None):
+                # Identify or deny: no decision stage confirmed that a rule naming this
+                # destination allows unidentified traffic.
+                self.metrics.fail_closed_blocks.labels(str(stage), "unidentified-protocol").inc()
+                verdict = Verdict(Action.BLOCK, RULE_UNIDENTIFIED_PROTOCOL,
+                                  "protocol not identified and no rule allows it", stage)
         return verdict
 
     def block_http(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
@@ -101,6 +112,8 @@ class Enforcer:
         flow.response = block_response(
             verdict, url=request_target(flow)[1], device_id=device.device_id if device else None,
             helpdesk=self.helpdesk, request_id=request_id)
+        if verdict.rule_id == RULE_MALFORMED_AUTHORITY:
+            flow.response.status_code, flow.response.reason = 400, "Bad Request"   # broken, not forbidden
 
     # -- hooks ---------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from mitmproxy import dns, http, tcp, tls
 
+from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
 from addons.requesttarget import request_target
 from gateway.config import HostRule
-from gateway.connections import LiveConnections
+from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.hostname import normalize_host as _normalize_host
-from gateway.verdict import Action, Stage, Verdict
+from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
-METADATA_VERDICT = "kanmon.verdict"
+__all__ = ["METADATA_VERDICT", "HostRuleDecider", "normalize_host"]
 
 
 def normalize_host(host: str) -> str:
@@ -41,9 +42,7 @@ class HostRuleDecider:
         return Verdict(self.default_action, None, f"no rule matched {host or 'the connection'}; default {self.default_action}", stage)
 
     def _record(self, flow, verdict: Verdict) -> None:
-        flow.metadata[METADATA_VERDICT] = verdict
-        if (state := self.connections.get(flow.client_conn.id)) is not None:
-            state.record(verdict)
+        record_verdict(flow, verdict, self.connections)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         state = self.connections.get(data.context.client.id)
@@ -56,8 +55,7 @@ class HostRuleDecider:
             verdict = Verdict(Action.BLOCK, "kanmon:no-sni", "TLS without server name indication", Stage.TLS)
         else:
             verdict = Verdict(self.default_action, None, "TLS without SNI; default action", Stage.TLS)
-        state.notes["tls_verdict"] = verdict
-        state.record(verdict)
+        record_tls_verdict(state, verdict)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         verdict = self.decide_host(request_target(flow)[0], Stage.REQUEST)
@@ -68,6 +66,13 @@ class HostRuleDecider:
         self._record(flow, verdict)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        state = self.connections.get(flow.client_conn.id)
+        if state is not None and state.protocol == PROTOCOL_UNIDENTIFIED:
+            # Host rules name hosts, never destinations: unidentified traffic has no rule
+            # that could allow it (a policy can, with dst_port / dst_cidr).
+            self._record(flow, Verdict(Action.BLOCK, RULE_UNIDENTIFIED_PROTOCOL,
+                                       "protocol not identified (neither TLS nor HTTP)", Stage.TCP))
+            return
         host = flow.client_conn.sni or None
         self._record(flow, self.decide_host(host, Stage.TCP))
 

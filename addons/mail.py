@@ -24,7 +24,11 @@ mitmproxy specifics:
   released towards the server after a server reply) are injected with ``inject.tcp``; the
   injected chunk comes back through ``tcp_message`` and is recognised by identity.
 * Judging runs in a worker thread (clamd and DKIM lookups block); mitmproxy holds the
-  connection's next events until the hook returns, so chunks stay in order.
+  connection's next events until the hook returns, so chunks stay in order. The thread only
+  waits: the message itself is judged in a worker process of the judge pool
+  (gateway/mail/judgepool.py, issue #15), so no message can stall the proxy; a judgement that
+  cannot be made (no worker, a worker failed) raises, and the fail-closed guard cuts the
+  connection.
 * ``flow.kill()`` does not close raw TCP flows: cuts go through ConnectionCutter.
 """
 
@@ -32,12 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import hashlib
 import ipaddress
 import logging
+import threading
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
 from typing import Any
 
 from mitmproxy import connection, ctx, tcp, tls
@@ -56,13 +59,12 @@ from gateway.mail.adapters.imap import ImapAdapter
 from gateway.mail.adapters.pop3 import Pop3Adapter
 from gateway.mail.adapters.smtp import SmtpAdapter
 from gateway.mail.clamd import ClamdScanner
-from gateway.mail.engine import MailContext, MailVerdict, evaluate_message
+from gateway.mail.engine import MailContext, MailVerdict
 from gateway.mail.freemail import freemail_match
-from gateway.mail.indicators import MailAction
-from gateway.mail.message import POLICY, MalformedMessage, fix_8bit
+from gateway.mail.judgement import Outcome, judge_message
+from gateway.mail.judgepool import JudgePool
 from gateway.mail.policy import MailPolicy, load_mail_policy
 from gateway.mail.quarantine import QuarantineStore
-from gateway.mail.rewrite import RewriteFailed, notice_message, render_message
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import Action, Stage, Verdict
 
@@ -143,7 +145,7 @@ class MailFilter:
 
     def __init__(self, settings: MailSettings, policy: MailPolicy, connections: LiveConnections,
                  metrics: GatewayMetrics, sink, quarantine: QuarantineStore, cut: Callable[..., bool],
-                 scanner=None, dns_txt=None):
+                 scanner=None, dns_txt=None, pool: JudgePool | None = None):
         self.settings = settings
         self.policy = policy
         self.connections = connections
@@ -153,13 +155,17 @@ class MailFilter:
         self.cut = cut
         self.scanner = scanner
         self.dns_txt = dns_txt
+        # None: judged in the calling thread (tests, tools); the gateway always has a pool.
+        self.pool = pool
         self.hosts = OrganizationHosts(settings.organization_hosts)
         self.refusal = recipient_refusal_for(settings, policy)
         # DeviceRecord -> the signed-in user (issue #9); None: the registered owner is logged.
         self.user_of = None
         # Same message fetched again (IMAP clients refetch; section fetches): judged once, so
         # a quarantined message is stored once and every fetch shows the same notice.
-        self._judged: collections.OrderedDict[tuple[str, str], tuple[Judgement, MailVerdict]] = collections.OrderedDict()
+        # Worker threads judge concurrently: every use of the cache holds the lock (issue #16).
+        self._judged: collections.OrderedDict[tuple[str, str], Outcome] = collections.OrderedDict()
+        self._judged_lock = threading.Lock()
 
     def _user(self, device) -> str | None:
         if device is None:
@@ -179,8 +185,14 @@ class MailFilter:
         if policy.verify_dkim:
             from gateway.mail.dns_lookup import resolver_txt
             dns_txt = resolver_txt
-        return cls(settings, policy, connections, metrics, sink, QuarantineStore(state_dir / "mail-quarantine"),
-                   cut, scanner, dns_txt)
+        quarantine = QuarantineStore(state_dir / "mail-quarantine")
+        pool = JudgePool(policy, quarantine, scanner=scanner, dns_txt=dns_txt)
+        pool.warm()
+        return cls(settings, policy, connections, metrics, sink, quarantine, cut, scanner, dns_txt, pool)
+
+    def done(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     # -- which connections are mail -------------------------------------------------------
     @staticmethod
@@ -300,61 +312,30 @@ class MailFilter:
 
         def judge(raw: bytes, context: MailContext) -> Judgement:
             key = (context.direction, hashlib.sha256(raw).hexdigest())
-            cached = self._judged.get(key)
+            with self._judged_lock:
+                cached = self._judged.get(key)
+                if cached is not None:
+                    self._judged.move_to_end(key)
             if cached is not None:
-                self._judged.move_to_end(key)
-                judgement, verdict = cached
-                self._log_verdict(base, raw, context, verdict, judgement, repeated=True)
-                return judgement
-            judgement, verdict, qid = self._judge(raw, context)
-            self._judged[key] = (judgement, verdict)
-            while len(self._judged) > JUDGED_CACHE_SIZE:
-                self._judged.popitem(last=False)
-            self._log_verdict(base, raw, context, verdict, judgement, quarantine_id=qid)
-            return judgement
+                self._log_verdict(base, raw, context, cached, repeated=True)
+                return cached.judgement
+            outcome = self._outcome(raw, context)
+            with self._judged_lock:
+                self._judged[key] = outcome
+                while len(self._judged) > JUDGED_CACHE_SIZE:
+                    self._judged.popitem(last=False)
+            self._log_verdict(base, raw, context, outcome)
+            return outcome.judgement
         return judge
 
+    def _outcome(self, raw: bytes, context: MailContext) -> Outcome:
+        if self.pool is not None:
+            return self.pool.judge(raw, context)   # JudgeFailed: the guard fails closed
+        return judge_message(raw, context, self.policy, self.quarantine, scanner=self.scanner, dns_txt=self.dns_txt)
+
     def _judge(self, raw: bytes, context: MailContext) -> tuple[Judgement, MailVerdict, str | None]:
-        policy = self.policy
-        try:
-            verdict = evaluate_message(raw, policy, context, scanner=self.scanner, dns_txt=self.dns_txt)
-        except MalformedMessage as exc:
-            verdict = MailVerdict(policy.malformed_message, 0, (), notes=(exc.text,))
-        action = verdict.action
-        data: bytes | None = None
-        if context.direction == "outbound" and action == MailAction.NEUTRALIZE:
-            # Outgoing mail is never altered behind the sender's back: a message whose
-            # attachment would be removed is refused, and the sender is told why.
-            verdict = dataclasses.replace(verdict, action=MailAction.REJECT)
-            action = verdict.action
-        if action in (MailAction.DELIVER, MailAction.TAG, MailAction.NEUTRALIZE):
-            if context.direction == "outbound" and action == MailAction.TAG:
-                data = raw   # outgoing: a warning for the recipient is not ours to add; logged
-            else:
-                try:
-                    data = render_message(raw, verdict, policy)
-                except RewriteFailed:
-                    verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
-                    action = verdict.action
-        qid = None
-        if action == MailAction.QUARANTINE:
-            qid = self.quarantine.put(raw, verdict, context)
-        if action in (MailAction.QUARANTINE, MailAction.REJECT):
-            if context.direction == "inbound":
-                try:
-                    data = notice_message(raw, verdict, policy, qid)
-                except RewriteFailed:
-                    data = _plain_notice(str(action), qid)
-            else:
-                data = None
-        names = ", ".join(sorted({i.name for i in verdict.indicators})) or "malformed message"
-        if action == MailAction.QUARANTINE:
-            reason = f"Kanmon: message held in quarantine {qid} ({names})"
-        elif action == MailAction.REJECT:
-            reason = f"Kanmon: message refused ({names})"
-        else:
-            reason = ""
-        return Judgement(str(action), data, reason), verdict, qid
+        outcome = self._outcome(raw, context)
+        return outcome.judgement, outcome.verdict, outcome.quarantine_id
 
     # -- logs and metrics ----------------------------------------------------------------
     def _base_record(self, flow: tcp.TCPFlow, protocol: str) -> dict[str, Any]:
@@ -375,12 +356,14 @@ class MailFilter:
         # A mail verdict that cannot be logged is an addon error: the guard cuts the connection.
         self.sink.append("mail", record)
 
-    def _log_verdict(self, base: dict, raw: bytes, context: MailContext, verdict: MailVerdict,
-                     judgement: Judgement, quarantine_id: str | None = None, repeated: bool = False) -> None:
+    def _log_verdict(self, base: dict, raw: bytes, context: MailContext, outcome: Outcome,
+                     repeated: bool = False) -> None:
+        verdict, judgement = outcome.verdict, outcome.judgement
+        quarantine_id = None if repeated else outcome.quarantine_id
         names = sorted({i.name for i in verdict.indicators})
         for name in names or ["none"]:
             self.metrics.mail_verdicts.labels(str(verdict.action), name).inc()
-        headers = _headers(raw)
+        headers = outcome.headers
         record = dict(base)
         record.update(verdict_fields(verdict.gateway_verdict()))
         record.update({
@@ -419,23 +402,3 @@ class MailFilter:
         record.update({"event.action": "mail-connection-cut", "email.from.address": None})
         self._write(record)
 
-
-def _headers(raw: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        parsed = BytesHeaderParser(policy=POLICY).parsebytes(raw)
-        for key in ("From", "To", "Subject", "Message-ID"):
-            value = parsed.get(key)
-            if value is not None:
-                out[key.lower()] = fix_8bit(str(value))[:500]
-    except Exception:  # noqa: BLE001 — a log line must not fail on a hostile header
-        pass
-    return out
-
-
-def _plain_notice(action: str, qid: str | None) -> bytes:
-    held = f" (ID: {qid})" if qid else ""
-    return ("Subject: [Kanmon] message withheld\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: 8bit\r\nMIME-Version: 1.0\r\n\r\n"
-            f"【関門】このメールは危険と判定されたため配信していません{held}。\r\n"
-            f"[Kanmon] This message was withheld as dangerous ({action}){held}.\r\n").encode()

@@ -17,13 +17,14 @@ from datetime import UTC, datetime
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.hostrules import METADATA_VERDICT
+from addons.flowverdict import record_tls_verdict, record_verdict
+from addons.protocol import WEB_PORTS
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.policy.query import marked_normalized_url
 from gateway.registry import DeviceRecord
-from gateway.verdict import Stage, Verdict
+from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.policy")
 
@@ -121,9 +122,7 @@ class PolicyDecider:
         return self._context(state.device, state.peer_ip)
 
     def _record(self, flow, verdict: Verdict) -> None:
-        flow.metadata[METADATA_VERDICT] = verdict
-        if (state := self.connections.get(flow.client_conn.id)) is not None:
-            state.record(verdict)
+        record_verdict(flow, verdict, self.connections)
 
     def _ip(self, address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """``_ip(address)``, remembered per address text (parsing costs ~2 µs a request)."""
@@ -186,8 +185,7 @@ class PolicyDecider:
         verdict = self._decide(PolicyQuery(Stage.TLS, device, host=normalize_host(data.client_hello.sni),
                                            dst_ip=self._ip(server), dst_port=server[1] if server else None,
                                            now=datetime.now(UTC)))
-        state.notes["tls_verdict"] = verdict
-        state.record(verdict)
+        verdict = record_tls_verdict(state, verdict)
         if verdict.action == "no-inspect":
             data.ignore_connection = True  # passed through untouched: never intercepted
 
@@ -211,10 +209,8 @@ class PolicyDecider:
             request_content_type=req.headers.get("content-type"),
             body_size=int(size) if size and size.isascii() and size.isdigit() else None, now=datetime.now(UTC))
         verdict = self._decide(query)
-        state = self.connections.get(flow.client_conn.id)
-        tls_verdict = state.notes.get("tls_verdict") if state else None
-        if verdict.passes and tls_verdict is not None and not tls_verdict.passes:
-            verdict = tls_verdict  # a blocked SNI is not unblocked by a different Host header
+        # A blocked SNI is not unblocked by a different Host header: the connection's block
+        # stands (ConnectionState.connection_block, applied by record_verdict and the enforcer).
         if is_deferred(verdict):
             flow.metadata[METADATA_DEFERRED] = query
         self._record(flow, verdict)
@@ -231,6 +227,26 @@ class PolicyDecider:
         if device is None:
             return
         server = flow.server_conn.address
-        self._record(flow, self._decide(PolicyQuery(
+        port = server[1] if server else None
+        verdict = self._decide(PolicyQuery(
             Stage.TCP, device, host=normalize_host(flow.client_conn.sni), dst_ip=self._ip(server),
-            dst_port=server[1] if server else None, now=datetime.now(UTC))))
+            dst_port=port, now=datetime.now(UTC)))
+        state = self.connections.get(flow.client_conn.id)
+        if state is not None and state.protocol == PROTOCOL_UNIDENTIFIED:
+            verdict = self._unidentified(state, verdict, port)
+        self._record(flow, verdict)
+
+    def _unidentified(self, state, verdict: Verdict, port: int | None) -> Verdict:
+        """Unidentified traffic passes only where a rule that names its destination
+        (``dst_port``, ``dst_cidr``, ``system``) allows it, and never on a web port."""
+        if not verdict.passes:
+            return verdict
+        info = self.holder.current.snapshot.rule(verdict.rule_id) if verdict.rule_id else None
+        if info is not None and info.names_destination and port not in WEB_PORTS:
+            state.unidentified_allowed_by = info.id
+            return verdict
+        why = state.notes.get("unidentified_why", "neither TLS nor HTTP")
+        where = "on a web port, where only HTTP and TLS are accepted" if port in WEB_PORTS else \
+            "and no policy rule names this destination (dst_port / dst_cidr)"
+        return Verdict(Action.BLOCK, RULE_UNIDENTIFIED_PROTOCOL, f"protocol not identified ({why}) {where}",
+                       Stage.TCP)

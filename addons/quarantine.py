@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.hostrules import METADATA_VERDICT, normalize_host
+from addons.flowverdict import record_verdict
+from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.registry import DeviceStatus
@@ -39,9 +40,7 @@ class QuarantineGate:
             verdict = Verdict(Action.ALLOW, RULE_QUARANTINE, f"remediation destination {host}", stage)
         else:
             verdict = Verdict(Action.BLOCK, RULE_QUARANTINE, EXPLAIN, stage)
-        flow.metadata[METADATA_VERDICT] = verdict
-        if (state := self.connections.get(flow.client_conn.id)) is not None:
-            state.record(verdict)
+        record_verdict(flow, verdict, self.connections)
 
     def dns_request(self, flow: dns.DNSFlow) -> None:
         # Names resolve (so the device reaches remediation hosts and sees the page for others).

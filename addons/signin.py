@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.hostrules import METADATA_VERDICT, normalize_host
+from addons.flowverdict import record_verdict
+from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
 from gateway.connections import ConnectionState, LiveConnections
 from gateway.registry import DeviceRecord
@@ -85,9 +86,10 @@ class SignInGate:
         return session is None, session
 
     def _set(self, flow, verdict: Verdict, state: ConnectionState | None) -> None:
-        flow.metadata[METADATA_VERDICT] = verdict
-        if state is not None:
-            state.record(verdict)
+        if state is None:   # the portal: the gateway answers itself, nothing goes upstream
+            record_verdict(flow, verdict, None, served_by_gateway=True)
+        else:
+            record_verdict(flow, verdict, self.connections)
 
     # -- DNS: the portal name leads to the proxy --------------------------------------------------
     def dns_request(self, flow: dns.DNSFlow) -> None:

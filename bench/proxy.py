@@ -29,6 +29,7 @@ Prints a table with ratios and writes bench/results/proxy.json (per-round figure
 medians and per-round ratios).
 
     sudo .venv/bin/python bench/proxy.py [--duration 10] [--rounds 3] [--connections 10] [--workers 2]
+        [--baseline DIR]   # also the gateway of another checkout, same rounds (before/after a change)
 """
 
 from __future__ import annotations
@@ -280,6 +281,12 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
     example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
     out["kanmon+policy"] = lambda: kanmon(example)
     out["kanmon+policy glibc"] = lambda: kanmon(example, {"KANMON_ALLOCATOR": "glibc"})
+    if args.baseline:
+        # The same gateway from another checkout (e.g. main before a change), in the same
+        # run and rounds, so a change's cost is a ratio between two figures of one round.
+        base = {"PYTHONPATH": str(Path(args.baseline).resolve())}
+        out["kanmon baseline"] = lambda: kanmon({}, base)
+        out["kanmon+policy baseline"] = lambda: kanmon(example, base)
     return out
 
 
@@ -319,6 +326,9 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(RESULTS / "proxy.json"))
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run 'kanmon baseline' and 'kanmon+policy baseline': the gateway from another "
+                         "checkout (e.g. a git worktree of main), to compare two commits in one run")
     ap.add_argument("--only", action="append", metavar="SCENARIO",
                     help="run only this scenario (repeatable; e.g. to profile one of them)")
     args = ap.parse_args()

@@ -32,7 +32,10 @@ from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
+from addons.dnsguard import DnsBypassGuard, NoInspectBinding
 from addons.policy import PolicyDecider, PolicyHolder
+from addons.protocol import ProtocolIdentifier
+from addons.requesttarget import RequestAuthority
 from addons.quarantine import QuarantineGate
 from gateway import allocator, diagnostics, heaptrim, steering
 from gateway.config import GatewayConfig
@@ -42,8 +45,10 @@ from gateway.enroll.server import EnrollmentServer
 from gateway.feeds.runner import FeedRunner
 from gateway.gatewayprocess import write_applied
 from gateway.logstore import LogStore, SyslogForwarder, purge
+from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
+from gateway.dnsbinding import DnsBindings
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
 from gateway.registry import SqliteRegistry
@@ -116,6 +121,7 @@ class GatewayApp:
         self.signin: SignInService | None = None   # issue #9: user sign-in (OIDC), when configured
         # Each peer's current outer address, for `underlay_network` policy conditions (approved lines).
         self._underlay_now = asyncio.Event()
+        self.dns_bindings = DnsBindings()   # no-inspect only to addresses our resolver gave (issue #14)
         self.underlay = UnderlayAddresses(read_peers=self.tunnel.peers, on_change=self._underlay_changed,
                                           on_miss=self._underlay_now.set)
         # Category feeds (issue #17): refreshed in the background, the policy swapped on a new copy.
@@ -145,9 +151,13 @@ class GatewayApp:
                                     decision_seconds=self.metrics.decision_seconds, session_of=session_of)
         else:
             decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
+        rule_info = (lambda rule_id: self.policy.current.snapshot.rule(rule_id)) if self.policy is not None else None
         chain = [
             DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
+            RequestAuthority(self.connections),   # issue #14: judge the authority the upstream will see
             decider,
+            NoInspectBinding(self.connections, self.dns_bindings),
+            DnsBypassGuard(self.connections, dot_resolvers=self.cfg.dot_resolvers, rule_info=rule_info),
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
             QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
             *self._mail_addons(),   # issue #5: decides (private mail servers) before the enforcer
@@ -296,8 +306,12 @@ class GatewayApp:
         if cfg.syslog:
             self.syslog = SyslogForwarder(cfg.syslog["host"], cfg.syslog.get("port", 514),
                                           transport=cfg.syslog.get("transport", "udp"))
-        self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
-                                 on_record=self._on_log_record)
+        try:
+            self.logstore = LogStore(cfg.log_dir, on_write_error=self._log_write_failed, fsync=cfg.log_fsync,
+                                     on_record=self._on_log_record,
+                                     anchor_dir=cfg.state_dir / ANCHOR_SUBDIR, on_checkpoint=self.syslog)
+        except AnchorError as exc:
+            raise StartupError(exc.text.render()) from None
         self.logstore.open_streams()
         self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
@@ -509,7 +523,8 @@ class GatewayApp:
             raise StartupError(str(exc)) from None
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
-            self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain())
+            self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain(),
+                                       layer_decision=ProtocolIdentifier(self.connections))
             if self.fatal_reason:
                 raise StartupError(self.fatal_reason)
             run_task = asyncio.create_task(self.master.run(), name="mitmproxy")

@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "replay": "gateway.replay.commands",
     "cluster": "gateway.cluster",
     "user": "gateway.signin.commands",
+    "registry": "gateway.registrycommands",
     "lists": "gateway.feeds.commands",
 }
 
@@ -137,7 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        import sqlite3
+
+        from gateway.registry import RegistryDamaged
+        if isinstance(exc, RegistryDamaged):
+            print(exc.text.render(), file=sys.stderr)   # damaged registry: refused, nothing written over it
+        elif isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            print(Text("データベースが壊れています ({e})。`kanmon registry check` で診断し、バックアップから復元してください。",
+                       "a database is corrupt ({e}); diagnose it with `kanmon registry check` and restore it from a "
+                       "backup.").format(e=exc).render(), file=sys.stderr)
+        else:
+            raise
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

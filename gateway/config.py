@@ -71,6 +71,8 @@ SCHEMA: dict[str, Any] = {
                 "no_sni": {"enum": ["block", "allow"]},
                 "sinkhole_ipv4": _STR,
                 "sinkhole_ipv6": _STR,
+                # issue #14: DNS over TLS (port 853) is refused except to these resolvers
+                "dot_resolvers": {"type": "array", "items": _STR},
             },
         },
         "management": {
@@ -250,6 +252,7 @@ class GatewayConfig:
     host_rules: tuple[HostRule, ...]
     extra_addons: tuple[str, ...]
     sinkhole_ipv4: str = "198.18.0.1"   # DNS answer for names blocked with dns_block: sinkhole
+    dot_resolvers: tuple[str, ...] = ()   # DNS over TLS allowed only to these addresses (issue #14)
     sinkhole_ipv6: str = "100::1"       # (RFC 2544 benchmark / RFC 6666 discard: never real hosts)
     log_retention_days: int = 1096              # 3 years (IPA SME 技術的対策 3.8)
     log_on_write_error: str = "block"           # block the request, or continue unlogged
@@ -368,6 +371,11 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     if transparent_port == dns_port:
         errors.append(doc.error(("proxy", "dns_port"), "must differ from proxy.transparent_port"))
 
+    for i, server in enumerate(proxy.get("dot_resolvers", [])):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            errors.append(doc.error(("proxy", "dot_resolvers", i), f"{server!r} is not an IP address"))
     for i, server in enumerate(proxy.get("upstream_dns", [])):
         try:
             ipaddress.ip_address(server)
@@ -466,6 +474,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         transparent_port=transparent_port,
         dns_port=dns_port,
         upstream_dns=tuple(proxy.get("upstream_dns", [])),
+        dot_resolvers=tuple(proxy.get("dot_resolvers", [])),
         connection_strategy=proxy.get("connection_strategy", "lazy"),
         upstream_ca_bundle=Path(proxy["upstream_ca_bundle"]) if "upstream_ca_bundle" in proxy else None,
         tcp_timeout=proxy.get("tcp_timeout", 600),

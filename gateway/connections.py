@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.registry import DeviceRecord
-from gateway.verdict import Verdict
+from gateway.verdict import CONNECTION_STAGES, Verdict
+
+# What a connection was identified as (addons/protocol.py); None until it was.
+PROTOCOL_UNIDENTIFIED = "unidentified"
+PROTOCOL_MAIL = "mail"
 
 
 @dataclass
@@ -24,11 +28,21 @@ class ConnectionState:
     blocked: Verdict | None = None     # a connection-level block (raw TCP): no upstream connection
     passing_verdicts: int = 0
     notes: dict[str, object] = field(default_factory=dict)
+    # "tls", "http", "mail", "unidentified" (addons/protocol.py): an unidentified connection
+    # reaches upstream only if a policy rule naming its destination allowed it, and then
+    # ``unidentified_allowed_by`` holds that rule's id.
+    protocol: str | None = None
+    unidentified_allowed_by: str | None = None
+    # The first block reached at a connection-level stage (TLS ClientHello, raw TCP): no
+    # later stage of the same connection may pass anything (the strictest verdict wins).
+    connection_block: Verdict | None = None
 
     def record(self, verdict: Verdict) -> None:
         self.last_verdict = verdict
         if verdict.passes:
             self.passing_verdicts += 1
+        elif self.connection_block is None and verdict.stage in CONNECTION_STAGES:
+            self.connection_block = verdict
 
     @property
     def may_connect_upstream(self) -> bool:

@@ -249,7 +249,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps(record_as_dict(rec), ensure_ascii=False))
         else:
             print(f"{rec.device_id}\t{rec.ipv4}\t{rec.effective_status(now)}\t{rec.owner}\t{','.join(sorted(rec.groups))}")
-    return EXIT_OK
+    for bad in getattr(registry, "bad_rows", ()):   # damaged rows: named, the rest listed (issue #15)
+        print(bad.text.render(), file=sys.stderr)
+    return EXIT_FAIL if getattr(registry, "bad_rows", None) else EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:

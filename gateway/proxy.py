@@ -102,12 +102,15 @@ class BoundedDnsResolver(dns_resolver.DnsResolver):
             return message.fail(mitm_dns.response_codes.SERVFAIL)
 
 
-def build_master(settings: ProxySettings, chain: Sequence[Any]) -> Master:
-    """A mitmproxy master with our addon chain; call from inside the running event loop."""
+def build_master(settings: ProxySettings, chain: Sequence[Any], layer_decision: Any | None = None) -> Master:
+    """A mitmproxy master with our addon chain; call from inside the running event loop.
+
+    ``layer_decision`` replaces mitmproxy's NextLayer addon: the gateway passes its
+    protocol identification (addons/protocol.py), which denies what it cannot identify."""
     dnslistener.install()  # see gateway/dnslistener.py: DNS over UDP must survive idle pauses
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
-    master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-                      disable_h2c.DisableH2C())
+    master.addons.add(core.Core(), proxyserver.Proxyserver(), layer_decision or next_layer.NextLayer(),
+                      tlsconfig.TlsConfig(), disable_h2c.DisableH2C())
     master.addons.add(*chain)
     master.addons.add(strip_dns_https_records.StripDnsHttpsRecords(), BoundedDnsResolver())
     master.options.update(**settings.option_values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field, replace
@@ -16,6 +18,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
+
+from gateway.i18n import Text
+
+log = logging.getLogger("kanmon.registry")
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -35,6 +41,40 @@ class Ownership(StrEnum):
 
 class RegistryError(Exception):
     """A registry operation was refused (unknown device, duplicate key, exhausted prefix)."""
+
+
+class RegistryDamaged(RegistryError):
+    """The registry file cannot be used as it is (empty, not SQLite, corrupt, written by a
+    newer Kanmon, a row that does not parse). Nothing was created or changed over it: the
+    file is evidence and the allowlist, so it is never reinitialized in place."""
+
+    def __init__(self, code: str, text: Text):
+        self.code = code
+        self.text = text
+        super().__init__(text.en)
+
+
+_RESTORE = Text("バックアップから復元するか、`kanmon registry check` で診断してください。このファイルには何も書き込んでいません。",
+                "Restore it from a backup or diagnose it with `kanmon registry check`; nothing was written to the file.")
+
+
+def _damaged(code: str, path: Path, ja: str, en: str) -> RegistryDamaged:
+    return RegistryDamaged(code, Text(f"端末レジストリ {path} を開けません: {ja}。{_RESTORE.ja}",
+                                      f"cannot open the device registry {path}: {en}. {_RESTORE.en}"))
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A devices row that does not parse into a DeviceRecord: which device and why."""
+
+    device_id: str
+    reason: str
+
+    @property
+    def text(self) -> Text:
+        return Text(f"端末 {self.device_id!r} の登録行が壊れているため読み飛ばしました(接続は許可されません): {self.reason}",
+                    f"the registry row of device {self.device_id!r} is damaged and was skipped "
+                    f"(the device is not admitted): {self.reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +219,8 @@ def _parse_ts(value: str | None) -> datetime | None:
 
 
 def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
+    """One devices row as a record; ValueError/TypeError (wrapped by `_parse_row`) when a
+    column does not hold what the schema promises."""
     return DeviceRecord(
         device_id=row["device_id"],
         wg_public_key=row["wg_public_key"],
@@ -203,6 +245,33 @@ def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
     )
 
 
+def _parse_row(row: sqlite3.Row) -> DeviceRecord | BadRow:
+    try:
+        record = _row_to_record(row)
+        if not isinstance(record.device_id, str) or not isinstance(record.owner, str):
+            raise TypeError("device_id/owner is not text")
+        return record
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        return BadRow(str(row["device_id"]), f"{type(exc).__name__}: {exc}")
+
+
+def _parse_rows(rows: list[sqlite3.Row], bad: dict[str, BadRow]) -> list[DeviceRecord]:
+    """The rows that parse; the others are reported (recorded in `bad` by device, logged once
+    per device and reason: the reconciler reads often) and left out, so one damaged row never
+    hides the rest and never admits its device."""
+    records = []
+    for row in rows:
+        parsed = _parse_row(row)
+        if isinstance(parsed, BadRow):
+            if bad.get(parsed.device_id) != parsed:
+                log.warning("%s", parsed.text.render())
+            bad[parsed.device_id] = parsed
+        else:
+            bad.pop(parsed.device_id, None)
+            records.append(parsed)
+    return records
+
+
 def _record_to_row(rec: DeviceRecord) -> tuple:
     return (
         rec.device_id, rec.wg_public_key, str(rec.ipv4), int(rec.ipv4), str(rec.ipv6) if rec.ipv6 else None,
@@ -213,15 +282,105 @@ def _record_to_row(rec: DeviceRecord) -> tuple:
     )
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _create_fresh(path: Path) -> None:
+    """First start: the registry file does not exist yet. It is built under a temporary name
+    and linked into place, so a file at `path` is always a complete SQLite database -- an
+    empty or half-written one can only come from damage, never from an interrupted start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    tmp.unlink(missing_ok=True)
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")    # writes the header page
+        finally:
+            db.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)                       # never replaces a file that appeared meanwhile
+        except FileExistsError:
+            pass
+        except OSError:                              # no hard links on this filesystem
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def check_registry_header(path: Path) -> None:
+    """RegistryDamaged unless `path` starts like a SQLite database (it must exist)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise _damaged("unreadable", path, f"読めません ({exc.strerror})", f"cannot read it ({exc.strerror})") from None
+    if not head:
+        raise _damaged("empty", path, "ファイルが空 (0 バイト) です。端末の登録が失われています",
+                       "the file is empty (0 bytes); the device registrations are gone")
+    if head != SQLITE_MAGIC:
+        raise _damaged("not-sqlite", path, "SQLite データベースではありません",
+                       "it is not a SQLite database (file is not a database)")
+
+
 def open_registry_file(path: Path) -> sqlite3.Connection:
     """The registry's SQLite file as every user of it opens it: shared between threads
     (callers hold their own lock), autocommit (explicit BEGIN IMMEDIATE), WAL so the gateway
-    and the operator CLI can use it at once, and a busy timeout instead of instant errors."""
+    and the operator CLI can use it at once, and a busy timeout instead of instant errors.
+
+    A missing file is the first start and is created (atomically, see `_create_fresh`) --
+    unless its marker `<file>.created` says a registry existed here before: then it was
+    deleted or moved, and RegistryDamaged says so instead of starting an empty allowlist. A
+    file that exists but is empty, not SQLite or unreadable raises RegistryDamaged and is left
+    as it is (SQLite itself would silently treat a 0-byte file as a new, empty database)."""
+    path = Path(path)
+    marker = created_marker(path)
+    if not path.exists():
+        if marker.exists():
+            raise RegistryDamaged("missing", Text(
+                f"端末レジストリ {path} がありません。以前は存在していました({marker} の記録)。削除または移動されています。"
+                f"バックアップから復元してください。意図して空のレジストリから始める場合は {marker} を削除してください。",
+                f"the device registry {path} is missing although one existed here ({marker}): it was deleted or "
+                f"moved. Restore it from a backup; to start an empty registry on purpose, remove {marker}."))
+        _create_fresh(path)
+    check_registry_header(path)
     db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA busy_timeout=10000")
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        db.close()
+        raise                                        # locked/busy: not damage, the caller's to handle
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise _damaged("corrupt", path, f"データベースが壊れています ({exc})", f"the database is corrupt ({exc})") from None
+    if not marker.exists():
+        try:   # from now on a vanished file is told apart from a first start (also for registries from before)
+            marker.write_text(datetime.now(UTC).isoformat() + "\n")
+        except OSError:
+            pass
     return db
+
+
+def created_marker(path: Path) -> Path:
+    """Written beside the registry once it exists: its absence is what makes a first start."""
+    return Path(path).with_name(Path(path).name + ".created")
 
 
 class SqliteRegistry:
@@ -232,12 +391,23 @@ class SqliteRegistry:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        self._bad: dict[str, BadRow] = {}    # device -> why its row was skipped (see _parse_rows)
         self._db = open_registry_file(self.path)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(_SCHEMA):
+                raise RegistryDamaged("future-schema", Text(
+                    f"端末レジストリ {self.path} はスキーマ版 {version} で、この Kanmon が扱えるのは {len(_SCHEMA)} までです"
+                    "(新しい版の Kanmon で作成されたファイル)。Kanmon を更新してください。ファイルは変更していません。",
+                    f"the device registry {self.path} has schema version {version}; this Kanmon knows up to "
+                    f"{len(_SCHEMA)} (the file was written by a newer Kanmon). Upgrade Kanmon; the file was not changed."))
             for number, script in enumerate(_SCHEMA[version:], start=version + 1):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -245,12 +415,27 @@ class SqliteRegistry:
                         self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version={number}")
                     self._db.execute("COMMIT")
+                except sqlite3.OperationalError as exc:
+                    self._db.execute("ROLLBACK")
+                    if "already exists" not in str(exc):
+                        raise
+                    raise _damaged("schema-mismatch", self.path, f"スキーマ版 {version} の表示と中身が一致しません ({exc})",
+                                   f"its schema version {version} does not match its tables ({exc})") from None
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+            missing = schema_problems(self._db)
+            if missing:
+                raise _damaged("schema-incomplete", self.path, "表がありません: " + ", ".join(missing),
+                               "tables are missing: " + ", ".join(missing))
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def bad_rows(self) -> list[BadRow]:
+        """Rows the reads so far skipped because they do not parse (still damaged when last read)."""
+        return list(self._bad.values())
 
     def revision(self) -> int:
         with self._lock:
@@ -304,20 +489,33 @@ class SqliteRegistry:
             raise RegistryError(f"no such device: {record.device_id!r}")
         return record
 
+    def _one(self, row: sqlite3.Row | None) -> DeviceRecord | None:
+        """A single looked-up row: a damaged one is refused (the caller asked for that device)."""
+        if row is None:
+            return None
+        parsed = _parse_row(row)
+        if isinstance(parsed, BadRow):
+            self._bad[parsed.device_id] = parsed
+            raise RegistryDamaged("bad-row", Text(
+                f"端末 {parsed.device_id!r} の登録行が壊れています: {parsed.reason}(`kanmon registry check` で診断)",
+                f"the registry row of device {parsed.device_id!r} is damaged: {parsed.reason} "
+                "(diagnose with `kanmon registry check`)"))
+        return parsed
+
     def get(self, device_id: str) -> DeviceRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM devices WHERE device_id=?", (device_id,)).fetchone()
-        return _row_to_record(row) if row else None
+        return self._one(row)
 
     def by_public_key(self, key: str) -> DeviceRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM devices WHERE wg_public_key=?", (key,)).fetchone()
-        return _row_to_record(row) if row else None
+        return self._one(row)
 
     def all(self) -> list[DeviceRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
-        return [_row_to_record(r) for r in rows]
+        return _parse_rows(rows, self._bad)
 
     def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
         """(current revision, records changed after `revision`), read in one snapshot."""
@@ -329,7 +527,7 @@ class SqliteRegistry:
                                         (revision,)).fetchall()
             finally:
                 self._db.execute("COMMIT")
-        return current, [_row_to_record(r) for r in rows]
+        return current, _parse_rows(rows, self._bad)
 
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
         with self._lock:
@@ -391,6 +589,19 @@ def record_as_dict(rec: DeviceRecord | None) -> dict | None:
         "valid_until": ts(rec.valid_until), "cert_serial": rec.cert_serial,
         "cert_fingerprint": rec.cert_fingerprint, "created_at": ts(rec.created_at), "updated_at": ts(rec.updated_at),
     }
+
+
+SCHEMA_VERSION = len(_SCHEMA)
+_REQUIRED_TABLES = ("devices", "audit", "meta")
+
+
+def schema_problems(db: sqlite3.Connection) -> list[str]:
+    """What a migrated registry lacks: missing tables, the revision counter."""
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    missing = [t for t in _REQUIRED_TABLES if t not in names]
+    if "meta" in names and db.execute("SELECT 1 FROM meta WHERE key='revision'").fetchone() is None:
+        missing.append("meta.revision")
+    return missing
 
 
 def _split_sql(script: str) -> list[str]:

@@ -38,8 +38,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gateway.i18n import Text
-from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError, IPv4, IPv6,
-                              record_as_dict)
+from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryDamaged, RegistryError,
+                              IPv4, IPv6, record_as_dict)
 
 log = logging.getLogger("kanmon.registry_pg")
 
@@ -223,6 +223,13 @@ def migrate(conn: psycopg.Connection) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS kanmon_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)")
         current = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM kanmon_schema").fetchone()["v"]
+        if current > len(MIGRATIONS):
+            # Written by a newer Kanmon: its tables may mean something this version does not know.
+            raise RegistryDamaged("future-schema", Text(
+                f"端末レジストリ (PostgreSQL) のスキーマ版は {current} で、この Kanmon が扱えるのは {len(MIGRATIONS)} までです"
+                "(新しい版の Kanmon が移行済み)。Kanmon を更新してください。何も変更していません。",
+                f"the device registry (PostgreSQL) has schema version {current}; this Kanmon knows up to "
+                f"{len(MIGRATIONS)} (a newer Kanmon migrated it). Upgrade Kanmon; nothing was changed."))
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             conn.execute(script)
             conn.execute("INSERT INTO kanmon_schema VALUES (%s, now())", (number,))
@@ -294,7 +301,11 @@ class PgRegistry:
         self._clock = clock
         self._lease_seconds = lease_seconds
         self._db = _Connected(url, connect_timeout)
-        self.schema_version = self._db.run(migrate)
+        try:
+            self.schema_version = self._db.run(migrate)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()

@@ -4,7 +4,8 @@ What the table guarantees for traffic entering from the tunnel interface:
 - source must be inside the tunnel prefixes (cryptokey routing already ensures that a
   peer can only send from its own /32 and /128; this is the second line);
 - revoked / suspended / quarantined-by-drop device addresses are dropped by set;
-- no device-to-device traffic, no access to the gateway's other services;
+- no device-to-device traffic, no access to the gateway's other services (no address of
+  the gateway host is a destination: `fib daddr type local` is dropped before the redirect);
 - every TCP connection is redirected to mitmproxy's transparent listener;
 - DNS (UDP and TCP 53, to any resolver address) is redirected to mitmproxy's DNS listener;
 - QUIC (UDP 443) is rejected so clients fall back to TCP; all other UDP and non-TCP/UDP
@@ -83,13 +84,17 @@ def render_ruleset(plan: SteeringPlan) -> str:
     lines += [
         "    udp dport 53 accept",
         "    tcp dport 53 accept",
-        "    meta l4proto tcp accept",
-        "    udp dport 443 reject with icmpx type port-unreachable",
         f"    meta nfproto ipv4 icmp type echo-request ip daddr {plan.gateway_ipv4} accept",
     ]
     if v6:
         lines.append(f"    meta nfproto ipv6 icmpv6 type echo-request ip6 daddr {plan.gateway_ipv6} accept")
     lines += [
+        # The gateway host itself, through any of its addresses (uplink, loopback-routed,
+        # another interface): never a destination for a device (issue #14). DNS above is
+        # redirected to the gateway's resolver whatever address it was sent to.
+        "    fib daddr type local counter drop",
+        "    meta l4proto tcp accept",
+        "    udp dport 443 reject with icmpx type port-unreachable",
         "    counter drop",
         "  }",
         "",

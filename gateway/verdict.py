@@ -52,6 +52,20 @@ class Verdict:
         }
 
 
+# Stages whose verdict holds for the whole client connection (not one request of it).
+CONNECTION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.TCP})
+
+
+def strictest(held: Verdict | None, new: Verdict) -> Verdict:
+    """The verdict that stands when a later stage (or addon) decides again on the same
+    flow: a block already reached stands (with its own rule and reason; a later pass never
+    loosens it); otherwise the newer, better-informed verdict stands. The one rule by which
+    verdicts combine (README, "identify or deny")."""
+    if held is not None and not held.passes:
+        return held
+    return new
+
+
 # Rule ids used by the gateway itself (not operator rules).
 RULE_FAIL_CLOSED = "kanmon:fail-closed"
 RULE_UNKNOWN_DEVICE = "kanmon:unknown-device"
@@ -64,3 +78,9 @@ RULE_INTERNAL_DESTINATION = "kanmon:internal-destination"
 RULE_QUARANTINE = "kanmon:quarantine"
 RULE_SIGNIN_REQUIRED = "kanmon:signin-required"   # issue #9: the device has no signed-in user
 RULE_SIGNIN_PORTAL = "kanmon:signin-portal"       # the gateway's own sign-in pages
+# Issue #14, "identify or deny": why a connection or request was refused before any rule.
+RULE_UNIDENTIFIED_PROTOCOL = "kanmon:unidentified-protocol"   # neither TLS nor HTTP, no rule names the destination
+RULE_MALFORMED_AUTHORITY = "kanmon:malformed-authority"       # Host / :authority / absolute target unparsable
+RULE_AUTHORITY_MISMATCH = "kanmon:authority-mismatch"         # absolute target, :authority and Host disagree
+RULE_NO_INSPECT_UNRESOLVED = "kanmon:no-inspect-unresolved"   # no-inspect SNI to an address our DNS did not give
+RULE_DNS_BYPASS = "kanmon:dns-bypass"                         # DoT or DoH around the gateway's resolver

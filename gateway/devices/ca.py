@@ -351,8 +351,45 @@ def crl_number(crl: x509.CertificateRevocationList) -> int | None:
         return None
 
 
-def validate_crl(crl_bytes: bytes, trusted: list[x509.Certificate]
+CRL_CLOCK_SKEW = dt.timedelta(minutes=5)
+# What reading `.extensions` raises on a bad extension (DuplicateExtension is no ValueError).
+_EXTENSION_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def crl_problems(crl: x509.CertificateRevocationList, now: dt.datetime | None = None) -> list[Text]:
+    """Why the (signature-checked) CRL is not well-formed: every extension of the CRL and of
+    each entry parsed strictly (cryptography raises on a duplicated or malformed extension,
+    but only when `.extensions` is read -- a CRL that was stored unread would break every
+    later import), and its dates in order."""
+    problems: list[Text] = []
+    try:
+        crl.extensions                                   # noqa: B018 - parsing is the check
+    except _EXTENSION_ERRORS as exc:
+        problems.append(Text(f"CRL の拡張が不正です: {exc}", f"the CRL has an invalid extension: {exc}"))
+    try:
+        for index, entry in enumerate(crl, start=1):
+            try:
+                entry.extensions                         # noqa: B018
+            except _EXTENSION_ERRORS as exc:
+                problems.append(Text(f"失効エントリ {index}(シリアル {entry.serial_number:x})の拡張が不正です: {exc}",
+                                     f"revoked entry {index} (serial {entry.serial_number:x}) has an invalid "
+                                     f"extension: {exc}"))
+    except ValueError as exc:
+        problems.append(Text(f"失効エントリを読めません: {exc}", f"cannot read the revoked entries: {exc}"))
+    last, nxt = crl.last_update_utc, crl.next_update_utc
+    if now is not None and last > now + CRL_CLOCK_SKEW:
+        problems.append(Text(f"発行日時 {last:%Y-%m-%d %H:%M}Z が未来です", f"its issue time {last:%Y-%m-%d %H:%M}Z is in the future"))
+    if nxt is not None and nxt <= last:
+        problems.append(Text(f"次回更新 {nxt:%Y-%m-%d %H:%M}Z が発行日時 {last:%Y-%m-%d %H:%M}Z 以前です",
+                             f"its next update {nxt:%Y-%m-%d %H:%M}Z is not after its issue time {last:%Y-%m-%d %H:%M}Z"))
+    return problems
+
+
+def validate_crl(crl_bytes: bytes, trusted: list[x509.Certificate], now: dt.datetime | None = None
                  ) -> tuple[x509.CertificateRevocationList, x509.Certificate]:
+    """The CRL and the trusted CA that signed it, checked completely before anything is
+    stored: parsed, issuer = a trusted CA's subject, signature by that CA's key, the CA may
+    sign CRLs (keyUsage cRLSign when present), every extension well-formed, dates in order."""
     crl = load_crl(crl_bytes)
     signer = crl_signer(crl, trusted)
     if signer is None:
@@ -361,6 +398,16 @@ def validate_crl(crl_bytes: bytes, trusted: list[x509.Certificate]
             "(先に `kanmon ca trust` で CA を登録してください)",
             f"the CRL issuer {crl.issuer.rfc4514_string()} is not a trusted CA or its signature "
             "does not verify (trust the CA first with `kanmon ca trust`)"))
+    problems = crl_problems(crl, now)
+    try:
+        if not signer.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign:
+            problems.append(Text("署名した CA の keyUsage に cRLSign がありません", "the signing CA's keyUsage lacks cRLSign"))
+    except x509.ExtensionNotFound:
+        pass
+    if problems:
+        raise DeviceCaError("crl-malformed", Text(
+            "CRL を取り込みません(何も保存していません):\n  " + "\n  ".join(p.ja for p in problems),
+            "refusing the CRL (nothing was stored):\n  " + "\n  ".join(p.en for p in problems)))
     return crl, signer
 
 
@@ -484,24 +531,58 @@ def trust_bundle(root: str | os.PathLike[str], pem_bytes: bytes, *,
     return certs
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedCrl:
+    """A CRL validated against the store and ready to be written (`store_crl`)."""
+
+    crl: x509.CertificateRevocationList
+    path: Path
+    replaces_damaged: bool           # the stored CRL of this CA did not parse: it is replaced
+
+    @property
+    def imported(self) -> ImportedCrl:
+        return ImportedCrl(issuer=self.crl.issuer.rfc4514_string(), path=self.path,
+                           revoked_count=len(list(self.crl)), next_update=self.crl.next_update_utc)
+
+
+def prepare_crl_import(root: str | os.PathLike[str], crl_bytes: bytes, *,
+                       now: dt.datetime | None = None) -> PreparedCrl:
+    """Validate a CRL for import without writing anything: signed by a trusted CA, well-formed,
+    not older than the stored CRL of the same CA. A stored CRL that no longer parses (stored
+    before the strict checks) is reported as replaceable instead of blocking every import."""
+    store = CaStore(root)
+    crl, signer = validate_crl(crl_bytes, store.trusted_cas(), _now(now))
+    path = store.crl_dir / f"{fingerprint_sha256(signer)}.crl.pem"
+    damaged = False
+    if path.exists():
+        try:
+            current = x509.load_pem_x509_crl(path.read_bytes())
+            if crl_problems(current):
+                raise ValueError("stored CRL is malformed")
+            cur_no = crl_number(current)
+        except _EXTENSION_ERRORS:
+            damaged = True
+        if not damaged:
+            new_no = crl_number(crl)
+            older = (new_no < cur_no) if (new_no is not None and cur_no is not None) \
+                else crl.last_update_utc < current.last_update_utc
+            if older:
+                raise DeviceCaError("crl-older", Text(
+                    f"この CRL は取り込み済みのもの({current.last_update_utc:%Y-%m-%d %H:%M} 発行)より古いので取り込みません",
+                    f"this CRL is older than the one already imported (issued "
+                    f"{current.last_update_utc:%Y-%m-%d %H:%M}); not importing it"))
+    return PreparedCrl(crl, path, damaged)
+
+
+def store_crl(prepared: PreparedCrl) -> ImportedCrl:
+    """Write a prepared CRL (atomically: the old one stays until the new one is complete)."""
+    _write_private(prepared.path, prepared.crl.public_bytes(serialization.Encoding.PEM))
+    return prepared.imported
+
+
 def import_crl(root: str | os.PathLike[str], crl_bytes: bytes, *,
                now: dt.datetime | None = None) -> ImportedCrl:
     """Store a CRL signed by a trusted CA; it replaces an older CRL of the same CA and an
-    older CRL never replaces a newer one."""
-    store = CaStore(root)
-    crl, signer = validate_crl(crl_bytes, store.trusted_cas())
-    path = store.crl_dir / f"{fingerprint_sha256(signer)}.crl.pem"
-    if path.exists():
-        current = x509.load_pem_x509_crl(path.read_bytes())
-        new_no, cur_no = crl_number(crl), crl_number(current)
-        older = (new_no < cur_no) if (new_no is not None and cur_no is not None) \
-            else crl.last_update_utc < current.last_update_utc
-        if older:
-            raise DeviceCaError("crl-older", Text(
-                f"この CRL は取り込み済みのもの({current.last_update_utc:%Y-%m-%d %H:%M} 発行)より古いので取り込みません",
-                f"this CRL is older than the one already imported (issued "
-                f"{current.last_update_utc:%Y-%m-%d %H:%M}); not importing it"))
-    _write_private(path, crl.public_bytes(serialization.Encoding.PEM))
-    return ImportedCrl(issuer=crl.issuer.rfc4514_string(), path=path,
-                       revoked_count=len(list(crl)), next_update=crl.next_update_utc)
-
+    older CRL never replaces a newer one. (`kanmon ca import-crl` revokes the devices on it
+    between `prepare_crl_import` and `store_crl`, so a stored CRL is always applied.)"""
+    return store_crl(prepare_crl_import(root, crl_bytes, now=now))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, import_crl, init_ca,
-                                pki_dir, trust_bundle)
+from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, init_ca, pki_dir,
+                                prepare_crl_import, store_crl, trust_bundle)
 from gateway.i18n import Text
 
 # Refusals caused by the current state rather than by bad input: "check failed" (1).
@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=cmd_trust)
 
     p = ca_sub.add_parser("import-crl", help="import a CRL from a trusted CA / CRL を取り込む")
-    p.add_argument("--state-dir", required=True, type=Path)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="gateway configuration: its state directory and its registry "
+                                        "(SQLite or PostgreSQL) / 設定ファイル")
+    where.add_argument("--state-dir", type=Path, help="state directory with an embedded SQLite registry")
     p.add_argument("file", type=Path, metavar="FILE")
     p.set_defaults(func=cmd_import_crl)
 
@@ -92,49 +95,120 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_and_registry_opener(args: argparse.Namespace):
+    """(state dir, function opening the registry or returning None). With --config: the
+    registry the config selects, opened by the same factory as every `kanmon device` command
+    (SQLite or PostgreSQL). With --state-dir: its embedded SQLite file, if there is one."""
+    if args.config:
+        from gateway.cli import load_config_or_exit
+        from gateway.cluster import open_registry
+
+        cfg = load_config_or_exit(args.config)
+        return Path(cfg.state_dir), lambda: open_registry(cfg)
+    from gateway.registry import SqliteRegistry
+
+    path = Path(args.state_dir) / "registry.sqlite3"
+    return Path(args.state_dir), lambda: SqliteRegistry(path) if path.exists() else None
+
+
 def cmd_import_crl(args: argparse.Namespace) -> int:
+    """Validate the CRL completely, revoke the registered devices on it, and only then store
+    it: a stored CRL is always one whose devices are revoked. If revoking fails (registry
+    locked or unreachable), nothing is stored and running the import again finishes it."""
+    import sqlite3
+
+    from gateway.registry import RegistryDamaged, RegistryError
+
     data = _read(args.file)
     if data is None:
         return 2
+    state_dir, open_registry = _state_and_registry_opener(args)
     try:
-        imported = import_crl(pki_dir(args.state_dir), data)
+        prepared = prepare_crl_import(pki_dir(state_dir), data)
     except DeviceCaError as exc:
         return _fail(exc)
+    issuer = prepared.crl.issuer.rfc4514_string()
+    try:
+        registry = open_registry()
+    except RegistryDamaged:
+        raise                    # cli.main prints it (exit 2); nothing was stored
+    except (RegistryError, sqlite3.Error) as exc:
+        text = getattr(exc, "text", None)
+        print((text or Text(f"端末レジストリを開けません: {exc}", f"cannot open the device registry: {exc}")).render(),
+              file=sys.stderr)
+        print(Text("CRL は保存していません", "the CRL was not stored").render(), file=sys.stderr)
+        return 1
+    if registry is None:
+        print(Text(f"{state_dir} に端末レジストリがないため、端末は確認していません"
+                   "(PostgreSQL のレジストリには --config を使ってください)",
+                   f"no device registry in {state_dir}: no device was checked against the CRL "
+                   "(use --config for a PostgreSQL registry)").render(), file=sys.stderr)
+        revoked: list[str] = []
+    else:
+        try:
+            revoked = revoke_listed_devices(registry, prepared.crl, issuer)
+        except (RegistryError, sqlite3.Error) as exc:
+            text = getattr(exc, "text", None) or Text(str(exc), str(exc))
+            print(Text(f"CRL により端末を失効できませんでした({text.ja})。CRL は保存していません。"
+                       "もう一度 import-crl を実行してください",
+                       f"could not revoke the devices on the CRL ({text.en}); the CRL was not stored. "
+                       "Run import-crl again").render(), file=sys.stderr)
+            return 1
+        finally:
+            registry.close()
+    try:
+        imported = store_crl(prepared)
+    except OSError as exc:
+        print(Text(f"CRL を保存できません: {exc}(端末の失効は完了しています)",
+                   f"cannot store the CRL: {exc} (the devices on it are revoked)").render(), file=sys.stderr)
+        return 1
+    if prepared.replaces_damaged:
+        print(Text("保存済みの CRL が壊れていたため置き換えました", "the stored CRL was damaged and has been replaced")
+              .render(), file=sys.stderr)
     nxt = f"{imported.next_update:%Y-%m-%d %H:%M}Z" if imported.next_update else "-"
     _say(Text(f"CRL を取り込みました: {imported.issuer}(失効 {imported.revoked_count} 件、次回更新 {nxt})",
               f"imported the CRL of {imported.issuer} ({imported.revoked_count} revoked, next update {nxt})"))
-    revoked = revoke_devices_on_crl(Path(args.state_dir), data, imported.issuer)
     for device_id in revoked:
         _say(Text(f"CRL により端末を失効しました: {device_id}", f"device revoked by the CRL: {device_id}"))
+    if revoked:
+        from gateway.gatewayprocess import poke_reconcile
+        poke_reconcile(state_dir / "kanmon.pid")
     return 0
 
 
-def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list[str]:
-    """Registered devices whose enrolled certificate is on the imported CRL are revoked now
-    (audited), and the running gateway is asked to apply it at once."""
+def revoke_listed_devices(registry, crl: x509.CertificateRevocationList, issuer: str) -> list[str]:
+    """Revoke (audited) every registered device whose enrolled certificate is on the CRL;
+    already revoked ones are left alone, so running it again is harmless. Any registry error
+    propagates (the caller then does not store the CRL)."""
     from dataclasses import replace
 
     from gateway.devicecommands import operator_name
+    from gateway.registry import AuditEntry, DeviceStatus
+
+    listed = {format(entry.serial_number, "x") for entry in crl}
+    revoked = []
+    for rec in registry.all():
+        if rec.cert_serial and rec.cert_serial.lower().lstrip("0") in listed and rec.status is not DeviceStatus.REVOKED:
+            reason = f"[crl] certificate {rec.cert_serial} revoked by {issuer}"
+            registry.update(replace(rec, status=DeviceStatus.REVOKED, status_reason=reason),
+                            audit=AuditEntry(operator_name(), "device-revoked", reason))
+            revoked.append(rec.device_id)
+    return revoked
+
+
+def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list[str]:
+    """Registered devices (embedded SQLite registry of `state_dir`) whose enrolled certificate
+    is on the CRL are revoked now (audited), and the running gateway is asked to apply it."""
+    from gateway.devices.ca import load_crl
     from gateway.gatewayprocess import poke_reconcile
-    from gateway.registry import AuditEntry, DeviceStatus, SqliteRegistry
+    from gateway.registry import SqliteRegistry
 
     registry_path = state_dir / "registry.sqlite3"
     if not registry_path.exists():
         return []
-    try:
-        crl = x509.load_pem_x509_crl(crl_data)
-    except ValueError:
-        crl = x509.load_der_x509_crl(crl_data)
-    listed = {format(entry.serial_number, "x") for entry in crl}
     registry = SqliteRegistry(registry_path)
-    revoked = []
     try:
-        for rec in registry.all():
-            if rec.cert_serial and rec.cert_serial.lower().lstrip("0") in listed and rec.status is not DeviceStatus.REVOKED:
-                reason = f"[crl] certificate {rec.cert_serial} revoked by {issuer}"
-                registry.update(replace(rec, status=DeviceStatus.REVOKED, status_reason=reason),
-                                audit=AuditEntry(operator_name(), "device-revoked", reason))
-                revoked.append(rec.device_id)
+        revoked = revoke_listed_devices(registry, load_crl(crl_data), issuer)
     finally:
         registry.close()
     if revoked:

@@ -68,7 +68,7 @@ def decode_chained(raw: bytes) -> ChainedRecord | None:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):     # RecursionError: nested too deep (hostile line)
         return None
     if not isinstance(record, dict):
         return None

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.i18n import Text
 
+from .anchor import ANCHOR_SUBDIR
 from .fields import json_default
 from .layout import STREAMS
 from .retention import DEFAULT_RETENTION_DAYS, purge, retention_cutoff
@@ -26,6 +27,8 @@ BAD_RANGE = Text("--since は --until より前にしてください", "--since 
 BAD_RETENTION = Text("--retention-days は 1 以上にしてください", "--retention-days must be at least 1")
 VERIFY_OK = Text("改ざんは検出されませんでした（{files} ファイル、{records} レコード）",
                  "no tampering found ({files} files, {records} records)")
+UNANCHORED = Text("注意: チェックポイントの検証鍵がありません ({anchor})。最新ファイルの削除・切り詰め・追記は検出できません",
+                  "note: no checkpoint key in {anchor}: deleting, truncating or extending the newest file cannot be detected")
 VERIFY_NOTICES = Text("注意 {count} 件（改ざんではありません）", "{count} notice(s) (not tampering)")
 VERIFY_BAD = Text("改ざんまたは欠落を検出しました: {count} 件（{files} ファイル、{records} レコード）",
                   "tampering or loss detected: {count} finding(s) ({files} files, {records} records)")
@@ -33,6 +36,8 @@ PURGE_WOULD = Text("削除予定（--dry-run）: {path}", "would remove (--dry-r
 PURGE_DID = Text("削除しました: {path}", "removed: {path}")
 PURGE_SUMMARY = Text("保存期間 {days} 日、基準日時 {cutoff}: {removed} ファイル（{bytes} バイト）を{verb}、{kept} ファイルを保持",
                      "retention {days} days, cutoff {cutoff}: {verb_en} {removed} file(s) ({bytes} bytes), kept {kept}")
+SEARCH_PROBLEMS = Text("読めない行またはファイルが {count} 件ありました（`kanmon logs verify` で確認してください）",
+                       "{count} unreadable line(s) or file(s) were skipped (check with `kanmon logs verify`)")
 SEARCH_COUNT = Text("{count} 件", "{count} record(s)")
 
 
@@ -62,7 +67,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if directory is None:
         return _error(NO_DIRECTORY.format(path=args.dir))
     streams = tuple(args.stream) if args.stream else STREAMS
-    report = verify(directory, streams)
+    anchor_dir = Path(args.anchor_dir) if args.anchor_dir else directory.resolve().parent / ANCHOR_SUBDIR
+    report = verify(directory, streams, anchor_dir=anchor_dir)
     if args.json:
         for finding in report.findings:
             print(json.dumps({"kind": finding.kind, "file": str(finding.path), "line": finding.line,
@@ -74,6 +80,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     tampers = [f for f in report.findings if f.tamper]
     notices = len(report.findings) - len(tampers)
     out = sys.stderr if args.json else sys.stdout
+    if not report.anchored:
+        print(UNANCHORED.format(anchor=anchor_dir).render(), file=out)
+    for note in report.notes:
+        print(note.render(), file=out)
     if notices:
         print(VERIFY_NOTICES.format(count=notices).render(), file=out)
     if tampers:
@@ -106,9 +116,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     if since and until and since >= until:
         return _error(BAD_RANGE)
     count = 0
+    problems: list[str] = []
+
+    def report(path: Path, line: int | None, text: Text) -> None:   # file:line, carry on
+        where = f"{path}:{line}" if line is not None else str(path)
+        problems.append(where)
+        print(f"{where}: {text.render()}", file=sys.stderr)
+
     try:
         for record in search(directory, args.stream, since, until, device=args.device,
-                             rule=args.rule, verdict=args.verdict):
+                             rule=args.rule, verdict=args.verdict, on_problem=report):
             if args.json:
                 sys.stdout.write(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
                                             default=json_default) + "\n")
@@ -121,6 +138,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     except BrokenPipeError:       # `kanmon logs search ... | head`
         return EXIT_OK
     print(SEARCH_COUNT.format(count=count).render(), file=sys.stderr)
+    if problems:
+        print(SEARCH_PROBLEMS.format(count=len(problems)).render(), file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -151,6 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dir", required=True, help="log directory / ログディレクトリ")
     p.add_argument("--stream", action="append", choices=STREAMS, help="only this stream (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per finding")
+    p.add_argument("--anchor-dir", help="signed checkpoints (default: log-anchor beside the log directory) / "
+                                        "チェックポイントのディレクトリ")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("search", help="stream matching records / 条件に合うレコードを出力")

@@ -102,23 +102,31 @@ def purge(directory: Path, older_than: datetime | date, *, dry_run: bool = False
     return report
 
 
+def _manifest_entries(path: Path):
+    """The manifest's JSON objects; damaged lines (not UTF-8, not JSON, nested too deeply,
+    not an object) are skipped -- verify then reports the chain start they would explain."""
+    with open(path, "rb") as manifest:
+        for raw in manifest:
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(entry, dict):
+                yield entry
+
+
 def purged_heads(directory: Path) -> dict[str, tuple[int, str]]:
     """Per stream, the (sequence, hash) of the newest record retention removed."""
     heads: dict[str, tuple[int, str]] = {}
     path = Path(directory) / PURGE_MANIFEST
     if not path.exists():
         return heads
-    with open(path, encoding="utf-8") as manifest:
-        for line in manifest:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            stream = entry.get("kanmon.purge.stream")
-            seq, digest = entry.get("kanmon.purge.last_sequence"), entry.get("kanmon.purge.last_hash")
-            if isinstance(seq, int) and isinstance(digest, str) and stream in STREAMS:
-                if stream not in heads or seq > heads[stream][0]:
-                    heads[stream] = (seq, digest)
+    for entry in _manifest_entries(path):
+        stream = entry.get("kanmon.purge.stream")
+        seq, digest = entry.get("kanmon.purge.last_sequence"), entry.get("kanmon.purge.last_hash")
+        if isinstance(seq, int) and isinstance(digest, str) and stream in STREAMS:
+            if stream not in heads or seq > heads[stream][0]:
+                heads[stream] = (seq, digest)
     return heads
 
 
@@ -128,13 +136,8 @@ def purged_hashes(directory: Path) -> dict[str, set[str]]:
     path = Path(directory) / PURGE_MANIFEST
     if not path.exists():
         return found
-    with open(path, encoding="utf-8") as manifest:
-        for line in manifest:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            digest = entry.get("kanmon.purge.last_hash")
-            if isinstance(digest, str):
-                found.setdefault(entry.get("kanmon.purge.stream"), set()).add(digest)
+    for entry in _manifest_entries(path):
+        digest = entry.get("kanmon.purge.last_hash")
+        if isinstance(digest, str):
+            found.setdefault(entry.get("kanmon.purge.stream"), set()).add(digest)
     return found

@@ -4,8 +4,9 @@
 message per datagram) is sent inline without blocking; TCP (RFC 6587 octet counting) goes
 through a bounded queue drained by a background thread, so a slow or absent collector
 never stalls the proxy -- messages that do not fit are dropped and counted in
-``dropped``. Forward seal records too: a chain head kept outside the gateway is what
-catches someone who rewrote a whole chain (see chain.py).
+``dropped``. Forward seal records and signed checkpoints too (``LogStore(on_checkpoint=...)``):
+a chain head kept outside the gateway is what catches someone who rewrote a whole chain or
+cut its end (see chain.py, anchor.py).
 
 Hand-written: the stdlib ``logging.handlers.SysLogHandler`` emits RFC 3164-style
 messages without the RFC 5424 header, and a SIEM forwarder library would be a heavy
@@ -39,7 +40,7 @@ def severity_for(stream: str, line: str) -> int:
     """Blocks and audit changes are notices, failed/denied events warnings, else info."""
     if '"kanmon.verdict":"block"' in line or '"event.outcome":"failure"' in line:
         return SEVERITY_WARNING
-    if stream == "audit" or '"event.action":"log-sealed"' in line:
+    if stream == "audit" or '"event.action":"log-sealed"' in line or '"event.action":"log-checkpoint"' in line:
         return SEVERITY_NOTICE
     return SEVERITY_INFO
 

@@ -14,6 +14,20 @@ For every stream, files are read oldest first and each line is checked:
 * the chain must start at sequence 1 from GENESIS, or from a head retention recorded in
   purged.jsonl                                      -> ``chain-start-missing``
 
+With an anchor directory (signed checkpoints, anchor.py), each stream's end is compared with
+its newest checkpoint, read *before* the files so a concurrent writer cannot make it look
+ahead of them:
+
+* the checkpoint's file is gone                       -> ``anchor-file-deleted``
+* the chain ends before the checkpoint's sequence     -> ``anchor-truncated`` (emptied or cut)
+* the record at that sequence has another hash        -> ``anchor-mismatch`` (rewritten)
+* records after a checkpoint written at shutdown      -> ``anchor-extended``
+* records after an interval checkpoint                -> ``unanchored-tail`` (in ``notes``: the
+  normal state of a running or crashed writer, not a finding)
+* checkpoint missing or its signature fails           -> ``checkpoint-missing`` / ``checkpoint-invalid``
+* a ``log-anchor-mismatch`` record (the writer found the disk disagreeing with the checkpoint
+  when it started)                                    -> ``anchor-mismatch-at-start``
+
 Every finding names the file and the line. ``tamper`` is False only for notices.
 """
 
@@ -27,6 +41,7 @@ from pathlib import Path
 
 from gateway.i18n import Text
 
+from . import anchor as _anchor
 from .chain import (GENESIS, RECOVERY_OFFSET, RECOVERY_SHA256, SEAL_FILE, SEAL_FIRST, SEAL_RECORDS,
                     ChainedRecord, decode_chained, is_recovery, is_seal)
 from .layout import GZIP_TEMP_SUFFIX, STREAMS, DayFile, day_files, parse_day_file_name, stream_dir
@@ -55,6 +70,8 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     files: int = 0
     records: int = 0
+    anchored: bool = False      # the ends were compared with signed checkpoints
+    notes: list[Finding] = field(default_factory=list)   # state worth knowing, not a finding
 
     @property
     def tampered(self) -> bool:
@@ -72,6 +89,8 @@ class _StreamCheck:
         self.gaps: dict[int, int] = {}           # missing sequence -> index of its finding
         self.gap_left: dict[int, int] = {}       # finding index -> sequences still missing
         self.recent: OrderedDict[str, tuple[int, Path, int]] = OrderedDict()
+        self.watch_seq: int | None = None        # the sequence a checkpoint names
+        self.watched: tuple[str, Path, int] | None = None
 
     def add(self, kind: str, path: Path, line: int | None, detail: Text, tamper: bool = True) -> int:
         self.findings.append(Finding(kind, path, line, detail, tamper))
@@ -101,6 +120,13 @@ class _StreamCheck:
                         f"封印（{sealed_at} 行目）の後にレコードがあります",
                         f"record after the file's seal (line {sealed_at})"))
                 self._check_record(decoded, path, number)
+                if decoded.seq == self.watch_seq and decoded.hash_ok:
+                    self.watched = (decoded.hash, path, number)
+                if decoded.record.get("event.action") == _anchor.ACTION_ANCHOR_MISMATCH \
+                        and decoded.record.get("event.dataset") == "kanmon.log":
+                    self.add("anchor-mismatch-at-start", path, number, Text(
+                        f"起動時にログがチェックポイントと一致しませんでした: {decoded.record.get('kanmon.anchor.reason_ja')}",
+                        f"at start-up the log did not match its checkpoint: {decoded.record.get('event.reason')}"))
                 if is_seal(decoded.record):
                     sealed_at = number
                     self._check_seal(decoded, day_file, first_seq, count, number)
@@ -218,15 +244,98 @@ class _StreamCheck:
                 f"seal does not match the file: {joined}"))
 
 
-def verify(directory: Path, streams: tuple[str, ...] = STREAMS) -> VerifyReport:
+def _read_checkpoints(anchor_dir: Path, streams: tuple[str, ...]
+                      ) -> dict[str, _anchor.Checkpoint | Text | None] | None:
+    """stream -> its newest checkpoint, the reason it cannot be trusted, or None (none
+    stored). None when the directory holds no verification key (nothing was anchored)."""
+    store = _anchor.AnchorStore(anchor_dir)
+    try:
+        public = store.public_key()
+    except _anchor.AnchorError as exc:
+        return {stream: exc.text for stream in streams}
+    if public is None:
+        return None
+    found: dict[str, _anchor.Checkpoint | Text | None] = {}
+    for stream in streams:
+        raw = store.read_line(stream)
+        if raw is None:
+            found[stream] = None
+            continue
+        try:
+            found[stream] = _anchor.parse_signed(raw, public, stream)
+        except _anchor.AnchorError as exc:
+            found[stream] = exc.text
+    return found
+
+
+def _compare_with_checkpoint(check: _StreamCheck, directory: Path, anchor_dir: Path,
+                             checkpoint: _anchor.Checkpoint | Text | None) -> None:
+    last_seq = 0 if check.expected_seq is None else check.expected_seq - 1
+    where = anchor_dir / f"{check.stream}.checkpoint"
+    if isinstance(checkpoint, Text):
+        check.add("checkpoint-invalid", where, None, checkpoint)
+        return
+    if checkpoint is None:
+        if last_seq:
+            check.add("checkpoint-missing", where, None, Text(
+                f"ストリーム {check.stream} にはレコードがありますがチェックポイントがありません（削除された可能性）",
+                f"stream {check.stream} has records but no checkpoint in {anchor_dir} (removed?)"))
+        return
+    cp = checkpoint
+    named = stream_dir(directory, check.stream) / cp.file
+    said = Text(f"最新のチェックポイント（{cp.at}）は {cp.file} に {cp.records} 件、連番 {cp.sequence} までを記録しています",
+                f"the newest checkpoint ({cp.at}) records {cp.records} record(s) in {cp.file} up to sequence {cp.sequence}")
+    if cp.sequence > last_seq:
+        gone = cp.file and not named.exists() and not named.with_name(named.name + ".gz").exists()
+        if gone:
+            check.add("anchor-file-deleted", named, None, Text(
+                f"{said.ja}。そのファイルがありません: 削除されています", f"{said.en}; that file is gone: it was deleted"))
+        else:
+            empty = named.exists() and named.stat().st_size == 0
+            check.add("anchor-truncated", named, None, Text(
+                f"{said.ja}。ログは連番 {last_seq} で終わっています: 末尾の {cp.sequence - last_seq} 件が削除されています"
+                + ("（ファイルが空にされています）" if empty else ""),
+                f"{said.en}; the log ends at sequence {last_seq}: the last {cp.sequence - last_seq} record(s) "
+                "were removed" + (" (the file was emptied)" if empty else "")))
+        return
+    if cp.sequence > 0 and (check.watched is None or check.watched[0] != cp.hash):
+        line = check.watched[2] if check.watched else None
+        path = check.watched[1] if check.watched else named
+        check.add("anchor-mismatch", path, line, Text(
+            f"{said.ja}。連番 {cp.sequence} のレコードのハッシュが一致しません: チェーンが書き換えられています",
+            f"{said.en}; the record at sequence {cp.sequence} does not have that hash: the chain was rewritten"))
+        return
+    if last_seq > cp.sequence:
+        extra = last_seq - cp.sequence
+        if cp.reason == "close":
+            check.add("anchor-extended", named, None, Text(
+                f"{said.ja}(正常停止時)。その後に {extra} 件のレコードがあります: 停止後に追記されています",
+                f"{said.en} (written at shutdown); {extra} record(s) follow it: appended after the gateway stopped"))
+        else:
+            check.report.notes.append(Finding("unanchored-tail", named, None, Text(
+                f"最新の {extra} 件は最後のチェックポイント（{cp.at}、連番 {cp.sequence}）の後に書かれ、まだ固定されていません",
+                f"the newest {extra} record(s) were written after the last checkpoint ({cp.at}, sequence "
+                f"{cp.sequence}) and are not anchored yet"), tamper=False))
+
+
+def verify(directory: Path, streams: tuple[str, ...] = STREAMS, *, anchor_dir: Path | None = None) -> VerifyReport:
+    """``anchor_dir``: compare each stream's end with its newest signed checkpoint (read
+    first). Without one, or when it holds no key, the ends are not checked."""
     directory = Path(directory)
     report = VerifyReport()
+    checkpoints = _read_checkpoints(Path(anchor_dir), streams) if anchor_dir is not None else None
+    report.anchored = checkpoints is not None
     starts = purged_hashes(directory)
     for stream in streams:
         check = _StreamCheck(stream, starts.get(stream, set()), report)
+        checkpoint = checkpoints.get(stream) if checkpoints is not None else None
+        if isinstance(checkpoint, _anchor.Checkpoint):
+            check.watch_seq = checkpoint.sequence
         files = day_files(directory, stream)
         for index, day_file in enumerate(files):
             check.check_file(day_file, newest=index == len(files) - 1)
+        if checkpoints is not None:
+            _compare_with_checkpoint(check, directory, Path(anchor_dir), checkpoint)  # type: ignore[arg-type]
         folder = stream_dir(directory, stream)
         if folder.is_dir():
             for entry in sorted(folder.iterdir()):

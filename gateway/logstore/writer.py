@@ -29,11 +29,19 @@ fsyncs and closes it; ``rotate_if_needed`` then gzips sealed files. The chain co
 across days (see chain.py). ``append`` is thread-safe; ``rotate_if_needed`` may run in a
 worker thread (its compression runs outside the lock) -- do that, or pass
 ``compress=False`` on the event loop: gzip costs ~0.35 s per 20,000 records.
+
+Checkpoints (``anchor_dir``, see anchor.py and FIELDS.md): a background thread signs each
+stream's chain head every ``checkpoint_records`` records or ``checkpoint_seconds`` seconds,
+whichever comes first; the hot path only counts and, at the count, sets an event. Opening a
+stream compares the disk with the last checkpoint (a ``log-anchor-mismatch`` record goes into
+the chain when they disagree) and writes an ``open`` checkpoint at once (start-up, before
+traffic: call ``open_streams``); ``close`` writes a ``close`` checkpoint of every stream.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -45,6 +53,7 @@ from typing import Any, Protocol
 
 from gateway.i18n import Text
 
+from . import anchor as _anchor
 from .chain import GENESIS, encode_chained, decode_chained, is_seal, recovery_record, seal_record
 from .fields import format_timestamp, prepare_record
 from .layout import STREAMS, DayFile, day_file_path, day_files
@@ -54,6 +63,10 @@ from .retention import purged_heads
 from .rotation import compress_sealed, fsync_directory
 
 FSYNC_MODES = ("always", "interval", "rotate")
+CHECKPOINT_RECORDS = 1000
+CHECKPOINT_SECONDS = 10.0
+
+log = logging.getLogger("kanmon.logstore")
 
 
 class WritableFile(Protocol):
@@ -108,10 +121,16 @@ class LogStore:
         redaction: RedactionRule | None = DEFAULT_REDACTION,
         on_record: Callable[[str, str], None] | None = None,
         opener: Callable[[Path], WritableFile] = _open_append,
+        anchor_dir: Path | None = None,
+        checkpoint_records: int = CHECKPOINT_RECORDS,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        on_checkpoint: Callable[[str, str], None] | None = None,
     ):
         """``on_record(stream, json_line)`` is called after each successful write (e.g. a
         SyslogForwarder); its exceptions are counted in ``forward_errors``, never raised.
-        ``opener`` opens a file for appending; tests inject failing files through it."""
+        ``opener`` opens a file for appending; tests inject failing files through it.
+        ``anchor_dir`` (outside ``directory``): where signed checkpoints are kept;
+        ``on_checkpoint(stream, json_line)`` receives each one (e.g. the SyslogForwarder)."""
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
         self.directory = Path(directory)
@@ -133,6 +152,21 @@ class LogStore:
         self.recovered_tails = 0
         self.stripped_records = 0
         self.compress_errors = 0
+        self.checkpoints_written = 0
+        self.checkpoint_errors = 0
+        self.anchor_mismatches = 0
+        self._anchor = _anchor.AnchorStore(anchor_dir) if anchor_dir is not None else None
+        self._anchor_key = self._anchor.load_or_create_key() if self._anchor is not None else None
+        self._on_checkpoint = on_checkpoint
+        self._checkpoint_records = max(1, checkpoint_records)
+        self._checkpoint_seconds = checkpoint_seconds
+        self._since_checkpoint = 0
+        self._anchored: dict[str, int] = {}            # stream -> sequence of its newest checkpoint
+        self._sealed: dict[str, _OpenFile] = {}        # stream -> file closed by rotation (its head)
+        self._checkpoint_lock = threading.Lock()       # taken after (never while waiting for) _lock
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     # ---- the hot path -------------------------------------------------------------------
 
@@ -156,6 +190,10 @@ class LogStore:
             self.records_written += 1
             if "kanmon.stripped_fields" in prepared:
                 self.stripped_records += 1
+            if self._anchor is not None:
+                self._since_checkpoint += 1
+                if self._since_checkpoint >= self._checkpoint_records:
+                    self._wake.set()
         if self._on_record is not None:
             try:
                 self._on_record(stream, line[:-1].decode("utf-8"))
@@ -187,6 +225,7 @@ class LogStore:
                     del self._open[stream]
                     try:
                         self._seal(current, now)
+                        self._sealed[stream] = current
                     except OSError as exc:
                         try:
                             self._fail(stream, exc)
@@ -210,15 +249,178 @@ class LogStore:
 
     def close(self) -> None:
         """fsync and close the open files (without sealing: the day is not over; a later
-        append or a restart continues the same file)."""
+        append or a restart continues the same file). With an anchor, every stream gets a
+        ``close`` checkpoint: records found after it at the next start were added while the
+        gateway was stopped."""
+        self._stop_checkpointer()
         with self._lock:
             for current in self._open.values():
                 try:
                     os.fsync(current.handle.fileno())
                 except OSError:
                     pass
+            if self._anchor is not None:
+                self._checkpoint_locked("close", force=True)
+            for current in self._open.values():
                 current.handle.close()
             self._open.clear()
+
+    # ---- checkpoints (anchor.py) -----------------------------------------------------
+
+    def checkpoint(self, reason: str = "interval", *, force: bool = False) -> int:
+        """Sign and store the head of every stream that moved since its last checkpoint
+        (every stream with ``force``). Returns how many were written. Thread-safe."""
+        if self._anchor is None:
+            return 0
+        with self._lock:
+            todo = self._snapshot(reason, force)
+        return self._store_checkpoints(todo)
+
+    def _checkpoint_locked(self, reason: str, force: bool, streams: tuple[str, ...] | None = None) -> int:
+        return self._store_checkpoints(self._snapshot(reason, force, streams))
+
+    def _snapshot(self, reason: str, force: bool, streams: tuple[str, ...] | None = None) -> list[_anchor.Checkpoint]:
+        """Under ``_lock``: the checkpoints to write now."""
+        self._since_checkpoint = 0
+        self._wake.clear()          # with the count, so appends after this start a new round
+        stamp = format_timestamp(self._clock())
+        todo = []
+        for stream in streams or STREAMS:
+            current = self._open.get(stream) or self._sealed.get(stream)
+            if current is None:
+                continue
+            if not force and self._anchored.get(stream) == current.seq:
+                continue
+            records = 0 if current.first_seq is None else current.seq - current.first_seq + 1
+            todo.append(_anchor.Checkpoint(stream, current.path.name, records, current.seq, current.head,
+                                           reason, stamp))
+        return todo
+
+    def _store_checkpoints(self, todo: list[_anchor.Checkpoint]) -> int:
+        assert self._anchor is not None and self._anchor_key is not None
+        written = 0
+        with self._checkpoint_lock:
+            for checkpoint in todo:
+                if checkpoint.sequence < self._anchored.get(checkpoint.stream, -1):
+                    continue                    # a newer one was stored meanwhile
+                line = _anchor.sign(checkpoint, self._anchor_key)
+                try:
+                    self._sync_log_file(checkpoint)
+                    self._anchor.write(checkpoint.stream, line)
+                except OSError as exc:
+                    self.checkpoint_errors += 1
+                    log.error("cannot store the log checkpoint of %s: %s", checkpoint.stream, exc)
+                    if self._on_write_error is not None:
+                        try:
+                            self._on_write_error(checkpoint.stream, exc)
+                        except Exception:
+                            pass
+                    continue
+                self._anchored[checkpoint.stream] = checkpoint.sequence
+                self.checkpoints_written += 1
+                written += 1
+                if self._on_checkpoint is not None:
+                    try:
+                        self._on_checkpoint(checkpoint.stream, line)
+                    except Exception:
+                        self.forward_errors += 1
+        return written
+
+    def _sync_log_file(self, checkpoint: _anchor.Checkpoint) -> None:
+        """The records a checkpoint names reach the disk before it does; otherwise a power
+        loss could leave a durable checkpoint ahead of the log (a false "truncated"). By path,
+        not by the writer's handle, which rotation may close meanwhile; a file already gone
+        was sealed (fsynced) and compressed."""
+        if not checkpoint.file:
+            return
+        try:
+            fd = os.open(self.directory / checkpoint.stream / checkpoint.file, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _start_checkpointer(self) -> None:
+        if self._anchor is None or self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._checkpoint_loop, name="kanmon-log-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _stop_checkpointer(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            thread.join()
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._checkpoint_seconds)
+            if self._stopping.is_set():
+                return
+            try:
+                self.checkpoint("interval")
+            except Exception:        # never let the thread die: the next round retries
+                self.checkpoint_errors += 1
+                log.exception("log checkpoint failed")
+
+    def _check_anchor(self, stream: str, opened: _OpenFile, now: datetime, found: tuple[int, str]) -> None:
+        """First open of ``stream`` in this process: the disk (``found``: sequence and hash of
+        its last record before this run wrote anything) must end where the last checkpoint
+        says (or later, after a crash). A disagreement is written into the chain
+        (``log-anchor-mismatch``, found by verify and forwarded) and logged; then an ``open``
+        checkpoint anchors the head."""
+        assert self._anchor is not None and self._anchor_key is not None
+        found_seq, found_head = found
+        raw = self._anchor.read_line(stream)
+        problem: Text | None = None
+        expected: _anchor.Checkpoint | None = None
+        if raw is not None:
+            try:
+                expected = _anchor.parse_signed(raw, self._anchor_key.public_key(), stream)
+            except _anchor.AnchorError as exc:
+                problem = exc.text
+        if expected is not None:
+            if found_seq < expected.sequence:
+                problem = Text(
+                    f"ログは連番 {found_seq} で終わっていますが、最後のチェックポイント（{expected.at}、{expected.file}）は連番 "
+                    f"{expected.sequence} まで記録しています: 停止中に末尾のレコードが削除されました",
+                    f"the log ends at sequence {found_seq} but the last checkpoint ({expected.at}, {expected.file}) "
+                    f"recorded sequence {expected.sequence}: records were removed while the gateway was stopped")
+            elif found_seq == expected.sequence and found_head != expected.hash:
+                problem = Text(
+                    f"連番 {found_seq} のレコードのハッシュが最後のチェックポイント（{expected.at}）と異なります: 書き換えられています",
+                    f"the record at sequence {found_seq} does not match the last checkpoint ({expected.at}): rewritten")
+            elif found_seq > expected.sequence and expected.reason == "close":
+                problem = Text(
+                    f"正常停止時のチェックポイント（{expected.at}、連番 {expected.sequence}）の後にレコードが "
+                    f"{found_seq - expected.sequence} 件追加されています: 停止中に追記されました",
+                    f"{found_seq - expected.sequence} record(s) follow the checkpoint written at shutdown "
+                    f"({expected.at}, sequence {expected.sequence}): appended while the gateway was stopped")
+        if problem is not None:
+            self.anchor_mismatches += 1
+            log.error("log %s does not match its checkpoint: %s", stream, problem.en)
+            record = {"@timestamp": format_timestamp(now), "event.dataset": "kanmon.log",
+                      "event.action": _anchor.ACTION_ANCHOR_MISMATCH, "event.outcome": "failure",
+                      "event.reason": problem.en, "kanmon.anchor.reason_ja": problem.ja,
+                      "kanmon.anchor.found_sequence": found_seq, "kanmon.anchor.found_hash": found_head,
+                      "kanmon.anchor.checkpoint_sequence": expected.sequence if expected else None,
+                      "kanmon.anchor.checkpoint_hash": expected.hash if expected else None}
+            line, digest = encode_chained(record, opened.seq + 1, opened.head)
+            self._write(opened, line)
+            opened.seq += 1
+            opened.head = digest
+            if opened.first_seq is None:
+                opened.first_seq = opened.seq
+            if self._on_record is not None:      # forwarded like any record (syslog, metrics)
+                try:
+                    self._on_record(stream, line[:-1].decode("utf-8"))
+                except Exception:
+                    self.forward_errors += 1
+        self._checkpoint_locked("open", True, (stream,))
 
     def __enter__(self) -> "LogStore":
         return self
@@ -284,7 +486,15 @@ class LogStore:
             self._seal(current, now)
             opened = self._create(stream, day, current.seq, current.head)
         else:
+            check = self._anchor is not None and stream not in self._anchored
+            # The head as the last run left it: _resume may add seal/recovery records first.
+            found = self._chain_head(stream, day_files(self.directory, stream)) if check else None
             opened = self._resume(stream, day, now)
+            self._sealed.pop(stream, None)
+            self._open[stream] = opened
+            if found is not None:
+                self._check_anchor(stream, opened, now, found)
+            self._start_checkpointer()
         self._open[stream] = opened
         return opened
 

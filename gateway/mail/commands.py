@@ -116,16 +116,19 @@ def format_verdict(verdict: MailVerdict) -> str:
 
 
 def quarantine_list(args: argparse.Namespace) -> int:
+    store = QuarantineStore(args.dir)
     try:
-        entries = QuarantineStore(args.dir).list()
+        entries = store.list()
     except (QuarantineError, OSError) as exc:
         return _quarantine_error(exc)
-    if not entries:
+    if not entries and not store.damaged:
         print(Text("隔離メールはありません", "no quarantined messages").render())
     for e in entries:
         m = e.meta
         print(f"{e.id}\t{m.get('verdict')}\t{m.get('score')}\t{visible(m.get('from', ''), 60)}\t{visible(m.get('subject', ''), 60)}")
-    return 0
+    for _entry_id, text in store.damaged:      # named, the others still listed (issue #15)
+        print(text.render(), file=sys.stderr)
+    return 1 if store.damaged else 0
 
 
 def quarantine_show(args: argparse.Namespace) -> int:

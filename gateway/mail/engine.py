@@ -24,6 +24,7 @@ from gateway.mail.authentication import DnsTxtLookup, auth_findings
 from gateway.mail.filenames import check_filename
 from gateway.mail.html_links import anchors, hosts_in_text, mismatched, text_host, url_host
 from gateway.mail.indicators import Finding, Indicator, MailAction, Name, harshest, visible
+from gateway.mail.limits import TOO_COMPLEX, MessageTooComplex, check_message
 from gateway.mail.lookalike import find_lookalike
 from gateway.mail.message import ParsedMail, parse_message, readable_text
 from gateway.mail.policy import MailPolicy
@@ -73,8 +74,15 @@ def evaluate_message(raw: bytes, policy: MailPolicy, context: MailContext = Mail
     ``scanner=None`` skips the virus scan (``MailVerdict.scanned`` is False and a note says
     so); the gateway always passes one. ``dns_txt=None`` skips local DKIM verification.
     """
-    mail = parse_message(raw)
-    findings = collect_findings(raw, mail, policy, context, dns_txt)
+    try:
+        check_message(raw, policy.limits)
+        mail = parse_message(raw)
+        findings = collect_findings(raw, mail, policy, context, dns_txt)
+    except MessageTooComplex as exc:
+        return too_complex_verdict(exc.text, policy)
+    except (MemoryError, RecursionError) as exc:
+        return too_complex_verdict(Text(f"メッセージが複雑すぎて検査できません ({type(exc).__name__})",
+                                        f"the message is too complex to inspect ({type(exc).__name__})"), policy)
     notes: list[Text] = []
     scanned = False
     if scanner is not None:
@@ -92,6 +100,13 @@ def evaluate_message(raw: bytes, policy: MailPolicy, context: MailContext = Mail
     if context.direction == "outbound":
         findings = [f for f in findings if f.name in policy.outbound_indicators]
     return decide(findings, policy, scanned, tuple(notes))
+
+
+def too_complex_verdict(evidence: Text, policy: MailPolicy) -> MailVerdict:
+    """The verdict for a message over a cap (limits.py) or over the judge's CPU / memory
+    limit: the policy's ``too_complex`` action; nothing else was looked at."""
+    return MailVerdict(policy.too_complex, 0, (Indicator(TOO_COMPLEX, 0, evidence),), False,
+                       (Text("メッセージは解析していません", "the message was not analysed"),))
 
 
 def decide(findings: list[Finding], policy: MailPolicy, scanned: bool = False, notes: tuple[Text, ...] = ()) -> MailVerdict:
@@ -119,15 +134,17 @@ def collect_findings(raw: bytes, mail: ParsedMail, policy: MailPolicy, context: 
                      dns_txt: DnsTxtLookup | None) -> list[Finding]:
     findings: list[Finding] = []
     message = mail.message
-    body = readable_text(mail)
     senders = header_addresses(message, "From")
     reply_to = header_addresses(message, "Reply-To")
+    # The HTML caps first (size, nesting, link text): before anything converts the HTML.
+    links = _link_findings(mail, policy, [a.domain for a in senders + reply_to])
+    body = readable_text(mail)
     if senders:
         sender = senders[0]
         findings += freemail_findings(sender, policy)
         findings += mismatch_findings(sender, reply_to, body)
         findings += impersonation_findings(sender, policy)
-    findings += _link_findings(mail, policy, [a.domain for a in senders + reply_to])
+    findings += links
     findings += _attachment_findings(mail, policy)
     findings += auth_findings(raw, message, policy, dns_txt)
     return findings
@@ -137,7 +154,7 @@ def _link_findings(mail: ParsedMail, policy: MailPolicy, sender_domains: list[st
     found: list[Finding] = []
     hosts: dict[str, str] = {d: "sender" for d in sender_domains}
     for html in mail.html:
-        for anchor in anchors(html):
+        for anchor in anchors(html, policy.limits):
             pair = mismatched(anchor)
             if pair:
                 found.append(Finding(Name.LINK_TEXT_MISMATCH, Text(

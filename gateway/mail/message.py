@@ -53,8 +53,8 @@ class ParsedMail:
 def parse_message(raw: bytes) -> ParsedMail:
     try:
         return _parse(raw)
-    except MalformedMessage:
-        raise
+    except (MalformedMessage, MemoryError, RecursionError):
+        raise   # MemoryError / RecursionError: too complex, not malformed (engine.py)
     except Exception as exc:  # noqa: BLE001 — the email package raises assorted errors on hostile input
         raise MalformedMessage(Text(
             f"メッセージを解析できません ({type(exc).__name__})",

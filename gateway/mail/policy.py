@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
+from gateway.mail.limits import MessageLimits
 from gateway.yamlsource import MAX_LIST_BYTES, LoadedYaml, SourceErrors, load_yaml_file, read_text_file, schema_errors
 
 _ACTIONS = [str(a) for a in MailAction]
@@ -69,6 +70,20 @@ SCHEMA: dict[str, Any] = {
         "encrypted_archive": {"enum": _ACTIONS},
         "scanner_unavailable": {"enum": _ACTIONS},
         "malformed_message": {"enum": _ACTIONS},
+        "too_complex": {"enum": _ACTIONS},
+        "limits": {
+            "type": "object", "additionalProperties": False,
+            "properties": {k: {"type": "integer", "minimum": 1} for k in MessageLimits.__dataclass_fields__},
+        },
+        "judge": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "cpu_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+                "memory_mb": {"type": "integer", "minimum": 128},
+                "wall_seconds": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
         "organization": _ENTITY,
         "partners": {"type": "array", "items": _ENTITY},
         "trusted_authserv_ids": {"type": "array", "items": {"type": "string", "minLength": 1}},
@@ -142,6 +157,17 @@ class ClamdAddress:
 
 
 @dataclass(frozen=True)
+class JudgeLimits:
+    """The gateway's mail judge pool (judgepool.py): worker processes, and what one judgement
+    may use before its worker is ended and the message gets message-too-complex."""
+
+    workers: int = 2
+    cpu_seconds: int = 10
+    memory_mb: int = 1024
+    wall_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class MailPolicy:
     thresholds: dict[MailAction, int]
     weights: dict[str, int]
@@ -166,6 +192,9 @@ class MailPolicy:
     archive_max_total_bytes: int = 50 * 1024 * 1024
     subject_prefix: str = "[要注意/SUSPICIOUS] "
     malformed_message: MailAction = MailAction.QUARANTINE
+    too_complex: MailAction = MailAction.QUARANTINE   # action for message-too-complex (limits.py)
+    limits: MessageLimits = MessageLimits()
+    judge: JudgeLimits = JudgeLimits()
     outbound_indicators: frozenset[str] = frozenset({
         Name.EXECUTABLE_ATTACHMENT, Name.SHORTCUT_ATTACHMENT, Name.DOUBLE_EXTENSION,
         Name.EXTENSION_PADDING, Name.FILENAME_CONTROL_CHARS, Name.ARCHIVE_THREAT,
@@ -248,6 +277,9 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         archive_max_members=arc.get("max_members", 500),
         archive_max_total_bytes=arc.get("max_total_bytes", 50 * 1024 * 1024),
         malformed_message=MailAction(data.get("malformed_message", "quarantine")),
+        too_complex=MailAction(data.get("too_complex", "quarantine")),
+        limits=MessageLimits(**data.get("limits", {})),
+        judge=JudgeLimits(**data.get("judge", {})),
         clamd=clamd,
         **kwargs,
     )

@@ -63,6 +63,7 @@ def _summary(raw: bytes) -> dict[str, str]:
 class QuarantineStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.damaged: list[tuple[str, Text]] = []   # entries the last list() could not read, and why
 
     def _dir(self, entry_id: str) -> Path:
         if not _ID.match(entry_id):
@@ -104,21 +105,29 @@ class QuarantineStore:
         return entry_id
 
     def list(self) -> list[QuarantineEntry]:
+        """Every readable entry. One whose meta.json is damaged is left out and named in
+        ``self.damaged`` (its message stays on disk): it never hides the others."""
+        self.damaged = []
         if not self.root.is_dir():
             return []
         out = []
         for path in sorted(self.root.iterdir()):
             if _ID.match(path.name) and (path / "meta.json").is_file():
-                out.append(self.show(path.name))
+                try:
+                    out.append(self.show(path.name))
+                except QuarantineError as exc:
+                    self.damaged.append((path.name, exc.text))
         return out
 
     def show(self, entry_id: str) -> QuarantineEntry:
         path = self._dir(entry_id)
         try:
             meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise QuarantineError(Text(f"隔離メール {entry_id} のメタデータが読めません: {exc}",
-                                       f"cannot read metadata of {entry_id}: {exc}")) from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except (OSError, ValueError, RecursionError) as exc:   # UnicodeDecodeError is a ValueError
+            raise QuarantineError(Text(f"隔離メール {entry_id} のメタデータ (meta.json) が読めません: {exc}",
+                                       f"cannot read metadata (meta.json) of {entry_id}: {exc}")) from None
         return QuarantineEntry(entry_id, meta, path)
 
     def read(self, entry_id: str) -> bytes:

@@ -180,13 +180,21 @@ def _part_name(part: EmailMessage) -> str:
     return visible(fix_8bit(str(name))) if name else f"({part.get_content_type()})"
 
 
+_NOTICE_HEADER_CHARS = 4000
+
+
 @_library_errors_as_rewrite_failed
 def notice_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy, quarantine_id: str | None = None) -> bytes:
     """A short message that stands in for a quarantined or rejected one when it must still be
     served (IMAP FETCH / POP3 RETR): the original's addressing headers, a bilingual notice."""
     original = email.message_from_bytes(raw, policy=POLICY)
     notice = EmailMessage(policy=POLICY)
+    raw_length = {}
+    for name, value in original.raw_items():
+        raw_length.setdefault(name.lower(), len(value))
     for header in ("From", "To", "Cc", "Date", "Message-ID"):
+        if raw_length.get(header.lower(), 0) > _NOTICE_HEADER_CHARS:
+            continue   # not copied: parsing a long address list costs quadratic time (issue #15)
         try:
             value = original.get(header)
             if value is not None:

@@ -7,7 +7,7 @@ and the markers Windows script hosts need; it is a heuristic, documented in INDI
 
 from __future__ import annotations
 
-import re
+from gateway.mail.limits import bytes_re2
 
 # [MS-SHLLINK] 2.1: HeaderSize 0x0000004C then LinkCLSID 00021401-0000-0000-C000-000000000046.
 LNK_HEADER = bytes.fromhex("4c000000" "0114020000000000c000000000000046")
@@ -21,12 +21,13 @@ _EXECUTABLE_MAGIC = (
     (b"\xca\xfe\xba\xbe", "Mach-O universal binary / Java class"),
     (b"#!", "script with interpreter line (#!)"),
 )
-_SCRIPT_START = re.compile(rb"^\s*(@echo\s+off|<job[\s>]|<package[\s>]|<\?xml[^>]*>\s*<(job|package)[\s>])", re.I)
-_SCRIPT_ANYWHERE = re.compile(
-    rb"<hta:application|wscript\.shell|createobject\s*\(\s*[\"'](wscript|shell\.application|scripting\.filesystemobject)"
+# RE2 (linear time) over attachment bytes; \s spelled out as Python's bytes \s (RE2's lacks \v).
+_SCRIPT_START = bytes_re2(
+    rb"(?i)^[\s\x0b]*(@echo[\s\x0b]+off|<job[\s\x0b>]|<package[\s\x0b>]|<\?xml[^>]*>[\s\x0b]*<(job|package)[\s\x0b>])")
+_SCRIPT_ANYWHERE = bytes_re2(
+    rb"(?i)<hta:application|wscript\.shell|createobject\s*\(\s*[\"'](wscript|shell\.application|scripting\.filesystemobject)"
     rb"|powershell(\.exe)?\s+-(e|enc|encodedcommand|nop|noprofile|w|windowstyle|exec|executionpolicy)\b"
-    rb"|invoke-expression|\biex\s*\(|new-object\s+net\.webclient|frombase64string\s*\(",
-    re.I,
+    rb"|invoke-expression|\biex\s*\(|new-object\s+net\.webclient|frombase64string\s*\("
 )
 
 ARCHIVE_MAGIC = (

@@ -339,6 +339,8 @@ class _Compiler:
             owner=spec.get("owner"), expires=expires, status=status, category=spec.get("category"),
             decided_at=F.earliest_stage(needs), filename=self.doc.filename, line=line,
             dns_block=spec.get("dns_block"),
+            names_destination=any(key in match for key in DESTINATION_KEYS),
+            allows_dns_messages=_names_dns_messages(match),
         )
         if status == "retired":
             self.retired.append(info)
@@ -594,3 +596,17 @@ class _Routes:
         self.exact_lists: list[frozenset[str]] = []
         self.suffix_lists: list[frozenset[str]] = []
         self.pattern_ids: frozenset[int] = frozenset()
+
+
+# Conditions that name where traffic goes (RuleInfo.names_destination).
+DESTINATION_KEYS = frozenset({"dst_port", "dst_cidr", "protocol", "system", "system_class"})
+DNS_MESSAGE_TYPES = frozenset({"application/dns-message", "application/dns-json"})
+
+
+def _names_dns_messages(match: dict) -> bool:
+    for key in ("request_content_type", "response_content_type"):
+        value = match.get(key)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and v.strip().lower() in DNS_MESSAGE_TYPES for v in values):
+            return True
+    return False

@@ -73,6 +73,12 @@ class RuleInfo:
     # How a DNS-stage block is answered: NXDOMAIN, or the gateway's sinkhole address (the
     # device then connects, and the proxy shows the block page). None: settings.dns_block.
     dns_block: str | None = None
+    # ``match`` names a destination (dst_port, dst_cidr, protocol, system, system_class):
+    # only such a rule can allow traffic whose protocol the gateway did not identify.
+    names_destination: bool = False
+    # ``match`` names a DNS message content type (application/dns-message, dns-json): only
+    # such a rule can allow DNS over HTTPS through the gateway.
+    allows_dns_messages: bool = False
 
 
 @dataclass(slots=True)

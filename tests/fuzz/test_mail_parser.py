@@ -1,6 +1,6 @@
 """Fuzz: the mail verdict engine on mutated corpus mails.
 
-Every mutation of a corpus mail (bytes flipped, cut, headers duplicated or mangled, MIME
+Every mutation of a corpus mail or of a hostile one of issue #15 (bytes flipped, cut, headers duplicated or mangled, MIME
 boundaries broken, parts nested deep, encoded words and RFC 2231 names garbled) gives a
 verdict or ``MalformedMessage`` — never another exception, never a hang. With the virus
 scanner down every usable message is held (quarantine or harsher: issue 7 "ClamAV down"
@@ -17,6 +17,7 @@ from gateway.mail.engine import MailVerdict, evaluate_message
 from gateway.mail.indicators import MailAction
 from gateway.mail.message import MalformedMessage
 from gateway.mail.policy import load_mail_policy
+from tests.fuzz import mail_hostile as hostile
 from tests.fuzz.harness import Harness
 from tests.fuzz.test_policy_yaml import ROOT
 from tests.mailcorpus.build import build_corpus
@@ -25,6 +26,10 @@ from tests.mailcorpus.fake_scanner import DownScanner, MarkerScanner
 POLICY = load_mail_policy(ROOT / "policies" / "mail.yaml")
 CORPUS = build_corpus()
 SEEDS = [m.raw for m in CORPUS.mails]
+# Issue #15: the hostile shapes too, near the caps (tests/fuzz/mail_hostile.py).
+SEEDS += [hostile.anchor_redos(40), hostile.from_quotes(300), hostile.amp_body(2000), hostile.unclosed_tag(2000),
+          hostile.content_type_params(99), hostile.mime_parts(60), hostile.encoded_words(199), hostile.tar_dirs(600),
+          hostile.huge_charref(5000), hostile.html_nesting(1001), hostile.padding_filename(2000)]
 _HOLD = {MailAction.QUARANTINE, MailAction.REJECT}
 
 _HEADER_JUNK = st.sampled_from([

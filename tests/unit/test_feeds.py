@@ -419,7 +419,7 @@ def test_runner_swaps_on_a_new_copy_only(tmp_path):
     ("domains", lambda i: "-" * 4000),  # nearly over the cap, not a name
 ])
 def test_feed_parsing_is_linear_in_the_number_of_lines(fmt, make_line):
-    from tests.unit.test_load_bounds import assert_linear
+    from tests.fuzz.cost import assert_linear
     assert_linear(lambda text: parse_text(text, fmt), lambda n: "\n".join(make_line(i) for i in range(n)), 300)
 
 

@@ -27,6 +27,7 @@ from gateway.policy import compile_text, load_policy
 from gateway.policy.lists import MAX_LIST_LINE_CHARS, parse_list
 from gateway.yamlsource import (MAX_DEPTH, MAX_ERRORS, MAX_LINE_CHARS, MAX_SCALAR_CHARS, SourceErrors, UnreadableSource,
                                 load_yaml_text, read_text_file)
+from tests.fuzz.cost import assert_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUND_S = 2.0
@@ -95,22 +96,6 @@ def assert_bilingual_at(errors: list, filename: str, line: int | None = None, co
     assert text.startswith(f"{filename}:{err.line}: " if err.line else f"{filename}: "), text
     assert err.ja and _JA.search(text) and err.message in text, text
     assert "Traceback" not in text and len(text) < 600, text
-
-
-def cpu(fn, *args, repeats: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn(*args)
-        best = min(best, time.process_time() - start)
-    return best
-
-
-def assert_linear(fn, make, n: int) -> None:
-    """CPU time of 4n parts is at most ~3x per doubling (9x) that of n: no quadratic blow-up."""
-    small, large = make(n), make(4 * n)
-    t_small, t_large = cpu(fn, small), cpu(fn, large)
-    assert t_large <= 9 * max(t_small, 1e-3), f"n: {t_small * 1e3:.1f} ms, 4n: {t_large * 1e3:.1f} ms"
 
 
 # -- YAML: aliases, anchors, merge keys, tags ----------------------------------------------

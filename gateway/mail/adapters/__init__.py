@@ -13,7 +13,6 @@ mail) and 7.4 (targeted-attack mail) apply to every message a device sends or re
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,7 +110,14 @@ def dot_unstuff(lines: bytes) -> bytes:
 
 def _wire_lines(data: bytes) -> list[bytes]:
     """Split after each LF only (a bare CR inside a line is content, not a line end)."""
-    return [m for m in re.split(rb"(?<=\n)", data) if m]
+    lines: list[bytes] = []
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end + 1
+        lines.append(data[start:end])
+        start = end
+    return lines
 
 
 def dot_stuff(message: bytes) -> bytes:

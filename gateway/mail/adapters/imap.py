@@ -38,12 +38,17 @@ from dataclasses import dataclass
 from gateway.mail.adapters import ByteQueue, Judge, LineTooLong, Output
 from gateway.mail.adapters.imap_sections import binary_section, section_bytes
 from gateway.mail.engine import MailContext
+from gateway.mail.limits import bytes_re2
 
 WITHHELD = b"[Kanmon] This part could not be checked and was withheld.\r\n"
+# Issue #15: these stay on Python's re because each is linear on any input (anchored at the
+# line start, or searched for a literal with no nested repetition) and they run on every
+# line of a mail session in the proxy process, where RE2's per-call overhead would cost more.
 _LITERAL_AT_END = re.compile(rb"(~?)\{(\d+)(\+?)\}\r?\n$")
 _STATUS = re.compile(rb"^(?:\*|[^\s]+) (?:OK|NO|BAD|BYE|PREAUTH)\b", re.I)
 _FETCH = re.compile(rb"^\* (\d+) FETCH \(", re.I)
-_CAP_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.I)
+# Searched anywhere in a line: RE2 (many "[CAPABILITY " without "]" are quadratic in re).
+_CAP_CODE = bytes_re2(rb"(?i)\[CAPABILITY ([^\]]*)\]")
 _CAP_UNTAGGED = re.compile(rb"^(\* CAPABILITY )(.*?)(\r?\n)$", re.I | re.S)
 _FETCH_CMD = re.compile(rb"^(\S+ (?:UID )?FETCH \S+ )(.*?)(\r?\n)$", re.I | re.S)
 _SECTION_ITEM = re.compile(r"^(BODY|BINARY)(?:\.PEEK)?\[([^\]]*)\](?:<(\d+)(?:\.(\d+))?>)?$", re.I)

@@ -13,11 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import quopri
-import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-_SECTION = re.compile(r"^((?:\d+\.)*\d+)?\.?(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME)?\s*(\(.*\))?$", re.I | re.S)
+import re2
+
+from gateway.mail.limits import bytes_re2
+
+# RE2 (linear time) for what the device or the message sends (issue #15).
+_SECTION = re2.compile(r"(?is)^((?:\d+\.)*\d+)?\.?(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME)?\s*(\(.*\))?$")
+_PART_NUMBER = re2.compile(r"(\d+\.)*\d+")
+_NOT_BASE64 = bytes(b for b in range(256) if not (chr(b).isascii() and (chr(b).isalnum() or chr(b) in "+/=")))
 
 
 def split_entity(entity: bytes) -> tuple[bytes, bytes]:
@@ -41,7 +47,7 @@ def _content_type(header: bytes, default: str = "text/plain") -> tuple[str, str 
 
 def children(body: bytes, boundary: str) -> list[bytes]:
     """The parts of a multipart body, each as the exact bytes between its delimiters."""
-    delim = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*(\r?\n|$)")
+    delim = bytes_re2(rb"(?:^|\r?\n)--" + re2.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*(\r?\n|$)")
     parts: list[bytes] = []
     start = None
     for m in delim.finditer(body):
@@ -138,7 +144,7 @@ def binary_section(message: bytes, section: str) -> bytes | None:
     """BINARY[section]: the part's content with its transfer encoding removed (RFC 3516)."""
     if not section.strip():
         return message
-    if not re.fullmatch(r"(\d+\.)*\d+", section.strip()):
+    if not _PART_NUMBER.fullmatch(section.strip()):
         return None
     found = _part(message, [int(x) for x in section.strip().split(".")])
     if found is None:
@@ -147,7 +153,7 @@ def binary_section(message: bytes, section: str) -> bytes | None:
     cte = BytesHeaderParser(policy=compat32).parsebytes(header).get("Content-Transfer-Encoding", "").strip().lower()
     if cte == "base64":
         try:
-            return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body))
+            return base64.b64decode(body.translate(None, _NOT_BASE64))
         except (binascii.Error, ValueError):
             return None
     if cte == "quoted-printable":
