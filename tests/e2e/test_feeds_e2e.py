@@ -212,6 +212,10 @@ def test_restart_with_the_feed_unreachable_keeps_blocking_from_the_last_good_cop
     lab.stop_gateway()
     lab.start_gateway()
     lab.wait_for_peer(lab.devices[0])
+    # The stopped gateway removed its interface: the device's WireGuard session is new and its
+    # first packets may go before the handshake (a DNS query then times out).
+    wait_for(lambda: http_code(lab.devices[0].curl("http://www.example.test/after-restart", timeout=5)) == "200",
+             60, "the tunnel to carry traffic again")
     assert blocked(lab, "mail-f.test") and blocked(lab, "mail-a.test")
     wait_for(lambda: lab.metric_value("kanmon_list_update_failures_total", list="ut1", reason="http-status") >= 1,
              30, "the restarted gateway to try the feed and be refused")
