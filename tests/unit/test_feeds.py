@@ -511,3 +511,22 @@ def test_a_redirect_away_from_http_is_refused(tmp_path):
         assert (result.outcome, result.reason) == ("refused", "http-status")
     finally:
         server.close()
+
+
+def test_runner_reloads_for_a_copy_written_by_kanmon_lists_update(tmp_path):
+    feed = tmp_path / "f.txt"
+    feed.write_text("old.example\n")
+    policy = write_policy(tmp_path, f"url: {feed}\nrefresh: 1d\n")
+    reloads = []
+
+    async def reload():
+        reloads.append(1)
+        return True
+
+    runner = FeedRunner(tmp_path / "state" / "feeds", lambda: policy, GatewayMetrics(), reload)
+    runner.fetch_missing()
+    assert asyncio.run(runner.tick()) is False  # not due for a day, nothing new
+    feed.write_text("old.example\nnew.example\n")
+    assert update_feed(spec_of(policy), runner.directory).outcome == "updated"  # what the command does
+    assert asyncio.run(runner.tick()) is True and reloads == [1]
+    assert asyncio.run(runner.tick()) is False and reloads == [1]
