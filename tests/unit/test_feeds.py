@@ -530,3 +530,16 @@ def test_runner_reloads_for_a_copy_written_by_kanmon_lists_update(tmp_path):
     assert update_feed(spec_of(policy), runner.directory).outcome == "updated"  # what the command does
     assert asyncio.run(runner.tick()) is True and reloads == [1]
     assert asyncio.run(runner.tick()) is False and reloads == [1]
+
+
+def test_cluster_policy_bundle_carries_list_files_but_not_feeds(tmp_path, monkeypatch):
+    from gateway.registry_pg import policy_bundle
+    feed = tmp_path / "f.txt"
+    feed.write_text("old.example\n")
+    (tmp_path / "local.txt").write_text("local.example\n")
+    policy = write_policy(tmp_path, f"url: {feed}\n")
+    policy.write_text(policy.read_text().replace("lists:\n", "lists:\n  local: {file: local.txt}\n"))
+    update_feed(spec_of(policy), tmp_path / "feeds")
+    monkeypatch.setenv("KANMON_STATE_DIR", str(tmp_path))
+    version, text, lists = policy_bundle(policy)
+    assert lists == {"local.txt": "local.example\n"} and "url:" in text
