@@ -42,6 +42,7 @@ from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
+from gateway.feeds.runner import FeedRunner
 from gateway.gatewayprocess import write_applied
 from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
@@ -139,6 +140,9 @@ class GatewayApp:
         self.firewall_log: FirewallLogReader | None = None
         self.underlay = UnderlayAddresses(read_peers=self._read_peers, on_change=self._underlay_changed,
                                           on_miss=self._underlay_now.set)
+        # Category feeds (issue #17): refreshed in the background, the policy swapped on a new copy.
+        self.feeds = FeedRunner(self.cfg.state_dir / "feeds", self.cfg.active_policy_path, self.metrics,
+                                self.reload_policy)
 
     # -- assembly ------------------------------------------------------------------------
     def internal_networks(self) -> list:
@@ -268,7 +272,7 @@ class GatewayApp:
         if path is None:
             return
         try:
-            snapshot = load_policy(path)
+            snapshot = load_policy(path, feeds_dir=self.feeds.directory)
         except SourceErrors as exc:
             self.metrics.policy_reloads.labels("failure").inc()
             raise StartupError("the policy does not compile:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
@@ -288,7 +292,7 @@ class GatewayApp:
                 log.warning("reload asked, but the gateway runs without a policy file (built-in host rules)")
                 return False
             try:
-                snapshot = await asyncio.to_thread(load_policy, path)
+                snapshot = await asyncio.to_thread(load_policy, path, None, self.feeds.directory)
             except Exception as exc:  # noqa: BLE001 - any failure (SourceErrors or a bug): refused, counted, old one serves
                 self.metrics.policy_reloads.labels("failure").inc()
                 errors = ([str(e) for e in exc.errors] if isinstance(exc, SourceErrors)
@@ -309,6 +313,7 @@ class GatewayApp:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.cluster is not None:
             self.registry = self.cluster.open_registry()  # before the policy: links the cluster's
+        self.feeds.fetch_missing()  # a feed without a last good copy is fetched before the policy compiles
         self.load_initial_policy()
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = self.registry or SqliteRegistry(cfg.registry_path)
@@ -617,6 +622,7 @@ class GatewayApp:
             rotation_task = asyncio.create_task(self.log_rotation_loop(), name="log-rotation")
             # Always: the peer read also feeds the tunnel log (auth stream), not only policy rules.
             underlay_task = asyncio.create_task(self.underlay_loop(), name="underlay")
+            feeds_task = asyncio.create_task(self.feeds.loop(), name="feeds") if self.policy is not None else None
             trim = heaptrim.load_malloc_trim() if trim_every and malloc == "glibc" else None
             trim_task = asyncio.create_task(heaptrim.trim_loop(trim_every, trim), name="heap-trim") if trim else None
             if self.cluster is not None:
@@ -630,7 +636,7 @@ class GatewayApp:
             self.master.shutdown()
             reconcile_task.cancel()
             rotation_task.cancel()
-            for task in (underlay_task, trim_task):
+            for task in (underlay_task, trim_task, feeds_task):
                 if task is not None:
                     task.cancel()
             await asyncio.wait({run_task}, timeout=5)

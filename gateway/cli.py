@@ -26,6 +26,7 @@ COMMAND_MODULES = {
     "cluster": "gateway.cluster",
     "user": "gateway.signin.commands",
     "registry": "gateway.registrycommands",
+    "lists": "gateway.feeds.commands",
 }
 
 EXIT_USAGE = 2

@@ -51,6 +51,16 @@ class GatewayMetrics:
         self.policy_rules_expiring = Gauge(
             "kanmon_policy_rules_expiring", "Active rules that expire within the given number of days.", ["days"], registry=r)
         self.policy_info = Gauge("kanmon_policy_info", "The policy in force (value 1), by version.", ["version"], registry=r)
+        self.list_entries = Gauge(
+            "kanmon_list_entries", "Entries of a category feed's last good copy, by feed and category.",
+            ["list", "category"], registry=r)
+        self.list_age = Gauge(
+            "kanmon_list_age_seconds",
+            "Seconds since a category feed was last fetched successfully (+Inf: never).", ["list"], registry=r)
+        self.list_update_failures = Counter(
+            "kanmon_list_update_failures_total",
+            "Refused or failed feed updates by reason (the last good copy keeps serving).", ["list", "reason"],
+            registry=r)
         self.allocator_info = Gauge(
             "kanmon_allocator_info", "The malloc the gateway runs on (value 1): jemalloc, or glibc when it is missing.",
             ["allocator"], registry=r)

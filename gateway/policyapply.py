@@ -27,7 +27,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return cmd_policy_apply(args)  # several nodes: the policy goes through the shared registry
     path = Path(args.path).resolve()
     try:
-        snapshot = load_policy(path)
+        snapshot = load_policy(path, feeds_dir=cfg.state_dir / "feeds")  # the gateway's last good feed copies
     except SourceErrors as exc:
         if isinstance(exc, UnreadableSource):  # missing, not a regular file, too large: an input error
             print(Text("ポリシーファイルを読めません。適用していません:", "Cannot read the policy file; nothing was applied:").render(),

@@ -508,6 +508,8 @@ def policy_bundle(policy_path: Path) -> tuple[str, str, dict[str, str]]:
     _, sources = parse_policy(text, str(policy_path))
     lists: dict[str, str] = {}
     for src in sources:
+        if src.feed is not None:
+            continue  # a category feed: every node fetches it itself into its own state dir
         rel = PurePosixPath(src.file)
         if rel.is_absolute() or ".." in rel.parts:
             raise PolicyError(Text(

@@ -143,6 +143,17 @@ def read_text_file(path: str | Path, limit: int = MAX_YAML_BYTES) -> str:
     ``UnreadableSource`` (one error, line 0 or the line of a bad byte) without blocking: a
     FIFO is opened non-blocking and refused, /dev/zero is refused before a byte is read,
     and nothing is read past ``limit + 1`` bytes."""
+    data = read_bytes_file(path, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UnreadableSource([SourceError.of(str(path), line, (), T_NOT_UTF8.format(line=line))]) from None
+
+
+def read_bytes_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, with the refusals of
+    ``read_text_file`` (category feeds: a blacklists.tar.gz, a signature)."""
     p = Path(path)
     name = str(p)
 
@@ -175,12 +186,7 @@ def read_text_file(path: str | Path, limit: int = MAX_YAML_BYTES) -> str:
         os.close(fd)
     if size > limit:
         raise fail(T_TOO_LARGE.format(limit=limit))
-    data = b"".join(chunks)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise fail(T_NOT_UTF8.format(line=line), line) from None
+    return b"".join(chunks)
 
 
 # -- parsing -------------------------------------------------------------------------------

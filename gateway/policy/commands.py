@@ -129,15 +129,16 @@ def device_context_from_args(args: argparse.Namespace) -> DeviceContext:
     )
 
 
-def _load(path: str, err: TextIO) -> PolicySnapshot | None:
-    return _load_with_code(path, err)[0]
+def _load(path: str, err: TextIO, feeds_dir: Any = None) -> PolicySnapshot | None:
+    return _load_with_code(path, err, feeds_dir)[0]
 
 
-def _load_with_code(path: str, err: TextIO) -> tuple[PolicySnapshot | None, int]:
+def _load_with_code(path: str, err: TextIO, feeds_dir: Any = None) -> tuple[PolicySnapshot | None, int]:
     """The snapshot, or None and the exit code: 2 when the file cannot be read (missing,
-    not a regular file, too large), 1 when it has errors."""
+    not a regular file, too large), 1 when it has errors. Category feeds come from their last
+    good copies in ``feeds_dir`` (default: $KANMON_STATE_DIR/feeds), never the network."""
     try:
-        return load_policy(path), 0
+        return load_policy(path, feeds_dir=feeds_dir), 0
     except SourceErrors as exc:
         unreadable = isinstance(exc, UnreadableSource)
         print((T_UNREADABLE if unreadable else T_INVALID).render(), file=err)
@@ -183,7 +184,11 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     except ValueError as exc:
         print(T_BAD_ARG.format(detail=exc).render(), file=err)
         return 2
-    snap = _load(args.policy, err)
+    feeds_dir = None
+    if getattr(args, "config", None):  # the gateway's own feed copies
+        from gateway.cli import load_config_or_exit
+        feeds_dir = load_config_or_exit(args.config).state_dir / "feeds"
+    snap = _load(args.policy, err, feeds_dir)
     if snap is None:
         return 2
     urls = list(args.urls) or _read_urls(stdin or sys.stdin)

@@ -30,6 +30,10 @@ DEFAULT_TIMEZONE = "Asia/Tokyo"
 # RE2's default budget (8 MiB) runs out around two thousand URL patterns in one set.
 URL_SET_MAX_MEM = 1 << 30
 HOST_KEYS = ("domain", "domain_exact", "list")
+T_LIST_NAME_TAKEN = Text("リスト名 {name} はフィード {feed} のカテゴリ名と重なっています",
+                         "list name {name} is the name of a category of feed {feed}")
+T_NO_FEED_COPY = Text("フィード {name} の正常なコピーがまだありません（`kanmon lists update` で取得してください）",
+                      "feed {name} has no good copy yet (fetch it with `kanmon lists update`)")
 URL_KEYS = ("url", "url_regex")
 
 
@@ -39,29 +43,45 @@ class ListSource:
     file: str  # as written in the policy (relative to the policy file's directory)
     format: str
     match: str
+    feed: Any = None  # a gateway.feeds.spec.FeedSpec when the list is a category feed (url)
 
 
 def parse_policy(text: str, filename: str) -> tuple[LoadedYaml, list[ListSource]]:
-    """Parse and schema-check the policy document; returns the list files it needs."""
+    """Parse and schema-check the policy document; returns the list files and feeds it needs."""
     doc = load_yaml_text(text, filename)
     if not isinstance(doc.data, dict):
         raise SourceErrors([SourceError(filename, 1, (), "a policy file is a mapping with at least 'version: 1'")])
     errors = schema_errors(doc, POLICY_SCHEMA)
     if errors:
         raise SourceErrors(errors)
-    sources = [
-        ListSource(name, spec["file"], spec.get("format", "auto"), spec.get("match", "suffix"))
-        for name, spec in (doc.data.get("lists") or {}).items()
-    ]
+    from gateway.feeds.spec import feed_from_spec  # feeds import policy.lists: not at module level
+
+    try:
+        tz = ZoneInfo((doc.data.get("settings") or {}).get("timezone", DEFAULT_TIMEZONE))
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        tz = ZoneInfo(DEFAULT_TIMEZONE)  # reported by the compiler
+    sources = []
+    declared = set(doc.data.get("lists") or {})
+    for name, spec in (doc.data.get("lists") or {}).items():
+        feed = feed_from_spec(name, spec, tz, lambda p, t, n=name: errors.append(doc.error(("lists", n) + p, t)))
+        file = spec.get("file") or spec.get("url", "")
+        sources.append(ListSource(name, file, spec.get("format", "auto"), spec.get("match", "suffix"), feed))
+        for taken in (feed.list_names()[1:] if feed else ()):
+            if taken in declared:  # "ut1/webmail" is the feed's category: one name, one list
+                errors.append(doc.error(("lists", taken), T_LIST_NAME_TAKEN.format(name=taken, feed=name)))
+    if errors:
+        raise SourceErrors(errors)
     return doc, sources
 
 
-def content_version(policy_text: str, list_texts: Mapping[str, tuple[str, str]]) -> str:
+def content_version(policy_text: str, list_texts: Mapping[str, tuple[str, str]], feed_versions: str = "") -> str:
     """Hash of every input, so a reload log can say which policy serves."""
     h = hashlib.sha256(policy_text.encode())
     for name in sorted(list_texts):
         filename, text = list_texts[name]
         h.update(b"\0" + name.encode() + b"\0" + text.encode())
+    if feed_versions:
+        h.update(b"\0feeds\0" + feed_versions.encode())
     return h.hexdigest()[:16]
 
 
@@ -85,18 +105,28 @@ def compile_policy(
     list_texts: Mapping[str, tuple[str, str]],
     compiled_at: datetime,
     native: Any = None,
+    feed_lists: Mapping[str, DomainList] | None = None,
+    feed_versions: str = "",
 ) -> PolicySnapshot:
-    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, native).build()
+    """``feed_lists``: the list of every feed name and ``feed/category`` from the last good
+    copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version."""
+    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, native, feed_lists or {},
+                     feed_versions).build()
 
 
 class _Compiler:
     def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
-                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime, native: Any = None):
+                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime, native: Any = None,
+                 feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = ""):
         self.doc = doc
         self.data: dict[str, Any] = doc.data
         self.policy_text = policy_text
         self.sources = sources
         self.list_texts = list_texts
+        self.feed_lists = feed_lists or {}
+        self.feed_versions = feed_versions
+        # list name (a feed or feed/category) -> the feed's allow exceptions
+        self.feed_allow: dict[str, tuple[Any, ...]] = {}
         self.compiled_at = compiled_at
         self.errors: list[SourceError] = []
         self.lists: dict[str, DomainList] = {}
@@ -163,7 +193,7 @@ class _Compiler:
             return interned.setdefault(t, t)
 
         return PolicySnapshot(
-            version=content_version(self.policy_text, self.list_texts),
+            version=content_version(self.policy_text, self.list_texts, self.feed_versions),
             compiled_at=self.compiled_at,
             tz=tz,
             default_action=Action(settings.get("default_action", "allow")),
@@ -187,6 +217,16 @@ class _Compiler:
 
     def _load_lists(self) -> None:
         for src in self.sources:
+            if src.feed is not None:
+                names = src.feed.list_names()
+                if src.name not in self.feed_lists:
+                    self.err(("lists", src.name, "url"), T_NO_FEED_COPY.format(name=src.name))
+                for name in names:
+                    if name in self.feed_lists:
+                        self.lists[name] = self.feed_lists[name]
+                    if src.feed.allow:
+                        self.feed_allow[name] = src.feed.allow
+                continue
             if src.name not in self.list_texts:
                 self.err(("lists", src.name, "file"), f"list file not read: {src.file}")
                 continue
@@ -279,6 +319,9 @@ class _Compiler:
             if check:
                 checks.append(check)
         unless_checks: list[Check] = []
+        exempt = self._feed_exceptions(match)
+        if exempt is not None:
+            unless_checks.append(exempt)
         if unless:
             u_host, _ = self._host_condition(path + ("unless",), unless, ordinal, bucketed=False)
             u_url, _ = self._url_condition(path + ("unless",), unless, ordinal, bucketed=False)
@@ -315,6 +358,36 @@ class _Compiler:
                      and not unless_checks and expires_at is None)
         self.rules.append(CompiledRule(ordinal, info, tuple(checks), tuple(unless_checks), expires_at, headers,
                                        host_only=host_only))
+
+    def _feed_exceptions(self, match: Mapping[str, Any]) -> Check | None:
+        """A rule that names a feed with ``allow`` entries does not apply to those hosts (and
+        their sub-domains) until each entry's expiry: the feed's exceptions, kept beside the
+        feed so that a new copy of the feed cannot undo them."""
+        allow: dict[str, datetime] = {}
+        names = []
+        for name in as_list(match.get("list")) if "list" in match else ():
+            for entry in self.feed_allow.get(name, ()):
+                names.append(name)
+                if entry.expires_at > allow.get(entry.host, entry.expires_at - timedelta(seconds=1)):
+                    allow[entry.host] = entry.expires_at
+        if not allow:
+            return None
+
+        def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
+            name = q.host
+            while name:
+                until = allow.get(name)
+                if until is not None and f.now < until:
+                    return True
+                dot = name.find(".")
+                if dot == -1:
+                    break
+                name = name[dot + 1:]
+            return False
+
+        hosts = sorted(allow)
+        text = f"host excepted from feed {', '.join(sorted(set(names)))}: {', '.join(hosts[:3])}{' …' if len(hosts) > 3 else ''}"
+        return Check(F.HOST | F.TIME, fn, text)
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
         for host in routes.exact:

@@ -13,7 +13,7 @@ from gateway.policy.snapshot import PolicySnapshot
 from gateway.yamlsource import MAX_LIST_BYTES, MAX_YAML_BYTES, SourceError, SourceErrors, read_text_file
 
 
-def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot:
+def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | Path | None = None) -> PolicySnapshot:
     """Read, validate and compile a policy. Raises SourceErrors listing every problem
     (``file:line: key: message``); nothing is half-built. A policy file that cannot be read
     raises ``UnreadableSource`` (a SourceErrors: the commands exit 2)."""
@@ -23,6 +23,8 @@ def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot
     list_texts: dict[str, tuple[str, str]] = {}
     errors: list[SourceError] = []
     for src in sources:
+        if src.feed is not None:
+            continue  # a category feed: its last good copy (below)
         list_path = Path(src.file)
         if not list_path.is_absolute():
             list_path = policy_path.parent / list_path
@@ -35,4 +37,9 @@ def load_policy(path: str | Path, now: datetime | None = None) -> PolicySnapshot
                                       f"{first.message} ({list_path})", f"{first.ja}（{list_path}）" if first.ja else ""))
     if errors:
         raise SourceErrors(errors)
-    return compile_policy(doc, text, sources, list_texts, now or datetime.now(timezone.utc))
+    from gateway.feeds.loading import feed_lists  # the last good copies: never the network
+    from gateway.feeds.store import feeds_dir as default_feeds_dir
+
+    lists, versions = feed_lists(sources, Path(feeds_dir) if feeds_dir else default_feeds_dir())
+    return compile_policy(doc, text, sources, list_texts, now or datetime.now(timezone.utc),
+                          feed_lists=lists, feed_versions=versions)

@@ -345,7 +345,7 @@ def test_a_reload_that_fails_with_an_unexpected_exception_is_refused_too(tmp_pat
     app, policy = _app(tmp_path)
     version = app.policy.current.snapshot.version
 
-    def broken(path):
+    def broken(path, *args, **kwargs):
         raise RecursionError("a loader bug")
 
     monkeypatch.setattr("gateway.app.load_policy", broken)
