@@ -24,12 +24,11 @@ import re2
 
 from gateway.hostname import normalize_host
 from gateway.i18n import Text
-from gateway.yamlsource import MAX_ERRORS, MAX_LIST_BYTES, SourceError
+from gateway.yamlsource import MAX_ERRORS, MAX_LIST_BYTES, T_LINE_TOO_LONG, T_TOO_MANY, SourceError
 
 # A domain is at most 253 characters; an ABP regex line a few hundred.
 MAX_LIST_LINE_CHARS = 4096
 
-T_LINE_TOO_LONG = Text("行が長すぎます（上限 {limit} 文字）", "line too long (at most {limit} characters)")
 T_NOT_DOMAIN = Text("ドメイン名として正しくありません", "not a valid domain name")
 T_BAD_REGEX = Text("正規表現の誤り: {problem}", "bad regular expression: {problem}")
 T_ABP = Text("対応していない ABP ルールです（使えるのは ||domain^ と /regex/ だけです）",
@@ -39,8 +38,6 @@ T_HOSTS_EMPTY = Text("hosts 形式の行にホスト名がありません", "hos
 T_ONE_PER_LINE = Text("1 行に 1 つのドメインを書いてください", "one domain per line expected")
 T_NOT_NAME = Text("ドメイン名ではありません（サブドメインは自動で含まれます。パスには url ルールを使ってください）",
                   "not a domain name (a plain entry already covers sub-domains; use a url rule for paths)")
-T_TOO_MANY = Text("エラーが多すぎるため、ここで検査をやめました（{limit} 件）",
-                  "too many errors; stopped checking here ({limit} shown)")
 
 FORMATS = ("auto", "domains", "hosts", "abp")
 
