@@ -323,7 +323,8 @@ def _create_fresh(path: Path) -> None:
 
 
 def check_registry_header(path: Path) -> None:
-    """RegistryDamaged unless `path` starts like a SQLite database (it must exist)."""
+    """RegistryDamaged unless `path` starts like a SQLite database (it must exist). Opens and
+    closes the file: not while this process has a connection to it (see `open_registry_file`)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(SQLITE_MAGIC))
@@ -357,8 +358,25 @@ def open_registry_file(path: Path) -> sqlite3.Connection:
                 f"the device registry {path} is missing although one existed here ({marker}): it was deleted or "
                 f"moved. Restore it from a backup; to start an empty registry on purpose, remove {marker}."))
         _create_fresh(path)
-    check_registry_header(path)
-    db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
+    # The file is not opened (and closed) by Python here: closing any descriptor of it drops
+    # every POSIX lock this process holds on it, including the SHARED lock an already open
+    # connection keeps in WAL mode (the gateway's registry, when the session store opens the
+    # same file). Another process then takes itself for the last user, checkpoints and
+    # deletes the WAL, and the open connection keeps reading the deleted one: it never sees
+    # a later revision. So the empty file is found by its size, and a header that is not
+    # SQLite's by SQLite itself ("file is not a database"); only then is the header read, to
+    # say which damage it is -- the file is refused at that point anyway.
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _damaged("unreadable", path, f"読めません ({exc.strerror})", f"cannot read it ({exc.strerror})") from None
+    if size == 0:
+        check_registry_header(path)                  # raises "empty"
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
+    except sqlite3.OperationalError:
+        check_registry_header(path)                  # unreadable: says so; else SQLite's own error
+        raise
     try:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
@@ -369,6 +387,7 @@ def open_registry_file(path: Path) -> sqlite3.Connection:
         raise                                        # locked/busy: not damage, the caller's to handle
     except sqlite3.DatabaseError as exc:
         db.close()
+        check_registry_header(path)                  # not SQLite at all (or emptied meanwhile)
         raise _damaged("corrupt", path, f"データベースが壊れています ({exc})", f"the database is corrupt ({exc})") from None
     if not marker.exists():
         try:   # from now on a vanished file is told apart from a first start (also for registries from before)
