@@ -32,6 +32,7 @@ from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
+from addons.limits import DeviceLimits
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
 from gateway import allocator, diagnostics, heaptrim, steering
@@ -143,6 +144,8 @@ class GatewayApp:
             decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
         chain = [
             DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
+            # issue #14: over its per-device limits a device's connection is refused here, before any work
+            DeviceLimits(self.cfg.limits, self.connections, self.directory, self.metrics, self.logstore),
             decider,
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
             QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
