@@ -35,7 +35,7 @@ from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.limits import DeviceLimits
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
-from gateway import allocator, diagnostics, heaptrim, steering
+from gateway import allocator, diagnostics, heaptrim, limitsnft, steering
 from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
@@ -300,6 +300,7 @@ class GatewayApp:
             ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
             transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked)))
         log.info("nftables table inet %s installed", cfg.nft_table)
+        limitsnft.apply(cfg.nft_table, cfg.wg_interface, cfg.limits)   # issue #14: the kernel takes connection floods
         addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
         if cfg.ipv6_prefix is not None:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
@@ -472,6 +473,7 @@ class GatewayApp:
             self.alerts.close(timeout=5)
         if steering.remove_table(cfg.nft_table):
             log.info("nftables table inet %s removed", cfg.nft_table)
+        limitsnft.remove(cfg.nft_table)
         try:
             self.tunnel.destroy()
             log.info("tunnel %s removed", cfg.wg_interface)

@@ -34,11 +34,13 @@ RULE_DEVICE_LIMIT = "kanmon:device-limit"
 class LimitSettings:
     """The `limits:` section. Defaults, and why (README "Per-device limits"):
 
-    * ``request_header_bytes`` 64 KiB: request line + all header lines of one HTTP/1 request.
-      The same bound HTTP/2 already has (h2/hpack's default header list size, 64 KiB); above
-      nginx's 4 x 8 KiB and Apache's 8 KiB per field, so large cookies pass. Buffered per
-      connection while reading, so a device holds at most connections x (64 KiB + one 64 KiB
-      read) of header buffers: 32 MiB at the default connection cap.
+    * ``request_header_bytes`` 32 KiB: request line + all header lines of one HTTP/1 request,
+      nginx's default total (large_client_header_buffers 4 x 8 KiB), so whatever works behind
+      a stock nginx works here; HTTP/2 is bounded by h2 itself (64 KiB). Buffered per connection
+      while reading, so a device holds at most connections x (32 KiB + one 64 KiB read) of
+      header buffers: 24 MiB at the default connection cap. Smaller also means a device
+      sending endless headers gets cut sooner, and with the connection rate its header
+      bytes are bounded (50/s x 32 KiB).
     * ``request_header_count`` 100: Apache's LimitRequestFields default; browsers send 10-30.
     * ``connections_per_device`` 256: Chrome's own cap on sockets per profile is 256; a
       device's apps together stay well below. Bounds one device's descriptors (2 per proxied
@@ -51,7 +53,7 @@ class LimitSettings:
       and limit per interval, with the count.
     """
 
-    request_header_bytes: int = 64 * 1024
+    request_header_bytes: int = 32 * 1024
     request_header_count: int = 100
     connections_per_device: int = 256
     new_connections_per_second: float = 50.0

@@ -5,6 +5,9 @@ HTTP/1 layers (driven event by event, as the proxy drives them)."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
+import subprocess
 
 import pytest
 from mitmproxy import dns, options
@@ -26,6 +29,7 @@ from gateway.connections import LiveConnections
 from gateway.limits import (LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE, LIMIT_HEADER_BYTES,
                             LIMIT_HEADER_COUNT, LIMIT_RESPONSE_HEADER, RULE_DEVICE_LIMIT, DeviceLimiter,
                             LimitReporter, LimitSettings, TokenBucket)
+from gateway.logstore import missing_required_fields
 from gateway.metrics import GatewayMetrics
 from gateway.registry import DeviceRecord
 from gateway.yamlsource import SourceErrors
@@ -222,6 +226,7 @@ def test_connection_over_the_cap_is_refused_at_connect_counted_and_logged_once()
     assert record["device.id"] == "phone-1" and record["user.name"] == "sato@example.jp"
     assert record["source.ip"] == "10.77.0.2" and record["destination.port"] == 443
     assert "上限" in record["event.reason"] and "limit" in record["event.reason"]
+    assert missing_required_fields("conn", {**record, "@timestamp": "2026-12-05T00:00:00.000000Z"}) == []
     for c in refused:                                        # refused connections close too
         gate.disconnect(c)
     gate.disconnect(held[0])
@@ -258,6 +263,7 @@ def test_dns_datagrams_over_the_rate_are_dropped_per_device():
     record = gate.sink.records[0][1]
     assert record["kanmon.limit.name"] == LIMIT_DNS_RATE and record["device.id"] == "phone-1"
     assert record["network.transport"] == "udp" and record["destination.port"] == 53
+    assert missing_required_fields("conn", {**record, "@timestamp": "2026-12-05T00:00:00.000000Z"}) == []
 
 
 def test_dns_check_that_fails_drops_the_datagram_and_counts_the_error():
@@ -429,3 +435,28 @@ def test_oversized_response_head_from_a_server_becomes_a_protocol_error(capped):
     errors = [c for c in cmds if isinstance(c, ReceiveHttp) and isinstance(c.event, ResponseProtocolError)]
     assert len(errors) == 1 and any(isinstance(c, commands.CloseConnection) for c in cmds)
     assert capped and capped[0][0] == LIMIT_RESPONSE_HEADER
+
+
+# -- the kernel backstop ------------------------------------------------------------------------
+
+def test_kernel_backstop_sits_at_twice_the_proxys_limits_per_address():
+    from gateway.limitsnft import render_limits_table, table_name
+    text = render_limits_table(table_name("kanmon_gw"), "wg0", LimitSettings(
+        connections_per_device=256, new_connections_per_second=50, new_connections_burst=200,
+        dns_queries_per_second=20, dns_burst=100))
+    assert table_name("kanmon_gw") == "kanmon_gw_limits"
+    assert "table inet kanmon_gw_limits {" in text and "delete table inet kanmon_gw_limits" in text
+    for family, saddr in (("4", "ip saddr"), ("6", "ip6 saddr")):
+        assert f"add @rate_v{family} {{ {saddr} limit rate over 100/second burst 400 packets }}" in text
+        assert f"add @held_v{family} {{ {saddr} ct count over 512 }}" in text
+        assert f"add @dns_v{family} {{ {saddr} limit rate over 40/second burst 200 packets }}" in text
+    assert text.count("reject with tcp reset") == 4
+    assert 'iifname != "wg0" return' in text            # only tunnel traffic is limited
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="nft -c needs root")
+def test_kernel_backstop_is_valid_nft():
+    from gateway.limitsnft import render_limits_table
+    proc = subprocess.run(["nft", "-c", "-f", "-"], input=render_limits_table("kanmon_t_limits", "wg0", LimitSettings()),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
