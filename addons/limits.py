@@ -41,6 +41,7 @@ from addons.hostrules import METADATA_VERDICT
 from gateway import dnslistener
 from gateway.connections import LiveConnections
 from gateway.i18n import Text
+from gateway.limitsnft import KERNEL_LIMITS
 from gateway.limits import (LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE, LIMIT_HEADER_BYTES,
                             LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER, RULE_DEVICE_LIMIT,
                             DeviceLimiter, LimitReporter, LimitSettings)
@@ -176,9 +177,14 @@ class DeviceLimits:
     name = "kanmon-limits"
 
     def __init__(self, settings: LimitSettings, connections: LiveConnections, directory, metrics: GatewayMetrics,
-                 sink: Any = None, clock: Callable[[], float] | None = None):
+                 sink: Any = None, clock: Callable[[], float] | None = None,
+                 kernel_counters: Callable[[], dict[str, int]] | None = None):
         """``directory``: tunnel address -> device (addons.identity.DeviceDirectory), for DNS
-        datagrams, which have no connection entry. ``sink``: the log store (``append``)."""
+        datagrams, which have no connection entry. ``sink``: the log store (``append``).
+        ``kernel_counters``: reads the kernel backstop's counters (gateway/limitsnft.py; blocking,
+        called off the event loop), added to the metric as ``kernel-*`` limits."""
+        self.kernel_counters = kernel_counters
+        self._kernel_seen: dict[str, int] = {}
         self.settings = settings
         self.connections = connections
         self.directory = directory
@@ -213,6 +219,19 @@ class DeviceLimits:
         while True:
             await asyncio.sleep(interval / 2)
             self.flush()
+            if self.kernel_counters is not None:
+                try:
+                    self.count_kernel(await asyncio.to_thread(self.kernel_counters))
+                except Exception:
+                    log.exception("reading the kernel backstop's counters failed; will retry")
+
+    def count_kernel(self, counters: dict[str, int]) -> None:
+        """Add what the kernel backstop refused since the last read to the metric."""
+        for name, packets in counters.items():
+            seen = self._kernel_seen.get(name, 0)
+            if packets > seen:
+                self.metrics.device_limited.labels(KERNEL_LIMITS[name]).inc(packets - seen)
+            self._kernel_seen[name] = packets   # a smaller value: the table was replaced
 
     def flush(self) -> None:
         self.reporter.flush()

@@ -145,7 +145,8 @@ class GatewayApp:
         chain = [
             DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
             # issue #14: over its per-device limits a device's connection is refused here, before any work
-            DeviceLimits(self.cfg.limits, self.connections, self.directory, self.metrics, self.logstore),
+            DeviceLimits(self.cfg.limits, self.connections, self.directory, self.metrics, self.logstore,
+                         kernel_counters=lambda: limitsnft.read_counters(limitsnft.table_name(self.cfg.nft_table))),
             decider,
             *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
             QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),

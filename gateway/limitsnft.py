@@ -16,6 +16,7 @@ are per address (IPv4 and IPv6 apart): the exact per-device accounting is the pr
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -23,6 +24,10 @@ from gateway.limits import LimitSettings
 from gateway.steering import SteeringError, remove_table
 
 KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
+# The table's named counters -> the `limit` label they are counted under in
+# kanmon_device_limited_total (the kernel's bites, all devices together: nft keeps no per-device count).
+KERNEL_LIMITS = {"refused_rate": "kernel-connection-rate", "refused_held": "kernel-connections",
+                 "dropped_dns": "kernel-dns-rate"}
 
 
 def table_name(steering_table: str) -> str:
@@ -90,3 +95,23 @@ def apply(steering_table: str, tunnel_interface: str, settings: LimitSettings) -
 
 def remove(steering_table: str) -> bool:
     return remove_table(table_name(steering_table))
+
+
+def parse_counters(nft_json: str) -> dict[str, int]:
+    """Packets per named counter from `nft -j list counters table inet ...` output."""
+    out = {}
+    for item in json.loads(nft_json).get("nftables", []):
+        counter = item.get("counter")
+        if counter is not None and counter.get("name") in KERNEL_LIMITS:
+            out[counter["name"]] = int(counter.get("packets", 0))
+    return out
+
+
+def read_counters(table: str) -> dict[str, int]:
+    """The backstop's counters now (blocking: run it off the event loop); {} if unreadable."""
+    binary = shutil.which("nft")
+    if binary is None:
+        return {}
+    proc = subprocess.run([binary, "-j", "list", "counters", "table", "inet", table],
+                          capture_output=True, text=True, timeout=10)
+    return parse_counters(proc.stdout) if proc.returncode == 0 else {}

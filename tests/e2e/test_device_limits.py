@@ -99,7 +99,10 @@ def test_each_limit_bites_for_the_flooding_device_while_the_other_keeps_working(
     many = (f"GET /{marker}-n HTTP/1.1\r\nHost: www.example.test\r\n".encode()
             + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n")               # 61 small fields
     assert raw_request(lab, many)["status"].startswith("HTTP/1.1 431")
-    assert lab.metric_value("kanmon_device_limited_total", limit="request-header-bytes") == 1
+    # Inside TLS (intercepted HTTP/1.1) the same cap applies.
+    tls = a.curl(f"https://www.example.test/{marker}-tls", "--http1.1", "-H", "X-Big: " + "b" * 10000)
+    assert http_code(tls) == "431", tls.stderr
+    assert lab.metric_value("kanmon_device_limited_total", limit="request-header-bytes") == 2
     assert lab.metric_value("kanmon_device_limited_total", limit="request-header-count") == 1
     assert not [r for r in lab.nginx_requests() if marker in r["uri"]], "the upstream must never see them"
 
@@ -164,6 +167,9 @@ def test_each_limit_bites_for_the_flooding_device_while_the_other_keeps_working(
 
     # One record per device and limit per interval, with the count: a handful, not hundreds.
     time.sleep(LIMITS["log_interval_seconds"] * 1.5)   # the last interval's count is flushed
+    # The kernel's refusals reach the metric too (read every log interval / 2).
+    assert lab.metric_value("kanmon_device_limited_total", limit="kernel-connection-rate") >= 150
+    assert lab.metric_value("kanmon_device_limited_total", limit="kernel-dns-rate") >= 100
     dns_records = limited_records(lab, "dns-rate")
     assert 1 <= len(dns_records) <= 6, dns_records
     assert sum(r["kanmon.limit.count"] for r in dns_records) == lab.metric_value(

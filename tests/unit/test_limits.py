@@ -5,6 +5,7 @@ HTTP/1 layers (driven event by event, as the proxy drives them)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -460,3 +461,21 @@ def test_kernel_backstop_is_valid_nft():
     proc = subprocess.run(["nft", "-c", "-f", "-"], input=render_limits_table("kanmon_t_limits", "wg0", LimitSettings()),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_kernel_counters_are_added_to_the_metric_as_deltas():
+    from gateway.limitsnft import parse_counters
+    text = json.dumps({"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"counter": {"family": "inet", "name": "refused_rate", "table": "t", "packets": 120, "bytes": 7200}},
+        {"counter": {"family": "inet", "name": "dropped_dns", "table": "t", "packets": 5, "bytes": 300}},
+        {"counter": {"family": "inet", "name": "someone_elses", "table": "t", "packets": 9, "bytes": 1}}]})
+    counters = parse_counters(text)
+    assert counters == {"refused_rate": 120, "dropped_dns": 5}
+    gate = Gate()
+    gate.limits.count_kernel(counters)
+    gate.limits.count_kernel({"refused_rate": 150, "dropped_dns": 5})
+    assert gate.bites("kernel-connection-rate") == 150 and gate.bites("kernel-dns-rate") == 5
+    gate.limits.count_kernel({"refused_rate": 10})       # table replaced (restart): counts from there
+    gate.limits.count_kernel({"refused_rate": 25})
+    assert gate.bites("kernel-connection-rate") == 165
