@@ -74,11 +74,12 @@ class ProxySettings:
         return values
 
 
-# Kernel accept queue of the TCP listeners. asyncio listens with 100: a device opening
-# connections faster than the loop accepts them filled it, and then every other device's SYN
-# was dropped too and retried only a second later (issue #14, bench/noisy_neighbour.py). A
-# longer queue (the kernel caps it at net.core.somaxconn) lets the others wait milliseconds
-# instead; asyncio still accepts at most 100 per loop pass, so other work is not held up.
+# Kernel accept queue of the TCP listeners. asyncio listens with 100: in the lab, while one
+# device opened connections faster than the loop accepted them, the queue overflowed and the
+# other device's SYNs were dropped and retried only 1-3 s later (issue #14). A single device's
+# flood is kept out of the queue by the kernel backstop (gateway/limitsnft.py); the longer queue
+# (the kernel caps it at net.core.somaxconn) absorbs bursts of many devices at once, e.g. all of
+# them reconnecting after a restart. asyncio still accepts at most 100 per loop pass.
 LISTEN_BACKLOG = 4096
 
 

@@ -479,3 +479,33 @@ def test_kernel_counters_are_added_to_the_metric_as_deltas():
     gate.limits.count_kernel({"refused_rate": 10})       # table replaced (restart): counts from there
     gate.limits.count_kernel({"refused_rate": 25})
     assert gate.bites("kernel-connection-rate") == 165
+
+
+# -- the proxy listeners' accept queue ---------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_accept_queue_of_a_listening_socket_is_deepened():
+    import asyncio
+
+    from gateway.proxy import deepen_accept_queues
+
+    def backlog(port: int) -> int:
+        # For a listening socket, ss shows the accept queue's limit as Send-Q.
+        line = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+        return int(line[2])
+
+    async def scenario():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assert backlog(port) == 100                         # asyncio's default
+
+            class Instance:                                     # what mitmproxy's server instances hold
+                _servers = [server]
+
+            assert deepen_accept_queues([Instance()], 1024) == 1
+            assert backlog(port) == 1024
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
