@@ -14,7 +14,8 @@
   over `request_header_bytes`, or with more than `request_header_count` fields, gets 431 and the
   connection is closed before any hook sees the request -- the upstream never receives it.
   A server's response head gets the same caps (502 to the device). HTTP/2 is bounded by h2
-  itself (64 KiB decoded header list, at most 64 CONTINUATION frames).
+  itself (64 KiB decoded header list, at most 64 CONTINUATION frames). A TLS ClientHello,
+  which mitmproxy also buffers until complete (up to 16 MiB), is cut at MAX_CLIENTHELLO_BYTES.
 
 When a limit bites, `kanmon_device_limited_total{limit}` counts every bite, and one `conn`
 log record (event.action `device-limited`) per device, limit and `log_interval_seconds` says
@@ -31,8 +32,10 @@ from typing import Any
 
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import connection, dns
+from mitmproxy.addons import next_layer
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseHeaders, ResponseProtocolError
@@ -42,9 +45,9 @@ from gateway import dnslistener
 from gateway.connections import LiveConnections
 from gateway.i18n import Text
 from gateway.limitsnft import KERNEL_LIMITS
-from gateway.limits import (LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE, LIMIT_HEADER_BYTES,
-                            LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER, RULE_DEVICE_LIMIT,
-                            DeviceLimiter, LimitReporter, LimitSettings)
+from gateway.limits import (LIMIT_CLIENTHELLO, LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE,
+                            LIMIT_HEADER_BYTES, LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER,
+                            MAX_CLIENTHELLO_BYTES, RULE_DEVICE_LIMIT, DeviceLimiter, LimitReporter, LimitSettings)
 from gateway.metrics import GatewayMetrics
 from gateway.registry import DeviceRecord
 from gateway.verdict import Action, Stage, Verdict
@@ -159,6 +162,21 @@ class LimitedHttp1Client(_http1.Http1Client):
             limits.on_refused(self.context.client, LIMIT_RESPONSE_HEADER, size)
 
 
+class LimitedClientTLSLayer(tls_layers.ClientTLSLayer):
+    """mitmproxy's client-side TLS layer with a bound on the ClientHello it buffers."""
+
+    def receive_handshake_data(self, data: bytes):
+        limits = _header_limits
+        if limits is not None and not self.client_hello_parsed:
+            size = len(self.recv_buffer) + len(data)
+            if size > MAX_CLIENTHELLO_BYTES:
+                self.recv_buffer = bytearray()
+                if limits.on_refused is not None:
+                    limits.on_refused(self.context.client, LIMIT_CLIENTHELLO, size)
+                return False, f"kanmon: ClientHello still incomplete after {size} bytes"
+        return (yield from super().receive_handshake_data(data))
+
+
 _PARENT_READ = {RequestHeaders: _http1.Http1Server.read_headers, ResponseHeaders: _http1.Http1Client.read_headers}
 
 
@@ -169,6 +187,8 @@ def install_header_limits(limits: HeaderLimits | None) -> None:
     _header_limits = limits
     http_layers.Http1Server = LimitedHttp1Server if limits is not None else _http1.Http1Server
     http_layers.Http1Client = LimitedHttp1Client if limits is not None else _http1.Http1Client
+    # The transparent mode's TLS layer is made by the next_layer addon under this name.
+    next_layer.ClientTLSLayer = LimitedClientTLSLayer if limits is not None else tls_layers.ClientTLSLayer
 
 
 # -- the addon ------------------------------------------------------------------------------
@@ -308,7 +328,8 @@ class DeviceLimits:
         s = self.settings
         return {LIMIT_CONNECTIONS: s.connections_per_device, LIMIT_CONNECTION_RATE: s.new_connections_per_second,
                 LIMIT_DNS_RATE: s.dns_queries_per_second, LIMIT_HEADER_BYTES: s.request_header_bytes,
-                LIMIT_HEADER_COUNT: s.request_header_count, LIMIT_RESPONSE_HEADER: s.request_header_bytes}[limit]
+                LIMIT_HEADER_COUNT: s.request_header_count, LIMIT_RESPONSE_HEADER: s.request_header_bytes,
+                LIMIT_CLIENTHELLO: MAX_CLIENTHELLO_BYTES}[limit]
 
     def _emit(self, key: str, limit: str, count: int, context: dict) -> None:
         device = self._devices.get(key)

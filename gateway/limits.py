@@ -24,8 +24,14 @@ LIMIT_DNS_RATE = "dns-rate"                         # DNS queries per second
 LIMIT_HEADER_BYTES = "request-header-bytes"         # HTTP/1 request line + header block
 LIMIT_HEADER_COUNT = "request-header-count"         # HTTP/1 header fields in one request
 LIMIT_RESPONSE_HEADER = "response-header-size"      # a server's HTTP/1 response head (same caps)
+LIMIT_CLIENTHELLO = "tls-clienthello-size"          # a TLS ClientHello still incomplete at MAX_CLIENTHELLO_BYTES
 LIMIT_NAMES = (LIMIT_CONNECTIONS, LIMIT_CONNECTION_RATE, LIMIT_DNS_RATE, LIMIT_HEADER_BYTES,
-               LIMIT_HEADER_COUNT, LIMIT_RESPONSE_HEADER)
+               LIMIT_HEADER_COUNT, LIMIT_RESPONSE_HEADER, LIMIT_CLIENTHELLO)
+
+# mitmproxy buffers a ClientHello until it is complete, and its length field allows 16 MiB (re-parsed
+# from the start at every read). Real ones are 0.5-2 KiB (8 KiB with every extension and a
+# post-quantum key share); a connection whose hello is still incomplete at this size is cut.
+MAX_CLIENTHELLO_BYTES = 64 * 1024
 
 RULE_DEVICE_LIMIT = "kanmon:device-limit"
 

@@ -509,3 +509,45 @@ def test_accept_queue_of_a_listening_socket_is_deepened():
             server.close()
 
     asyncio.run(scenario())
+
+
+# -- the ClientHello buffer ------------------------------------------------------------------
+
+def _drive(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_an_endless_clienthello_is_cut_at_the_cap(capped):
+    from mitmproxy.addons import next_layer
+    from mitmproxy.proxy.layers import tls as tls_layers
+
+    from addons.limits import LimitedClientTLSLayer
+    from gateway.limits import LIMIT_CLIENTHELLO, MAX_CLIENTHELLO_BYTES
+
+    assert next_layer.ClientTLSLayer is LimitedClientTLSLayer          # what the transparent mode builds
+    context = Context(tflow.tclient_conn(), options.Options())
+    context.layers = [object()]
+    layer = LimitedClientTLSLayer(context)
+    # A handshake message that says it is 1 MiB long, sent in full-size TLS records.
+    body = b"\x01" + (1 << 20).to_bytes(3, "big") + b"h" * (16384 - 4)
+    first = b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body
+    more = b"\x16\x03\x01" + (16384).to_bytes(2, "big") + b"h" * 16384
+    assert _drive(layer.receive_handshake_data(first)) == (False, None)   # incomplete: wait for more
+    results = []
+    for _ in range(10):
+        results.append(_drive(layer.receive_handshake_data(more)))
+        if results[-1][1] is not None:
+            break
+    done, error = results[-1]
+    assert done is False and "ClientHello" in error
+    assert all(r == (False, None) for r in results[:-1])
+    received = len(first) + len(more) * len(results)
+    assert received - len(more) <= MAX_CLIENTHELLO_BYTES < received      # cut by the first read past the cap
+    assert capped == [(LIMIT_CLIENTHELLO, received)]
+    assert len(layer.recv_buffer) == 0
+    install_header_limits(None)
+    assert next_layer.ClientTLSLayer is tls_layers.ClientTLSLayer
