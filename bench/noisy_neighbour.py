@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, Lab  # noqa: E402
+from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, Lab, wait_until  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -282,7 +282,11 @@ def start(lab: Lab, overrides: dict) -> None:
     lab.start_gateway()
     for device in lab.devices:
         lab.wait_for_peer(device)
-    time.sleep(1.0)
+        # A restarted gateway has a new tunnel interface: the device's WireGuard session is
+        # renewed (up to 5 s) before anything gets through. Measure from there.
+        wait_until(lambda: device.ns.run("curl", "-sS", "-o", "/dev/null", "--max-time", "2",
+                                         f"http://{WEB4}/ready", check=False, timeout=10).returncode == 0,
+                   30, f"a request through the tunnel of {device.device_id}", interval=0.2)
 
 
 def main() -> int:
