@@ -215,9 +215,25 @@ def rss_sampler(pid: int, stop: threading.Event, out: list[int]) -> None:
         stop.wait(0.2)
 
 
+# Where packets are lost in the gateway's namespace: the UDP socket of its WireGuard endpoint
+# (every device's packets arrive there before the tunnel decrypts them) and the proxy's accept queue.
+DROP_COUNTERS = ("UdpRcvbufErrors", "Udp6RcvbufErrors", "TcpExtListenOverflows", "TcpExtListenDrops")
+
+
+def drop_counters(lab: Lab) -> dict[str, int]:
+    out = lab.gw.run("nstat", "-az", *DROP_COUNTERS, check=False).stdout
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in DROP_COUNTERS:
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def run_phase(lab: Lab, args: argparse.Namespace, flood: bool) -> dict:
     a, b = lab.devices
     pid = lab.gateway.proc.pid
+    drops_before = drop_counters(lab)
     rss: list[int] = []
     stop = threading.Event()
     sampler = threading.Thread(target=rss_sampler, args=(pid, stop, rss), daemon=True)
@@ -260,7 +276,9 @@ def run_phase(lab: Lab, args: argparse.Namespace, flood: bool) -> dict:
         return latencies[min(len(latencies) - 1, int(len(latencies) * p))] if latencies else None
 
     slowest = sorted(ops, key=lambda op: -op[2])[:5]
+    drops_after = drop_counters(lab)
     return {
+        "gateway_drops": {k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in drops_after},
         "slowest": slowest,
         "operations": len(ops),
         "success_pct": 100.0 * sum(1 for op in ops if op[1]) / max(1, len(ops)),
@@ -358,7 +376,8 @@ def main() -> int:
     print("(success %: the worst round; RSS: the highest peak)")
     for r in rounds:
         flood = r["results"]["flood"]
-        print(f"round {r['round']} flood by A: {flood['flood']}; limits bit: {flood['limited']}")
+        print(f"round {r['round']} flood by A: {flood['flood']}; limits bit: {flood['limited']}; "
+              f"packets lost in the gateway's namespace: {flood['gateway_drops']}")
     for goal, met in verdicts.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
     out = Path(args.out)
