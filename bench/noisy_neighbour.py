@@ -17,7 +17,10 @@ A record) -- and records success and latency. Phases, per round:
 
 Device A's processes run at --device-nice: on this one machine the flooding device's CPU
 (its flood loops, its wireguard-go) is the gateway's, which a real device's is not; the table
-reports how much A actually sent. The gateway's RSS is sampled every 0.2 s (peak reported). Goal (issue #14): under the flood B
+reports how much A actually sent. The gateway's RSS is sampled every 0.2 s (peak reported), and the kernel's drop counters in the
+gateway's namespace are read before and after each phase (UDP receive buffers -- the tunnel
+endpoint's socket, where every device's packets queue before decryption -- and the proxy's
+accept queue), so a loss outside the proxy shows where it happened. Goal (issue #14): under the flood B
 keeps >= 99 % success with p99 within 3x its idle p99, and the gateway's RSS stays under
 --rss-bound-mb. Prints a table and writes bench/results/noisy_neighbour.json.
 
