@@ -325,13 +325,20 @@ def main() -> int:
                          "flooding device's CPU is the gateway's, which a real device's is not")
     ap.add_argument("--floods", default="connections,headers,dns", help="which floods A runs (comma-separated)")
     ap.add_argument("--rss-bound-mb", type=float, default=400.0, help="the gateway's RSS must stay below this")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a `limits:` setting for the idle and flood phases (repeatable), e.g. tunnel_packets_per_second=5000")
     ap.add_argument("--compare-unlimited", action="store_true", help="also flood a gateway without effective limits")
     ap.add_argument("--out", default=str(RESULTS / "noisy_neighbour.json"))
     args = ap.parse_args()
 
     lab = Lab(Path(tempfile.mkdtemp(prefix="kanmon-noisy-")), n_devices=2)
     rounds: list[dict] = []
-    scenarios = [("idle", {}, False), ("flood", {}, True)]
+    limits = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        limits[key] = float(value) if "." in value else int(value)
+    base = {"limits": limits} if limits else {}
+    scenarios = [("idle", base, False), ("flood", base, True)]
     if args.compare_unlimited:
         scenarios.append(("flood, limits off", UNLIMITED, True))
     try:
@@ -389,7 +396,7 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
         "cores": os.cpu_count(), "duration_s": args.duration, "rounds_run": args.rounds,
         "flood_connections": args.flood_connections, "header_connections": args.header_connections,
-        "rss_bound_mb": args.rss_bound_mb, "summary": summary, "goals": verdicts, "rounds": rounds,
+        "rss_bound_mb": args.rss_bound_mb, "limits": limits, "summary": summary, "goals": verdicts, "rounds": rounds,
     }, indent=2))
     print(f"\nwritten: {out}")
     return 0 if all(verdicts.values()) else 1

@@ -301,7 +301,7 @@ class GatewayApp:
             ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
             transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked)))
         log.info("nftables table inet %s installed", cfg.nft_table)
-        limitsnft.apply(cfg.nft_table, cfg.wg_interface, cfg.limits)   # issue #14: the kernel takes connection floods
+        limitsnft.apply(cfg.nft_table, cfg.wg_interface, cfg.limits, cfg.wg_listen_port)   # issue #14: the kernel takes floods
         addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
         if cfg.ipv6_prefix is not None:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))

@@ -55,6 +55,12 @@ class LimitSettings:
       connections within a second; each new connection costs the proxy a TLS handshake.
     * ``dns_queries_per_second`` 20, burst 100: a page load asks A + AAAA for a few dozen
       names at once (the burst); a busy device averages a few queries a second.
+    * ``tunnel_packets_per_second`` 10000: encrypted packets per WireGuard endpoint (outer
+      address and port) into the tunnel, kernel-only (gateway/limitsnft.py). Every device's
+      packets queue in the one UDP socket of the tunnel before they are decrypted and any other
+      limit can tell devices apart; a device sending faster than the tunnel decrypts filled it
+      and the others' packets were lost with its own (bench/noisy_neighbour.py:
+      UdpRcvbufErrors). 10k full-size packets a second is about 110 Mbit/s per device.
     * ``log_interval_seconds`` 10: a limit that keeps biting writes one log record per device
       and limit per interval, with the count.
     """
@@ -66,6 +72,7 @@ class LimitSettings:
     new_connections_burst: int = 200
     dns_queries_per_second: float = 20.0
     dns_burst: int = 100
+    tunnel_packets_per_second: int = 10000
     log_interval_seconds: float = 10.0
 
 
@@ -80,6 +87,7 @@ LIMITS_SCHEMA: dict[str, Any] = {
         "new_connections_burst": {"type": "integer", "minimum": 1},
         "dns_queries_per_second": {"type": "number", "exclusiveMinimum": 0},
         "dns_burst": {"type": "integer", "minimum": 1},
+        "tunnel_packets_per_second": {"type": "integer", "minimum": 100},
         "log_interval_seconds": {"type": "number", "minimum": 1},
     },
 }

@@ -1,7 +1,8 @@
 """Kernel backstop of the per-device limits (issue #14): one small nftables table of its own
 (``inet <steering table>_limits``) that refuses, with a TCP reset, a tunnel address's new TCP
-connections beyond twice its configured rate or twice its connection cap, and drops its DNS
-datagrams beyond twice its DNS rate.
+connections beyond twice its configured rate or twice its connection cap, drops its DNS
+datagrams beyond twice its DNS rate, and drops a WireGuard endpoint's encrypted packets beyond
+`tunnel_packets_per_second` before they reach the tunnel's socket.
 
 Why in the kernel too: refusing a connection in `client_connected` (addons/limits.py) still
 costs the proxy an accept, a connection handler and a hook round (about 0.5 ms on the 2-core
@@ -27,15 +28,16 @@ KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
 # The table's named counters -> the `limit` label they are counted under in
 # kanmon_device_limited_total (the kernel's bites, all devices together: nft keeps no per-device count).
 KERNEL_LIMITS = {"refused_rate": "kernel-connection-rate", "refused_held": "kernel-connections",
-                 "dropped_dns": "kernel-dns-rate"}
+                 "dropped_dns": "kernel-dns-rate", "dropped_tunnel": "kernel-tunnel-packets"}
 
 
 def table_name(steering_table: str) -> str:
     return f"{steering_table}_limits"
 
 
-def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettings) -> str:
+def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettings, tunnel_port: int = 51820) -> str:
     """The whole table as `nft -f` input (replaced atomically, like the steering table)."""
+    packets = settings.tunnel_packets_per_second
     rate = max(1, int(settings.new_connections_per_second * KERNEL_FACTOR))
     burst = settings.new_connections_burst * KERNEL_FACTOR
     held = settings.connections_per_device * KERNEL_FACTOR
@@ -51,15 +53,22 @@ def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettin
             f"  set rate_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic,timeout; timeout 5m; }}",
             f"  set held_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic; }}",
             f"  set dns_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic,timeout; timeout 5m; }}",
+            f"  set tunnel_v{v} {{ type ipv{v}_addr . inet_service; size 65535; flags dynamic,timeout; timeout 5m; }}",
         ]
     lines += [
         "  counter refused_rate {}",
         "  counter refused_held {}",
         "  counter dropped_dns {}",
+        "  counter dropped_tunnel {}",
         "",
         "  chain new_connections {",
         # before the steering table's local_in (priority filter): the proxy's listeners
         "    type filter hook input priority filter - 1; policy accept;",
+        # Encrypted packets per WireGuard endpoint, before the tunnel's one socket queues them.
+        f"    udp dport {tunnel_port} meta nfproto ipv4 add @tunnel_v4 {{ ip saddr . udp sport limit rate over"
+        f" {packets}/second burst {packets} packets }} counter name dropped_tunnel drop",
+        f"    udp dport {tunnel_port} meta nfproto ipv6 add @tunnel_v6 {{ ip6 saddr . udp sport limit rate over"
+        f" {packets}/second burst {packets} packets }} counter name dropped_tunnel drop",
         f'    iifname != "{tunnel_interface}" return',
         # Only DNS reaches the gateway over UDP from the tunnel (the steering table drops the rest).
         f"    meta l4proto udp meta nfproto ipv4 add @dns_v4 {{ ip saddr limit rate over {dns_rate}/second"
@@ -82,12 +91,12 @@ def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettin
     return "\n".join(lines) + "\n"
 
 
-def apply(steering_table: str, tunnel_interface: str, settings: LimitSettings) -> None:
+def apply(steering_table: str, tunnel_interface: str, settings: LimitSettings, tunnel_port: int = 51820) -> None:
     binary = shutil.which("nft")
     if binary is None:
         raise SteeringError("nft not found (apt-get install nftables)")
     proc = subprocess.run([binary, "-f", "-"], input=render_limits_table(table_name(steering_table),
-                                                                          tunnel_interface, settings),
+                                                                          tunnel_interface, settings, tunnel_port),
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise SteeringError(f"nft refused the limits table: {proc.stderr.strip()}")
