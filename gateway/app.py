@@ -33,11 +33,12 @@ from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.dnsguard import DnsBypassGuard, NoInspectBinding
+from addons.limits import DeviceLimits
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.protocol import ProtocolIdentifier
 from addons.requesttarget import RequestAuthority
 from addons.quarantine import QuarantineGate
-from gateway import allocator, diagnostics, heaptrim, steering
+from gateway import allocator, diagnostics, heaptrim, limitsnft, steering
 from gateway.config import GatewayConfig
 from gateway.cluster import ClusterNode, registry_url_of
 from gateway.connections import LiveConnections
@@ -170,6 +171,9 @@ class GatewayApp:
         rule_info = (lambda rule_id: self.policy.current.snapshot.rule(rule_id)) if self.policy is not None else None
         chain = [
             DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
+            # issue #14: over its per-device limits a device's connection is refused here, before any work
+            DeviceLimits(self.cfg.limits, self.connections, self.directory, self.metrics, self.logstore,
+                         kernel_counters=lambda: limitsnft.read_counters(limitsnft.table_name(self.cfg.nft_table))),
             RequestAuthority(self.connections),   # issue #14: judge the authority the upstream will see
             decider,
             NoInspectBinding(self.connections, self.dns_bindings),
@@ -347,6 +351,7 @@ class GatewayApp:
                 metrics=self.metrics, interval=cfg.firewall_log_interval).start()
         except FirewallLogReaderError as exc:
             raise StartupError(f"firewall log: {exc}") from None
+        limitsnft.apply(cfg.nft_table, cfg.wg_interface, cfg.limits, cfg.wg_listen_port)   # issue #14: the kernel takes floods
         addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
         if cfg.ipv6_prefix is not None:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
@@ -574,6 +579,7 @@ class GatewayApp:
             self.firewall_log.stop()   # flushes the pending aggregated records
         if steering.remove_table(cfg.nft_table):
             log.info("nftables table inet %s removed", cfg.nft_table)
+        limitsnft.remove(cfg.nft_table)
         try:
             self.tunnel.destroy()
             log.info("tunnel %s removed", cfg.wg_interface)

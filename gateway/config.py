@@ -16,6 +16,7 @@ from typing import Any
 from gateway.hostname import normalize_host_entry
 from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.cluster_schema import REGISTRY_SCHEMA
+from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
@@ -183,6 +184,7 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "signin": SIGNIN_SCHEMA,   # issue #9: OIDC user sign-in (gateway/signin/settings.py)
+        "limits": LIMITS_SCHEMA,   # issue #14: per-device resource limits (gateway/limits.py)
         "addons": {
             "type": "object",
             "additionalProperties": False,
@@ -287,6 +289,7 @@ class GatewayConfig:
     posture_quarantine_jailbroken: bool = True
     mail: MailSettings | None = None          # issue #5; None: no mail filtering
     signin: SignInSettings | None = None      # issue #9; None: devices need no user sign-in
+    limits: LimitSettings = LimitSettings()   # issue #14; the defaults are documented in gateway/limits.py
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -520,6 +523,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         posture_quarantine_jailbroken=bool(posture_cfg.get("quarantine_jailbroken", True)),
         mail=mail,
         signin=signin,
+        limits=limit_settings(d.get("limits")),
     )
 
 

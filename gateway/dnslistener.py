@@ -22,6 +22,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy.proxy import mode_servers
@@ -36,6 +37,20 @@ MAX_QUEUED_DATAGRAMS = 64  # per client address; more while the handler is busy 
 # the stream idle longest is closed to make room: its answer has long been sent.
 MAX_STREAMS = 8192
 EVICTION_LOG_EVERY = 10.0  # seconds between warnings while streams are being evicted
+
+# Per-device DNS rate (issue #14, addons/limits.py): called with the client's address before a
+# datagram is queued or a stream made for it; False drops the datagram right there. Dropped,
+# not answered REFUSED: a flood costs one dict lookup and a token-bucket step per datagram (no
+# answer to build, no send), and a device that only briefly went over gets its stub resolver's
+# normal retry a second later instead of an error it would show the user.
+Admission = Callable[[str], bool]
+_admission: Admission | None = None
+
+
+def set_admission(admit: Admission | None) -> None:
+    """Every DNS datagram listener started from now on asks `admit` first (None: no check)."""
+    global _admission
+    _admission = admit
 
 
 class DatagramStream:
@@ -90,10 +105,12 @@ class DatagramStream:
 
 
 class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, handle_stream, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(self, handle_stream, max_streams: int = MAX_STREAMS, admit: Admission | None = None) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be positive")
         self.handle_stream = handle_stream
+        self.admit = admit
+        self.refused = 0   # datagrams dropped by `admit`
         self.max_streams = max_streams
         # Least recently heard-from first: the eviction order.
         self.streams: OrderedDict[tuple, DatagramStream] = OrderedDict()
@@ -106,6 +123,9 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.admit is not None and not self.admit(addr[0]):
+            self.refused += 1
+            return
         stream = self.streams.get(addr)
         if stream is not None:
             self.streams.move_to_end(addr)
@@ -159,7 +179,7 @@ async def start_datagram_server(handle_stream, host: str, port: int) -> Datagram
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
     sock.bind((host, port))
     sock.setblocking(False)
-    endpoint = _Endpoint(handle_stream)
+    endpoint = _Endpoint(handle_stream, admit=_admission)
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: endpoint, sock=sock)
     return DatagramServer(transport, endpoint, sock)
 

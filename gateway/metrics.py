@@ -80,6 +80,10 @@ class GatewayMetrics:
             "kanmon_log_write_errors_total", "Log records that could not be written.", ["stream"], registry=r)
         self.log_records = Counter(
             "kanmon_log_records_total", "Log records written, by stream.", ["stream"], registry=r)
+        self.device_limited = Counter(
+            "kanmon_device_limited_total",
+            "Connections refused, DNS queries dropped and requests refused because one device went over a "
+            "per-device limit (issue #14, `limits:` in the config), by limit.", ["limit"], registry=r)
         self.clock_jumps = Counter(
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,30 @@ class ProxySettings:
         return values
 
 
+# Kernel accept queue of the TCP listeners. asyncio listens with 100: in the lab, while one
+# device opened connections faster than the loop accepted them, the queue overflowed and the
+# other device's SYNs were dropped and retried only 1-3 s later (issue #14). A single device's
+# flood is kept out of the queue by the kernel backstop (gateway/limitsnft.py); the longer queue
+# (the kernel caps it at net.core.somaxconn) absorbs bursts of many devices at once, e.g. all of
+# them reconnecting after a restart. asyncio still accepts at most 100 per loop pass.
+LISTEN_BACKLOG = 4096
+
+
+def deepen_accept_queues(servers, backlog: int = LISTEN_BACKLOG) -> int:
+    """listen() again with a longer queue on every TCP listening socket of `servers`
+    (mitmproxy server instances); returns how many sockets were changed."""
+    changed = 0
+    for instance in servers:
+        for server in getattr(instance, "_servers", ()):
+            for sock in getattr(server, "sockets", ()) or ():
+                if sock.type != socket.SOCK_STREAM:
+                    continue
+                with sock.dup() as dup:   # asyncio hands out a wrapper without listen()
+                    dup.listen(backlog)
+                changed += 1
+    return changed
+
+
 UPSTREAM_DNS_TIMEOUT = 3.0   # seconds; a device's stub resolver gives up after ~5 s per try
 
 
@@ -130,6 +155,7 @@ async def wait_for_listeners(master: Master, run_task: asyncio.Task, timeout: fl
         if servers and all(s.is_running for s in servers) and len(servers) == len(master.options.mode):
             for s in servers:
                 log.info("proxy listening: %s on %s", s.mode.description, s.listen_addrs)
+            deepen_accept_queues(servers)
             return
         await asyncio.sleep(0.05)
     states = {s.mode.full_spec: s.is_running for s in ps.servers}
