@@ -17,6 +17,7 @@ import pytest
 
 from gateway.lab.mailservers import MAIL_HOST, mail_prerequisites
 from gateway.lab.topology import MAIL4, Lab
+from tests.availability import unavailable
 from tests.e2e.conftest import require_lab, running_lab
 
 _spec = importlib.util.spec_from_file_location("noisy_mail", Path(__file__).resolve().parents[2] / "bench" / "noisy_mail.py")
@@ -29,7 +30,7 @@ def lab(tmp_path_factory):
     require_lab()
     missing = mail_prerequisites()
     if missing:
-        pytest.skip("mail servers missing: " + ", ".join(missing))
+        unavailable("mail servers missing: " + ", ".join(missing))
     workdir = tmp_path_factory.mktemp("stalllab")
     lab = Lab(workdir, n_devices=2, mail=True)
     lab.config_overrides = {"mail": {"organization_hosts": [MAIL_HOST, MAIL4],
