@@ -57,6 +57,7 @@ from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
 from gateway.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
+from gateway.autoquarantine.assembly import build_quarantiner, data_path_addons   # issue #18
 from gateway.yamlsource import SourceErrors
 
 log = logging.getLogger("kanmon.app")
@@ -123,6 +124,7 @@ class GatewayApp:
         self._applied_revision: int | None = None   # the revision last written for waiting commands
         self.enrollment: EnrollmentServer | None = None
         self.alerts: AlertDispatcher | None = None
+        self.autoquarantine = None   # issue #18: gateway/autoquarantine (built in prepare_host)
         self._log_alert_sent: dict[str, float] = {}
         # Several nodes on one PostgreSQL registry (registry.url): NOTIFY-driven reconcile,
         # node reports, cluster policy, outage tolerance (gateway/cluster.py).
@@ -183,6 +185,10 @@ class GatewayApp:
             *self._mail_addons(),   # issue #5: decides (private mail servers) before the enforcer
             *self._signin_addons(helpdesk),  # issue #9: unsigned devices reach only the sign-in path
             enforcer,
+            # issue #18: download scanning and automatic quarantine's block observer
+            *data_path_addons(self.cfg, connections=self.connections, metrics=self.metrics, logstore=self.logstore,
+                              block_http=enforcer.block_http, cut=self.cutter.cut, quarantiner=self.autoquarantine,
+                              user_of=user_of),
             accesslog,
             self.cutter,
         ]
@@ -322,7 +328,11 @@ class GatewayApp:
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = self.registry or SqliteRegistry(cfg.registry_path)
         if cfg.alerts:
-            self.alerts = AlertDispatcher.from_settings(AlertSettings.from_mapping(cfg.alerts)).start()
+            self.alerts = AlertDispatcher.from_settings(
+                AlertSettings.from_mapping(cfg.alerts),
+                on_outcome=lambda channel, outcome: self.metrics.alert_deliveries.labels(channel, outcome).inc()).start()
+        self.autoquarantine = build_quarantiner(cfg, self.registry, self.alerts, self.metrics,
+                                                self._reconcile_now.set)   # issue #18
         if cfg.syslog:
             self.syslog = SyslogForwarder(cfg.syslog["host"], cfg.syslog.get("port", 514),
                                           transport=cfg.syslog.get("transport", "udp"))
@@ -608,6 +618,8 @@ class GatewayApp:
             raise StartupError(str(exc)) from None
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
+            if self.autoquarantine is not None:
+                self.autoquarantine.bind(loop)   # issue #18: orders are carried out on this loop
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain(),
                                        layer_decision=ProtocolIdentifier(self.connections))
             if self.fatal_reason:

@@ -18,6 +18,8 @@ from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.cluster_schema import REGISTRY_SCHEMA
 from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
 from gateway.reports.alerting import ALERTS_SCHEMA
+from gateway.autoquarantine.triggers import AUTO_QUARANTINE_SCHEMA, AutoQuarantineSettings, auto_quarantine_settings
+from gateway.scan.decide import SCAN_SCHEMA, ScanSettings, clamd_address_error, scan_settings
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
 from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
@@ -146,6 +148,8 @@ SCHEMA: dict[str, Any] = {
             "properties": {"allow_hosts": {"type": "array", "items": _STR}},
         },
         "alerts": ALERTS_SCHEMA,
+        "scan": SCAN_SCHEMA,                        # issue #18: downloads scanned by clamd (gateway/scan)
+        "auto_quarantine": AUTO_QUARANTINE_SCHEMA,  # issue #18: triggers (gateway/autoquarantine)
         "registry": REGISTRY_SCHEMA,
         "logs": {
             "type": "object",
@@ -290,6 +294,8 @@ class GatewayConfig:
     mail: MailSettings | None = None          # issue #5; None: no mail filtering
     signin: SignInSettings | None = None      # issue #9; None: devices need no user sign-in
     limits: LimitSettings = LimitSettings()   # issue #14; the defaults are documented in gateway/limits.py
+    scan: ScanSettings | None = None          # issue #18; None: downloads are not scanned
+    auto_quarantine: AutoQuarantineSettings | None = None   # issue #18; None: only operators quarantine
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -459,6 +465,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         )
 
     mail = _mail_settings(doc, d.get("mail"), errors)
+    if "scan" in d and (problem := clamd_address_error(d["scan"])):
+        errors.append(doc.error(("scan", "clamd"), problem))
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
 
     if errors:
@@ -524,6 +532,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         mail=mail,
         signin=signin,
         limits=limit_settings(d.get("limits")),
+        scan=scan_settings(d.get("scan")),
+        auto_quarantine=auto_quarantine_settings(d.get("auto_quarantine")),
     )
 
 

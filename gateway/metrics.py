@@ -106,6 +106,20 @@ class GatewayMetrics:
         self.tunnel_events = Counter(
             "kanmon_tunnel_events_total", "WireGuard session events written to the auth stream, by action.",
             ["action"], registry=r)
+        # issue #18: download scanning, automatic quarantine, alert delivery
+        self.download_scans = Counter(
+            "kanmon_download_scans_total", "Risky downloads scanned, by file kind and result "
+            "(clean, infected, too-large, unavailable) and action taken (allow, block).",
+            ["kind", "result", "action"], registry=r)
+        self.auto_quarantines = Counter(
+            "kanmon_auto_quarantines_total", "Devices quarantined automatically, by trigger.", ["trigger"], registry=r)
+        self.auto_quarantine_errors = Counter(
+            "kanmon_auto_quarantine_errors_total", "Automatic quarantines that could not be written to the registry.",
+            registry=r)
+        self.alert_deliveries = Counter(
+            "kanmon_alert_deliveries_total", "Operator alerts (webhook, mail) by channel and outcome "
+            "(delivered, retried, failed: given up after every retry, dropped: queue full).",
+            ["channel", "outcome"], registry=r)
 
     def observe_log_record(self, stream: str, line: str) -> None:
         """``LogStore(on_record=...)`` hook: counts every record written, and every failed

@@ -39,6 +39,10 @@ class ProxySettings:
     dns_name_servers: tuple[str, ...]
     upstream_ca: str | None
     tcp_timeout: int
+    # Bodies up to this many bytes are held whole before they are sent; above, they stream.
+    # With download scanning (issue #18, addons/scan.py) at least scan.max_bytes, so a file is
+    # scanned before any of it reaches the device.
+    stream_large_bodies: int = 2 * 1024 * 1024
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> "ProxySettings":
@@ -54,6 +58,7 @@ class ProxySettings:
             dns_name_servers=cfg.upstream_dns,
             upstream_ca=str(cfg.upstream_ca_bundle) if cfg.upstream_ca_bundle else None,
             tcp_timeout=cfg.tcp_timeout,
+            stream_large_bodies=max(2 * 1024 * 1024, cfg.scan.max_bytes if getattr(cfg, "scan", None) else 0),
         )
 
     def option_values(self) -> dict[str, Any]:
@@ -66,7 +71,7 @@ class ProxySettings:
             "dns_use_hosts_file": not self.dns_name_servers,
             "tcp_timeout": self.tcp_timeout,
             "http3": False,           # QUIC is rejected at the firewall; clients use TCP
-            "stream_large_bodies": "2m",  # big downloads stream instead of filling memory
+            "stream_large_bodies": str(self.stream_large_bodies),  # bigger bodies stream instead of filling memory
             "strip_ech": True,
         }
         if self.upstream_ca:

@@ -12,13 +12,10 @@ into the policy's scanner_unavailable action (fail-closed by default).
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass
 
 from gateway.mail.scanner import ScannerUnavailable, ScanResult
-
-_CHUNK = 64 * 1024
-_MAX_REPLY = 64 * 1024
+from gateway.scan.clamdproto import PING, ReplyReader, instream_frames, parse_scan_reply
 
 
 @dataclass(frozen=True)
@@ -54,44 +51,33 @@ class ClamdScanner:
             raise ScannerUnavailable(f"cannot connect to clamd at {self.address}: {exc}") from None
         return sock
 
-    def _command(self, command: bytes, payload: bytes | None = None) -> str:
+    def _command(self, frames) -> str:
+        """One exchange; the framing and the reply parsing are gateway/scan/clamdproto.py."""
         sock = self._connect()
         try:
             with sock:
                 try:
-                    sock.sendall(b"z" + command + b"\0")
-                    if payload is not None:
-                        view = memoryview(payload)
-                        for start in range(0, len(view), _CHUNK):
-                            chunk = view[start:start + _CHUNK]
-                            sock.sendall(struct.pack("!I", len(chunk)) + chunk)
-                        sock.sendall(struct.pack("!I", 0))
+                    for frame in frames:
+                        sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # clamd closes early on a size limit; its reason is in the reply
-                reply = bytearray()
-                while not reply.endswith(b"\0") and len(reply) < _MAX_REPLY:
+                replies = ReplyReader()
+                while replies.reply is None:
                     data = sock.recv(4096)
                     if not data:
-                        break
-                    reply += data
+                        return replies.closed()
+                    replies.feed(data)
+                return replies.reply
+        except ScannerUnavailable as exc:
+            raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
         except OSError as exc:
             raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
-        text = reply.rstrip(b"\0").decode("utf-8", "replace").strip()
-        if not text:
-            raise ScannerUnavailable(f"clamd at {self.address} closed the connection without a reply")
-        return text
 
     def ping(self) -> bool:
         try:
-            return self._command(b"PING") == "PONG"
+            return self._command([PING]) == "PONG"
         except ScannerUnavailable:
             return False
 
     def scan(self, data: bytes) -> ScanResult:
-        reply = self._command(b"INSTREAM", data)
-        _, _, status = reply.partition(": ") if reply.startswith("stream:") else ("", "", reply)
-        if status == "OK":
-            return ScanResult(infected=False)
-        if status.endswith(" FOUND"):
-            return ScanResult(infected=True, signature=status[: -len(" FOUND")])
-        raise ScannerUnavailable(f"clamd at {self.address} answered: {reply}")
+        return parse_scan_reply(self._command(instream_frames(data)))

@@ -59,6 +59,9 @@ SEVERITY_WARNING = "warning"
 KIND_QUARANTINE = "device-quarantined"
 KIND_REVOCATION = "device-revoked"
 KIND_LOG_FAILURE = "log-write-failure"
+KIND_AUTO_QUARANTINE = "device-auto-quarantined"        # issue #18
+KIND_AUTO_QUARANTINE_FAILED = "device-auto-quarantine-failed"
+AUTO_QUARANTINE_ACTOR = "kanmon-auto-quarantine"       # = gateway/autoquarantine/triggers.py AUTO_ACTOR
 
 
 # ---- events (pure) -------------------------------------------------------------------------
@@ -92,6 +95,21 @@ def log_failure_event(stream: str, error: BaseException | str, *, at: datetime) 
                       guideline="IPA SME 技術的対策 3.3, 3.8.3")
 
 
+def auto_quarantine_event(device_id: str, *, user: str | None, trigger: str, summary: Text,
+                          evidence: Mapping[str, Any], at: datetime, done: bool = True) -> AlertEvent:
+    """A device quarantined by itself (issue #18): device, user, trigger and evidence. With
+    ``done`` False the trigger fired but the registry could not be changed."""
+    if done:
+        text = Text("端末 {d} を自動隔離しました: {s}", "device {d} quarantined automatically: {s}")
+    else:
+        text = Text("端末 {d} を自動隔離できませんでした: {s}", "device {d} could NOT be quarantined automatically: {s}")
+    return AlertEvent(KIND_AUTO_QUARANTINE if done else KIND_AUTO_QUARANTINE_FAILED, SEVERITY_CRITICAL,
+                      Text(text.ja.format(d=device_id, s=summary.ja), text.en.format(d=device_id, s=summary.en)), at,
+                      {"device.id": device_id, "user.name": user, "kanmon.trigger": trigger,
+                       "kanmon.evidence": dict(evidence)},
+                      guideline="NISC 4-5, IPA SME 技術的対策 2.1.4 / 3.3")
+
+
 def event_from_audit(record: Mapping[str, Any], *, at: datetime) -> AlertEvent | None:
     """The alert for an audit-stream record (as written by the gateway's audit shipping),
     or None when the change is not critical."""
@@ -99,6 +117,8 @@ def event_from_audit(record: Mapping[str, Any], *, at: datetime) -> AlertEvent |
     device = record.get("device.id")
     if not device or record.get("event.outcome", "success") != "success":
         return None
+    if record.get("user.name") == AUTO_QUARANTINE_ACTOR:
+        return None   # the automatic quarantine sent its own alert, with trigger and evidence
     if action == KIND_QUARANTINE:
         return quarantine_event(str(device), operator=record.get("user.name"), reason=record.get("event.reason"), at=at)
     if action == KIND_REVOCATION:
@@ -298,13 +318,15 @@ class AlertDispatcher:
 
     def __init__(self, channels: list[Channel], *, retries: int = 5, retry_base: float = 2.0,
                  retry_max: float = 300.0, queue_size: int = 1000,
-                 on_gave_up: Callable[[str, AlertEvent, Exception], None] | None = None):
+                 on_gave_up: Callable[[str, AlertEvent, Exception], None] | None = None,
+                 on_outcome: Callable[[str, str], None] | None = None):
         self.channels = list(channels)
         self.delays = retry_delays(retries, retry_base, retry_max)
         self._queues: dict[str, queue.Queue] = {c.name: queue.Queue(maxsize=queue_size) for c in self.channels}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._on_gave_up = on_gave_up
+        self._on_outcome = on_outcome   # (channel, "delivered"|"retried"|"failed"|"dropped"): metrics
         self._lock = threading.Lock()
         self.delivered: Counter = Counter()   # by channel
         self.retried: Counter = Counter()
@@ -338,9 +360,17 @@ class AlertDispatcher:
             except queue.Full:
                 with self._lock:
                     self.dropped[name] += 1
+                self._outcome(name, "dropped")
                 log.error("alert queue for %s full: dropped %s", name, event.kind)
                 accepted = False
         return accepted
+
+    def _outcome(self, channel: str, outcome: str) -> None:
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(channel, outcome)
+            except Exception:
+                log.exception("on_outcome failed")
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (up to ``timeout`` seconds), then stop the workers; retries
@@ -374,6 +404,7 @@ class AlertDispatcher:
                 if attempt == len(self.delays):
                     with self._lock:
                         self.failed[channel.name] += 1
+                    self._outcome(channel.name, "failed")
                     log.error("alert %s via %s failed after %d attempts: %s", event.kind, channel.name,
                               attempt + 1, exc)
                     if self._on_gave_up is not None:
@@ -384,9 +415,11 @@ class AlertDispatcher:
                     return
                 with self._lock:
                     self.retried[channel.name] += 1
+                self._outcome(channel.name, "retried")
                 if self._stop.wait(self.delays[attempt]):
                     return
             else:
                 with self._lock:
                     self.delivered[channel.name] += 1
+                self._outcome(channel.name, "delivered")
                 return
