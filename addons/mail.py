@@ -50,6 +50,7 @@ from mitmproxy.proxy.utils import expect
 
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
+from gateway.autoquarantine.triggers import Trigger
 from gateway.config import MailSettings
 from gateway.connections import LiveConnections
 from gateway.hostname import normalize_host
@@ -61,6 +62,7 @@ from gateway.mail.adapters.smtp import SmtpAdapter
 from gateway.mail.clamd import ClamdScanner
 from gateway.mail.engine import MailContext, MailVerdict
 from gateway.mail.freemail import freemail_match
+from gateway.mail.indicators import Name
 from gateway.mail.judgement import Outcome, judge_message
 from gateway.mail.judgepool import JudgePool
 from gateway.mail.policy import MailPolicy, load_mail_policy
@@ -161,6 +163,9 @@ class MailFilter:
         self.refusal = recipient_refusal_for(settings, policy)
         # DeviceRecord -> the signed-in user (issue #9); None: the registered owner is logged.
         self.user_of = None
+        # issue #18: (Trigger, DeviceRecord, user, evidence) -> automatic quarantine, for a virus
+        # in received mail (gateway/autoquarantine); None: no automatic quarantine.
+        self.on_virus = None
         # Same message fetched again (IMAP clients refetch; section fetches): judged once, so
         # a quarantined message is stored once and every fetch shows the same notice.
         # Worker threads judge concurrently: every use of the cache holds the lock (issue #16).
@@ -309,6 +314,7 @@ class MailFilter:
     # -- judging (worker thread) ---------------------------------------------------------
     def _judge_for(self, flow: tcp.TCPFlow, protocol: str):
         base = self._base_record(flow, protocol)
+        device = flow.metadata.get(METADATA_DEVICE)
 
         def judge(raw: bytes, context: MailContext) -> Judgement:
             key = (context.direction, hashlib.sha256(raw).hexdigest())
@@ -325,8 +331,23 @@ class MailFilter:
                 while len(self._judged) > JUDGED_CACHE_SIZE:
                     self._judged.popitem(last=False)
             self._log_verdict(base, raw, context, outcome)
+            self._report_virus(device, base, raw, context, outcome)
             return outcome.judgement
         return judge
+
+    def _report_virus(self, device, base: dict, raw: bytes, context: MailContext, outcome: Outcome) -> None:
+        """Issue #18: a virus in received mail quarantines the device that fetched it."""
+        if self.on_virus is None or context.direction != "inbound":
+            return
+        found = [i for i in outcome.verdict.indicators if i.name == Name.VIRUS_DETECTED]
+        if not found:
+            return
+        headers = outcome.headers
+        self.on_virus(Trigger.MAIL_VIRUS, device, base.get("user.name"), {
+            "signature": found[0].evidence.en.removeprefix("virus found: "),
+            "email.from.address": context.mail_from or headers.get("from"), "email.subject": headers.get("subject"),
+            "email.message_id": headers.get("message-id"), "kanmon.mail.sha256": hashlib.sha256(raw).hexdigest(),
+            "kanmon.mail.quarantine_id": outcome.quarantine_id, "network.protocol": base.get("network.protocol")})
 
     def _outcome(self, raw: bytes, context: MailContext) -> Outcome:
         if self.pool is not None:

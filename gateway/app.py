@@ -205,6 +205,8 @@ class GatewayApp:
                                           self.logstore, self.cutter.cut)
             if self.signin is not None:
                 mail.user_of = self._signed_in_user
+            if self.autoquarantine is not None:
+                mail.on_virus = self.autoquarantine.virus   # issue #18: a virus in received mail
             return [mail]
         except SourceErrors as exc:
             raise StartupError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None

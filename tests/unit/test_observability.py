@@ -95,7 +95,8 @@ def test_new_alerts_link_a_runbook_section_that_exists():
     rules = {r["alert"]: r for r in _rules()}
     linked = {name for name, rule in rules.items() if "runbook_url" in rule["annotations"]}
     assert {"KanmonReconcileErrors", "KanmonAddonErrors", "KanmonFirewallLogDown", "KanmonFirewallLogLagging",
-            "KanmonLogWriteFailure", "KanmonGatewayDown"} <= linked
+            "KanmonLogWriteFailure", "KanmonGatewayDown", "KanmonDeviceAutoQuarantined", "KanmonAutoQuarantineFailed",
+            "KanmonDownloadScannerUnavailable", "KanmonAlertDeliveryFailing"} <= linked
     for name in linked:
         path, _, anchor = rules[name]["annotations"]["runbook_url"].partition("#")
         assert (ROOT / path).resolve() == RUNBOOK.resolve(), name
@@ -108,7 +109,9 @@ def test_alert_rules_use_the_gateway_metric_names():
                    "kanmon_policy_reloads_total", "kanmon_policy_rules_expiring",
                    "kanmon_decisions_total", 'up{job="kanmon"}', "kanmon_reconcile_errors_total",
                    "kanmon_addon_errors_total", "kanmon_firewall_log_up",
-                   "kanmon_firewall_log_heartbeat_timestamp_seconds", "kanmon_firewall_log_errors_total"):
+                   "kanmon_firewall_log_heartbeat_timestamp_seconds", "kanmon_firewall_log_errors_total",
+                   "kanmon_auto_quarantines_total", "kanmon_auto_quarantine_errors_total",
+                   "kanmon_download_scans_total", "kanmon_alert_deliveries_total"):
         assert metric in exprs
 
 
