@@ -39,7 +39,7 @@ RISK_ORDER = (FileKind.EXECUTABLE, FileKind.SCRIPT, FileKind.MOBILE_APP, FileKin
 OLE2 = bytes.fromhex("d0cf11e0a1b11ae1")
 _EXTENSIONS: dict[FileKind, tuple[str, ...]] = {
     FileKind.EXECUTABLE: ("exe", "dll", "scr", "com", "pif", "cpl", "msi", "msix", "msixbundle", "appx", "appxbundle",
-                          "jar", "lnk", "elf", "bin", "run", "dmg", "pkg", "deb", "rpm", "iso", "img", "vhd", "vhdx"),
+                          "jar", "lnk", "elf", "run", "dmg", "pkg", "deb", "rpm", "iso", "img", "vhd", "vhdx"),
     FileKind.SCRIPT: ("bat", "cmd", "ps1", "psm1", "vbs", "vbe", "js", "jse", "wsf", "wsh", "hta", "sh", "scf",
                       "reg", "inf"),
     FileKind.MOBILE_APP: ("apk", "xapk", "apks", "aab", "ipa", "mobileconfig"),
