@@ -76,21 +76,23 @@ class _StreamGuard:
         self.held = bytearray()
         self.state: str | None = None   # None: deciding; "pass"; "drop"
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes) -> list[bytes]:
+        # A list, never b"": mitmproxy sends each returned chunk, and an empty one is the
+        # terminating chunk of a chunked response (it would end the message early).
         if self.state == "pass":
-            return data
+            return [data] if data else []
         if self.state == "drop":
-            return b""
+            return []
         self.held += data
         if data and len(self.held) < SNIFF_BYTES:
-            return b""
+            return []
         if self.addon.over_limit(self.flow, bytes(self.held[:SNIFF_BYTES]), self.why):
             self.state = "drop"
             self.held.clear()
-            return b""
+            return []
         self.state = "pass"
         out, self.held = bytes(self.held), bytearray()
-        return out
+        return [out] if out else []
 
 
 class DownloadScanner:
@@ -127,11 +129,19 @@ class DownloadScanner:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or isinstance(response.stream, _StreamGuard) or not self._passing(flow):
-            return   # streamed (the guard judged it), or blocked/answered by the gateway already
+        if response is not None and isinstance(response.stream, _StreamGuard):
+            # Streamed: the guard judged it. A dropped body must not end as a complete (empty)
+            # response: killing the flow here closes the connection before the end of the message.
+            if response.stream.state == "drop" and flow.killable:
+                flow.kill()
+            return
+        if response is None or not self._passing(flow):
+            return   # blocked or answered by the gateway already
         if response.raw_content is None:
             return
         body = response.get_content(strict=False) or b""
+        if not body:
+            return   # HEAD, 304, an empty file: nothing to scan
         found = classify(body[:SNIFF_BYTES], filename=self._filename(flow),
                          content_type=response.headers.get("content-type"))
         if found is None:

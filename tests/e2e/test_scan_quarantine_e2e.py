@@ -65,6 +65,29 @@ DOWNLOAD = textwrap.dedent("""
     print(json.dumps({"bytes": got}), flush=True)
 """)
 
+# An upstream that sends its body chunked (no Content-Length): mitmproxy buffers it and switches
+# to streaming only when its buffer passes the limit — the path without a hook in between.
+CHUNKED = textwrap.dedent("""
+    import sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    PE = b"MZ" + b"\\0" * 62 + b"PE\\0\\0" + b"\\0" * 200
+    class Chunked(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = (PE if self.path == "/program" else b"plain text ") + b"x" * (3 * 1024 * 1024)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 65536):
+                part = body[i:i + 65536]
+                self.wfile.write(b"%x\\r\\n" % len(part) + part + b"\\r\\n")
+            self.wfile.write(b"0\\r\\n\\r\\n")
+        def log_message(self, *a):
+            pass
+    HTTPServer((sys.argv[1], int(sys.argv[2])), Chunked).serve_forever()
+""")
+
 PE_HEADER = b"MZ" + b"\0" * 62 + b"PE\0\0" + b"\0" * 200
 
 
@@ -209,6 +232,16 @@ def test_scanner_down_blocks_programs_and_too_large_programs_are_cut(make_lab, c
     assert code(dev.curl("https://files.example.test/files/plain.txt", "-o", "/dev/null")) == "200"
     wait_until(lambda: any(r.get("kanmon.scan.result") == "too-large" and r["kanmon.verdict"] == "block"
                            for r in scan_records(lab)), 5, "the too-large record")
+
+    # a chunked program growing past the limit (no Content-Length): cut at mitmproxy's switch to
+    # streaming, nothing of it delivered; a chunked harmless body of the same size arrives whole
+    lab.server_procs.append(lab.inet.popen(sys.executable, "-c", CHUNKED, SPARE4, "8080"))
+    wait_until(lambda: lab.inet.python(f"import socket; socket.create_connection(({SPARE4!r}, 8080), timeout=1)",
+                                       check=False).returncode == 0, 10, "the chunked server")
+    chunked = dev.curl("http://spare.test:8080/program", "-o", "/dev/null", "-w", "\nSIZE=%{size_download}")
+    assert chunked.returncode != 0 and "SIZE=0" in chunked.stdout, (chunked.returncode, chunked.stdout, chunked.stderr)
+    plain = dev.curl("http://spare.test:8080/plain", "-o", "/dev/null", "-w", "\nSIZE=%{size_download}")
+    assert plain.returncode == 0 and f"SIZE={3 * 1024 * 1024 + 11}" in plain.stdout, (plain.stdout, plain.stderr)
 
     # the scanner goes down: programs are blocked with the page, PDFs pass (configured), all logged
     clamd.stop()

@@ -169,14 +169,17 @@ def test_mitmproxy_switching_to_streaming_goes_through_the_guard():
         f.response.stream = True                     # what mitmproxy's check_body_size does
         guard = f.response.stream
         assert isinstance(guard, _StreamGuard)
-        assert guard(PE[:100]) == b""                 # held until the sniff window is full
-        assert guard(PE[100:] + b"\0" * SNIFF_BYTES) == b""   # a program above the limit: dropped
-        assert guard(b"more") == b"" and guard(b"") == b""
+        assert guard(PE[:100]) == []                  # held until the sniff window is full
+        assert guard(PE[100:] + b"\0" * SNIFF_BYTES) == []    # a program above the limit: dropped
+        assert guard(b"more") == [] and guard(b"") == []   # never b"": the end of a chunked body
         await asyncio.sleep(0)
-        return f
 
-    run(main())
+        await addon.response(f)                       # end of the stream: the flow is killed, so
+        return f                                      # the message never ends as a complete (empty) one
+
+    f = run(main())
     assert cuts and "executable" in cuts[0][1]
+    assert f.error is not None and f.error.msg == "Connection killed."
     assert sink.records[0][1]["kanmon.scan.result"] == "too-large" and sink.records[0][1]["kanmon.verdict"] == "block"
 
 
@@ -188,15 +191,15 @@ def test_over_limit_harmless_or_allowed_bodies_are_released_whole():
     guard = f.response.stream
     assert isinstance(guard, _StreamGuard)
     data = b"\0\0\0\x18ftypmp42" + b"v" * (SNIFF_BYTES + 10)
-    assert guard(data[:10]) == b""
-    assert guard(data[10:]) == data                  # everything held is released at once
-    assert guard(b"tail") == b"tail" and guard(b"") == b""
+    assert guard(data[:10]) == []
+    assert guard(data[10:]) == [data]                # everything held is released at once
+    assert guard(b"tail") == [b"tail"] and guard(b"") == []
     assert not cuts and not sink.records
     # a short body ends before the sniff window is full: judged at the end, released
     short = flow_with(b"", path="/x.bin", ctype="application/octet-stream")
     short.response.stream = True
     addon.responseheaders(short)
-    assert short.response.stream(b"abc") == b"" and short.response.stream(b"") == b"abc"
+    assert short.response.stream(b"abc") == [] and short.response.stream(b"") == [b"abc"]
 
 
 def test_partial_content_of_a_program_is_not_delivered_unscanned():
@@ -206,7 +209,7 @@ def test_partial_content_of_a_program_is_not_delivered_unscanned():
         f = flow_with(b"", path="/setup.exe", ctype="application/octet-stream")
         f.response.status_code = 206
         addon.responseheaders(f)
-        assert f.response.stream(b"\0" * (SNIFF_BYTES + 1)) == b""   # named .exe: too-large action (block)
+        assert f.response.stream(b"\0" * (SNIFF_BYTES + 1)) == []   # named .exe: too-large action (block)
         await asyncio.sleep(0)
 
     run(main())
