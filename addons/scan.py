@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from addons.requesttarget import request_target
 from gateway.autoquarantine.triggers import Trigger
 from gateway.mail.scanner import ScannerUnavailable
 from gateway.scan.clamdproto import ClamdSizeLimit
+from gateway.scan.decoding import TooLarge, Undecodable, decode_bounded
 from gateway.scan.decide import ScanOutcome, ScanSettings, ScanStatus, outcome
 from gateway.scan.filetype import SNIFF_BYTES, Classification, by_content_type, by_name, classify, filename_of
 from gateway.verdict import Action, Stage, Verdict
@@ -139,15 +141,22 @@ class DownloadScanner:
             return   # blocked or answered by the gateway already
         if response.raw_content is None:
             return
-        body = response.get_content(strict=False) or b""
-        if not body:
+        raw = response.raw_content
+        if not raw:
             return   # HEAD, 304, an empty file: nothing to scan
-        found = classify(body[:SNIFF_BYTES], filename=self._filename(flow),
-                         content_type=response.headers.get("content-type"))
+        too_large = False
+        try:   # what the device will see; bounded (mitmproxy's own decoder has no ceiling)
+            body = decode_bounded(raw, response.headers.get("content-encoding"), self.settings.max_bytes)
+        except TooLarge:   # a small gzip of a large file (or a decompression bomb)
+            body, too_large = raw, True
+        except Undecodable:
+            body = raw     # scanned as sent; clamd unpacks gzip/bzip2 itself
+        found = classify(body[:SNIFF_BYTES] if not too_large else self._decoded_head(raw, response),
+                         filename=self._filename(flow), content_type=response.headers.get("content-type"))
         if found is None:
             return
-        if len(body) > self.settings.max_bytes:   # decoded size: a small gzip of a large file
-            self._finish(flow, found, outcome(self.settings, found.kind, too_large=True), body)
+        if too_large:
+            self._finish(flow, found, outcome(self.settings, found.kind, too_large=True), None)
             return
         try:
             result = await self.client.scan(body)
@@ -162,6 +171,23 @@ class DownloadScanner:
                                           signature=result.signature), body)
 
     # -- decisions -----------------------------------------------------------------------
+    def _decoded_head(self, raw: bytes, response: http.Response) -> bytes:
+        """The first bytes of a body too large to decode whole (for sniffing only)."""
+        try:
+            return decode_bounded(raw, response.headers.get("content-encoding"), SNIFF_BYTES)
+        except TooLarge:
+            pass
+        except Undecodable:
+            return raw[:SNIFF_BYTES]
+        coding = (response.headers.get("content-encoding") or "").split(",")[-1].strip().lower()
+        if coding in ("gzip", "x-gzip", "deflate"):
+            d = zlib.decompressobj(47 if coding != "deflate" else 15)
+            try:
+                return d.decompress(raw, SNIFF_BYTES)
+            except zlib.error:
+                return b""
+        return b""   # br / zstd heads: judged by name and type only
+
     def _passing(self, flow: http.HTTPFlow) -> bool:
         verdict = flow.metadata.get(METADATA_VERDICT)
         return isinstance(verdict, Verdict) and verdict.passes
@@ -189,7 +215,7 @@ class DownloadScanner:
             asyncio.get_running_loop().call_soon(self.cut, flow.client_conn.id, reason)
         return result.block
 
-    def _finish(self, flow: http.HTTPFlow, found: Classification, result: ScanOutcome, body: bytes) -> None:
+    def _finish(self, flow: http.HTTPFlow, found: Classification, result: ScanOutcome, body: bytes | None) -> None:
         flow.metadata[METADATA_SCAN] = result
         self._record(flow, found, result, body)
         if result.block:
@@ -203,7 +229,7 @@ class DownloadScanner:
             device = flow.metadata.get(METADATA_DEVICE)
             self.on_virus(Trigger.DOWNLOAD_VIRUS, device, self._user(device), {
                 "signature": result.signature, "url": request_target(flow)[1], "file.name": self._filename(flow),
-                "file.hash.sha256": hashlib.sha256(body).hexdigest(), "file.size": len(body),
+                "file.hash.sha256": hashlib.sha256(body or b"").hexdigest(), "file.size": len(body or b""),
                 "kanmon.file.kind": str(found.kind)})
 
     def _user(self, device) -> str | None:

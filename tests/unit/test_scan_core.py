@@ -182,3 +182,49 @@ def test_bad_scan_settings_are_refused_with_the_line(bad):
     with pytest.raises(SourceErrors) as err:
         load_config_text(BASE + f"scan:\n  clamd: {{socket: /s}}\n  {bad}\n", "k.yaml")
     assert any(e.line == 7 and e.path[0] == "scan" for e in err.value.errors), err.value.errors
+
+
+# -- bounded decoding ----------------------------------------------------------------------
+
+def test_bounded_decoding_of_every_coding_mitmproxy_knows():
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+
+    from gateway.scan.decoding import decode_bounded
+    body = PE + b"payload" * 100
+    raw_deflate = zlib.compressobj(wbits=-15)
+    assert decode_bounded(gzip.compress(body), "gzip", 10_000) == body
+    assert decode_bounded(zlib.compress(body), "deflate", 10_000) == body
+    assert decode_bounded(raw_deflate.compress(body) + raw_deflate.flush(), "deflate", 10_000) == body
+    assert decode_bounded(brotli.compress(body), "br", 10_000) == body
+    assert decode_bounded(zstandard.ZstdCompressor().compress(body), "zstd", 10_000) == body
+    assert decode_bounded(brotli.compress(gzip.compress(body)), "gzip, br", 10_000) == body   # last applied first
+    assert decode_bounded(body, None, 10_000) == body and decode_bounded(body, "identity", 10_000) == body
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd"])
+def test_a_decompression_bomb_stops_at_the_limit(coding):
+    import gzip
+
+    import brotli
+    import zstandard
+
+    from gateway.scan.decoding import TooLarge, decode_bounded
+    zeros = b"\0" * (64 * 1024 * 1024)   # 64 MiB that compress to a few kB
+    packed = {"gzip": gzip.compress, "br": brotli.compress,
+              "zstd": zstandard.ZstdCompressor().compress}[coding](zeros)
+    assert len(packed) < 1024 * 1024
+    with pytest.raises(TooLarge):
+        decode_bounded(packed, coding, 1024 * 1024)
+    with pytest.raises(TooLarge):
+        decode_bounded(b"x" * 2000, None, 1000)
+
+
+@pytest.mark.parametrize("data,coding", [(b"not gzip at all", "gzip"), (b"x", "compress"), (b"\xff" * 20, "br")])
+def test_unknown_or_corrupt_codings_are_undecodable(data, coding):
+    from gateway.scan.decoding import Undecodable, decode_bounded
+    with pytest.raises(Undecodable):
+        decode_bounded(data, coding, 10_000)
