@@ -15,7 +15,7 @@ from addons.flowverdict import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
-from gateway.verdict import Verdict
+from gateway.verdict import Stage, Verdict
 
 _SEEN = "kanmon.autoquarantine.seen"
 
@@ -65,6 +65,12 @@ class BlockObserver:
         verdict = flow.metadata.get(METADATA_VERDICT)
         if not self._connection_counted(flow, verdict):
             self._see(self._device(flow), verdict, request_target(flow)[1], "http-request")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A block that needed the response (its content type, e.g. an app package)."""
+        verdict = flow.metadata.get(METADATA_VERDICT)
+        if isinstance(verdict, Verdict) and verdict.stage is Stage.RESPONSE:
+            self._see(self._device(flow), verdict, request_target(flow)[1], "http-response")
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         verdict = flow.metadata.get(METADATA_VERDICT)

@@ -88,7 +88,13 @@ class _StreamGuard:
         self.held += data
         if data and len(self.held) < SNIFF_BYTES:
             return []
-        if self.addon.over_limit(self.flow, bytes(self.held[:SNIFF_BYTES]), self.why):
+        try:
+            drop = self.addon.over_limit(self.flow, bytes(self.held[:SNIFF_BYTES]), self.why)
+        except Exception:   # this runs inside mitmproxy's layer, not under the fail-closed guard: fail closed here
+            log.exception("download scan guard failed; the download is dropped")
+            self.addon.guard_failed(self.flow)
+            drop = True
+        if drop:
             self.state = "drop"
             self.held.clear()
             return []
@@ -214,6 +220,14 @@ class DownloadScanner:
             reason = f"download scan: {found_one.kind} {why}, not scanned"
             asyncio.get_running_loop().call_soon(self.cut, flow.client_conn.id, reason)
         return result.block
+
+    def guard_failed(self, flow: http.HTTPFlow) -> None:
+        if self.metrics is not None:
+            self.metrics.addon_errors.labels(self.name, "stream").inc()
+        try:
+            asyncio.get_running_loop().call_soon(self.cut, flow.client_conn.id, "download scan guard failed")
+        except RuntimeError:
+            pass   # no loop (tests): the response hook kills the flow
 
     def _finish(self, flow: http.HTTPFlow, found: Classification, result: ScanOutcome, body: bytes | None) -> None:
         flow.metadata[METADATA_SCAN] = result

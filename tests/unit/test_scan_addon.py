@@ -247,6 +247,40 @@ def test_category_block_quarantines_through_the_observer(tmp_path):
     assert "dns.google" in now.status_reason and pokes == [1]
 
 
+def test_observer_reports_each_block_once_and_response_stage_blocks_too():
+    seen = []
+    observer = BlockObserver(LiveConnections(), lambda device, user, category, evidence: seen.append((category, evidence)))
+    f = tflow.tflow(resp=True)
+    f.metadata[METADATA_DEVICE] = DEVICE
+    f.metadata[METADATA_VERDICT] = ALLOW
+    observer.requestheaders(f)
+    observer.responseheaders(f)
+    assert seen == []                                  # passing verdicts are not reported
+    f.metadata[METADATA_VERDICT] = Verdict(Action.BLOCK, "apk", "no", Stage.RESPONSE, category="sideload")
+    observer.responseheaders(f)
+    [(category, evidence)] = seen
+    assert category == "sideload" and evidence["kanmon.stage"] == "http-response" and evidence["rule.id"] == "apk"
+    blocked_no_category = tflow.tflow()
+    blocked_no_category.metadata[METADATA_DEVICE] = DEVICE
+    blocked_no_category.metadata[METADATA_VERDICT] = Verdict(Action.BLOCK, "x", "no", Stage.REQUEST)
+    observer.requestheaders(blocked_no_category)
+    assert len(seen) == 1
+
+
+def test_a_failing_guard_drops_the_download():
+    addon, _, _, _ = make(FakeClamd(ScanResult(False)))
+    f = flow_with(b"", path="/x.exe")
+    f.response.stream = True
+    addon.responseheaders(f)
+
+    def explode(*a):
+        raise RuntimeError("boom")
+    addon.over_limit = explode
+    guard = f.response.stream
+    assert guard(b"\0" * (SNIFF_BYTES + 1)) == [] and guard.state == "drop"
+    assert addon.metrics.addon_errors.labels("kanmon-download-scan", "stream")._value.get() == 1
+
+
 # -- the asyncio client against a real clamd ---------------------------------------------------
 
 @pytest.fixture(scope="module")
