@@ -57,7 +57,8 @@ from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
 from gateway.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
-from gateway.autoquarantine.assembly import build_quarantiner, data_path_addons   # issue #18
+from gateway.autoquarantine.assembly import build_quarantiner   # issue #18
+from addons.issue18chain import data_path_addons                # issue #18
 from gateway.yamlsource import SourceErrors
 
 log = logging.getLogger("kanmon.app")

@@ -205,6 +205,8 @@ def test_alert_carries_device_user_trigger_evidence_and_audit_does_not_duplicate
     assert body["details"] == {"device.id": "dev-1", "user.name": "alice", "kanmon.trigger": "download-virus",
                                "kanmon.evidence": {"signature": "Kanmon.Test.Signature"}}
     assert "Kanmon.Test.Signature" in body["text"] and "自動隔離" in body["text"]
+    from gateway.reports.alerting import AUTO_QUARANTINE_ACTOR
+    assert AUTO_QUARANTINE_ACTOR == AUTO_ACTOR   # the alerting module names the same actor
     audit = {"event.action": "device-quarantined", "device.id": "dev-1", "user.name": AUTO_ACTOR}
     assert event_from_audit(audit, at=T0) is None
     assert event_from_audit({**audit, "user.name": "operator"}, at=T0) is not None
