@@ -227,6 +227,10 @@ def test_block_page_in_headless_chromium(plab: Lab):
     dom = plab.devices[0].ns.run(chromium, *flags, "--dump-dom", "http://webmail.test/inbox", timeout=90).stdout
     assert "このアクセスは組織のセキュリティポリシーによりブロックされました" in dom
     assert "block-webmail" in dom and "This access was blocked" in dom
+    # issue #19: the rule's staff message and the approved alternative, through the tunnel
+    assert '<p class="staff-message" id="staff-message-ja">業務ではフリーメールを使いません。</p>' in dom
+    assert '<p class="staff-message" id="staff-message-en">Free web mail is not used for work.</p>' in dom
+    assert 'id="alternative-ja" href="https://mail.example.test/"' in dom
     shot = out / "block-page.png"
     plab.devices[0].ns.run(chromium, *flags, f"--screenshot={shot}", "--window-size=900,900",
                            "http://webmail.test/inbox", timeout=90)
