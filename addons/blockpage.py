@@ -20,6 +20,10 @@ from gateway.verdict import Verdict
 __all__ = ["Helpdesk", "Organization", "block_response", "new_request_id", "render_block_page"]
 
 RETRY_AFTER_SECONDS = 30   # a fault page's Retry-After
+# The page is served on the blocked site's origin: no script runs on it, it loads nothing but
+# the organization's logo (an inline data: image or an https one) and it cannot be framed.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data: https:; "
+                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def new_request_id() -> str:
@@ -50,6 +54,7 @@ def block_response(verdict: Verdict, *, url: str | None, device_id: str | None, 
         "X-Kanmon-Rule": verdict.rule_id or "default",
         "X-Kanmon-Request-Id": request_id,
         "X-Kanmon-Page": str(kind),
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     }
     if kind is PageKind.FAULT:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)

@@ -43,7 +43,10 @@ def wants_html(request: http.Request) -> bool:
 
 def _page(status: int, body: str, extra: dict | None = None) -> http.Response:
     headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
-               "X-Kanmon-Rule": RULE_SIGNIN_PORTAL}
+               "X-Kanmon-Rule": RULE_SIGNIN_PORTAL,
+               # issue #19: no script, nothing loaded but the logo, only its own sign-out form
+               "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data: https:; "
+                                          "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"}
     headers.update(extra or {})
     return http.Response.make(status, body.encode("utf-8"), headers)
 

@@ -45,8 +45,11 @@ CHROMIUM = "/usr/bin/chromium"
 VIEWPORTS = {"phone": {"width": 390, "height": 844}, "desktop": {"width": 1280, "height": 900}}
 PORTAL = "signin.kanmon.internal"
 
+# A 24x24 PNG, inline (a data: URL loads nothing from the network).
+LOGO = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAIAAABvFaqvAAAAIklEQVR4nGOUit/CQA3ARBVTRg0a"
+        "NWjUoFGDRg0aNYgiAAC0lAFd3yzyHgAAAABJRU5ErkJggg==")
 ORG = Organization(
-    name_ja="例市役所", name_en="Example City Office", logo_url=None,
+    name_ja="例市役所", name_en="Example City Office", logo_url=LOGO,
     helpdesk=Helpdesk("情報政策課 ヘルプデスク", "IT helpdesk", contact="内線 1234",
                       mail="helpdesk@example.lg.jp", phone="03-1234-5678"))
 POLICY = """
@@ -236,6 +239,9 @@ def common_checks(page, served_page: Served, viewport: str, others: list[str]) -
     assert page.locator("section[lang=ja]").count() == 1 and page.locator("section[lang=en]").count() == 1
     assert page.locator("#org-name-ja").inner_text() == "例市役所"
     assert page.locator("#org-name-en").inner_text() == "Example City Office"
+    assert page.locator("#logo").evaluate("img => img.complete && img.naturalWidth") == 24, "the logo is shown"
+    csp = served_page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp, "no script may run on a page served as another site"
     if served_page.request_id:
         mailto = unquote(page.locator("#helpdesk-mail").get_attribute("href"))
         assert mailto.startswith("mailto:helpdesk@example.lg.jp?subject=")
