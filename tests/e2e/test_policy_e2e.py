@@ -239,6 +239,23 @@ def test_block_page_in_headless_chromium(plab: Lab):
     mailto = dom.split('id="helpdesk-mail" href="', 1)[1].split('"', 1)[0]
     assert len(request_id) == 16 and mailto.startswith("mailto:helpdesk@example.test?subject=")
     assert request_id in mailto.split("&amp;body=")[0], "the request id is in the mail's subject"
+    # On a phone, through the tunnel: no horizontal overflow, even for a long URL.
+    from gateway.lab.browser import run_browser
+    long_url = "http://webmail.test/inbox/" + "Internationalization-Configuration-" * 6 + "?q=" + "x" * 150
+    result = run_browser(plab.devices[0], [
+        {"action": "viewport", "width": 390, "height": 844},
+        {"action": "goto", "url": long_url},
+        {"action": "text", "selector": "#staff-message-ja"},
+        {"action": "overflow"},
+        {"action": "screenshot", "path": str(out / "block-page-phone.png")},
+    ], timeout=120)
+    assert result["ok"], result
+    status = [r["status"] for r in result["responses"] if r["url"].startswith("http://webmail.test/inbox/")]
+    assert status == [403], result["responses"]
+    values = {s["action"]: s.get("value") for s in result["steps"]}
+    assert values["text"] == "業務ではフリーメールを使いません。"
+    scroll, client = values["overflow"]
+    assert client == 390 and scroll <= client, f"horizontal overflow on a phone: {scroll} > {client}"
     shot = out / "block-page.png"
     plab.devices[0].ns.run(chromium, *flags, f"--screenshot={shot}", "--window-size=900,900",
                            "http://webmail.test/inbox", timeout=90)

@@ -120,3 +120,12 @@ def test_the_enforcer_does_not_start_with_a_broken_catalog(tmp_path, monkeypatch
         assert "読めません" in exc.value.text.ja and "cannot read" in exc.value.text.en
     finally:
         catalog.translations.cache_clear()
+
+
+def test_the_lab_browser_script_checks_a_viewport_step():
+    from gateway.lab.browser import BrowserScriptError, validate_steps
+    assert validate_steps([{"action": "viewport", "width": 390, "height": 844}, {"action": "overflow"}])
+    for bad in ({"action": "viewport", "width": "390", "height": 844}, {"action": "viewport", "width": 390},
+                {"action": "viewport", "width": 0, "height": 844}):
+        with pytest.raises(BrowserScriptError, match="width and height"):
+            validate_steps([bad])
