@@ -85,11 +85,6 @@ def both(message: str, **values: object) -> str:
     return ja if ja == en else f"{ja} / {en}"
 
 
-def text(message: str, **values: object) -> Text:
-    """The message in both languages, as the CLI's ``Text``."""
-    return Text(LANGS[0].gettext(message, **values), LANGS[1].gettext(message, **values))
-
-
 def load_all() -> None:
     """Load every catalog now (raises CatalogError): called when the gateway starts."""
     for lang in LANGUAGES:
