@@ -20,6 +20,7 @@ from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
+from gateway.pages.organization import ORGANIZATION_SCHEMA, Organization, organization_settings
 from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
                                 schema_errors)
 
@@ -114,6 +115,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"name_ja": _STR, "name_en": _STR, "contact": _STR},
         },
+        "organization": ORGANIZATION_SCHEMA,   # issue #19: name, logo, helpdesk on the staff pages
         "rules": {
             "type": "object",
             "additionalProperties": False,
@@ -290,6 +292,7 @@ class GatewayConfig:
     mail: MailSettings | None = None          # issue #5; None: no mail filtering
     signin: SignInSettings | None = None      # issue #9; None: devices need no user sign-in
     limits: LimitSettings = LimitSettings()   # issue #14; the defaults are documented in gateway/limits.py
+    organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -460,6 +463,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
 
     mail = _mail_settings(doc, d.get("mail"), errors)
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
+    organization = organization_settings(doc, d.get("organization"), d.get("helpdesk"), errors)
 
     if errors:
         raise SourceErrors(errors)
@@ -524,6 +528,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         mail=mail,
         signin=signin,
         limits=limit_settings(d.get("limits")),
+        organization=organization,
     )
 
 
