@@ -422,7 +422,7 @@ class EnrollmentServer:
         dns = [str(self.cfg.gateway_ipv4)] + ([str(self.cfg.gateway_ipv6)] if self.cfg.gateway_ipv6 else [])
         body = enrollment_response(record, gateway_public_key=self.gateway_public_key,
                                    endpoint=self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}",
-                                   dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=None,
+                                   dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=self.cfg.wg_mtu,
                                    changed=decision.write is not None)
         return _Reply(200, body, conn=conn)
 

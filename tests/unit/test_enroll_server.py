@@ -164,6 +164,7 @@ def test_enrollment_returns_config_and_writes_key(env):
     assert f"Address = {rec.ipv4}/32, {rec.ipv6}/128" in cfg
     assert "DNS = 10.77.0.1, fd77:77::1" in cfg
     assert "AllowedIPs = 0.0.0.0/0, ::/0" in cfg
+    assert "MTU = 1420" in cfg                   # tunnel.mtu (default 1420), as the gateway's interface
     assert body["interception_ca_pem"] == env.inter_ca and body["changed"] is True
     last = env.logs.auth()[-1]
     assert last["event.outcome"] == "success" and last["device.id"] == "dev-1"
