@@ -257,6 +257,7 @@ def test_export_config_text_qr_png_and_mobileconfig(gw, capsys):
     text = capsys.readouterr().out
     assert f"PrivateKey = {private}" in text and "Endpoint = vpn.example.test:51820" in text
     assert "DNS = 10.77.0.1, fd77:77::1" in text and "Address = 10.77.0.2/32, fd77:77::2/128" in text
+    assert "MTU = 1420" in text                    # tunnel.mtu, as the gateway's own interface (#19)
     decoded = subprocess.run(["zbarimg", "--raw", "-q", str(png)], capture_output=True, check=True).stdout
     assert decoded.decode().rstrip("\n") == text.rstrip("\n")
     plist = plistlib.loads(profile.read_bytes())
