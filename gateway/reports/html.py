@@ -60,13 +60,14 @@ def _t(text: Text) -> str:
     return f'<span lang="ja">{_e(text.ja)}</span> / <span lang="en" class="en">{_e(text.en)}</span>'
 
 
-def _key(key: str, words: Mapping[str, Text] | None = None) -> str:
+def _key(key: str, words: Mapping[str, Text] | None = None, show_code: bool = True) -> str:
     """A counted key: the words for it when ``words`` names it (with the code in small
     print, to search the logs by), else the value itself."""
     if key == NONE_KEY:
         return _t(NONE_TEXT)
     if words is not None:
-        return f'{_t(label(words, key))}<code class="code">{_e(key)}</code>'
+        code = f'<code class="code">{_e(key)}</code>' if show_code else ""
+        return f'{_t(label(words, key))}{code}'
     return _e(key)
 
 
@@ -102,16 +103,18 @@ def _cell(index: int, cell: str | tuple[str, str], numeric: Sequence[int]) -> st
 
 
 def _counts(headers: Sequence[Text], counts: Sequence[Count], last: Sequence[Count] | None = None, *,
-            complete: bool = True, words: Mapping[str, Text] | None = None) -> str:
+            top: int | None = None, words: Mapping[str, Text] | None = None, show_code: bool = True) -> str:
     """A table of counts; with ``last`` (the previous month's table) two more columns, last
-    month and the change. ``complete`` False: both are top-N tables (compare.beside)."""
+    month and the change. ``top``: both are top-N tables; a key missing from last month's
+    full top-N table has an unknown count there (compare.beside)."""
     if last is None:
-        return _table(headers, ([_key(c.key, words), f"{c.count:,}"] for c in counts), numeric=(1,))
+        return _table(headers, ([_key(c.key, words, show_code), f"{c.count:,}"] for c in counts), numeric=(1,))
     rows = []
+    complete = top is None or len(last) < top
     for row in beside(counts, last, complete=complete):
         change = row.change
         css = "n up" if change and change > 0 else ("n down" if change and change < 0 else "n")
-        rows.append([_key(row.key, words), f"{row.this:,}", "?" if row.last is None else f"{row.last:,}",
+        rows.append([_key(row.key, words, show_code), f"{row.this:,}", "?" if row.last is None else f"{row.last:,}",
                      (css, change_text(row))])
     return _table([*headers, LAST_MONTH, CHANGE], rows, numeric=(1, 2))
 
@@ -127,12 +130,19 @@ def _page(title: Text, body: str) -> str:
             f"<h1>{_t(title)}</h1>\n{body}</body>\n</html>\n")
 
 
-def _chart_counts(charts: ChartMaker, title: Text, counts: Sequence[Count], limit: int = 15) -> str:
+def _chart_label(charts: ChartMaker, key: str, words: Mapping[str, Text] | None) -> str:
+    if words is None or key not in words:
+        return key
+    return words[key].ja if charts.cjk_family else words[key].en
+
+
+def _chart_counts(charts: ChartMaker, title: Text, counts: Sequence[Count], limit: int = 15,
+                  words: Mapping[str, Text] | None = None) -> str:
     if not counts:
         return ""
     shown = counts[:limit]
     labels = [f"{NONE_TEXT.ja} {NONE_TEXT.en}" if charts.cjk_family and c.key == NONE_KEY
-              else (NONE_TEXT.en if c.key == NONE_KEY else c.key) for c in shown]
+              else (NONE_TEXT.en if c.key == NONE_KEY else _chart_label(charts, c.key, words)) for c in shown]
     return _img(charts.bars(title, labels, [c.count for c in shown]), title)
 
 
@@ -232,8 +242,8 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
         parts.append(_section("month-over-month", Text("先月との比較（{m} と {p}）", "This month beside last month ({m} and {p})")
                               .format(m=report.month, p=report.previous.month),
                               f'<p class="note">{_t(Text("各表の「先月」「増減」の列も同じ比較です。「?」は先月の上位に入らなかった項目です。", "The last-month and change columns of the tables below compare the same way; ? marks an entry that was not in last month's top list."))}</p>'
-                              + _counts([Text("項目", "item"), Text(report.month, report.month)], headline(report),
-                                        headline(report.previous), words=HEADLINE)))
+                              + _counts([Text("項目", "item"), Text("今月 {m}", "this month {m}").format(m=report.month)],
+                                        headline(report), headline(report.previous), words=HEADLINE, show_code=False)))
 
     t_cat = Text("カテゴリ別の遮断", "Blocked traffic by category")
     parts.append(_section("blocked-by-category", t_cat, _chart_counts(charts, t_cat, report.blocked_by_category)
@@ -253,10 +263,10 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
     t_dom = Text("遮断の多い宛先", "Top blocked domains")
     parts.append(_section("top-blocked-domains", t_dom, _chart_counts(charts, t_dom, report.top_blocked_domains)
                           + _counts([Text("宛先", "destination"), Text("件数", "count")], report.top_blocked_domains,
-                                    _last(report, "top_blocked_domains"), complete=False)))
+                                    _last(report, "top_blocked_domains"), top=th.top)))
     parts.append(_section("top-blocking-rules", Text("遮断の多いルール", "Top blocking rules"),
                           _counts([Text("ルール ID", "rule id"), Text("件数", "count")], report.top_blocking_rules,
-                                  _last(report, "top_blocking_rules"), complete=False)))
+                                  _last(report, "top_blocking_rules"), top=th.top)))
 
     t_auth = Text("認証失敗（理由別）", "Authentication failures by reason")
     auth_body = (f"<p>{_t(Text('認証 {n} 件のうち失敗 {f} 件', '{f} failures out of {n} authentication events').format(n=f'{report.auth_total:,}', f=f'{report.auth_failures:,}'))}</p>"
@@ -265,7 +275,7 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
                            _last(report, "auth_failures_by_reason"))
                  + f"<h3>{_t(Text('接続元別', 'By source'))}</h3>"
                  + _counts([Text("端末または接続元", "device or source address"), Text("件数", "count")],
-                           report.auth_failures_by_source, _last(report, "auth_failures_by_source"), complete=False))
+                           report.auth_failures_by_source, _last(report, "auth_failures_by_source"), top=th.top))
     parts.append(_section("auth-failures", Text("認証失敗", "Authentication failures"), auth_body))
     burst_rule = Text("集中: 同じ接続元から {m} 分以内に {n} 件以上の認証失敗。",
                       "Burst: {n} or more failures from one source within {m} minutes.").format(
@@ -295,7 +305,7 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
     parts.append(_section("unknown-devices", Text("登録されていない端末からの通信", "Traffic from unregistered devices"),
                           f'<p class="note">{_t(Text("端末 ID のないレコード（許可なく接続された機器・管理外の接続の可能性）。", "Records without a device id (possibly unauthorised devices or unmanaged connections)."))}</p>'
                           + _counts([Text("接続元", "source address"), Text("件数", "records")], report.unknown_device_sources,
-                                    _last(report, "unknown_device_sources"), complete=False)))
+                                    _last(report, "unknown_device_sources"), top=th.top)))
 
     parts.append(_section("device-actions", Text("隔離・失効などの端末の状態変更", "Quarantines, revocations and other device status changes"),
                           _counts([Text("操作", "action"), Text("件数", "count")], report.device_actions_by_kind,
@@ -326,19 +336,20 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
 def _evidence_sections(report: ReviewReport, charts: ChartMaker, zone) -> list[str]:
     """Issue #18: what the firewall dropped, and the WireGuard sessions (gateway/reports/evidence.py)."""
     parts = []
+    th = report.thresholds
     fw = report.firewall
     if fw is not None:
         t_reason = Text("ファイアウォールで遮断したパケット（理由別）", "Packets dropped by the firewall, by reason")
         body = (f'<p class="note">{_t(Text("ファイアウォールログ（conn）の集約レコード {r} 件、パケット {p} 件。カーネルは規則ごとに毎秒200件まで記録します（超えた分は遮断されますが数えられません）。", "{r} aggregated firewall records (conn), {p} packets. The kernel logs at most 200 packets/s per rule (the rest is dropped too, but not counted here).").format(r=f"{fw.records:,}", p=f"{fw.packets:,}"))}</p>'
-                + _chart_counts(charts, t_reason, fw.by_reason)
+                + _chart_counts(charts, t_reason, fw.by_reason, words=FIREWALL_REASONS)
                 + _counts([Text("理由", "reason"), Text("パケット", "packets")], fw.by_reason,
                           _last(report, "firewall", "by_reason"), words=FIREWALL_REASONS)
                 + f"<h3>{_t(Text('端末別（括弧内は端末のないトンネルアドレス）', 'By device (in brackets: tunnel addresses of no device)'))}</h3>"
                 + _counts([Text("端末", "device"), Text("パケット", "packets")], fw.by_source,
-                          _last(report, "firewall", "by_source"), complete=False)
+                          _last(report, "firewall", "by_source"), top=th.top)
                 + f"<h3>{_t(Text('宛先別', 'By destination'))}</h3>"
                 + _counts([Text("宛先", "destination"), Text("パケット", "packets")], fw.top_destinations,
-                          _last(report, "firewall", "top_destinations"), complete=False)
+                          _last(report, "firewall", "top_destinations"), top=th.top)
                 + f"<h3>{_t(Text('失効・停止中の端末からのパケット', 'Packets from revoked or suspended devices'))}</h3>"
                 + _counts([Text("端末", "device"), Text("パケット", "packets")], fw.blocked_devices,
                           _last(report, "firewall", "blocked_devices")))

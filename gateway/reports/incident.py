@@ -91,7 +91,7 @@ def build_incident(device_id: str, since: datetime, until: datetime,
                 timeline.append(entry)
                 if entry.kind in ("block", "firewall", "mail"):
                     first_suspicious = moment if first_suspicious is None else min(first_suspicious, moment)
-                if entry.kind == "action":
+                if entry.kind == "action" and record.get("event.action") in rv.STATUS_ACTIONS:
                     first_action = moment if first_action is None else min(first_action, moment)
             if (found := virus_evidence(stream, record)) is not None:
                 viruses.append(found)

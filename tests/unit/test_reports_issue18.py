@@ -319,3 +319,13 @@ def test_every_firewall_reason_and_mail_indicator_has_words_in_both_languages():
 def test_an_unknown_code_is_marked_not_dropped():
     words = label(FIREWALL_REASONS, "new-reason")
     assert "new-reason" in words.ja and "unknown code" in words.en
+
+
+def test_a_top_list_shorter_than_its_limit_is_complete_last_month():
+    from gateway.reports.html import _counts
+    headers = [Text("宛先", "destination"), Text("件数", "count")]
+    full = _counts(headers, [Count("new.example", 3)], [Count("a.example", 9), Count("b.example", 8)], top=2)
+    short = _counts(headers, [Count("new.example", 3)], [Count("a.example", 9)], top=2)
+    assert re.search(r"new\.example</td><td class=\"n\">3</td><td class=\"n\">\?</td>", full)
+    assert re.search(r"new\.example</td><td class=\"n\">3</td><td class=\"n\">0</td><td class=\"n up\">\+3</td>", short)
+    assert "a.example" in short and "-9" in short           # gone this month: listed with its drop
