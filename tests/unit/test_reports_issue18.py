@@ -329,3 +329,23 @@ def test_a_top_list_shorter_than_its_limit_is_complete_last_month():
     assert re.search(r"new\.example</td><td class=\"n\">3</td><td class=\"n\">\?</td>", full)
     assert re.search(r"new\.example</td><td class=\"n\">3</td><td class=\"n\">0</td><td class=\"n up\">\+3</td>", short)
     assert "a.example" in short and "-9" in short           # gone this month: listed with its drop
+
+
+def test_the_example_approved_lines_match_the_example_policy():
+    from pathlib import Path
+
+    import yaml
+
+    from gateway.reports.evidence import parse_approved_lines
+    root = Path(__file__).resolve().parents[2]
+    lines = parse_approved_lines(yaml.safe_load((root / "policies/approved-lines.example.yaml").read_text()))
+    policy = yaml.safe_load((root / "policies/example.yaml").read_text())
+    in_policy = {}
+    for group in policy.get("groups", policy.get("rule_groups", [])) or []:
+        device_group = (group.get("applies_to") or {}).get("device_group")
+        for rule in group.get("rules", []):
+            nets = (rule.get("unless") or {}).get("underlay_network")
+            if device_group and nets:
+                in_policy[device_group] = tuple(nets)
+    assert in_policy, "the example policy has telework lines"
+    assert {g: tuple(str(n) for n in nets) for g, nets in lines.items()} == in_policy
