@@ -17,7 +17,6 @@ suggestion with its evidence, never as the operator's decision."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import Any
 
 from gateway.i18n import Text

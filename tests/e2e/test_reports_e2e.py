@@ -10,6 +10,7 @@ present, no Python dict text. Screenshots and the HTML are kept in artifacts/rep
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -189,7 +190,6 @@ def test_review_and_incident_reports_from_a_running_gateway_in_chromium(make_lab
     for words in ("月次ログレビュー", "ファイアウォールで遮断した通信", "QUIC（UDP 443", "端末間の通信", "接続元の変更（ローミング）",
                   "先月", "結果の記録：レビュー結果を記録し", "Monthly log review", "device to device"):
         assert words in text, words
-    import re
     assert not re.search(DICT_TEXT, text)
     assert page["lang"] == "ja" and page["ja"] > 50 and page["en"] > 50
     assert page["print_signoff_break"] == "page"

@@ -12,10 +12,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.reports.labels import MAIL_INDICATORS, MAIL_VERDICTS
-from tests.e2e.test_mail_e2e import CORPUS, device_python, imap_fetch_all, lab, last_sequence, load_mailbox, mail_records  # noqa: F401 (lab: fixture)
-from tests.e2e.test_reports_e2e import DICT_TEXT, PROBE, REPORTS, _browser_or_skip, open_report
 from gateway.lab.mailservers import MAIL_HOST
+from gateway.reports.labels import MAIL_INDICATORS, MAIL_VERDICTS
+from tests.e2e.test_mail_e2e import lab  # noqa: F401 (the mail lab fixture, one per module)
+from tests.e2e.test_mail_e2e import CORPUS, device_python, imap_fetch_all, last_sequence, load_mailbox, mail_records
+from tests.e2e.test_reports_e2e import DICT_TEXT, PROBE, REPORTS, _browser_or_skip, open_report
 
 pytestmark = pytest.mark.e2e
 

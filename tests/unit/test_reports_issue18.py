@@ -17,7 +17,7 @@ from gateway.reports.charts import ChartMaker
 from gateway.reports.compare import beside, change_text, previous_month
 from gateway.reports.domains import Transfer, group_by_registered_domain, registered_domain, unicode_form
 from gateway.reports.flash import FactsError, cap_timeline, check_facts, timeline_entry
-from gateway.reports.html import render_incident, render_review
+from gateway.reports.html import render_incident
 from gateway.reports.incident import build_incident
 from gateway.reports.labels import FIREWALL_REASONS, MAIL_INDICATORS, label
 from gateway.reports.model import Count, IncidentFacts, TimelineEntry
