@@ -16,9 +16,9 @@ from gateway.i18n import Text
 from .charts import ALT_COLOUR, ChartMaker
 from .compare import beside, change_text
 from .flash import GUIDELINE_9_5
-from .labels import (AUDIT_ACTIONS, DEVICE_STATUS, FIREWALL_REASONS, INCIDENT_CATEGORIES, INCIDENT_LEVELS,
-                     INCIDENT_PHASES, MAIL_INDICATORS, MAIL_VERDICTS, NONE_TEXT, STREAMS, TUNNEL_EVENTS, VERDICTS,
-                     label)
+from .labels import (AUDIT_ACTIONS, DEVICE_STATUS, EVENT_ACTIONS, FIREWALL_REASONS, INCIDENT_CATEGORIES,
+                     INCIDENT_LEVELS, INCIDENT_PHASES, MAIL_INDICATORS, MAIL_VERDICTS, NONE_TEXT, OUTCOMES, STREAMS,
+                     TUNNEL_EVENTS, VERDICTS, label)
 from .model import NONE_KEY, AuditAction, Count, EventRow, IncidentReport, ReviewReport
 
 CSS = """
@@ -380,7 +380,8 @@ def _audit_table(actions: Sequence[AuditAction], zone) -> str:
     return _table([Text("日時", "time"), Text("操作", "action"), Text("端末", "device"), Text("実施者", "operator"),
                    Text("理由", "reason"), Text("結果", "outcome")],
                   ([_time(a.time, zone), _t(ACTION_NAMES[a.action]) if a.action in ACTION_NAMES else _e(a.action),
-                    _e(a.device_id or "-"), _e(a.operator or "-"), _e(a.reason or "-"), _e(a.outcome or "-")]
+                    _e(a.device_id or "-"), _e(a.operator or "-"), _e(a.reason or "-"),
+                    _t(label(OUTCOMES, a.outcome)) if a.outcome else "-"]
                    for a in actions))
 
 
@@ -409,8 +410,21 @@ def _events(rows: Sequence[EventRow], zone) -> str:
     if mail:
         headers.append(Text("標的型攻撃メールの特徴（IPA 7.4）", "targeted-attack indicators (IPA 7.4)"))
     return _table(headers, ([_time(r.time, zone), _t(label(STREAMS, r.stream)), _verdict(r), _e(r.rule or "-"),
-                             _e(r.target), _e(r.detail)] + ([_indicators(r.indicators) or "-"] if mail else [])
+                             _e(r.target), _detail(r)] + ([_indicators(r.indicators) or "-"] if mail else [])
                             for r in rows))
+
+
+def _detail(row: EventRow) -> str:
+    """What happened (event.action, event.outcome) in words, then the record's own details."""
+    words = []
+    if row.action:
+        words.append(_t(label(EVENT_ACTIONS, row.action)) if row.action in EVENT_ACTIONS
+                     else _t(label(AUDIT_ACTIONS, row.action)) if row.action in AUDIT_ACTIONS else _e(row.action))
+    if row.outcome:
+        words.append(_t(label(OUTCOMES, row.outcome)))
+    if row.detail:
+        words.append(_e(row.detail))
+    return " · ".join(words)
 
 
 def _blank_or(value: str | None) -> str:

@@ -28,8 +28,9 @@ def _row(stream: str, record: dict[str, Any]) -> EventRow:
     else:
         target = rv.text(record, "url.full") or rv.destination(record) or "-"
     return EventRow(rv.record_time(record), stream, rv.text(record, "kanmon.verdict"), rv.text(record, "rule.id"),
-                    target, rv.summary(record), rv.mail_indicators(record) if stream == "mail" else (),
-                    rv.text(record, "kanmon.mail.verdict") if stream == "mail" else None)
+                    target, rv.summary(record, codes=False), rv.mail_indicators(record) if stream == "mail" else (),
+                    rv.text(record, "kanmon.mail.verdict") if stream == "mail" else None,
+                    rv.text(record, "event.action"), rv.text(record, "event.outcome"))
 
 
 def _int(value: Any) -> int:

@@ -62,6 +62,32 @@ AUDIT_ACTIONS: Mapping[str, Text] = {
     "device-added": Text("登録", "added"), "device-enrolled": Text("登録完了", "enrolled"),
 }
 
+# event.action of the traffic and auth streams (gateway/logstore/FIELDS.md)
+EVENT_ACTIONS: Mapping[str, Text] = {
+    "connection-opened": Text("接続開始", "connection opened"),
+    "connection-closed": Text("接続終了", "connection closed"),
+    "connection-blocked": Text("接続を遮断", "connection blocked"),
+    "device-limited": Text("端末ごとの上限で拒否", "refused by a per-device limit"),
+    "packet-dropped": Text("パケット破棄", "packet dropped"),
+    "packet-rejected": Text("パケット拒否（応答あり）", "packet rejected (answered)"),
+    "wireguard-handshake": Text("VPN ハンドシェイク", "VPN handshake"),
+    "wireguard-endpoint-changed": Text("VPN 接続元の変更", "VPN outer address changed"),
+    "wireguard-peer-added": Text("VPN ピア追加", "VPN peer added"),
+    "wireguard-peer-removed": Text("VPN ピア削除", "VPN peer removed"),
+    "enrollment": Text("端末登録", "enrollment"), "admin-login": Text("管理者ログイン", "administrator login"),
+    "certificate-check": Text("証明書の確認", "certificate check"),
+    "user-signin": Text("サインイン", "sign-in"), "user-signin-start": Text("サインイン開始", "sign-in started"),
+    "user-signout": Text("サインアウト", "sign-out"), "user-session-ended": Text("セッション終了", "session ended"),
+    "user-session-expired": Text("セッション期限切れ", "session expired"),
+    "mail-inbound": Text("受信メール", "inbound mail"), "mail-outbound": Text("送信メール", "outbound mail"),
+    "mail-recipient-refused": Text("宛先を拒否", "recipient refused"),
+    "mail-connection-cut": Text("メール接続を切断", "mail connection cut"),
+}
+
+OUTCOMES: Mapping[str, Text] = {
+    "success": Text("成功", "success"), "failure": Text("失敗", "failure"), "unknown": Text("不明", "unknown"),
+}
+
 DEVICE_STATUS: Mapping[str, Text] = {
     "active": Text("利用中", "active"), "quarantined": Text("隔離中", "quarantined"),
     "revoked": Text("失効", "revoked"), "suspended": Text("一時停止中", "suspended"),

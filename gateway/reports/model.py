@@ -197,6 +197,8 @@ class EventRow:
     detail: str
     indicators: tuple[str, ...] = ()       # mail indicator names (shown as words)
     mail_verdict: str | None = None        # kanmon.mail.verdict
+    action: str | None = None              # event.action (shown as words)
+    outcome: str | None = None             # event.outcome
 
 
 @dataclass(frozen=True)

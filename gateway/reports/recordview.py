@@ -68,11 +68,14 @@ def is_block(record: dict[str, Any]) -> bool:
     return record.get("kanmon.verdict") == BLOCK
 
 
-def summary(record: dict[str, Any]) -> str:
-    """A short human-readable detail for a table row."""
+def summary(record: dict[str, Any], codes: bool = True) -> str:
+    """A short human-readable detail for a table row. ``codes`` False leaves out
+    ``event.action`` and ``event.outcome`` (the report shows them as words, labels.py)."""
     parts = []
     for name in ("http.request.method", "http.response.status_code", "dns.question.type", "dns.response_code",
                  "network.transport", "event.action", "event.outcome", "email.subject", "event.reason"):
+        if not codes and name in ("event.action", "event.outcome"):
+            continue
         value = record.get(name)
         if value not in (None, ""):
             parts.append(str(value))

@@ -305,6 +305,10 @@ def test_rendered_incident_has_the_9_5_form_timeline_domains_and_words(logs):
     assert "ウイルス検出" in mail and "virus detected" in mail and "二重拡張子" in mail and "double extension" in mail
     assert "隔離" in mail and "quarantined" in mail                 # the mail verdict as words
     assert not DICT_TEXT.search(html) and "'weight'" not in html and "&#x27;name&#x27;" not in html
+    auth = html.split('id="auth"')[1].split("</section>")[0]
+    assert "VPN ハンドシェイク" in auth and "VPN handshake" in auth and "成功" in auth
+    assert "wireguard-handshake" not in auth and "wireguard-endpoint-changed" not in auth
+    assert "受信メール" in mail and "inbound mail" in mail and "mail-inbound" not in mail
 
 
 # ---- every code has words ---------------------------------------------------------------------
