@@ -20,6 +20,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import idna
 
@@ -49,6 +50,7 @@ class Transfer:
     blocked: bool = False
 
 
+@lru_cache(maxsize=8192)    # a device's records repeat a few names many times
 def registered_domain(host: str) -> str:
     """The registered domain of ``host`` (see the module docstring); the input itself
     (normalized when it can be) when it has none."""
@@ -81,26 +83,45 @@ def unicode_form(name: str) -> str:
         return ".".join(labels)
 
 
-def group_by_registered_domain(transfers: Iterable[Transfer], *, max_hosts: int = 8) -> tuple[DomainGroup, ...]:
-    """Most bytes sent first (exfiltration is what an incident report looks for), then most
-    records, then the name."""
-    hosts: dict[str, set[str]] = defaultdict(set)
-    requests: dict[str, int] = defaultdict(int)
-    up: dict[str, int] = defaultdict(int)
-    down: dict[str, int] = defaultdict(int)
-    blocked: dict[str, int] = defaultdict(int)
-    for item in transfers:
+class DomainTally:
+    """Adds transfers up per registered domain as records stream by (memory: one entry per
+    domain and up to ``max_hosts`` + 1 names each, not one per record)."""
+
+    def __init__(self, max_hosts: int = 8):
+        self.max_hosts = max_hosts
+        self.hosts: dict[str, set[str]] = defaultdict(set)
+        self.more: dict[str, set[str]] = defaultdict(set)   # names past max_hosts, to count them once
+        self.requests: dict[str, int] = defaultdict(int)
+        self.up: dict[str, int] = defaultdict(int)
+        self.down: dict[str, int] = defaultdict(int)
+        self.blocked: dict[str, int] = defaultdict(int)
+
+    def add(self, item: Transfer) -> None:
         domain = registered_domain(item.host)
-        hosts[domain].add(normalize_host(item.host) or item.host)
-        requests[domain] += 1
-        up[domain] += max(0, item.upload)
-        down[domain] += max(0, item.download)
-        blocked[domain] += 1 if item.blocked else 0
-    groups = []
-    for domain, names in hosts.items():
-        listed = sorted(names)
-        groups.append(DomainGroup(domain, unicode_form(domain), tuple(listed[:max_hosts]),
-                                  max(0, len(listed) - max_hosts), requests[domain], up[domain], down[domain],
-                                  blocked[domain]))
-    groups.sort(key=lambda g: (-g.upload_bytes, -g.requests, g.domain))
-    return tuple(groups)
+        name = normalize_host(item.host) or item.host
+        names = self.hosts[domain]
+        if name not in names:
+            if len(names) < self.max_hosts:
+                names.add(name)
+            elif len(self.more[domain]) < 10_000:      # counted up to a bound, then "10000+"
+                self.more[domain].add(name)
+        self.requests[domain] += 1
+        self.up[domain] += max(0, item.upload)
+        self.down[domain] += max(0, item.download)
+        self.blocked[domain] += 1 if item.blocked else 0
+
+    def result(self) -> tuple[DomainGroup, ...]:
+        """Most bytes sent first (exfiltration is what an incident report looks for), then
+        most records, then the name."""
+        groups = [DomainGroup(domain, unicode_form(domain), tuple(sorted(names)), len(self.more.get(domain, ())),
+                              self.requests[domain], self.up[domain], self.down[domain], self.blocked[domain])
+                  for domain, names in self.hosts.items()]
+        groups.sort(key=lambda g: (-g.upload_bytes, -g.requests, g.domain))
+        return tuple(groups)
+
+
+def group_by_registered_domain(transfers: Iterable[Transfer], *, max_hosts: int = 8) -> tuple[DomainGroup, ...]:
+    tally = DomainTally(max_hosts)
+    for item in transfers:
+        tally.add(item)
+    return tally.result()

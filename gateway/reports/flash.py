@@ -16,7 +16,7 @@ suggestion with its evidence, never as the operator's decision."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from gateway.i18n import Text
@@ -75,11 +75,11 @@ def check_facts(facts: IncidentFacts) -> IncidentFacts:
 VIRUS_WORDS = ("virus", "malware", "infected", "eicar")
 
 
-def _indicator_names(record: Mapping[str, Any]) -> tuple[str, ...]:
-    return rv.mail_indicators(dict(record))
+def _indicator_names(record: dict[str, Any]) -> tuple[str, ...]:
+    return rv.mail_indicators(record)
 
 
-def virus_evidence(stream: str, record: Mapping[str, Any]) -> str | None:
+def virus_evidence(stream: str, record: dict[str, Any]) -> str | None:
     """A short description when the record reports malware (a mail with ``virus-detected``,
     a blocked download or a quarantine whose rule, category or reason names a virus)."""
     if stream == "mail" and "virus-detected" in _indicator_names(record):
@@ -99,11 +99,11 @@ def suggest_category(evidence: Iterable[str]) -> Suggestion | None:
 
 # ---- timeline ----------------------------------------------------------------------------------
 
-def timeline_entry(stream: str, record: Mapping[str, Any]) -> TimelineEntry | None:
+def timeline_entry(stream: str, record: dict[str, Any]) -> TimelineEntry | None:
     """The record as a line of the incident's timeline, or None when it is routine (an
     allowed request, a DNS answer): the timeline keeps what a responder would retell —
     blocks, firewall drops, tunnel sessions and roaming, mail held, device status changes."""
-    moment = rv.record_time(dict(record))
+    moment = rv.record_time(record)
     if moment is None:
         return None
     if stream == "audit":
@@ -123,15 +123,15 @@ def timeline_entry(stream: str, record: Mapping[str, Any]) -> TimelineEntry | No
         reason = rv.text(record, "kanmon.firewall.reason")
         packets = record.get("kanmon.firewall.packets") or 1
         return TimelineEntry(moment, "firewall", label(FIREWALL_REASONS, reason),
-                             f"{rv.destination(dict(record)) or '-'} /{rv.text(record, 'network.transport') or '?'} ×{packets}")
-    if stream == "mail" and (rv.is_block(dict(record)) or _indicator_names(record)):
+                             f"{rv.destination(record) or '-'} /{rv.text(record, 'network.transport') or '?'} ×{packets}")
+    if stream == "mail" and (rv.is_block(record) or _indicator_names(record)):
         names = [label(MAIL_INDICATORS, n) for n in _indicator_names(record)]
         what = Text("メール: " + ("、".join(n.ja for n in names) or "遮断"),
                     "mail: " + (", ".join(n.en for n in names) or "blocked"))
         return TimelineEntry(moment, "mail", what, rv.text(record, "email.from.address") or "-")
-    if stream in ("proxy", "conn", "dns") and rv.is_block(dict(record)):
+    if stream in ("proxy", "conn", "dns") and rv.is_block(record):
         return TimelineEntry(moment, "block", Text("遮断: {r}", "blocked: {r}").format(r=rv.text(record, "rule.id") or "-"),
-                             rv.text(record, "url.full") or rv.destination(dict(record)) or "-")
+                             rv.text(record, "url.full") or rv.destination(record) or "-")
     return None
 
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from . import recordview as rv
-from .domains import Transfer, group_by_registered_domain
+from .domains import DomainTally, Transfer
 from .flash import cap_timeline, suggest_category, timeline_entry, virus_evidence
 from .model import AuditAction, Count, EventRow, IncidentFacts, IncidentReport, TimelineEntry
 from .review import audit_action
@@ -75,7 +75,7 @@ def build_incident(device_id: str, since: datetime, until: datetime,
     actions: list[AuditAction] = []
     blocked = 0
     timeline: list[TimelineEntry] = []
-    transfers: list = []
+    domains = DomainTally()
     viruses: list[str] = []
     first_suspicious: datetime | None = None
     first_action: datetime | None = None
@@ -98,7 +98,7 @@ def build_incident(device_id: str, since: datetime, until: datetime,
                 viruses.append(found)
                 first_suspicious = moment if first_suspicious is None else min(first_suspicious, moment)
             if (moved := transfer(stream, record)) is not None:
-                transfers.append(moved)
+                domains.add(moved)
             if stream == "audit":
                 actions.append(audit_action(record))
                 continue
@@ -134,4 +134,4 @@ def build_incident(device_id: str, since: datetime, until: datetime,
         status_now=status_now, limit=limit, truncated=truncated,
         facts=facts, suggestion=suggest_category(viruses) if facts.category is None else None,
         first_suspicious=first_suspicious, first_response=facts.detected_at or first_action or first_suspicious,
-        timeline=kept, timeline_left_out=left_out, domains=group_by_registered_domain(transfers))
+        timeline=kept, timeline_left_out=left_out, domains=domains.result())

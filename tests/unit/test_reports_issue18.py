@@ -353,3 +353,14 @@ def test_the_example_approved_lines_match_the_example_policy():
                 in_policy[device_group] = tuple(nets)
     assert in_policy, "the example policy has telework lines"
     assert {g: tuple(str(n) for n in nets) for g, nets in lines.items()} == in_policy
+
+
+def test_many_names_under_one_domain_keep_memory_bounded_and_are_counted():
+    from gateway.reports.domains import DomainTally
+    tally = DomainTally(max_hosts=3)
+    for i in range(50):
+        for _ in range(3):            # the same name again does not count as another
+            tally.add(Transfer(f"h{i}.example.co.jp", 2))
+    [group] = tally.result()
+    assert group.hosts == ("h0.example.co.jp", "h1.example.co.jp", "h2.example.co.jp")
+    assert group.more_hosts == 47 and group.requests == 150 and group.upload_bytes == 300
