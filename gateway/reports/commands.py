@@ -158,7 +158,10 @@ def _review(args: argparse.Namespace) -> int:
     # Last month beside this month (issue #18): the same review of the month before, from
     # its own records (none: zeros, which is what that month logged).
     last = previous_month(args.month)
-    last_start, last_end = parse_month(last, zone)
+    try:
+        last_start, last_end = parse_month(last, zone)
+    except ValueError:          # 1970-01 has no month before it in the log's time
+        return _write(out, render_review(report, _charts()))
     previous = build_review(last, last_start, last_end, args.tz, stream_records(directory, last_start, last_end),
                             generated_at=now, approved_lines=approved)
     report = dataclasses.replace(report, previous=previous)

@@ -364,3 +364,18 @@ def test_many_names_under_one_domain_keep_memory_bounded_and_are_counted():
     [group] = tally.result()
     assert group.hosts == ("h0.example.co.jp", "h1.example.co.jp", "h2.example.co.jp")
     assert group.more_hosts == 47 and group.requests == 150 and group.upload_bytes == 300
+
+
+def test_the_first_month_of_the_epoch_has_no_month_before_it(tmp_path):
+    clock = Clock()
+    clock.now = datetime(1970, 1, 2, tzinfo=UTC)
+    store = LogStore(tmp_path / "logs", clock=clock)
+    store.append("conn", {"@timestamp": clock.now, **_fw("d1", "198.51.100.9", 443, "quic", 1)})
+    store.close()
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    out = tmp_path / "r.html"
+    args = parser.parse_args(["report", "review", "--month", "1970-01", "--logs", str(tmp_path / "logs"), "--out", str(out)])
+    assert args.func(args) == commands.EXIT_OK
+    html = out.read_text(encoding="utf-8")
+    assert 'id="firewall-drops"' in html and 'id="month-over-month"' not in html and 'id="sign-off"' in html
