@@ -2,9 +2,9 @@
 Prometheus scraping two real gateway nodes.
 
 Two nodes on one PostgreSQL registry (gateway/lab/cluster.py, as in test_cluster.py), each
-serving /metrics on its underlay address; a Prometheus (Debian's `prometheus`, temporary
-config, 1 s scrape and rule evaluation, alerts.yml loaded) in the lab's database namespace
-scrapes both as job `kanmon`. Traffic: an allowed and a blocked request through each node, in
+serving /metrics on its underlay address; a Prometheus (Debian's `prometheus`, configured by
+observability/prometheus.example.yml with the lab's targets and a 1 s scrape and rule
+evaluation, alerts.yml loaded) in the lab's database namespace scrapes both as job `kanmon`. Traffic: an allowed and a blocked request through each node, in
 two rounds (a counter series that appears with its first increment has no increase yet), and
 one quarantined device.
 
@@ -26,6 +26,7 @@ import time
 import urllib.parse
 
 import pytest
+import yaml
 
 from gateway.lab.cluster import NODE_B_UNDERLAY, ClusterLab, postgres_prerequisites
 from gateway.lab.topology import UNDERLAY_GW, wait_until
@@ -38,6 +39,7 @@ from tests.e2e.test_device_lifecycle import http_code
 pytestmark = pytest.mark.e2e
 
 RULES = dashboard_queries.DASHBOARD.parent / "alerts.yml"
+EXAMPLE_CONFIG = dashboard_queries.DASHBOARD.parent / "prometheus.example.yml"
 METRICS_PORT = 9180
 PROMETHEUS_PORT = 9090            # inside the database namespace: no clash with anything else
 NODE_A = f"{UNDERLAY_GW}:{METRICS_PORT}"
@@ -56,11 +58,13 @@ class Prometheus:
     def start(self, binary: str, targets: list[str]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         shutil.copy(RULES, self.workdir / "alerts.yml")
-        (self.workdir / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n"
-            "rule_files:\n  - alerts.yml\n"
-            "scrape_configs:\n  - job_name: kanmon\n    static_configs:\n"
-            f"      - targets: {json.dumps(targets)}\n", encoding="utf-8")
+        # The shipped example, with the lab's targets and a 1 s interval.
+        config = yaml.safe_load(EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+        config["global"] = {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"}
+        [job] = config["scrape_configs"]
+        assert job["job_name"] == "kanmon" and config["rule_files"] == ["alerts.yml"]
+        job["static_configs"] = [{"targets": targets}]
+        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log = open(self.workdir / "prometheus.log", "wb")
         self.proc = self.ns.popen(binary, f"--config.file={self.workdir / 'prometheus.yml'}",
                                   f"--storage.tsdb.path={self.workdir / 'data'}",

@@ -157,6 +157,22 @@ def test_promtool_check_rules_passes():
     assert f"{len(_rules())} rules found" in done.stdout
 
 
+def test_promtool_check_config_passes_on_the_example_prometheus_config(tmp_path):
+    promtool = _tool("promtool")
+    for name in ("prometheus.example.yml", "alerts.yml"):
+        shutil.copy(OBS / name, tmp_path / name)
+    done = subprocess.run([promtool, "check", "config", "prometheus.example.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load((OBS / "prometheus.example.yml").read_text(encoding="utf-8"))
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["kanmon"]   # what the rules select
+    # the check is not vacuous: a rule file that does not parse fails it
+    (tmp_path / "alerts.yml").write_text("groups: [{name: x, rules: [{alert: A, expr: 'sum(('}]}]\n")
+    done = subprocess.run([promtool, "check", "config", "prometheus.example.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+
+
 def test_promtool_check_rules_rejects_a_broken_rule(tmp_path):
     # The check is not vacuous: a syntax error in an expression fails it.
     promtool = _tool("promtool")
