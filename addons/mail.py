@@ -12,7 +12,8 @@ Data part: a mail connection gets a protocol adapter (gateway/mail/adapters) tha
 each message, has it judged by the verdict engine (gateway/mail/engine.py, clamd for the
 virus scan) and releases the original, a rewrite or a notice; quarantined messages go to
 the quarantine store under the state dir. Every verdict is logged to the ``mail`` stream and
-counted in ``kanmon_mail_verdicts_total{verdict,indicator}``.
+counted in ``kanmon_mail_messages_total{verdict,direction}`` (once per message) and
+``kanmon_mail_verdicts_total{verdict,indicator}`` (once per indicator).
 
 mitmproxy specifics:
 * TLS mail ports: the server connection is made before the client handshake
@@ -363,6 +364,7 @@ class MailFilter:
         names = sorted({i.name for i in verdict.indicators})
         for name in names or ["none"]:
             self.metrics.mail_verdicts.labels(str(verdict.action), name).inc()
+        self.metrics.mail_messages.labels(str(verdict.action), context.direction).inc()   # once per message
         headers = outcome.headers
         record = dict(base)
         record.update(verdict_fields(verdict.gateway_verdict()))
