@@ -376,3 +376,18 @@ def test_guard_children_keep_their_wrappers_and_fail_closed_through_the_addon_ma
     assert chain.errors("exploding", "requestheaders") == 2
     parent.addons = [Exploding(), Exploding()]  # a changed child list gets new wrappers
     assert [g.inner for g in guarded.addons] == parent.addons
+
+
+def test_guarded_addons_register_without_deprecation_warnings(caplog):
+    """mitmproxy warns "add_log event has been deprecated" for any addon that merely has an
+    `add_log` attribute; a guard must not grow one (the gateway logged one warning per addon
+    at every start, #19)."""
+    import logging
+
+    import mitmproxy.log  # noqa: F401 -- registers AddLogHook in hooks.all_hooks, as in the gateway
+    chain = Chain()
+    guarded = Guarded(chain.decider, chain.actions)
+    assert not hasattr(guarded, "add_log")
+    with caplog.at_level(logging.WARNING), taddons.context() as tctx:
+        tctx.master.addons.add(guarded)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
