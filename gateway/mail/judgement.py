@@ -18,8 +18,9 @@ from gateway.mail.engine import MailContext, MailVerdict, evaluate_message, too_
 from gateway.mail.indicators import MailAction
 from gateway.mail.limits import TOO_COMPLEX
 from gateway.mail.message import POLICY, MalformedMessage, fix_8bit
+from gateway.mail.outbound import GUARD_NAMES, explanation
 from gateway.mail.policy import MailPolicy
-from gateway.mail.rewrite import RewriteFailed, notice_message, render_message
+from gateway.mail.rewrite import RewriteFailed, html_as_text, notice_message, render_message
 
 _LOG_SOURCE_CHARS = 2000
 # A notice that copies no header of the original: for a message the parsers must not see.
@@ -78,6 +79,14 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
             except RewriteFailed:
                 verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
                 action = verdict.action
+    if data is not None and action in (MailAction.DELIVER, MailAction.TAG) and policy.converts_html(context.direction):
+        # html_to_text (issue #20): HTML delivered as text; neutralize has converted it already.
+        try:
+            data = html_as_text(data)
+        except RewriteFailed:
+            verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
+            action = verdict.action
+            data = None
     qid = None
     if action == MailAction.QUARANTINE:
         qid = quarantine.put(raw, verdict, context)
@@ -90,7 +99,12 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
         else:
             data = None
     names = ", ".join(sorted({i.name for i in verdict.indicators})) or "malformed message"
-    if action == MailAction.QUARANTINE:
+    guard = {i.name for i in verdict.indicators} & set(GUARD_NAMES)
+    if context.direction == "outbound" and guard and action in (MailAction.QUARANTINE, MailAction.REJECT):
+        # The outbound guard: the sender is told why and what to do, in both languages.
+        text = explanation(guard, policy.outbound_guard, action == MailAction.QUARANTINE, qid)
+        reason = f"{text.ja}\n{text.en} ({names})"
+    elif action == MailAction.QUARANTINE:
         reason = f"Kanmon: message held in quarantine {qid} ({names})"
     elif action == MailAction.REJECT:
         reason = f"Kanmon: message refused ({names})"

@@ -6,6 +6,8 @@ instead of a quarantined or rejected message. Pure: bytes in, bytes out.
 * neutralize: tag, plus every attachment an indicator points at is replaced by a text notice,
   and every HTML part is converted to plain text (IPA SME sample 7.3: 受信メールの HTML 表示を
   禁止し、テキスト形式に変換する).
+* html_as_text: the policy's ``html_to_text`` (default always, issue #20) converts the HTML of
+  every delivered or tagged message the same way, in place, and changes nothing else.
 
 DKIM is verified on the original bytes before any of this (engine.py); a rewritten message
 no longer carries a valid signature, which is expected and harmless after the gateway.
@@ -13,6 +15,7 @@ no longer carries a valid signature, which is expected and harmless after the ga
 
 from __future__ import annotations
 
+import codecs
 import email
 import functools
 from email.message import EmailMessage, MIMEPart
@@ -21,6 +24,7 @@ from gateway.i18n import Text
 from gateway.mail.engine import MailVerdict
 from gateway.mail.html_text import html_to_text
 from gateway.mail.indicators import ATTACHMENT_NAMES, MailAction, visible
+from gateway.mail.limits import bytes_re2
 from gateway.mail.message import POLICY, body_text, fix_8bit
 from gateway.mail.policy import MailPolicy
 
@@ -154,11 +158,47 @@ def neutralize_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> 
                          disposition="attachment", filename="kanmon-removed-attachment.txt")
         if part is not msg:
             del part["MIME-Version"]
+    _convert_html_parts(msg, parts, skip=set(reasons))
+    _prefix_subject(msg, policy.subject_prefix)
+    _add_warning(msg, warning_text(verdict, removed or None))
+    return _serialize(msg, raw)
+
+
+# What a mail client renders as a web page. application/xhtml+xml is rare but rendered by some.
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# <meta charset="..."> / <meta http-equiv content="...; charset=..."> in the first bytes of an
+# HTML part whose Content-Type names no charset (old Japanese mailers: Shift_JIS this way).
+# RE2 (linear) on attacker bytes; LATIN1 so any byte is a character.
+_META_CHARSET = bytes_re2(rb"(?i)<meta[^>]{0,300}?charset[ \t]*=[ \t]*[\"']?([A-Za-z0-9_.:-]{1,40})")
+_SNIFF_BYTES = 4096
+
+
+def _html_source(part: EmailMessage, data: bytes) -> str:
+    """The HTML as text: the Content-Type charset when there is one (RFC 2046 says it wins),
+    else a <meta> charset the codecs know, else what body_text does (us-ascii / UTF-8 with
+    replacement characters): bytes that do not decode never stop the conversion."""
+    if part.get_param("charset") is None:
+        m = _META_CHARSET.search(data[:_SNIFF_BYTES])
+        if m:
+            name = m.group(1).decode("ascii", "replace")
+            try:
+                codecs.lookup(name)
+                return data.decode(name, errors="replace")
+            except (LookupError, UnicodeError, ValueError):
+                pass
+    return body_text(part, data)
+
+
+def _convert_html_parts(msg: EmailMessage, parts: list[EmailMessage], skip: set[int] = frozenset()) -> int:
+    """Every HTML leaf part becomes text/plain (UTF-8, base64) in its place: the MIME tree
+    keeps its shape, so part numbers (IMAP BODY[1.2], what BODYSTRUCTURE showed) still name
+    the same parts. An HTML attachment becomes a .txt attachment. Returns how many changed."""
+    changed = 0
     for index, part in enumerate(parts):
-        if index in reasons or part.is_multipart() or part.get_content_type() != "text/html":
+        if index in skip or part.is_multipart() or part.get_content_type() not in HTML_TYPES:
             continue
         data = part.get_payload(decode=True) or b""
-        text = html_to_text(body_text(part, data))
+        text = html_to_text(_html_source(part, data))
         was_attachment = (part.get_content_disposition() or "") == "attachment"
         if was_attachment:
             part.set_content(text, charset="utf-8", cte="base64", disposition="attachment",
@@ -167,8 +207,28 @@ def neutralize_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> 
             part.set_content(text, charset="utf-8", cte="base64")
         if part is not msg:
             del part["MIME-Version"]
-    _prefix_subject(msg, policy.subject_prefix)
-    _add_warning(msg, warning_text(verdict, removed or None))
+        changed += 1
+    return changed
+
+
+@_library_errors_as_rewrite_failed
+def html_as_text(raw: bytes) -> bytes:
+    """``html_to_text`` in the mail policy (issue #20, IPA SME sample 7.3 受信メールのHTML表示
+    禁止): the message with every HTML part converted to plain text, nothing else changed
+    (headers as they came, no warning part, no subject prefix). A message without HTML is
+    returned as the very same bytes object, so a clean plain-text message stays byte-identical.
+
+    Why convert in place rather than keep only the sender's text/plain alternative: that
+    alternative is often a stub ("HTML メールを表示できません") or says something else than the
+    HTML the sender meant to be read, and dropping parts renumbers the MIME tree under a client
+    that already read BODYSTRUCTURE. In a multipart/alternative the converted part stays last,
+    so clients show it: the HTML's content as text, each link written with its real target."""
+    if b"htm" not in raw.lower():
+        return raw   # no HTML content type can be declared without these letters
+    msg = email.message_from_bytes(raw, policy=POLICY)
+    parts = list(msg.walk())
+    if not _convert_html_parts(msg, parts):
+        return raw
     return _serialize(msg, raw)
 
 
