@@ -198,17 +198,51 @@ def _convert_html_parts(msg: EmailMessage, parts: list[EmailMessage], skip: set[
         if index in skip or part.is_multipart() or part.get_content_type() not in HTML_TYPES:
             continue
         data = part.get_payload(decode=True) or b""
-        text = html_to_text(_html_source(part, data))
+        text = inert_text(html_to_text(_html_source(part, data)))
         was_attachment = (part.get_content_disposition() or "") == "attachment"
-        if was_attachment:
-            part.set_content(text, charset="utf-8", cte="base64", disposition="attachment",
-                             filename=_part_name(part) + ".txt")
-        else:
-            part.set_content(text, charset="utf-8", cte="base64")
+        extra = {"disposition": "attachment", "filename": _part_name(part) + ".txt"} if was_attachment else {}
+        _set_text_like(part, text, extra)
         if part is not msg:
             del part["MIME-Version"]
         changed += 1
     return changed
+
+
+# "<" and ">" of the converted text (a text node may hold "&lt;script&gt;") become their
+# full-width forms: see inert_text.
+_INERT = str.maketrans({"<": "\uff1c", ">": "\uff1e"})
+_KEPT_CTE = ("7bit", "8bit", "quoted-printable", "base64")
+
+
+def inert_text(text: str) -> str:
+    """The converted text with no "<" or ">": inert even where a client renders it as HTML.
+    An IMAP client that read BODYSTRUCTURE from the server (which describes the original,
+    adapters/imap.py) and then fetches the part alone believes it is text/html: without this
+    an escaped "&lt;img src=...&gt;" in the original would come back to life as markup. Links
+    read ``text ＜https://...＞``; full-width brackets are ordinary in Japanese text."""
+    return text.translate(_INERT)
+
+
+def _set_text_like(part: EmailMessage, text: str, extra: dict) -> None:
+    """text/plain in the part's own charset and transfer encoding when they can carry the text,
+    so a client decoding the part by the server's BODYSTRUCTURE reads it right; else UTF-8 in
+    the same encoding; else UTF-8 base64."""
+    charset = part.get_content_charset()
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    attempts = []
+    if charset and cte in _KEPT_CTE:
+        attempts.append((charset, cte))
+    if cte in _KEPT_CTE:
+        attempts.append(("utf-8", cte))
+    attempts.append(("utf-8", "base64"))
+    for index, (cs, te) in enumerate(attempts):
+        try:
+            codecs.lookup(cs)
+            part.set_content(text, charset=cs, cte=te, **extra)
+            return
+        except (LookupError, UnicodeError, ValueError):
+            if index == len(attempts) - 1:
+                raise
 
 
 @_library_errors_as_rewrite_failed
@@ -222,7 +256,9 @@ def html_as_text(raw: bytes) -> bytes:
     alternative is often a stub ("HTML メールを表示できません") or says something else than the
     HTML the sender meant to be read, and dropping parts renumbers the MIME tree under a client
     that already read BODYSTRUCTURE. In a multipart/alternative the converted part stays last,
-    so clients show it: the HTML's content as text, each link written with its real target."""
+    so clients show it: the HTML's content as text, each link written with its real target.
+    The part keeps its charset and transfer encoding where it can, and the text is inert
+    (inert_text), for clients that go by the server's BODYSTRUCTURE."""
     if b"htm" not in raw.lower():
         return raw   # no HTML content type can be declared without these letters
     msg = email.message_from_bytes(raw, policy=POLICY)

@@ -41,7 +41,7 @@ def test_html_mail_fetched_over_imap_and_pop3_arrives_as_text(lab):
     assert [p.get_content_type() for p in leaves(original)] == ["text/plain", "text/html"]   # the server has HTML
     parts = leaves(got)
     assert [p.get_content_type() for p in parts] == ["text/plain", "text/plain"]
-    assert "お知らせ本文" in parts[1].get_content() and "詳細 <https://partner.example.com/x>" in parts[1].get_content()
+    assert "お知らせ本文" in parts[1].get_content() and "詳細 ＜https://partner.example.com/x＞" in parts[1].get_content()
     assert b"steal" not in got and b"<script" not in got.lower()
     assert got.split(b"\r\n\r\n")[0] == original.split(b"\r\n\r\n")[0]   # the headers as they came
     pop = device_python(lab, f"""
