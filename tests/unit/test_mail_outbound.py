@@ -289,3 +289,22 @@ def test_smtp_adapter_refuses_to_before_the_server_sees_data_and_passes_bcc(size
     replies, server = _session([SENDER, *rcpts], raw, sizes)
     assert server.messages == [raw]          # byte-identical, dot-stuffing undone by the server
     assert b"250 2.0.0 queued" in replies
+
+
+def test_addon_cache_does_not_reuse_an_internal_verdict_for_an_external_envelope(tmp_path):
+    """The same bytes with a 社外秘 label: delivered to an internal recipient, then submitted to
+    an outside one — the cached 'deliver' must not be reused (the envelope is in the key)."""
+    from types import SimpleNamespace
+
+    from tests.unit.test_mail_adapters_addon import make_filter
+    f, sink = make_filter(tmp_path)
+    flow = SimpleNamespace(metadata={}, server_conn=SimpleNamespace(address=("198.51.100.25", 465)),
+                           client_conn=SimpleNamespace(peername=("10.0.0.2", 50000), sni="mail.city.example"))
+    judge = f._judge_for(flow, "smtp")
+    raw = message(to=SENDER, subject="【社外秘】人事案")
+    assert judge(raw, MailContext("outbound", "d", SENDER, (f"kacho@{ORG}",))).action == "deliver"
+    refused = judge(raw, MailContext("outbound", "d", SENDER, (f"kacho@{ORG}", "x@partner.example.com")))
+    assert refused.action == "reject" and refused.data is None and "転送サービス" in refused.reason
+    records = [r for _, r in sink.records]
+    assert [r["kanmon.mail.verdict"] for r in records] == ["deliver", "reject"]
+    assert records[1]["kanmon.mail.indicators"][0]["name"] == CONFIDENTIAL_LABEL and not records[1]["kanmon.mail.repeated"]
