@@ -308,3 +308,17 @@ def test_addon_cache_does_not_reuse_an_internal_verdict_for_an_external_envelope
     records = [r for _, r in sink.records]
     assert [r["kanmon.mail.verdict"] for r in records] == ["deliver", "reject"]
     assert records[1]["kanmon.mail.indicators"][0]["name"] == CONFIDENTIAL_LABEL and not records[1]["kanmon.mail.repeated"]
+
+
+def test_cli_scan_with_rcpt_judges_as_outgoing_mail(tmp_path, capsys, monkeypatch):
+    from tests.unit.test_mail_cli import run, scan
+    monkeypatch.delenv("KANMON_LANG", raising=False)
+    path = tmp_path / "m.eml"
+    path.write_bytes(message(to=", ".join(external(12))))
+    assert run(scan(path)) == 0                                   # as received mail: nothing to say
+    capsys.readouterr()
+    assert run(scan(path, "--rcpt", "user0@partner0.example.com")) == 1
+    out = capsys.readouterr().out
+    assert "verdict: reject" in out and EXTERNAL_RECIPIENTS in out and "社外の宛先が 12 件" in out
+    path.write_bytes(message(to=SENDER))
+    assert run(scan(path, "--rcpt", SENDER, "--rcpt", "user0@partner0.example.com")) == 0   # Bcc: passes
