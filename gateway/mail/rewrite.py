@@ -171,6 +171,13 @@ HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # RE2 (linear) on attacker bytes; LATIN1 so any byte is a character.
 _META_CHARSET = bytes_re2(rb"(?i)<meta[^>]{0,300}?charset[ \t]*=[ \t]*[\"']?([A-Za-z0-9_.:-]{1,40})")
 _SNIFF_BYTES = 4096
+# Charsets a <meta> may select: the ones mail and the web use. Not any codec Python knows — a
+# sniffed "punycode" would decode a 4 MB body in quadratic time, "unicode_escape" re-interpret it.
+_SNIFFED_CHARSETS = frozenset({
+    "utf-8", "ascii", "shift_jis", "cp932", "euc_jp", "iso2022_jp", "iso2022_jp_1", "iso2022_jp_2",
+    "iso2022_jp_3", "iso2022_jp_ext", "euc_jis_2004", "shift_jis_2004", "latin-1", "gb2312", "gbk",
+    "gb18030", "big5", "euc_kr", "koi8-r", "utf-16", "utf-16-le", "utf-16-be",
+})
 
 
 def _html_source(part: EmailMessage, data: bytes) -> str:
@@ -182,8 +189,9 @@ def _html_source(part: EmailMessage, data: bytes) -> str:
         if m:
             name = m.group(1).decode("ascii", "replace")
             try:
-                codecs.lookup(name)
-                return data.decode(name, errors="replace")
+                canonical = codecs.lookup(name).name
+                if canonical in _SNIFFED_CHARSETS or canonical.startswith(("iso8859", "cp125")):
+                    return data.decode(canonical, errors="replace")
             except (LookupError, UnicodeError, ValueError):
                 pass
     return body_text(part, data)

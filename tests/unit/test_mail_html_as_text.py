@@ -117,6 +117,8 @@ def test_nested_alternative_related_and_forwarded_html_keep_the_tree_shape():
     ("<p>caf\u00e9</p>".encode("latin-1"), "; charset=x-no-such-charset", "8bit", "caf\ufffd"),
     ("<p>嘘の字</p>".encode("cp932"), "; charset=utf-8", "8bit", "\ufffd"),                  # lying charset
     ('<meta charset="bogus-9"><p>ok</p>'.encode(), "", "8bit", "ok"),
+    ('<meta charset="punycode"><p>not-puny-ok</p>'.encode(), "", "8bit", "not-puny-ok"),   # codec not a mail charset
+    ('<meta charset="unicode_escape"><p>\\u0041-kept</p>'.encode(), "", "8bit", "\\u0041-kept"),
     ("+ADw-script+AD4-alert(1)+ADw-/script+AD4-<p>utf7</p>".encode(), "; charset=utf-7", "7bit", "utf7"),
 ])
 def test_odd_charsets_convert_without_loss_of_the_readable_text(body, param, cte, expected):
