@@ -383,6 +383,7 @@ class MailFilter:
             "email.message_id": headers.get("message-id"),
             "kanmon.mail.size": len(raw),
             "kanmon.mail.delivered_bytes": len(judgement.data) if judgement.data is not None else None,
+            "kanmon.mail.html_to_text": outcome.html_as_text,   # HTML delivered as text (issue #20)
         })
         self._write(record)
 

@@ -34,6 +34,7 @@ class Outcome:
     verdict: MailVerdict
     quarantine_id: str | None
     headers: dict[str, str]     # From / To / Subject / Message-ID for the log, cut to 500 chars
+    html_as_text: bool = False  # html_to_text converted HTML parts (issue #20), logged
 
 
 def is_too_complex(verdict: MailVerdict) -> bool:
@@ -57,6 +58,7 @@ def hold_too_complex(raw: bytes, context: MailContext, policy: MailPolicy, quara
 def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, verdict: MailVerdict) -> Outcome:
     complex_ = is_too_complex(verdict)
     action = verdict.action
+    converted = False
     data: bytes | None = None
     if context.direction == "outbound" and action == MailAction.NEUTRALIZE:
         # Outgoing mail is never altered behind the sender's back: a message whose
@@ -82,7 +84,8 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
     if data is not None and action in (MailAction.DELIVER, MailAction.TAG) and policy.converts_html(context.direction):
         # html_to_text (issue #20): HTML delivered as text; neutralize has converted it already.
         try:
-            data = html_as_text(data)
+            before, data = data, html_as_text(data)
+            converted = data is not before
         except RewriteFailed:
             verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
             action = verdict.action
@@ -111,7 +114,7 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
     else:
         reason = ""
     headers = {} if complex_ else log_headers(raw)
-    return Outcome(Judgement(str(action), data, reason), verdict, qid, headers)
+    return Outcome(Judgement(str(action), data, reason), verdict, qid, headers, converted)
 
 
 def log_headers(raw: bytes) -> dict[str, str]:

@@ -34,7 +34,10 @@ def test_html_mail_fetched_over_imap_and_pop3_arrives_as_text(lab):
     ms = lab.mail_servers
     ms.clear_mailbox("taro")
     ms.put_message("taro", "html", HTML_MAIL)
+    seq = last_sequence(lab)
     via = device_python(lab, imap_fetch_all(MAIL_HOST, "BODY.PEEK[]"))
+    [record] = [r for r in mail_records(lab, seq) if r.get("event.action") == "mail-inbound"]
+    assert record["kanmon.mail.verdict"] == "deliver" and record["kanmon.mail.html_to_text"] is True
     direct = direct_python(lab, imap_fetch_all(MAIL4, "BODY.PEEK[]"))
     [got] = [base64.b64decode(b) for b in via["messages"].values()]
     [original] = [base64.b64decode(b) for b in direct["messages"].values()]

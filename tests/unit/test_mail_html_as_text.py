@@ -77,6 +77,9 @@ def test_message_without_html_is_the_same_bytes_object():
     raw = (HEAD + "Content-Type: text/plain; charset=utf-8\r\n\r\nhello <b>not html</b>\r\n").encode()
     assert html_as_text(raw) is raw
     assert deliver(raw) is raw
+    # the outcome says whether HTML was converted (the mail log shows it)
+    assert not judge_message(raw, INBOUND, POLICY, NoQuarantine()).html_as_text
+    assert judge_message(HTML_ONLY, INBOUND, POLICY, NoQuarantine()).html_as_text
 
 
 def nested(inner_html: bytes, charset_param: str = "; charset=utf-8", cte: str = "8bit") -> bytes:
