@@ -13,8 +13,8 @@ from typing import Any
 
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
+from gateway.mail.outbound import GUARD_NAMES, OutboundGuard  # noqa: I001 (own line: merges with issue #20's other half)
 from gateway.mail.limits import MessageLimits
-from gateway.mail.outbound import GUARD_NAMES, OutboundGuard
 from gateway.yamlsource import MAX_LIST_BYTES, LoadedYaml, SourceErrors, load_yaml_file, read_text_file, schema_errors
 
 _ACTIONS = [str(a) for a in MailAction]
@@ -220,17 +220,17 @@ class MailPolicy:
         Name.EXTENSION_PADDING, Name.FILENAME_CONTROL_CHARS, Name.ARCHIVE_THREAT,
         Name.ARCHIVE_ENCRYPTED, Name.VIRUS_DETECTED, Name.VIRUS_SCAN_UNAVAILABLE,
     })
+    html_to_text: str = "always"                        # issue #20 (rewrite.html_as_text)
+    outbound_guard: OutboundGuard = OutboundGuard()     # issue #20 (outbound.py)
     clamd: ClamdAddress | None = None
-    html_to_text: str = "always"
-    outbound_guard: OutboundGuard = OutboundGuard()
-
-    def converts_html(self, direction: str) -> bool:
-        """Whether a message in ``direction`` has its HTML delivered as text (rewrite.py)."""
-        return self.html_to_text == "always" or (self.html_to_text == "inbound" and direction == "inbound")
 
     @property
     def protected(self) -> tuple[Entity, ...]:
         return (self.organization, *self.partners)
+
+    def converts_html(self, direction: str) -> bool:
+        """Whether a message in ``direction`` has its HTML delivered as text (rewrite.py)."""
+        return self.html_to_text == "always" or (self.html_to_text == "inbound" and direction == "inbound")
 
     @property
     def protected_domains(self) -> tuple[str, ...]:
@@ -311,8 +311,8 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         too_complex=MailAction(data.get("too_complex", "quarantine")),
         limits=MessageLimits(**data.get("limits", {})),
         judge=JudgeLimits(**data.get("judge", {})),
-        clamd=clamd,
         outbound_guard=guard,
+        clamd=clamd,
         **kwargs,
     )
 
