@@ -54,6 +54,20 @@ def test_html_mail_fetched_over_imap_and_pop3_arrives_as_text(lab):
         print(json.dumps({{"raw": b64(b"\\r\\n".join(lines) + b"\\r\\n")}}))
     """)
     assert base64.b64decode(pop["raw"]) == got   # POP3 and IMAP deliver the same conversion
+    # A client that goes by the server's BODYSTRUCTURE (part 2: text/html, ISO-2022-JP, 7bit)
+    # and fetches the part alone gets the same text, as an inert HTML document it can decode.
+    alone = device_python(lab, f"""
+        m = imaplib.IMAP4_SSL({MAIL_HOST!r}, 993, ssl_context=CTX)
+        m.login({TARO!r}, 'taro-pass'); m.select('INBOX')
+        typ, data = m.uid('SEARCH', None, 'ALL'); uid = data[0].split()[0]
+        typ, structure = m.uid('FETCH', uid, '(BODYSTRUCTURE)')
+        typ, part2 = m.uid('FETCH', uid, '(BODY.PEEK[2])')
+        print(json.dumps({{"structure": structure[0].decode(), "part2": b64(part2[0][1])}}))
+    """)
+    assert '"TEXT" "HTML"' in alone["structure"].upper() and "ISO-2022-JP" in alone["structure"].upper()
+    view = base64.b64decode(alone["part2"]).decode("iso-2022-jp")
+    assert view.startswith("<!DOCTYPE html>") and "お知らせ本文" in view and "詳細 ＜https://partner.example.com/x＞" in view
+    assert "<script" not in view and "<a " not in view
 
 
 def postfix_log(lab) -> str:

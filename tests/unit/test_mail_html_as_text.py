@@ -14,7 +14,7 @@ import pytest
 
 from gateway.mail.adapters import dot_stuff, dot_unstuff
 from gateway.mail.adapters.imap import ImapAdapter
-from gateway.mail.adapters.imap_sections import section_bytes
+from gateway.mail.adapters.imap_sections import converted_html_view, section_bytes
 from gateway.mail.adapters.pop3 import Pop3Adapter
 from gateway.mail.engine import MailContext
 from gateway.mail.judgement import judge_message
@@ -253,9 +253,34 @@ def test_imap_fetch_literal_size_and_section_of_the_converted_message():
     section = section_bytes(DOTTED, "1.2.1")
     out = bytes(a.from_server(b"* 1 FETCH (UID 5 BODY[1.2.1] {%d}\r\n" % len(section) + section
                               + b" BODY[] {%d}\r\n" % len(DOTTED) + DOTTED + b")\r\na2 OK done\r\n").to_client)
-    converted = section_bytes(expected, "1.2.1")
-    assert out == b"* 1 FETCH (UID 5 BODY[1.2.1] {%d}\r\n" % len(converted) + converted + b")\r\na2 OK done\r\n"
-    assert b"<p>" not in out and b".dot at the start" in converted   # 8bit as the original part
+    # The part alone, for a client that read the server's BODYSTRUCTURE (text/html, 8bit,
+    # utf-8): the converted text as an inert HTML document in that charset and encoding.
+    view = converted_html_view(expected, DOTTED, "1.2.1", False)
+    assert out == b"* 1 FETCH (UID 5 BODY[1.2.1] {%d}\r\n" % len(view) + view + b")\r\na2 OK done\r\n"
+    assert view.startswith(b"<!DOCTYPE html>") and b"<p>" not in view
+    assert b".dot at the start" in view and b"..two" in view and view.count(b"<") == 7   # only the wrapper: doctype, html, body, pre and their ends
+
+
+def test_imap_part_alone_follows_the_original_charset_and_encoding():
+    html = '<p>予定 &lt;img src=x onerror=alert(1)&gt; &amp; 会議</p><a href="https://x.example/">資料</a>'
+    for param, cte, body in (("; charset=iso-2022-jp", "base64",
+                              __import__("base64").encodebytes(html.encode("iso-2022-jp")).replace(b"\n", b"\r\n")),
+                             ("; charset=shift_jis", "quoted-printable",
+                              __import__("quopri").encodestring(html.encode("cp932")).replace(b"\n", b"\r\n"))):
+        raw = nested(body.rstrip(b"\r\n"), param, cte)
+        served = judge(raw, INBOUND).data
+        view = converted_html_view(served, raw, "1.2.1", False)
+        assert view is not None
+        # decoded exactly as a client does from the ORIGINAL part's description
+        decoded = __import__("base64").b64decode(view) if cte == "base64" else __import__("quopri").decodestring(view)
+        text = decoded.decode(param.split("=")[1])
+        assert text.startswith("<!DOCTYPE html>") and "予定 ＜img src=x onerror=alert(1)＞ &amp; 会議" in text
+        assert "資料 ＜https://x.example/＞" in text and "<img" not in text and "<a " not in text
+        binary = converted_html_view(served, raw, "1.2.1", True)
+        assert binary == decoded
+    # parts that were not converted are not touched
+    assert converted_html_view(served, raw, "1.1", False) is None and converted_html_view(served, raw, "1.2.2", False) is None
+    assert converted_html_view(served, raw, "TEXT", False) is None
 
 
 def test_smtp_submission_hands_the_converted_message_to_the_server():
