@@ -312,7 +312,9 @@ class MailFilter:
         base = self._base_record(flow, protocol)
 
         def judge(raw: bytes, context: MailContext) -> Judgement:
-            key = (context.direction, hashlib.sha256(raw).hexdigest())
+            # The envelope is part of the key: the outbound guard (issue #20) judges the same
+            # bytes differently for an internal and an external recipient.
+            key = (context.direction, hashlib.sha256(raw).hexdigest(), context.rcpt_to)
             with self._judged_lock:
                 cached = self._judged.get(key)
                 if cached is not None:
@@ -383,6 +385,7 @@ class MailFilter:
             "email.message_id": headers.get("message-id"),
             "kanmon.mail.size": len(raw),
             "kanmon.mail.delivered_bytes": len(judgement.data) if judgement.data is not None else None,
+            "kanmon.mail.html_to_text": outcome.html_as_text,   # HTML delivered as text (issue #20)
         })
         self._write(record)
 
