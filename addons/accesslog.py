@@ -72,6 +72,12 @@ def _tcp_bytes(flow: tcp.TCPFlow) -> tuple[int, int]:
     return sent, received
 
 
+def _body_size(message) -> int | None:
+    """Bytes of a message body as on the wire (None when it was streamed, not buffered)."""
+    raw = message.raw_content
+    return len(raw) if raw is not None else None
+
+
 def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
     if verdict is None:  # cannot happen after the enforcer; logged as such if it does
         return {"kanmon.verdict": "undecided", "rule.id": None}
@@ -130,12 +136,15 @@ class AccessLog:
             "destination.port": server[1] if server else None,
             "tls.client.server_name": flow.client_conn.sni,
             "kanmon.request_id": flow.metadata.get(METADATA_REQUEST_ID),
+            # sizes only (issue #18: bytes sent per registered domain in the incident report)
+            "http.request.body.bytes": _body_size(flow.request),
         })
         return rec
 
     def response(self, flow: http.HTTPFlow) -> None:
         rec = self._http_record(flow)
         rec["http.response.status_code"] = flow.response.status_code if flow.response else None
+        rec["http.response.body.bytes"] = _body_size(flow.response) if flow.response else None
         self._write("proxy", rec)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -1,64 +1,29 @@
-"""The bilingual block page: rule id, reason, time, request id, helpdesk contact.
-Self-contained HTML (no external resources: nothing loads from a blocked network)."""
+"""The block pages (issue #19): one per kind — policy block, quarantine, sign-in required,
+gateway fault (HTTP 503, "temporarily unavailable, try again"), infected download and bad
+request — rendered from the Jinja2 templates and message catalogs of gateway/pages, with the
+rule's staff message, the approved alternative and the helpdesk's mailto:/tel: links
+carrying the request id. Self-contained HTML: nothing loads from elsewhere except the
+organization's logo when the config gives it as an https URL."""
 
 from __future__ import annotations
 
-import html
 import secrets
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 
 from mitmproxy import http
 
+from gateway.pages.kinds import STATUS, PageKind, StaffMessage, page_kind, staff_message
+from gateway.pages.organization import Helpdesk, Organization
+from gateway.pages.render import render_block
 from gateway.verdict import Verdict
 
-JST = timezone(timedelta(hours=9), "JST")
+__all__ = ["Helpdesk", "Organization", "block_response", "new_request_id", "render_block_page"]
 
-_PAGE = """<!DOCTYPE html>
-<html lang="ja">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>アクセスがブロックされました / Access blocked</title>
-<style>
-body {{ font-family: sans-serif; margin: 0; background: #f4f4f4; color: #222; }}
-main {{ max-width: 40rem; margin: 2rem auto; background: #fff; padding: 1.5rem 2rem; border-top: 6px solid #b00020; }}
-h1 {{ font-size: 1.4rem; margin: 0 0 .5rem; }}
-h2 {{ font-size: 1.1rem; margin: 1.5rem 0 .5rem; color: #555; }}
-dl {{ display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1rem; }}
-dt {{ font-weight: bold; }}
-dd {{ margin: 0; word-break: break-all; }}
-</style>
-</head>
-<body>
-<main>
-<section lang="ja" id="ja">
-<h1>このアクセスは組織のセキュリティポリシーによりブロックされました</h1>
-<p>{url_line_ja}業務上必要な場合は、下記の情報を添えて{helpdesk_ja}へ連絡してください。</p>
-</section>
-<section lang="en" id="en">
-<h2>This access was blocked by your organization's security policy</h2>
-<p>{url_line_en}If you need it for your work, contact {helpdesk_en} with the details below.</p>
-</section>
-<dl>
-<dt>ルール / Rule</dt><dd id="rule-id">{rule}</dd>
-<dt>理由 / Reason</dt><dd id="reason">{reason}</dd>
-<dt>日時 / Time</dt><dd id="time">{time_jst} ({time_utc})</dd>
-<dt>端末 / Device</dt><dd id="device">{device}</dd>
-<dt>要求ID / Request ID</dt><dd id="request-id">{request_id}</dd>
-<dt>連絡先 / Contact</dt><dd id="contact">{contact}</dd>
-</dl>
-</main>
-</body>
-</html>
-"""
-
-
-@dataclass(frozen=True)
-class Helpdesk:
-    name_ja: str
-    name_en: str
-    contact: str
+RETRY_AFTER_SECONDS = 30   # a fault page's Retry-After
+# The page is served on the blocked site's origin: no script runs on it, it loads nothing but
+# the organization's logo (an inline data: image or an https one) and it cannot be framed.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data: https:; "
+                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def new_request_id() -> str:
@@ -66,31 +31,31 @@ def new_request_id() -> str:
 
 
 def render_block_page(verdict: Verdict, *, url: str | None, device_id: str | None, helpdesk: Helpdesk,
-                      request_id: str, now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
-    e = html.escape
-    url_ja = f"<code>{e(url)}</code> へのアクセスはできません。" if url else ""
-    url_en = f"<code>{e(url)}</code> cannot be opened. " if url else ""
-    return _PAGE.format(
-        url_line_ja=url_ja, url_line_en=url_en,
-        helpdesk_ja=e(helpdesk.name_ja), helpdesk_en=e(helpdesk.name_en),
-        rule=e(verdict.rule_id or "default"), reason=e(verdict.explain),
-        time_jst=now.astimezone(JST).strftime("%Y-%m-%d %H:%M:%S JST"),
-        time_utc=now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        device=e(device_id or "-"), request_id=e(request_id), contact=e(helpdesk.contact or "-"),
-    )
+                      request_id: str, now: datetime | None = None, organization: Organization | None = None,
+                      staff: StaffMessage | None = None, kind: PageKind | None = None, signature: str | None = None,
+                      portal_url: str | None = None) -> str:
+    org = organization or Organization(helpdesk=helpdesk)
+    return render_block(kind or page_kind(verdict, signature), organization=org, url=url, device_id=device_id,
+                        rule_id=verdict.rule_id or "default", category=verdict.category, explain=verdict.explain,
+                        request_id=request_id, staff=staff or staff_message(verdict), signature=signature,
+                        portal_url=portal_url, now=now)
 
 
 def block_response(verdict: Verdict, *, url: str | None, device_id: str | None, helpdesk: Helpdesk,
-                   request_id: str) -> http.Response:
-    body = render_block_page(verdict, url=url, device_id=device_id, helpdesk=helpdesk, request_id=request_id)
-    return http.Response.make(
-        403,
-        body.encode("utf-8"),
-        {
-            "Content-Type": "text/html; charset=utf-8",
-            "Cache-Control": "no-store",
-            "X-Kanmon-Rule": verdict.rule_id or "default",
-            "X-Kanmon-Request-Id": request_id,
-        },
-    )
+                   request_id: str, organization: Organization | None = None, staff: StaffMessage | None = None,
+                   signature: str | None = None, portal_url: str | None = None) -> http.Response:
+    kind = page_kind(verdict, signature)
+    body = render_block_page(verdict, url=url, device_id=device_id, helpdesk=helpdesk, request_id=request_id,
+                             organization=organization, staff=staff, kind=kind, signature=signature,
+                             portal_url=portal_url)
+    headers = {
+        "Content-Type": "text/html; charset=utf-8",
+        "Cache-Control": "no-store",
+        "X-Kanmon-Rule": verdict.rule_id or "default",
+        "X-Kanmon-Request-Id": request_id,
+        "X-Kanmon-Page": str(kind),
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    }
+    if kind is PageKind.FAULT:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return http.Response.make(STATUS[kind], body.encode("utf-8"), headers)

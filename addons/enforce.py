@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterable
 from mitmproxy import dns, http, tcp
 from mitmproxy.proxy import server_hooks
 
-from addons.blockpage import Helpdesk, block_response, new_request_id
+from addons.blockpage import Helpdesk, Organization, block_response, new_request_id
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.policy import METADATA_DNS_BLOCK
 from addons.requesttarget import request_target
 from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
+from gateway.pages.catalog import load_all as load_catalogs
+from gateway.pages.kinds import METADATA_SIGNATURE, PageKind, page_kind, staff_message
 from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_MALFORMED_AUTHORITY, RULE_UNDECIDED,
                              RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)
 
@@ -39,10 +41,16 @@ class Enforcer:
 
     def __init__(self, connections: LiveConnections, metrics: GatewayMetrics, helpdesk: Helpdesk,
                  internal_networks: Iterable[Network], cut_client: Callable[[str], None],
-                 sinkhole: tuple[str, str] = ("198.18.0.1", "100::1")):
+                 sinkhole: tuple[str, str] = ("198.18.0.1", "100::1"), organization: Organization | None = None,
+                 policy_view: Callable[[], object] | None = None, signin_portal: str | None = None):
         self.connections = connections
         self.metrics = metrics
         self.helpdesk = helpdesk
+        # issue #19: the block pages. The catalogs load now: a broken one stops the start.
+        load_catalogs()
+        self.organization = organization or Organization(helpdesk=helpdesk)
+        self.policy_view = policy_view        # () -> the policy snapshot in force (rules, categories) or None
+        self.signin_portal = signin_portal    # the sign-in portal's host, for the sign-in-required page
         self.internal_networks = tuple(internal_networks)
         self.cut_client = cut_client
         self.sinkhole = sinkhole
@@ -109,11 +117,27 @@ class Enforcer:
         device = flow.metadata.get(METADATA_DEVICE)
         request_id = flow.metadata.setdefault(METADATA_REQUEST_ID, new_request_id())
         flow.metadata[METADATA_VERDICT] = verdict
+        signature = flow.metadata.get(METADATA_SIGNATURE)
+        url = request_target(flow)[1]
         flow.response = block_response(
-            verdict, url=request_target(flow)[1], device_id=device.device_id if device else None,
-            helpdesk=self.helpdesk, request_id=request_id)
+            verdict, url=url, device_id=device.device_id if device else None,
+            helpdesk=self.helpdesk, request_id=request_id, organization=self.organization,
+            staff=self._staff(verdict), signature=signature, portal_url=self._portal_url(verdict, url))
         if verdict.rule_id == RULE_MALFORMED_AUTHORITY:
             flow.response.status_code, flow.response.reason = 400, "Bad Request"   # broken, not forbidden
+
+    def _staff(self, verdict: Verdict):
+        """The rule's staff message and alternative from the policy in force (issue #19)."""
+        snapshot = self.policy_view() if self.policy_view is not None else None
+        if snapshot is None or verdict.rule_id is None:
+            return staff_message(verdict)
+        return staff_message(verdict, snapshot.rule(verdict.rule_id), getattr(snapshot, "categories", None))
+
+    def _portal_url(self, verdict: Verdict, url: str | None) -> str | None:
+        if self.signin_portal is None or page_kind(verdict) is not PageKind.SIGNIN:
+            return None
+        from gateway.signin.pages import start_url
+        return start_url(self.signin_portal, url if url and url.startswith(("http://", "https://")) else None)
 
     # -- hooks ---------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -187,10 +211,12 @@ class Enforcer:
         if not verdict.passes and verdict.rule_id in (RULE_FAIL_CLOSED, RULE_UNDECIDED):
             flow.response = flow.request.fail(dns.response_codes.REFUSED)
         elif not verdict.passes:
-            if flow.metadata.get(METADATA_DNS_BLOCK) == "sinkhole":
-                flow.response = self._sinkhole_answer(flow.request)
-            else:
+            # issue #19: the sinkhole by default (the browser then lands on the block page);
+            # NXDOMAIN only where the policy asks for it (dns_block: nxdomain).
+            if flow.metadata.get(METADATA_DNS_BLOCK) == "nxdomain":
                 flow.response = flow.request.fail(dns.response_codes.NXDOMAIN)
+            else:
+                flow.response = self._sinkhole_answer(flow.request)
 
     def _sinkhole_answer(self, request: dns.DNSMessage) -> dns.DNSMessage:
         """Blocked name answered with an address that leads only to the proxy, so a browser

@@ -12,7 +12,8 @@ Data part: a mail connection gets a protocol adapter (gateway/mail/adapters) tha
 each message, has it judged by the verdict engine (gateway/mail/engine.py, clamd for the
 virus scan) and releases the original, a rewrite or a notice; quarantined messages go to
 the quarantine store under the state dir. Every verdict is logged to the ``mail`` stream and
-counted in ``kanmon_mail_verdicts_total{verdict,indicator}``.
+counted in ``kanmon_mail_messages_total{verdict,direction}`` (once per message) and
+``kanmon_mail_verdicts_total{verdict,indicator}`` (once per indicator).
 
 mitmproxy specifics:
 * TLS mail ports: the server connection is made before the client handshake
@@ -317,7 +318,9 @@ class MailFilter:
         device = flow.metadata.get(METADATA_DEVICE)
 
         def judge(raw: bytes, context: MailContext) -> Judgement:
-            key = (context.direction, hashlib.sha256(raw).hexdigest())
+            # The envelope is part of the key: the outbound guard (issue #20) judges the same
+            # bytes differently for an internal and an external recipient.
+            key = (context.direction, hashlib.sha256(raw).hexdigest(), context.rcpt_to)
             with self._judged_lock:
                 cached = self._judged.get(key)
                 if cached is not None:
@@ -384,6 +387,7 @@ class MailFilter:
         names = sorted({i.name for i in verdict.indicators})
         for name in names or ["none"]:
             self.metrics.mail_verdicts.labels(str(verdict.action), name).inc()
+        self.metrics.mail_messages.labels(str(verdict.action), context.direction).inc()   # once per message
         headers = outcome.headers
         record = dict(base)
         record.update(verdict_fields(verdict.gateway_verdict()))
@@ -402,6 +406,7 @@ class MailFilter:
             "email.message_id": headers.get("message-id"),
             "kanmon.mail.size": len(raw),
             "kanmon.mail.delivered_bytes": len(judgement.data) if judgement.data is not None else None,
+            "kanmon.mail.html_to_text": outcome.html_as_text,   # HTML delivered as text (issue #20)
         })
         self._write(record)
 

@@ -43,7 +43,10 @@ def wants_html(request: http.Request) -> bool:
 
 def _page(status: int, body: str, extra: dict | None = None) -> http.Response:
     headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
-               "X-Kanmon-Rule": RULE_SIGNIN_PORTAL}
+               "X-Kanmon-Rule": RULE_SIGNIN_PORTAL,
+               # issue #19: no script, nothing loaded but the logo, only its own sign-out form
+               "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data: https:; "
+                                          "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"}
     headers.update(extra or {})
     return http.Response.make(status, body.encode("utf-8"), headers)
 
@@ -64,11 +67,13 @@ class SignInGate:
     name = "kanmon-signin"
 
     def __init__(self, service: SignInService, connections: LiveConnections, contact: str = "",
-                 portal_addresses: tuple[str, str] = ("198.18.0.1", "100::1")):
+                 portal_addresses: tuple[str, str] = ("198.18.0.1", "100::1"), organization=None):
         self.service = service
         self.settings = service.settings
         self.connections = connections
         self.contact = contact
+        # issue #19: the portal pages name the organization and the identity provider's host
+        self.branding = {"organization": organization, "idp_host": self.settings.issuer_host}
         self.portal = self.settings.portal_host
         self.portal_addresses = portal_addresses
 
@@ -159,29 +164,29 @@ class SignInGate:
             if session is not None:
                 return _page(200, pages.signed_in_page(user=session.user, device_id=device.device_id,
                                                        expires_at=session.expires_at or now, mfa=session.mfa,
-                                                       next_url=next_url, session_id=session.session_id))
+                                                       next_url=next_url, session_id=session.session_id, **self.branding))
             return _page(200, pages.signin_required_page(portal_host=self.portal, next_url=next_url,
-                                                         device_id=device.device_id, contact=self.contact))
+                                                         device_id=device.device_id, contact=self.contact, **self.branding))
         if path == "/start":
             try:
                 url = await self.service.begin(device, state.peer_ip, safe_next(query.get("next"), self.portal))
             except SignInRefused as exc:
                 self.service.refuse(device, state.peer_ip, exc.reason, exc.detail)
                 return _page(502, pages.refused_page(reason=exc.reason, device_id=device.device_id,
-                                                     portal_host=self.portal, contact=self.contact, now=now))
+                                                     portal_host=self.portal, contact=self.contact, now=now, **self.branding))
             return _redirect(url, RULE_SIGNIN_PORTAL)
         if path == "/callback":
             outcome = await self.service.finish(device, state.peer_ip, query)
             if outcome.session is None:
                 return _page(403, pages.refused_page(reason=outcome.reason, device_id=device.device_id,
-                                                     portal_host=self.portal, contact=self.contact, now=now),
+                                                     portal_host=self.portal, contact=self.contact, now=now, **self.branding),
                              {"X-Kanmon-Signin-Refused": outcome.reason})
             if outcome.next_url:
                 return _redirect(outcome.next_url, RULE_SIGNIN_PORTAL)
             s = outcome.session
             return _page(200, pages.signed_in_page(user=s.user, device_id=device.device_id,
                                                    expires_at=s.expires_at or now, mfa=s.mfa, next_url=None,
-                                                   session_id=s.session_id))
+                                                   session_id=s.session_id, **self.branding))
         if path == "/signout":
             # Only the form on the device's own signed-in page signs out: a POST carrying that
             # session's token. A link or another site's form (GET, or no/wrong token) changes
@@ -191,7 +196,7 @@ class SignInGate:
                     and query.get("session") == pages.signout_token(session.session_id):
                 self.service.sign_out_device(device, state.peer_ip)
                 return _page(200, pages.signin_required_page(portal_host=self.portal, next_url=None,
-                                                             device_id=device.device_id, contact=self.contact))
+                                                             device_id=device.device_id, contact=self.contact, **self.branding))
             return _redirect(f"https://{self.portal}/", RULE_SIGNIN_PORTAL)
         return _page(404, pages.signin_required_page(portal_host=self.portal, next_url=None,
-                                                     device_id=device.device_id, contact=self.contact))
+                                                     device_id=device.device_id, contact=self.contact, **self.branding))

@@ -226,6 +226,10 @@ class Modes:
         self.mode, self.gateway_overrides = "gateway", (overrides, env)
 
 
+BENCH_LIMITS = {"tunnel_packets_per_second": 100_000, "new_connections_per_second": 100_000,
+                "new_connections_burst": 100_000}
+
+
 def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -> dict:
     """name -> a function that sets the scenario up, loads it once and returns wrk's figures."""
     def load_now() -> dict:
@@ -260,6 +264,10 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
             stop(procs)
 
     def kanmon(overrides: dict, env: dict | None = None) -> dict:
+        # The bench's one device stands for many phones: its load (~3,000 packets/s at 900
+        # req/s) would meet the per-device limits (tunnel packets, new connections), which
+        # bench/noisy_neighbour.py measures; here the proxy's own cost is the subject.
+        overrides = {**overrides, "limits": {**BENCH_LIMITS, **overrides.get("limits", {})}}
         modes.gateway(overrides, env)
         return load_now()
 

@@ -160,7 +160,11 @@ class GatewayApp:
     def build_chain(self) -> list[Any]:
         helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
         enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut,
-                            sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
+                            sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6),
+                            # issue #19: the block pages' organization, rule texts and sign-in link
+                            organization=self.cfg.organization,
+                            policy_view=(lambda: self.policy.current.snapshot) if self.policy is not None else None,
+                            signin_portal=self.cfg.signin.portal_host if self.cfg.signin is not None else None)
         user_of = self._signed_in_user if self.signin is not None else None
         accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections,
                               user_of=user_of)
@@ -221,7 +225,8 @@ class GatewayApp:
             return []
         from addons.signin import SignInGate
         return [SignInGate(self.signin, self.connections, helpdesk.contact,
-                           portal_addresses=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))]
+                           portal_addresses=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6),
+                           organization=self.cfg.organization)]   # issue #19
 
     def open_signin(self) -> None:
         """Sessions live beside the device registry (gateway/signin/store.py)."""

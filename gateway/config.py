@@ -22,6 +22,7 @@ from gateway.autoquarantine.triggers import AUTO_QUARANTINE_SCHEMA, AutoQuaranti
 from gateway.scan.decide import SCAN_SCHEMA, ScanSettings, clamd_address_error, scan_settings
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
+from gateway.pages.organization import ORGANIZATION_SCHEMA, Organization, organization_settings
 from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
                                 schema_errors)
 
@@ -116,6 +117,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"name_ja": _STR, "name_en": _STR, "contact": _STR},
         },
+        "organization": ORGANIZATION_SCHEMA,   # issue #19: name, logo, helpdesk on the staff pages
         "rules": {
             "type": "object",
             "additionalProperties": False,
@@ -296,6 +298,7 @@ class GatewayConfig:
     limits: LimitSettings = LimitSettings()   # issue #14; the defaults are documented in gateway/limits.py
     scan: ScanSettings | None = None          # issue #18; None: downloads are not scanned
     auto_quarantine: AutoQuarantineSettings | None = None   # issue #18; None: only operators quarantine
+    organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -468,6 +471,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     if "scan" in d and (problem := clamd_address_error(d["scan"])):
         errors.append(doc.error(("scan", "clamd"), problem))
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
+    organization = organization_settings(doc, d.get("organization"), d.get("helpdesk"), errors)
 
     if errors:
         raise SourceErrors(errors)
@@ -534,6 +538,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         limits=limit_settings(d.get("limits")),
         scan=scan_settings(d.get("scan")),
         auto_quarantine=auto_quarantine_settings(d.get("auto_quarantine")),
+        organization=organization,
     )
 
 

@@ -459,8 +459,8 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
 def cmd_export_config(args: argparse.Namespace) -> int:
     from wireguard_tools import WireguardKey
 
-    from gateway.devices.ca import CaStore, pki_dir
-    from gateway.devices.clientconfig import (ClientConfigError, ios_mobileconfig, qr_png, qr_terminal,
+    from gateway.devices.ca import CaStore, DeviceCaError, pki_dir, profile_signer
+    from gateway.devices.clientconfig import (ClientConfigError, ios_mobileconfig, qr_png, qr_terminal, sign_profile,
                                               wg_quick_config)
 
     registry, cfg = _registry(args)
@@ -498,7 +498,7 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     try:
         text = wg_quick_config(private_key=private, address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None,
-                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns)
+                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu)
         outputs: list[tuple[Path, bytes]] = []
         if args.qr_png:
             outputs.append((Path(args.qr_png), qr_png(text)))
@@ -516,9 +516,22 @@ def cmd_export_config(args: argparse.Namespace) -> int:
                 names = org_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
                 org = str(names[0].value) if names else org
             ident = f"{args.profile_prefix}.{re.sub(r'[^A-Za-z0-9-]', '-', rec.device_id)}"
-            outputs.append((Path(args.mobileconfig), ios_mobileconfig(
+            profile = ios_mobileconfig(
                 config_text=text, profile_identifier=ident, tunnel_name=args.tunnel_name, organization=org,
-                remote_address=cfg.endpoint, interception_ca=inter_ca)))
+                remote_address=cfg.endpoint, interception_ca=inter_ca, on_demand=not args.no_on_demand)
+            if org_cert is not None:
+                # Signed by the organization CA (a profile-signing leaf of it), which the phone
+                # trusts with its device certificate: iOS shows the profile as verified.
+                try:
+                    signer, signer_key, ca = profile_signer(pki_dir(cfg.state_dir))
+                except DeviceCaError as exc:
+                    return _error(exc.text)
+                profile = sign_profile(profile, signer, signer_key, [ca.cert])
+            else:
+                print(Text("組織の端末 CA がないため、プロファイルは署名されません(`kanmon ca init`)",
+                           "no organization device CA: the profile is not signed (`kanmon ca init`)").render(),
+                      file=sys.stderr)
+            outputs.append((Path(args.mobileconfig), profile))
         terminal = qr_terminal(text) if args.qr else None
     except ClientConfigError as exc:
         return _error(exc.text)
@@ -530,7 +543,11 @@ def cmd_export_config(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _error(Text("書けません: {p}: {e}", "cannot write {p}: {e}").format(p=path, e=exc.strerror))
         print(Text("書き出しました: {p}", "wrote: {p}").format(p=path).render(), file=sys.stderr)
-    sys.stdout.write(terminal if terminal is not None else text)
+    if terminal is not None:
+        sys.stdout.write(terminal)
+    elif not outputs:
+        # The config carries the device's private key: printed only when no file was asked for.
+        sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -683,6 +700,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--qr", action="store_true", help="print the QR code in the terminal instead of the text")
     export.add_argument("--qr-png", help="write the QR code as PNG")
     export.add_argument("--mobileconfig", help="write an iOS .mobileconfig (VPN + interception CA)")
+    export.add_argument("--no-on-demand", action="store_true",
+                        help="iOS profile without the always-on (VPN on demand) rules / 常時接続ルールなし")
     export.add_argument("--profile-prefix", default="jp.kanmon", help="reverse-DNS prefix of the profile id")
     export.add_argument("--tunnel-name", default="Kanmon VPN")
     export.set_defaults(func=cmd_export_config)

@@ -55,12 +55,17 @@ class LimitSettings:
       connections within a second; each new connection costs the proxy a TLS handshake.
     * ``dns_queries_per_second`` 20, burst 100: a page load asks A + AAAA for a few dozen
       names at once (the burst); a busy device averages a few queries a second.
-    * ``tunnel_packets_per_second`` 10000: encrypted packets per WireGuard endpoint (outer
+    * ``tunnel_packets_per_second`` 4000: encrypted packets per WireGuard endpoint (outer
       address and port) into the tunnel, kernel-only (gateway/limitsnft.py). Every device's
       packets queue in the one UDP socket of the tunnel before they are decrypted and any other
       limit can tell devices apart; a device sending faster than the tunnel decrypts filled it
       and the others' packets were lost with its own (bench/noisy_neighbour.py:
-      UdpRcvbufErrors). 10k full-size packets a second is about 110 Mbit/s per device.
+      UdpRcvbufErrors). 4,000 full-size packets a second is about 45 Mbit/s of upload per
+      device; a download sends about one packet (an ACK) per two it receives, so downloads
+      reach about twice that. Why not more: at 10,000 the neighbour's p99 was 3.56x its idle
+      p99 on the 2-core lab (goal 3x), at 4,000 1.41x -- decrypting a flood costs the gateway
+      CPU that the other devices wait for. A box with more cores or kernel WireGuard can raise
+      it; keep-alive browsing at 850 requests a second is about 3,000 packets a second.
     * ``log_interval_seconds`` 10: a limit that keeps biting writes one log record per device
       and limit per interval, with the count.
     """
@@ -72,7 +77,7 @@ class LimitSettings:
     new_connections_burst: int = 200
     dns_queries_per_second: float = 20.0
     dns_burst: int = 100
-    tunnel_packets_per_second: int = 10000
+    tunnel_packets_per_second: int = 4000
     log_interval_seconds: float = 10.0
 
 

@@ -76,6 +76,11 @@ class GatewayMetrics:
             "before TLS), handshake-timeout, request-timeout, tls-error.", ["reason"], registry=r)
         self.mail_verdicts = Counter(
             "kanmon_mail_verdicts_total", "Mail verdicts, by verdict and indicator.", ["verdict", "indicator"], registry=r)
+        # issue #19: the per-indicator counter counts a message once per indicator that fired
+        # (and as indicator="none" when none did); the dashboard counts messages with this one.
+        self.mail_messages = Counter(
+            "kanmon_mail_messages_total", "Mail messages judged, once per message, by verdict and direction.",
+            ["verdict", "direction"], registry=r)
         self.log_write_errors = Counter(
             "kanmon_log_write_errors_total", "Log records that could not be written.", ["stream"], registry=r)
         self.log_records = Counter(

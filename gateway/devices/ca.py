@@ -517,6 +517,55 @@ def init_ca(root: str | os.PathLike[str], org_name: str, *, now: dt.datetime | N
     return ca
 
 
+PROFILE_SIGNER_DAYS = 397
+
+
+def profile_signer(root: str | os.PathLike[str], *, now: dt.datetime | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, OrgCa]:
+    """The certificate that signs exported iOS profiles: a leaf of the organization CA
+    (digitalSignature; code signing and S/MIME purposes), kept beside the CA as
+    ca/profile-signer.{cert,key}.pem and issued anew when missing, unreadable, issued by
+    another CA or within 30 days of its end. Raises DeviceCaError without an org CA."""
+    store = CaStore(root)
+    ca = store.load_org_ca()
+    when = _now(now)
+    cert_path, key_path = store.ca_dir / "profile-signer.cert.pem", store.ca_dir / "profile-signer.key.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if (cert.issuer == ca.cert.subject and isinstance(key, ec.EllipticCurvePrivateKey)
+                and key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+                and cert.not_valid_after_utc - when > dt.timedelta(days=30)):
+            return cert, key, ca
+    except (OSError, ValueError):
+        pass
+    key = ec.generate_private_key(DEVICE_CURVE)
+    start = when - dt.timedelta(minutes=5)
+    org = ca.cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(([org[0]] if org else [])
+                                + [x509.NameAttribute(NameOID.COMMON_NAME, "Kanmon profile signing")]))
+        .issuer_name(ca.cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(min(start + dt.timedelta(days=PROFILE_SIGNER_DAYS),
+                                                     ca.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING,
+                                              ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key, ca
+
+
 def trust_bundle(root: str | os.PathLike[str], pem_bytes: bytes, *,
                  now: dt.datetime | None = None) -> list[x509.Certificate]:
     """Trust every CA certificate in a PEM bundle (all or nothing). Returns them."""

@@ -19,6 +19,14 @@ What the .mobileconfig relies on (read with care, not guessed):
   On iOS a root installed by a manually opened profile is trusted for TLS only after the
   user enables it under Settings > General > About > Certificate Trust Settings; an MDM-
   installed profile is trusted at once.
+* Apple's VPN payload reference for on-demand: `OnDemandEnabled` 1 with `OnDemandRules`
+  [{Action: Connect}] keeps the tunnel up on every network (NISC smartphone guide 5.4:
+  untrusted networks only through the VPN), and `OnDemandUserOverrideDisabled` (iOS 14+)
+  removes the user's switch to turn it off. Fail closed: while the gateway cannot be reached
+  the phone has no network, rather than an unfiltered one.
+* Signed profiles: a CMS (PKCS #7) SignedData wrapping the plist, DER, the plist embedded; iOS
+  shows the profile as verified when the signer chains to a trusted root (the organization CA
+  arrives with the device certificate).
 """
 
 from __future__ import annotations
@@ -208,7 +216,7 @@ def _uuid(identifier: str, part: str) -> str:
 def ios_mobileconfig(*, config_text: str, profile_identifier: str, tunnel_name: str,
                      organization: str, remote_address: str,
                      interception_ca: bytes | x509.Certificate | None,
-                     display_name: str | None = None) -> bytes:
+                     display_name: str | None = None, on_demand: bool = True) -> bytes:
     """An unsigned iOS configuration profile (XML plist) with the WireGuard VPN payload and,
     when given, the interception CA as a com.apple.security.root payload.
     `profile_identifier` is reverse-DNS and unique per device (e.g. jp.example.kanmon.dev-042);
@@ -233,6 +241,9 @@ def ios_mobileconfig(*, config_text: str, profile_identifier: str, tunnel_name: 
         "VendorConfig": {"WgQuickConfig": config_text},
         "VPN": {"RemoteAddress": remote_address, "AuthenticationMethod": "Password"},
     }
+    if on_demand:
+        vpn.update({"OnDemandEnabled": 1, "OnDemandRules": [{"Action": "Connect"}],
+                    "OnDemandUserOverrideDisabled": True})
     content: list[dict[str, object]] = [vpn]
     if interception_ca is not None:
         cert = load_interception_ca(interception_ca)
@@ -258,3 +269,17 @@ def ios_mobileconfig(*, config_text: str, profile_identifier: str, tunnel_name: 
         "PayloadContent": content,
     }
     return plistlib.dumps(profile, fmt=plistlib.FMT_XML, sort_keys=True)
+
+
+def sign_profile(profile: bytes, signer_cert: x509.Certificate, signer_key: object,
+                 chain: Sequence[x509.Certificate] = ()) -> bytes:
+    """The profile wrapped in a CMS SignedData (DER, content embedded, SHA-256), signed by
+    `signer_cert` with the issuer certificates in `chain` included. Pure."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(profile).add_signer(
+        signer_cert, signer_key, hashes.SHA256())  # type: ignore[arg-type]
+    for cert in chain:
+        builder = builder.add_certificate(cert)
+    return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])

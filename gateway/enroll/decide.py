@@ -314,7 +314,7 @@ def enrollment_response(record: DeviceRecord, *, gateway_public_key: str, endpoi
                         dns: Sequence[str], interception_ca_pem: str, mtu: int | None,
                         changed: bool) -> dict:
     """What the device gets back. The private key stays on the device: the config carries
-    PRIVATE_KEY_PLACEHOLDER for the client to fill in."""
+    `__DEVICE_PRIVATE_KEY__` (clientconfig.PRIVATE_KEY_PLACEHOLDER) for the client to fill in."""
     config = wg_quick_config(private_key=None, address_v4=str(record.ipv4),
                              address_v6=str(record.ipv6) if record.ipv6 else None,
                              gateway_public_key=gateway_public_key, endpoint=endpoint, dns=list(dns), mtu=mtu)

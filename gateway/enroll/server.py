@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import socket
 import struct
 import threading
@@ -192,7 +193,45 @@ class EnrollmentServer:
         ctx.set_session_id(b"kanmon-enroll")
         return ctx
 
+    def _pki_stamp(self) -> tuple:
+        """What the TLS context was built from, cheaply: the org CA files, the trusted CAs and
+        the configured server files (stat only). A change -- `kanmon ca init` or `ca trust`
+        after the service started, as README "First device, step by step" does -- rebuilds
+        the context for the next connection, so the endpoint presents a certificate from the
+        organization CA without a restart."""
+        paths = [self.ca_store.cert_path, self.ca_store.key_path, self.ca_store.trusted_dir]
+        if self.ca_store.trusted_dir.is_dir():
+            paths += sorted(self.ca_store.trusted_dir.glob("*.pem"))
+        paths += [p for p in (self.cfg.enrollment_cert_file, self.cfg.enrollment_key_file) if p is not None]
+        stamp = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                stamp.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamp.append((str(path), None))
+        return tuple(stamp)
+
+    def _context(self) -> SSL.Context:
+        """The TLS context for a new connection, rebuilt when the PKI files changed. If the
+        rebuild fails (a half-written or corrupt CA), the previous context keeps serving --
+        every client certificate is still judged against the files by certcheck -- and the
+        failure is logged; the next connection tries again."""
+        stamp = self._pki_stamp()
+        if stamp != self._ctx_stamp:
+            with self._ctx_lock:
+                if stamp != self._ctx_stamp:
+                    try:
+                        self._ctx = self._tls_context()
+                        self._ctx_stamp = stamp
+                        log.info("enrollment: TLS identity reloaded (organization CA or trusted CAs changed)")
+                    except Exception as exc:      # noqa: BLE001 -- keep serving with the old identity
+                        log.warning("enrollment: cannot reload the TLS identity, keeping the previous one: %s", exc)
+        return self._ctx
+
     def start(self) -> None:
+        self._ctx_lock = threading.Lock()
+        self._ctx_stamp = self._pki_stamp()
         self._ctx = self._tls_context()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
@@ -251,7 +290,7 @@ class EnrollmentServer:
         try:
             sock.setblocking(True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = SSL.Connection(self._ctx, sock)
+            tls = SSL.Connection(self._context(), sock)
             tls.set_accept_state()
             self._io(tls, deadline, tls.do_handshake)
             deadline, phase = self.monotonic() + self.request_timeout, "request-timeout"
@@ -383,7 +422,7 @@ class EnrollmentServer:
         dns = [str(self.cfg.gateway_ipv4)] + ([str(self.cfg.gateway_ipv6)] if self.cfg.gateway_ipv6 else [])
         body = enrollment_response(record, gateway_public_key=self.gateway_public_key,
                                    endpoint=self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}",
-                                   dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=None,
+                                   dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=self.cfg.wg_mtu,
                                    changed=decision.write is not None)
         return _Reply(200, body, conn=conn)
 

@@ -19,6 +19,8 @@ The script is a JSON list of steps, run in order until one fails (the rest are "
     {"action": "screenshot", "path": "/tmp/x.png"}
     {"action": "url"}
     {"action": "cookies"}
+    {"action": "viewport", "width": 390, "height": 844}    (a phone-sized window from here on)
+    {"action": "overflow"}    ([scrollWidth, clientWidth] of the page: a horizontal overflow when the first is larger)
 
 Any step may carry "timeout" (seconds). Output (stdout): one JSON document
 ``{"ok": bool, "steps": [{"action", "ok", "url", "value"?, "error"?}], "responses": [{"url",
@@ -47,7 +49,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ACTIONS = ("goto", "fill", "click", "wait_for_url", "text", "screenshot", "url", "cookies")
+ACTIONS = ("goto", "fill", "click", "wait_for_url", "text", "screenshot", "url", "cookies", "viewport", "overflow")
 
 
 class BrowserScriptError(Exception):
@@ -59,13 +61,16 @@ def validate_steps(steps: object) -> list[dict]:
     if not isinstance(steps, list):
         raise BrowserScriptError("a browser script is a JSON list of steps")
     required = {"goto": ("url",), "fill": ("selector", "value"), "click": ("selector",), "text": ("selector",),
-                "screenshot": ("path",), "wait_for_url": (), "url": (), "cookies": ()}
+                "screenshot": ("path",), "wait_for_url": (), "url": (), "cookies": (), "viewport": (), "overflow": ()}
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or step.get("action") not in ACTIONS:
             raise BrowserScriptError(f"step {i}: expected an object with action one of {', '.join(ACTIONS)}: {step!r}")
         for key in required[step["action"]]:
             if not isinstance(step.get(key), str):
                 raise BrowserScriptError(f"step {i} ({step['action']}): {key} must be a string")
+        if step["action"] == "viewport" and not all(isinstance(step.get(k), int) and 0 < step[k] <= 10000
+                                                    for k in ("width", "height")):
+            raise BrowserScriptError(f"step {i} (viewport): width and height must be whole numbers of pixels")
         if step["action"] == "wait_for_url" and not (isinstance(step.get("pattern"), str) or isinstance(step.get("regex"), str)):
             raise BrowserScriptError(f"step {i} (wait_for_url): needs pattern (glob) or regex")
     return steps
@@ -105,6 +110,11 @@ def _run_step(page, context, step: dict, default_timeout: float):
         return step["path"]
     if action == "url":
         return page.url
+    if action == "viewport":
+        page.set_viewport_size({"width": step["width"], "height": step["height"]})
+        return None
+    if action == "overflow":
+        return page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     if action == "cookies":
         return [{k: c.get(k) for k in ("name", "value", "domain", "path", "secure", "httpOnly", "sameSite", "expires")}
                 for c in context.cookies()]

@@ -47,7 +47,7 @@ MANAGEMENT = "127.0.0.1:9180"
 WEB_NAMES = ["example.test", "www.example.test", "v6.example.test", "blocked.test", "www.blocked.test",
              "allowed.test", "files.example.test", "mail.example.test", "webmail.test", "www.webmail.test",
              "bank.test", "doh.test", "tracker.test", "switch.test", "ech.example.test", "mdm.test",
-             "accounts.google.com", "login.microsoftonline.com"]
+             "accounts.google.com", "login.microsoftonline.com", "www.example.jp"]   # www.example.jp: README walkthrough
 # A fake ECH config in an HTTPS record (the gateway must strip it so it can intercept).
 ECH_CONFIG_B64 = "AEX+DQBBpQAgACDDb5Ffyj7mNyvxBT4UDBkIEfQKNIEN+ZrLBLYW8vwKOAAEAAEAAQASY2xvdWRmbGFyZS1lY2guY29tAAA="
 
@@ -251,6 +251,8 @@ class Lab:
                 "spare.test": {"A": [SPARE4]},
                 "accounts.google.com": {"A": [WEB4], "AAAA": [WEB6]},
                 "login.microsoftonline.com": {"A": [WEB4], "AAAA": [WEB6]},
+                "www.example.jp": {"A": [WEB4], "AAAA": [WEB6]},      # README walkthrough: an allowed site
+                "mail.yahoo.co.jp": {"A": [WEB4], "AAAA": [WEB6]},    # ... and a free web mail it blocks
                 "ech.example.test": {"A": [WEB4], "AAAA": [WEB6],
                                      "HTTPS": [["1", ".", "alpn=h2", f"echconfig={ECH_CONFIG_B64}"]]},
             },

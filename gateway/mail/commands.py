@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gateway.i18n import Text
 from gateway.mail.clamd import ClamdScanner
-from gateway.mail.engine import MailVerdict, evaluate_message
+from gateway.mail.engine import MailContext, MailVerdict, evaluate_message
 from gateway.mail.indicators import MailAction, visible
 from gateway.mail.message import MalformedMessage
 from gateway.mail.policy import MailPolicy, load_mail_policy
@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scan.add_argument("--clamd", help="clamd unix socket path or HOST:PORT (default: policy clamd)")
     scan.add_argument("--no-virus-scan", action="store_true", help="skip the clamd scan")
     scan.add_argument("--no-dns", action="store_true", help="do not look up DKIM keys (skip local DKIM check)")
+    scan.add_argument("--rcpt", action="append", default=[], metavar="ADDRESS",
+                      help="judge as outgoing mail (SMTP submission) to this envelope recipient, Bcc included; "
+                           "repeat for several (outbound guard, issue #20)")
     scan.set_defaults(func=scan_command)
 
     quarantine = sub.add_parser("quarantine", help="quarantined messages / 隔離メール")
@@ -91,7 +94,8 @@ def scan_command(args: argparse.Namespace) -> int:
         from gateway.mail.dns_lookup import resolver_txt
         dns_txt = resolver_txt
     try:
-        verdict = evaluate_message(raw, policy, scanner=_scanner(args, policy), dns_txt=dns_txt)
+        context = MailContext("outbound", rcpt_to=tuple(args.rcpt)) if args.rcpt else MailContext()
+        verdict = evaluate_message(raw, policy, context, scanner=_scanner(args, policy), dns_txt=dns_txt)
     except MalformedMessage as exc:
         return _error(Text(f"{args.file}: 判定できません: {exc.text.ja}", f"{args.file}: cannot judge: {exc.text.en}"))
     if args.json:

@@ -12,6 +12,9 @@ benchmark can supply fakes. How the verdict follows from the indicators:
 * an indicator may carry a floor (``at_least``), so e.g. a virus is rejected whatever the
   score; encrypted_archive and scanner_unavailable set the floors of archive-encrypted and
   virus-scan-unavailable.
+* outgoing mail (SMTP submission) is judged on ``outbound_indicators`` only, plus the
+  outbound guard (outbound.py: many external recipients in To/Cc, a confidentiality label
+  going outside), whose action is the guard's own floor.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gateway.mail.indicators import Finding, Indicator, MailAction, Name, harshe
 from gateway.mail.limits import TOO_COMPLEX, MessageTooComplex, check_message
 from gateway.mail.lookalike import find_lookalike
 from gateway.mail.message import ParsedMail, parse_message, readable_text
+from gateway.mail.outbound import guard_findings
 from gateway.mail.policy import MailPolicy
 from gateway.mail.scanner import Scanner, ScannerUnavailable
 from gateway.mail.sniff import executable_kind, is_lnk
@@ -78,6 +82,8 @@ def evaluate_message(raw: bytes, policy: MailPolicy, context: MailContext = Mail
         check_message(raw, policy.limits)
         mail = parse_message(raw)
         findings = collect_findings(raw, mail, policy, context, dns_txt)
+        guard = guard_findings(mail, context.rcpt_to, policy.organization.domains, policy.outbound_guard,
+                               readable_text(mail)) if context.direction == "outbound" else []
     except MessageTooComplex as exc:
         return too_complex_verdict(exc.text, policy)
     except (MemoryError, RecursionError) as exc:
@@ -98,7 +104,7 @@ def evaluate_message(raw: bytes, policy: MailPolicy, context: MailContext = Mail
     else:
         notes.append(Text("ウイルス検査は行っていません", "no virus scan was made"))
     if context.direction == "outbound":
-        findings = [f for f in findings if f.name in policy.outbound_indicators]
+        findings = [f for f in findings if f.name in policy.outbound_indicators] + guard
     return decide(findings, policy, scanned, tuple(notes))
 
 

@@ -18,8 +18,9 @@ from gateway.mail.engine import MailContext, MailVerdict, evaluate_message, too_
 from gateway.mail.indicators import MailAction
 from gateway.mail.limits import TOO_COMPLEX
 from gateway.mail.message import POLICY, MalformedMessage, fix_8bit
+from gateway.mail.outbound import GUARD_NAMES, explanation
 from gateway.mail.policy import MailPolicy
-from gateway.mail.rewrite import RewriteFailed, notice_message, render_message
+from gateway.mail.rewrite import RewriteFailed, html_as_text, notice_message, render_message
 
 _LOG_SOURCE_CHARS = 2000
 # A notice that copies no header of the original: for a message the parsers must not see.
@@ -33,6 +34,7 @@ class Outcome:
     verdict: MailVerdict
     quarantine_id: str | None
     headers: dict[str, str]     # From / To / Subject / Message-ID for the log, cut to 500 chars
+    html_as_text: bool = False  # html_to_text converted HTML parts (issue #20), logged
 
 
 def is_too_complex(verdict: MailVerdict) -> bool:
@@ -56,6 +58,7 @@ def hold_too_complex(raw: bytes, context: MailContext, policy: MailPolicy, quara
 def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, verdict: MailVerdict) -> Outcome:
     complex_ = is_too_complex(verdict)
     action = verdict.action
+    converted = False
     data: bytes | None = None
     if context.direction == "outbound" and action == MailAction.NEUTRALIZE:
         # Outgoing mail is never altered behind the sender's back: a message whose
@@ -78,6 +81,15 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
             except RewriteFailed:
                 verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
                 action = verdict.action
+    if data is not None and action in (MailAction.DELIVER, MailAction.TAG) and policy.converts_html(context.direction):
+        # html_to_text (issue #20): HTML delivered as text; neutralize has converted it already.
+        try:
+            before, data = data, html_as_text(data)
+            converted = data is not before
+        except RewriteFailed:
+            verdict = dataclasses.replace(verdict, action=MailAction.QUARANTINE)
+            action = verdict.action
+            data = None
     qid = None
     if action == MailAction.QUARANTINE:
         qid = quarantine.put(raw, verdict, context)
@@ -90,14 +102,19 @@ def finish(raw: bytes, context: MailContext, policy: MailPolicy, quarantine, ver
         else:
             data = None
     names = ", ".join(sorted({i.name for i in verdict.indicators})) or "malformed message"
-    if action == MailAction.QUARANTINE:
+    guard = {i.name for i in verdict.indicators} & set(GUARD_NAMES)
+    if context.direction == "outbound" and guard and action in (MailAction.QUARANTINE, MailAction.REJECT):
+        # The outbound guard: the sender is told why and what to do, in both languages.
+        text = explanation(guard, policy.outbound_guard, action == MailAction.QUARANTINE, qid)
+        reason = f"{text.ja}\n{text.en} ({names})"
+    elif action == MailAction.QUARANTINE:
         reason = f"Kanmon: message held in quarantine {qid} ({names})"
     elif action == MailAction.REJECT:
         reason = f"Kanmon: message refused ({names})"
     else:
         reason = ""
     headers = {} if complex_ else log_headers(raw)
-    return Outcome(Judgement(str(action), data, reason), verdict, qid, headers)
+    return Outcome(Judgement(str(action), data, reason), verdict, qid, headers, converted)
 
 
 def log_headers(raw: bytes) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
+from gateway.mail.outbound import GUARD_NAMES, OutboundGuard  # noqa: I001 (own line: merges with issue #20's other half)
 from gateway.mail.limits import MessageLimits
 from gateway.yamlsource import MAX_LIST_BYTES, LoadedYaml, SourceErrors, load_yaml_file, read_text_file, schema_errors
 
@@ -35,6 +36,11 @@ DECOY_EXTENSIONS = frozenset({
     "jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "mp3", "mp4", "mov", "avi", "wav",
     "htm", "html", "zip", "lzh", "7z", "rar", "jtd", "jtdc", "hwp", "odt", "ods", "odp", "xml",
 })
+
+# always: every message with HTML is delivered as text, in both directions (IMAP FETCH, POP3
+# RETR, SMTP submission); inbound: only mail a device receives; neutralized: only messages the
+# neutralize action rewrites (the behaviour before issue #20).
+HTML_TO_TEXT = ("always", "inbound", "neutralized")
 
 _STR_LIST = {"type": "array", "items": {"type": "string", "minLength": 1}}
 _DOMAIN_LIST = {"type": "array", "items": {"type": "string", "pattern": _DOMAIN_PATTERN}}
@@ -126,6 +132,20 @@ SCHEMA: dict[str, Any] = {
             "properties": {"subject_prefix": {"type": "string", "minLength": 1}},
         },
         "outbound_indicators": {"type": "array", "items": {"enum": list(ALL_NAMES)}},
+        # issue #20: HTML mail delivered as text (rewrite.py) and the outbound guard (outbound.py).
+        "html_to_text": {"enum": list(HTML_TO_TEXT)},
+        "outbound_guard": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "max_external_recipients": {"type": "integer", "minimum": 0},
+                "max_external_domains": {"type": "integer", "minimum": 0},
+                "labels": _STR_LIST,
+                "action": {"enum": ["reject", "quarantine"]},
+                "internal_domains": _DOMAIN_LIST,
+                "transfer_service": {"type": "string", "minLength": 1, "maxLength": 200},
+            },
+        },
         "clamd": {
             "type": "object", "additionalProperties": False,
             "properties": {
@@ -200,11 +220,17 @@ class MailPolicy:
         Name.EXTENSION_PADDING, Name.FILENAME_CONTROL_CHARS, Name.ARCHIVE_THREAT,
         Name.ARCHIVE_ENCRYPTED, Name.VIRUS_DETECTED, Name.VIRUS_SCAN_UNAVAILABLE,
     })
+    html_to_text: str = "always"                        # issue #20 (rewrite.html_as_text)
+    outbound_guard: OutboundGuard = OutboundGuard()     # issue #20 (outbound.py)
     clamd: ClamdAddress | None = None
 
     @property
     def protected(self) -> tuple[Entity, ...]:
         return (self.organization, *self.partners)
+
+    def converts_html(self, direction: str) -> bool:
+        """Whether a message in ``direction`` has its HTML delivered as text (rewrite.py)."""
+        return self.html_to_text == "always" or (self.html_to_text == "inbound" and direction == "inbound")
 
     @property
     def protected_domains(self) -> tuple[str, ...]:
@@ -259,6 +285,11 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         kwargs["outbound_indicators"] = frozenset(data["outbound_indicators"])
     if "tag" in data and "subject_prefix" in data["tag"]:
         kwargs["subject_prefix"] = data["tag"]["subject_prefix"]
+    if "html_to_text" in data:
+        kwargs["html_to_text"] = data["html_to_text"]
+    guard = outbound_guard_from(data.get("outbound_guard", {}))
+    for name in GUARD_NAMES:   # the guard's action whatever the score (weight 0)
+        floors[name] = guard.action
     return MailPolicy(
         thresholds=thresholds,
         weights=weights,
@@ -280,8 +311,22 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         too_complex=MailAction(data.get("too_complex", "quarantine")),
         limits=MessageLimits(**data.get("limits", {})),
         judge=JudgeLimits(**data.get("judge", {})),
+        outbound_guard=guard,
         clamd=clamd,
         **kwargs,
+    )
+
+
+def outbound_guard_from(g: dict[str, Any]) -> OutboundGuard:
+    default = OutboundGuard()
+    return OutboundGuard(
+        enabled=g.get("enabled", default.enabled),
+        max_external_recipients=g.get("max_external_recipients", default.max_external_recipients),
+        max_external_domains=g.get("max_external_domains", default.max_external_domains),
+        labels=tuple(g.get("labels", default.labels)),
+        action=MailAction(g.get("action", str(default.action))),
+        internal_domains=tuple(d.lower().rstrip(".") for d in g.get("internal_domains", ())),
+        transfer_service=g.get("transfer_service", default.transfer_service),
     )
 
 

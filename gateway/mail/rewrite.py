@@ -6,6 +6,8 @@ instead of a quarantined or rejected message. Pure: bytes in, bytes out.
 * neutralize: tag, plus every attachment an indicator points at is replaced by a text notice,
   and every HTML part is converted to plain text (IPA SME sample 7.3: 受信メールの HTML 表示を
   禁止し、テキスト形式に変換する).
+* html_as_text: the policy's ``html_to_text`` (default always, issue #20) converts the HTML of
+  every delivered or tagged message the same way, in place, and changes nothing else.
 
 DKIM is verified on the original bytes before any of this (engine.py); a rewritten message
 no longer carries a valid signature, which is expected and harmless after the gateway.
@@ -13,6 +15,7 @@ no longer carries a valid signature, which is expected and harmless after the ga
 
 from __future__ import annotations
 
+import codecs
 import email
 import functools
 from email.message import EmailMessage, MIMEPart
@@ -21,6 +24,7 @@ from gateway.i18n import Text
 from gateway.mail.engine import MailVerdict
 from gateway.mail.html_text import html_to_text
 from gateway.mail.indicators import ATTACHMENT_NAMES, MailAction, visible
+from gateway.mail.limits import bytes_re2
 from gateway.mail.message import POLICY, body_text, fix_8bit
 from gateway.mail.policy import MailPolicy
 
@@ -154,21 +158,121 @@ def neutralize_message(raw: bytes, verdict: MailVerdict, policy: MailPolicy) -> 
                          disposition="attachment", filename="kanmon-removed-attachment.txt")
         if part is not msg:
             del part["MIME-Version"]
-    for index, part in enumerate(parts):
-        if index in reasons or part.is_multipart() or part.get_content_type() != "text/html":
-            continue
-        data = part.get_payload(decode=True) or b""
-        text = html_to_text(body_text(part, data))
-        was_attachment = (part.get_content_disposition() or "") == "attachment"
-        if was_attachment:
-            part.set_content(text, charset="utf-8", cte="base64", disposition="attachment",
-                             filename=_part_name(part) + ".txt")
-        else:
-            part.set_content(text, charset="utf-8", cte="base64")
-        if part is not msg:
-            del part["MIME-Version"]
+    _convert_html_parts(msg, parts, skip=set(reasons))
     _prefix_subject(msg, policy.subject_prefix)
     _add_warning(msg, warning_text(verdict, removed or None))
+    return _serialize(msg, raw)
+
+
+# What a mail client renders as a web page. application/xhtml+xml is rare but rendered by some.
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# <meta charset="..."> / <meta http-equiv content="...; charset=..."> in the first bytes of an
+# HTML part whose Content-Type names no charset (old Japanese mailers: Shift_JIS this way).
+# RE2 (linear) on attacker bytes; LATIN1 so any byte is a character.
+_META_CHARSET = bytes_re2(rb"(?i)<meta[^>]{0,300}?charset[ \t]*=[ \t]*[\"']?([A-Za-z0-9_.:-]{1,40})")
+_SNIFF_BYTES = 4096
+# Charsets a <meta> may select: the ones mail and the web use. Not any codec Python knows — a
+# sniffed "punycode" would decode a 4 MB body in quadratic time, "unicode_escape" re-interpret it.
+_SNIFFED_CHARSETS = frozenset({
+    "utf-8", "ascii", "shift_jis", "cp932", "euc_jp", "iso2022_jp", "iso2022_jp_1", "iso2022_jp_2",
+    "iso2022_jp_3", "iso2022_jp_ext", "euc_jis_2004", "shift_jis_2004", "latin-1", "gb2312", "gbk",
+    "gb18030", "big5", "euc_kr", "koi8-r", "utf-16", "utf-16-le", "utf-16-be",
+})
+
+
+def _html_source(part: EmailMessage, data: bytes) -> str:
+    """The HTML as text: the Content-Type charset when there is one (RFC 2046 says it wins),
+    else a <meta> charset the codecs know, else what body_text does (us-ascii / UTF-8 with
+    replacement characters): bytes that do not decode never stop the conversion."""
+    if part.get_param("charset") is None:
+        m = _META_CHARSET.search(data[:_SNIFF_BYTES])
+        if m:
+            name = m.group(1).decode("ascii", "replace")
+            try:
+                canonical = codecs.lookup(name).name
+                if canonical in _SNIFFED_CHARSETS or canonical.startswith(("iso8859", "cp125")):
+                    return data.decode(canonical, errors="replace")
+            except (LookupError, UnicodeError, ValueError):
+                pass
+    return body_text(part, data)
+
+
+def _convert_html_parts(msg: EmailMessage, parts: list[EmailMessage], skip: set[int] = frozenset()) -> int:
+    """Every HTML leaf part becomes text/plain (UTF-8, base64) in its place: the MIME tree
+    keeps its shape, so part numbers (IMAP BODY[1.2], what BODYSTRUCTURE showed) still name
+    the same parts. An HTML attachment becomes a .txt attachment. Returns how many changed."""
+    changed = 0
+    for index, part in enumerate(parts):
+        if index in skip or part.is_multipart() or part.get_content_type() not in HTML_TYPES:
+            continue
+        data = part.get_payload(decode=True) or b""
+        text = inert_text(html_to_text(_html_source(part, data)))
+        was_attachment = (part.get_content_disposition() or "") == "attachment"
+        extra = {"disposition": "attachment", "filename": _part_name(part) + ".txt"} if was_attachment else {}
+        _set_text_like(part, text, extra)
+        if part is not msg:
+            del part["MIME-Version"]
+        changed += 1
+    return changed
+
+
+# "<" and ">" of the converted text (a text node may hold "&lt;script&gt;") become their
+# full-width forms: see inert_text.
+_INERT = str.maketrans({"<": "\uff1c", ">": "\uff1e"})
+_KEPT_CTE = ("7bit", "8bit", "quoted-printable", "base64")
+
+
+def inert_text(text: str) -> str:
+    """The converted text with no "<" or ">": inert even where a client renders it as HTML.
+    An IMAP client that read BODYSTRUCTURE from the server (which describes the original,
+    adapters/imap.py) and then fetches the part alone believes it is text/html: without this
+    an escaped "&lt;img src=...&gt;" in the original would come back to life as markup. Links
+    read ``text ＜https://...＞``; full-width brackets are ordinary in Japanese text."""
+    return text.translate(_INERT)
+
+
+def _set_text_like(part: EmailMessage, text: str, extra: dict) -> None:
+    """text/plain in the part's own charset and transfer encoding when they can carry the text,
+    so a client decoding the part by the server's BODYSTRUCTURE reads it right; else UTF-8 in
+    the same encoding; else UTF-8 base64."""
+    charset = part.get_content_charset()
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    attempts = []
+    if charset and cte in _KEPT_CTE:
+        attempts.append((charset, cte))
+    if cte in _KEPT_CTE:
+        attempts.append(("utf-8", cte))
+    attempts.append(("utf-8", "base64"))
+    for index, (cs, te) in enumerate(attempts):
+        try:
+            codecs.lookup(cs)
+            part.set_content(text, charset=cs, cte=te, **extra)
+            return
+        except (LookupError, UnicodeError, ValueError):
+            if index == len(attempts) - 1:
+                raise
+
+
+@_library_errors_as_rewrite_failed
+def html_as_text(raw: bytes) -> bytes:
+    """``html_to_text`` in the mail policy (issue #20, IPA SME sample 7.3 受信メールのHTML表示
+    禁止): the message with every HTML part converted to plain text, nothing else changed
+    (headers as they came, no warning part, no subject prefix). A message without HTML is
+    returned as the very same bytes object, so a clean plain-text message stays byte-identical.
+
+    Why convert in place rather than keep only the sender's text/plain alternative: that
+    alternative is often a stub ("HTML メールを表示できません") or says something else than the
+    HTML the sender meant to be read, and dropping parts renumbers the MIME tree under a client
+    that already read BODYSTRUCTURE. In a multipart/alternative the converted part stays last,
+    so clients show it: the HTML's content as text, each link written with its real target.
+    The part keeps its charset and transfer encoding where it can, and the text is inert
+    (inert_text), for clients that go by the server's BODYSTRUCTURE."""
+    if b"htm" not in raw.lower():
+        return raw   # no HTML content type can be declared without these letters
+    msg = email.message_from_bytes(raw, policy=POLICY)
+    parts = list(msg.walk())
+    if not _convert_html_parts(msg, parts):
+        return raw
     return _serialize(msg, raw)
 
 

@@ -19,7 +19,7 @@ from gateway.policy.conditions import Check, ConditionError, System, as_list, bu
 from gateway.policy.lists import DomainList, parse_list, regex_error, valid_domain
 from gateway.policy.query import PolicyQuery, normalize_host
 from gateway.policy.schema import POLICY_SCHEMA
-from gateway.policy.snapshot import CompiledRule, PolicySnapshot, RuleInfo
+from gateway.policy.snapshot import CategoryInfo, CompiledRule, PolicySnapshot, RuleInfo
 from gateway.policy.tenants import tenant_headers
 from gateway.policy.urlpattern import WildcardError, compile_wildcard
 from gateway.i18n import Text
@@ -35,6 +35,9 @@ T_LIST_NAME_TAKEN = Text("リスト名 {name} はフィード {feed} のカテ�
 T_NO_FEED_COPY = Text("フィード {name} の正常なコピーがまだありません（`kanmon lists update` で取得してください）",
                       "feed {name} has no good copy yet (fetch it with `kanmon lists update`)")
 URL_KEYS = ("url", "url_regex")
+# issue #19: the approved alternative shown on the block page is a link staff follow.
+T_ALTERNATIVE = Text("代替手段は http:// か https:// の URL で書いてください（例: https://mail.example.lg.jp/）: {value!r}",
+                     "the alternative must be an http:// or https:// URL (e.g. https://mail.example.lg.jp/): {value!r}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class _Compiler:
         self._load_lists()
         self._load_systems()
         self._load_tenants()
+        categories = self._load_categories()
         seen_ids: dict[str, int] = {}
         for gi, group in enumerate(self.data.get("rule_groups") or []):
             applies = group.get("applies_to") or {}
@@ -198,7 +202,7 @@ class _Compiler:
             tz=tz,
             default_action=Action(settings.get("default_action", "allow")),
             no_sni=settings.get("no_sni", "block"),
-            dns_block=settings.get("dns_block", "nxdomain"),
+            dns_block=settings.get("dns_block", "sinkhole"),  # issue #19: browsers land on the block page
             rules=tuple(self.rules),
             exact={k: freeze(v) for k, v in self.exact.items()},
             suffix={k: freeze(v) for k, v in self.suffix.items()},
@@ -213,6 +217,7 @@ class _Compiler:
             url_members=self.url_members,
             pattern_hosts=self.pattern_hosts,
             native=self.native,
+            categories=categories,
         )
 
     def _load_lists(self) -> None:
@@ -260,6 +265,22 @@ class _Compiler:
         except ConditionError as exc:
             self.err(path + ((exc.index,) if exc.index is not None and isinstance(value, list) else ()), exc.text or str(exc))
             return None
+
+    def _alternative(self, path: tuple[Any, ...], value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re2.fullmatch(r"https?://[^\s/?#\x22'<>]+[^\s\x22'<>]*", value):
+            self.err(path, T_ALTERNATIVE.format(value=value if len(value) <= 80 else value[:77] + "..."))
+            return None
+        return value
+
+    def _load_categories(self) -> dict[str, CategoryInfo]:
+        """The ``categories:`` section (issue #19): the block page's words per category."""
+        out = {}
+        for name, spec in (self.data.get("categories") or {}).items():
+            out[name] = CategoryInfo(name, spec.get("description"), spec.get("description_ja"),
+                                     self._alternative(("categories", name, "alternative"), spec.get("alternative")))
+        return out
 
     def _expiry(self, path: tuple[Any, ...], value: Any) -> tuple[date | None, datetime | None]:
         if value is None:
@@ -341,6 +362,8 @@ class _Compiler:
             dns_block=spec.get("dns_block"),
             names_destination=any(key in match for key in DESTINATION_KEYS),
             allows_dns_messages=_names_dns_messages(match),
+            description_ja=spec.get("description_ja"),
+            alternative=self._alternative(path + ("alternative",), spec.get("alternative")),
         )
         if status == "retired":
             self.retired.append(info)

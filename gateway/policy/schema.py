@@ -83,6 +83,10 @@ _RULE = {
     "properties": {
         "id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"},
         "description": {"type": "string"},
+        # issue #19: the block page's staff message (description: English, description_ja:
+        # Japanese) and the approved alternative (an http(s) URL)
+        "description_ja": {"type": "string"},
+        "alternative": {"type": "string", "maxLength": 2048},
         "reason": {"type": "string"},
         "owner": {"type": "string"},
         "expires": {},  # a YAML date; checked in model.py
@@ -203,5 +207,19 @@ POLICY_SCHEMA: dict[str, Any] = {
             },
         },
         "rules": {"type": "array", "items": _RULE},
+        # issue #19: per category (a rule's `category`), what the block page tells staff
+        "categories": {
+            "type": "object",
+            "propertyNames": {"pattern": r"^[a-z0-9][a-z0-9_-]*$"},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "description": {"type": "string", "minLength": 1},
+                    "description_ja": {"type": "string", "minLength": 1},
+                    "alternative": {"type": "string", "maxLength": 2048},
+                },
+            },
+        },
     },
 }

@@ -79,6 +79,20 @@ class RuleInfo:
     # ``match`` names a DNS message content type (application/dns-message, dns-json): only
     # such a rule can allow DNS over HTTPS through the gateway.
     allows_dns_messages: bool = False
+    # issue #19: the block page's staff message in Japanese (``description`` is the English
+    # one) and the approved alternative (an http(s) URL).
+    description_ja: str | None = None
+    alternative: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CategoryInfo:
+    """A ``categories:`` entry of the policy: what the block page says for that category."""
+
+    name: str
+    description: str | None = None
+    description_ja: str | None = None
+    alternative: str | None = None
 
 
 @dataclass(slots=True)
@@ -146,7 +160,7 @@ class PolicySnapshot:
         default_action: Action,
         no_sni: str,
         rules: tuple[CompiledRule, ...],
-        dns_block: str = "nxdomain",
+        dns_block: str = "sinkhole",
         exact: dict[str, tuple[int, ...]],
         suffix: dict[str, tuple[int, ...]],
         generic: tuple[int, ...],
@@ -160,7 +174,9 @@ class PolicySnapshot:
         url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
         pattern_hosts: dict[int, tuple[Any, ...]] | None = None,
         native: bool | None = None,
+        categories: dict[str, CategoryInfo] | None = None,
     ):
+        self.categories = categories or {}   # category name -> CategoryInfo (issue #19)
         self.version = version
         self.compiled_at = compiled_at
         self.tz = tz

@@ -4,6 +4,7 @@ as self-contained HTML files (IPA SME sample regulations 技術的対策 3.3, 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, tzinfo
@@ -14,6 +15,9 @@ from gateway.i18n import Text
 from gateway.yamlsource import SourceErrors
 
 from .charts import ChartMaker, find_cjk_font
+from .compare import previous_month
+from .flash import FactsError, check_facts
+from .model import IncidentFacts
 from .html import render_incident, render_review
 from .evidence import parse_approved_lines
 from .incident import build_incident
@@ -151,6 +155,16 @@ def _review(args: argparse.Namespace) -> int:
                           approved_lines=approved)
     if sum(c.count for c in report.records_by_stream) == 0:
         raise _InputError(NO_RECORDS_MONTH.format(month=args.month, path=directory))
+    # Last month beside this month (issue #18): the same review of the month before, from
+    # its own records (none: zeros, which is what that month logged).
+    last = previous_month(args.month)
+    try:
+        last_start, last_end = parse_month(last, zone)
+    except ValueError:          # 1970-01 has no month before it in the log's time
+        return _write(out, render_review(report, _charts()))
+    previous = build_review(last, last_start, last_end, args.tz, stream_records(directory, last_start, last_end),
+                            generated_at=now, approved_lines=approved)
+    report = dataclasses.replace(report, previous=previous)
     return _write(out, render_review(report, _charts()))
 
 
@@ -163,14 +177,28 @@ def _incident(args: argparse.Namespace) -> int:
         raise _InputError(BAD_RANGE)
     if args.limit < 1:
         raise _InputError(BAD_LIMIT)
+    facts = _facts(args, zone)
     directory = _log_dir(args.logs)
     out = _out_path(args.out)
     report = build_incident(args.device, since.astimezone(zone), until.astimezone(zone),
                             stream_records(directory, since, until, device=args.device),
-                            generated_at=now, limit=args.limit)
+                            generated_at=now, limit=args.limit, facts=facts)
     if sum(c.count for c in report.records_by_stream) == 0:
         raise _InputError(UNKNOWN_DEVICE.format(device=args.device, since=since.isoformat()))
     return _write(out, render_incident(report, _charts()))
+
+
+def _facts(args: argparse.Namespace, zone: tzinfo) -> IncidentFacts:
+    """The IPA 9.5 fields the operator states (all optional: blank on the printed form)."""
+    try:
+        return check_facts(IncidentFacts(
+            category=getattr(args, "category", None), level=getattr(args, "level", None),
+            phase=getattr(args, "phase", None), cause=getattr(args, "cause", None),
+            background=getattr(args, "background", None), prevention=getattr(args, "prevention", None),
+            reporter=getattr(args, "reporter", None), responsible=getattr(args, "responsible", None),
+            detected_at=_time("--detected", getattr(args, "detected", None), zone)))
+    except FactsError as exc:
+        raise _InputError(exc.text) from None
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -206,4 +234,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", required=True, help="HTML file to write / 出力する HTML ファイル")
     p.add_argument("--limit", type=int, default=200, help="rows per table (newest; default 200)")
     p.add_argument("--tz", default="UTC", help="time zone for times without an offset and for display (default UTC)")
+    # IPA 組織的対策 9.5 fields a person states; left blank on the printed form when not given.
+    p.add_argument("--category", help="区分 / classification: leak | tamper | virus (IPA 9.4)")
+    p.add_argument("--level", help="事故レベル / accident level 0-3 (IPA 9.4)")
+    p.add_argument("--phase", help="discovery | initial | investigation | recovery | final (IPA 9.4 ①-⑤)")
+    p.add_argument("--reporter", help="報告者 / who reports")
+    p.add_argument("--responsible", help="責任者・担当者 / person responsible and in charge")
+    p.add_argument("--cause", help="想定される原因 / presumed cause")
+    p.add_argument("--background", help="原因発生の背景 / background of the cause")
+    p.add_argument("--prevention", help="再発防止策 / measures against recurrence")
+    p.add_argument("--detected", help="発覚日時 / when it was found, ISO 8601 (default: from the logs)")
     p.set_defaults(func=cmd_incident)

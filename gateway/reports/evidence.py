@@ -132,4 +132,5 @@ class TunnelTally:
                                 for (device, outer), (user, groups, first, last, count) in self.off.items()),
                                key=lambda s: (s.first, s.device_id, s.outer_ip)))
         multi = Counter({d: len(ips) for d, ips in self.outer.items() if len(ips) > 1})
-        return TunnelSummary(_top(self.actions), len(self.devices), _top(multi), off)
+        approved = tuple((g, tuple(str(n) for n in nets)) for g, nets in sorted((self.approved or {}).items()))
+        return TunnelSummary(_top(self.actions), len(self.devices), _top(multi), off, approved)

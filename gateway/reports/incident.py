@@ -10,7 +10,9 @@ from datetime import datetime
 from typing import Any
 
 from . import recordview as rv
-from .model import AuditAction, Count, EventRow, IncidentReport
+from .domains import DomainTally, Transfer
+from .flash import cap_timeline, suggest_category, timeline_entry, virus_evidence
+from .model import AuditAction, Count, EventRow, IncidentFacts, IncidentReport, TimelineEntry
 from .review import audit_action
 
 STATUS_AFTER = {"device-quarantined": "quarantined", "device-revoked": "revoked",
@@ -26,7 +28,31 @@ def _row(stream: str, record: dict[str, Any]) -> EventRow:
     else:
         target = rv.text(record, "url.full") or rv.destination(record) or "-"
     return EventRow(rv.record_time(record), stream, rv.text(record, "kanmon.verdict"), rv.text(record, "rule.id"),
-                    target, rv.summary(record))
+                    target, rv.summary(record, codes=False), rv.mail_indicators(record) if stream == "mail" else (),
+                    rv.text(record, "kanmon.mail.verdict") if stream == "mail" else None,
+                    rv.text(record, "event.action"), rv.text(record, "event.outcome"))
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def transfer(stream: str, record: dict[str, Any]) -> Transfer | None:
+    """What a proxy request or a conn flow sent and received, for the registered-domain
+    table: request/response body bytes (proxy), client/server bytes of a raw TCP flow (conn
+    ``connection-closed``). Firewall drops and DNS are not transfers."""
+    if stream not in ("proxy", "conn") or record.get("event.dataset") == "kanmon.firewall":
+        return None
+    host = rv.destination(record)
+    if host is None:
+        return None
+    if ":" in host and stream == "conn" and record.get("destination.ip"):
+        host = str(record["destination.ip"])      # an address: group by the address, not ip:port
+    if stream == "proxy":
+        up, down = _int(record.get("http.request.body.bytes")), _int(record.get("http.response.body.bytes"))
+    else:
+        up, down = _int(record.get("source.bytes")), _int(record.get("destination.bytes"))
+    return Transfer(host, up, down, rv.is_block(record))
 
 
 def _by_time(rows: Iterable[EventRow]) -> tuple[EventRow, ...]:
@@ -35,10 +61,11 @@ def _by_time(rows: Iterable[EventRow]) -> tuple[EventRow, ...]:
 
 def build_incident(device_id: str, since: datetime, until: datetime,
                    streams: Mapping[str, Iterable[dict[str, Any]]], *, generated_at: datetime,
-                   limit: int = 200) -> IncidentReport:
+                   limit: int = 200, facts: IncidentFacts = IncidentFacts()) -> IncidentReport:
     """``streams`` maps stream name -> that device's records (already filtered on
     ``device.id``; others are skipped anyway). Each table keeps its newest ``limit`` rows
-    (counts and top destinations cover every record)."""
+    (counts, top destinations and registered domains cover every record). ``facts``: what
+    the operator states for IPA 9.5 (flash.check_facts has validated them)."""
     tables: dict[str, list[EventRow]] = {name: [] for name in ("connections", "blocks", "dns", "mail", "auth")}
     counts: Counter = Counter()
     destinations: Counter = Counter()
@@ -47,6 +74,11 @@ def build_incident(device_id: str, since: datetime, until: datetime,
     groups: set[str] = set()
     actions: list[AuditAction] = []
     blocked = 0
+    timeline: list[TimelineEntry] = []
+    domains = DomainTally()
+    viruses: list[str] = []
+    first_suspicious: datetime | None = None
+    first_action: datetime | None = None
 
     for stream in ("proxy", "conn", "dns", "mail", "auth", "audit"):
         for record in streams.get(stream, ()):
@@ -56,6 +88,17 @@ def build_incident(device_id: str, since: datetime, until: datetime,
             if moment is None or not since <= moment < until:
                 continue
             counts[stream] += 1
+            if (entry := timeline_entry(stream, record)) is not None:
+                timeline.append(entry)
+                if entry.kind in ("block", "firewall", "mail"):
+                    first_suspicious = moment if first_suspicious is None else min(first_suspicious, moment)
+                if entry.kind == "action" and record.get("event.action") in rv.STATUS_ACTIONS:
+                    first_action = moment if first_action is None else min(first_action, moment)
+            if (found := virus_evidence(stream, record)) is not None:
+                viruses.append(found)
+                first_suspicious = moment if first_suspicious is None else min(first_suspicious, moment)
+            if (moved := transfer(stream, record)) is not None:
+                domains.add(moved)
             if stream == "audit":
                 actions.append(audit_action(record))
                 continue
@@ -77,6 +120,7 @@ def build_incident(device_id: str, since: datetime, until: datetime,
     status_now = None
     for action in actions:
         status_now = STATUS_AFTER.get(action.action, status_now)
+    kept, left_out = cap_timeline(timeline, limit)
     truncated = tuple(name for name, table in tables.items() if len(table) > limit)
     newest = {name: _by_time(table)[-limit:] if limit else () for name, table in tables.items()}
     return IncidentReport(
@@ -87,4 +131,7 @@ def build_incident(device_id: str, since: datetime, until: datetime,
         top_destinations=tuple(Count(k, v) for k, v in sorted(destinations.items(), key=lambda kv: (-kv[1], kv[0]))[:15]),
         connections=newest["connections"], blocks=newest["blocks"], dns=newest["dns"],
         mail=newest["mail"], auth=newest["auth"], actions=tuple(actions),
-        status_now=status_now, limit=limit, truncated=truncated)
+        status_now=status_now, limit=limit, truncated=truncated,
+        facts=facts, suggestion=suggest_category(viruses) if facts.category is None else None,
+        first_suspicious=first_suspicious, first_response=facts.detected_at or first_action or first_suspicious,
+        timeline=kept, timeline_left_out=left_out, domains=domains.result())

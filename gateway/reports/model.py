@@ -8,6 +8,8 @@ from datetime import date, datetime
 
 from gateway.i18n import Text
 
+from .domains import DomainGroup
+
 # Key used when a record has no value for what is being counted (no category, no group…).
 NONE_KEY = ""
 
@@ -117,6 +119,7 @@ class TunnelSummary:
     devices: int                           # devices with a session event
     many_outer_addresses: tuple[Count, ...]  # devices seen from more than one outer address
     off_line: tuple[OffLineSession, ...] | None   # None: no approved lines given
+    approved: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (group, networks) the check used
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,38 @@ class ReviewReport:
     expiring_days: int
     firewall: FirewallSummary | None = None   # issue #18 sections (gateway/reports/evidence.py)
     tunnel: TunnelSummary | None = None
+    previous: "ReviewReport | None" = None    # last month, shown beside this one (compare.py)
+
+
+# ---- incident flash report: IPA 組織的対策 9.5 (gateway/reports/flash.py) ----
+
+@dataclass(frozen=True)
+class IncidentFacts:
+    """What a person states about the incident (None: left blank for the paper form)."""
+
+    category: str | None = None        # INCIDENT_CATEGORIES key
+    level: str | None = None           # "0".."3"
+    phase: str | None = None           # INCIDENT_PHASES key
+    cause: str | None = None           # 想定される原因
+    background: str | None = None      # 原因発生の背景
+    prevention: str | None = None      # 再発防止策
+    reporter: str | None = None        # 報告者
+    responsible: str | None = None     # 責任者・担当者
+    detected_at: datetime | None = None   # 発覚日時, when the operator knows better than the logs
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    category: str
+    evidence: tuple[str, ...]     # what in the logs points to it (a few examples)
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    time: datetime
+    kind: str            # "first-record", "block", "tunnel", "mail", "action", "firewall"
+    what: Text
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -160,6 +195,10 @@ class EventRow:
     rule: str | None
     target: str
     detail: str
+    indicators: tuple[str, ...] = ()       # mail indicator names (shown as words)
+    mail_verdict: str | None = None        # kanmon.mail.verdict
+    action: str | None = None              # event.action (shown as words)
+    outcome: str | None = None             # event.outcome
 
 
 @dataclass(frozen=True)
@@ -183,3 +222,12 @@ class IncidentReport:
     status_now: str | None                 # last device status change seen, if any
     limit: int
     truncated: tuple[str, ...] = field(default=())   # sections that hit ``limit``
+    # IPA 組織的対策 9.5 (gateway/reports/flash.py) and destinations by registered domain
+    # (gateway/reports/domains.py), issue #18
+    facts: IncidentFacts = field(default_factory=lambda: IncidentFacts())
+    suggestion: Suggestion | None = None
+    first_suspicious: datetime | None = None   # 発生日時 from the logs
+    first_response: datetime | None = None     # 発覚日時 from the logs (first block or quarantine)
+    timeline: tuple[TimelineEntry, ...] = ()
+    timeline_left_out: int = 0
+    domains: tuple[DomainGroup, ...] = ()

@@ -68,15 +68,27 @@ def is_block(record: dict[str, Any]) -> bool:
     return record.get("kanmon.verdict") == BLOCK
 
 
-def summary(record: dict[str, Any]) -> str:
-    """A short human-readable detail for a table row."""
+def summary(record: dict[str, Any], codes: bool = True) -> str:
+    """A short human-readable detail for a table row. ``codes`` False leaves out
+    ``event.action`` and ``event.outcome`` (the report shows them as words, labels.py)."""
     parts = []
     for name in ("http.request.method", "http.response.status_code", "dns.question.type", "dns.response_code",
                  "network.transport", "event.action", "event.outcome", "email.subject", "event.reason"):
+        if not codes and name in ("event.action", "event.outcome"):
+            continue
         value = record.get(name)
         if value not in (None, ""):
             parts.append(str(value))
-    indicators = record.get("kanmon.mail.indicators")
-    if isinstance(indicators, list) and indicators:
-        parts.append("indicators: " + ", ".join(map(str, indicators)))
+    # Mail indicators are not text: the report shows them as words (mail_indicators, labels.py).
     return " · ".join(parts)
+
+
+def mail_indicators(record: dict[str, Any]) -> tuple[str, ...]:
+    """The indicator names of a mail record (``kanmon.mail.indicators`` holds objects
+    ``{name, weight, evidence}``; older records may hold bare names)."""
+    found: list[str] = []
+    for item in record.get("kanmon.mail.indicators") or ():
+        name = item.get("name") if isinstance(item, dict) else item
+        if isinstance(name, str) and name and name not in found:
+            found.append(name)
+    return tuple(found)

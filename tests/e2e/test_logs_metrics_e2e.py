@@ -43,7 +43,7 @@ settings: {default_action: allow, timezone: Asia/Tokyo, no_sni: block}
 rules:
   - {id: no-inspect-bank, action: no-inspect, reason: 金融機関は復号しない, match: {domain: [bank.test]}}
   - {id: lab-block-blocked-test, action: block, reason: "lab: blocked.test is on the block list", match: {domain: [blocked.test]}}
-  - {id: block-tracker, action: block, reason: lab tracker, match: {domain: [tracker.test]}}
+  - {id: block-tracker, action: block, reason: lab tracker, dns_block: nxdomain, match: {domain: [tracker.test]}}
   # Raw TCP is unidentified traffic: it passes only where a rule names its destination.
   - {id: lab-echo-service, action: allow, reason: "lab: approved raw TCP service", match: {dst_cidr: [198.51.100.90/32], dst_port: 7000}}
 """
@@ -396,7 +396,7 @@ def test_full_log_disk_blocks_requests_counts_the_errors_and_recovers(make_lab):
             if http_code(result) != "200":
                 break
         code, page = outcomes[-1]
-        assert code == "403", outcomes
+        assert code == "503", outcomes   # the gateway's fault page (issue #19)
         assert "x-kanmon-rule: kanmon:fail-closed" in page.lower()
         assert "hello from" not in page, "the unlogged response must not reach the device"
         assert lab.metric_value("kanmon_log_write_errors_total", stream="proxy") > errors_before

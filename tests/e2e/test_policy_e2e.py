@@ -55,6 +55,9 @@ def plab(tmp_path_factory):
     lab = Lab(work, n_devices=1, config_overrides={
         "policy": {"path": str(policy_dir / "lab.yaml")},
         "quarantine": {"allow_hosts": ["mdm.test"]},
+        # issue #19: the block page names the organization and links its helpdesk
+        "organization": {"name_ja": "ラボ市役所", "name_en": "Lab City Office",
+                         "helpdesk": {"mail": "helpdesk@example.test", "phone": "03-1234-5678"}},
     })
     lab.policy_dir = policy_dir
     try:
@@ -227,6 +230,32 @@ def test_block_page_in_headless_chromium(plab: Lab):
     dom = plab.devices[0].ns.run(chromium, *flags, "--dump-dom", "http://webmail.test/inbox", timeout=90).stdout
     assert "このアクセスは組織のセキュリティポリシーによりブロックされました" in dom
     assert "block-webmail" in dom and "This access was blocked" in dom
+    # issue #19: the rule's staff message and the approved alternative, through the tunnel
+    assert '<p class="staff-message" id="staff-message-ja">業務ではフリーメールを使いません。</p>' in dom
+    assert '<p class="staff-message" id="staff-message-en">Free web mail is not used for work.</p>' in dom
+    assert 'id="alternative-ja" href="https://mail.example.test/"' in dom
+    assert "ラボ市役所" in dom and "Lab City Office" in dom
+    request_id = dom.split('id="request-id">', 1)[1].split("<", 1)[0]
+    mailto = dom.split('id="helpdesk-mail" href="', 1)[1].split('"', 1)[0]
+    assert len(request_id) == 16 and mailto.startswith("mailto:helpdesk@example.test?subject=")
+    assert request_id in mailto.split("&amp;body=")[0], "the request id is in the mail's subject"
+    # On a phone, through the tunnel: no horizontal overflow, even for a long URL.
+    from gateway.lab.browser import run_browser
+    long_url = "http://webmail.test/inbox/" + "Internationalization-Configuration-" * 6 + "?q=" + "x" * 150
+    result = run_browser(plab.devices[0], [
+        {"action": "viewport", "width": 390, "height": 844},
+        {"action": "goto", "url": long_url},
+        {"action": "text", "selector": "#staff-message-ja"},
+        {"action": "overflow"},
+        {"action": "screenshot", "path": str(out / "block-page-phone.png")},
+    ], timeout=120)
+    assert result["ok"], result
+    status = [r["status"] for r in result["responses"] if r["url"].startswith("http://webmail.test/inbox/")]
+    assert status == [403], result["responses"]
+    values = {s["action"]: s.get("value") for s in result["steps"]}
+    assert values["text"] == "業務ではフリーメールを使いません。"
+    scroll, client = values["overflow"]
+    assert client == 390 and scroll <= client, f"horizontal overflow on a phone: {scroll} > {client}"
     shot = out / "block-page.png"
     plab.devices[0].ns.run(chromium, *flags, f"--screenshot={shot}", "--window-size=900,900",
                            "http://webmail.test/inbox", timeout=90)

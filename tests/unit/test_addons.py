@@ -130,7 +130,7 @@ def test_no_verdict_means_blocked_and_counted():
     chain = Chain()
     flow = chain.http("www.example.test")
     chain.enforcer.requestheaders(flow)  # no decision addon ran
-    assert flow.response.status_code == 403
+    assert flow.response.status_code == 503   # the gateway's fault, not a policy block (issue #19)
     assert flow.response.headers["X-Kanmon-Rule"] == RULE_UNDECIDED
     assert chain.metrics.registry.get_sample_value(
         "kanmon_fail_closed_blocks_total", {"stage": "http-request", "reason": "no-decision"}) == 1
@@ -205,7 +205,7 @@ def test_guard_blocks_http_request_on_exception_and_counts_it():
     guarded = Guarded(Exploding(), chain.actions)
     flow = chain.http("www.example.test")
     guarded.requestheaders(flow)
-    assert flow.response.status_code == 403
+    assert flow.response.status_code == 503   # a fault page: "temporarily unavailable" (issue #19)
     assert flow.response.headers["X-Kanmon-Rule"] == RULE_FAIL_CLOSED
     assert chain.errors("exploding", "requestheaders") == 1
     # The connection is marked: a later decision on it cannot let anything through.
@@ -220,7 +220,7 @@ def test_guard_replaces_response_when_an_async_response_hook_raises():
     guarded = Guarded(Exploding(), chain.actions)
     flow = tflow.tflow(client_conn=chain.client(), resp=True)
     asyncio.run(guarded.response(flow))
-    assert flow.response.status_code == 403
+    assert flow.response.status_code == 503
     assert chain.errors("exploding", "response") == 1
 
 
@@ -281,7 +281,7 @@ def test_guard_builds_each_hook_wrapper_once_and_it_still_fails_closed(monkeypat
     for _ in range(3):  # the cached wrapper blocks every time, not only the first
         flow = chain.http("www.example.test")
         guarded.requestheaders(flow)
-        assert flow.response.status_code == 403
+        assert flow.response.status_code == 503
         assert flow.response.headers["X-Kanmon-Rule"] == RULE_FAIL_CLOSED
     assert chain.errors("exploding", "requestheaders") == 3
     # async hooks: cached too, still awaited and still failing closed
@@ -289,14 +289,14 @@ def test_guard_builds_each_hook_wrapper_once_and_it_still_fails_closed(monkeypat
     for _ in range(2):
         flow = tflow.tflow(client_conn=chain.client(), resp=True)
         asyncio.run(guarded.response(flow))
-        assert flow.response.status_code == 403
+        assert flow.response.status_code == 503
     assert chain.errors("exploding", "response") == 2
     # what mitmproxy asks per event is answered from plain attributes: no hook -> None, no children
     assert guarded.websocket_message is None and tuple(guarded.addons) == ()
     with taddons.context() as tctx:
         flow = chain.http("www.example.test")
         tctx.master.addons.invoke_addon_sync(guarded, HttpRequestHeadersHook(flow))
-        assert flow.response.status_code == 403
+        assert flow.response.status_code == 503
     assert sorted(built) == implemented, "and none built again per event"
 
 
@@ -314,7 +314,7 @@ def test_guard_cache_follows_a_hook_the_addon_rebinds():
     inner.requestheaders = lambda flow: 1 / 0
     flow = chain.http("www.example.test")
     guarded.requestheaders(flow)
-    assert flow.response.status_code == 403
+    assert flow.response.status_code == 503
     assert chain.errors("exploding", "requestheaders") == 1
 
     async def late_boom(flow):  # rebound to an async function: still awaited and guarded
@@ -323,7 +323,7 @@ def test_guard_cache_follows_a_hook_the_addon_rebinds():
     inner.requestheaders = late_boom
     flow = chain.http("www.example.test")
     asyncio.run(guarded.requestheaders(flow))
-    assert flow.response.status_code == 403
+    assert flow.response.status_code == 503
     assert chain.errors("exploding", "requestheaders") == 2
 
 
@@ -350,7 +350,7 @@ def test_guard_wraps_a_hook_whose_event_is_registered_after_the_addon_was_guarde
     with taddons.context() as tctx:
         flow = chain.http("www.example.test")
         tctx.master.addons.invoke_addon_sync(guarded, LateEvent(flow))
-        assert flow.response.status_code == 403, "still guarded: blocked, not passed through unguarded"
+        assert flow.response.status_code == 503, "still guarded: blocked, not passed through unguarded"
     assert chain.errors("late", "kanmon_test_late_event") == 1
 
 
@@ -372,7 +372,22 @@ def test_guard_children_keep_their_wrappers_and_fail_closed_through_the_addon_ma
         for _ in range(2):  # mitmproxy's own lookup (traverse + getattr per event)
             flow = chain.http("www.example.test")
             tctx.master.addons.invoke_addon_sync(guarded, HttpRequestHeadersHook(flow))
-            assert flow.response.status_code == 403
+            assert flow.response.status_code == 503
     assert chain.errors("exploding", "requestheaders") == 2
     parent.addons = [Exploding(), Exploding()]  # a changed child list gets new wrappers
     assert [g.inner for g in guarded.addons] == parent.addons
+
+
+def test_guarded_addons_register_without_deprecation_warnings(caplog):
+    """mitmproxy warns "add_log event has been deprecated" for any addon that merely has an
+    `add_log` attribute; a guard must not grow one (the gateway logged one warning per addon
+    at every start, #19)."""
+    import logging
+
+    import mitmproxy.log  # noqa: F401 -- registers AddLogHook in hooks.all_hooks, as in the gateway
+    chain = Chain()
+    guarded = Guarded(chain.decider, chain.actions)
+    assert not hasattr(guarded, "add_log")
+    with caplog.at_level(logging.WARNING), taddons.context() as tctx:
+        tctx.master.addons.add(guarded)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

@@ -254,19 +254,68 @@ def test_export_config_text_qr_png_and_mobileconfig(gw, capsys):
     png, profile = gw.tmp / "qr.png", gw.tmp / "dev.mobileconfig"
     assert gw.run("export-config", "dev_1", "--private-key-file", str(key_file), "--qr-png", str(png),
                   "--mobileconfig", str(profile)) == 0
+    assert str(private) not in capsys.readouterr().out     # files were asked for: no key on the terminal
+    assert gw.run("export-config", "dev_1", "--private-key-file", str(key_file)) == 0
     text = capsys.readouterr().out
     assert f"PrivateKey = {private}" in text and "Endpoint = vpn.example.test:51820" in text
     assert "DNS = 10.77.0.1, fd77:77::1" in text and "Address = 10.77.0.2/32, fd77:77::2/128" in text
+    assert "MTU = 1420" in text                    # tunnel.mtu, as the gateway's own interface (#19)
     decoded = subprocess.run(["zbarimg", "--raw", "-q", str(png)], capture_output=True, check=True).stdout
     assert decoded.decode().rstrip("\n") == text.rstrip("\n")
-    plist = plistlib.loads(profile.read_bytes())
+    plist = plistlib.loads(verified_profile(profile.read_bytes(), pki_dir(gw.state) / "ca" / "ca.cert.pem"))
     assert plist["PayloadIdentifier"] == "jp.kanmon.dev-1"
     vpn, ca = plist["PayloadContent"]
+    # Always on (NISC smartphone guide 5.4): connect on every network, no user override.
+    assert vpn["OnDemandEnabled"] == 1 and vpn["OnDemandRules"] == [{"Action": "Connect"}]
+    assert vpn["OnDemandUserOverrideDisabled"] is True
     assert vpn["VendorConfig"]["WgQuickConfig"] == text
     assert ca["PayloadContent"] == inter.public_bytes(serialization.Encoding.DER)
     assert plist["PayloadOrganization"] == "関門テスト町"
     assert gw.run("export-config", "dev_1", "--qr", "--private-key-file", str(key_file)) == 0
     assert "▀" in capsys.readouterr().out           # Unicode half blocks
+
+
+def verified_profile(signed: bytes, ca_file) -> bytes:
+    """The plist inside a CMS-signed profile, after openssl verified the signature and the
+    chain to `ca_file` (fails the test otherwise)."""
+    out = subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-binary", "-CAfile", str(ca_file)],
+                         input=signed, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout
+
+
+def test_export_config_profile_is_signed_and_tampering_is_detected(gw, capsys):
+    private = WireguardKey.generate()
+    gw.run("add", "--id", "dev_1", "--public-key", str(private.public_key()))
+    key_file = gw.tmp / "dev.key"
+    key_file.write_text(str(private) + "\n")
+    (gw.state / "mitmproxy").mkdir()
+    inter = build_org_ca("Interception", now=dt.datetime.now(dt.UTC)).cert
+    (gw.state / "mitmproxy" / "mitmproxy-ca-cert.pem").write_bytes(inter.public_bytes(serialization.Encoding.PEM))
+    profile = gw.tmp / "dev.mobileconfig"
+    assert gw.run("export-config", "dev_1", "--private-key-file", str(key_file), "--mobileconfig", str(profile)) == 0
+    assert str(private) not in capsys.readouterr().out   # a file was asked for: the key is not printed
+    signed = profile.read_bytes()
+    ca_file = pki_dir(gw.state) / "ca" / "ca.cert.pem"
+    plist = plistlib.loads(verified_profile(signed, ca_file))
+    assert plist["PayloadContent"][0]["VendorConfig"]["WgQuickConfig"].startswith("[Interface]")
+    # another CA does not verify it; a changed byte in the embedded plist breaks the signature
+    stranger = gw.tmp / "stranger.pem"
+    stranger.write_bytes(build_org_ca("Stranger", now=dt.datetime.now(dt.UTC)).cert.public_bytes(serialization.Encoding.PEM))
+    assert subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-binary", "-CAfile", str(stranger)],
+                          input=signed, capture_output=True).returncode != 0
+    at = signed.index(b"UserDefinedName")
+    tampered = signed[:at] + b"UserDefinedNamf" + signed[at + 15:]
+    assert subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-binary", "-CAfile", str(ca_file)],
+                          input=tampered, capture_output=True).returncode != 0
+    # the signer is a leaf of the organization CA, reused by the next export
+    signer_path = pki_dir(gw.state) / "ca" / "profile-signer.cert.pem"
+    first = signer_path.read_bytes()
+    assert gw.run("export-config", "dev_1", "--private-key-file", str(key_file), "--mobileconfig", str(profile),
+                  "--no-on-demand") == 0
+    assert signer_path.read_bytes() == first
+    vpn = plistlib.loads(verified_profile(profile.read_bytes(), ca_file))["PayloadContent"][0]
+    assert "OnDemandEnabled" not in vpn
 
 
 def test_export_config_refusals(gw, capsys):

@@ -164,6 +164,7 @@ def test_enrollment_returns_config_and_writes_key(env):
     assert f"Address = {rec.ipv4}/32, {rec.ipv6}/128" in cfg
     assert "DNS = 10.77.0.1, fd77:77::1" in cfg
     assert "AllowedIPs = 0.0.0.0/0, ::/0" in cfg
+    assert "MTU = 1420" in cfg                   # tunnel.mtu (default 1420), as the gateway's interface
     assert body["interception_ca_pem"] == env.inter_ca and body["changed"] is True
     last = env.logs.auth()[-1]
     assert last["event.outcome"] == "success" and last["device.id"] == "dev-1"
@@ -438,3 +439,44 @@ def test_importing_a_crl_revokes_enrolled_devices_on_it(env):
     assert env.registry.get("dev-1").status is DeviceStatus.ACTIVE
     assert [e.action for e in env.registry.unshipped_audit()][-1] == "device-revoked"
     assert revoke_devices_on_crl(env.cfg.state_dir, data, "the org CA") == []  # idempotent
+
+
+def _server_chain_verifies(address, cafile) -> bool:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.check_hostname = False
+    try:
+        with socket.create_connection(address, timeout=10) as s, ctx.wrap_socket(s):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+
+
+def test_ca_init_after_start_is_served_without_a_restart(tmp_path):
+    """README order (#19): the service starts first (no org CA yet: a self-signed endpoint),
+    then `kanmon ca init`. The next connection must present a certificate from the new CA,
+    so a phone holding that CA can enroll without the operator restarting the gateway."""
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = load_config_text(CONFIG.format(state=state, rate=600, burst=100))
+    registry = SqliteRegistry(cfg.registry_path)
+    inter_ca = build_org_ca("Interception", now=dt.datetime.now(dt.UTC)).cert.public_bytes(serialization.Encoding.PEM)
+    server = EnrollmentServer(cfg, registry, ListLog(), new_key(), inter_ca, port=0)
+    server.start()
+    try:
+        self_signed = x509.load_pem_x509_certificate((state / "enroll" / "server.cert.pem").read_bytes())
+        assert self_signed.issuer == self_signed.subject            # no CA yet: self-signed
+        other_ca = tmp_path / "other.pem"
+        other_ca.write_bytes(build_org_ca("Other", now=dt.datetime.now(dt.UTC)).cert.public_bytes(serialization.Encoding.PEM))
+        assert not _server_chain_verifies(server.address, other_ca)
+        ca = init_ca(pki_dir(state), "関門テスト市", now=dt.datetime.now(dt.UTC) - DAY)
+        ca_file = CaStore(pki_dir(state)).cert_path
+        assert _server_chain_verifies(server.address, ca_file)     # the very next connection
+        reissued = x509.load_pem_x509_certificate((state / "enroll" / "server.cert.pem").read_bytes())
+        assert reissued.issuer == ca.cert.subject
+        # A corrupt CA file later keeps the working identity (certificates are judged by certcheck).
+        CaStore(pki_dir(state)).cert_path.write_bytes(b"not a certificate")
+        other_ca.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+        assert _server_chain_verifies(server.address, other_ca)
+    finally:
+        server.stop()
+        registry.close()

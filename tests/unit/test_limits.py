@@ -455,7 +455,7 @@ def test_kernel_backstop_sits_at_twice_the_proxys_limits_per_address():
     assert 'iifname != "wg0" return' in text            # only tunnel traffic is limited
     # encrypted packets per WireGuard endpoint (address and port), before the tunnel's socket
     assert ("udp dport 51820 meta nfproto ipv4 add @tunnel_v4 { ip saddr . udp sport limit rate over "
-            "10000/second burst 10000 packets } counter name dropped_tunnel drop") in text
+            "4000/second burst 4000 packets } counter name dropped_tunnel drop") in text
     assert text.index("@tunnel_v4") < text.index('iifname != "wg0" return')   # underlay packets, not tunnel ones
 
 

@@ -129,3 +129,25 @@ def test_config_mail_section_and_errors():
     with pytest.raises(SourceErrors) as err:
         load_config_text(BASE + "mail:\n  organization_hosts: ['no such host!']\n", "k.yaml")
     assert "k.yaml:5: mail.organization_hosts[0]" in str(err.value.errors[0]) and "neither a host name nor an address" in str(err.value.errors[0])
+
+
+def test_messages_are_counted_once_each_whatever_the_number_of_indicators(tmp_path):
+    # Issue #19: kanmon_mail_verdicts_total counts a message once per indicator (and as
+    # indicator="none" when none fired), so summing it over-counts; the dashboard's "Mail
+    # verdicts" panel reads kanmon_mail_messages_total, one count per judged message.
+    from tests.unit.test_mail_addon_cache import _flow
+    f, _ = make_filter(tmp_path)
+    judge = f._judge_for(_flow(), "imap")
+    combo = CORPUS.by_name("combo-freemail-impersonation-exe").raw     # four indicators
+    judge(combo, MailContext("inbound"))
+    judge(CORPUS.by_name("clean-ascii").raw, MailContext("inbound"))  # none
+    judge(combo, MailContext("inbound"))                               # the same message again (cached verdict)
+
+    def value(name, **labels):
+        return f.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert value("kanmon_mail_messages_total", verdict="quarantine", direction="inbound") == 2
+    assert value("kanmon_mail_messages_total", verdict="deliver", direction="inbound") == 1
+    per_indicator = sum(s.value for m in f.metrics.registry.collect() if m.name == "kanmon_mail_verdicts"
+                        for s in m.samples if s.name == "kanmon_mail_verdicts_total")
+    assert per_indicator == 4 + 1 + 4     # what the old panel summed: 9 for 3 messages

@@ -72,7 +72,8 @@ def test_neutralize_converts_html_to_text():
     assert "text/html" not in types
     texts = "\n".join(p.get_content() for p in leaves(msg))
     assert "<a " not in texts and "href" not in texts
-    assert "https://city.kanmon.example.jp/login <https://city.xn--kanmn-uce.example.jp/login>" in texts
+    # (the link target in full-width brackets: rewrite.inert_text)
+    assert "https://city.kanmon.example.jp/login ＜https://city.xn--kanmn-uce.example.jp/login＞" in texts
 
 
 def test_neutralize_a_single_part_executable():

@@ -22,7 +22,9 @@ Partial fetches (the approach and its limits):
   without the gateway; they show the original subject (without the tag prefix).
 * ``BODYSTRUCTURE``/``BODY`` and ``RFC822.SIZE`` in a response without the whole message
   describe the server's original. A client may see a part size that differs from the notice
-  it then receives.
+  it then receives. An HTML part delivered as text (html_to_text, issue #20) and fetched alone
+  is served in the form BODYSTRUCTURE announced: an inert HTML document holding the converted
+  text, in the original part's charset and transfer encoding (imap_sections.converted_html_view).
 * A body section that arrives without the whole message it belongs to (a server that
   ignored the added item) is withheld: replaced by a short notice.
 * STARTTLS is passed on, never removed; once the server accepts it the adapter reports
@@ -36,7 +38,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.mail.adapters import ByteQueue, Judge, LineTooLong, Output
-from gateway.mail.adapters.imap_sections import binary_section, section_bytes
+from gateway.mail.adapters.imap_sections import binary_section, converted_html_view, section_bytes
 from gateway.mail.engine import MailContext
 from gateway.mail.limits import bytes_re2
 
@@ -296,7 +298,9 @@ def _section_of(served: bytes, raw: bytes, item: FetchItem) -> bytes | None:
         return None
     kind, section, origin = m.group(1).upper(), m.group(2), m.group(3)
     cut = binary_section if kind == "BINARY" else section_bytes
-    whole = cut(served, section)
+    # An HTML part delivered as text, asked for alone: in the form the server's BODYSTRUCTURE
+    # announced (issue #20, imap_sections.converted_html_view).
+    whole = converted_html_view(served, raw, section, kind == "BINARY") or cut(served, section)
     if whole is None or origin is None:
         return whole
     start = int(origin)

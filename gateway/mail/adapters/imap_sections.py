@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import html
 import quopri
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -159,3 +161,60 @@ def binary_section(message: bytes, section: str) -> bytes | None:
     if cte == "quoted-printable":
         return quopri.decodestring(body)
     return body
+
+
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def converted_html_view(served: bytes, raw: bytes, section: str, binary: bool) -> bytes | None:
+    """Part ``section`` for a client that describes it by the server's BODYSTRUCTURE.
+
+    When the original part is HTML and the served one is its text/plain conversion
+    (html_to_text, rewrite.html_as_text), a client that read BODYSTRUCTURE from the server
+    believes the part is HTML in the original charset and transfer encoding and fetches it
+    alone (iOS Mail, K-9, Thunderbird for large messages). It then gets the converted text as
+    an inert HTML document — the text escaped in a ``<pre>``, no link, image or script —
+    written in the charset and transfer encoding the original part declared, so the client
+    decodes and shows it as the same text the whole-message fetch shows. None when the part is
+    not such a conversion (the served part is served as it is)."""
+    if not _PART_NUMBER.fullmatch(section.strip()):
+        return None
+    numbers = [int(x) for x in section.strip().split(".")]
+    original, converted = _part(raw, numbers), _part(served, numbers)
+    if original is None or converted is None:
+        return None
+    original_header = split_entity(original[0])[0]
+    served_header = split_entity(converted[0])[0]
+    if _content_type(original_header)[0] not in _HTML_TYPES or _content_type(served_header)[0] != "text/plain":
+        return None
+    decoded = binary_section(served, section)
+    if decoded is None:
+        return None
+    served_msg = BytesHeaderParser(policy=compat32).parsebytes(served_header)
+    text = decoded.decode(_codec(served_msg.get_content_charset()), "replace")
+    original_msg = BytesHeaderParser(policy=compat32).parsebytes(original_header)
+    charset = _codec(original_msg.get_content_charset())
+    document = ('<!DOCTYPE html>\r\n<html><body><pre style="white-space: pre-wrap">'
+                + html.escape(text, quote=False) + "</pre></body></html>\r\n")
+    data = document.replace("\r\n", "\n").replace("\n", "\r\n").encode(charset, "xmlcharrefreplace")
+    if binary:
+        return data
+    cte = str(original_msg.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte == "base64":
+        return base64.encodebytes(data).replace(b"\n", b"\r\n")
+    if cte == "quoted-printable":
+        return quopri.encodestring(data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data
+
+
+def _codec(charset: str | None) -> str:
+    """A charset name the codecs know (mail and web charsets only), else UTF-8."""
+    if charset:
+        try:
+            name = codecs.lookup(charset).name
+            if name not in ("punycode", "idna", "unicode_escape", "raw_unicode_escape", "utf-7") \
+                    and codecs.lookup(name)._is_text_encoding:
+                return name
+        except LookupError:
+            pass
+    return "utf-8"

@@ -175,7 +175,7 @@ class SmtpAdapter:
                            "rcpt_to": list(self.rcpts), "size": len(raw), "reason": judgement.reason})
         if judgement.data is None:
             reason = judgement.reason or "message refused by the mail gateway"
-            self._refuse(b"554 5.7.1 " + _one_line(reason) + b"\r\n", out)
+            self._refuse(reply_text(b"554", b"5.7.1", reason), out)
             return
         self._payload = stuffed if judgement.data == raw else dot_stuff(judgement.data)
         self._hold_client = True
@@ -296,3 +296,46 @@ def _keyword(line: bytes) -> str:
 
 def _one_line(text: str) -> bytes:
     return " ".join(text.split()).encode("ascii", "replace")[:400]
+
+
+# Bytes of reply text per line: RFC 5321 4.5.3.1.5 allows 512 octets with the code and CRLF.
+_REPLY_TEXT_BYTES = 400
+
+
+def reply_text(code: bytes, enhanced: bytes, reason: str) -> bytes:
+    """A (multi-line) reply, one or more lines per line of ``reason`` (the bilingual
+    explanation of a refused message: Japanese, then English), long lines wrapped to fit an
+    SMTP reply line (nothing of the explanation is cut off).
+
+    Non-ASCII text is sent as UTF-8. RFC 5321 reply text is ASCII; RFC 6531 (SMTPUTF8) lets
+    a server send UTF-8 in replies, and the mail clients in use show the reply text to the
+    sender as UTF-8. A reply is never parsed for its text, so a client that does not decode
+    it still gets the code and the English line, which is ASCII."""
+    lines: list[bytes] = []
+    for text in reason.splitlines():
+        text = " ".join("".join(ch if ch.isprintable() else "?" for ch in text).split())
+        lines += _wrap_utf8(text)
+    lines = lines or [b"refused"]
+    out = bytearray()
+    for i, line in enumerate(lines):
+        sep = b" " if i == len(lines) - 1 else b"-"
+        out += code + sep + enhanced + b" " + line + b"\r\n"
+    return bytes(out)
+
+
+def _wrap_utf8(text: str) -> list[bytes]:
+    """``text`` as UTF-8 lines of at most _REPLY_TEXT_BYTES, broken after a blank or a
+    Japanese full stop when one is near, else between two characters."""
+    out: list[bytes] = []
+    while text:
+        data = text.encode("utf-8", "replace")
+        if len(data) <= _REPLY_TEXT_BYTES:
+            out.append(data)
+            break
+        head = data[:_REPLY_TEXT_BYTES].decode("utf-8", "ignore")
+        cut = max(head.rfind(" "), head.rfind("。"), head.rfind(";"))
+        if cut < len(head) // 2:
+            cut = len(head) - 1
+        out.append(head[:cut + 1].rstrip().encode("utf-8"))
+        text = text[cut + 1:].lstrip()
+    return out
