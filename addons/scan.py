@@ -2,7 +2,7 @@
 of a risky type — decided by their first bytes as well as by name and Content-Type
 (gateway/scan/filetype.py) — are streamed to clamd (INSTREAM, gateway/scan/clamdclient.py)
 before the device gets any of them. An infected file is replaced by the block page naming the
-signature (rule ``kanmon:virus``), logged (``proxy`` stream, dataset ``kanmon.download-scan``),
+signature (rule ``kanmon:infected``, the "infected" page of gateway/pages), logged (``proxy`` stream, dataset ``kanmon.download-scan``),
 counted, and reported to automatic quarantine (gateway/autoquarantine).
 
 Why the body is buffered (up to ``scan.max_bytes``) rather than scanned while it streams: the
@@ -41,6 +41,7 @@ from addons.identity import METADATA_DEVICE
 from addons.requesttarget import request_target
 from gateway.autoquarantine.triggers import Trigger
 from gateway.mail.scanner import ScannerUnavailable
+from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.scan.clamdproto import ClamdSizeLimit
 from gateway.scan.decoding import TooLarge, Undecodable, decode_bounded
 from gateway.scan.decide import ScanOutcome, ScanSettings, ScanStatus, outcome
@@ -235,6 +236,8 @@ class DownloadScanner:
         if result.block:
             verdict = Verdict(Action.BLOCK, result.rule_id, f"{result.reason.ja} / {result.reason.en}", Stage.RESPONSE,
                               category="malware" if result.status is ScanStatus.INFECTED else "download-scan")
+            if result.signature:
+                flow.metadata[METADATA_SIGNATURE] = result.signature   # the "infected" page names it
             self.block_http(flow, verdict)
             flow.response.headers["X-Kanmon-Scan"] = str(result.status)
             if result.signature:

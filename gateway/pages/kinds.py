@@ -42,7 +42,8 @@ class PageKind(StrEnum):
 
 STATUS = {PageKind.POLICY: 403, PageKind.QUARANTINE: 403, PageKind.SIGNIN: 403, PageKind.FAULT: 503,
           PageKind.INFECTED: 403, PageKind.BAD_REQUEST: 400}
-_FAULT_RULES = frozenset({RULE_FAIL_CLOSED, RULE_UNDECIDED})
+_FAULT_RULES = frozenset({RULE_FAIL_CLOSED, RULE_UNDECIDED,
+                          "kanmon:scan-unavailable"})   # issue #18: the virus scanner did not answer (gateway/scan)
 
 
 def page_kind(verdict: Verdict, signature: str | None = None) -> PageKind:

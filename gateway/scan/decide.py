@@ -20,11 +20,12 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.i18n import Text
+from gateway.pages.kinds import RULE_INFECTED
 from gateway.scan.filetype import FileKind
 
-RULE_VIRUS = "kanmon:virus"                        # clamd found a signature
+RULE_VIRUS = RULE_INFECTED                         # clamd found a signature: the "infected" block page
 RULE_SCAN_TOO_LARGE = "kanmon:scan-too-large"      # above scan.max_bytes, on_too_large: block
-RULE_SCAN_UNAVAILABLE = "kanmon:scan-unavailable"  # no answer from clamd, on_unavailable: block
+RULE_SCAN_UNAVAILABLE = "kanmon:scan-unavailable"  # no answer from clamd, on_unavailable: block (a "fault" page, 503)
 RULE_SCAN_CLEAN = "kanmon:scan-clean"
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024   # clamd's own StreamMaxLength default (25M)

@@ -164,8 +164,9 @@ def test_infected_download_is_blocked_and_the_device_quarantines_itself(make_lab
     answered = time.monotonic()
     assert code(blocked) == "403", blocked.stdout[:500]
     text = blocked.stdout
-    assert "x-kanmon-rule: kanmon:virus" in text.lower() and TEST_SIGNATURE in text
+    assert "x-kanmon-rule: kanmon:infected" in text.lower() and TEST_SIGNATURE in text
     assert "ウイルスを検出しました" in text and "virus found" in text and TEST_MARKER.decode() not in text
+    assert "x-kanmon-page: infected" in text.lower() and "ファイルはこの端末に届いていません" in text
 
     # -- quarantined by itself: registry, live connection cut, webhook alert
     wait_until(lambda: device_status(lab, a.device_id)["status"] == "quarantined", 5, "the automatic quarantine")
@@ -187,7 +188,7 @@ def test_infected_download_is_blocked_and_the_device_quarantines_itself(make_lab
 
     # -- evidence in the logs and the metrics
     [rec] = [r for r in scan_records(lab) if r.get("kanmon.scan.result") == "infected"]
-    assert rec["device.id"] == a.device_id and rec["rule.id"] == "kanmon:virus"
+    assert rec["device.id"] == a.device_id and rec["rule.id"] == "kanmon:infected"
     assert rec["kanmon.scan.signature"].startswith(TEST_SIGNATURE) and rec["kanmon.file.kind"] == "executable"
     assert rec["url.full"] == "https://files.example.test/files/invoice.pdf"
     assert lab.metric_value("kanmon_auto_quarantines_total", trigger="download-virus") == 1
@@ -252,7 +253,7 @@ def test_scanner_down_blocks_programs_and_too_large_programs_are_cut(make_lab, c
     # the scanner goes down: programs are blocked with the page, PDFs pass (configured), all logged
     clamd.stop()
     down = dev.curl("https://files.example.test/files/tool.exe", "-i")
-    assert code(down) == "403" and "kanmon:scan-unavailable" in down.stdout
+    assert code(down) == "503" and "kanmon:scan-unavailable" in down.stdout and "retry-after" in down.stdout.lower()
     assert "ウイルス検査ができない" in down.stdout
     assert code(dev.curl("https://files.example.test/files/doc.pdf", "-o", "/dev/null")) == "200"
     assert lab.metric_value("kanmon_download_scans_total", kind="executable", result="unavailable", action="block") == 1

@@ -19,6 +19,7 @@ from addons.blockpage import Helpdesk, block_response
 from addons.flowverdict import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.scan import DownloadScanner, _StreamGuard
+from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.autoquarantine.service import AutoQuarantiner
 from gateway.autoquarantine.triggers import AutoQuarantineSettings, Trigger, TriggerEngine
 from gateway.connections import LiveConnections
@@ -56,10 +57,11 @@ class Sink:
         self.records.append((stream, record))
 
 
-def block_http(flow, verdict):
+def block_http(flow, verdict):   # as Enforcer.block_http does it
     flow.metadata[METADATA_VERDICT] = verdict
     flow.response = block_response(verdict, url=flow.request.url, device_id="dev-1",
-                                   helpdesk=Helpdesk("情報システム課", "IT desk", "x1234"), request_id="rid")
+                                   helpdesk=Helpdesk("情報システム課", "IT desk", "x1234"), request_id="rid",
+                                   signature=flow.metadata.get(METADATA_SIGNATURE))
 
 
 def make(client, **settings):
@@ -94,11 +96,12 @@ def test_infected_program_disguised_as_text_gets_the_block_page_naming_the_signa
     run(addon.response(f))
     assert client.scanned == [PE + TEST_MARKER]
     page = f.response.get_text()
-    assert f.response.status_code == 403 and f.response.headers["X-Kanmon-Rule"] == "kanmon:virus"
+    assert f.response.status_code == 403 and f.response.headers["X-Kanmon-Rule"] == "kanmon:infected"
     assert f.response.headers["X-Kanmon-Signature"] == "Kanmon.Test.Signature.UNOFFICIAL"
+    assert f.response.headers["X-Kanmon-Page"] == "infected"
     assert "Kanmon.Test.Signature.UNOFFICIAL" in page and "ウイルスを検出しました" in page and TEST_MARKER.decode() not in page
     [(stream, rec)] = sink.records
-    assert stream == "proxy" and rec["event.dataset"] == "kanmon.download-scan" and rec["rule.id"] == "kanmon:virus"
+    assert stream == "proxy" and rec["event.dataset"] == "kanmon.download-scan" and rec["rule.id"] == "kanmon:infected"
     assert rec["kanmon.file.kind"] == "executable" and rec["device.id"] == "dev-1" and rec["user.name"] == "alice@example.test"
     assert rec["file.size"] == len(PE + TEST_MARKER) and len(rec["file.hash.sha256"]) == 64
     [(trigger, device, user, evidence)] = virus
@@ -122,7 +125,9 @@ def test_scanner_down_blocks_programs_by_default_and_follows_the_setting():
     addon, sink, _, _ = make(down)
     f = flow_with(PE)
     run(addon.response(f))
-    assert f.response.status_code == 403 and f.response.headers["X-Kanmon-Rule"] == "kanmon:scan-unavailable"
+    # the gateway's own fault, not the organization's policy: the "fault" page, 503, try again
+    assert f.response.status_code == 503 and f.response.headers["X-Kanmon-Rule"] == "kanmon:scan-unavailable"
+    assert f.response.headers["X-Kanmon-Page"] == "fault" and f.response.headers["Retry-After"]
     from gateway.scan.decide import KindActions
     lenient, sink2, _, _ = make(down, on_unavailable=KindActions("block", {"pdf": "allow"}))
     pdf = flow_with(b"%PDF-1.4", ctype="application/pdf")
