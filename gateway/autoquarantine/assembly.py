@@ -21,4 +21,5 @@ def build_quarantiner(cfg, registry, alerts, metrics, poke: Callable[[], None]) 
             alerts.send(auto_quarantine_event(order.device_id, user=order.user, trigger=str(order.trigger),
                                               summary=order.summary, evidence=order.evidence, at=order.at, done=done))
 
-    return AutoQuarantiner(TriggerEngine(settings), registry, poke=poke, alert=alert, metrics=metrics)
+    return AutoQuarantiner(TriggerEngine(settings), registry, poke=poke, alert=alert, metrics=metrics,
+                           node=getattr(cfg, "node_name", "gw"))

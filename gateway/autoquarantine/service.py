@@ -32,8 +32,9 @@ RETRY_SECONDS = 0.5
 class AutoQuarantiner:
     def __init__(self, engine: TriggerEngine, registry, *, poke: Callable[[], None],
                  alert: Callable[[QuarantineOrder, bool], None] | None = None, metrics=None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), node: str = "gw"):
         self.engine = engine
+        self.node = node
         self.registry = registry
         self.poke = poke
         self.alert = alert
@@ -122,8 +123,19 @@ class AutoQuarantiner:
         record = self.registry.get(order.device_id)
         if record is None or record.status is not DeviceStatus.ACTIVE:
             return False
-        self.registry.update(replace(record, status=DeviceStatus.QUARANTINED, status_reason=order.reason),
-                             audit=AuditEntry(AUTO_ACTOR, "device-quarantined", order.reason))
+        try:
+            self.registry.update(replace(record, status=DeviceStatus.QUARANTINED, status_reason=order.reason),
+                                 audit=AuditEntry(AUTO_ACTOR, "device-quarantined", order.reason))
+        except Exception as exc:
+            # Several nodes on PostgreSQL (gateway/cluster.py): while the registry cannot be
+            # written, the quarantine goes into the node's local outbox like `kanmon cluster
+            # quarantine` — this node applies it at once, every node once it is replayed.
+            outbox = getattr(self.registry, "outbox", None)
+            if outbox is None:
+                raise
+            outbox.queue(order.device_id, DeviceStatus.QUARANTINED, order.reason, AUTO_ACTOR, self.node)
+            log.warning("registry not writable (%s): automatic quarantine of %s queued in the local outbox",
+                        exc, order.device_id)
         return True
 
     def _alert(self, order: QuarantineOrder, done: bool) -> None:

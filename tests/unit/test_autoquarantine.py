@@ -236,3 +236,32 @@ def test_alert_delivery_outcomes_are_reported_for_metrics():
     d.close(timeout=5)
     assert outcomes == [("webhook", "retried"), ("webhook", "retried"), ("webhook", "delivered")]
     assert channel.got == [event]
+
+
+def test_with_a_shared_registry_down_the_quarantine_goes_to_the_local_outbox(tmp_path):
+    """gateway/cluster.py: like `kanmon cluster quarantine`, applied by this node at once and
+    replayed into PostgreSQL when it answers again."""
+    from gateway.cluster import LocalOutbox
+
+    reg, rec = _registry(tmp_path)
+
+    class DownRegistry(BrokenRegistry):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.outbox = LocalOutbox(tmp_path / "outbox.sqlite3")
+
+    down = DownRegistry(reg)
+    svc, alerts, pokes, metrics = _service(down)
+    svc.node = "gw-2"
+
+    async def main():
+        svc.bind(asyncio.get_running_loop())
+        svc.virus(Trigger.DOWNLOAD_VIRUS, rec, None, {"signature": "x"})
+        await svc.drain()
+
+    asyncio.run(main())
+    [queued] = down.outbox.pending()
+    assert queued.device_id == "dev-1" and queued.status is DeviceStatus.QUARANTINED
+    assert queued.actor == AUTO_ACTOR and queued.node == "gw-2" and queued.reason.startswith(AUTO_REASON_PREFIX)
+    assert pokes == [1] and alerts[0][1] is True and metrics.auto_quarantine_errors._value.get() == 0
+    down.outbox.close()
