@@ -39,11 +39,10 @@ def test_category_hit_and_repeated_blocks_quarantine_the_device(make_lab, tmp_pa
         "policy": {"path": str(policy)},
         "auto_quarantine": {"categories": ["malware"], "repeated_blocks": [{"category": "sideload", "count": 4, "minutes": 5}]},
         "alerts": {"gateway_name": "kanmon-lab", "webhook": {"url": f"http://{SPARE4}:{WEBHOOK_PORT}/hook", "timeout": 2},
-                   "retries": 3, "retry_base_seconds": 0.5},
+                   "retries": 5, "retry_base_seconds": 0.5},
         "quarantine": {"allow_hosts": ["mdm.test"]},
     })
-    start_webhook(lab, hooks)
-    lab.start_gateway()
+    lab.start_gateway()   # the webhook receiver is down at first: delivery is retried, traffic never waits
     for device in lab.devices:
         lab.wait_for_peer(device)
     a, b = lab.devices
@@ -52,7 +51,11 @@ def test_category_hit_and_repeated_blocks_quarantine_the_device(make_lab, tmp_pa
     assert code(a.curl("https://www.example.test/ok", timeout=10)) == "200"
     a.curl("https://blocked.test/payload", timeout=5)
     wait_until(lambda: device_status(lab, a.device_id)["status"] == "quarantined", 5, "the category quarantine")
-    wait_until(lambda: alerts(hooks), 15, "the webhook alert")
+    assert code(b.curl("https://www.example.test/meanwhile", timeout=10)) == "200"   # data path unaffected
+    wait_until(lambda: lab.metric_value("kanmon_alert_deliveries_total", channel="webhook", outcome="retried") >= 1,
+               10, "a failed delivery to be retried")
+    start_webhook(lab, hooks)
+    wait_until(lambda: alerts(hooks), 20, "the webhook alert, delivered by a retry")
     [first] = alerts(hooks)
     assert first["details"]["device.id"] == a.device_id and first["details"]["kanmon.trigger"] == "category"
     evidence = first["details"]["kanmon.evidence"]
