@@ -58,9 +58,9 @@ def test_neutralize_removes_dangerous_attachments_and_keeps_the_rest():
     notices = [p.get_content() for p in leaves(msg) if p.get_filename() == "kanmon-removed-attachment.txt"]
     assert all("削除しました" in n and "was removed" in n for n in notices)
     assert "履歴書をお送りします" in leaves(msg)[1].get_content()
-    # the output is itself clean of attachment indicators
+    # the output is itself clean of attachment indicators (the notices are harmless text files)
     after = evaluate_message(out, POLICY)
-    assert {i.name for i in after.indicators} == {"freemail-sender"}
+    assert {i.name for i in after.indicators} == {"freemail-sender", "attachment-present", "theme-request"}
 
 
 def test_neutralize_converts_html_to_text():

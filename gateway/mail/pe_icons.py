@@ -1,0 +1,86 @@
+"""Icon disguise (IPA SME sample 7.4, 添付ファイル ④ アイコンが偽装されている): a Windows PE
+executable that carries icon resources (so Explorer shows it with a picture of its own
+choosing, typically a document or folder icon) while its name or MIME type claims a
+document, an image, or a folder (no extension at all).
+
+Read with **pefile** (``fast_load``, then only the resource directory; pefile bounds the
+entries it reads at 0x8000 and the depth at 32). An attachment that does not parse as PE is
+not judged here (executable-attachment already reports the ``MZ`` content).
+
+What the icon depicts cannot be told reliably from the bytes (a document icon is a picture
+like any other), so the check is: icons present + a document / folder claim.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+# Content types that claim a document or a picture (prefixes).
+DOCUMENT_TYPES = (
+    "application/pdf", "application/msword", "application/vnd.ms-", "application/vnd.openxmlformats-officedocument",
+    "application/vnd.oasis.opendocument", "application/rtf", "application/x-hwp", "application/vnd.justsystems",
+    "text/", "image/",
+)
+MAX_PE_BYTES = 64 * 1024 * 1024
+_RT_ICON = 3
+_RT_GROUP_ICON = 14
+_RESOURCE_DIRECTORY = 2
+
+
+@dataclass(frozen=True)
+class IconInfo:
+    groups: int      # RT_GROUP_ICON entries
+    icons: int       # RT_ICON entries
+
+
+def pe_icons(data: bytes) -> IconInfo | None:
+    """Icon resources of a PE file, or None when ``data`` is not a parsable PE or has none."""
+    if not data.startswith(b"MZ") or len(data) < 64 or len(data) > MAX_PE_BYTES:
+        return None
+    import pefile   # imported here: only attachments that start with MZ pay for it
+
+    try:
+        pe = pefile.PE(data=data, fast_load=True)
+        try:
+            pe.parse_data_directories(directories=[_RESOURCE_DIRECTORY])
+            root = getattr(pe, "DIRECTORY_ENTRY_RESOURCE", None)
+            counts = {_RT_ICON: 0, _RT_GROUP_ICON: 0}
+            for entry in getattr(root, "entries", ()) or ():
+                if entry.id in counts:
+                    sub = getattr(getattr(entry, "directory", None), "entries", ()) or ()
+                    counts[entry.id] += len(sub)
+        finally:
+            pe.close()
+    except (pefile.PEFormatError, ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError):
+        return None
+    if not counts[_RT_ICON] and not counts[_RT_GROUP_ICON]:
+        return None
+    return IconInfo(counts[_RT_GROUP_ICON], counts[_RT_ICON])
+
+
+def document_claim(filenames: tuple[str, ...], content_type: str, decoys: frozenset[str],
+                   executable: frozenset[str]) -> str | None:
+    """What the attachment pretends to be, or None if its name admits an executable."""
+    for name in filenames:
+        base = name.replace("\\", "/").rsplit("/", 1)[-1].rstrip(" .\u3000")
+        # What the reader sees: after a right-to-left override the rest is shown reversed
+        # (資料\u202excod.scr is displayed 資料rcs.docx).
+        shown = base
+        if "\u202e" in base:
+            head, _, tail = base.partition("\u202e")
+            shown = head + tail[::-1]
+        shown = "".join(ch for ch in shown if unicodedata.category(ch) not in ("Cf", "Cc"))
+        stem, dot, ext = shown.rpartition(".")
+        ext = ext.lower().strip()
+        if dot and ext in decoys:
+            return f"name shown as .{ext}"
+        inner = stem.rpartition(".")[2].lower().strip() if "." in stem else ""
+        if dot and ext in executable and inner in decoys:
+            return f"name .{inner}.{ext}"
+        if not dot:
+            return "name without extension (folder-like)"
+    ctype = content_type.lower()
+    if any(ctype.startswith(t) for t in DOCUMENT_TYPES):
+        return f"type {ctype}"
+    return None
