@@ -83,7 +83,8 @@ def test_neutralize_a_single_part_executable():
     assert verdict.action == MailAction.NEUTRALIZE
     out = render_message(raw, verdict, POLICY)
     assert not any(PE_STUB in (p.get_payload(decode=True) or b"") for p in leaves(parse(out)))
-    assert evaluate_message(out, POLICY).indicators == ()
+    # only the notice that replaced it remains, a harmless attachment (issue 20's attachment-present)
+    assert [i.name for i in evaluate_message(out, POLICY).indicators] == ["attachment-present"]
 
 
 def test_quarantine_and_reject_render_nothing_but_a_notice_is_available():
