@@ -15,7 +15,7 @@ from gateway.i18n import Text
 from gateway.mail.hanzi import non_japanese_han
 from gateway.mail.indicators import Finding, Name, visible
 from gateway.mail.message import ParsedMail, fix_8bit
-from gateway.mail.pe_icons import document_claim, pe_icons
+from gateway.mail.pe_icons import MAX_PE_PER_MESSAGE, document_claim, pe_icons
 from gateway.mail.policy import MailPolicy
 from gateway.mail.sender import signature_block
 from gateway.mail.signature import signature_problems
@@ -117,12 +117,14 @@ def attachment_findings(view: MailView, policy: MailPolicy) -> list[Finding]:
 
 def icon_findings(view: MailView, policy: MailPolicy) -> list[Finding]:
     out: list[Finding] = []
+    budget = MAX_PE_PER_MESSAGE   # the rest are still executable-attachment (content sniffing)
     for part in view.mail.parts:
         if not part.data.startswith(b"MZ"):
             continue
         claim = document_claim(part.filenames, part.content_type, policy.decoy_extensions, policy.executable_extensions)
-        if claim is None:
+        if claim is None or budget <= 0:
             continue
+        budget -= 1
         icons = pe_icons(part.data)
         if icons is None:
             continue

@@ -294,3 +294,23 @@ def test_view_subject_survives_a_hostile_header():
     mail = parse_message(b"From: a@b.example\r\nSubject: =?utf-8?q?=E5=B1=A5=E6=AD=B4=E6=9B=B8?=\r\n\r\nx\r\n")
     assert subject_of(mail) == "履歴書"
     assert MailView(mail, subject_of(mail), readable_text(mail), None).subject == "履歴書"
+
+
+def test_pefile_sees_only_files_whose_headers_name_a_resource_directory():
+    from gateway.mail.pe_icons import has_resource_directory
+    from tests.mailcorpus.build import PE_STUB
+    assert has_resource_directory(pe_with_icons(1)) and has_resource_directory(pe_without_icons())
+    assert not has_resource_directory(build_pe()) and not has_resource_directory(PE_STUB)
+    assert not has_resource_directory(b"MZ" + b"\x00" * 58 + b"\xff\xff\xff\x7f")   # e_lfanew far outside
+    broken = bytearray(pe_with_icons(2))
+    broken[0x200:0x240] = b"\xff" * 0x40                       # resource directory garbage
+    assert pe_icons(bytes(broken)) is None
+
+
+def test_pefile_reads_at_most_a_few_pe_attachments_per_message():
+    from gateway.mail.pe_icons import MAX_PE_PER_MESSAGE
+    many = tuple((f"資料{i}.pdf", "application/pdf", pe_with_icons(1)) for i in range(MAX_PE_PER_MESSAGE + 4))
+    verdict = evaluate_message(_mail("many", frm=FROM, subject="資料", body="x\n", attachments=many), POLICY)
+    icons = [i for i in verdict.indicators if i.name == "icon-disguise"]
+    assert len(icons) == MAX_PE_PER_MESSAGE
+    assert len([i for i in verdict.indicators if i.name == "executable-attachment"]) == MAX_PE_PER_MESSAGE + 4
