@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -177,7 +178,10 @@ def compare(other: Path, seconds: float, runs: int) -> int:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--code", str(code),
                                    "--seconds", str(seconds), "--json-only", "--corpus", corpus_file,
                                    *(["--indicators"] if label == "after" else [])],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True,
+                                  # the judge pool's forkserver imports the gateway again: from
+                                  # the checkout under test, not from wherever this was started
+                                  cwd=str(code), env={**os.environ, "PYTHONPATH": str(code)})
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 return 2

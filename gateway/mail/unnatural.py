@@ -12,6 +12,7 @@ at ``MIN_POINTS``. Measured on tests/mailcorpus/indicators.py (see INDICATORS.md
 | ``half-width-punctuation`` | 1 | a Japanese character followed by an ASCII ``,`` or ``.`` that ends a clause (mixed full/half-width punctuation) |
 | ``mixed-commas`` | 1 | both ``、`` and ``，`` as commas in one text |
 | ``chinese-punctuation`` | 1 | 《 》 ； —— in Japanese text |
+| ``chinese-han`` | 1, 2 at 3+ | Han characters no Japanese codec writes, inside Japanese text (确认 for 確認); one (a rare name) is a single point |
 | ``spaced-kana`` | 2 | three or more spaces between a hiragana and another Japanese character (word-by-word spacing of translated text) |
 | ``particle-collision`` | 2 | two case particles in a row after a noun (アカウントをが, お客様はが): machine translation |
 | ``translated-phrase`` | 2 | a stock phrase of translated mail (親愛なる, 尊敬するお客様, あなたのアカウント, 私たちのチーム) |
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import re2
 
-from gateway.mail.hanzi import CHINESE_PUNCTUATION
+from gateway.mail.hanzi import CHINESE_PUNCTUATION, non_japanese_han
 
 MIN_POINTS = 2
 MIN_KANA = 10
@@ -62,6 +63,9 @@ def unnatural_signs(text: str) -> list[Sign]:
     chinese = [p for p in CHINESE_PUNCTUATION if p in text]
     if chinese:
         signs.append(Sign("chinese-punctuation", 1, " ".join(chinese)))
+    han = non_japanese_han(text).chars
+    if han:
+        signs.append(Sign("chinese-han", 2 if len(han) >= 3 else 1, "".join(han[:5])))
     spaced = _SPACED_KANA.findall(text)
     if len(spaced) >= 3:
         signs.append(Sign("spaced-kana", 2, spaced[0]))

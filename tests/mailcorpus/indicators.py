@@ -204,6 +204,28 @@ def build_indicator_corpus() -> list[IndicatorMail]:
         body="Dear Mr. Suzuki,\n\nI look forward to visiting your office next week.\n\nBest regards,\nZhang Wei (张伟)"
              + sig_en("Northwind Traders", "Zhang Wei", f"zhang@{EN}", "+81 3-6800-1234"))
 
+    # natural mails chosen to tempt the detectors (measured, not tuned away)
+    add("n-ja-engineer-commas", set(), "engineer writing , and . consistently (a real habit)", natural=True,
+        frm=other, subject="試験結果の報告",
+        body="お疲れさまです.\n試験結果を報告します.\n配管の圧力試験は, すべて基準内でした.\n詳細は次回の打合せで説明します." + OTHER_SIG)
+    add("n-ja-group-site", set(), "partner signature links its group web site (another registrable domain)",
+        natural=True, frm=partner, subject="展示会のご案内",
+        body="いつもお世話になっております。\n来月の展示会のご案内をお送りします。ぜひお立ち寄りください。"
+             + sig_ja("関門商事株式会社 営業部", "山田 花子", f"hanako@{PARTNER}", "03-6800-1234", None,
+                      "https://www.tsurugi-group.example.com/"))
+    add("n-en-site-survey", set(), "construction 'site survey' is not a questionnaire", natural=True, frm=en,
+        subject="Site survey on Monday",
+        body="Hello,\n\nOur engineers will carry out the site survey on Monday at 10:00. Please arrange access.\n\nRegards," + EN_SIG)
+    add("n-ja-zip-password", {"attachment-present"}, "password zip practice (PPAP): enter the zip password",
+        natural=True, frm=partner, subject="資料送付",
+        body="いつもお世話になっております。\n資料をお送りします。開く際はパスワードを入力してください。\n"
+             "パスワードは別メールでお送りします。" + PARTNER_SIG,
+        attachments=(("資料.zip", "application/zip", _zip([("資料.pdf", PDF_STUB)])),))
+    add("n-ja-flu-notice", {"theme-public-notice", "theme-organization-notice"},
+        "the city's own health section warns all staff (職員各位) about influenza",
+        natural=True, frm=f"健康推進課 <kenko@{ORG}>", subject="インフルエンザの流行について",
+        body="職員各位\n\n市内でインフルエンザの流行が始まっています。手洗いと換気にご協力ください。" + org_sig("健康推進課", "kenko"))
+
     # ---- themes ①-⑥ ------------------------------------------------------------------------
     gm = "Hanako <hanako.k.2024@gmail.com>"
     add("t1-interview-ja", {"theme-request"}, "interview request from a free-mail address", frm=gm,

@@ -171,6 +171,13 @@ def test_each_strong_sign_alone_makes_text_unnatural(text, sign):
     assert sign in [s.name for s in signs] and is_unnatural(signs)
 
 
+def test_chinese_han_inside_japanese_is_a_sign_one_rare_name_only_a_weak_one():
+    rare = unnatural_signs("担当の𠮷田です。よろしくお願いいたします。")
+    assert [(s.name, s.points) for s in rare] == [("chinese-han", 1)] and not is_unnatural(rare)
+    mixed = unnatural_signs("お客様の账户に异常が见つかりました。下記より确认してください。")
+    assert ("chinese-han", 2) in [(s.name, s.points) for s in mixed] and is_unnatural(mixed)
+
+
 def test_weak_signs_need_company():
     one = unnatural_signs("いつもお世話になっております。ご確認ください.")
     assert [s.name for s in one] == ["half-width-punctuation"] and not is_unnatural(one)

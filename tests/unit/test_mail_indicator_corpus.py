@@ -13,15 +13,15 @@ from tests.mailcorpus.indicators import ISSUE20_NAMES, ISSUE5_NAMES, run, scores
 MAILS, FIRED, SCORES = run()
 # (precision, recall) floors per indicator, from the measured table in INDICATORS.md.
 FLOORS = {
-    "theme-request": (1.0, 1.0),
+    "theme-request": (0.85, 1.0),
     "theme-internal-document": (1.0, 1.0),
     "theme-public-notice": (1.0, 1.0),
     "theme-organization-notice": (1.0, 1.0),
     "theme-delivery-notice": (1.0, 0.8),
-    "theme-credential-request": (1.0, 0.85),
-    "unnatural-japanese": (1.0, 0.6),
+    "theme-credential-request": (0.85, 0.85),
+    "unnatural-japanese": (1.0, 0.85),
     "non-japanese-han": (1.0, 0.75),
-    "signature-error": (1.0, 1.0),
+    "signature-error": (0.85, 1.0),
     "attachment-present": (1.0, 1.0),
     "icon-disguise": (1.0, 1.0),
 }
