@@ -17,7 +17,7 @@ from gateway.mail.indicators import Finding, Name, visible
 from gateway.mail.message import ParsedMail, fix_8bit
 from gateway.mail.pe_icons import MAX_PE_PER_MESSAGE, document_claim, pe_icons
 from gateway.mail.policy import MailPolicy
-from gateway.mail.sender import signature_block
+from gateway.mail.sender import marked_signature_block, signature_block
 from gateway.mail.signature import signature_problems
 from gateway.mail.themes import THEMES
 from gateway.mail.unnatural import is_unnatural, unnatural_signs
@@ -96,9 +96,13 @@ _SIGNATURE_TEXT = {
 
 
 def signature_findings(view: MailView, policy: MailPolicy) -> list[Finding]:
-    block = signature_block(view.body)
+    # Numbers: the marked signature, else the last lines (as sender-mismatch reads it). Web
+    # addresses only in a marked signature: the last lines of an unsigned mail are its text,
+    # and text links anywhere.
+    marked = marked_signature_block(view.body)
+    block = marked if marked is not None else signature_block(view.body)
     out: list[Finding] = []
-    for problem in signature_problems(block, view.sender_domain):
+    for problem in signature_problems(block, view.sender_domain if marked is not None else None):
         ja, en = _SIGNATURE_TEXT[problem.kind]
         d, s = visible(problem.detail, 80), visible(view.sender_domain or "?")
         out.append(Finding(Name.SIGNATURE_ERROR, Text(ja.format(d=d, s=s), en.format(d=d, s=s))))

@@ -52,7 +52,7 @@ class Sign:
 
 def unnatural_signs(text: str) -> list[Sign]:
     """The signs found in ``text`` (empty if it is not Japanese)."""
-    if len(_KANA.findall(text[:20000])) < MIN_KANA:
+    if not _is_japanese(text):
         return []
     signs: list[Sign] = []
     m = _HALF_PUNCT.search(text)
@@ -76,6 +76,14 @@ def unnatural_signs(text: str) -> list[Sign]:
     if phrase:
         signs.append(Sign("translated-phrase", 2, phrase))
     return signs
+
+
+def _is_japanese(text: str) -> bool:
+    """At least MIN_KANA kana: stops at the tenth (a Japanese mail has them in its first line)."""
+    for count, _ in enumerate(_KANA.finditer(text), start=1):
+        if count >= MIN_KANA:
+            return True
+    return False
 
 
 def is_unnatural(signs: list[Sign]) -> bool:

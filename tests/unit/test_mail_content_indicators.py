@@ -321,3 +321,10 @@ def test_pefile_reads_at_most_a_few_pe_attachments_per_message():
     icons = [i for i in verdict.indicators if i.name == "icon-disguise"]
     assert len(icons) == MAX_PE_PER_MESSAGE
     assert len([i for i in verdict.indicators if i.name == "executable-attachment"]) == MAX_PE_PER_MESSAGE + 4
+
+
+def test_web_addresses_count_only_in_a_marked_signature():
+    unsigned = _mail("nosig", frm=FROM, subject="ご案内", body="詳しくは次をご覧ください。\nhttps://www.other-corp.example.com/\n")
+    assert "signature-error" not in fired(unsigned)
+    signed = _mail("sig", frm=FROM, subject="ご案内", body="ご案内です。\n\n――――――――――\n関門商事\nhttps://www.other-corp.example.com/\n")
+    assert "signature-error" in fired(signed)

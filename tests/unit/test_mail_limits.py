@@ -33,10 +33,10 @@ EXPECT = {
     "subject-text": ("deliver", []),
     "unclosed-tag": ("deliver", []),
     "address-run-html": ("deliver", []),
-    "padding-filename-under-caps": ("neutralize", ["executable-attachment"]),   # 5,000 "_": scanned, linear
+    "padding-filename-under-caps": ("neutralize", ["attachment-present", "executable-attachment"]),   # 5,000 "_": scanned, linear
     "huge-charref": ("deliver", []),   # 500,000-digit &#...; (main: ValueError from int())
-    "tar-dirs": ("neutralize", ["archive-threat"]),   # directories count against archives.max_members
-    "zip-entries": ("neutralize", ["archive-threat"]),
+    "tar-dirs": ("neutralize", ["archive-threat", "attachment-present"]),   # directories count against archives.max_members
+    "zip-entries": ("neutralize", ["archive-threat", "attachment-present"]),
 }
 
 
