@@ -37,6 +37,12 @@ EXPECT = {
     "huge-charref": ("deliver", []),   # 500,000-digit &#...; (main: ValueError from int())
     "tar-dirs": ("neutralize", ["archive-threat", "attachment-present"]),   # directories count against archives.max_members
     "zip-entries": ("neutralize", ["archive-threat", "attachment-present"]),
+    # issue 20 parsers over large bodies and a PE with thousands of icons: linear, bounded
+    "theme-body": ("deliver", ["theme-credential-request", "theme-request"]),
+    "han-body": ("deliver", ["non-japanese-han"]),
+    "spaced-kana-body": ("deliver", ["unnatural-japanese"]),
+    "signature-numbers": ("deliver", ["signature-error"]),
+    "pe-icons": ("quarantine", ["attachment-present", "executable-attachment", "icon-disguise"]),
 }
 
 
