@@ -8,7 +8,9 @@ entries it reads at 0x8000 and the depth at 32). An attachment that does not par
 not judged here (executable-attachment already reports the ``MZ`` content).
 
 What the icon depicts cannot be told reliably from the bytes (a document icon is a picture
-like any other), so the check is: icons present + a document / folder claim.
+like any other), so the check is: icons present + a document / folder claim. pefile does not
+read a resource directory of more than 4,096 entries: such a file is not icon-disguise, but it
+is still executable-attachment (its ``MZ`` content).
 """
 
 from __future__ import annotations
