@@ -27,7 +27,7 @@ MAX_NUMBERS = 20
 DEFAULT_REGION = "JP"
 # label, up to 8 separator characters, the number (digits with - ( ) . spaces, 8-24 chars).
 _NUMBER = re2.compile(
-    r"(?i)(tel(?:ephone)?|phone|電話(?:番号)?|代表|直通|携帯|mobile|fax|facsimile|ファクス|ファックス|ファクシミリ)"
+    r"(?i)(\btel(?:ephone)?|\bphone|電話(?:番号)?|代表|直通|携帯|\bmobile|\bfax|\bfacsimile|ファクス|ファックス|ファクシミリ)"
     r"((?:[ \t]*[/／・&][ \t]*(?:tel|phone|fax|電話|ファクス|ファックス))?)"
     r"[^0-9+\n]{0,8}"
     r"(\+?[0-9][0-9()\- .\x{2010}-\x{2015}\x{2212}\x{30fc}]{6,22}[0-9])")

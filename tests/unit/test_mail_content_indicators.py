@@ -218,6 +218,8 @@ SIG = "\n\n--\n関門商事株式会社\n山田 花子\n{lines}\nE-mail: hanako@
     ("TEL: 03-6800-1234\nURL: https://www." + PARTNER + "/", []),
     ("携帯: 090-1234-5678", []),
     ("Phone: +81 3 0000 1111", ["invalid-number"]),
+    ("Hotel Kanmon 0000-00-0000", []),                          # "tel" inside a word is no label
+    ("TEL: 03-6800-1234 (内線 567)", []),
 ])
 def test_signature_problems(lines, kinds):
     block = SIG.format(lines=lines).split("--\n", 1)[1]
