@@ -140,6 +140,7 @@ CASES: dict[str, tuple[Callable[[int], object], Callable[[object], object], int]
     "unnatural/spaced-kana": (lambda n: "あ い " * n, unnatural_signs, 50_000),
     "unnatural/half-width": (lambda n: "あ." * n, unnatural_signs, 100_000),
     "unnatural/particles": (lambda n: "アを" * n, unnatural_signs, 100_000),
+    "unnatural/nine-kana": (lambda n: "あa" * 9 + "ab" * n, unnatural_signs, 200_000),
     "signature/number-run": (lambda n: "TEL: " + "0-" * n, _signature, 100_000),
     "signature/labels": (lambda n: "TEL FAX 電話 " * n, _signature, 20_000),
     "signature/host-run": (lambda n: "http://" + "a." * n + "jp", _signature, 50_000),
