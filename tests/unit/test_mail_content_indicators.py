@@ -195,8 +195,9 @@ def test_natural_or_non_japanese_text_is_not_unnatural(text):
     assert not is_unnatural(unnatural_signs(text))
 
 
-def test_unnatural_japanese_through_the_engine_shift_jis():
-    raw = _mail("mt", frm="サポート <support@acct.example.com>", subject="お知らせ", charset="shift_jis",
+@pytest.mark.parametrize("charset", ["iso-2022-jp", "shift_jis", "utf-8"])
+def test_unnatural_japanese_through_the_engine(charset):
+    raw = _mail(f"mt-{charset}", frm="サポート <support@acct.example.com>", subject="お知らせ", charset=charset,
                 body="尊敬するお客様\n私たちのシステムはあなたのメールボックスを確認しました。\n")
     assert "unnatural-japanese" in fired(raw)
     (ev,) = evidence(raw, "unnatural-japanese")
@@ -273,6 +274,21 @@ def test_pe_icons_are_read_with_pefile():
 ])
 def test_what_an_attachment_claims_to_be(names, ctype, claim):
     assert document_claim(names, ctype, DECOY_EXTENSIONS, EXECUTABLE_EXTENSIONS) == claim
+
+
+@pytest.mark.parametrize("charset, subject, body", [
+    ("iso-2022-jp", "請求書", "請求書です。\n"), ("shift_jis", "請求書", "請求書です。\n"),
+    ("utf-8", "Invoice", "Please find the invoice attached.\n")])
+def test_icon_disguise_in_japanese_and_english_mail(charset, subject, body):
+    raw = _mail(f"icon-{charset}", frm=FROM, subject=subject, body=body, charset=charset,
+                attachments=(("請求書.pdf", "application/pdf", pe_with_icons(2)),))
+    assert {"icon-disguise", "attachment-present"} <= fired(raw)
+
+
+def test_english_machine_like_text_is_not_judged_as_japanese():
+    raw = _mail("en-mt", frm="Support <support@acct.example.com>", subject="Notice",
+                body="Dear valued customer, your account your account has been been suspended.\n")
+    assert "unnatural-japanese" not in fired(raw)
 
 
 def test_icon_disguise_through_the_engine():
