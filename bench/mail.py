@@ -1,7 +1,10 @@
 """Messages per second of the mail verdict engine on the generated corpus.
 
-    python bench/mail.py [--seconds N] [--code CHECKOUT] [--no-pool]
+    python bench/mail.py [--seconds N] [--code CHECKOUT] [--no-pool] [--indicators]
     python bench/mail.py --compare /work/main      # before (that checkout) and after, same run
+
+    # a baseline checkout of main beside this one, for --compare:
+    git worktree add --detach ../kanmon-base main && python bench/mail.py --compare ../kanmon-base
 
 Prints a table and writes bench/results/mail.json. The engine runs without a virus scanner
 (clamd time is clamd's, not ours) and with the corpus's in-memory DKIM keys, so DKIM-signed
@@ -9,7 +12,13 @@ mails pay for a real RSA verification. The rewrite of tag/neutralize verdicts is
 
 ``--code`` imports the gateway (and the corpus) from another checkout, e.g. main before a
 change; ``--compare`` runs this script twice in child processes, with the other checkout and
-with this one, and prints both. The "judge pool" row (issue #15) is what the gateway really
+with this one, and prints both. With ``--compare`` both sides judge the very same mails: this
+checkout's corpus (tests/mailcorpus/build.py and, since issue 20, the indicator corpus of
+tests/mailcorpus/indicators.py) is built once and handed to both children.
+
+``--indicators`` (issue 20) times each indicator family alone over the corpus, on messages
+already parsed, and names the slowest: the checks of gateway/mail/content.py (themes, unnatural
+Japanese, Han, signature, attachments, icon disguise) and the older families of engine.py. The "judge pool" row (issue #15) is what the gateway really
 does per message: the whole judgement (verdict, rewrite, notice) in a worker process of
 gateway/mail/judgepool.py, one message after the other, the IPC included.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -33,7 +43,80 @@ sys.path.insert(0, str(CODE))
 from gateway.mail.engine import evaluate_message  # noqa: E402
 from gateway.mail.policy import load_mail_policy  # noqa: E402
 from gateway.mail.rewrite import render_message  # noqa: E402
-from tests.mailcorpus.build import build_corpus  # noqa: E402
+from tests.mailcorpus.build import Corpus, CorpusMail, build_corpus  # noqa: E402
+
+
+def bench_corpus(path: str | None = None):
+    """The mails to judge: from ``path`` (a pickle --compare wrote, the same for both sides),
+    else this checkout's corpus plus, where the checkout has it, the issue 20 indicator corpus."""
+    import pickle
+    if path:
+        with open(path, "rb") as fh:
+            mails, dns = pickle.load(fh)
+        return Corpus([CorpusMail(name, raw, frozenset(), "") for name, raw in mails], dns)
+    corpus = build_corpus()
+    try:
+        from tests.mailcorpus.indicators import build_indicator_corpus
+    except ImportError:   # a checkout before issue 20
+        return corpus
+    extra = [CorpusMail("ind-" + m.name, m.raw, frozenset(), m.description) for m in build_indicator_corpus()]
+    return Corpus(corpus.mails + extra, corpus.dns)
+
+
+def indicator_costs(policy, corpus, seconds: float) -> list[dict] | None:
+    """Microseconds per message of each indicator family alone, on pre-parsed messages; None
+    for a checkout without gateway/mail/content.py."""
+    try:
+        from gateway.mail import content
+    except ImportError:
+        return None
+    from gateway.mail import engine
+    from gateway.mail.authentication import auth_findings
+    from gateway.mail.message import parse_message, readable_text
+    from gateway.mail.sender import (freemail_findings, header_addresses, impersonation_findings,
+                                     mismatch_findings)
+    prepared = []
+    for mail in corpus.mails:
+        parsed = parse_message(mail.raw)
+        body = readable_text(parsed)
+        senders = header_addresses(parsed.message, "From")
+        reply_to = header_addresses(parsed.message, "Reply-To")
+        view = content.MailView(parsed, content.subject_of(parsed), body, senders[0].domain if senders else None)
+        prepared.append((mail.raw, parsed, body, senders, reply_to, view))
+
+    def sender_checks(p):
+        raw, parsed, body, senders, reply_to, view = p
+        if senders:
+            freemail_findings(senders[0], policy)
+            mismatch_findings(senders[0], reply_to, body)
+            impersonation_findings(senders[0], policy)
+
+    families = {
+        "sender (freemail, mismatch, impersonation)": sender_checks,
+        "links (link-text-mismatch, lookalike-domain)":
+            lambda p: engine._link_findings(p[1], policy, [a.domain for a in p[3] + p[4]]),
+        "attachments (issue 5 names, archives)": lambda p: engine._attachment_findings(p[1], policy),
+        "sender-auth-failure (DKIM, Authentication-Results)":
+            lambda p: auth_findings(p[0], p[1].message, policy, corpus.dns_txt),
+    }
+    for name, check in content.CHECKS.items():
+        families[name] = (lambda c: lambda p: c(p[5], policy))(check)
+    rows = []
+    for name, fn in families.items():
+        for p in prepared:   # warm (compiles the theme set, fills the Han cache)
+            fn(p)
+        best = float("inf")
+        end = time.perf_counter() + seconds
+        while True:
+            start = time.process_time()
+            for p in prepared:
+                fn(p)
+            best = min(best, time.process_time() - start)
+            if time.perf_counter() >= end:
+                break
+        rows.append({"indicator": name, "us_per_message": 1e6 * best / len(prepared),
+                     "issue20": name in content.CHECKS})
+    return rows
 
 
 def measure(fn, seconds: float) -> tuple[int, float]:
@@ -81,13 +164,24 @@ def pool_rate(policy, corpus, rounds: int = 3) -> tuple[float, float] | None:
 def compare(other: Path, seconds: float, runs: int) -> int:
     """Before and after alternate ``runs`` times (the machine is shared: a neighbour's burst
     hits both sides alike); the table shows medians."""
+    import pickle
     import statistics
     import subprocess
+    import tempfile
+    corpus = bench_corpus()
+    with tempfile.NamedTemporaryFile(suffix=".pickle", delete=False) as fh:
+        pickle.dump(([(m.name, m.raw) for m in corpus.mails], corpus.dns), fh)
+        corpus_file = fh.name
     samples: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(runs):
         for label, code in (("before", other), ("after", REPO)):
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--code", str(code),
-                                   "--seconds", str(seconds), "--json-only"], capture_output=True, text=True)
+                                   "--seconds", str(seconds), "--json-only", "--corpus", corpus_file,
+                                   *(["--indicators"] if label == "after" else [])],
+                                  capture_output=True, text=True,
+                                  # the judge pool's forkserver imports the gateway again: from
+                                  # the checkout under test, not from wherever this was started
+                                  cwd=str(code), env={**os.environ, "PYTHONPATH": str(code)})
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 return 2
@@ -100,7 +194,8 @@ def compare(other: Path, seconds: float, runs: int) -> int:
     results = {label: rs[-1] for label, rs in samples.items()}
     b, a = results["before"], results["after"]
     eb, ea = med("before", "corpus_messages_per_s"), med("after", "corpus_messages_per_s")
-    print(f"medians of {runs} alternating runs")
+    Path(corpus_file).unlink(missing_ok=True)
+    print(f"medians of {runs} alternating runs, the same {len(corpus.mails)} mails on both sides")
     print(f"{'':34} {'before':>10} {'after':>10} {'after/before':>13}")
     print(f"{'engine, corpus round-robin msg/s':34} {eb:10.0f} {ea:10.0f} {ea / eb:13.2f}")
     cb, ca = med("before", "corpus_cpu_ms_per_message"), med("after", "corpus_cpu_ms_per_message")
@@ -108,6 +203,7 @@ def compare(other: Path, seconds: float, runs: int) -> int:
     if med("after", "pool_messages_per_s"):
         print(f"{'whole judgement, in process msg/s':34} {'-':>10} {med('after', 'judgement_messages_per_s'):10.0f}")
         print(f"{'whole judgement, judge pool msg/s':34} {'-':>10} {med('after', 'pool_messages_per_s'):10.0f}")
+    print_indicators(a.get("indicators"))
     by_name = {r["mail"]: r for r in b["per_mail"]}
     print(f"\n{'mail':40} {'before ms':>10} {'after ms':>10}")
     for r in a["per_mail"]:
@@ -121,6 +217,19 @@ def compare(other: Path, seconds: float, runs: int) -> int:
     return 0
 
 
+def print_indicators(rows: list[dict] | None) -> None:
+    if not rows:
+        return
+    print(f"\n{'indicator family (alone, parsed messages)':52} {'µs/message':>11}")
+    for r in sorted(rows, key=lambda r: -r["us_per_message"]):
+        print(f"{r['indicator'] + (' [issue 20]' if r['issue20'] else ''):52} {r['us_per_message']:11.1f}")
+    slowest = max(rows, key=lambda r: r["us_per_message"])
+    new = [r for r in rows if r["issue20"]]
+    print(f"slowest family: {slowest['indicator']}")
+    if new:
+        print(f"slowest issue 20 indicator: {max(new, key=lambda r: r['us_per_message'])['indicator']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=0.3, help="time per mail")
@@ -128,12 +237,14 @@ def main() -> int:
     ap.add_argument("--compare", metavar="CHECKOUT", help="before (CHECKOUT) and after (this checkout), same run")
     ap.add_argument("--runs", type=int, default=3, help="--compare: alternating runs per side")
     ap.add_argument("--no-pool", action="store_true", help="skip the judge pool row")
+    ap.add_argument("--indicators", action="store_true", help="time each indicator family alone")
     ap.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare:
         return compare(Path(args.compare).resolve(), args.seconds, args.runs)
     policy = load_mail_policy(CODE / "policies" / "mail.yaml")
-    corpus = build_corpus()
+    corpus = bench_corpus(args.corpus)
     rows = []
     for mail in corpus.mails:
         verdict = evaluate_message(mail.raw, policy, dns_txt=corpus.dns_txt)
@@ -157,7 +268,8 @@ def main() -> int:
     result = {"python": platform.python_version(), "machine": platform.machine(), "code": str(CODE),
               "corpus_messages_per_s": overall, "corpus_cpu_ms_per_message": cpu_ms,
               "judgement_messages_per_s": judged,
-              "pool_messages_per_s": pooled, "per_mail": rows}
+              "pool_messages_per_s": pooled, "per_mail": rows,
+              "indicators": indicator_costs(policy, corpus, args.seconds) if args.indicators else None}
     if args.json_only:
         print(json.dumps(result))
         return 0
@@ -165,6 +277,7 @@ def main() -> int:
     print(f"{'mail':40} {'bytes':>7} {'verdict':>10} {'msg/s':>9} {'judge ms':>9} {'render ms':>9}")
     for r in rows:
         print(f"{r['mail']:40} {r['bytes']:7d} {r['verdict']:>10} {r['judge_per_s']:9.0f} {r['judge_ms']:9.3f} {r['render_ms']:9.3f}")
+    print_indicators(result["indicators"])
     print(f"\ncorpus of {len(corpus.mails)} mails, round-robin: {overall:.0f} messages/s, {cpu_ms:.3f} ms CPU per message")
     if pooled:
         print(f"whole judgement (verdict, rewrite, notice, quarantine): {judged:.0f} messages/s in process, "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from gateway.i18n import Text
 from gateway.mail.archives import ArchiveLimits, inspect_archive
 from gateway.mail.authentication import DnsTxtLookup, auth_findings
+from gateway.mail.content import content_findings
 from gateway.mail.filenames import check_filename
 from gateway.mail.html_links import anchors, hosts_in_text, mismatched, text_host, url_host
 from gateway.mail.indicators import Finding, Indicator, MailAction, Name, harshest, visible
@@ -153,6 +154,7 @@ def collect_findings(raw: bytes, mail: ParsedMail, policy: MailPolicy, context: 
     findings += links
     findings += _attachment_findings(mail, policy)
     findings += auth_findings(raw, message, policy, dns_txt)
+    findings += content_findings(mail, body, senders[0].domain if senders else None, policy)   # issue 20
     return findings
 
 

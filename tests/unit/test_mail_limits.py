@@ -33,10 +33,16 @@ EXPECT = {
     "subject-text": ("deliver", []),
     "unclosed-tag": ("deliver", []),
     "address-run-html": ("deliver", []),
-    "padding-filename-under-caps": ("neutralize", ["executable-attachment"]),   # 5,000 "_": scanned, linear
+    "padding-filename-under-caps": ("neutralize", ["attachment-present", "executable-attachment"]),   # 5,000 "_": scanned, linear
     "huge-charref": ("deliver", []),   # 500,000-digit &#...; (main: ValueError from int())
-    "tar-dirs": ("neutralize", ["archive-threat"]),   # directories count against archives.max_members
-    "zip-entries": ("neutralize", ["archive-threat"]),
+    "tar-dirs": ("neutralize", ["archive-threat", "attachment-present"]),   # directories count against archives.max_members
+    "zip-entries": ("neutralize", ["archive-threat", "attachment-present"]),
+    # issue 20 parsers over large bodies and a PE with thousands of icons: linear, bounded
+    "theme-body": ("deliver", ["theme-credential-request", "theme-request"]),
+    "han-body": ("deliver", ["non-japanese-han"]),
+    "spaced-kana-body": ("deliver", ["unnatural-japanese"]),
+    "signature-numbers": ("deliver", ["signature-error"]),
+    "pe-icons": ("quarantine", ["attachment-present", "executable-attachment", "icon-disguise"]),
 }
 
 

@@ -18,6 +18,7 @@ SHIPPED = (REPO / "policies" / "mail.yaml").read_text(encoding="utf-8")
 
 def write(tmp_path: Path, text: str, freemail: str = "gmail.com  # source: test\n") -> Path:
     (tmp_path / "freemail-domains.txt").write_text(freemail, encoding="utf-8")
+    (tmp_path / "mail-themes.txt").write_text("request: 履歴書\n", encoding="utf-8")
     path = tmp_path / "mail.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -78,6 +79,7 @@ def test_bad_freemail_list_line_is_reported(tmp_path):
 def test_missing_freemail_list_is_reported(tmp_path):
     path = tmp_path / "mail.yaml"
     path.write_text(SHIPPED, encoding="utf-8")
+    (tmp_path / "mail-themes.txt").write_text("request: 履歴書\n", encoding="utf-8")
     (err,) = errors_of(path)
     assert "freemail.lists[0]: cannot read" in err
 

@@ -58,9 +58,9 @@ def test_neutralize_removes_dangerous_attachments_and_keeps_the_rest():
     notices = [p.get_content() for p in leaves(msg) if p.get_filename() == "kanmon-removed-attachment.txt"]
     assert all("削除しました" in n and "was removed" in n for n in notices)
     assert "履歴書をお送りします" in leaves(msg)[1].get_content()
-    # the output is itself clean of attachment indicators
+    # the output is itself clean of attachment indicators (the notices are harmless text files)
     after = evaluate_message(out, POLICY)
-    assert {i.name for i in after.indicators} == {"freemail-sender"}
+    assert {i.name for i in after.indicators} == {"freemail-sender", "attachment-present", "theme-request"}
 
 
 def test_neutralize_converts_html_to_text():
@@ -84,7 +84,8 @@ def test_neutralize_a_single_part_executable():
     assert verdict.action == MailAction.NEUTRALIZE
     out = render_message(raw, verdict, POLICY)
     assert not any(PE_STUB in (p.get_payload(decode=True) or b"") for p in leaves(parse(out)))
-    assert evaluate_message(out, POLICY).indicators == ()
+    # only the notice that replaced it remains, a harmless attachment (issue 20's attachment-present)
+    assert [i.name for i in evaluate_message(out, POLICY).indicators] == ["attachment-present"]
 
 
 def test_quarantine_and_reject_render_nothing_but_a_notice_is_available():

@@ -30,7 +30,8 @@ ENTRIES = {
     "mime-100k-parts": ("mime_parts", 100_000, "56 s", "quarantine", ["message-too-complex"]),
     "padding-100k": ("padding_filename", 100_000, "quadratic padding pattern, 23 s", "quarantine", ["message-too-complex"]),
     "encoded-words-50k": ("encoded_words", 50_000, "8 GB and MemoryError in the header parser", "quarantine", ["message-too-complex"]),
-    "tar-300k-dirs": ("tar_dirs", 300_000, "directories not counted: 3M entries 56 s, 1.4 GB", "neutralize", ["archive-threat"]),
+    "tar-300k-dirs": ("tar_dirs", 300_000, "directories not counted: 3M entries 56 s, 1.4 GB", "neutralize",
+                      ["archive-threat", "attachment-present"]),
 }
 
 
