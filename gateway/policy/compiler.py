@@ -90,12 +90,10 @@ def compile_text(
     lists: Mapping[str, tuple[str, str]] | None = None,
     filename: str = "<policy>",
     compiled_at: datetime | None = None,
-    native: Any = None,
 ) -> PolicySnapshot:
-    """Compile from strings: ``lists`` maps list name -> (filename, text). ``native``: see
-    ``PolicySnapshot`` (None: the fast path when it is built and not switched off)."""
+    """Compile from strings: ``lists`` maps list name -> (filename, text)."""
     doc, sources = parse_policy(text, filename)
-    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc), native)
+    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc))
 
 
 def compile_policy(
@@ -104,19 +102,18 @@ def compile_policy(
     sources: list[ListSource],
     list_texts: Mapping[str, tuple[str, str]],
     compiled_at: datetime,
-    native: Any = None,
     feed_lists: Mapping[str, DomainList] | None = None,
     feed_versions: str = "",
 ) -> PolicySnapshot:
     """``feed_lists``: the list of every feed name and ``feed/category`` from the last good
     copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version."""
-    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, native, feed_lists or {},
+    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, feed_lists or {},
                      feed_versions).build()
 
 
 class _Compiler:
     def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
-                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime, native: Any = None,
+                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime,
                  feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = ""):
         self.doc = doc
         self.data: dict[str, Any] = doc.data
@@ -132,9 +129,10 @@ class _Compiler:
         self.lists: dict[str, DomainList] = {}
         self.systems: dict[str, System] = {}
         self.tenants: dict[str, tuple[tuple[str, str], ...]] = {}
-        # routing tables under construction
-        self.exact: dict[str, list[int]] = {}
-        self.suffix: dict[str, list[int]] = {}
+        # routing tables under construction: host -> the ordinals of its rules (sorted)
+        self.exact: dict[str, tuple[int, ...]] = {}
+        self.suffix: dict[str, tuple[int, ...]] = {}
+        self._interned: dict[tuple[int, ...], tuple[int, ...]] = {}  # one object per ordinal tuple
         self.generic: list[int] = []
         self.url_only: list[int] = []
         self.patterns: dict[str, int] = {}
@@ -145,12 +143,6 @@ class _Compiler:
         self.pattern_rules: list[list[int]] = []
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
-        self.url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
-        # A wildcard pattern tied to a host: (host key, is a suffix, scheme, port, path), the
-        # parts its regex was made of (urlpattern.py). A URL it matches has that host; the
-        # native fast path matches these parts as strings for the URL's host only.
-        self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
-        self.native = native
 
     def err(self, path: tuple[Any, ...], message: "str | Text") -> None:
         self.errors.append(self.doc.error(path, message))
@@ -186,7 +178,7 @@ class _Compiler:
         url_sets = self._url_sets()
         if self.errors:
             raise SourceErrors(self.errors)
-        interned: dict[tuple[int, ...], tuple[int, ...]] = {}
+        interned = self._interned
 
         def freeze(v: list[int]) -> tuple[int, ...]:
             t = (v[0],) if len(v) == 1 else tuple(sorted(set(v)))
@@ -200,8 +192,8 @@ class _Compiler:
             no_sni=settings.get("no_sni", "block"),
             dns_block=settings.get("dns_block", "nxdomain"),
             rules=tuple(self.rules),
-            exact={k: freeze(v) for k, v in self.exact.items()},
-            suffix={k: freeze(v) for k, v in self.suffix.items()},
+            exact=self.exact,
+            suffix=self.suffix,
             generic=freeze(self.generic),
             url_only=freeze(self.url_only),
             url_sets=url_sets,
@@ -209,10 +201,6 @@ class _Compiler:
             retired=tuple(self.retired),
             lists={name: len(lst) for name, lst in self.lists.items()},
             source=self.doc.filename,
-            url_patterns=tuple(sorted(self.patterns, key=self.patterns.__getitem__)),
-            url_members=self.url_members,
-            pattern_hosts=self.pattern_hosts,
-            native=self.native,
         )
 
     def _load_lists(self) -> None:
@@ -390,20 +378,32 @@ class _Compiler:
         return Check(F.HOST | F.TIME, fn, text)
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
-        for host in routes.exact:
-            self.exact.setdefault(host, []).append(ordinal)
-        for host in routes.suffix:
-            self.suffix.setdefault(host, []).append(ordinal)
+        self._add_hosts(self.exact, routes.exact, ordinal)
+        self._add_hosts(self.suffix, routes.suffix, ordinal)
         for lst in routes.suffix_lists:
-            for host in lst:
-                self.suffix.setdefault(host, []).append(ordinal)
+            self._add_hosts(self.suffix, lst, ordinal)
         for lst in routes.exact_lists:
-            for host in lst:
-                self.exact.setdefault(host, []).append(ordinal)
+            self._add_hosts(self.exact, lst, ordinal)
         if routes.pattern_ids:
             for pid in routes.pattern_ids:
                 self.pattern_rules[pid].append(ordinal)
             self.url_only.append(ordinal)
+
+    def _add_hosts(self, table: dict[str, tuple[int, ...]], hosts: "set[str] | frozenset[str]", ordinal: int) -> None:
+        """``table[host] += (ordinal,)`` for every host, in bulk: a list of a million domains
+        is one ``dict.fromkeys`` and a dict update (C loops), and every host of it shares one
+        ``(ordinal,)`` tuple. Rules are routed in ordinal order, so each entry stays sorted
+        and unique without a later pass (issue #22: the per-host loop and the per-host
+        lists it made were 40 % of a 1M-domain compile)."""
+        if not hosts:
+            return
+        one = self._interned.setdefault((ordinal,), (ordinal,))
+        shared = table.keys() & hosts if table else ()
+        before = {host: table[host] for host in shared}
+        table.update(dict.fromkeys(hosts, one))
+        for host, had in before.items():
+            merged = had if had[-1] == ordinal else had + one
+            table[host] = self._interned.setdefault(merged, merged)
 
     def _pattern_id(self, regex: str, url_set: int | None = F.FREE_SET) -> int:
         pid = self.patterns.get(regex)
@@ -462,8 +462,7 @@ class _Compiler:
             else:
                 def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
                     return ordinal in f.host_hits
-            native = ("host_or_free", tuple(sorted(regex_ids))) if regex_ids else ("host",)
-            return Check(F.HOST, fn, text, F.URL if regex_ids else 0, native), routes
+            return Check(F.HOST, fn, text, F.URL if regex_ids else 0), routes
         # Unbucketed (inside unless:): walk the host's suffixes against this rule's own sets.
         exact = frozenset(routes.exact).union(*routes.exact_lists) if routes.exact_lists else frozenset(routes.exact)
         suffix_sets = [frozenset(routes.suffix)] + list(routes.suffix_lists)
@@ -513,8 +512,6 @@ class _Compiler:
                     continue
                 pid = self._pattern_id(wc.regex, None)  # its set is known at the end
                 ids.add(pid)
-                if wc.host is not None:
-                    self.pattern_hosts[pid] = (wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path)
                 if wc.host is None:
                     keyed = False
                 elif wc.host_is_suffix:
@@ -545,7 +542,7 @@ class _Compiler:
             def fn(q: PolicyQuery, f: F.Facts) -> bool:
                 return not frozen.isdisjoint(f.matches(url_set))
 
-        check = Check(F.URL, fn, " or ".join(texts), native=("urls", url_set, tuple(sorted(frozen))))
+        check = Check(F.URL, fn, " or ".join(texts))
         if keyed:
             return check, routes  # every pattern names its host: bucket by host
         routes = _Routes()
@@ -562,7 +559,6 @@ class _Compiler:
             for which in sets:
                 members[which].append(pid)
         regexes = sorted(self.patterns, key=self.patterns.__getitem__)
-        self.url_members = (tuple(members[F.FREE_SET]) or None, tuple(members[F.KEYED_SET]) or None)
         return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET])
 
     def _url_set(self, regexes: list[str], pids: list[int]) -> tuple[Any, tuple[int, ...]] | None:

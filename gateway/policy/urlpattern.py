@@ -23,9 +23,8 @@ class CompiledWildcard:
     regex: str
     host: str | None  # bucket key, None when the host part has free wildcards
     host_is_suffix: bool
-    # The parts the regex was made of, for the native fast path's string matcher
-    # (_fastpath.cpp): the scheme (lower-case; None: any), the port (digits; None: any), the
-    # path glob as written ("" : none).
+    # The parts the regex was made of: the scheme (lower-case; None: any), the port
+    # (digits; None: any), the path glob as written ("" : none).
     scheme: str | None = None
     port: str | None = None
     path: str = ""
