@@ -21,7 +21,8 @@ from gateway.policy.query import PolicyQuery, normalize_host
 from gateway.policy.schema import POLICY_SCHEMA
 from gateway.policy.snapshot import CompiledRule, PolicySnapshot, RuleInfo
 from gateway.policy.tenants import tenant_headers
-from gateway.policy.urlpattern import WildcardError, compile_wildcard
+from gateway.policy.urlpattern import CompiledWildcard, WildcardError, compile_wildcard
+from gateway.policy.urlsets import SchemeSplitSet
 from gateway.i18n import Text
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_text, schema_errors
@@ -35,6 +36,25 @@ T_LIST_NAME_TAKEN = Text("リスト名 {name} はフィード {feed} のカテ�
 T_NO_FEED_COPY = Text("フィード {name} の正常なコピーがまだありません（`kanmon lists update` で取得してください）",
                       "feed {name} has no good copy yet (fetch it with `kanmon lists update`)")
 URL_KEYS = ("url", "url_regex")
+
+
+# Changes whenever the form of ``Prepared`` or what the compiler derives from it changes; the
+# edge's cache key (gateway/policycache.py) also hashes the engine's source files.
+PREPARED_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a compile worked out from its inputs that is plain data and costs the most to
+    redo at scale: each list file parsed (a million domains: half a second) and the URL
+    patterns RE2 accepted one by one. A snapshot carries the ``Prepared`` of its compile
+    (``PolicySnapshot.prepared``); giving it back to ``compile_policy`` for the very same
+    inputs skips that work and yields the same snapshot. The caller must key it by every
+    input (gateway/policycache.py does, with a hash of the policy text, every list, the feed
+    copies and the engine version): the compiler does not check that it fits."""
+
+    lists: Mapping[str, DomainList]  # list name (from list files, not feeds) -> parsed
+    valid_patterns: frozenset[str]  # regexes RE2 compiled without error
 
 
 @dataclass(frozen=True)
@@ -104,18 +124,27 @@ def compile_policy(
     compiled_at: datetime,
     feed_lists: Mapping[str, DomainList] | None = None,
     feed_versions: str = "",
+    prepared: Prepared | None = None,
+    keep_prepared: bool = False,
 ) -> PolicySnapshot:
     """``feed_lists``: the list of every feed name and ``feed/category`` from the last good
-    copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version."""
+    copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version.
+    ``prepared``: the ``Prepared`` of an earlier compile of exactly these inputs;
+    ``keep_prepared``: set ``snapshot.prepared`` to this compile's (it holds the parsed lists
+    alive, so only a caller that stores it asks, and then drops it)."""
     return _Compiler(doc, policy_text, sources, list_texts, compiled_at, feed_lists or {},
-                     feed_versions).build()
+                     feed_versions, prepared, keep_prepared).build()
 
 
 class _Compiler:
     def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
                  list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime,
-                 feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = ""):
+                 feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = "",
+                 prepared: Prepared | None = None, keep_prepared: bool = False):
         self.doc = doc
+        self.keep_prepared = keep_prepared
+        self.prepared = prepared
+        self.valid_patterns: set[str] = set()  # for this compile's Prepared
         self.data: dict[str, Any] = doc.data
         self.policy_text = policy_text
         self.sources = sources
@@ -141,6 +170,9 @@ class _Compiler:
         # use. A pattern used both ways is in both.
         self.pattern_sets: list[set[int]] = []
         self.pattern_rules: list[list[int]] = []
+        # pattern id -> the wildcard it was compiled from (``url:``); the KEYED_SET holds only
+        # these and is matched scheme apart (urlsets.py)
+        self.wildcards: dict[int, CompiledWildcard] = {}
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
 
@@ -184,7 +216,7 @@ class _Compiler:
             t = (v[0],) if len(v) == 1 else tuple(sorted(set(v)))
             return interned.setdefault(t, t)
 
-        return PolicySnapshot(
+        snapshot = PolicySnapshot(
             version=content_version(self.policy_text, self.list_texts, self.feed_versions),
             compiled_at=self.compiled_at,
             tz=tz,
@@ -202,6 +234,10 @@ class _Compiler:
             lists={name: len(lst) for name, lst in self.lists.items()},
             source=self.doc.filename,
         )
+        if self.keep_prepared:
+            file_lists = {src.name: self.lists[src.name] for src in self.sources if src.feed is None and src.name in self.lists}
+            snapshot.prepared = Prepared(file_lists, frozenset(self.valid_patterns))
+        return snapshot
 
     def _load_lists(self) -> None:
         for src in self.sources:
@@ -217,6 +253,10 @@ class _Compiler:
                 continue
             if src.name not in self.list_texts:
                 self.err(("lists", src.name, "file"), f"list file not read: {src.file}")
+                continue
+            ready = self.prepared.lists.get(src.name) if self.prepared is not None else None
+            if ready is not None:
+                self.lists[src.name] = ready
                 continue
             filename, text = self.list_texts[src.name]
             parsed, errors = parse_list(text, src.name, filename, src.format, src.match)
@@ -378,32 +418,46 @@ class _Compiler:
         return Check(F.HOST | F.TIME, fn, text)
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
-        self._add_hosts(self.exact, routes.exact, ordinal)
-        self._add_hosts(self.suffix, routes.suffix, ordinal)
+        self.exact = self._add_hosts(self.exact, routes.exact, ordinal)
+        self.suffix = self._add_hosts(self.suffix, routes.suffix, ordinal)
         for lst in routes.suffix_lists:
-            self._add_hosts(self.suffix, lst, ordinal)
+            self.suffix = self._add_hosts(self.suffix, lst, ordinal)
         for lst in routes.exact_lists:
-            self._add_hosts(self.exact, lst, ordinal)
+            self.exact = self._add_hosts(self.exact, lst, ordinal)
         if routes.pattern_ids:
             for pid in routes.pattern_ids:
                 self.pattern_rules[pid].append(ordinal)
             self.url_only.append(ordinal)
 
-    def _add_hosts(self, table: dict[str, tuple[int, ...]], hosts: "set[str] | frozenset[str]", ordinal: int) -> None:
-        """``table[host] += (ordinal,)`` for every host, in bulk: a list of a million domains
-        is one ``dict.fromkeys`` and a dict update (C loops), and every host of it shares one
-        ``(ordinal,)`` tuple. Rules are routed in ordinal order, so each entry stays sorted
-        and unique without a later pass (issue #22: the per-host loop and the per-host
-        lists it made were 40 % of a 1M-domain compile)."""
+    def _add_hosts(self, table: dict[str, tuple[int, ...]], hosts: "set[str] | frozenset[str]",
+                   ordinal: int) -> dict[str, tuple[int, ...]]:
+        """``table[host] += (ordinal,)`` for every host, in bulk; returns the table (a new
+        one when it was empty). A list of a million domains is one ``dict.fromkeys`` (a C
+        loop, sized once from the set) and every host of it shares one ``(ordinal,)`` tuple.
+        Rules are routed in ordinal order, so each entry stays sorted and unique without a
+        later pass (issue #22: the per-host loop and the per-host lists it made were 40 % of
+        a 1M-domain compile)."""
         if not hosts:
-            return
+            return table
         one = self._interned.setdefault((ordinal,), (ordinal,))
-        shared = table.keys() & hosts if table else ()
-        before = {host: table[host] for host in shared}
+        if not table:
+            return dict.fromkeys(hosts, one)
+        before = {host: table[host] for host in table.keys() & hosts}
         table.update(dict.fromkeys(hosts, one))
         for host, had in before.items():
             merged = had if had[-1] == ordinal else had + one
             table[host] = self._interned.setdefault(merged, merged)
+        return table
+
+    def _regex_error(self, pattern: str) -> str | None:
+        """``regex_error``, skipped for a pattern the prepared inputs found valid."""
+        if self.prepared is not None and pattern in self.prepared.valid_patterns:
+            self.valid_patterns.add(pattern)
+            return None
+        problem = regex_error(pattern)
+        if problem is None:
+            self.valid_patterns.add(pattern)
+        return problem
 
     def _pattern_id(self, regex: str, url_set: int | None = F.FREE_SET) -> int:
         pid = self.patterns.get(regex)
@@ -506,11 +560,12 @@ class _Compiler:
                 except WildcardError as exc:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), str(exc))
                     continue
-                problem = regex_error(wc.regex)
+                problem = self._regex_error(wc.regex)
                 if problem:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
                     continue
                 pid = self._pattern_id(wc.regex, None)  # its set is known at the end
+                self.wildcards[pid] = wc
                 ids.add(pid)
                 if wc.host is None:
                     keyed = False
@@ -522,7 +577,7 @@ class _Compiler:
         if "url_regex" in block:
             values = as_list(block["url_regex"])
             for i, raw in enumerate(values):
-                problem = regex_error(str(raw))
+                problem = self._regex_error(str(raw))
                 if problem:
                     self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), f"bad regular expression: {problem}")
                     continue
@@ -559,11 +614,15 @@ class _Compiler:
             for which in sets:
                 members[which].append(pid)
         regexes = sorted(self.patterns, key=self.patterns.__getitem__)
-        return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET])
+        return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET], keyed=True)
 
-    def _url_set(self, regexes: list[str], pids: list[int]) -> tuple[Any, tuple[int, ...]] | None:
+    def _url_set(self, regexes: list[str], pids: list[int], keyed: bool = False) -> tuple[Any, tuple[int, ...]] | None:
         if not pids:
             return None
+        if keyed:  # every KEYED_SET pattern is a wildcard tied to a host: matched scheme apart
+            regexes = list(regexes)
+            for pid in pids:
+                regexes[pid] = self.wildcards[pid].tail
         options = re2.Options()
         options.max_mem = URL_SET_MAX_MEM
         options.case_sensitive = False
@@ -580,6 +639,8 @@ class _Compiler:
             return None
         # The extension object's own Match (the wrapper only encodes and forwards: a third of
         # the call on the hot path).
+        if keyed:
+            return SchemeSplitSet(url_set._set, tuple(self.wildcards[pid].scheme for pid in pids), options), tuple(pids)
         return url_set._set, tuple(pids)
 
 

@@ -185,6 +185,8 @@ class PolicySnapshot:
         }
         for rule in rules:
             rule.verdicts = {s: self._rule_verdict(rule, s) for s in Stage}
+        # What the compile worked out from its inputs (compiler.Prepared), for the edge's cache.
+        self.prepared: Any = None
 
     # -- public -------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ class CompiledWildcard:
     scheme: str | None = None
     port: str | None = None
     path: str = ""
+    # The regex from "://" on (``^://host...$``): ``regex`` is the scheme's regex followed by
+    # this, less its "^" (urlsets.py matches the two parts apart).
+    tail: str = ""
 
 
 class WildcardError(ValueError):
@@ -99,4 +102,4 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         if "?" not in path:
             path_re += "(?:[?#].*)?"
     return CompiledWildcard(f"^{scheme_re}://{host_re}{port_re}{path_re}$", host_key, host_is_suffix,
-                            scheme, port_digits, path)
+                            scheme, port_digits, path, f"^://{host_re}{port_re}{path_re}$")

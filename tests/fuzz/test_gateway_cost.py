@@ -22,7 +22,6 @@ from gateway.policy.query import request_query
 from gateway.hostname import normalize_host
 from gateway.policy import DeviceContext, load_policy
 from gateway.policy.query import normalize_url
-from gateway.verdict import Stage
 from tests.fuzz.cost import assert_linear
 
 ROOT = Path(__file__).resolve().parents[2]
