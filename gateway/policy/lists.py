@@ -99,7 +99,7 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
     the line-by-line path below would add the line itself (``normalize_host`` leaves it
     unchanged, ``valid_domain`` accepts it). Any other chunk goes line by line. A million
     domains took 2.5 s line by line, 0.3 s this way (bench/engine_scale.py, issue #22);
-    tests/unit/test_policy_lists_bulk.py checks that both paths give the same result
+    tests/fuzz/test_engine_scale_paths.py checks that both paths give the same result
     (``chunk_lines=0``: line by line only)."""
     suffix: set[str] = set()
     exact: set[str] = set()

@@ -9,7 +9,7 @@ the set is asked about the URL from its first ``:`` on, and the scheme is checke
 a scheme regex never matches ``:``, so a URL matches ``^S://T$`` exactly when its text up
 to the first ``:`` matches ``S`` and the rest matches ``^://T$``. Both checks run in RE2
 with the set's own options (case-insensitive), so a scheme matches as it did inside the
-whole pattern. tests/unit/test_policy_urlsets.py compares both forms on generated URLs.
+whole pattern. tests/fuzz/test_engine_scale_paths.py compares both forms on generated URLs.
 """
 
 from __future__ import annotations
