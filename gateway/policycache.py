@@ -52,9 +52,22 @@ _ENGINE_SOURCES = ("gateway/policy/compiler.py", "gateway/policy/lists.py", "gat
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+# Libraries whose version changes what a compile derives: RE2 accepts or refuses patterns,
+# idna's UTS 46 tables map list entries.
+_ENGINE_LIBRARIES = ("google-re2", "idna")
+
+
 def engine_version() -> str:
-    """A hash of the engine's source files (and the Prepared format)."""
+    """A hash of the engine's source files, the libraries it derives with, and the Prepared
+    format."""
+    from importlib.metadata import PackageNotFoundError, version
+
     h = hashlib.sha256(f"prepared-format {PREPARED_FORMAT}\n".encode())
+    for lib in _ENGINE_LIBRARIES:
+        try:
+            h.update(f"{lib}=={version(lib)}\n".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib} unknown\n".encode())
     for name in _ENGINE_SOURCES:
         h.update(b"\0" + name.encode() + b"\0" + (_ROOT / name).read_bytes())
     return h.hexdigest()
@@ -185,6 +198,7 @@ class PolicyCache:
             return self._refuse(path, str(exc))
         self.hits += 1
         self.last = "hit"
+        log.info("policy compiled from its prepared inputs in %s (unchanged policy, lists and feeds)", path)
         return prepared
 
     def _refuse(self, path: Path, why: str) -> None:

@@ -5,6 +5,7 @@ a size bound (a list named as /dev/zero or a FIFO is refused at once, issue #15)
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from gateway.policy.compiler import compile_policy, parse_policy
 from gateway.policy.snapshot import PolicySnapshot
 from gateway.yamlsource import MAX_LIST_BYTES, MAX_YAML_BYTES, SourceError, SourceErrors, read_text_file
+
+log = logging.getLogger("kanmon.policy")
 
 
 def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | Path | None = None,
@@ -55,19 +58,42 @@ def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | 
 
 def _give_back_freed_memory() -> None:
     """A compile at scale frees far more than it keeps (split lines, set tables, RE2 parse
-    trees: a 1M-domain policy holds ~115 MiB and peaks at ~225), and glibc keeps most of the
-    freed memory (its mmap threshold grows with the first large free), so RSS stayed ~60 MiB
-    above the snapshot's needs (bench/engine_scale.py). ``malloc_trim(0)`` returns it. Under
-    jemalloc (the gateway's allocator) glibc's heap is nearly unused: a cheap no-op."""
-    global _TRIM
-    if _TRIM is None:
-        from gateway.heaptrim import load_malloc_trim
+    trees: a 1M-domain policy holds ~118 MiB and peaks at ~225), and the allocator keeps
+    what was freed: glibc because its mmap threshold grows with the first large free (RSS
+    stayed ~55 MiB above the snapshot's needs), jemalloc until its decay timer (seconds)
+    purges it. Right after a compile both are told to return it: glibc's ``malloc_trim(0)``
+    and, when jemalloc is the allocator (the gateway preloads it, gateway/allocator.py), a
+    purge of every arena. bench/engine_scale.py measures both."""
+    global _RELEASE
+    if _RELEASE is None:
+        _RELEASE = _releasers()
+    for release in _RELEASE:
+        try:
+            release()
+        except Exception:  # noqa: BLE001 - only memory is at stake, never the policy
+            log.debug("returning freed memory after a compile failed", exc_info=True)
 
-        _TRIM = load_malloc_trim() or (lambda pad: 0)
-    _TRIM(0)
+
+def _releasers() -> tuple[Any, ...]:
+    import ctypes
+
+    from gateway.heaptrim import load_malloc_trim
+
+    out: list[Any] = []
+    trim = load_malloc_trim()
+    if trim is not None:
+        out.append(lambda: trim(0))
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # only when jemalloc is loaded
+    except (AttributeError, OSError):
+        return tuple(out)
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    out.append(lambda: mallctl(b"arena.4096.purge", None, None, None, 0))  # 4096: MALLCTL_ARENAS_ALL
+    return tuple(out)
 
 
-_TRIM: Any = None
+_RELEASE: tuple[Any, ...] | None = None
 
 
 def _compile(doc: Any, text: str, sources: Any, list_texts: dict[str, tuple[str, str]], now: datetime | None,
