@@ -137,3 +137,17 @@ def test_the_fast_paths_are_taken():
     tails.Add(wc.tail)
     tails.Compile()
     assert SchemeSplitSet(tails._set, (None,), _options()).Match(b"HTTPS://site.example/path/x") == [0]
+
+
+def test_too_many_errors_stop_both_paths_at_the_same_line():
+    """The error limit (yamlsource.MAX_ERRORS) is reached in a chunk with bad lines and the
+    next chunk is clean: line by line the file stops at that clean chunk's first line, and
+    so must the chunked path (it takes a chunk in bulk only below the limit)."""
+    bad = "\n".join(f"bad line {i}" for i in range(150))
+    for text in (bad, bad + "\n" + "\n".join(f"ok{i}.example" for i in range(50)),
+                 "\n".join(f"ok{i}.example" for i in range(20)) + "\n" + bad + "\nlast.example\n"):
+        for chunk in (1, 3, 8, 4096):
+            got, errors = parse_list(text, "l", "l.txt", chunk_lines=chunk)
+            reference, ref_errors = parse_list(text, "l", "l.txt", chunk_lines=0)
+            assert got == reference and _errors(errors) == _errors(ref_errors), chunk
+            assert "too many" in _errors(errors)[-1].lower() or "多すぎ" in _errors(errors)[-1]
