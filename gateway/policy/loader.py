@@ -53,10 +53,10 @@ def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | 
     try:
         return _compile(doc, text, sources, list_texts, now, lists, versions, cache)
     finally:
-        _give_back_freed_memory()
+        give_back_freed_memory()
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """A compile at scale frees far more than it keeps (split lines, set tables, RE2 parse
     trees: a 1M-domain policy holds ~118 MiB and peaks at ~225), and the allocator keeps
     what was freed: glibc because its mmap threshold grows with the first large free (RSS
