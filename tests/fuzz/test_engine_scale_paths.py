@@ -151,3 +151,27 @@ def test_too_many_errors_stop_both_paths_at_the_same_line():
             reference, ref_errors = parse_list(text, "l", "l.txt", chunk_lines=0)
             assert got == reference and _errors(errors) == _errors(ref_errors), chunk
             assert "too many" in _errors(errors)[-1].lower() or "多すぎ" in _errors(errors)[-1]
+
+
+def test_a_wildcard_regex_is_still_checked_when_only_parsed():
+    """The compiler only parses a short wildcard's regex; one RE2 refuses still gets
+    regex_error's message, and so does every pattern the parse accepts but that is long."""
+    from gateway.policy.compiler import _WILDCARD_PARSE_ONLY, _Compiler
+
+    compiler = _Compiler.__new__(_Compiler)
+    compiler.prepared = None
+    compiler.valid_patterns = set()
+    assert "missing )" in compiler._regex_error("^https://(site/", wildcard=True)
+    assert compiler._regex_error("^https://site\\.example/", wildcard=True) is None
+    long_regex = "^https://site\\.example/" + "a" * _WILDCARD_PARSE_ONLY
+    checked = []
+    import gateway.policy.compiler as compiler_module
+
+    real = compiler_module.regex_error
+    compiler_module.regex_error = lambda p: checked.append(p) or real(p)
+    try:
+        assert compiler._regex_error(long_regex, wildcard=True) is None
+    finally:
+        compiler_module.regex_error = real
+    assert checked == [long_regex]
+    assert compiler.valid_patterns == {"^https://site\\.example/", long_regex}
