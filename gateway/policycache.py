@@ -108,10 +108,41 @@ def _split(text: str) -> frozenset[str]:
     return frozenset(text.split("\n")) if text else frozenset()
 
 
+def _table_groups(table: Mapping[str, tuple[int, ...]]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """A host table as (rule ordinals, the hosts that have them, joined): a list's million
+    hosts share one ordinal tuple, so this is a handful of strings."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for host, ordinals in table.items():
+        groups.setdefault(ordinals, []).append(host)
+    return tuple((ordinals, "\n".join(hosts)) for ordinals, hosts in groups.items())
+
+
+def _table(groups: object) -> dict[str, tuple[int, ...]]:
+    if type(groups) is not tuple:
+        raise DamagedCache("a host table is malformed")
+    table: dict[str, tuple[int, ...]] = {}
+    for entry in groups:
+        if not (type(entry) is tuple and len(entry) == 2 and type(entry[1]) is str and type(entry[0]) is tuple
+                and entry[0] and all(type(o) is int and o >= 0 for o in entry[0]) and list(entry[0]) == sorted(set(entry[0]))):
+            raise DamagedCache("a host table entry is malformed")
+        hosts = entry[1].split("\n")
+        if not table:
+            table = dict.fromkeys(hosts, entry[0])
+        else:
+            before = len(table)
+            table.update(dict.fromkeys(hosts, entry[0]))
+            if len(table) != before + len(hosts):
+                raise DamagedCache("a host is in two groups of a host table")
+    return table
+
+
 def encode(key: str, prepared: Prepared) -> bytes:
     lists = tuple((name, lst.filename, _joined(lst.suffix), _joined(lst.exact), lst.regexes)
                   for name, lst in sorted(prepared.lists.items()))
-    payload = marshal.dumps((PREPARED_FORMAT, key, lists, tuple(prepared.valid_patterns)))
+    wildcards = tuple((raw, *fields) for raw, fields in prepared.wildcards.items())
+    payload = marshal.dumps((PREPARED_FORMAT, key, lists, tuple(sorted(prepared.sizes.items())),
+                             _table_groups(prepared.exact), _table_groups(prepared.suffix), wildcards,
+                             tuple(prepared.valid_patterns)))
     return MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(_LENGTH, "big") + payload
 
 
@@ -138,29 +169,41 @@ def _strings(value: object) -> bool:
     return type(value) is tuple and all(type(item) is str for item in value)
 
 
+_WILDCARD_TYPES = ((str,), (str, type(None)), (bool,), (str, type(None)), (str, type(None)), (str,), (str,))
+
+
 def _prepared(value: object, key: str) -> Prepared:
     """Check the shape of a decoded payload (it was written by ``encode``; anything else is
     damage)."""
-    if not (type(value) is tuple and len(value) == 4):
+    if not (type(value) is tuple and len(value) == 8):
         raise DamagedCache("payload is not a prepared policy")
-    fmt, stored_key, lists, valid = value
+    fmt, stored_key, lists, sizes, exact, suffix, wildcards, valid = value
     if fmt != PREPARED_FORMAT:
         raise DamagedCache(f"format {fmt!r}, this engine reads {PREPARED_FORMAT}")
     if stored_key != key:
         raise DamagedCache("written for other inputs")
-    if type(lists) is not tuple or not _strings(valid):
+    if type(lists) is not tuple or not _strings(valid) or type(sizes) is not tuple or type(wildcards) is not tuple:
         raise DamagedCache("payload is not a prepared policy")
     out: dict[str, DomainList] = {}
     for entry in lists:
         if not (type(entry) is tuple and len(entry) == 5):
             raise DamagedCache("a list entry is malformed")
-        name, filename, suffix, exact, regexes = entry
-        if not (type(name) is str and type(filename) is str and type(suffix) is str and type(exact) is str
+        name, filename, suffix_text, exact_text, regexes = entry
+        if not (type(name) is str and type(filename) is str and type(suffix_text) is str and type(exact_text) is str
                 and type(regexes) is tuple
                 and all(type(r) is tuple and len(r) == 2 and type(r[0]) is str and type(r[1]) is int for r in regexes)):
             raise DamagedCache(f"list {name!r} is malformed")
-        out[name] = DomainList(name, filename, _split(suffix), _split(exact), regexes)
-    return Prepared(out, frozenset(valid))
+        out[name] = DomainList(name, filename, _split(suffix_text), _split(exact_text), regexes)
+    if not all(type(e) is tuple and len(e) == 2 and type(e[0]) is str and type(e[1]) is int for e in sizes):
+        raise DamagedCache("list sizes are malformed")
+    compiled: dict[str, tuple] = {}
+    for entry in wildcards:
+        if not (type(entry) is tuple and len(entry) == 8 and type(entry[0]) is str
+                and all(type(v) in kinds for v, kinds in zip(entry[1:], _WILDCARD_TYPES))):
+            raise DamagedCache("a URL wildcard is malformed")
+        compiled[entry[0]] = entry[1:]
+    return Prepared(lists=out, sizes=dict(sizes), exact=_table(exact), suffix=_table(suffix), wildcards=compiled,
+                    valid_patterns=frozenset(valid))
 
 
 class PolicyCache:

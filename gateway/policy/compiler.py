@@ -40,21 +40,27 @@ URL_KEYS = ("url", "url_regex")
 
 # Changes whenever the form of ``Prepared`` or what the compiler derives from it changes; the
 # edge's cache key (gateway/policycache.py) also hashes the engine's source files.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Prepared:
     """What a compile worked out from its inputs that is plain data and costs the most to
-    redo at scale: each list file parsed (a million domains: half a second) and the URL
-    patterns RE2 accepted one by one. A snapshot carries the ``Prepared`` of its compile
-    (``PolicySnapshot.prepared``); giving it back to ``compile_policy`` for the very same
-    inputs skips that work and yields the same snapshot. The caller must key it by every
-    input (gateway/policycache.py does, with a hash of the policy text, every list, the feed
+    redo at scale: the final host tables (a million domains parsed and routed), each list
+    file's size and URL regexes (and its hosts too when an ``unless:`` names it: that
+    condition walks the list itself), the URL wildcards compiled, and the URL patterns RE2
+    accepted. A snapshot carries the ``Prepared`` of its compile when asked
+    (``keep_prepared``); giving it back to ``compile_policy`` for the very same inputs skips
+    that work and yields the same snapshot. The caller must key it by every input
+    (gateway/policycache.py does, with a hash of the policy text, every list, the feed
     copies and the engine version): the compiler does not check that it fits."""
 
-    lists: Mapping[str, DomainList]  # list name (from list files, not feeds) -> parsed
-    valid_patterns: frozenset[str]  # regexes RE2 compiled without error
+    lists: Mapping[str, DomainList]  # file lists; hosts left out unless ``unless:`` names the list
+    sizes: Mapping[str, int]  # file list -> entries (len of the parsed list)
+    exact: Mapping[str, tuple[int, ...]]  # the snapshot's host tables, final
+    suffix: Mapping[str, tuple[int, ...]]
+    wildcards: Mapping[str, tuple[Any, ...]]  # url: pattern as written -> CompiledWildcard fields
+    valid_patterns: frozenset[str]  # regexes RE2 accepted
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,10 @@ class _Compiler:
         self.keep_prepared = keep_prepared
         self.prepared = prepared
         self.valid_patterns: set[str] = set()  # for this compile's Prepared
+        self.unless_lists: set[str] = set()  # lists an unless: names (walked, so kept whole)
+        self.compiled_wildcards: dict[str, CompiledWildcard] = {}
+        # With prepared host tables the routes of hosts are not added again (they are in them).
+        self.tables_ready = prepared is not None
         self.data: dict[str, Any] = doc.data
         self.policy_text = policy_text
         self.sources = sources
@@ -156,6 +166,7 @@ class _Compiler:
         self.compiled_at = compiled_at
         self.errors: list[SourceError] = []
         self.lists: dict[str, DomainList] = {}
+        self._sizes: dict[str, int] = dict(prepared.sizes) if prepared is not None else {}
         self.systems: dict[str, System] = {}
         self.tenants: dict[str, tuple[tuple[str, str], ...]] = {}
         # routing tables under construction: host -> the ordinals of its rules (sorted)
@@ -191,6 +202,9 @@ class _Compiler:
             tz = ZoneInfo(DEFAULT_TIMEZONE)
         self.tz = tz
         self._load_lists()
+        if self.prepared is not None:
+            # The tables as prepared (never changed here: _route leaves them alone).
+            self.exact, self.suffix = self.prepared.exact, self.prepared.suffix  # type: ignore[assignment]
         self._load_systems()
         self._load_tenants()
         seen_ids: dict[str, int] = {}
@@ -231,12 +245,20 @@ class _Compiler:
             url_sets=url_sets,
             pattern_rules=tuple(freeze(v) for v in self.pattern_rules),
             retired=tuple(self.retired),
-            lists={name: len(lst) for name, lst in self.lists.items()},
+            lists={name: self._sizes.get(name, len(lst)) for name, lst in self.lists.items()},
             source=self.doc.filename,
         )
         if self.keep_prepared:
-            file_lists = {src.name: self.lists[src.name] for src in self.sources if src.feed is None and src.name in self.lists}
-            snapshot.prepared = Prepared(file_lists, frozenset(self.valid_patterns))
+            files = [src.name for src in self.sources if src.feed is None and src.name in self.lists]
+            snapshot.prepared = Prepared(
+                lists={name: self.lists[name] if name in self.unless_lists else
+                       DomainList(name, self.lists[name].filename, frozenset(), frozenset(), self.lists[name].regexes)
+                       for name in files},
+                sizes={name: len(self.lists[name]) for name in files},
+                exact=self.exact, suffix=self.suffix,
+                wildcards={raw: (wc.regex, wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path, wc.tail)
+                           for raw, wc in self.compiled_wildcards.items()},
+                valid_patterns=frozenset(self.valid_patterns))
         return snapshot
 
     def _load_lists(self) -> None:
@@ -256,7 +278,7 @@ class _Compiler:
                 continue
             ready = self.prepared.lists.get(src.name) if self.prepared is not None else None
             if ready is not None:
-                self.lists[src.name] = ready
+                self.lists[src.name] = ready  # hosts only when an unless: walks it (Prepared)
                 continue
             filename, text = self.list_texts[src.name]
             parsed, errors = parse_list(text, src.name, filename, src.format, src.match)
@@ -418,12 +440,18 @@ class _Compiler:
         return Check(F.HOST | F.TIME, fn, text)
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
+        if self.tables_ready:  # the prepared host tables hold these routes already
+            self._route_patterns(ordinal, routes)
+            return
         self.exact = self._add_hosts(self.exact, routes.exact, ordinal)
         self.suffix = self._add_hosts(self.suffix, routes.suffix, ordinal)
         for lst in routes.suffix_lists:
             self.suffix = self._add_hosts(self.suffix, lst, ordinal)
         for lst in routes.exact_lists:
             self.exact = self._add_hosts(self.exact, lst, ordinal)
+        self._route_patterns(ordinal, routes)
+
+    def _route_patterns(self, ordinal: int, routes: "_Routes") -> None:
         if routes.pattern_ids:
             for pid in routes.pattern_ids:
                 self.pattern_rules[pid].append(ordinal)
@@ -448,6 +476,13 @@ class _Compiler:
             merged = had if had[-1] == ordinal else had + one
             table[host] = self._interned.setdefault(merged, merged)
         return table
+
+    def _wildcard(self, raw: str) -> CompiledWildcard:
+        """``compile_wildcard``, or its prepared result."""
+        fields = self.prepared.wildcards.get(raw) if self.prepared is not None else None
+        wc = CompiledWildcard(*fields) if fields is not None else compile_wildcard(raw)
+        self.compiled_wildcards[raw] = wc
+        return wc
 
     def _regex_error(self, pattern: str, wildcard: bool = False) -> str | None:
         """``regex_error``, skipped for a pattern the prepared inputs found valid.
@@ -508,6 +543,8 @@ class _Compiler:
                     continue
                 routes.suffix_lists.append(lst.suffix)
                 routes.exact_lists.append(lst.exact)
+                if not bucketed:
+                    self.unless_lists.add(name)
                 for pattern, _line in lst.regexes:
                     regex_ids.add(self._pattern_id(pattern))
             texts.append(f"host in list {', '.join(map(str, names))}")
@@ -566,7 +603,7 @@ class _Compiler:
             values = as_list(block["url"])
             for i, raw in enumerate(values):
                 try:
-                    wc = compile_wildcard(str(raw))
+                    wc = self._wildcard(str(raw))
                 except WildcardError as exc:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), str(exc))
                     continue

@@ -22,6 +22,10 @@ from tests.unit.test_policy_corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = DeviceContext("policy-test", frozenset(), "org")
+# A BYOD phone on an old iOS: blocked by byod-old-os "unless" the host is in the remediation list
+# (an unless: walks the list itself, so the cache keeps that list's hosts).
+OLD_PHONE = DeviceContext("old-phone", frozenset(), "byod", platform="ios", os_version="15.0")
+UNLESS_URLS = ["https://mesu.apple.com/assets/x", "https://mdm.example.lg.jp/enroll", "https://www.example.org/"]
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
 URLS = [e["url"] for e in load_corpus()]
 
@@ -34,7 +38,8 @@ def policy_dir(tmp_path: Path) -> Path:
 
 
 def _verdicts(snap) -> list[tuple[str, str | None]]:
-    return [(str(v.action), v.rule_id) for v in (snap.decide(query_for_url(u, DEVICE, now=NOW)) for u in URLS)]
+    queries = [query_for_url(u, DEVICE, now=NOW) for u in URLS] + [query_for_url(u, OLD_PHONE, now=NOW) for u in UNLESS_URLS]
+    return [(str(v.action), v.rule_id) for v in map(snap.decide, queries)]
 
 
 def _load(policy_dir: Path, cache: PolicyCache | None):
@@ -61,7 +66,10 @@ def test_second_load_uses_the_cache_and_gives_the_same_verdicts(policy_dir, tmp_
     assert cache.last == "hit" and cache.hits == 1
     assert second.version == fresh.version == first.version
     assert second.lists == fresh.lists
+    assert second._exact == fresh._exact and second._suffix == fresh._suffix  # the host tables as compiled
     assert _verdicts(second) == _verdicts(fresh)
+    old_phone = _verdicts(fresh)[-3:]
+    assert old_phone[2] == ("block", "byod-old-os") and all(rule != "byod-old-os" for _, rule in old_phone[:2])
     assert sum(1 for action, _ in _verdicts(fresh) if action == "block") > 100  # the corpus exercises the lists
 
 
@@ -144,21 +152,30 @@ def test_a_valid_file_of_other_inputs_or_shape_is_refused(policy_dir, tmp_path):
     cache = PolicyCache(tmp_path / "cache")
     snap = _load(policy_dir, None)
     key = "0" * 64
-    prepared = compiler_module.Prepared(dict(_prepared_of(policy_dir).lists), frozenset())
+    prepared = _prepared_of(policy_dir)
     # A sound file written for another key, put where this key's file goes.
     cache.path_for(key).parent.mkdir(parents=True)
     cache.path_for(key).write_bytes(encode("1" * 64, prepared))
     assert cache.load(key) is None and "other inputs" in cache.last
     assert not cache.path_for(key).exists()  # removed
     # A digest-correct payload of the wrong shape (or format) is damage too.
-    for value in [(compiler_module.PREPARED_FORMAT + 1, key, (), ()), (compiler_module.PREPARED_FORMAT, key, "x", ()),
-                  (compiler_module.PREPARED_FORMAT, key, (("l", "f", 3, "", ()),), ()), ["not", "a", "tuple"],
-                  (compiler_module.PREPARED_FORMAT, key, (("l", "f", "", "", (("re", "1"),)),), ())]:
-        payload = marshal.dumps(value)
-        data = MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "big") + payload
+    fmt = compiler_module.PREPARED_FORMAT
+    sound = (fmt, key, (), (), (((0,), "a.example"),), (), (), ())
+    decode(_framed(marshal.dumps(sound)), key)  # the shape the cases below break
+    for value in [(fmt + 1, *sound[1:]), (fmt, key, "x", *sound[3:]), (fmt, key, (("l", "f", 3, "", ()),), *sound[3:]),
+                  ["not", "a", "tuple"], sound[:-1], (fmt, key, (("l", "f", "", "", (("re", "1"),)),), *sound[3:]),
+                  (*sound[:3], (("l", "7"),), *sound[4:]),  # a size that is not a number
+                  (*sound[:4], (((1, 0), "a.example"),), *sound[5:]),  # ordinals out of order
+                  (*sound[:4], (((0,), "a.example"), ((1,), "a.example")), *sound[5:]),  # a host twice
+                  (*sound[:4], ((("0",), "a.example"),), *sound[5:]),
+                  (*sound[:6], (("x.example/*", "^re$", None, "yes", None, None, "", "^://"),), sound[7])]:
         with pytest.raises(policycache.DamagedCache):
-            decode(data, key)
+            decode(_framed(marshal.dumps(value)), key)
     assert snap.rules  # the policy itself compiles fine
+
+
+def _framed(payload: bytes) -> bytes:
+    return MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "big") + payload
 
 
 def _prepared_of(policy_dir: Path):
@@ -177,8 +194,10 @@ def _prepared_of(policy_dir: Path):
 def test_encode_decode_round_trip(policy_dir):
     prepared = _prepared_of(policy_dir)
     back = decode(encode("k" * 64, prepared), "k" * 64)
-    assert back.lists == prepared.lists and back.valid_patterns == prepared.valid_patterns
-    assert len(back.lists["webmail"].suffix) > 10
+    assert back == prepared
+    # Lists are kept whole only where an unless: walks them; the host tables hold the rest.
+    assert len(back.lists["remediation"].suffix) > 3 and not back.lists["webmail"].suffix
+    assert back.sizes["webmail"] > 10 and len(back.suffix) > 100
 
 
 def test_an_unwritable_cache_directory_only_costs_the_cache(policy_dir, tmp_path):
@@ -200,3 +219,36 @@ def test_a_policy_with_errors_writes_no_cache(policy_dir, tmp_path):
     with pytest.raises(compiler_module.SourceErrors):
         _load(policy_dir, cache)
     assert not cache.directory.exists() or not list(cache.directory.iterdir())
+
+
+WILDCARD_POLICY = """
+version: 1
+lists:
+  ads: {file: ads.txt}
+rules:
+  - {id: site-path, action: block, match: {url: ["site.example/secret/*", "https://*.files.example:8443/x*"]}}
+  - {id: any-scheme, action: block, match: {url: ["ws.example/feed"]}}
+  - {id: ads, action: block, match: {list: ads}}
+  - {id: rx, action: block, match: {url_regex: ["/track/[0-9]+"]}}
+"""
+WILDCARD_URLS = ["https://site.example/secret/a", "http://site.example/secret/", "https://site.example/open",
+                 "https://a.files.example:8443/x1", "https://a.files.example/x1", "wss://ws.example/feed",
+                 "HTTPS://SITE.EXAMPLE/secret/b", "https://x.ads.example/", "https://ok.example/track/12"]
+
+
+def test_a_cached_policy_with_url_wildcards_decides_as_compiled(tmp_path):
+    (tmp_path / "p.yaml").write_text(WILDCARD_POLICY)
+    (tmp_path / "ads.txt").write_text("ads.example\n")
+    cache = PolicyCache(tmp_path / "cache")
+
+    def load(c):
+        snap = load_policy(tmp_path / "p.yaml", NOW, feeds_dir=tmp_path / "feeds", cache=c)
+        return [(str(v.action), v.rule_id) for v in (snap.decide(query_for_url(u, DEVICE, now=NOW)) for u in WILDCARD_URLS)]
+
+    fresh = load(None)
+    assert fresh == [("block", "site-path"), ("block", "site-path"), ("allow", None), ("block", "site-path"),
+                     ("allow", None), ("block", "any-scheme"), ("block", "site-path"), ("block", "ads"), ("block", "rx")]
+    assert load(cache) == fresh and cache.last == "miss"
+    (path,) = cache.directory.glob("*.prepared")
+    assert b"site.example/secret/*" in path.read_bytes()  # the compiled wildcards are in the cache
+    assert load(cache) == fresh and cache.last == "hit"
