@@ -274,7 +274,8 @@ class GatewayApp:
         """issue #22: the prepared-policy cache in the state directory (gateway/policycache.py)."""
         cache = getattr(self, "_prepared_cache", None)
         if cache is None:
-            cache = self._prepared_cache = PolicyCache(self.cfg.state_dir / "policy-cache")
+            cache = self._prepared_cache = PolicyCache(self.cfg.state_dir / "policy-cache",
+                                                       lambda result: self.metrics.policy_cache.labels(result).inc())
         return cache
 
     def load_initial_policy(self) -> None:

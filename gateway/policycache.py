@@ -33,7 +33,7 @@ import marshal
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gateway.policy.compiler import PREPARED_FORMAT, Prepared
@@ -211,10 +211,13 @@ class PolicyCache:
     ``misses``, ``refused`` and ``write_failures`` count what happened; ``last`` says it in
     words for the log."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, on_result: Callable[[str], None] | None = None):
         self.directory = Path(directory)
         self.hits = self.misses = self.refused = self.write_failures = 0
         self.last = ""
+        # Told "hit", "miss", "refused" or "write-failure" (the gateway counts them in
+        # kanmon_policy_cache_total).
+        self.on_result = on_result or (lambda result: None)
 
     @staticmethod
     def key(policy_text: str, list_texts: Mapping[str, tuple[str, str]], feed_versions: str) -> str:
@@ -232,6 +235,7 @@ class PolicyCache:
         except FileNotFoundError:
             self.misses += 1
             self.last = "miss"
+            self.on_result("miss")
             return None
         except OSError as exc:
             return self._refuse(path, f"unreadable: {exc.strerror or exc}")
@@ -241,12 +245,14 @@ class PolicyCache:
             return self._refuse(path, str(exc))
         self.hits += 1
         self.last = "hit"
+        self.on_result("hit")
         log.info("policy compiled from its prepared inputs in %s (unchanged policy, lists and feeds)", path)
         return prepared
 
     def _refuse(self, path: Path, why: str) -> None:
         self.refused += 1
         self.last = f"refused: {why}"
+        self.on_result("refused")
         log.warning("policy cache %s refused (%s); compiling the policy from its sources", path, why)
         try:
             path.unlink()
@@ -280,6 +286,7 @@ class PolicyCache:
                 os.close(dir_fd)
         except (OSError, ValueError) as exc:
             self.write_failures += 1
+            self.on_result("write-failure")
             log.warning("policy cache not written to %s: %s", self.directory, exc)
             return False
         for old in self.directory.glob(f"*{SUFFIX}"):

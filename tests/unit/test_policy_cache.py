@@ -132,7 +132,8 @@ def _damage_cases(data: bytes) -> dict[str, bytes]:
 
 
 def test_a_damaged_cache_file_is_refused_and_the_policy_compiled_from_its_sources(policy_dir, tmp_path):
-    cache = PolicyCache(tmp_path / "cache")
+    told: list[str] = []
+    cache = PolicyCache(tmp_path / "cache", told.append)
     fresh = _verdicts(_load(policy_dir, None))
     _load(policy_dir, cache)
     (path,) = cache.directory.glob("*.prepared")
@@ -146,6 +147,7 @@ def test_a_damaged_cache_file_is_refused_and_the_policy_compiled_from_its_source
         assert _verdicts(snap) == fresh, name
         assert path.read_bytes() == good, name  # compiled from the sources and written anew
     assert cache.refused == len(cases)
+    assert told == ["miss"] + ["refused"] * len(cases)  # what the gateway counts in kanmon_policy_cache_total
 
 
 def test_a_valid_file_of_other_inputs_or_shape_is_refused(policy_dir, tmp_path):
