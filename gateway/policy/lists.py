@@ -98,7 +98,7 @@ def parse_list(text: str, name: str, filename: str, fmt: str = "auto", match: st
     list — is checked by one RE2 match over the chunk and added as it is: for such a line
     the line-by-line path below would add the line itself (``normalize_host`` leaves it
     unchanged, ``valid_domain`` accepts it). Any other chunk goes line by line. A million
-    domains took 2.5 s line by line, 0.3 s this way (bench/engine_scale.py, issue #22);
+    domains take 2.2 s of CPU line by line, 0.5 s this way (issue #22, bench/engine_scale.py);
     tests/fuzz/test_engine_scale_paths.py checks that both paths give the same result
     (``chunk_lines=0``: line by line only)."""
     suffix: set[str] = set()
