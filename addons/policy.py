@@ -22,7 +22,7 @@ from addons.protocol import WEB_PORTS
 from addons.requesttarget import request_target
 from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
-from gateway.policy.query import marked_normalized_url
+from gateway.policy.query import request_query
 from gateway.registry import DeviceRecord
 from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
@@ -202,12 +202,11 @@ class PolicyDecider:
                     del req.headers[name]
         size = req.headers.get("content-length")
         host, url = request_target(flow)
-        query = PolicyQuery(
-            Stage.REQUEST, device, host=normalize_host(host), url=marked_normalized_url(url), scheme=req.scheme,
-            method=req.method, dst_ip=self._ip(flow.server_conn.address),
-            dst_port=flow.server_conn.address[1] if flow.server_conn.address else req.port,
-            request_content_type=req.headers.get("content-type"),
-            body_size=int(size) if size and size.isascii() and size.isdigit() else None, now=datetime.now(UTC))
+        # One engine (issue #22): request_query + decide is the path bench/engine.py measures.
+        query = request_query(
+            device, host, url, req.scheme, req.method, self._ip(flow.server_conn.address),
+            flow.server_conn.address[1] if flow.server_conn.address else req.port, req.headers.get("content-type"),
+            int(size) if size and size.isascii() and size.isdigit() else None, datetime.now(UTC))
         verdict = self._decide(query)
         # A blocked SNI is not unblocked by a different Host header: the connection's block
         # stands (ConnectionState.connection_block, applied by record_verdict and the enforcer).

@@ -1,10 +1,20 @@
 """Engine benchmark: Kanmon's compiled policy next to python-adblock (adblock-rust), same
-rules, same URLs, one run. Kanmon runs twice: ``kanmon`` is ``snapshot.decide_url`` with the
-native fast path (gateway/policy/_fastpath.cpp; the table says "python" if it is not built
-or KANMON_NATIVE=0), ``kanmon (python)`` is the pure-Python engine,
-``decide(query_for_url(...))``. Verdict agreement is reported for each against adblock and
-between the two Kanmon paths (same action and rule on every URL), plus the share of URLs
-the native path handed back to Python.
+rules, same URLs, one run. ``kanmon`` is the gateway's own decision path (issue #22, "one
+engine"): ``gateway_decision`` below calls ``request_query`` and ``snapshot.decide`` exactly
+as addons/policy.py does for an HTTP request (tests/unit/test_policy_one_engine.py checks
+that both call the same functions and agree). Its verdicts are also compared, untimed,
+with the reference ``decide(query_for_url(...))`` of the operator tools (same action and
+rule on every URL), and with adblock.
+
+Issue #22 removed the native C++ fast path (``decide_url`` in _fastpath.cpp): the gateway
+never called it. Its last figures, this benchmark at --urls 50000 --repeats 3 on the project
+machine (2 cores, one run, both variants side by side, before the removal): synthetic 1M
+domains + 10k patterns, native 3.01 µs mean / 0.80 µs p50 vs Python 10.88 / 6.86 µs, but
+compile 9.30 s and 221 MiB vs 5.26 s and 167 MiB; real domains (the shipped example policy +
+UT1), native 22.88 µs mean vs Python 23.41 µs, with 99.50 % of URLs handed back to Python.
+At the gateway a request costs about 1,100 µs of CPU (issue #22: 909 req/s on one core), so
+even the synthetic saving (< 8 µs) is under 1 % of a request, and wiring it in would have
+meant a C++ parser of attacker-controlled URLs that takes every fact of the query.
 
     /tmp/venv/bin/python bench/engine.py            # 1M domains, 10k URL patterns, 200k URLs
     /tmp/venv/bin/python bench/engine.py --quick    # small sizes, a few seconds
@@ -47,6 +57,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.policy.query import request_query  # noqa: E402 - the gateway's own (gateway_decision)
 
 TLDS = ["com", "net", "org", "jp", "co.jp", "ne.jp", "io", "info", "biz", "de"]
 SOURCE_URL = "https://portal.example.lg.jp/"
@@ -204,18 +216,31 @@ def summarize(passes: list[tuple[float, list[int]]], n: int) -> dict:
     return out
 
 
-def run_kanmon(data: dict, repeats: int, conn, native: bool = True) -> None:  # type: ignore[no-untyped-def]
-    """``native``: decide through ``decide_url`` (the fast path when it is built), else the
-    pure-Python engine exactly as before the fast path existed."""
+def gateway_decision(snap, device, url: str, now: datetime):  # type: ignore[no-untyped-def]
+    """The HTTP request decision as addons/policy.py makes it (``requestheaders``): the host
+    and URL mitmproxy gives it (``pretty_host``, ``pretty_url``), then ``request_query`` and
+    ``snapshot.decide``. The host and port are split off the URL here the simple way
+    mitmproxy would have (counted in the time, as adblock parses its URLs too)."""
+    scheme, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    host, colon, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
+    if not colon or not port.isdigit():
+        host, port = authority, ("443" if scheme == "https" else "80")
+    return snap.decide(request_query(device, host.strip("[]"), url, scheme, "GET", None, int(port), None, None, now))
+
+
+def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's decision path (``gateway_decision``) over the URLs."""
     from gateway.policy import DeviceContext, compile_text, query_for_url
+    from gateway.policy.loader import give_back_freed_memory
     from gateway.verdict import Action
 
     text, lists = kanmon_inputs(data)
     gc.collect()
     before = rss_kib()
     t0 = time.perf_counter()
-    snap = compile_text(text, lists, filename="bench.yaml", native=None if native else False)
-    snap.prepare_native()  # built on first use otherwise: counted in the compile time here
+    snap = compile_text(text, lists, filename="bench.yaml")
+    give_back_freed_memory()  # what the gateway's loader does after every compile
     compile_s = time.perf_counter() - t0
     rss = rss_kib() - before
     del text, lists
@@ -223,8 +248,7 @@ def run_kanmon(data: dict, repeats: int, conn, native: bool = True) -> None:  # 
     urls = data["urls"]
     now = datetime.now(timezone.utc)
     perf = time.perf_counter_ns
-    decide = snap.decide
-    decide_url = snap.decide_url
+    decision = gateway_decision
     block = Action.BLOCK
     passes = []
     conn.send("ready")
@@ -234,28 +258,20 @@ def run_kanmon(data: dict, repeats: int, conn, native: bool = True) -> None:  # 
         gc.collect()
         gc.disable()  # same for every engine: time decisions, not collector pauses
         t0 = time.perf_counter()
-        if native:
-            for url in urls:
-                s = perf()
-                v = decide_url(url, device, now=now)
-                samples.append(perf() - s)
-                blocked.append(v.action is block)
-                verdicts.append(v)
-        else:
-            for url in urls:
-                s = perf()
-                v = decide(query_for_url(url, device, now=now))
-                samples.append(perf() - s)
-                blocked.append(v.action is block)
-                verdicts.append(v)
+        for url in urls:
+            s = perf()
+            v = decision(snap, device, url, now)
+            samples.append(perf() - s)
+            blocked.append(v.action is block)
+            verdicts.append(v)
         passes.append((time.perf_counter() - t0, samples))
         gc.enable()
         conn.send("pass")
-    # Untimed: how many URLs the native path answered itself (the rest went to Python).
-    handed_back = sum(snap.native_verdict(url, device, now=now) is None for url in urls) if snap.engine == "native" else len(urls)
-    conn.send({"engine": "kanmon" if native else "kanmon_python", "path": snap.engine, "compile_s": compile_s,
-               "rss_mib": rss / 1024, **summarize(passes, len(urls)), "handed_to_python": handed_back / len(urls),
-               "blocked": blocked, "verdicts": [(str(v.action), v.rule_id) for v in verdicts]})
+    # Untimed: the reference path of the operator tools on the same URLs.
+    reference = [snap.decide(query_for_url(url, device, now=now)) for url in urls]
+    same = sum((v.action, v.rule_id) == (r.action, r.rule_id) for v, r in zip(verdicts, reference))
+    conn.send({"engine": "kanmon", "path": "gateway", "compile_s": compile_s, "rss_mib": rss / 1024,
+               **summarize(passes, len(urls)), "agreement_reference": same / len(urls), "blocked": blocked})
 
 
 def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyped-def]
@@ -297,12 +313,12 @@ def run_adblock(data: dict, repeats: int, conn) -> None:  # type: ignore[no-unty
 
 def run_interleaved(data: dict, repeats: int) -> list[dict]:
     """Each engine in its own forked process (its own compile time and RSS), set up one after
-    the other; then their passes alternate, the order rotating every pass (kanmon, kanmon
-    python, adblock; kanmon python, adblock, kanmon; ...), so a burst of load from other work
+    the other; then their passes alternate, the order rotating every pass (kanmon, adblock;
+    adblock, kanmon; ...), so a burst of load from other work
     on a shared machine hits every engine alike instead of whichever happened to run then."""
     ctx = mp.get_context("fork")  # the children inherit the generated data without copying it
     workers = []
-    for target, args in ((run_kanmon, (True,)), (run_kanmon, (False,)), (run_adblock, ())):
+    for target, args in ((run_kanmon, ()), (run_adblock, ())):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=target, args=(data, repeats, child, *args))
         proc.start()
@@ -339,31 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = time.perf_counter() - t0
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
-    results = run_interleaved(data, args.repeats)
-    k, kp, a = results
+    k, a = run_interleaved(data, args.repeats)
     n = len(data["urls"])
-    a_blocked = a.pop("blocked")
-    agree = sum(x == y for x, y in zip(k.pop("blocked"), a_blocked)) / n
-    agree_python = sum(x == y for x, y in zip(kp.pop("blocked"), a_blocked)) / n
-    agree_paths = sum(x == y for x, y in zip(k.pop("verdicts"), kp.pop("verdicts"))) / n
+    agree = sum(x == y for x, y in zip(k.pop("blocked"), a.pop("blocked"))) / n
     ratio = k["mean_us"] / a["mean_us"]
-    ratio_python = kp["mean_us"] / a["mean_us"]
     rows = [("compile (s)", "compile_s", "{:.2f}"), ("RSS growth (MiB)", "rss_mib", "{:.0f}"),
             ("decisions/s", "decisions_per_s", "{:,.0f}"), ("mean (µs)", "mean_us", "{:.2f}"),
             ("p50 (µs)", "p50_us", "{:.2f}"), ("p99 (µs)", "p99_us", "{:.2f}"),
             ("cold pass mean (µs)", "cold_mean_us", "{:.2f}")]
     print(f"\n{args.domains:,} domains, {args.patterns:,} URL patterns, {args.urls:,} URLs (seed {args.seed}; generated in {gen_s:.1f}s); "
           f"median of {args.repeats} passes")
-    native_label = f"kanmon ({k['path']})"
-    print(f"{'':<20}{native_label:>16}{'kanmon (python)':>16}{'adblock':>12}{'native/adblock':>16}{'python/adblock':>16}")
-    for label, key, fmt in rows:
-        print(f"{label:<20}{fmt.format(k[key]):>16}{fmt.format(kp[key]):>16}{fmt.format(a[key]):>12}"
-              f"{k[key] / a[key] if a[key] else float('nan'):>16.2f}{kp[key] / a[key] if a[key] else float('nan'):>16.2f}")
-    print(f"verdict agreement with adblock: {native_label} {agree:.4%}, kanmon (python) {agree_python:.4%}; "
-          f"{native_label} vs kanmon (python): {agree_paths:.4%} same action and rule; "
-          f"URLs the native path handed to Python: {k['handed_to_python']:.2%}")
-    print(f"goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({native_label} {ratio:.2f}x, "
-          f"kanmon (python) {ratio_python:.2f}x)")
+    _table(k, a, rows)
+    print(f"verdict agreement with adblock: {agree:.4%}; gateway path vs reference (query_for_url): "
+          f"{k['agreement_reference']:.4%} same action and rule")
+    print(f"goal per-decision time <= 0.5x adblock: {'met' if ratio <= 0.5 else 'NOT met'} ({ratio:.2f}x)")
     real = None if args.no_real else run_real(Path(args.ut1), args.urls, args.seed, args.repeats, rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,12 +377,18 @@ def main(argv: list[str] | None = None) -> int:
                   "repeats": args.repeats},
         "machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
         "kanmon": k, "adblock": a, "per_decision_ratio": ratio, "agreement": agree, "goal_met": ratio <= 0.5,
-        "kanmon_python": kp, "per_decision_ratio_python": ratio_python, "agreement_python": agree_python,
-        "agreement_native_python": agree_paths, "kanmon_path": k["path"],
+        "kanmon_path": k["path"],
         "real": real if real is not None else {"skipped": "--no-real"},
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _table(k: dict, a: dict, rows: list) -> None:
+    print(f"{'':<20}{'kanmon (gateway)':>18}{'adblock':>12}{'kanmon/adblock':>16}")
+    for label, key, fmt in rows:
+        print(f"{label:<20}{fmt.format(k[key]):>18}{fmt.format(a[key]):>12}"
+              f"{k[key] / a[key] if a[key] else float('nan'):>16.2f}")
 
 
 def run_real(ut1: Path, urls: int, seed: int, repeats: int, rows: list) -> dict:
@@ -391,26 +402,17 @@ def run_real(ut1: Path, urls: int, seed: int, repeats: int, rows: list) -> dict:
     data = real_inputs(ut1, urls, seed)
     prep_s = time.perf_counter() - t0
     meta = data.pop("meta")
-    k, kp, a = run_interleaved(data, repeats)
+    k, a = run_interleaved(data, repeats)
     n = len(data["urls"])
-    a_blocked = a.pop("blocked")
-    agree = sum(x == y for x, y in zip(k.pop("blocked"), a_blocked)) / n
-    agree_python = sum(x == y for x, y in zip(kp.pop("blocked"), a_blocked)) / n
-    agree_paths = sum(x == y for x, y in zip(k.pop("verdicts"), kp.pop("verdicts"))) / n
+    agree = sum(x == y for x, y in zip(k.pop("blocked"), a.pop("blocked"))) / n
     print(f"\nreal domains: shipped example policy ({meta['shipped_lists']} lists) + UT1 {meta['categories']} categories, "
           f"{meta['ut1_domains']:,} domains ({meta['ut1_lines_skipped']} unusable lines skipped), {n:,} URLs "
           f"({meta['corpus_urls']} from tests/corpus; read in {prep_s:.1f}s); median of {repeats} passes")
-    native_label = f"kanmon ({k['path']})"
-    print(f"{'':<20}{native_label:>16}{'kanmon (python)':>16}{'adblock':>12}{'native/adblock':>16}{'python/adblock':>16}")
-    for label, key, fmt in rows:
-        print(f"{label:<20}{fmt.format(k[key]):>16}{fmt.format(kp[key]):>16}{fmt.format(a[key]):>12}"
-              f"{k[key] / a[key] if a[key] else float('nan'):>16.2f}{kp[key] / a[key] if a[key] else float('nan'):>16.2f}")
-    print(f"block agreement with adblock: {native_label} {agree:.4%}, kanmon (python) {agree_python:.4%} "
-          f"(adblock has no tenant restrictions or device conditions); {native_label} vs kanmon (python): "
-          f"{agree_paths:.4%} same action and rule; URLs the native path handed to Python: {k['handed_to_python']:.2%}")
+    _table(k, a, rows)
+    print(f"block agreement with adblock: {agree:.4%} (adblock has no tenant restrictions or device conditions); "
+          f"gateway path vs reference (query_for_url): {k['agreement_reference']:.4%} same action and rule")
     return {"source": "UT1 blacklists, Université Toulouse Capitole (CC BY-SA 4.0)", **meta, "urls": n,
-            "kanmon": k, "kanmon_python": kp, "adblock": a, "agreement": agree, "agreement_python": agree_python,
-            "agreement_native_python": agree_paths, "kanmon_path": k["path"]}
+            "kanmon": k, "adblock": a, "agreement": agree, "kanmon_path": k["path"]}
 
 
 if __name__ == "__main__":

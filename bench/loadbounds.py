@@ -90,7 +90,7 @@ def _run_one(kind: str, value: object, conn) -> None:
     outcome = "loaded"
     try:
         if kind == "policy-text":
-            compile_text(str(value), filename="p.yaml", native=False)
+            compile_text(str(value), filename="p.yaml")
         elif kind == "policy-file":
             load_policy(str(value))
         else:

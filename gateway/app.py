@@ -49,6 +49,7 @@ from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
+from gateway.policycache import PolicyCache  # issue #22
 from gateway.dnsbinding import DnsBindings
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
@@ -283,6 +284,14 @@ class GatewayApp:
         tmp.write_text(json.dumps(status, ensure_ascii=False))
         os.replace(tmp, self.cfg.policy_status_path)
 
+    def _policy_cache(self) -> PolicyCache:
+        """issue #22: the prepared-policy cache in the state directory (gateway/policycache.py)."""
+        cache = getattr(self, "_prepared_cache", None)
+        if cache is None:
+            cache = self._prepared_cache = PolicyCache(self.cfg.state_dir / "policy-cache",
+                                                       lambda result: self.metrics.policy_cache.labels(result).inc())
+        return cache
+
     def load_initial_policy(self) -> None:
         """A policy that does not compile stops the start (fail closed): the gateway does not
         serve with a guessed policy. The errors name file and line."""
@@ -290,7 +299,7 @@ class GatewayApp:
         if path is None:
             return
         try:
-            snapshot = load_policy(path, feeds_dir=self.feeds.directory)
+            snapshot = load_policy(path, feeds_dir=self.feeds.directory, cache=self._policy_cache())  # issue #22
         except SourceErrors as exc:
             self.metrics.policy_reloads.labels("failure").inc()
             raise StartupError("the policy does not compile:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
@@ -310,7 +319,8 @@ class GatewayApp:
                 log.warning("reload asked, but the gateway runs without a policy file (built-in host rules)")
                 return False
             try:
-                snapshot = await asyncio.to_thread(load_policy, path, None, self.feeds.directory)
+                snapshot = await asyncio.to_thread(load_policy, path, None, self.feeds.directory,
+                                                   self._policy_cache())  # issue #22: compiled-policy cache
             except Exception as exc:  # noqa: BLE001 - any failure (SourceErrors or a bug): refused, counted, old one serves
                 self.metrics.policy_reloads.labels("failure").inc()
                 errors = ([str(e) for e in exc.errors] if isinstance(exc, SourceErrors)

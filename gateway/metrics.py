@@ -47,6 +47,9 @@ class GatewayMetrics:
         self.policy_reloads = Counter(
             "kanmon_policy_reloads_total", "Policy loads and reloads by result (failure: the old policy keeps serving).",
             ["result"], registry=r)
+        self.policy_cache = Counter(  # issue #22: gateway/policycache.py
+            "kanmon_policy_cache_total", "Prepared-policy cache reads and writes by result (hit, miss, refused: "
+            "damaged and compiled from the sources, write-failure).", ["result"], registry=r)
         self.policy_rules = Gauge("kanmon_policy_rules", "Rules in the policy in force.", registry=r)
         self.policy_rules_expiring = Gauge(
             "kanmon_policy_rules_expiring", "Active rules that expire within the given number of days.", ["days"], registry=r)

@@ -102,8 +102,7 @@ def query_from_args(url: str, device: DeviceContext, args: argparse.Namespace, n
 
 def decide_from_args(snap: PolicySnapshot, url: str, device: DeviceContext, args: argparse.Namespace,
                      now: datetime) -> Verdict:
-    """``snap.decide(query_from_args(...))``; at the HTTP stages through ``decide_url`` (the
-    native fast path when it is built: the same verdict)."""
+    """``snap.decide(query_from_args(...))``; at the HTTP stages through ``decide_url``."""
     stage = Stage(args.stage)
     if stage in (Stage.DNS, Stage.TLS):
         return snap.decide(query_from_args(url, device, args, now))

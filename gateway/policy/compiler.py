@@ -21,7 +21,8 @@ from gateway.policy.query import PolicyQuery, normalize_host
 from gateway.policy.schema import POLICY_SCHEMA
 from gateway.policy.snapshot import CategoryInfo, CompiledRule, PolicySnapshot, RuleInfo
 from gateway.policy.tenants import tenant_headers
-from gateway.policy.urlpattern import WildcardError, compile_wildcard
+from gateway.policy.urlpattern import CompiledWildcard, WildcardError, compile_wildcard
+from gateway.policy.urlsets import SchemeSplitSet
 from gateway.i18n import Text
 from gateway.verdict import Action
 from gateway.yamlsource import LoadedYaml, SourceError, SourceErrors, load_yaml_text, schema_errors
@@ -38,6 +39,31 @@ URL_KEYS = ("url", "url_regex")
 # issue #19: the approved alternative shown on the block page is a link staff follow.
 T_ALTERNATIVE = Text("代替手段は http:// か https:// の URL で書いてください（例: https://mail.example.lg.jp/）: {value!r}",
                      "the alternative must be an http:// or https:// URL (e.g. https://mail.example.lg.jp/): {value!r}")
+
+
+# Changes whenever the form of ``Prepared`` or what the compiler derives from it changes; the
+# edge's cache key (gateway/policycache.py) also hashes the engine's source files.
+PREPARED_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a compile worked out from its inputs that is plain data and costs the most to
+    redo at scale: the final host tables (a million domains parsed and routed), each list
+    file's size and URL regexes (and its hosts too when an ``unless:`` names it: that
+    condition walks the list itself), the URL wildcards compiled, and the URL patterns RE2
+    accepted. A snapshot carries the ``Prepared`` of its compile when asked
+    (``keep_prepared``); giving it back to ``compile_policy`` for the very same inputs skips
+    that work and yields the same snapshot. The caller must key it by every input
+    (gateway/policycache.py does, with a hash of the policy text, every list, the feed
+    copies and the engine version): the compiler does not check that it fits."""
+
+    lists: Mapping[str, DomainList]  # file lists; hosts left out unless ``unless:`` names the list
+    sizes: Mapping[str, int]  # file list -> entries (len of the parsed list)
+    exact: Mapping[str, tuple[int, ...]]  # the snapshot's host tables, final
+    suffix: Mapping[str, tuple[int, ...]]
+    wildcards: Mapping[str, tuple[Any, ...]]  # url: pattern as written -> CompiledWildcard fields
+    valid_patterns: frozenset[str]  # regexes RE2 accepted
 
 
 @dataclass(frozen=True)
@@ -93,12 +119,10 @@ def compile_text(
     lists: Mapping[str, tuple[str, str]] | None = None,
     filename: str = "<policy>",
     compiled_at: datetime | None = None,
-    native: Any = None,
 ) -> PolicySnapshot:
-    """Compile from strings: ``lists`` maps list name -> (filename, text). ``native``: see
-    ``PolicySnapshot`` (None: the fast path when it is built and not switched off)."""
+    """Compile from strings: ``lists`` maps list name -> (filename, text)."""
     doc, sources = parse_policy(text, filename)
-    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc), native)
+    return compile_policy(doc, text, sources, lists or {}, compiled_at or datetime.now(timezone.utc))
 
 
 def compile_policy(
@@ -107,21 +131,33 @@ def compile_policy(
     sources: list[ListSource],
     list_texts: Mapping[str, tuple[str, str]],
     compiled_at: datetime,
-    native: Any = None,
     feed_lists: Mapping[str, DomainList] | None = None,
     feed_versions: str = "",
+    prepared: Prepared | None = None,
+    keep_prepared: bool = False,
 ) -> PolicySnapshot:
     """``feed_lists``: the list of every feed name and ``feed/category`` from the last good
-    copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version."""
-    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, native, feed_lists or {},
-                     feed_versions).build()
+    copies (gateway/feeds/loading.py); ``feed_versions`` goes into the content version.
+    ``prepared``: the ``Prepared`` of an earlier compile of exactly these inputs;
+    ``keep_prepared``: set ``snapshot.prepared`` to this compile's (it holds the parsed lists
+    alive, so only a caller that stores it asks, and then drops it)."""
+    return _Compiler(doc, policy_text, sources, list_texts, compiled_at, feed_lists or {},
+                     feed_versions, prepared, keep_prepared).build()
 
 
 class _Compiler:
     def __init__(self, doc: LoadedYaml, policy_text: str, sources: list[ListSource],
-                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime, native: Any = None,
-                 feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = ""):
+                 list_texts: Mapping[str, tuple[str, str]], compiled_at: datetime,
+                 feed_lists: Mapping[str, DomainList] | None = None, feed_versions: str = "",
+                 prepared: Prepared | None = None, keep_prepared: bool = False):
         self.doc = doc
+        self.keep_prepared = keep_prepared
+        self.prepared = prepared
+        self.valid_patterns: set[str] = set()  # for this compile's Prepared
+        self.unless_lists: set[str] = set()  # lists an unless: names (walked, so kept whole)
+        self.compiled_wildcards: dict[str, CompiledWildcard] = {}
+        # With prepared host tables the routes of hosts are not added again (they are in them).
+        self.tables_ready = prepared is not None
         self.data: dict[str, Any] = doc.data
         self.policy_text = policy_text
         self.sources = sources
@@ -133,11 +169,13 @@ class _Compiler:
         self.compiled_at = compiled_at
         self.errors: list[SourceError] = []
         self.lists: dict[str, DomainList] = {}
+        self._sizes: dict[str, int] = dict(prepared.sizes) if prepared is not None else {}
         self.systems: dict[str, System] = {}
         self.tenants: dict[str, tuple[tuple[str, str], ...]] = {}
-        # routing tables under construction
-        self.exact: dict[str, list[int]] = {}
-        self.suffix: dict[str, list[int]] = {}
+        # routing tables under construction: host -> the ordinals of its rules (sorted)
+        self.exact: dict[str, tuple[int, ...]] = {}
+        self.suffix: dict[str, tuple[int, ...]] = {}
+        self._interned: dict[tuple[int, ...], tuple[int, ...]] = {}  # one object per ordinal tuple
         self.generic: list[int] = []
         self.url_only: list[int] = []
         self.patterns: dict[str, int] = {}
@@ -146,14 +184,11 @@ class _Compiler:
         # use. A pattern used both ways is in both.
         self.pattern_sets: list[set[int]] = []
         self.pattern_rules: list[list[int]] = []
+        # pattern id -> the wildcard it was compiled from (``url:``); the KEYED_SET holds only
+        # these and is matched scheme apart (urlsets.py)
+        self.wildcards: dict[int, CompiledWildcard] = {}
         self.rules: list[CompiledRule] = []
         self.retired: list[RuleInfo] = []
-        self.url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
-        # A wildcard pattern tied to a host: (host key, is a suffix, scheme, port, path), the
-        # parts its regex was made of (urlpattern.py). A URL it matches has that host; the
-        # native fast path matches these parts as strings for the URL's host only.
-        self.pattern_hosts: dict[int, tuple[str, bool, str | None, str | None, str]] = {}
-        self.native = native
 
     def err(self, path: tuple[Any, ...], message: "str | Text") -> None:
         self.errors.append(self.doc.error(path, message))
@@ -170,6 +205,9 @@ class _Compiler:
             tz = ZoneInfo(DEFAULT_TIMEZONE)
         self.tz = tz
         self._load_lists()
+        if self.prepared is not None:
+            # The tables as prepared (never changed here: _route leaves them alone).
+            self.exact, self.suffix = self.prepared.exact, self.prepared.suffix  # type: ignore[assignment]
         self._load_systems()
         self._load_tenants()
         categories = self._load_categories()
@@ -190,13 +228,13 @@ class _Compiler:
         url_sets = self._url_sets()
         if self.errors:
             raise SourceErrors(self.errors)
-        interned: dict[tuple[int, ...], tuple[int, ...]] = {}
+        interned = self._interned
 
         def freeze(v: list[int]) -> tuple[int, ...]:
             t = (v[0],) if len(v) == 1 else tuple(sorted(set(v)))
             return interned.setdefault(t, t)
 
-        return PolicySnapshot(
+        snapshot = PolicySnapshot(
             version=content_version(self.policy_text, self.list_texts, self.feed_versions),
             compiled_at=self.compiled_at,
             tz=tz,
@@ -204,21 +242,29 @@ class _Compiler:
             no_sni=settings.get("no_sni", "block"),
             dns_block=settings.get("dns_block", "sinkhole"),  # issue #19: browsers land on the block page
             rules=tuple(self.rules),
-            exact={k: freeze(v) for k, v in self.exact.items()},
-            suffix={k: freeze(v) for k, v in self.suffix.items()},
+            exact=self.exact,
+            suffix=self.suffix,
             generic=freeze(self.generic),
             url_only=freeze(self.url_only),
             url_sets=url_sets,
             pattern_rules=tuple(freeze(v) for v in self.pattern_rules),
             retired=tuple(self.retired),
-            lists={name: len(lst) for name, lst in self.lists.items()},
+            lists={name: self._sizes.get(name, len(lst)) for name, lst in self.lists.items()},
             source=self.doc.filename,
-            url_patterns=tuple(sorted(self.patterns, key=self.patterns.__getitem__)),
-            url_members=self.url_members,
-            pattern_hosts=self.pattern_hosts,
-            native=self.native,
             categories=categories,
         )
+        if self.keep_prepared:
+            files = [src.name for src in self.sources if src.feed is None and src.name in self.lists]
+            snapshot.prepared = Prepared(
+                lists={name: self.lists[name] if name in self.unless_lists else
+                       DomainList(name, self.lists[name].filename, frozenset(), frozenset(), self.lists[name].regexes)
+                       for name in files},
+                sizes={name: len(self.lists[name]) for name in files},
+                exact=self.exact, suffix=self.suffix,
+                wildcards={raw: (wc.regex, wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path, wc.tail)
+                           for raw, wc in self.compiled_wildcards.items()},
+                valid_patterns=frozenset(self.valid_patterns))
+        return snapshot
 
     def _load_lists(self) -> None:
         for src in self.sources:
@@ -234,6 +280,10 @@ class _Compiler:
                 continue
             if src.name not in self.list_texts:
                 self.err(("lists", src.name, "file"), f"list file not read: {src.file}")
+                continue
+            ready = self.prepared.lists.get(src.name) if self.prepared is not None else None
+            if ready is not None:
+                self.lists[src.name] = ready  # hosts only when an unless: walks it (Prepared)
                 continue
             filename, text = self.list_texts[src.name]
             parsed, errors = parse_list(text, src.name, filename, src.format, src.match)
@@ -413,20 +463,69 @@ class _Compiler:
         return Check(F.HOST | F.TIME, fn, text)
 
     def _route(self, ordinal: int, routes: "_Routes") -> None:
-        for host in routes.exact:
-            self.exact.setdefault(host, []).append(ordinal)
-        for host in routes.suffix:
-            self.suffix.setdefault(host, []).append(ordinal)
+        if self.tables_ready:  # the prepared host tables hold these routes already
+            self._route_patterns(ordinal, routes)
+            return
+        self.exact = self._add_hosts(self.exact, routes.exact, ordinal)
+        self.suffix = self._add_hosts(self.suffix, routes.suffix, ordinal)
         for lst in routes.suffix_lists:
-            for host in lst:
-                self.suffix.setdefault(host, []).append(ordinal)
+            self.suffix = self._add_hosts(self.suffix, lst, ordinal)
         for lst in routes.exact_lists:
-            for host in lst:
-                self.exact.setdefault(host, []).append(ordinal)
+            self.exact = self._add_hosts(self.exact, lst, ordinal)
+        self._route_patterns(ordinal, routes)
+
+    def _route_patterns(self, ordinal: int, routes: "_Routes") -> None:
         if routes.pattern_ids:
             for pid in routes.pattern_ids:
                 self.pattern_rules[pid].append(ordinal)
             self.url_only.append(ordinal)
+
+    def _add_hosts(self, table: dict[str, tuple[int, ...]], hosts: "set[str] | frozenset[str]",
+                   ordinal: int) -> dict[str, tuple[int, ...]]:
+        """``table[host] += (ordinal,)`` for every host, in bulk; returns the table (a new
+        one when it was empty). A list of a million domains is one ``dict.fromkeys`` (a C
+        loop, sized once from the set) and every host of it shares one ``(ordinal,)`` tuple.
+        Rules are routed in ordinal order, so each entry stays sorted and unique without a
+        later pass (issue #22: the per-host loop and the per-host lists it made were 40 % of
+        a 1M-domain compile)."""
+        if not hosts:
+            return table
+        one = self._interned.setdefault((ordinal,), (ordinal,))
+        if not table:
+            return dict.fromkeys(hosts, one)
+        before = {host: table[host] for host in table.keys() & hosts}
+        table.update(dict.fromkeys(hosts, one))
+        for host, had in before.items():
+            merged = had if had[-1] == ordinal else had + one
+            table[host] = self._interned.setdefault(merged, merged)
+        return table
+
+    def _wildcard(self, raw: str) -> CompiledWildcard:
+        """``compile_wildcard``, or its prepared result."""
+        fields = self.prepared.wildcards.get(raw) if self.prepared is not None else None
+        wc = CompiledWildcard(*fields) if fields is not None else compile_wildcard(raw)
+        self.compiled_wildcards[raw] = wc
+        return wc
+
+    def _regex_error(self, pattern: str, wildcard: bool = False) -> str | None:
+        """``regex_error``, skipped for a pattern the prepared inputs found valid.
+
+        A short wildcard's regex (urlpattern.py: escaped literals, ``.*``, ``[^/?#]*``) is
+        only parsed (``_parses``, ~5 µs) instead of compiled (~40 µs: 0.33 s of a 10k-pattern
+        compile, issue #22): what RE2 could still refuse in one that parses is its size,
+        and a regex of at most ``_WILDCARD_PARSE_ONLY`` characters of those pieces is
+        hundreds of times below RE2's program budget. A refused one goes through
+        ``regex_error`` for its message, as does every longer one and every user regex."""
+        if self.prepared is not None and pattern in self.prepared.valid_patterns:
+            self.valid_patterns.add(pattern)
+            return None
+        if wildcard and len(pattern) <= _WILDCARD_PARSE_ONLY and _parses(pattern):
+            self.valid_patterns.add(pattern)
+            return None
+        problem = regex_error(pattern)
+        if problem is None:
+            self.valid_patterns.add(pattern)
+        return problem
 
     def _pattern_id(self, regex: str, url_set: int | None = F.FREE_SET) -> int:
         pid = self.patterns.get(regex)
@@ -467,6 +566,8 @@ class _Compiler:
                     continue
                 routes.suffix_lists.append(lst.suffix)
                 routes.exact_lists.append(lst.exact)
+                if not bucketed:
+                    self.unless_lists.add(name)
                 for pattern, _line in lst.regexes:
                     regex_ids.add(self._pattern_id(pattern))
             texts.append(f"host in list {', '.join(map(str, names))}")
@@ -485,8 +586,7 @@ class _Compiler:
             else:
                 def fn(q: PolicyQuery, f: F.Facts) -> bool | None:
                     return ordinal in f.host_hits
-            native = ("host_or_free", tuple(sorted(regex_ids))) if regex_ids else ("host",)
-            return Check(F.HOST, fn, text, F.URL if regex_ids else 0, native), routes
+            return Check(F.HOST, fn, text, F.URL if regex_ids else 0), routes
         # Unbucketed (inside unless:): walk the host's suffixes against this rule's own sets.
         exact = frozenset(routes.exact).union(*routes.exact_lists) if routes.exact_lists else frozenset(routes.exact)
         suffix_sets = [frozenset(routes.suffix)] + list(routes.suffix_lists)
@@ -526,18 +626,17 @@ class _Compiler:
             values = as_list(block["url"])
             for i, raw in enumerate(values):
                 try:
-                    wc = compile_wildcard(str(raw))
+                    wc = self._wildcard(str(raw))
                 except WildcardError as exc:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), str(exc))
                     continue
-                problem = regex_error(wc.regex)
+                problem = self._regex_error(wc.regex, wildcard=True)
                 if problem:
                     self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
                     continue
                 pid = self._pattern_id(wc.regex, None)  # its set is known at the end
+                self.wildcards[pid] = wc
                 ids.add(pid)
-                if wc.host is not None:
-                    self.pattern_hosts[pid] = (wc.host, wc.host_is_suffix, wc.scheme, wc.port, wc.path)
                 if wc.host is None:
                     keyed = False
                 elif wc.host_is_suffix:
@@ -548,7 +647,7 @@ class _Compiler:
         if "url_regex" in block:
             values = as_list(block["url_regex"])
             for i, raw in enumerate(values):
-                problem = regex_error(str(raw))
+                problem = self._regex_error(str(raw))
                 if problem:
                     self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), f"bad regular expression: {problem}")
                     continue
@@ -568,7 +667,7 @@ class _Compiler:
             def fn(q: PolicyQuery, f: F.Facts) -> bool:
                 return not frozen.isdisjoint(f.matches(url_set))
 
-        check = Check(F.URL, fn, " or ".join(texts), native=("urls", url_set, tuple(sorted(frozen))))
+        check = Check(F.URL, fn, " or ".join(texts))
         if keyed:
             return check, routes  # every pattern names its host: bucket by host
         routes = _Routes()
@@ -585,12 +684,15 @@ class _Compiler:
             for which in sets:
                 members[which].append(pid)
         regexes = sorted(self.patterns, key=self.patterns.__getitem__)
-        self.url_members = (tuple(members[F.FREE_SET]) or None, tuple(members[F.KEYED_SET]) or None)
-        return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET])
+        return self._url_set(regexes, members[F.FREE_SET]), self._url_set(regexes, members[F.KEYED_SET], keyed=True)
 
-    def _url_set(self, regexes: list[str], pids: list[int]) -> tuple[Any, tuple[int, ...]] | None:
+    def _url_set(self, regexes: list[str], pids: list[int], keyed: bool = False) -> tuple[Any, tuple[int, ...]] | None:
         if not pids:
             return None
+        if keyed:  # every KEYED_SET pattern is a wildcard tied to a host: matched scheme apart
+            regexes = list(regexes)
+            for pid in pids:
+                regexes[pid] = self.wildcards[pid].tail
         options = re2.Options()
         options.max_mem = URL_SET_MAX_MEM
         options.case_sensitive = False
@@ -607,7 +709,23 @@ class _Compiler:
             return None
         # The extension object's own Match (the wrapper only encodes and forwards: a third of
         # the call on the hot path).
+        if keyed:
+            return SchemeSplitSet(url_set._set, tuple(self.wildcards[pid].scheme for pid in pids), options), tuple(pids)
         return url_set._set, tuple(pids)
+
+
+_WILDCARD_PARSE_ONLY = 2000
+_PARSE_OPTIONS = re2.Options()
+_PARSE_OPTIONS.log_errors = False
+
+
+def _parses(pattern: str) -> bool:
+    """RE2 parses ``pattern`` (a Set's Add parses without compiling a program)."""
+    try:
+        re2.Set.SearchSet(_PARSE_OPTIONS).Add(pattern)
+    except (re2.error, UnicodeError):
+        return False
+    return True
 
 
 class _Routes:

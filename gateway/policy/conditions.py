@@ -30,10 +30,6 @@ class Check:
     fn: CheckFn
     text: str  # for the verdict's explanation
     may_need: int = 0  # further facts the check asks for when ``needs`` alone cannot settle it
-    # What the native fast path (_fastpath.cpp) evaluates instead of ``fn``, for the host and
-    # URL conditions the compiler builds: ("host",), ("host_or_free", pattern ids) or
-    # ("urls", set, pattern ids). None: only ``fn`` knows; the decision then stays in Python.
-    native: tuple[Any, ...] | None = None
 
 
 class ConditionError(ValueError):

@@ -147,6 +147,27 @@ def is_normalized_url(url: object) -> bool:
     return type(url) is _NormalizedUrl
 
 
+def request_query(
+    device: DeviceContext,
+    host: str | None,
+    url: str,
+    scheme: str | None,
+    method: str | None,
+    dst_ip: IPv4Address | IPv6Address | None,
+    dst_port: int | None,
+    content_type: str | None,
+    body_size: int | None,
+    now: datetime | None,
+) -> PolicyQuery:
+    """The HTTP request stage's query as the gateway builds it from a flow (addons/policy.py):
+    the host as the request names it (``pretty_host``) through ``normalize_host``, the URL
+    (``pretty_url``) in ``normalize_url`` form, marked so that the response stage does not
+    normalize it again. bench/engine.py measures the engine through this same function and
+    ``snapshot.decide`` (tests/unit/test_policy_one_engine.py holds them together)."""
+    return _tuple_new(PolicyQuery, (Stage.REQUEST, device, normalize_host(host), marked_normalized_url(url), scheme,
+                                    method, dst_ip, dst_port, "tcp", content_type, None, body_size, now))
+
+
 def query_for_url(
     url: str,
     device: DeviceContext,

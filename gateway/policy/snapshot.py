@@ -13,20 +13,20 @@ suffix (hash lookups along the host's labels), rules with free URL patterns are 
 through one RE2 set over all patterns, and only rules with neither (device-wide rules) are
 tried for every request.
 
-``decide_url`` is the same decision for a URL string in one call of the native fast path
-(_fastpath.cpp, see native.py) when the extension is built; it returns to ``decide`` for
-any rule, URL or stage the native code does not evaluate, so the verdicts are the Python
-engine's by construction. ``engine`` says which path a snapshot uses.
+``decide_url`` is the same decision for a URL string (the operator tools). The gateway
+builds its HTTP queries with ``query.request_query`` and calls ``decide``, the path
+bench/engine.py measures. (A native C++ fast path for ``decide_url`` was removed in issue
+#22: the gateway never called it, and on the shipped policy it handed 99.5 % of URLs back
+to this engine — figures in bench/engine.py's docstring.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, tzinfo
 from typing import Any
 
 from gateway.policy import facts as F
-from gateway.policy import native as N
 from gateway.policy.conditions import Check
 from gateway.policy.query import DeviceContext, PolicyQuery, is_normalized_url, normalize_url, query_for_url
 from gateway.verdict import RULE_NO_DECISION, Action, Stage, Verdict
@@ -38,15 +38,6 @@ LAZY_URL_RULES = 16
 # Per-device views kept by a snapshot (see ``_device_view``); cleared when full.
 DEVICE_VIEWS = 4096
 _EMPTY: frozenset[int] = frozenset()
-# The stages the native fast path decides (both know the URL), as its stage index.
-_NATIVE_STAGES = {Stage.REQUEST: 0, Stage.RESPONSE: 1}
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def _micros(instant: datetime) -> int:
-    """Microseconds since the epoch, exactly (an aware datetime)."""
-    return (instant - _EPOCH) // _MICROSECOND
 
 
 def is_deferred(verdict: Verdict) -> bool:
@@ -117,15 +108,14 @@ class _DeviceView:
     """What one device can never match, worked out once per (snapshot, device): rules with a
     device condition (group, ownership, posture, user ...) that is false for this device."""
 
-    __slots__ = ("dead", "generic", "unsure", "native")
+    __slots__ = ("dead", "generic", "unsure")
 
     def __init__(self, dead: frozenset[int], generic: tuple[int, ...], unsure: frozenset[int] = _EMPTY):
         self.dead = dead  # ordinals of rules this device cannot match
         self.generic = generic  # the device-wide rules it still has to try
-        # Rules with a device condition that gave no True/False (an error): the native fast
-        # path hands the decision to Python when it reaches one.
+        # Rules with a device condition that gave no True/False (an error): decide()
+        # evaluates them again.
         self.unsure = unsure
-        self.native: Any = None  # the fast path's copy of this view, made on first use
 
 
 def _all_of(checks: tuple[Check, ...], q: PolicyQuery, f: F.Facts) -> bool | None:
@@ -170,10 +160,6 @@ class PolicySnapshot:
         retired: tuple[RuleInfo, ...],
         lists: dict[str, int],
         source: str,
-        url_patterns: tuple[str, ...] = (),
-        url_members: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None),
-        pattern_hosts: dict[int, tuple[Any, ...]] | None = None,
-        native: bool | None = None,
         categories: dict[str, CategoryInfo] | None = None,
     ):
         self.categories = categories or {}   # category name -> CategoryInfo (issue #19)
@@ -215,17 +201,8 @@ class PolicySnapshot:
         }
         for rule in rules:
             rule.verdicts = {s: self._rule_verdict(rule, s) for s in Stage}
-        self._compiled_us = _micros(compiled_at)
-        self._native: Any = None
-        self._native_clock = False  # a rule the fast path evaluates has an expiry
-        # The native engine is built on the first decide_url (or prepare_native): the
-        # gateway's addons call decide() and never pay for its tables.
-        self._native_inputs = (url_patterns, url_members, pattern_hosts or {})
-        self._native_forced = bool(native)
-        self._native_module, self.native_problem = N.module(native)
-        self.engine = "native" if self._native_module is not None else "python"  # decide_url's path
-        if native:
-            self.prepare_native()
+        # What the compile worked out from its inputs (compiler.Prepared), for the edge's cache.
+        self.prepared: Any = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -250,50 +227,9 @@ class PolicySnapshot:
 
     def decide_url(self, url: str, device: DeviceContext, stage: Stage = Stage.REQUEST, method: str = "GET",
                    now: datetime | None = None, **extra: Any) -> Verdict:
-        """``decide(query_for_url(url, device, stage, method, now, **extra))``.
-
-        With the native engine (``engine == "native"``) this method is replaced, on the
-        instance, by the engine's own ``decide_url``: one C call that returns the very Verdict
-        object this method would, and calls this method for whatever it does not decide
-        (other stages, extra query fields, URLs outside the simple form, rules with
-        conditions it does not evaluate)."""
-        if self._native is None and self._native_module is not None and self.prepare_native() == "native":
-            return self._native.decide_url(url, device, stage, method, now, **extra)
+        """``decide(query_for_url(url, device, stage, method, now, **extra))``: a URL string
+        decided (the operator tools, tests)."""
         return self.decide(query_for_url(url, device, stage, method, now, **extra))
-
-    _python_decide_url = decide_url
-
-    def prepare_native(self) -> str:
-        """Build the native engine now (else the first decide_url does); returns ``engine``.
-        A policy the native code cannot take (RE2 refuses a pattern) stays on Python, with
-        ``native_problem`` saying why; with ``native=True`` that raises instead."""
-        module = self._native_module
-        if self._native is not None or module is None:
-            return self.engine
-        try:
-            engine = self._native_engine(module, *self._native_inputs)
-        except Exception as exc:  # noqa: BLE001 - the Python engine decides
-            self._native_module = None
-            self.engine = "python"
-            self.native_problem = f"native engine not built for this policy: {exc}"
-            if self._native_forced:
-                raise
-            return self.engine
-        self._native = engine
-        self.decide_url = engine.decide_url  # type: ignore[method-assign]
-        return self.engine
-
-    def native_verdict(self, url: str, device: DeviceContext, stage: Stage = Stage.REQUEST,
-                       now: datetime | None = None) -> Verdict | None:
-        """What the native fast path answers for this URL, or None when it hands the
-        decision to Python (or is not in use). For tests and the benchmark."""
-        self.prepare_native()
-        native = self._native
-        index = _NATIVE_STAGES.get(stage)
-        if native is None or index is None or (now is not None and now.tzinfo is None):
-            return None
-        now_us = (self._compiled_us if now is None else _micros(now)) if self._native_clock else 0
-        return native.decide(url, index, self._native_view(device), now_us)
 
     def host_verdict(self, device: DeviceContext, host: str, stage: Stage, now: datetime | None = None) -> Verdict | None:
         """The decision for (device, host) when no path, content, destination address or
@@ -350,47 +286,6 @@ class PolicySnapshot:
         if not dead and not unsure:
             return self._all_alive
         return _DeviceView(frozenset(dead), tuple(o for o in self._generic if o not in dead), frozenset(unsure))
-
-    def _native_view(self, device: DeviceContext) -> Any:
-        """The fast path's copy of this device's view (made once per view)."""
-        view = self._device_view(device)
-        if view.native is None:
-            view.native = self._native.view(sorted(view.dead), sorted(view.unsure), view.generic)
-        return view.native
-
-    def _native_engine(self, module: Any, patterns: tuple[str, ...],
-                       members: tuple[tuple[int, ...] | None, tuple[int, ...] | None],
-                       pattern_hosts: dict[int, tuple[Any, ...]]) -> Any:
-        """The fast path's engine over this snapshot's tables. Per rule: whether it needs
-        Python (unless:, or a condition without a native form), host_only, the expiry, and
-        the native forms of its conditions; device-only conditions are left to the
-        per-device view (dead / unsure)."""
-        specs = []
-        for rule in self.rules:
-            python = bool(rule.unless)
-            checks = []
-            for c in rule.checks:
-                if c.needs == F.DEVICE and not c.may_need:
-                    continue  # settled per device (_device_view)
-                if c.native is None:
-                    python = True
-                    break
-                checks.append(c.native)
-            expires = None
-            if rule.expires_at is not None and not python:
-                expires = _micros(rule.expires_at)
-                self._native_clock = True
-            specs.append((python, rule.host_only, expires, tuple(checks)))
-        stages = sorted(_NATIVE_STAGES, key=_NATIVE_STAGES.__getitem__)
-        return module.Engine(
-            rules=specs, exact=self._exact, suffix=self._suffix, url_only=self._url_only,
-            pattern_rules=self._pattern_rules, lazy_limit=LAZY_URL_RULES, patterns=tuple(patterns),
-            free_pids=members[F.FREE_SET], keyed_pids=members[F.KEYED_SET], pattern_hosts=pattern_hosts,
-            verdicts=tuple(tuple(rule.verdicts[s] for rule in self.rules) for s in stages),
-            defaults=tuple(self._default[s] for s in stages),
-            stages=tuple(stages), fallback=self._python_decide_url, view_factory=self._native_view,
-            micros=_micros if self._native_clock else None, compiled_us=self._compiled_us,
-        )
 
     def _evaluate(self, q: PolicyQuery, known: int, now: datetime) -> Verdict:
         if q.url and not is_normalized_url(q.url):  # query_for_url's URLs are normalized already

@@ -23,12 +23,14 @@ class CompiledWildcard:
     regex: str
     host: str | None  # bucket key, None when the host part has free wildcards
     host_is_suffix: bool
-    # The parts the regex was made of, for the native fast path's string matcher
-    # (_fastpath.cpp): the scheme (lower-case; None: any), the port (digits; None: any), the
-    # path glob as written ("" : none).
+    # The parts the regex was made of: the scheme (lower-case; None: any), the port
+    # (digits; None: any), the path glob as written ("" : none).
     scheme: str | None = None
     port: str | None = None
     path: str = ""
+    # The regex from "://" on (``^://host...$``): ``regex`` is the scheme's regex followed by
+    # this, less its "^" (urlsets.py matches the two parts apart).
+    tail: str = ""
 
 
 class WildcardError(ValueError):
@@ -100,4 +102,4 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         if "?" not in path:
             path_re += "(?:[?#].*)?"
     return CompiledWildcard(f"^{scheme_re}://{host_re}{port_re}{path_re}$", host_key, host_is_suffix,
-                            scheme, port_digits, path)
+                            scheme, port_digits, path, f"^://{host_re}{port_re}{path_re}$")

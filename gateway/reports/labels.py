@@ -111,6 +111,21 @@ MAIL_INDICATORS: Mapping[str, Text] = {
     "virus-detected": Text("ウイルス検出", "virus detected"),
     "virus-scan-unavailable": Text("ウイルス検査ができなかった", "virus scan unavailable"),
     "message-too-complex": Text("検査できないほど複雑なメール", "message too complex to inspect"),
+    # issue #20 (IPA 7.4 themes, body, signature, attachments)
+    "theme-request": Text("取材・講演・応募・問合せ・アンケートを装う件名や本文", "request theme (interview, lecture, application, enquiry, survey)"),
+    "theme-internal-document": Text("議事録・原稿・要人訪問など内部文書を装う", "internal document theme (minutes, drafts, VIP visit)"),
+    "theme-public-notice": Text("公的機関からの注意喚起を装う", "notice from a public body (security alert, epidemic, disaster)"),
+    "theme-organization-notice": Text("組織全体への通知（人事・新制度・資料再送）を装う", "organization-wide notice (personnel, new policy, resent documents)"),
+    "theme-delivery-notice": Text("心当たりのない決裁・配送通知", "unexpected approval or delivery notice"),
+    "theme-credential-request": Text("ID・パスワードや口座情報の入力依頼", "request to enter IDs, passwords or bank details"),
+    "unnatural-japanese": Text("不自然な日本語の言い回し", "unnatural Japanese phrasing"),
+    "non-japanese-han": Text("日本語で使われない漢字（繁体字・簡体字）", "Han characters Japanese does not use"),
+    "signature-error": Text("署名の誤り（存在しない番号・電話と FAX が同じ・別ドメイン）", "signature error (invalid number, phone = FAX, other domain)"),
+    "attachment-present": Text("ファイルが添付されている", "a file is attached"),
+    "icon-disguise": Text("アイコンを偽装した実行ファイル", "executable disguised with a document icon"),
+    "outbound-external-recipients": Text("社外の宛先が多すぎる送信（To/Cc）", "too many external recipients in To/Cc"),
+    "outbound-external-domains": Text("多数の社外ドメインへの送信（To/Cc）", "To/Cc span too many external domains"),
+    "outbound-confidential-label": Text("機密表示のあるメールの社外送信", "confidential label going outside"),
 }
 
 MAIL_VERDICTS: Mapping[str, Text] = {

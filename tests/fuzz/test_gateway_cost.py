@@ -1,7 +1,7 @@
 """Cost oracle (tests/fuzz/cost.py) for the gateway's own parsers of attacker bytes
 (issue #15): first-byte identification, the authority parser and the request-authority
-check, URL and host normalization, a policy decision over a long URL (RE2 and the native
-fast path), DNS-binding bookkeeping. Each input shape is a long run, many pieces, or a
+check, URL and host normalization, a policy decision over a long URL (RE2, through the
+gateway's own request_query + decide), DNS-binding bookkeeping. Each input shape is a long run, many pieces, or a
 deep structure; what is measured is CPU time of n, 2n, 4n. The mail parsers have their own
 file (test_mail_cost.py); the operator-file loaders are in tests/unit/test_load_bounds.py."""
 
@@ -18,10 +18,10 @@ from addons.requesttarget import RequestAuthority
 from gateway.authority import MalformedAuthority, parse_authority
 from gateway.dnsbinding import DnsBindings
 from gateway.firstbytes import classify
+from gateway.policy.query import request_query
 from gateway.hostname import normalize_host
 from gateway.policy import DeviceContext, load_policy
 from gateway.policy.query import normalize_url
-from gateway.verdict import Stage
 from tests.fuzz.cost import assert_linear
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +59,13 @@ def _bind_all(items) -> None:
         b.resolved(device, name, address)
 
 
+def _gateway_decide(url: str):
+    """The decision as addons/policy.py makes it for a request (host and URL as mitmproxy
+    gives them)."""
+    host = url.split("/", 3)[2]
+    return SNAPSHOT.decide(request_query(DEVICE, host, url, "https", "GET", None, 443, None, None, NOW))
+
+
 CASES = {
     # identification: the classifier walks what arrived once (its caps make long input constant)
     "firstbytes/request-line": (lambda n: b"GET /" + b"a" * n, classify, 2_000),
@@ -78,9 +85,9 @@ CASES = {
     "url/dot-segments": (lambda n: "http://www.example.test/" + "./../" * n, normalize_url, 5_000),
     # a whole decision over a long URL (example policy: lists, URL rules, response rules)
     "decide/long-url": (lambda n: "https://www.example.test/" + "seg/" * n + "x.apk",
-                        lambda url: SNAPSHOT.decide_url(url, DEVICE, Stage.REQUEST, now=NOW), 5_000),
+                        lambda url: _gateway_decide(url), 5_000),
     "decide/long-host": (lambda n: "https://" + "a." * n + "example.test/",
-                         lambda url: SNAPSHOT.decide_url(url, DEVICE, Stage.REQUEST, now=NOW), 100),
+                         lambda url: _gateway_decide(url), 100),
     # DNS bindings: many answers for one device
     "dnsbinding/many-names": (_bindings, _bind_all, 2_000),
 }

@@ -359,7 +359,7 @@ def test_a_reload_that_fails_with_an_unexpected_exception_is_refused_too(tmp_pat
 # -- linearity -----------------------------------------------------------------------------
 
 def test_yaml_loader_is_linear_in_the_number_of_rules():
-    assert_linear(lambda text: compile_text(text, filename="p.yaml", native=False), policy_with_rules, 150)
+    assert_linear(lambda text: compile_text(text, filename="p.yaml"), policy_with_rules, 150)
 
 
 def test_yaml_loader_is_linear_in_the_length_of_a_line():
