@@ -37,7 +37,7 @@ def test_category_hit_and_repeated_blocks_quarantine_the_device(make_lab, tmp_pa
     hooks = tmp_path / "webhook.jsonl"
     lab = make_lab(n_devices=2, start=False, overrides={
         "policy": {"path": str(policy)},
-        "auto_quarantine": {"categories": ["malware"], "repeated_blocks": [{"category": "sideload", "count": 4, "minutes": 5}]},
+        "auto_quarantine": {"categories": ["malware"], "repeated_blocks": [{"category": "sideload", "count": 10, "minutes": 5}]},
         "alerts": {"gateway_name": "kanmon-lab", "webhook": {"url": f"http://{SPARE4}:{WEBHOOK_PORT}/hook", "timeout": 2},
                    "retries": 5, "retry_base_seconds": 0.5},
         "quarantine": {"allow_hosts": ["mdm.test"]},
@@ -64,10 +64,11 @@ def test_category_hit_and_repeated_blocks_quarantine_the_device(make_lab, tmp_pa
     assert code(a.curl("https://mdm.test/enroll", timeout=10)) == "200"
     wait_until(lambda: code(a.curl("https://www.example.test/q", timeout=5)) == "403", 5, "the quarantine to apply")
 
-    # -- sideload blocks: one is not enough; four within five minutes are
+    # -- sideload blocks: one request is not enough (it makes 2-4 blocks: the A and AAAA queries,
+    # then the ClientHello to the sinkhole, once per address family tried); ten within five minutes are
     b.curl("https://tracker.test/app", timeout=5)
     assert device_status(lab, b.device_id)["status"] == "active"
-    for _ in range(6):
+    for _ in range(12):
         if device_status(lab, b.device_id)["status"] == "quarantined":
             break
         b.curl("https://tracker.test/app", timeout=5)
@@ -75,7 +76,7 @@ def test_category_hit_and_repeated_blocks_quarantine_the_device(make_lab, tmp_pa
     wait_until(lambda: len(alerts(hooks)) == 2, 15, "the second webhook alert")
     second = alerts(hooks)[1]["details"]
     assert second["device.id"] == b.device_id and second["kanmon.trigger"] == "repeated-blocks"
-    assert second["kanmon.evidence"]["count"] == 4 and second["kanmon.evidence"]["category"] == "sideload"
+    assert second["kanmon.evidence"]["count"] == 10 and second["kanmon.evidence"]["category"] == "sideload"
     assert lab.metric_value("kanmon_auto_quarantines_total", trigger="category") == 1
     assert lab.metric_value("kanmon_auto_quarantines_total", trigger="repeated-blocks") == 1
 
