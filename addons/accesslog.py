@@ -30,7 +30,7 @@ from addons.identity import METADATA_DEVICE
 from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
 from gateway.logstore import verdict_fields
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_UNKNOWN_DEVICE, Action, Verdict
 
 log = logging.getLogger("kanmon.accesslog")

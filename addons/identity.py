@@ -15,7 +15,7 @@ from mitmproxy import connection, dns, http, tcp, udp
 
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 
 log = logging.getLogger("kanmon.identity")
 

@@ -49,7 +49,7 @@ from gateway.limits import (LIMIT_CLIENTHELLO, LIMIT_CONNECTION_RATE, LIMIT_CONN
                             LIMIT_HEADER_BYTES, LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER,
                             MAX_CLIENTHELLO_BYTES, RULE_DEVICE_LIMIT, DeviceLimiter, LimitReporter, LimitSettings)
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.limits")

@@ -23,7 +23,7 @@ from addons.requesttarget import request_target
 from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.policy.query import marked_normalized_url
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.policy")

@@ -11,7 +11,7 @@ from addons.flowverdict import record_verdict
 from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
 from gateway.connections import LiveConnections
-from gateway.registry import DeviceStatus
+from gateway.registry.model import DeviceStatus
 from gateway.verdict import RULE_QUARANTINE, Action, Stage, Verdict
 
 EXPLAIN = "端末は隔離中です。修復用の宛先のみ利用できます / device is quarantined: only remediation destinations are reachable"

@@ -22,7 +22,7 @@ from addons.flowverdict import record_verdict
 from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
 from gateway.connections import ConnectionState, LiveConnections
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.signin import pages
 from gateway.signin.oidc import SignInRefused
 from gateway.signin.service import SignInService

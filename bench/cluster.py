@@ -33,8 +33,9 @@ from wireguard_tools import WireguardKey  # noqa: E402
 
 from gateway.lab.cluster import PostgresServer  # noqa: E402
 from gateway.reconcile import Reconciler  # noqa: E402
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, SqliteRegistry  # noqa: E402
-from gateway.registry_pg import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher  # noqa: E402
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus  # noqa: E402
+from gateway.registry.sqlite import SqliteRegistry
+from gateway.registry.postgres import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher  # noqa: E402
 from gateway.tunnel import PeerSyncResult  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

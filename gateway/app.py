@@ -40,7 +40,8 @@ from addons.requesttarget import RequestAuthority
 from addons.quarantine import QuarantineGate
 from gateway import allocator, diagnostics, heaptrim, limitsnft, steering
 from gateway.config import GatewayConfig
-from gateway.cluster import ClusterNode, registry_url_of
+from gateway.cluster import ClusterNode
+from gateway.registry.factory import open_registry, registry_url_of
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
 from gateway.feeds.runner import FeedRunner
@@ -52,7 +53,7 @@ from gateway.policy import PolicySnapshot, load_policy
 from gateway.dnsbinding import DnsBindings
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
 from gateway.reconcile import Reconciler
-from gateway.registry import SqliteRegistry
+from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
 from gateway.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
@@ -115,7 +116,7 @@ class GatewayApp:
         self.fatal_reason: str | None = None
         self._stop = asyncio.Event()
         self.master = None
-        self.registry: SqliteRegistry | None = None
+        self.registry: DeviceRegistry | None = None
         self.logstore: LogStore | None = None
         self.policy: PolicyHolder | None = None
         self._reload_lock = asyncio.Lock()
@@ -320,7 +321,7 @@ class GatewayApp:
         self.feeds.fetch_missing()  # a feed without a last good copy is fetched before the policy compiles
         self.load_initial_policy()
         cfg.mitmproxy_confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.registry = self.registry or SqliteRegistry(cfg.registry_path)
+        self.registry = self.registry or open_registry(cfg)  # no cluster: the embedded SQLite file
         if cfg.alerts:
             self.alerts = AlertDispatcher.from_settings(AlertSettings.from_mapping(cfg.alerts)).start()
         if cfg.syslog:

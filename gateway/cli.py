@@ -77,8 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import sqlite3
 
     from gateway.app import GatewayApp, StartupError
-    from gateway.registry import RegistryError
-    from gateway.registry_pg import RegistryUnavailable
+    from gateway.registry.model import RegistryError
+    from gateway.registry.postgres import RegistryUnavailable
 
     try:
         return asyncio.run(GatewayApp(cfg).run())
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import sqlite3
 
-        from gateway.registry import RegistryDamaged
+        from gateway.registry.model import RegistryDamaged
         if isinstance(exc, RegistryDamaged):
             print(exc.text.render(), file=sys.stderr)   # damaged registry: refused, nothing written over it
         elif isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):

@@ -26,326 +26,23 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.cluster_schema import REGISTRY_SCHEMA  # noqa: F401  (re-exported)
 from gateway.i18n import Text
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, RegistryError
+from gateway.registry.factory import REGISTRY_URL_ENV, open_registry, outbox_path, registry_url_of
+from gateway.registry.model import AuditEntry, DeviceStatus, RegistryError
+from gateway.registry.outbox import QUEUEABLE, LocalOutbox, OutageTolerantRegistry
 
 log = logging.getLogger("kanmon.cluster")
 
-REGISTRY_URL_ENV = "KANMON_REGISTRY_URL"
 REPORT_SECONDS = 2.0           # how often a node writes its row in `nodes`
 STALE_SECONDS = 10.0           # a node silent for longer is shown as stale
-QUEUEABLE = {DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
-             DeviceStatus.QUARANTINED: "device-quarantined"}
-
-def registry_url_of(cfg) -> str | None:
-    """The shared registry's URL: `registry.url` in the config (cfg.registry_url once
-    config.py has it), else $KANMON_REGISTRY_URL; None: the embedded SQLite registry."""
-    return getattr(cfg, "registry_url", None) or os.environ.get(REGISTRY_URL_ENV) or None
-
-
-# -- local outbox ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class QueuedChange:
-    seq: int
-    device_id: str
-    status: DeviceStatus
-    reason: str
-    suspended_until: datetime | None
-    actor: str
-    queued_at: datetime
-    node: str
-
-
-class LocalOutbox:
-    """Status changes issued while the registry is unreachable (SQLite in the state dir,
-    shared by the CLI and the gateway process)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS queued (seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,"
-            " status TEXT NOT NULL, reason TEXT NOT NULL, suspended_until TEXT, actor TEXT NOT NULL,"
-            " queued_at TEXT NOT NULL, node TEXT NOT NULL, replayed_at TEXT, result TEXT)")
-
-    def close(self) -> None:
-        self._db.close()
-
-    def queue(self, device_id: str, status: DeviceStatus, reason: str, actor: str, node: str,
-              suspended_until: datetime | None = None) -> int:
-        if status not in QUEUEABLE:
-            raise ValueError(f"only revocations, suspensions and quarantines are queued, not {status}")
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO queued (device_id, status, reason, suspended_until, actor, queued_at, node)"
-                " VALUES (?,?,?,?,?,?,?)",
-                (device_id, str(status), reason, suspended_until.isoformat() if suspended_until else None, actor,
-                 datetime.now(UTC).isoformat(), node))
-            return cur.lastrowid
-
-    def pending(self) -> list[QueuedChange]:
-        with self._lock:
-            rows = self._db.execute("SELECT seq, device_id, status, reason, suspended_until, actor, queued_at, node"
-                                    " FROM queued WHERE replayed_at IS NULL ORDER BY seq").fetchall()
-        return [QueuedChange(r[0], r[1], DeviceStatus(r[2]), r[3], datetime.fromisoformat(r[4]) if r[4] else None,
-                             r[5], datetime.fromisoformat(r[6]), r[7]) for r in rows]
-
-    def mark_replayed(self, seq: int, result: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE queued SET replayed_at=?, result=? WHERE seq=?",
-                             (datetime.now(UTC).isoformat(), result, seq))
-
-    def history(self) -> list[tuple[int, str, str, str | None, str | None]]:
-        with self._lock:
-            return self._db.execute("SELECT seq, device_id, status, replayed_at, result FROM queued ORDER BY seq").fetchall()
-
-
-def apply_queued(rec: DeviceRecord, change: QueuedChange) -> DeviceRecord:
-    """Pure: the record after a queued change (a revocation is never undone by a later one)."""
-    if rec.status is DeviceStatus.REVOKED:
-        return rec
-    return replace(rec, status=change.status, status_reason=change.reason,
-                   suspended_until=change.suspended_until if change.status is DeviceStatus.SUSPENDED else None)
-
-
-def replay_outbox(registry, outbox: LocalOutbox) -> list[tuple[int, str]]:
-    """Write every pending queued change into the registry, oldest first, each with its audit
-    entry. Stops at the first RegistryUnavailable (the rest stays queued)."""
-    done = []
-    for change in outbox.pending():
-        rec = registry.get(change.device_id)
-        if rec is None:
-            result = "unknown device"
-        elif rec.status is DeviceStatus.REVOKED:
-            result = "already revoked"
-        else:
-            reason = f"{change.reason} (queued on {change.node} at {change.queued_at.isoformat()} during a registry outage)"
-            registry.update(apply_queued(rec, change), audit=AuditEntry(change.actor, QUEUEABLE[change.status], reason))
-            result = "applied"
-        outbox.mark_replayed(change.seq, result)
-        log.warning("queued %s of %s (#%d) replayed into the registry: %s", change.status, change.device_id,
-                    change.seq, result)
-        done.append((change.seq, result))
-    return done
-
-
-# -- the gateway's view of a shared registry ---------------------------------------------------
-
-class OutageTolerantRegistry:
-    """`DeviceRegistry` for the gateway process over a `PgRegistry`. While the server answers
-    it passes everything through and remembers the records; while it does not, reads come from
-    that memory with the local outbox's queued changes on top (so the node keeps enforcing the
-    last state and applies its own queued revocations), writes raise RegistryUnavailable. When
-    the server answers again the outbox is replayed first, then the real revisions continue.
-
-    `revision()` does no I/O (the reconcile loop calls it on the event loop every 50 ms, and a
-    blackholed server must not freeze the proxy): it returns the latest revision learned from
-    NOTIFY payloads (`note_revision`) and from a probe thread (`start_probe`, own connection,
-    which also detects the outage and the recovery). Revisions handed out during an outage are
-    negative (never a real one): the first real read after it continues from the last real
-    revision the caller consumed."""
-
-    def __init__(self, inner, outbox: LocalOutbox, on_state: Callable[[bool, str], None] = lambda up, d: None):
-        from gateway.registry_pg import RegistryUnavailable
-        self._Unavailable = RegistryUnavailable
-        self.inner = inner
-        self.outbox = outbox
-        self.on_state = on_state
-        self.up = True
-        self.records: dict[str, DeviceRecord] = {}
-        self.consumed_revision = 0
-        self.latest: int | None = None
-        self._lock = threading.Lock()
-        self._replay_due = False
-        self._overlaid = 0            # highest outbox seq already handed out during this outage
-        self._probe_stop = threading.Event()
-        self._probe_thread: threading.Thread | None = None
-
-    def __getattr__(self, name):     # report_node, nodes ... pass through
-        return getattr(self.inner, name)
-
-    # -- state -----------------------------------------------------------------------------
-    def note_revision(self, revision: int) -> None:
-        with self._lock:
-            if self.up and (self.latest is None or revision > self.latest):
-                self.latest = revision
-
-    def _down(self, exc: Exception) -> None:
-        with self._lock:
-            was_up, self.up = self.up, False
-        if was_up:
-            detail = str(getattr(exc, "detail", exc))
-            log.critical("registry unreachable; enforcing the last known state, refusing changes: %s", detail)
-            self.on_state(False, detail)
-
-    def _back(self, revision: int) -> None:
-        with self._lock:
-            was_up, self.up = self.up, True
-            if not was_up:
-                self._replay_due = True
-                self._overlaid = 0
-            if self.latest is None or revision > self.latest or not was_up:
-                self.latest = revision
-        if not was_up:
-            log.warning("registry reachable again; replaying queued changes")
-            self.on_state(True, "")
-
-    def probe(self, probe_registry) -> None:
-        try:
-            self._back(probe_registry.revision())
-        except self._Unavailable as exc:
-            self._down(exc)
-
-    def start_probe(self, probe_registry, interval: float = 0.5) -> None:
-        def loop():
-            while not self._probe_stop.wait(interval):
-                self.probe(probe_registry)
-        self._probe_thread = threading.Thread(target=loop, name="registry-probe", daemon=True)
-        self._probe_thread.start()
-
-    def _replay_if_due(self) -> None:
-        if self._replay_due:
-            replay_outbox(self.inner, self.outbox)
-            self._replay_due = False
-
-    def _pseudo_revision(self) -> int:
-        pending = self.outbox.pending()
-        return -1 - (pending[-1].seq if pending else 0)
-
-    @staticmethod
-    def _overlay(records: dict[str, DeviceRecord], changes: list[QueuedChange]) -> list[DeviceRecord]:
-        out = []
-        for change in changes:
-            rec = records.get(change.device_id)
-            if rec is not None:
-                records[change.device_id] = rec = apply_queued(rec, change)
-                out.append(rec)
-        return out
-
-    # -- DeviceRegistry --------------------------------------------------------------------
-    def revision(self) -> int:
-        if not self.up:
-            return self._pseudo_revision()
-        if self.latest is None:
-            try:
-                self._back(self.inner.revision())
-            except self._Unavailable as exc:
-                self._down(exc)
-                return self._pseudo_revision()
-        return self.latest
-
-    def changed_since(self, revision: int) -> tuple[int, list[DeviceRecord]]:
-        try:
-            if not self.up:
-                raise _StillDown()
-            self._replay_if_due()
-            current, changed = self.inner.changed_since(revision if revision >= 0 else self.consumed_revision)
-        except (self._Unavailable, _StillDown) as exc:
-            if not isinstance(exc, _StillDown):
-                self._down(exc)
-            fresh = [c for c in self.outbox.pending() if c.seq > self._overlaid]
-            if fresh:
-                self._overlaid = fresh[-1].seq
-            return self._pseudo_revision(), self._overlay(self.records, fresh)
-        self.records.update({r.device_id: r for r in changed})
-        self.consumed_revision = current
-        self.note_revision(current)
-        return current, changed
-
-    def all(self) -> list[DeviceRecord]:
-        try:
-            if not self.up:
-                raise _StillDown()
-            self._replay_if_due()
-            revision, records = self.inner.snapshot()
-        except (self._Unavailable, _StillDown) as exc:
-            if not isinstance(exc, _StillDown):
-                self._down(exc)
-            view = dict(self.records)
-            self._overlay(view, self.outbox.pending())
-            return sorted(view.values(), key=lambda r: r.device_id)
-        self.records = {r.device_id: r for r in records}
-        self.consumed_revision = revision
-        self.note_revision(revision)
-        return records
-
-    def get(self, device_id: str) -> DeviceRecord | None:
-        try:
-            return self.inner.get(device_id)
-        except self._Unavailable as exc:
-            self._down(exc)
-            return self.records.get(device_id)
-
-    def by_public_key(self, key: str) -> DeviceRecord | None:
-        try:
-            return self.inner.by_public_key(key)
-        except self._Unavailable as exc:
-            self._down(exc)
-            return next((r for r in self.records.values() if r.wg_public_key == key), None)
-
-    def add(self, record, audit=None):
-        return self.inner.add(record, audit)
-
-    def update(self, record, audit=None):
-        return self.inner.update(record, audit)
-
-    def allocate_addresses(self, prefix4, prefix6):
-        return self.inner.allocate_addresses(prefix4, prefix6)
-
-    def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]:
-        if not self.up:
-            return []
-        try:
-            return self.inner.unshipped_audit(limit)
-        except self._Unavailable as exc:
-            self._down(exc)
-            return []
-
-    def mark_audit_shipped(self, ids: list[int]) -> None:
-        self.inner.mark_audit_shipped(ids)
-
-    def close(self) -> None:
-        self._probe_stop.set()
-        self.inner.close()
-        self.outbox.close()
-
-
-class _StillDown(Exception):
-    """Internal: the probe says the server is down; do not wait on it again."""
-
-
-def outbox_path(cfg) -> Path:
-    return cfg.state_dir / "registry-outbox.sqlite3"
-
-
-def open_registry(cfg, *, node: str | None = None, gateway: bool = False):
-    """The registry the config selects: PostgreSQL when a registry URL is set (wrapped in
-    OutageTolerantRegistry for the gateway process), else the embedded SQLite file."""
-    url = registry_url_of(cfg)
-    if url is None:
-        from gateway.registry import SqliteRegistry
-        return SqliteRegistry(cfg.registry_path)
-    from gateway.registry_pg import PgRegistry
-    inner = PgRegistry(url, node=node or cfg.node_name)
-    if not gateway:
-        return inner
-    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return OutageTolerantRegistry(inner, LocalOutbox(outbox_path(cfg)))
-
-
 # -- node health -------------------------------------------------------------------------------
 
 class NodeReporter:
@@ -366,7 +63,7 @@ class NodeReporter:
         return self
 
     def report_once(self) -> None:
-        from gateway.registry_pg import PgRegistry
+        from gateway.registry.postgres import PgRegistry
         if self._registry is None:
             self._registry = PgRegistry(self.url, node="reporter")
         self._registry.report_node(self.snapshot())
@@ -427,7 +124,7 @@ class PolicySync:
         self._store = None
 
     def store(self):
-        from gateway.registry_pg import PolicyStore
+        from gateway.registry.postgres import PolicyStore
         if self._store is None:
             self._store = PolicyStore(self.url)
         return self._store
@@ -435,7 +132,7 @@ class PolicySync:
     def sync_files(self) -> str | None:
         """The current version id if the link now points at a different policy than before
         (a reload is needed), else None. RegistryUnavailable when the server is down."""
-        from gateway.registry_pg import materialize
+        from gateway.registry.postgres import materialize
         current = self.store().current()
         if current is None:
             return None
@@ -484,7 +181,7 @@ class ClusterNode:
         """Link the cluster's policy (so the first load is the cluster's), open the registry
         view and start its probe. Raises RegistryUnavailable when the server cannot be reached
         at start (a node that never saw the registry has no state to keep enforcing)."""
-        from gateway.registry_pg import PgRegistry, RegistryUnavailable
+        from gateway.registry.postgres import PgRegistry, RegistryUnavailable
         try:
             self.policy_sync.sync_files()
         except RegistryUnavailable as exc:
@@ -509,7 +206,7 @@ class ClusterNode:
             self.metrics.outbox_pending.set(len(self.registry.outbox.pending()))
 
     def start(self, loop) -> None:
-        from gateway.registry_pg import RegistryWatcher
+        from gateway.registry.postgres import RegistryWatcher
         self._loop = loop
         self.watcher = RegistryWatcher(self.url, self._on_notify).start()
         self.reporter = NodeReporter(self.url, self.node_report).start()
@@ -531,7 +228,7 @@ class ClusterNode:
     def _on_notify(self, channel: str, payload: str) -> None:
         import asyncio
 
-        from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL
+        from gateway.registry.postgres import POLICY_CHANNEL, REGISTRY_CHANNEL
         self.metrics.notifications.labels(channel).inc()
         if self._loop is None:
             return
@@ -545,7 +242,7 @@ class ClusterNode:
     async def _sync_policy(self) -> None:
         import asyncio
 
-        from gateway.registry_pg import RegistryUnavailable
+        from gateway.registry.postgres import RegistryUnavailable
         try:
             changed = await asyncio.to_thread(self.policy_sync.sync_files)
         except RegistryUnavailable as exc:
@@ -556,7 +253,7 @@ class ClusterNode:
 
     def node_report(self):
         from gateway import __version__
-        from gateway.registry_pg import NodeReport
+        from gateway.registry.postgres import NodeReport
         policy = self.app.policy
         policy_version = policy.current.snapshot.version if policy is not None else None
         self.metrics.node_info.clear()
@@ -609,13 +306,13 @@ def node_rows(nodes, current_policy: str | None, now_revision: int | None) -> li
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.registry_pg import PgRegistry, PolicyStore, RegistryUnavailable
+    from gateway.registry.postgres import PolicyStore, RegistryUnavailable
     cfg = _config(args)
     url = _url_or_error(cfg)
     if url is None:
         return EXIT_USAGE
     try:
-        reg = PgRegistry(url, node=cfg.node_name)
+        reg = open_registry(cfg)          # url is set: the shared PostgreSQL registry
         nodes, revision = reg.nodes(), reg.revision()
         current = PolicyStore(url).current()
     except RegistryUnavailable as exc:
@@ -654,14 +351,14 @@ def queue_status_change(cfg, device_id: str, status: DeviceStatus, reason: str, 
 def _status_command(status: DeviceStatus):
     def handler(args: argparse.Namespace) -> int:
         from gateway.gatewayprocess import poke_reconcile
-        from gateway.registry_pg import PgRegistry, RegistryUnavailable
+        from gateway.registry.postgres import RegistryUnavailable
         cfg = _config(args)
         url = _url_or_error(cfg)
         if url is None:
             return EXIT_USAGE
         until = datetime.fromisoformat(args.until) if getattr(args, "until", None) else None
         try:
-            reg = PgRegistry(url, node=cfg.node_name)
+            reg = open_registry(cfg)          # url is set: the shared PostgreSQL registry
             rec = reg.get(args.id)
             if rec is None:
                 print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
@@ -690,7 +387,7 @@ def _status_command(status: DeviceStatus):
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     """Compile, store in the registry and make current; every node loads it (NOTIFY). Waits
     until every node reporting recently runs this version."""
-    from gateway.registry_pg import PgRegistry, PolicyError, PolicyStore, RegistryUnavailable
+    from gateway.registry.postgres import PolicyError, PolicyStore, RegistryUnavailable
     from gateway.yamlsource import SourceErrors
     cfg = _config(args)
     url = _url_or_error(cfg)
@@ -710,7 +407,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
         print(exc.text.render(), file=sys.stderr)
         return EXIT_FAIL
     deadline = time.monotonic() + args.timeout
-    reg = PgRegistry(url, node=cfg.node_name)
+    reg = open_registry(cfg)          # url is set: the shared PostgreSQL registry
     lagging: list[str] = []
     while time.monotonic() < deadline:
         live = [n for n in reg.nodes() if (n.age_seconds or 0) <= STALE_SECONDS]

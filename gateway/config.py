@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.hostname import normalize_host_entry
 from gateway.posture import VersionError, normalize_platform, parse_version
-from gateway.cluster_schema import REGISTRY_SCHEMA
+from gateway.registry.schema import REGISTRY_SCHEMA
 from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.verdict import Action

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import CONNECTION_STAGES, Verdict
 
 # What a connection was identified as (addons/protocol.py); None until it was.

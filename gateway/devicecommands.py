@@ -23,8 +23,7 @@ from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
-from gateway.registry import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError,
-                              record_as_dict)
+from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 APPLY_CONFIRM_SECONDS = 3.0   # how long a registry change waits for the running gateway to confirm it
@@ -34,7 +33,7 @@ def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
     """The registry the config selects: the embedded SQLite file, or the shared PostgreSQL
     registry of a multi-node deployment (registry.url)."""
     from gateway.cli import load_config_or_exit
-    from gateway.cluster import open_registry
+    from gateway.registry.factory import open_registry
 
     cfg = load_config_or_exit(args.config)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -568,7 +567,7 @@ def _apply_now(args: argparse.Namespace) -> None:
     (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
     No gateway running here: it applies the change when it starts (or another node's does)."""
     from gateway.cli import load_config_or_exit
-    from gateway.cluster import open_registry
+    from gateway.registry.factory import open_registry
 
     cfg = load_config_or_exit(args.config)
     if not poke_reconcile(cfg.pid_path):

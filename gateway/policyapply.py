@@ -22,7 +22,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from gateway.cli import load_config_or_exit
 
     cfg = load_config_or_exit(args.config)
-    from gateway.cluster import cmd_policy_apply, registry_url_of
+    from gateway.cluster import cmd_policy_apply
+    from gateway.registry.factory import registry_url_of
     if registry_url_of(cfg):
         return cmd_policy_apply(args)  # several nodes: the policy goes through the shared registry
     path = Path(args.path).resolve()

@@ -18,7 +18,7 @@ def registered_device_context(config_path: str, device_id: str,
     """(context, signed-in user or None). Raises DeviceLookupError for an unknown device."""
     from addons.policy import device_context
     from gateway.cli import load_config_or_exit
-    from gateway.cluster import open_registry
+    from gateway.registry.factory import open_registry
     from gateway.signin.sessions import SessionDirectory
     from gateway.signin.store import open_session_store
 

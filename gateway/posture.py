@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway.i18n import Text
-from gateway.registry import DeviceRecord, DeviceStatus
+from gateway.registry.model import DeviceRecord, DeviceStatus
 
 POSTURE_REASON_PREFIX = "[posture] "
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway import steering
-from gateway.registry import DeviceRecord, DeviceRegistry
+from gateway.registry.model import DeviceRecord, DeviceRegistry
 from gateway.tunnel import PeerSpec, WireGuardInterface
 
 log = logging.getLogger("kanmon.reconcile")

@@ -20,7 +20,8 @@ _MAX_INTEGRITY_LINES = 100
 
 def check_registry(path: Path) -> list[Text]:
     """Every problem found in the registry file at `path` (which must exist)."""
-    from gateway.registry import SCHEMA_VERSION, BadRow, RegistryDamaged, _parse_row, check_registry_header, schema_problems
+    from gateway.registry.model import BadRow, RegistryDamaged
+    from gateway.registry.sqlite import SCHEMA_VERSION, _parse_row, check_registry_header, schema_problems
 
     try:
         check_registry_header(path)
@@ -65,7 +66,7 @@ def check_registry(path: Path) -> list[Text]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.cli import load_config_or_exit
-    from gateway.cluster import registry_url_of
+    from gateway.registry.factory import registry_url_of
 
     cfg = load_config_or_exit(args.config)
     if registry_url_of(cfg) is not None:
@@ -74,7 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               .render(), file=sys.stderr)
         return EXIT_USAGE
     path = Path(cfg.registry_path)
-    from gateway.registry import created_marker
+    from gateway.registry.sqlite import created_marker
 
     if not path.exists() and created_marker(path).exists():
         print(Text(f"端末レジストリ {path} がありません。以前は存在していました({created_marker(path)}): 削除または移動されています",

@@ -101,14 +101,13 @@ def _state_and_registry_opener(args: argparse.Namespace):
     (SQLite or PostgreSQL). With --state-dir: its embedded SQLite file, if there is one."""
     if args.config:
         from gateway.cli import load_config_or_exit
-        from gateway.cluster import open_registry
+        from gateway.registry.factory import open_registry
 
         cfg = load_config_or_exit(args.config)
         return Path(cfg.state_dir), lambda: open_registry(cfg)
-    from gateway.registry import SqliteRegistry
+    from gateway.registry.factory import open_state_dir_registry
 
-    path = Path(args.state_dir) / "registry.sqlite3"
-    return Path(args.state_dir), lambda: SqliteRegistry(path) if path.exists() else None
+    return Path(args.state_dir), lambda: open_state_dir_registry(args.state_dir)
 
 
 def cmd_import_crl(args: argparse.Namespace) -> int:
@@ -117,7 +116,7 @@ def cmd_import_crl(args: argparse.Namespace) -> int:
     locked or unreachable), nothing is stored and running the import again finishes it."""
     import sqlite3
 
-    from gateway.registry import RegistryDamaged, RegistryError
+    from gateway.registry.model import RegistryDamaged, RegistryError
 
     data = _read(args.file)
     if data is None:
@@ -183,7 +182,7 @@ def revoke_listed_devices(registry, crl: x509.CertificateRevocationList, issuer:
     from dataclasses import replace
 
     from gateway.devicecommands import operator_name
-    from gateway.registry import AuditEntry, DeviceStatus
+    from gateway.registry.model import AuditEntry, DeviceStatus
 
     listed = {format(entry.serial_number, "x") for entry in crl}
     revoked = []
@@ -201,12 +200,11 @@ def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list
     is on the CRL are revoked now (audited), and the running gateway is asked to apply it."""
     from gateway.devices.ca import load_crl
     from gateway.gatewayprocess import poke_reconcile
-    from gateway.registry import SqliteRegistry
+    from gateway.registry.factory import open_state_dir_registry
 
-    registry_path = state_dir / "registry.sqlite3"
-    if not registry_path.exists():
+    registry = open_state_dir_registry(state_dir)
+    if registry is None:
         return []
-    registry = SqliteRegistry(registry_path)
     try:
         revoked = revoke_listed_devices(registry, load_crl(crl_data), issuer)
     finally:

@@ -18,7 +18,7 @@ import sys
 from datetime import UTC, datetime
 
 from gateway.i18n import Text
-from gateway.registry import RegistryError
+from gateway.registry.model import RegistryError
 from gateway.signin.sessions import UserSession
 from gateway.signin.store import open_session_store
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from gateway.lab.topology import Lab, wait_until
-from gateway.registry import AuditEntry, SqliteRegistry
+from gateway.registry.model import AuditEntry
+from gateway.registry.sqlite import SqliteRegistry
 from tests.e2e.test_gateway_lifecycle import http_code, syn_count, watch_syns
 
 pytestmark = pytest.mark.e2e

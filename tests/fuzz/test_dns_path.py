@@ -34,7 +34,7 @@ from addons.blockpage import Helpdesk
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import compile_text
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Verdict
 from tests.fuzz.harness import Harness
 

@@ -21,7 +21,7 @@ from addons.identity import METADATA_DEVICE, DeviceDirectory, DeviceIdentity
 from gateway.config import HostRule
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
 
 DEVICE = DeviceRecord("phone-1", str(WireguardKey.generate().public_key()), ipaddress.ip_address("10.77.0.2"),

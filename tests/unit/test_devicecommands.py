@@ -24,7 +24,8 @@ from gateway.devices.binding import certificate_wg_keys, parse_wg_key
 from gateway.devices.ca import build_org_ca, init_ca, pki_dir
 from gateway.devices.clientconfig import PRIVATE_KEY_PLACEHOLDER
 from gateway.posture import POSTURE_REASON_PREFIX
-from gateway.registry import DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 
 
 @pytest.fixture

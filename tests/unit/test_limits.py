@@ -32,7 +32,7 @@ from gateway.limits import (LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_
                             LimitReporter, LimitSettings, TokenBucket)
 from gateway.logstore import missing_required_fields
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.yamlsource import SourceErrors
 
 

@@ -27,7 +27,7 @@ from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import DeviceContext, compile_text, is_deferred, query_for_url
 from gateway.policy.query import PolicyQuery
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Stage
 
 POLICY = """

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from wireguard_tools import WireguardKey
 
-from gateway.registry import DeviceRecord, DeviceStatus, RegistryError, SqliteRegistry
+from gateway.registry.model import DeviceRecord, DeviceStatus, RegistryError
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.reconcile import desired_state
 
 P4, P6 = ipaddress.ip_network("10.77.0.0/29"), ipaddress.ip_network("fd77:77::/64")
@@ -94,7 +95,7 @@ def test_desired_state_blocks_non_admitted_and_finds_next_change():
 
 
 def test_changes_carry_their_audit_entry_atomically(tmp_path):
-    from gateway.registry import AuditEntry
+    from gateway.registry.model import AuditEntry
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     v4, v6 = reg.allocate_addresses(P4, P6)

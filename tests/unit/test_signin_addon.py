@@ -23,7 +23,7 @@ from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.signin import METADATA_SESSION, SignInGate, safe_next, wants_html
 from gateway.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.signin.oidc import AuthorizationRequest, SignInRefused
 from gateway.signin.service import SignInService
 from gateway.signin.settings import SignInSettings

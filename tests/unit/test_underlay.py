@@ -12,7 +12,7 @@ from wireguard_tools import WireguardKey
 from addons.policy import PolicyDecider, PolicyHolder
 from gateway.connections import LiveConnections
 from gateway.policy import compile_text
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.underlay import UnderlayAddresses, endpoint_address, underlay_table
 
 

@@ -10,7 +10,7 @@ REGISTRY_SCHEMA = {
 
 
 # -- user sign-in sessions in the shared registry (issue #9 on several nodes) -------------------
-# Versioned like gateway/registry_pg.py MIGRATIONS (entry N applied once, in one transaction,
+# Versioned like gateway/registry/postgres.py MIGRATIONS (entry N applied once, in one transaction,
 # never edited once released; append a new one), but counted in their own table
 # (kanmon_schema_sessions) so the registry's own numbering stays free for its next migration.
 # Applied by gateway/signin/store_pg.py after the registry's (it writes into the `audit` outbox).

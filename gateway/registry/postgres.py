@@ -38,8 +38,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gateway.i18n import Text
-from gateway.registry import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryDamaged, RegistryError,
-                              IPv4, IPv6, record_as_dict)
+from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryDamaged, RegistryError, IPv4, IPv6, record_as_dict)
 
 log = logging.getLogger("kanmon.registry_pg")
 
