@@ -18,7 +18,7 @@ What PostgreSQL adds for a cluster:
 - the policy in force (`PolicyStore`) and the nodes' health (`nodes`) live here too.
 
 An unreachable server raises `RegistryUnavailable` (a `RegistryError`) with a bilingual text;
-the gateway keeps its last applied state (see gateway/cluster.py for the outage rules).
+the gateway keeps its last applied state (see gateway/registry/outbox.py for the outage rules).
 Driver: psycopg 3 (`psycopg[binary]==3.3.9`).
 """
 

@@ -168,7 +168,7 @@ class SessionStore:
 def open_session_store(cfg):
     """The session store the config selects, beside the device registry: PostgreSQL when the
     registry is shared by several nodes (`registry: {url: ...}` or $KANMON_REGISTRY_URL, the
-    same choice as gateway/cluster.py `open_registry`), so a sign-in or a sign-out on any node
+    same choice as gateway/registry/factory.py `open_registry`), so a sign-in or a sign-out on any node
     holds on every node; else the registry's SQLite file (one place to back up, one audit outbox).
     Raises RegistryUnavailable (a RegistryError) when PostgreSQL cannot be reached."""
     from gateway.registry.factory import registry_url_of

@@ -8,8 +8,8 @@ in its own namespace), devices on each.
   revocation queued on A applies on A at once and on B once the registry is back; started
   again: both nodes converge (`kanmon cluster status` exits 0).
 
-The nodes run `python -m gateway.cluster --registry-url URL run` (gateway.cluster's launcher:
-GatewayApp with the shared registry wired in, until app.py does it).
+The nodes run `python -m gateway.cli --registry-url URL run` (gateway/cli/__main__.py: `kanmon`
+with the shared registry given on the command line).
 """
 
 from __future__ import annotations

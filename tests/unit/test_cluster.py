@@ -16,7 +16,8 @@ from wireguard_tools import WireguardKey
 
 from gateway import cluster
 from gateway.registry import factory, outbox
-from gateway.cluster import node_rows
+from gateway.cli import cluster as cluster_cli
+from gateway.cli.cluster import node_rows
 from gateway.registry.outbox import LocalOutbox, OutageTolerantRegistry, apply_queued
 from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus
 
@@ -138,7 +139,7 @@ def test_node_rows_flag_stale_nodes_and_policy_drift():
 
 def _args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cluster.register(parser.add_subparsers(dest="command", required=True))
+    cluster_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from wireguard_tools import WireguardKey
 
-from gateway.devices import commands
+from gateway.cli import ca as commands
 from gateway.devices.ca import CaStore, DeviceCaError, init_ca, pki_dir, prepare_crl_import
 from gateway.registry.model import DeviceRecord, DeviceStatus
 from gateway.registry.sqlite import SqliteRegistry

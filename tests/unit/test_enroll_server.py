@@ -413,7 +413,7 @@ def test_superseded_org_certificate(env):
 
 
 def test_importing_a_crl_revokes_enrolled_devices_on_it(env):
-    from gateway.devices.commands import revoke_devices_on_crl
+    from gateway.cli.ca import revoke_devices_on_crl
 
     for name in ("dev-1", "dev-2"):
         env.register(name)

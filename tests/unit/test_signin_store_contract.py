@@ -411,7 +411,7 @@ def test_a_store_that_never_read_raises_instead_of_answering_from_nothing(pg):
 
 
 def test_cli_signout_on_a_cluster_config_ends_the_sessions_every_node_sees(pg, tmp_path, monkeypatch, capsys):
-    from gateway.signin import commands
+    from gateway.cli import user as commands
 
     monkeypatch.delenv("KANMON_REGISTRY_URL", raising=False)
     monkeypatch.setenv("KANMON_LANG", "both")

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from gateway.cli.common import error
 from gateway.i18n import Text
 from gateway.mail.clamd import ClamdScanner
 from gateway.mail.engine import MailVerdict, evaluate_message
@@ -57,11 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
-def _error(text: Text) -> int:
-    print(text.render(), file=sys.stderr)
-    return 2
-
-
 def _scanner(args: argparse.Namespace, policy: MailPolicy):
     if args.no_virus_scan:
         return None
@@ -80,11 +76,11 @@ def scan_command(args: argparse.Namespace) -> int:
     try:
         policy = load_mail_policy(args.policy)
     except SourceErrors as exc:
-        return _error(Text("メールポリシーに誤りがあります:\n" + str(exc), "the mail policy has errors:\n" + str(exc)))
+        return error(Text("メールポリシーに誤りがあります:\n" + str(exc), "the mail policy has errors:\n" + str(exc)))
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:
-        return _error(Text(f"ファイルを読めません: {args.file}: {exc.strerror or exc}",
+        return error(Text(f"ファイルを読めません: {args.file}: {exc.strerror or exc}",
                            f"cannot read file: {args.file}: {exc.strerror or exc}"))
     dns_txt = None
     if not args.no_dns:
@@ -93,7 +89,7 @@ def scan_command(args: argparse.Namespace) -> int:
     try:
         verdict = evaluate_message(raw, policy, scanner=_scanner(args, policy), dns_txt=dns_txt)
     except MalformedMessage as exc:
-        return _error(Text(f"{args.file}: 判定できません: {exc.text.ja}", f"{args.file}: cannot judge: {exc.text.en}"))
+        return error(Text(f"{args.file}: 判定できません: {exc.text.ja}", f"{args.file}: cannot judge: {exc.text.en}"))
     if args.json:
         print(json.dumps(verdict.as_dict(), ensure_ascii=False))
     else:
@@ -185,5 +181,5 @@ def quarantine_delete(args: argparse.Namespace) -> int:
 
 def _quarantine_error(exc: Exception) -> int:
     if isinstance(exc, QuarantineError):
-        return _error(exc.text)
-    return _error(Text(f"隔離ディレクトリの操作に失敗しました: {exc}", f"quarantine directory operation failed: {exc}"))
+        return error(exc.text)
+    return error(Text(f"隔離ディレクトリの操作に失敗しました: {exc}", f"quarantine directory operation failed: {exc}"))

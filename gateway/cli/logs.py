@@ -9,16 +9,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, error
 from gateway.i18n import Text
 
-from .anchor import ANCHOR_SUBDIR
-from .fields import json_default
-from .layout import STREAMS
-from .retention import DEFAULT_RETENTION_DAYS, purge, retention_cutoff
-from .search import search
-from .verify import verify
+from gateway.logstore.anchor import ANCHOR_SUBDIR
+from gateway.logstore.fields import json_default
+from gateway.logstore.layout import STREAMS
+from gateway.logstore.retention import DEFAULT_RETENTION_DAYS, purge, retention_cutoff
+from gateway.logstore.search import search
+from gateway.logstore.verify import verify
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 NO_DIRECTORY = Text("ログディレクトリがありません: {path}", "log directory does not exist: {path}")
 BAD_TIME = Text("日時を解釈できません: {option} {value!r}（ISO 8601 形式、例 2026-01-31T09:00:00Z）",
@@ -41,11 +41,6 @@ SEARCH_PROBLEMS = Text("読めない行またはファイルが {count} 件あ�
 SEARCH_COUNT = Text("{count} 件", "{count} record(s)")
 
 
-def _error(text: Text) -> int:
-    print(text.render(), file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _parse_time(option: str, value: str | None) -> datetime | None:
     """ISO 8601 date or date-time; without an offset it is taken as UTC."""
     if value is None:
@@ -65,7 +60,7 @@ def _directory(args: argparse.Namespace) -> Path | None:
 def cmd_verify(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if directory is None:
-        return _error(NO_DIRECTORY.format(path=args.dir))
+        return error(NO_DIRECTORY.format(path=args.dir))
     streams = tuple(args.stream) if args.stream else STREAMS
     anchor_dir = Path(args.anchor_dir) if args.anchor_dir else directory.resolve().parent / ANCHOR_SUBDIR
     report = verify(directory, streams, anchor_dir=anchor_dir)
@@ -88,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(VERIFY_NOTICES.format(count=notices).render(), file=out)
     if tampers:
         print(VERIFY_BAD.format(count=len(tampers), files=report.files, records=report.records).render(), file=out)
-        return EXIT_FAILED
+        return EXIT_FAIL
     print(VERIFY_OK.format(files=report.files, records=report.records).render(), file=out)
     return EXIT_OK
 
@@ -107,14 +102,14 @@ def _summary_line(record: dict[str, Any]) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if directory is None:
-        return _error(NO_DIRECTORY.format(path=args.dir))
+        return error(NO_DIRECTORY.format(path=args.dir))
     try:
         since = _parse_time("--since", args.since)
         until = _parse_time("--until", args.until)
     except ValueError as exc:
-        return _error(exc.args[0])
+        return error(exc.args[0])
     if since and until and since >= until:
-        return _error(BAD_RANGE)
+        return error(BAD_RANGE)
     count = 0
     problems: list[str] = []
 
@@ -140,16 +135,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(SEARCH_COUNT.format(count=count).render(), file=sys.stderr)
     if problems:
         print(SEARCH_PROBLEMS.format(count=len(problems)).render(), file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAIL
     return EXIT_OK
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if directory is None:
-        return _error(NO_DIRECTORY.format(path=args.dir))
+        return error(NO_DIRECTORY.format(path=args.dir))
     if args.retention_days < 1:
-        return _error(BAD_RETENTION)
+        return error(BAD_RETENTION)
     cutoff = retention_cutoff(args.now() if args.now else datetime.now(UTC), args.retention_days)
     report = purge(directory, cutoff, dry_run=args.dry_run)
     line = PURGE_WOULD if args.dry_run else PURGE_DID

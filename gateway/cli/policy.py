@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from ipaddress import ip_address
 from typing import Any, TextIO
 
+from gateway.cli.common import load_config_or_exit
 from gateway.i18n import Text
 from gateway.policy.loader import load_policy
 from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
@@ -177,7 +178,7 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         if registered:
             if not getattr(args, "config", None):
                 raise ValueError("--device needs --config (the gateway configuration)")
-            from gateway.policydevice import registered_device_context
+            from gateway.cli.policydevice import registered_device_context
             device, _ = registered_device_context(args.config, registered)
         else:
             device = device_context_from_args(args)
@@ -186,7 +187,6 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return 2
     feeds_dir = None
     if getattr(args, "config", None):  # the gateway's own feed copies
-        from gateway.cli import load_config_or_exit
         feeds_dir = load_config_or_exit(args.config).state_dir / "feeds"
     snap = _load(args.policy, err, feeds_dir)
     if snap is None:
@@ -240,3 +240,70 @@ def cmd_diff(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
             print(f"{url}\t{a.action} ({a.rule_id or 'default'}) -> {b.action} ({b.rule_id or 'default'})", file=out)
     print(T_DIFF_SUMMARY.format(total=len(urls), changed=changed, old=old.version, new=new.version).render(), file=err if args.json else out)
     return 0
+
+
+# -- `policy diff --pcap` (issue #13): the verdicts of a capture's flows under two policies --------
+
+T_BAD_CAPTURE = Text("キャプチャを読めません: {detail}", "cannot read the capture: {detail}")
+T_SUMMARY = Text("キャプチャの {total} 件の問い合わせ中 {changed} 件で判定が変わります（旧 {old} → 新 {new}）",
+                 "{changed} of {total} questions from the capture change verdict (old {old} -> new {new})")
+T_NEED_ONE = Text("--urls か --pcap のどちらかを指定してください", "give --urls or --pcap")
+
+
+def cmd_diff_pcap(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from gateway.replay.capture import CaptureError      # only `diff --pcap` pays for the capture reader
+    from gateway.replay.policydiff import flows_from_pcap, policy_query
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        device = device_context_from_args(args)
+    except ValueError as exc:
+        print(T_BAD_ARG.format(detail=exc).render(), file=err)
+        return 2
+    try:
+        queries = flows_from_pcap(args.pcap)
+    except CaptureError as exc:
+        print(T_BAD_CAPTURE.format(detail=exc).render(), file=err)
+        return 2
+    old, new = _load(args.old, err), _load(args.new, err)
+    if old is None or new is None:
+        return 2
+    now = datetime.now(timezone.utc)
+    changed = 0
+    for q in queries:
+        pq = policy_query(q, device, now)
+        a, b = old.decide(pq), new.decide(pq)
+        if a.action == b.action and a.rule_id == b.rule_id:
+            continue
+        changed += 1
+        if getattr(args, "json", False):
+            print(json.dumps({"flow": q.flow, "stage": str(q.stage), "url": q.url, "host": q.host,
+                              "destination": f"{q.dst_ip}:{q.dst_port}",
+                              "old": {"verdict": str(a.action), "rule": a.rule_id},
+                              "new": {"verdict": str(b.action), "rule": b.rule_id, "explain": b.explain}},
+                             ensure_ascii=False), file=out)
+        else:
+            print(f"{q.flow}\t{q.label()}\t{a.action} ({a.rule_id or 'default'}) -> {b.action} ({b.rule_id or 'default'})",
+                  file=out)
+    print(T_SUMMARY.format(total=len(queries), changed=changed, old=old.version, new=new.version).render(),
+          file=err if getattr(args, "json", False) else out)
+    return 0
+
+
+def register_diff_pcap(diff_parser: argparse.ArgumentParser) -> None:
+    """Give `policy diff` a `--pcap CAPTURE` alternative to `--urls FILE`: `--urls` stops
+    being required, and the handler goes to `cmd_diff_pcap` when `--pcap` is given."""
+    diff_parser.add_argument("--pcap", help="capture (pcap/pcapng): compare the verdicts of its flows")
+    for action in diff_parser._actions:  # argparse has no public way to relax a declared option
+        if "--urls" in action.option_strings:
+            action.required = False
+    url_handler = diff_parser.get_default("func")
+
+    def dispatch(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+        if getattr(args, "pcap", None):
+            return cmd_diff_pcap(args, out, err)
+        if not getattr(args, "urls", None):
+            print(T_NEED_ONE.render(), file=err or sys.stderr)
+            return 2
+        return url_handler(args, out, err)
+
+    diff_parser.set_defaults(func=dispatch)

@@ -10,17 +10,17 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gateway.cli.common import EXIT_OK, EXIT_USAGE, error
 from gateway.i18n import Text
 from gateway.yamlsource import SourceErrors
 
-from .charts import ChartMaker, find_cjk_font
-from .html import render_incident, render_review
-from .evidence import parse_approved_lines
-from .incident import build_incident
-from .review import build_review, expiring_rules_from, parse_month
-from .sources import expiring_policy_rules, has_log_files, stream_records, write_atomically
+from gateway.reports.charts import ChartMaker, find_cjk_font
+from gateway.reports.html import render_incident, render_review
+from gateway.reports.evidence import parse_approved_lines
+from gateway.reports.incident import build_incident
+from gateway.reports.review import build_review, expiring_rules_from, parse_month
+from gateway.reports.sources import expiring_policy_rules, has_log_files, stream_records, write_atomically
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 NO_LOG_DIR = Text("ログディレクトリがありません: {path}", "log directory does not exist: {path}")
 NO_LOG_FILES = Text("ログディレクトリにログファイルがありません: {path}", "no log files in the log directory: {path}")
@@ -43,11 +43,6 @@ WRITE_FAILED = Text("レポートを書き込めません: {path}: {error}", "ca
 WROTE = Text("レポートを作成しました: {path}", "report written: {path}")
 ENGLISH_CHARTS = Text("CJK フォントがないため、グラフの文字は英語のみです（fonts-noto-cjk を導入してください）",
                       "no CJK font installed: chart labels are English only (install fonts-noto-cjk)")
-
-
-def _error(text: Text) -> int:
-    print(text.render(), file=sys.stderr)
-    return EXIT_USAGE
 
 
 class _InputError(Exception):
@@ -112,7 +107,7 @@ def _write(out: Path, html: str) -> int:
     try:
         write_atomically(out, html)
     except OSError as exc:
-        return _error(WRITE_FAILED.format(path=out, error=exc))
+        return error(WRITE_FAILED.format(path=out, error=exc))
     print(WROTE.format(path=out).render())
     return EXIT_OK
 
@@ -121,7 +116,7 @@ def _run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     try:
         return body(args)
     except _InputError as exc:
-        return _error(exc.text)
+        return error(exc.text)
 
 
 def _review(args: argparse.Namespace) -> int:

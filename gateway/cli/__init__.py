@@ -1,5 +1,6 @@
-"""`kanmon` command line. Sub-command groups live next to what they operate on; each
-module exposes `register(subparsers)`."""
+"""`kanmon` command line: the top of the house. Each command group is a module of this package
+exposing `register(subparsers)`; they share gateway/cli/common.py (config loading, exit codes,
+bilingual errors, operator name). `python -m gateway.cli` runs it too (gateway/cli/__main__.py)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,25 @@ import logging
 import os
 import sys
 
+from gateway.cli.common import EXIT_USAGE, load_config_or_exit
 from gateway.i18n import Text
 
 # Command group -> the module that adds it (`register(subparsers)`). Only the group being run
 # is imported: `kanmon device revoke` must not pay for matplotlib or the mail engine (a lost
 # phone is cut off when the command has run, so its start-up time counts).
 COMMAND_MODULES = {
-    "device": "gateway.devicecommands",
-    "demo": "gateway.demo",
-    "mail": "gateway.mail.commands",
-    "logs": "gateway.logstore.commands",
-    "ca": "gateway.devices.commands",
-    "report": "gateway.reports.commands",
-    "replay": "gateway.replay.commands",
-    "cluster": "gateway.cluster",
-    "user": "gateway.signin.commands",
-    "registry": "gateway.registrycommands",
-    "lists": "gateway.feeds.commands",
+    "device": "gateway.cli.device",
+    "demo": "gateway.cli.demo",
+    "mail": "gateway.cli.mail",
+    "logs": "gateway.cli.logs",
+    "ca": "gateway.cli.ca",
+    "report": "gateway.cli.report",
+    "replay": "gateway.cli.replay",
+    "cluster": "gateway.cli.cluster",
+    "user": "gateway.cli.user",
+    "registry": "gateway.cli.registry",
+    "lists": "gateway.cli.lists",
 }
-
-EXIT_USAGE = 2
-
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -40,22 +39,6 @@ def _configure_logging(level: str) -> None:
     )
     for noisy in ("mitmproxy", "hpack", "passlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def load_config_or_exit(path: str):
-    """Parse and validate the config; on any problem print every error (file:line: key:
-    message) in both languages and exit 2 before anything on the host is touched."""
-    from gateway.config import load_config
-    from gateway.yamlsource import SourceErrors
-
-    try:
-        return load_config(path)
-    except SourceErrors as exc:
-        print(Text("設定ファイルに誤りがあります。ホストには何も変更していません:",
-                   "The configuration is invalid; nothing on the host was changed:").render(), file=sys.stderr)
-        for err in exc.errors:
-            print(f"  {err}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,9 +104,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     wanted = words[0] if words else None
     if wanted in (None, "policy") or wanted not in COMMAND_MODULES:
-        from gateway.policy.commands import register as register_policy
-        from gateway.policyapply import register_apply
-        from gateway.replay.policydiff import register_diff_pcap
+        from gateway.cli.policy import register as register_policy
+        from gateway.cli.policy import register_diff_pcap
+        from gateway.cli.policyapply import register_apply
 
         policy_sub = register_policy(sub)
         register_apply(policy_sub)
@@ -154,6 +137,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return EXIT_USAGE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

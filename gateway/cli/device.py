@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import getpass
 import io
 import json
 import os
@@ -19,20 +18,19 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, error, load_config_or_exit, operator_name
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
 from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 APPLY_CONFIRM_SECONDS = 3.0   # how long a registry change waits for the running gateway to confirm it
 
 
 def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
     """The registry the config selects: the embedded SQLite file, or the shared PostgreSQL
     registry of a multi-node deployment (registry.url)."""
-    from gateway.cli import load_config_or_exit
     from gateway.registry.factory import open_registry
 
     cfg = load_config_or_exit(args.config)
@@ -46,22 +44,12 @@ def _parse_time(text: str | None, what: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise SystemExit(_error(Text("{w} の日時が不正です: {t}", "{w}: not an ISO 8601 time: {t}").format(w=what, t=text)))
+        raise SystemExit(error(Text("{w} の日時が不正です: {t}", "{w}: not an ISO 8601 time: {t}").format(w=what, t=text)))
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def operator_name() -> str:
-    """Who is acting, for the audit log: the invoking user behind sudo if any."""
-    return os.environ.get("SUDO_USER") or getpass.getuser()
-
-
 def _bad_key(value: str) -> int:
-    return _error(Text("WireGuard 公開鍵が不正です: {k}", "Not a WireGuard public key: {k}").format(k=value))
-
-
-def _error(text: Text) -> int:
-    print(text.render(), file=sys.stderr)
-    return EXIT_USAGE
+    return error(Text("WireGuard 公開鍵が不正です: {k}", "Not a WireGuard public key: {k}").format(k=value))
 
 
 # ---------------------------------------------------------------- shared helpers (issue #3)
@@ -135,15 +123,15 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
     from gateway.devices.ca import CaStore, DeviceCaError, device_pkcs12, issue_device_certificate, pki_dir
 
     if not args.out:
-        return _error(Text("証明書の出力先 --out DIR が必要です", "--out DIR is required to write the certificate"))
+        return error(Text("証明書の出力先 --out DIR が必要です", "--out DIR is required to write the certificate"))
     if not owner:
-        return _error(Text("証明書には所有者 --owner が必要です", "a certificate needs an owner (--owner)"))
+        return error(Text("証明書には所有者 --owner が必要です", "a certificate needs an owner (--owner)"))
     csr = None
     if getattr(args, "csr", None):
         try:
             csr = Path(args.csr).read_bytes()
         except OSError as exc:
-            return _error(Text("CSR を読めません: {f}: {e}", "cannot read the CSR: {f}: {e}").format(f=args.csr, e=exc.strerror))
+            return error(Text("CSR を読めません: {f}: {e}", "cannot read the CSR: {f}: {e}").format(f=args.csr, e=exc.strerror))
     files = _Files(Path(args.out))
     names = [f"{device_id}.cert.pem"]
     if csr is None:
@@ -156,7 +144,7 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
         names.append(f"{device_id}.wg.key")
     taken = files.check_free(names)
     if taken:
-        return _error(Text("出力先のファイルが既にあります(上書きしません): {f}",
+        return error(Text("出力先のファイルが既にあります(上書きしません): {f}",
                            "output files already exist (not overwriting): {f}").format(f=taken))
     now = datetime.now(UTC)
     not_after = now + timedelta(days=args.days)
@@ -171,9 +159,9 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
                         else secrets.token_urlsafe(12).encode())
             p12 = device_pkcs12(issued, ca.cert, password, device_id, legacy=args.legacy_p12)
     except DeviceCaError as exc:
-        return _error(exc.text)
+        return error(exc.text)
     except OSError as exc:
-        return _error(Text("ファイルを読めません: {e}", "cannot read a file: {e}").format(e=exc))
+        return error(Text("ファイルを読めません: {e}", "cannot read a file: {e}").format(e=exc))
     try:
         files.write(f"{device_id}.cert.pem", issued.cert_pem)
         if not (files.directory / "ca.cert.pem").exists():   # shared by every device of the directory
@@ -186,7 +174,7 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
             files.write(f"{device_id}.wg.key", (str(generated_private) + "\n").encode(), private=True)
     except OSError as exc:
         files.undo()
-        return _error(Text("ファイルを書けません: {e}", "cannot write the files: {e}").format(e=exc))
+        return error(Text("ファイルを書けません: {e}", "cannot write the files: {e}").format(e=exc))
     return issued, files, (wg_public if generated_private is not None else None)
 
 
@@ -197,9 +185,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     try:
         jailbroken = _yes_no(args.jailbroken)
     except ValueError:
-        return _error(Text("--jailbroken は yes か no です", "--jailbroken must be yes or no"))
+        return error(Text("--jailbroken は yes か no です", "--jailbroken must be yes or no"))
     if args.reason and args.reason.startswith(POSTURE_REASON_PREFIX):
-        return _error(Text("理由の先頭に {p} は使えません", "a reason may not start with {p}").format(p=POSTURE_REASON_PREFIX))
+        return error(Text("理由の先頭に {p} は使えません", "a reason may not start with {p}").format(p=POSTURE_REASON_PREFIX))
     valid_from = _parse_time(args.valid_from, "--valid-from")
     valid_until = _parse_time(args.valid_until, "--valid-until")
     registry, cfg = _registry(args)
@@ -228,7 +216,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     except RegistryError as exc:
         if files is not None:
             files.undo()
-        return _error(Text("端末を登録できません: {e}", "Cannot add the device: {e}").format(e=exc))
+        return error(Text("端末を登録できません: {e}", "Cannot add the device: {e}").format(e=exc))
     if files is not None:
         for path in files.written:
             print(Text("書き出しました: {p}", "wrote: {p}").format(p=path).render(), file=sys.stderr)
@@ -270,7 +258,7 @@ def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str =
         print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:
-        return _error(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id))
+        return error(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id))
     registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until),
                     audit=AuditEntry(operator_name(), AUDIT_ACTIONS[status], reason))
     print(f"{rec.device_id} {status}")
@@ -291,7 +279,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     if args.reason.startswith(POSTURE_REASON_PREFIX):
-        return _error(Text("理由の先頭に {p} は使えません(姿勢による自動隔離の印です)",
+        return error(Text("理由の先頭に {p} は使えません(姿勢による自動隔離の印です)",
                            "a reason may not start with {p} (it marks automatic posture quarantines)")
                       .format(p=POSTURE_REASON_PREFIX))
     return _change_status(args, DeviceStatus.QUARANTINED, args.reason)
@@ -328,7 +316,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED:
-        return _error(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id))
+        return error(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id))
     result = _issue_files(args, cfg, rec.device_id, args.owner or rec.owner, key or rec.wg_public_key, rec.valid_until)
     if isinstance(result, int):
         return result
@@ -340,7 +328,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         registry.update(updated, audit=AuditEntry(operator_name(), "device-renewed", args.reason or ""))
     except RegistryError as exc:
         files.undo()
-        return _error(Text("更新できません: {e}", "cannot renew: {e}").format(e=exc))
+        return error(Text("更新できません: {e}", "cannot renew: {e}").format(e=exc))
     for path in files.written:
         print(Text("書き出しました: {p}", "wrote: {p}").format(p=path).render(), file=sys.stderr)
     print(f"{rec.device_id} renewed until {issued.certificate.not_valid_after_utc.isoformat()}")
@@ -366,9 +354,9 @@ def cmd_update(args: argparse.Namespace) -> int:
     try:
         jailbroken = _yes_no(args.jailbroken)
     except ValueError:
-        return _error(Text("--jailbroken は yes か no です", "--jailbroken must be yes or no"))
+        return error(Text("--jailbroken は yes か no です", "--jailbroken must be yes or no"))
     if args.platform is None and args.os_version is None and jailbroken is None:
-        return _error(Text("--platform、--os-version、--jailbroken のどれかを指定してください",
+        return error(Text("--platform、--os-version、--jailbroken のどれかを指定してください",
                            "give at least one of --platform, --os-version, --jailbroken"))
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
@@ -400,14 +388,14 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
     try:
         text = _read_csv_text(path)
     except OSError as exc:
-        return _error(Text("ファイルを読めません: {f}: {e}", "cannot read file: {f}: {e}").format(f=path, e=exc.strerror))
+        return error(Text("ファイルを読めません: {f}: {e}", "cannot read file: {f}: {e}").format(f=path, e=exc.strerror))
     except UnicodeDecodeError:
-        return _error(Text("{f}: UTF-8 でも Shift_JIS でもありません", "{f}: neither UTF-8 nor Shift_JIS").format(f=path))
+        return error(Text("{f}: UTF-8 でも Shift_JIS でもありません", "{f}: neither UTF-8 nor Shift_JIS").format(f=path))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     missing = [c for c in POSTURE_COLUMNS if c not in header]
     if missing:
-        return _error(Text("{f}:1: 列がありません: {c}", "{f}:1: missing columns: {c}").format(f=path, c=", ".join(missing)))
+        return error(Text("{f}:1: 列がありません: {c}", "{f}:1: missing columns: {c}").format(f=path, c=", ".join(missing)))
     reader.fieldnames = header
     rows, errors = [], []
     try:
@@ -472,25 +460,25 @@ def cmd_export_config(args: argparse.Namespace) -> int:
               .format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if not cfg.endpoint:
-        return _error(Text("設定に tunnel.endpoint(端末から見たゲートウェイの host:port)がありません",
+        return error(Text("設定に tunnel.endpoint(端末から見たゲートウェイの host:port)がありません",
                            "the configuration has no tunnel.endpoint (host:port of the gateway as devices see it)"))
     try:
         gateway_public = str(WireguardKey(cfg.wg_private_key_file.read_text().strip()).public_key())
     except (OSError, ValueError) as exc:
-        return _error(Text("ゲートウェイの WireGuard 鍵を読めません(一度 `kanmon run` してください): {e}",
+        return error(Text("ゲートウェイの WireGuard 鍵を読めません(一度 `kanmon run` してください): {e}",
                            "cannot read the gateway's WireGuard key (run `kanmon run` once): {e}").format(e=exc))
     private = None
     if args.private_key_file:
         try:
             private_key = WireguardKey(Path(args.private_key_file).read_text().strip())
         except (OSError, ValueError) as exc:
-            return _error(Text("端末の秘密鍵を読めません: {e}", "cannot read the device private key: {e}").format(e=exc))
+            return error(Text("端末の秘密鍵を読めません: {e}", "cannot read the device private key: {e}").format(e=exc))
         if rec.wg_public_key is None:
             print(Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}", "the device has not enrolled yet (no key registered): {d}")
                   .format(d=args.id).render(), file=sys.stderr)
             return EXIT_FAIL
         if str(private_key.public_key()) != rec.wg_public_key:
-            return _error(Text("この秘密鍵は端末 {d} の登録済み公開鍵と一致しません",
+            return error(Text("この秘密鍵は端末 {d} の登録済み公開鍵と一致しません",
                                "this private key does not match the registered public key of {d}").format(d=args.id))
         private = str(private_key)
     dns = [str(cfg.gateway_ipv4)] + ([str(cfg.gateway_ipv6)] if cfg.gateway_ipv6 else [])
@@ -506,7 +494,7 @@ def cmd_export_config(args: argparse.Namespace) -> int:
             try:
                 inter_ca = ca_path.read_bytes()
             except OSError:
-                return _error(Text("インターセプト CA がありません: {p}(一度 `kanmon run` してください)",
+                return error(Text("インターセプト CA がありません: {p}(一度 `kanmon run` してください)",
                                    "no interception CA at {p} (run `kanmon run` once)").format(p=ca_path))
             org_cert = CaStore(pki_dir(cfg.state_dir)).org_ca_cert()
             org = "Kanmon"
@@ -520,14 +508,14 @@ def cmd_export_config(args: argparse.Namespace) -> int:
                 remote_address=cfg.endpoint, interception_ca=inter_ca)))
         terminal = qr_terminal(text) if args.qr else None
     except ClientConfigError as exc:
-        return _error(exc.text)
+        return error(exc.text)
     for path, data in outputs:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         except OSError as exc:
-            return _error(Text("書けません: {p}: {e}", "cannot write {p}: {e}").format(p=path, e=exc.strerror))
+            return error(Text("書けません: {p}: {e}", "cannot write {p}: {e}").format(p=path, e=exc.strerror))
         print(Text("書き出しました: {p}", "wrote: {p}").format(p=path).render(), file=sys.stderr)
     sys.stdout.write(terminal if terminal is not None else text)
     return EXIT_OK
@@ -566,7 +554,6 @@ def _apply_now(args: argparse.Namespace) -> None:
     """Ask the running gateway to apply the change at once, and return only when it has
     (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
     No gateway running here: it applies the change when it starts (or another node's does)."""
-    from gateway.cli import load_config_or_exit
     from gateway.registry.factory import open_registry
 
     cfg = load_config_or_exit(args.config)

@@ -12,9 +12,9 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, load_config_or_exit
 from gateway.i18n import Text
 
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 _MAX_INTEGRITY_LINES = 100
 
 
@@ -65,7 +65,6 @@ def check_registry(path: Path) -> list[Text]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.cli import load_config_or_exit
     from gateway.registry.factory import registry_url_of
 
     cfg = load_config_or_exit(args.config)
@@ -81,7 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(Text(f"端末レジストリ {path} がありません。以前は存在していました({created_marker(path)}): 削除または移動されています",
                    f"the device registry {path} is missing although one existed ({created_marker(path)}): "
                    "it was deleted or moved").render())
-        return EXIT_FINDINGS
+        return EXIT_FAIL
     if not path.exists():
         print(Text(f"端末レジストリ {path} がありません(まだ作成されていません)",
                    f"there is no device registry at {path} (not created yet)").render(), file=sys.stderr)
@@ -91,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: {finding.render()}")
     if findings:
         print(Text(f"問題が {len(findings)} 件見つかりました", f"{len(findings)} problem(s) found").render(), file=sys.stderr)
-        return EXIT_FINDINGS
+        return EXIT_FAIL
     print(Text(f"端末レジストリに問題はありません: {path}", f"the device registry is sound: {path}").render())
     return EXIT_OK
 

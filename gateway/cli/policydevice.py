@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from gateway.cli.common import load_config_or_exit
 from gateway.policy.query import DeviceContext
 
 
@@ -17,7 +18,6 @@ def registered_device_context(config_path: str, device_id: str,
                               now: datetime | None = None) -> tuple[DeviceContext, str | None]:
     """(context, signed-in user or None). Raises DeviceLookupError for an unknown device."""
     from addons.policy import device_context
-    from gateway.cli import load_config_or_exit
     from gateway.registry.factory import open_registry
     from gateway.signin.sessions import SessionDirectory
     from gateway.signin.store import open_session_store

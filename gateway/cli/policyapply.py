@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 
 from gateway.gatewayprocess import running_gateway_pid
+from gateway.cli.common import load_config_or_exit
 from gateway.i18n import Text
 from gateway.policy import load_policy
 from gateway.yamlsource import SourceErrors, UnreadableSource
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from gateway.cli import load_config_or_exit
 
     cfg = load_config_or_exit(args.config)
-    from gateway.cluster import cmd_policy_apply
+    from gateway.cli.cluster import cmd_policy_apply
     from gateway.registry.factory import registry_url_of
     if registry_url_of(cfg):
         return cmd_policy_apply(args)  # several nodes: the policy goes through the shared registry

@@ -17,16 +17,15 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, load_config_or_exit, operator_name
 from gateway.i18n import Text
 from gateway.registry.model import RegistryError
 from gateway.signin.sessions import UserSession
 from gateway.signin.store import open_session_store
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _store(args: argparse.Namespace):
-    from gateway.cli import load_config_or_exit
 
     cfg = load_config_or_exit(args.config)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -84,7 +83,6 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_signout(args: argparse.Namespace) -> int:
-    from gateway.devicecommands import operator_name
     from gateway.gatewayprocess import poke_reconcile
 
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from gateway.cli.common import load_config_or_exit, operator_name, say
 from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, init_ca, pki_dir,
                                 prepare_crl_import, store_crl, trust_bundle)
 from gateway.i18n import Text
@@ -46,10 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=cmd_show)
 
 
-def _say(text: Text) -> None:
-    print(text.render())
-
-
 def _fail(exc: DeviceCaError) -> int:
     print(exc.text.render(), file=sys.stderr)
     return 1 if exc.code in _STATE_CONFLICTS else 2
@@ -71,7 +68,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except DeviceCaError as exc:
         return _fail(exc)
     store = CaStore(pki_dir(args.state_dir))
-    _say(Text(
+    say(Text(
         f"組織の端末 CA を作成しました: {ca.cert.subject.rfc4514_string()}\n"
         f"  証明書: {store.cert_path}\n  秘密鍵: {store.key_path}(0600、バックアップして厳重に保管)\n"
         f"  SHA-256: {fingerprint_sha256(ca.cert)}\n  有効期限: {ca.cert.not_valid_after_utc:%Y-%m-%d}",
@@ -90,7 +87,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
     except DeviceCaError as exc:
         return _fail(exc)
     for cert in certs:
-        _say(Text(f"信頼しました: {cert.subject.rfc4514_string()}  SHA-256 {fingerprint_sha256(cert)}",
+        say(Text(f"信頼しました: {cert.subject.rfc4514_string()}  SHA-256 {fingerprint_sha256(cert)}",
                   f"trusted: {cert.subject.rfc4514_string()}  SHA-256 {fingerprint_sha256(cert)}"))
     return 0
 
@@ -100,7 +97,6 @@ def _state_and_registry_opener(args: argparse.Namespace):
     registry the config selects, opened by the same factory as every `kanmon device` command
     (SQLite or PostgreSQL). With --state-dir: its embedded SQLite file, if there is one."""
     if args.config:
-        from gateway.cli import load_config_or_exit
         from gateway.registry.factory import open_registry
 
         cfg = load_config_or_exit(args.config)
@@ -165,10 +161,10 @@ def cmd_import_crl(args: argparse.Namespace) -> int:
         print(Text("保存済みの CRL が壊れていたため置き換えました", "the stored CRL was damaged and has been replaced")
               .render(), file=sys.stderr)
     nxt = f"{imported.next_update:%Y-%m-%d %H:%M}Z" if imported.next_update else "-"
-    _say(Text(f"CRL を取り込みました: {imported.issuer}(失効 {imported.revoked_count} 件、次回更新 {nxt})",
+    say(Text(f"CRL を取り込みました: {imported.issuer}(失効 {imported.revoked_count} 件、次回更新 {nxt})",
               f"imported the CRL of {imported.issuer} ({imported.revoked_count} revoked, next update {nxt})"))
     for device_id in revoked:
-        _say(Text(f"CRL により端末を失効しました: {device_id}", f"device revoked by the CRL: {device_id}"))
+        say(Text(f"CRL により端末を失効しました: {device_id}", f"device revoked by the CRL: {device_id}"))
     if revoked:
         from gateway.gatewayprocess import poke_reconcile
         poke_reconcile(state_dir / "kanmon.pid")
@@ -181,7 +177,6 @@ def revoke_listed_devices(registry, crl: x509.CertificateRevocationList, issuer:
     propagates (the caller then does not store the CRL)."""
     from dataclasses import replace
 
-    from gateway.devicecommands import operator_name
     from gateway.registry.model import AuditEntry, DeviceStatus
 
     listed = {format(entry.serial_number, "x") for entry in crl}
@@ -240,5 +235,5 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not trusted:
         lines_ja.append("信頼済みの CA はありません(`kanmon ca init` か `kanmon ca trust`)")
         lines_en.append("no trusted CA (`kanmon ca init` or `kanmon ca trust`)")
-    _say(Text("\n".join(lines_ja), "\n".join(lines_en)))
+    say(Text("\n".join(lines_ja), "\n".join(lines_en)))
     return 0

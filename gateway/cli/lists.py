@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.cli.common import EXIT_USAGE, load_config_or_exit
 from gateway.i18n import Text
 
-EXIT_USAGE = 2
 T_NO_FEEDS = Text("このポリシーにはフィードがありません: {p}", "this policy declares no feeds: {p}")
 T_UNKNOWN = Text("そのようなフィードはありません: {n}", "no such feed: {n}")
 T_INVALID = Text("ポリシーに誤りがあります:", "The policy is invalid:")
@@ -26,7 +26,6 @@ def _context(args: argparse.Namespace):
     from gateway.yamlsource import MAX_YAML_BYTES, SourceErrors, read_text_file
 
     if args.config:
-        from gateway.cli import load_config_or_exit
         cfg = load_config_or_exit(args.config)
         policy, state_dir = cfg.active_policy_path(), cfg.state_dir
     else:
