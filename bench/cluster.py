@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from wireguard_tools import WireguardKey  # noqa: E402
 
 from gateway.lab.cluster import PostgresServer  # noqa: E402
-from gateway.reconcile import Reconciler  # noqa: E402
+from gateway.runtime.reconcile import Reconciler  # noqa: E402
 from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus  # noqa: E402
 from gateway.registry.sqlite import SqliteRegistry
 from gateway.registry.postgres import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher  # noqa: E402

@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(Text("kanmon run には root 権限 (CAP_NET_ADMIN) が必要です。",
                    "kanmon run needs root (CAP_NET_ADMIN).").render(), file=sys.stderr)
         return EXIT_USAGE
-    from gateway import allocator
+    from gateway.runtime import allocator
 
     try:
         chosen = allocator.ensure()  # may restart this process with jemalloc preloaded
@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("kanmon.allocator").warning("%s", chosen.warning)
     import sqlite3
 
-    from gateway.app import GatewayApp, StartupError
+    from gateway.runtime.app import GatewayApp
+    from gateway.runtime.errors import StartupError
     from gateway.registry.model import RegistryError
     from gateway.registry.postgres import RegistryUnavailable
 

@@ -166,7 +166,7 @@ def cmd_import_crl(args: argparse.Namespace) -> int:
     for device_id in revoked:
         say(Text(f"CRL により端末を失効しました: {device_id}", f"device revoked by the CRL: {device_id}"))
     if revoked:
-        from gateway.gatewayprocess import poke_reconcile
+        from gateway.runtime.gatewayprocess import poke_reconcile
         poke_reconcile(state_dir / "kanmon.pid")
     return 0
 
@@ -194,7 +194,7 @@ def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list
     """Registered devices (embedded SQLite registry of `state_dir`) whose enrolled certificate
     is on the CRL are revoked now (audited), and the running gateway is asked to apply it."""
     from gateway.devices.ca import load_crl
-    from gateway.gatewayprocess import poke_reconcile
+    from gateway.runtime.gatewayprocess import poke_reconcile
     from gateway.registry.factory import open_state_dir_registry
 
     registry = open_state_dir_registry(state_dir)

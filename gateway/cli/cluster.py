@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, load_config_or_exit, operator_name
-from gateway.cluster import STALE_SECONDS
+from gateway.runtime.clusternode import STALE_SECONDS
 from gateway.i18n import Text
 from gateway.registry.factory import open_registry, outbox_path, registry_url_of
 from gateway.registry.model import AuditEntry, DeviceStatus
@@ -91,7 +91,7 @@ def queue_status_change(cfg, device_id: str, status: DeviceStatus, reason: str, 
 
 def _status_command(status: DeviceStatus):
     def handler(args: argparse.Namespace) -> int:
-        from gateway.gatewayprocess import poke_reconcile
+        from gateway.runtime.gatewayprocess import poke_reconcile
         from gateway.registry.postgres import RegistryUnavailable
         cfg = _config(args)
         url = _url_or_error(cfg)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, error, load_config_or_exit, operator_name
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
-from gateway.gatewayprocess import poke_reconcile, wait_applied
+from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
 from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)

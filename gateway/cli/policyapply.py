@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.gatewayprocess import running_gateway_pid
+from gateway.runtime.gatewayprocess import running_gateway_pid
 from gateway.cli.common import load_config_or_exit
 from gateway.i18n import Text
 from gateway.policy import load_policy

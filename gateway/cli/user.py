@@ -83,7 +83,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_signout(args: argparse.Namespace) -> int:
-    from gateway.gatewayprocess import poke_reconcile
+    from gateway.runtime.gatewayprocess import poke_reconcile
 
     try:
         store, cfg = _store(args)

@@ -11,7 +11,7 @@ single node); tests/unit/test_signin_store_contract.py runs one suite against bo
 counter every session write bumps in its own transaction (gateway/registry/schema.py
 SESSION_MIGRATIONS says why a counter row and not a sequence).
 
-While the server is unreachable (gateway/cluster.py: "nodes keep enforcing the last known
+While the server is unreachable (gateway/registry/outbox.py: "nodes keep enforcing the last known
 state"), a store that has read the sessions once keeps answering from that copy instead of
 failing every tick: ``revision()`` keeps its last value, ``active()``/``get()`` answer from the
 sessions last read (expiry still applies on time), the server is asked again at most every

@@ -1,4 +1,4 @@
-"""gateway/cluster.py: the gateway's registry view through a PostgreSQL outage (keeps the last
+"""gateway/registry/outbox.py, gateway/runtime/clusternode.py, gateway/cli/cluster.py: the gateway's registry view through a PostgreSQL outage (keeps the last
 state, refuses changes, queues revocations locally and replays them), node status, commands.
 A private PostgreSQL server is started for this module (skips without it; fails with CI=true)."""
 
@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from wireguard_tools import WireguardKey
 
-from gateway import cluster
+from gateway.runtime import clusternode as cluster
 from gateway.registry import factory, outbox
 from gateway.cli import cluster as cluster_cli
 from gateway.cli.cluster import node_rows
@@ -224,21 +224,27 @@ def test_audit_written_with_queued_replay_names_the_operator(db, tmp_path):
     assert reg.get("d1").suspended_until == datetime(2030, 1, 1, tzinfo=UTC)
 
 
-def _fake_app(config_path):
-    from types import SimpleNamespace
-
+def _node(config_path, sent=None):
+    """A ClusterNode with the callbacks the gateway process gives it (no application)."""
     from gateway.config import load_config
     from gateway.metrics import GatewayMetrics
-    return SimpleNamespace(cfg=load_config(config_path), metrics=GatewayMetrics(), alerts=None, policy=None)
+
+    async def reload_policy():
+        return None
+
+    metrics = GatewayMetrics()
+    node = cluster.ClusterNode(load_config(config_path), metrics.registry, cluster.NodeCallbacks(
+        request_reconcile=lambda: None, reload_policy=reload_policy, policy_version=lambda: None,
+        send_alert=(sent.append if sent is not None else lambda event: None)))
+    return node, metrics
 
 
 def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgres, db, config):
-    from gateway.app import StartupError
-    from gateway.reconcile import ReconcileReport
+    from gateway.runtime.errors import StartupError
+    from gateway.runtime.reconcile import ReconcileReport
     from gateway.registry.postgres import PgRegistry
 
-    app = _fake_app(config)
-    node = cluster.ClusterNode(app)
+    node, metrics = _node(config)
     registry = node.open_registry()
     try:
         node.reconciled(ReconcileReport(3, True, 2, 0, frozenset(), frozenset(), (), frozenset({"a", "b"}), None, 0.01))
@@ -246,19 +252,19 @@ def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgre
         [row] = PgRegistry(db).nodes()
         assert (row.name, row.peers, row.details["registry_up"]) == ("node-a", 2, True)
         assert row.last_reconcile_at == node.last_reconcile_at
-        assert 'kanmon_node_info{node="node-a"' in _metrics_text(app)
+        assert 'kanmon_node_info{node="node-a"' in _metrics_text(metrics)
     finally:
         node.stop()
         registry.close()
     postgres.stop()
     with pytest.raises(StartupError) as refused:
-        cluster.ClusterNode(_fake_app(config)).open_registry()
+        _node(config)[0].open_registry()
     assert "接続できません" in str(refused.value) and "unreachable" in str(refused.value)
 
 
-def _metrics_text(app) -> str:
+def _metrics_text(metrics) -> str:
     from prometheus_client import generate_latest
-    return generate_latest(app.metrics.registry).decode()
+    return generate_latest(metrics.registry).decode()
 
 
 def test_watcher_reports_the_outage_and_asks_for_a_pass_after_reconnecting(postgres, db):
@@ -284,3 +290,28 @@ def test_watcher_reports_the_outage_and_asks_for_a_pass_after_reconnecting(postg
         assert until(lambda: {(REGISTRY_CHANNEL, "reconnected"), (POLICY_CHANNEL, "reconnected")} <= set(heard))
     finally:
         watcher.stop()
+
+
+def test_the_node_reaches_the_gateway_only_through_its_callbacks(config):
+    """Issue #16: ClusterNode gets callbacks, not the application: an outage is an alert and a
+    gauge, the recovery asks the event loop for a reconcile pass."""
+    import asyncio
+
+    sent: list = []
+    node, metrics = _node(config, sent)
+    node._registry_state(False, "connection refused")
+    assert [(e.kind, e.details["error.message"]) for e in sent] == [("registry-unreachable", "connection refused")]
+    assert "kanmon_registry_up 0.0" in _metrics_text(metrics)
+
+    asked = []
+
+    async def recover():
+        node.callbacks = cluster.NodeCallbacks(request_reconcile=lambda: asked.append("pass"),
+                                               reload_policy=node.callbacks.reload_policy,
+                                               policy_version=lambda: "v7", send_alert=sent.append)
+        node._loop = asyncio.get_running_loop()
+        node._registry_state(True, "")
+        await asyncio.sleep(0)
+    asyncio.run(recover())
+    assert asked == ["pass"] and len(sent) == 1
+    assert "kanmon_registry_up 1.0" in _metrics_text(metrics)

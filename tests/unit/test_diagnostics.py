@@ -1,4 +1,4 @@
-"""gateway/diagnostics.py: opt-in memory reports (object counts, tracemalloc sites, growth)."""
+"""gateway/runtime/diagnostics.py: opt-in memory reports (object counts, tracemalloc sites, growth)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 
-from gateway import diagnostics
+from gateway.runtime import diagnostics
 from gateway.connections import ConnectionState
-from gateway.diagnostics import MemoryReporter, enabled, format_type_counts, install, parse_type_counts, type_counts
+from gateway.runtime.diagnostics import (MemoryReporter, enabled, format_type_counts, install, parse_type_counts, type_counts)
 
 
 class _Probe:

@@ -11,7 +11,7 @@ from wireguard_tools import WireguardKey
 
 from gateway.registry.model import DeviceRecord, DeviceStatus, RegistryError
 from gateway.registry.sqlite import SqliteRegistry
-from gateway.reconcile import desired_state
+from gateway.runtime.reconcile import desired_state
 
 P4, P6 = ipaddress.ip_network("10.77.0.0/29"), ipaddress.ip_network("fd77:77::/64")
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -150,7 +150,7 @@ class FakeTunnel:
 
 
 def test_reconciler_full_then_incremental_touches_only_what_changed(tmp_path):
-    from gateway.reconcile import Reconciler
+    from gateway.runtime.reconcile import Reconciler
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     devices = [add(reg, n) for n in "abcd"]
@@ -186,7 +186,7 @@ def test_reconciler_follows_wall_clock_jumps_forward_and_back(tmp_path):
     """Issue #7 'clock jump', at the reconciler: validity follows the wall clock it is given.
     Forward past a usage period's end: cut at the next pass. Backward: a period-expired device
     is admitted again (time-based states follow the clock), a revoked one never is."""
-    from gateway.reconcile import Reconciler
+    from gateway.runtime.reconcile import Reconciler
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     timed = add(reg, "timed", valid_until=NOW + timedelta(hours=1))

@@ -1,5 +1,6 @@
-"""Several gateway nodes on one PostgreSQL registry (issue #8): node identity and health,
-behaviour while the registry is unreachable, policy distribution, `kanmon cluster ...`.
+"""The gateway process's side of several nodes on one PostgreSQL registry (issue #8): node
+identity and health, policy distribution, the registry view that survives an outage
+(gateway/registry/outbox.py). The commands are gateway/cli/cluster.py.
 
 Deployment decisions (see the report / README section):
 - Tunnel addresses are allocated in the shared registry (`PgRegistry.allocate_addresses`,
@@ -26,14 +27,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from gateway.i18n import Text
 from gateway.registry.factory import open_registry, registry_url_of
 from gateway.registry.model import RegistryError
 from gateway.registry.outbox import OutageTolerantRegistry
+from gateway.runtime.errors import StartupError
 
 log = logging.getLogger("kanmon.cluster")
 
@@ -146,23 +148,33 @@ class PolicySync:
 
 # -- the gateway process with a shared registry ----------------------------------------------------
 
+@dataclass(frozen=True)
+class NodeCallbacks:
+    """What the cluster node may ask of the gateway process (never its internals)."""
+
+    request_reconcile: Callable[[], None]              # run on the event loop: reconcile now
+    reload_policy: Callable[[], Awaitable[object]]     # compile and swap the linked policy
+    policy_version: Callable[[], str | None]           # the version in force, None before the first
+    send_alert: Callable[[object], None]               # an AlertEvent (dropped when alerts are off)
+
+
 class ClusterNode:
     """What a gateway process adds when it shares a registry; app.py calls it in five places
-    (see the module docstring of gateway/cluster.py and the issue #8 report):
+    (see the module docstring and the issue #8 report):
 
-        self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None     # __post_init__
-        self.registry = self.cluster.open_registry() if self.cluster else SqliteRegistry(...)
+        self.cluster = ClusterNode(cfg, metrics.registry, NodeCallbacks(...)) if registry_url_of(cfg) else None
+        self.registry = self.cluster.open_registry() if self.cluster else open_registry(cfg)
                                                       # prepare_host, BEFORE load_initial_policy()
         if self.cluster: self.cluster.reconciled(report)                           # _apply_reconcile
         if self.cluster: self.cluster.start(asyncio.get_running_loop())            # run(), when ready
         if self.cluster: self.cluster.stop()                                       # teardown
     """
 
-    def __init__(self, app):
-        self.app = app
-        self.cfg = app.cfg
+    def __init__(self, cfg, metrics_registry, callbacks: NodeCallbacks):
+        self.callbacks = callbacks
+        self.cfg = cfg
         self.url = registry_url_of(self.cfg)
-        self.metrics = ClusterMetrics(app.metrics.registry)
+        self.metrics = ClusterMetrics(metrics_registry)
         self.started_at = datetime.now(UTC)
         self.last_reconcile_at: datetime | None = None
         self.admitted_count = 0
@@ -186,7 +198,6 @@ class ClusterNode:
             registry = open_registry(self.cfg, gateway=True)
             self._probe = PgRegistry(self.url, node=self.cfg.node_name)
         except RegistryUnavailable as exc:
-            from gateway.app import StartupError
             # Fail closed: a node that never read the registry has no state to enforce.
             raise StartupError(exc.text.render()) from None
         registry.on_state = self._registry_state
@@ -216,10 +227,10 @@ class ClusterNode:
 
     def _registry_state(self, up: bool, detail: str) -> None:
         self.metrics.registry_up.set(1 if up else 0)
-        if not up and self.app.alerts is not None:
-            self.app.alerts.send(registry_outage_event(self.cfg.node_name, detail, datetime.now(UTC)))
+        if not up:
+            self.callbacks.send_alert(registry_outage_event(self.cfg.node_name, detail, datetime.now(UTC)))
         if up and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.app._reconcile_now.set)
+            self._loop.call_soon_threadsafe(self.callbacks.request_reconcile)
 
     def _on_notify(self, channel: str, payload: str) -> None:
         import asyncio
@@ -231,7 +242,7 @@ class ClusterNode:
         if channel == REGISTRY_CHANNEL:
             if payload.isdigit() and self.registry is not None:
                 self.registry.note_revision(int(payload))
-            self._loop.call_soon_threadsafe(self.app._reconcile_now.set)
+            self._loop.call_soon_threadsafe(self.callbacks.request_reconcile)
         elif channel == POLICY_CHANNEL:
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._sync_policy()))
 
@@ -245,13 +256,12 @@ class ClusterNode:
             log.error("cluster policy not readable: %s", exc.detail)
             return
         if changed:
-            await self.app.reload_policy()
+            await self.callbacks.reload_policy()
 
     def node_report(self):
         from gateway import __version__
         from gateway.registry.postgres import NodeReport
-        policy = self.app.policy
-        policy_version = policy.current.snapshot.version if policy is not None else None
+        policy_version = self.callbacks.policy_version()
         self.metrics.node_info.clear()
         self.metrics.node_info.labels(self.cfg.node_name, __version__, policy_version or "").set(1)
         registry = self.registry

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from gateway import allocator
+from gateway.runtime import allocator
 
 log = logging.getLogger("kanmon.diagnostics")
 

@@ -6,7 +6,7 @@ connection bursts free many small blocks in the middle of the heap, which plain 
 not return). ``malloc_trim(0)`` releases those pages (``madvise``) without moving anything.
 
 It slowed the creep by about a third in a 10-minute soak but did not stop it, so the gateway
-runs on jemalloc instead (gateway/allocator.py). This stays as an opt-in for the glibc fallback
+runs on jemalloc instead (gateway/runtime/allocator.py). This stays as an opt-in for the glibc fallback
 (``KANMON_ALLOCATOR=glibc`` or no jemalloc): ``KANMON_MALLOC_TRIM_SECONDS=60`` turns it on;
 under jemalloc it does nothing (glibc's heap is then unused).
 ctypes releases the GIL during the call and it runs in a worker thread, so the proxy keeps

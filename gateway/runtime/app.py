@@ -38,21 +38,23 @@ from addons.policy import PolicyDecider, PolicyHolder
 from addons.protocol import ProtocolIdentifier
 from addons.requesttarget import RequestAuthority
 from addons.quarantine import QuarantineGate
-from gateway import allocator, diagnostics, heaptrim, limitsnft, steering
+from gateway import limitsnft, steering
+from gateway.runtime import allocator, diagnostics, heaptrim
 from gateway.config import GatewayConfig
-from gateway.cluster import ClusterNode
+from gateway.runtime.clusternode import ClusterNode, NodeCallbacks
+from gateway.runtime.errors import StartupError
 from gateway.registry.factory import open_registry, registry_url_of
 from gateway.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
 from gateway.feeds.runner import FeedRunner
-from gateway.gatewayprocess import write_applied
+from gateway.runtime.gatewayprocess import write_applied
 from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
 from gateway.dnsbinding import DnsBindings
 from gateway.proxy import ProxySettings, build_master, wait_for_listeners
-from gateway.reconcile import Reconciler
+from gateway.runtime.reconcile import Reconciler
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.tunnel import WireGuardInterface, load_or_create_private_key
@@ -66,10 +68,6 @@ RECONCILE_POLL_SECONDS = 0.05   # registry revision poll: one indexed read, chea
 RECONCILE_SAFETY_SECONDS = 30   # full pass even without a visible change
 UNDERLAY_REFRESH_SECONDS = 1.0  # peer endpoint poll (one UAPI/netlink read of the peer list)
 LOG_ROTATION_CHECK_SECONDS = 60
-
-
-class StartupError(Exception):
-    pass
 
 
 def sd_notify(message: str) -> None:
@@ -126,8 +124,14 @@ class GatewayApp:
         self.alerts: AlertDispatcher | None = None
         self._log_alert_sent: dict[str, float] = {}
         # Several nodes on one PostgreSQL registry (registry.url): NOTIFY-driven reconcile,
-        # node reports, cluster policy, outage tolerance (gateway/cluster.py).
-        self.cluster = ClusterNode(self) if registry_url_of(self.cfg) else None
+        # node reports, cluster policy, outage tolerance (gateway/runtime/clusternode.py). The node
+        # gets the callbacks it needs, not the application.
+        self.cluster = ClusterNode(self.cfg, self.metrics.registry, NodeCallbacks(
+            request_reconcile=lambda: self._reconcile_now.set(),
+            reload_policy=self.reload_policy,
+            policy_version=lambda: self.policy.current.snapshot.version if self.policy is not None else None,
+            send_alert=lambda event: self.alerts.send(event) if self.alerts is not None else None,
+        )) if registry_url_of(self.cfg) else None
         self.syslog: SyslogForwarder | None = None
         self.signin: SignInService | None = None   # issue #9: user sign-in (OIDC), when configured
         # Each peer's current outer address, for `underlay_network` policy conditions (approved lines).
@@ -600,7 +604,7 @@ class GatewayApp:
         # instead of at the next registry poll.
         loop.add_signal_handler(signal.SIGUSR1, self._reconcile_now.set)
         diagnostics.install(loop, self.cfg.state_dir)  # opt-in memory reports on SIGUSR2 (env, see module)
-        malloc = allocator.current_allocator()  # chosen by `kanmon run` before start-up (gateway/allocator.py)
+        malloc = allocator.current_allocator()  # chosen by `kanmon run` before start-up (gateway/runtime/allocator.py)
         self.metrics.allocator_info.labels(malloc).set(1)
         log.info("malloc: %s", malloc)
         try:
