@@ -28,7 +28,7 @@ from addons.enforce import METADATA_REQUEST_ID
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.logstore import verdict_fields
 from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_UNKNOWN_DEVICE, Action, Verdict

@@ -21,7 +21,7 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.policy import METADATA_DNS_BLOCK
 from addons.requesttarget import request_target
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_MALFORMED_AUTHORITY, RULE_UNDECIDED,
                              RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)

@@ -18,7 +18,7 @@ from typing import Any
 from mitmproxy import connection, dns, hooks, http, tcp, tls, udp
 from mitmproxy.proxy import server_hooks
 
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import RULE_FAIL_CLOSED, Action, Stage, Verdict
 

@@ -10,7 +10,7 @@ the enforcer applies to every later request of the connection.
 
 from __future__ import annotations
 
-from gateway.connections import ConnectionState, LiveConnections
+from gateway.proxy.connections import ConnectionState, LiveConnections
 from gateway.verdict import Verdict, strictest
 
 METADATA_VERDICT = "kanmon.verdict"

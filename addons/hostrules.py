@@ -11,7 +11,7 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
 from addons.requesttarget import request_target
 from gateway.config import HostRule
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.hostname import normalize_host as _normalize_host
 from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from mitmproxy import connection, dns, http, tcp, udp
 
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.registry.model import DeviceRecord
 

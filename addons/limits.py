@@ -41,10 +41,10 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseHeaders, ResponseProtocolError
 
 from addons.hostrules import METADATA_VERDICT
-from gateway import dnslistener
-from gateway.connections import LiveConnections
+from gateway.proxy import dnslistener
+from gateway.proxy.connections import LiveConnections
 from gateway.i18n import Text
-from gateway.limitsnft import KERNEL_LIMITS
+from gateway.net.limitsnft import KERNEL_LIMITS
 from gateway.limits import (LIMIT_CLIENTHELLO, LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE,
                             LIMIT_HEADER_BYTES, LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER,
                             MAX_CLIENTHELLO_BYTES, RULE_DEVICE_LIMIT, DeviceLimiter, LimitReporter, LimitSettings)

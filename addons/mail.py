@@ -51,7 +51,7 @@ from mitmproxy.proxy.utils import expect
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from gateway.config import MailSettings
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.hostname import normalize_host
 from gateway.logstore import verdict_fields
 from gateway.mail.adapters import Judgement, Output

@@ -20,7 +20,7 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import record_tls_verdict, record_verdict
 from addons.protocol import WEB_PORTS
 from addons.requesttarget import request_target
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.policy.query import marked_normalized_url
 from gateway.registry.model import DeviceRecord

@@ -27,8 +27,8 @@ from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import ClientTLSLayer, ServerTLSLayer, modes
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from gateway.connections import PROTOCOL_MAIL, PROTOCOL_UNIDENTIFIED, LiveConnections
-from gateway.firstbytes import Kind, classify, normalized_record_versions
+from gateway.proxy.connections import PROTOCOL_MAIL, PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.proxy.firstbytes import Kind, classify, normalized_record_versions
 
 log = logging.getLogger("kanmon.protocol")
 

@@ -10,7 +10,7 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import record_verdict
 from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.registry.model import DeviceStatus
 from gateway.verdict import RULE_QUARANTINE, Action, Stage, Verdict
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.flowverdict import record_verdict
-from gateway.authority import MalformedAuthority, parse_authority
-from gateway.connections import LiveConnections
+from gateway.proxy.authority import MalformedAuthority, parse_authority
+from gateway.proxy.connections import LiveConnections
 from gateway.verdict import RULE_AUTHORITY_MISMATCH, RULE_MALFORMED_AUTHORITY, Action, Stage, Verdict
 
 METADATA_TARGET = "kanmon.request_target"

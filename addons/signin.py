@@ -21,7 +21,7 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import record_verdict
 from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
-from gateway.connections import ConnectionState, LiveConnections
+from gateway.proxy.connections import ConnectionState, LiveConnections
 from gateway.registry.model import DeviceRecord
 from gateway.signin import pages
 from gateway.signin.oidc import SignInRefused

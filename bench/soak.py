@@ -126,7 +126,7 @@ def memory_report(lab: Lab, pid: int, number: int, timeout: float = 60) -> str:
     return path.read_text()
 
 
-FLOW_TYPE = "gateway.connections.ConnectionState"
+FLOW_TYPE = "gateway.proxy.connections.ConnectionState"
 
 
 def rss_shape(samples: list[tuple[float, float, int]], warm_from: float) -> dict:

@@ -26,7 +26,7 @@ from addons.accesslog import AccessLog
 from addons.blockpage import Helpdesk
 from addons.cutoff import ConnectionCutter
 from gateway.signin.service import SignInService
-from gateway.underlay import UnderlayAddresses
+from gateway.net.underlay import UnderlayAddresses
 from gateway.signin.store import open_session_store
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
@@ -38,13 +38,13 @@ from addons.policy import PolicyDecider, PolicyHolder
 from addons.protocol import ProtocolIdentifier
 from addons.requesttarget import RequestAuthority
 from addons.quarantine import QuarantineGate
-from gateway import limitsnft, steering
+from gateway.net import limitsnft, steering
 from gateway.runtime import allocator, diagnostics, heaptrim
 from gateway.config import GatewayConfig
 from gateway.runtime.clusternode import ClusterNode, NodeCallbacks
 from gateway.runtime.errors import StartupError
 from gateway.registry.factory import open_registry, registry_url_of
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.enroll.server import EnrollmentServer
 from gateway.feeds.runner import FeedRunner
 from gateway.runtime.gatewayprocess import write_applied
@@ -52,14 +52,14 @@ from gateway.logstore import LogStore, SyslogForwarder, purge
 from gateway.logstore.anchor import ANCHOR_SUBDIR, AnchorError
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
-from gateway.dnsbinding import DnsBindings
-from gateway.proxy import ProxySettings, build_master, wait_for_listeners
+from gateway.proxy.dnsbinding import DnsBindings
+from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
 from gateway.runtime.reconcile import Reconciler
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
-from gateway.tunnel import WireGuardInterface, load_or_create_private_key
-from gateway.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
-from gateway.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
+from gateway.net.tunnel import WireGuardInterface, load_or_create_private_key
+from gateway.net.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
+from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.yamlsource import SourceErrors
 
 log = logging.getLogger("kanmon.app")

@@ -50,10 +50,10 @@ TOP_TYPES = 40
 # Per-connection objects, always listed (0 when none is alive) whatever their rank: the
 # gateway's flow table, mitmproxy's flows and connections, the DNS listener's streams.
 WATCHED_TYPES = (
-    "gateway.connections.ConnectionState",
+    "gateway.proxy.connections.ConnectionState",
     "mitmproxy.http.HTTPFlow", "mitmproxy.tcp.TCPFlow", "mitmproxy.dns.DNSFlow", "mitmproxy.udp.UDPFlow",
     "mitmproxy.connection.Client", "mitmproxy.connection.Server",
-    "gateway.dnslistener.DatagramStream", "_asyncio.Task",
+    "gateway.proxy.dnslistener.DatagramStream", "_asyncio.Task",
 )
 
 

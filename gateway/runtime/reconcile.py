@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gateway import steering
+from gateway.net import steering
 from gateway.registry.model import DeviceRecord, DeviceRegistry
-from gateway.tunnel import PeerSpec, WireGuardInterface
+from gateway.net.tunnel import PeerSpec, WireGuardInterface
 
 log = logging.getLogger("kanmon.reconcile")
 

@@ -31,7 +31,7 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.blockpage import Helpdesk
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import compile_text
 from gateway.registry.model import DeviceRecord

@@ -19,7 +19,7 @@ from addons.failclosed import FailClosedActions, Guarded
 from addons.hostrules import METADATA_VERDICT, HostRuleDecider
 from addons.identity import METADATA_DEVICE, DeviceDirectory, DeviceIdentity
 from gateway.config import HostRule
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway import dnslistener
-from gateway.dnslistener import _Endpoint
+from gateway.proxy import dnslistener
+from gateway.proxy.dnslistener import _Endpoint
 
 
 class FakeTransport:

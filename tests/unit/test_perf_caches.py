@@ -23,7 +23,7 @@ from addons.enforce import Enforcer
 from addons.hostrules import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import DeviceContext, compile_text, is_deferred, query_for_url
 from gateway.policy.query import PolicyQuery

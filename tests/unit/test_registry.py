@@ -129,7 +129,7 @@ class FakeTunnel:
         self.calls: list[tuple] = []
 
     def sync_peers(self, desired):
-        from gateway.tunnel import PeerSyncResult
+        from gateway.net.tunnel import PeerSyncResult
         added = [k for k in desired if k not in self.peers]
         removed = [k for k in self.peers if k not in desired]
         self.peers = {k: v.allowed_ips for k, v in desired.items()}

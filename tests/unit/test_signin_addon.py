@@ -21,7 +21,7 @@ from addons.enforce import Enforcer
 from addons.hostrules import METADATA_VERDICT, HostRuleDecider
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.signin import METADATA_SESSION, SignInGate, safe_next, wants_html
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.registry.model import DeviceRecord
 from gateway.signin.oidc import AuthorizationRequest, SignInRefused

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.underlay import endpoint_address
+from gateway.net.underlay import endpoint_address
 
 SESSION_GAP_SECONDS = 180.0   # > 3 minutes without a handshake: the next one starts a new session
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 
 from gateway.limits import LimitSettings
-from gateway.steering import SteeringError, remove_table
+from gateway.net.steering import SteeringError, remove_table
 
 KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
 # The table's named counters -> the `limit` label they are counted under in

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import firewalllog
-from gateway.firewalllog import FirewallAggregator, FirewallLogError
+from gateway.net import firewalllog
+from gateway.net.firewalllog import FirewallAggregator, FirewallLogError
 
 log = logging.getLogger("kanmon.firewalllog")
 

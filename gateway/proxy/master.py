@@ -19,7 +19,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records, tlsconfig
 from mitmproxy.master import Master
 
-from gateway import dnslistener
+from gateway.proxy import dnslistener
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("kanmon.proxy")
