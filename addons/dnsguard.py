@@ -2,7 +2,7 @@
 
 * ``NoInspectBinding`` lets a ``no-inspect`` TLS connection pass untouched only to an
   address the gateway's resolver returned for its SNI to that device
-  (gateway/dnsbinding.py); otherwise the connection is intercepted and refused
+  (gateway/proxy/dnsbinding.py); otherwise the connection is intercepted and refused
   (``kanmon:no-inspect-unresolved``).
 * ``DnsBypassGuard`` refuses DNS over TLS (TCP 853) except to configured resolvers, and DNS
   over HTTPS: requests or responses carrying DNS messages (``application/dns-message``,

@@ -5,7 +5,7 @@
   then closes the socket before any layer, TLS handshake or upstream connection exists. Never
   queued. Placed right after the identity addon, so the device is known.
 * DNS: each device's queries pass a token bucket (`dns_queries_per_second`). Over UDP the
-  check runs in the datagram listener (gateway/dnslistener.py) before a datagram is queued or
+  check runs in the datagram listener (gateway/proxy/dnslistener.py) before a datagram is queued or
   a stream made, and the excess is dropped (see there why); over TCP the query is answered
   REFUSED in `dns_request` (a TCP client would otherwise wait for its timeout).
 * HTTP/1 headers: mitmproxy 12.2.3 reads a request head without bound (`# FIXME: protect
@@ -201,7 +201,7 @@ class DeviceLimits:
                  kernel_counters: Callable[[], dict[str, int]] | None = None):
         """``directory``: tunnel address -> device (addons.identity.DeviceDirectory), for DNS
         datagrams, which have no connection entry. ``sink``: the log store (``append``).
-        ``kernel_counters``: reads the kernel backstop's counters (gateway/limitsnft.py; blocking,
+        ``kernel_counters``: reads the kernel backstop's counters (gateway/net/limitsnft.py; blocking,
         called off the event loop), added to the metric as ``kernel-*`` limits."""
         self.kernel_counters = kernel_counters
         self._kernel_seen: dict[str, int] = {}
@@ -293,7 +293,7 @@ class DeviceLimits:
 
     # -- DNS -----------------------------------------------------------------------------
     def admit_dns(self, ip: str) -> bool:
-        """The DNS datagram listener's check (gateway/dnslistener.py), outside the addon guard:
+        """The DNS datagram listener's check (gateway/proxy/dnslistener.py), outside the addon guard:
         an error drops the datagram (fail closed) and is counted."""
         try:
             device = self.directory.by_ip(ip)

@@ -5,7 +5,7 @@ and every other stack keep mitmproxy's own decision). mitmproxy's decision is ma
 debugging proxy: whatever does not look like TLS or HTTP at a glance — a ClientHello split
 into one-byte segments, a request after an empty line, a lone ``GET`` in the first segment —
 falls back to raw TCP, which a policy can judge only by its destination. Here
-(gateway/firstbytes.py) the layer is chosen only once the bytes are complete, and what is
+(gateway/proxy/firstbytes.py) the layer is chosen only once the bytes are complete, and what is
 neither TLS nor HTTP is marked *unidentified* on the connection's state: it still becomes a
 raw TCP flow, so that the decision stage and the access log see it, but the enforcer refuses
 its upstream connection unless the policy explicitly allowed unidentified traffic to that

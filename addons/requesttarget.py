@@ -49,7 +49,7 @@ class RequestAuthority:
 
     Runs before every decision addon. The Host header, an absolute-form target
     (``GET http://host/ HTTP/1.1``) and HTTP/2's ``:authority`` are parsed by the gateway's
-    one strict parser (gateway/authority.py) and must name the same host and port: a
+    one strict parser (gateway/proxy/authority.py) and must name the same host and port: a
     malformed one is answered 400 (``kanmon:malformed-authority``), a disagreement 403
     (``kanmon:authority-mismatch``, the shape of a fronting attempt). An HTTP/1 absolute-form
     target is then rewritten to origin form with that authority in the Host header, so the

@@ -155,7 +155,7 @@ SCHEMA: dict[str, Any] = {
                 "retention_days": {"type": "integer", "minimum": 1},
                 "on_write_error": {"enum": ["block", "continue"]},
                 "fsync": {"enum": ["rotate", "always", "interval"]},
-                # Firewall log (gateway/firewalllog.py): NFLOG group of the table's drop logs,
+                # Firewall log (gateway/net/firewalllog.py): NFLOG group of the table's drop logs,
                 # and seconds per aggregated record.
                 "firewall_group": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "firewall_interval": {"type": "number", "minimum": 1, "maximum": 3600},

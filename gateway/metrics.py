@@ -88,7 +88,7 @@ class GatewayMetrics:
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "
             "re-evaluated every device's usage period and suspension.", ["direction"], registry=r)
-        # Firewall log (gateway/firewalllog_reader.py): the table's drops, read over NFLOG.
+        # Firewall log (gateway/net/firewalllog_reader.py): the table's drops, read over NFLOG.
         self.firewall_log_packets = Counter(
             "kanmon_firewall_log_packets_total",
             "Dropped/rejected packets the kernel handed to the firewall log, by reason code.", ["reason"], registry=r)

@@ -1,9 +1,9 @@
 """Firewall log, pure part: what the kernel's netfilter log hands us, and the records it becomes.
 
-Every drop and reject of device traffic in the nftables table (gateway/steering.py) carries a
+Every drop and reject of device traffic in the nftables table (gateway/net/steering.py) carries a
 `log group N prefix "kanmon-fw:<reason> "` statement, rate limited in the kernel. The kernel
 sends each logged packet's first bytes over nfnetlink_log to whoever bound group N; the
-reader (gateway/firewalllog_reader.py, the I/O edge) receives the datagrams and feeds them
+reader (gateway/net/firewalllog_reader.py, the I/O edge) receives the datagrams and feeds them
 here:
 
 * ``parse_messages`` -- netlink datagram -> ``LoggedPacket`` (reason, addresses, ports,

@@ -10,7 +10,7 @@ Why a netlink socket of our own rather than ulogd2 (Debian 2.0.8) writing JSON t
   disk once before we could fold it;
 * the protocol part is small and stable (nfnetlink_log since Linux 2.6.14), and pyroute2
   (already a dependency) has no nfnetlink_log family to reuse. The byte parsing is pure and
-  unit-tested in gateway/firewalllog.py; this module only owns the socket and the thread.
+  unit-tested in gateway/net/firewalllog.py; this module only owns the socket and the thread.
 
 Bounds: the kernel logs at most `steering.LOG_RATE_PER_SECOND` packets per drop rule
 (`limit rate` on the log rules); the socket has a large receive buffer, and when the kernel

@@ -41,7 +41,7 @@ class SteeringPlan:
     transparent_port: int
     dns_port: int
     blocked: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
-    # Firewall log (gateway/firewalllog.py): NFLOG group of the drop/reject log statements;
+    # Firewall log (gateway/net/firewalllog.py): NFLOG group of the drop/reject log statements;
     # None renders the table without them.
     log_group: int | None = None
 

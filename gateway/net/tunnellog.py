@@ -2,7 +2,7 @@
 
 WireGuard itself logs nothing: a peer's state is its endpoint (the outer address its last
 authenticated packet came from) and the time of its latest handshake. Reading that state
-every second (gateway/underlay.py already does, for `underlay_network` rules) and comparing
+every second (gateway/net/underlay.py already does, for `underlay_network` rules) and comparing
 it with the previous reading gives the events the guidelines ask to keep (IPA 技術的対策
 3.8.3 authentication log: time, source, user, success; NISC smartphone guide 7.3.1(4)-1 e:
 the VPN's own authentication log):

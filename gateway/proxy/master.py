@@ -77,7 +77,7 @@ class ProxySettings:
 # Kernel accept queue of the TCP listeners. asyncio listens with 100: in the lab, while one
 # device opened connections faster than the loop accepted them, the queue overflowed and the
 # other device's SYNs were dropped and retried only 1-3 s later (issue #14). A single device's
-# flood is kept out of the queue by the kernel backstop (gateway/limitsnft.py); the longer queue
+# flood is kept out of the queue by the kernel backstop (gateway/net/limitsnft.py); the longer queue
 # (the kernel caps it at net.core.somaxconn) absorbs bursts of many devices at once, e.g. all of
 # them reconnecting after a restart. asyncio still accepts at most 100 per loop pass.
 LISTEN_BACKLOG = 4096
@@ -132,7 +132,7 @@ def build_master(settings: ProxySettings, chain: Sequence[Any], layer_decision: 
 
     ``layer_decision`` replaces mitmproxy's NextLayer addon: the gateway passes its
     protocol identification (addons/protocol.py), which denies what it cannot identify."""
-    dnslistener.install()  # see gateway/dnslistener.py: DNS over UDP must survive idle pauses
+    dnslistener.install()  # see gateway/proxy/dnslistener.py: DNS over UDP must survive idle pauses
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
     master.addons.add(core.Core(), proxyserver.Proxyserver(), layer_decision or next_layer.NextLayer(),
                       tlsconfig.TlsConfig(), disable_h2c.DisableH2C())

@@ -9,7 +9,6 @@ restart after a crash (stale table, stale interface, stale control socket) recov
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import json
 import logging
@@ -22,22 +21,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from addons.accesslog import AccessLog
-from addons.blockpage import Helpdesk
+from addons.chain import ChainError, ChainParts, build_chain, chain_names, layer_decision
 from addons.cutoff import ConnectionCutter
 from gateway.signin.service import SignInService
 from gateway.net.underlay import UnderlayAddresses
 from gateway.signin.store import open_session_store
-from addons.enforce import Enforcer
-from addons.failclosed import FailClosedActions, Guarded
-from addons.hostrules import HostRuleDecider
-from addons.identity import DeviceDirectory, DeviceIdentity
-from addons.dnsguard import DnsBypassGuard, NoInspectBinding
-from addons.limits import DeviceLimits
-from addons.policy import PolicyDecider, PolicyHolder
-from addons.protocol import ProtocolIdentifier
-from addons.requesttarget import RequestAuthority
-from addons.quarantine import QuarantineGate
+from addons.identity import DeviceDirectory
+from addons.policy import PolicyHolder
 from gateway.net import limitsnft, steering
 from gateway.runtime import allocator, diagnostics, heaptrim
 from gateway.config import GatewayConfig
@@ -84,14 +74,6 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
         except OSError as exc:
             log.warning("sd_notify failed: %s", exc)
-
-
-def load_extra_addon(spec: str) -> Any:
-    module_name, _, class_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)()
-    except Exception as exc:
-        raise StartupError(f"addons.extra: cannot load {spec}: {exc}") from exc
 
 
 def _not_admitted_because(rec, now: datetime) -> str:
@@ -160,64 +142,19 @@ class GatewayApp:
         return nets
 
     def build_chain(self) -> list[Any]:
-        helpdesk = Helpdesk(self.cfg.helpdesk_ja, self.cfg.helpdesk_en, self.cfg.helpdesk_contact)
-        enforcer = Enforcer(self.connections, self.metrics, helpdesk, self.internal_networks(), self.cutter.cut,
-                            sinkhole=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))
-        user_of = self._signed_in_user if self.signin is not None else None
-        accesslog = AccessLog(self.logstore, on_log_failure=self.cfg.log_on_write_error, connections=self.connections,
-                              user_of=user_of)
-        actions = FailClosedActions(self.connections, self.metrics, enforcer.block_http, self.cutter.cut, self.fail)
-        session_of = self.signin.session_for if self.signin is not None else None
-        if self.policy is not None:
-            decider = PolicyDecider(self.policy, self.connections, underlay_of=self.underlay,
-                                    decision_seconds=self.metrics.decision_seconds, session_of=session_of)
-        else:
-            decider = HostRuleDecider(self.cfg.host_rules, self.cfg.default_action, self.connections, self.cfg.no_sni)
-        rule_info = (lambda rule_id: self.policy.current.snapshot.rule(rule_id)) if self.policy is not None else None
-        chain = [
-            DeviceIdentity(self.directory, self.connections, self.metrics, on_refused=accesslog.refused_client),
-            # issue #14: over its per-device limits a device's connection is refused here, before any work
-            DeviceLimits(self.cfg.limits, self.connections, self.directory, self.metrics, self.logstore,
-                         kernel_counters=lambda: limitsnft.read_counters(limitsnft.table_name(self.cfg.nft_table))),
-            RequestAuthority(self.connections),   # issue #14: judge the authority the upstream will see
-            decider,
-            NoInspectBinding(self.connections, self.dns_bindings),
-            DnsBypassGuard(self.connections, dot_resolvers=self.cfg.dot_resolvers, rule_info=rule_info),
-            *[load_extra_addon(spec) for spec in self.cfg.extra_addons],
-            QuarantineGate(self.connections, self.cfg.quarantine_allow_hosts),
-            *self._mail_addons(),   # issue #5: decides (private mail servers) before the enforcer
-            *self._signin_addons(helpdesk),  # issue #9: unsigned devices reach only the sign-in path
-            enforcer,
-            accesslog,
-            self.cutter,
-        ]
-        return [Guarded(addon, actions) for addon in chain]
-
-    def _mail_addons(self) -> list[Any]:
-        """The mail filter when the config has a `mail:` section. Its policy must load, or
-        the gateway does not start (fail closed, errors with file:line)."""
-        if self.cfg.mail is None:
-            return []
-        from addons.mail import MailFilter
+        """The production chain (addons/chain.py, the one builder); a part that cannot be built
+        stops the start."""
         try:
-            mail = MailFilter.from_config(self.cfg.mail, self.cfg.state_dir, self.connections, self.metrics,
-                                          self.logstore, self.cutter.cut)
-            if self.signin is not None:
-                mail.user_of = self._signed_in_user
-            return [mail]
-        except SourceErrors as exc:
-            raise StartupError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+            chain = build_chain(self.chain_parts())
+        except ChainError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("addon chain: %s", ", ".join(chain_names(chain)))
+        return chain
 
-    def _signed_in_user(self, device) -> str | None:
-        session = self.signin.session_for(device) if self.signin is not None else None
-        return session.user if session is not None else None
-
-    def _signin_addons(self, helpdesk: Helpdesk) -> list[Any]:
-        if self.signin is None:
-            return []
-        from addons.signin import SignInGate
-        return [SignInGate(self.signin, self.connections, helpdesk.contact,
-                           portal_addresses=(self.cfg.sinkhole_ipv4, self.cfg.sinkhole_ipv6))]
+    def chain_parts(self) -> ChainParts:
+        return ChainParts(self.cfg, self.connections, self.directory, self.metrics, self.logstore, self.cutter,
+                          self.internal_networks(), self.dns_bindings, self.fail, underlay=self.underlay,
+                          policy=self.policy, signin=self.signin)
 
     def open_signin(self) -> None:
         """Sessions live beside the device registry (gateway/signin/store.py)."""
@@ -614,7 +551,7 @@ class GatewayApp:
         try:
             reconciler = await asyncio.to_thread(self.prepare_host)
             self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain(),
-                                       layer_decision=ProtocolIdentifier(self.connections))
+                                       layer_decision=layer_decision(self.chain_parts()))
             if self.fatal_reason:
                 raise StartupError(self.fatal_reason)
             run_task = asyncio.create_task(self.master.run(), name="mitmproxy")

@@ -1,4 +1,4 @@
-"""gateway/dnslistener.py: the UDP DNS listener's per-address streams stay bounded (#7 soak)."""
+"""gateway/proxy/dnslistener.py: the UDP DNS listener's per-address streams stay bounded (#7 soak)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Firewall log (gateway/firewalllog.py): nfnetlink_log messages -> logged packets, the
+"""Firewall log (gateway/net/firewalllog.py): nfnetlink_log messages -> logged packets, the
 aggregation that keeps a flood to a few records, and the log statements in the table
-(gateway/steering.py)."""
+(gateway/net/steering.py)."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_every_drop_and_reject_is_preceded_by_its_rate_limited_log_rule():
 
 
 def test_reader_feeds_counts_and_flushes_without_a_socket():
-    """The I/O edge's own logic (gateway/firewalllog_reader.py) with a fake store: packets
+    """The I/O edge's own logic (gateway/net/firewalllog_reader.py) with a fake store: packets
     counted by reason, unreadable messages counted and skipped, records written at flush."""
     from gateway.net.firewalllog_reader import FirewallLogReader
     from gateway.metrics import GatewayMetrics

@@ -1,4 +1,4 @@
-"""Tunnel log (gateway/tunnellog.py): successive WireGuard peer readings -> auth records for
+"""Tunnel log (gateway/net/tunnellog.py): successive WireGuard peer readings -> auth records for
 session start, resumption after a gap, roaming, and the reconciler's peer changes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tunnel address -> underlay address (gateway/underlay.py) and its use by the policy decider:
+"""Tunnel address -> underlay address (gateway/net/underlay.py) and its use by the policy decider:
 `underlay_network` conditions see where the device's tunnel comes from right now."""
 
 from __future__ import annotations
