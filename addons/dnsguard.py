@@ -21,7 +21,8 @@ from mitmproxy import dns, http, tcp, tls
 
 from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
 from gateway.proxy.connections import LiveConnections
-from gateway.proxy.dnsbinding import DnsBindings, canonical_address
+from gateway.hostname import canonical_address
+from gateway.proxy.dnsbinding import DnsBindings
 from gateway.hostname import normalize_host
 from gateway.verdict import RULE_DNS_BYPASS, RULE_NO_INSPECT_UNRESOLVED, Action, Stage, Verdict
 

@@ -21,6 +21,7 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from addons.policy import METADATA_DNS_BLOCK
 from addons.requesttarget import request_target
+from gateway.hostname import canonical_address
 from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_MALFORMED_AUTHORITY, RULE_UNDECIDED,
@@ -64,9 +65,8 @@ class Enforcer:
         return self._is_internal(address)
 
     def _is_internal(self, address: tuple) -> bool:
-        try:
-            ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-        except ValueError:
+        ip = canonical_address(address[0])
+        if ip is None:
             return False  # a host name: resolved upstream, never one of our literal addresses
         return ip.is_loopback or ip.is_unspecified or any(ip in net for net in self.internal_networks)
 

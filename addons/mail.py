@@ -52,7 +52,7 @@ from addons.hostrules import METADATA_VERDICT
 from addons.identity import METADATA_DEVICE
 from gateway.config import MailSettings
 from gateway.proxy.connections import LiveConnections
-from gateway.hostname import normalize_host
+from gateway.hostname import canonical_address, host_in, normalize_host
 from gateway.logstore import verdict_fields
 from gateway.mail.adapters import Judgement, Output
 from gateway.mail.adapters.imap import ImapAdapter
@@ -108,15 +108,12 @@ class OrganizationHosts:
     def allows(self, sni: str | None, address: tuple | None) -> bool:
         if sni:
             host = normalize_host(sni) or ""
-            if host in self.names or any(host == s[1:] or host.endswith(s) for s in self.suffixes):
+            if host_in(host, self.names, self.suffixes):
                 return True
         if address:
-            try:
-                ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-            except ValueError:
+            ip = canonical_address(address[0])
+            if ip is None:
                 return False
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
             return any(ip in net for net in self.networks)
         return False
 

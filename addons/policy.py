@@ -20,6 +20,7 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import record_tls_verdict, record_verdict
 from addons.protocol import WEB_PORTS
 from addons.requesttarget import request_target
+from gateway.hostname import canonical_address
 from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.policy.query import marked_normalized_url
@@ -77,12 +78,7 @@ def device_context(record: DeviceRecord, underlay_ip: str | None = None, session
 
 
 def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not address:
-        return None
-    try:
-        return ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-    except ValueError:
-        return None
+    return canonical_address(address[0]) if address else None
 
 
 class PolicyDecider:

@@ -19,8 +19,8 @@ from urllib.parse import quote
 from mitmproxy import dns, http, tcp, tls
 
 from addons.flowverdict import record_verdict
-from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
+from gateway.hostname import normalize_host
 from gateway.proxy.connections import ConnectionState, LiveConnections
 from gateway.registry.model import DeviceRecord
 from gateway.signin import pages

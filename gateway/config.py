@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.hostname import normalize_host_entry
+from gateway.hostname import host_in, normalize_host_entry, split_host_entries
 from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.registry.schema import REGISTRY_SCHEMA
 from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
@@ -208,7 +208,7 @@ class HostRule:
     reason: str
 
     def matches(self, host: str) -> bool:
-        return host in self.exact or any(host == s[1:] or host.endswith(s) for s in self.suffixes)
+        return host_in(host, self.exact, self.suffixes)
 
 
 @dataclass(frozen=True)
@@ -447,16 +447,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         if r["id"] in seen_ids:
             errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
         seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
-        hosts = [normalize_host_entry(h) for h in r["hosts"]]
-        rules.append(
-            HostRule(
-                rule_id=r["id"],
-                action=Action(r["action"]),
-                exact=frozenset(h for h in hosts if not h.startswith(".")),
-                suffixes=tuple(h for h in hosts if h.startswith(".")),
-                reason=r.get("reason", ""),
-            )
-        )
+        exact, suffixes = split_host_entries(r["hosts"])
+        rules.append(HostRule(rule_id=r["id"], action=Action(r["action"]), exact=exact, suffixes=suffixes,
+                              reason=r.get("reason", "")))
 
     mail = _mail_settings(doc, d.get("mail"), errors)
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)

@@ -8,6 +8,7 @@ half-updated table; ``underlay_table`` is pure.
 """
 
 from __future__ import annotations
+from gateway.hostname import canonical_address
 
 import ipaddress
 from collections.abc import Callable, Mapping
@@ -21,11 +22,7 @@ def endpoint_address(endpoint: str | None) -> IP | None:
     if not endpoint:
         return None
     host = endpoint.rsplit(":", 1)[0] if endpoint.count(":") == 1 or endpoint.startswith("[") else endpoint
-    host = host.strip("[]")
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
+    return canonical_address(host.strip("[]"))
 
 
 def underlay_table(peers: Mapping[str, Any]) -> dict[str, IP]:

@@ -23,7 +23,6 @@ class ConnectionState:
     peer_ip: str
     peer_port: int
     device: DeviceRecord | None
-    last_verdict: Verdict | None = None
     failed: str | None = None          # an addon raised on this connection: block everything
     blocked: Verdict | None = None     # a connection-level block (raw TCP): no upstream connection
     passing_verdicts: int = 0
@@ -38,7 +37,6 @@ class ConnectionState:
     connection_block: Verdict | None = None
 
     def record(self, verdict: Verdict) -> None:
-        self.last_verdict = verdict
         if verdict.passes:
             self.passing_verdicts += 1
         elif self.connection_block is None and verdict.stage in CONNECTION_STAGES:

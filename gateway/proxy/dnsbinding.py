@@ -17,25 +17,13 @@ import ipaddress
 import time
 from collections import OrderedDict
 
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MIN_SECONDS = 300.0
 MAX_SECONDS = 3600.0
 PER_DEVICE = 4096        # bindings kept per device; the oldest go first
 MAX_DEVICES = 100_000
-
-
-def canonical_address(text: str | None) -> Address | None:
-    """An address as the tables key it: zone dropped, IPv4-mapped IPv6 as IPv4."""
-    if not text:
-        return None
-    try:
-        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class DnsBindings:

@@ -19,7 +19,8 @@ from addons.flowverdict import METADATA_VERDICT, record_verdict
 from addons.requesttarget import RequestAuthority
 from gateway.proxy.authority import MalformedAuthority, parse_authority
 from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
-from gateway.proxy.dnsbinding import DnsBindings, canonical_address
+from gateway.hostname import canonical_address
+from gateway.proxy.dnsbinding import DnsBindings
 from gateway.proxy.firstbytes import MAX_IDENTIFY_BYTES, Kind, classify, normalized_record_versions
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import (RULE_AUTHORITY_MISMATCH, RULE_DNS_BYPASS, RULE_MALFORMED_AUTHORITY,
