@@ -30,9 +30,7 @@ from typing import Any, Protocol
 
 from mitmproxy import connection, dns, http, tcp, tls
 
-from addons.enforce import METADATA_REQUEST_ID
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_REQUEST_ID, METADATA_VERDICT
 from addons.requesttarget import request_target
 from gateway.proxy.connections import LiveConnections
 from gateway.logstore import verdict_fields
@@ -188,7 +186,7 @@ class AccessLog:
         will never see its requests, so the firewall log must."""
         client = data.context.client
         state = self.connections.get(client.id)
-        verdict = state.notes.get("tls_verdict") if state is not None else None
+        verdict = state.tls_verdict if state is not None else None
         if not isinstance(verdict, Verdict):
             return
         no_inspect = data.ignore_connection or verdict.action == Action.NO_INSPECT

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
+from addons.flowverdict import record_tls_verdict, record_verdict
+from gateway.proxy.flowstate import METADATA_VERDICT
 from gateway.proxy.connections import LiveConnections
 from gateway.hostname import canonical_address
 from gateway.proxy.dnsbinding import DnsBindings
@@ -61,7 +62,7 @@ class NoInspectBinding:
             return
         client = data.context.client
         state = self.connections.get(client.id)
-        verdict = state.notes.get("tls_verdict") if state is not None else None
+        verdict = state.tls_verdict if state is not None else None
         if state is None or not isinstance(verdict, Verdict) or verdict.action is not Action.NO_INSPECT:
             return
         device = canonical_address(client.peername[0] if client.peername else None)

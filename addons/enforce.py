@@ -17,9 +17,7 @@ from mitmproxy import dns, http, tcp
 from mitmproxy.proxy import server_hooks
 
 from addons.blockpage import Helpdesk, block_response, new_request_id
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
-from addons.policy import METADATA_DNS_BLOCK
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_DNS_BLOCK, METADATA_REQUEST_ID, METADATA_VERDICT
 from addons.requesttarget import request_target
 from gateway.hostname import canonical_address
 from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
@@ -29,7 +27,6 @@ from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_M
 
 log = logging.getLogger("kanmon.enforce")
 
-METADATA_REQUEST_ID = "kanmon.request_id"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Destination addresses whose "inside the gateway?" answer is remembered; emptied when full.
 _INTERNAL_CACHE_SIZE = 4096

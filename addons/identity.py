@@ -16,11 +16,11 @@ from mitmproxy import connection, dns, http, tcp, udp
 from gateway.hostname import canonical_address
 from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
+from gateway.proxy.flowstate import METADATA_DEVICE
 from gateway.registry.model import DeviceRecord
 
 log = logging.getLogger("kanmon.identity")
 
-METADATA_DEVICE = "kanmon.device"
 
 
 class DeviceDirectory:

@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseHeaders, ResponseProtocolError
 
-from addons.hostrules import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from gateway.proxy import dnslistener
 from gateway.proxy.connections import LiveConnections
 from gateway.i18n import Text

@@ -48,8 +48,7 @@ from mitmproxy.proxy import commands, events, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.utils import expect
 
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
 from gateway.config import MailSettings
 from gateway.proxy.connections import LiveConnections
 from gateway.hostname import canonical_address, host_in, normalize_host

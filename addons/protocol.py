@@ -107,7 +107,7 @@ class ProtocolIdentifier(next_layer.NextLayer):
     def _unidentified(self, context: Context, state, why: str) -> Layer:
         self._mark(state, PROTOCOL_UNIDENTIFIED)
         if state is not None:
-            state.notes["unidentified_why"] = why
+            state.unidentified_why = why
         return layers.TCPLayer(context)
 
     @staticmethod

@@ -16,9 +16,9 @@ from mitmproxy import http
 from addons.flowverdict import record_verdict
 from gateway.proxy.authority import MalformedAuthority, parse_authority
 from gateway.proxy.connections import LiveConnections
+from gateway.proxy.flowstate import METADATA_TARGET
 from gateway.verdict import RULE_AUTHORITY_MISMATCH, RULE_MALFORMED_AUTHORITY, Action, Stage, Verdict
 
-METADATA_TARGET = "kanmon.request_target"
 
 
 def _fields(request: http.Request) -> tuple:

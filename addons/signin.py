@@ -22,6 +22,7 @@ from addons.flowverdict import record_verdict
 from addons.requesttarget import request_target
 from gateway.hostname import normalize_host
 from gateway.proxy.connections import ConnectionState, LiveConnections
+from gateway.proxy.flowstate import METADATA_SESSION
 from gateway.registry.model import DeviceRecord
 from gateway.signin import pages
 from gateway.signin.oidc import SignInRefused
@@ -31,7 +32,6 @@ from gateway.verdict import RULE_SIGNIN_PORTAL, RULE_SIGNIN_REQUIRED, Action, St
 
 log = logging.getLogger("kanmon.signin")
 
-METADATA_SESSION = "kanmon.session"
 EXPLAIN = "サインインが必要です / sign-in required: this device has no signed-in user"
 
 

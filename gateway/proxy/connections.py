@@ -7,7 +7,7 @@ can find every live connection of a device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.registry.model import DeviceRecord
 from gateway.verdict import CONNECTION_STAGES, Verdict
@@ -26,7 +26,10 @@ class ConnectionState:
     failed: str | None = None          # an addon raised on this connection: block everything
     blocked: Verdict | None = None     # a connection-level block (raw TCP): no upstream connection
     passing_verdicts: int = 0
-    notes: dict[str, object] = field(default_factory=dict)
+    # The connection's ClientHello verdict (addons/flowverdict.py record_tls_verdict): read by
+    # the access log, the DNS guards and the HTTP stage of the host rules.
+    tls_verdict: Verdict | None = None
+    unidentified_why: str | None = None   # why the first bytes were not TLS or HTTP (addons/protocol.py)
     # "tls", "http", "mail", "unidentified" (addons/protocol.py): an unidentified connection
     # reaches upstream only if a policy rule naming its destination allowed it, and then
     # ``unidentified_allowed_by`` holds that rule's id.

@@ -27,7 +27,7 @@ from mitmproxy.test import tflow
 from wireguard_tools import WireguardKey
 
 from addons.enforce import Enforcer
-from addons.hostrules import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.blockpage import Helpdesk

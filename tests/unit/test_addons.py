@@ -16,8 +16,9 @@ from wireguard_tools import WireguardKey
 from addons.blockpage import Helpdesk, render_block_page
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
-from addons.hostrules import METADATA_VERDICT, HostRuleDecider
-from addons.identity import METADATA_DEVICE, DeviceDirectory, DeviceIdentity
+from addons.hostrules import HostRuleDecider
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
+from addons.identity import DeviceDirectory, DeviceIdentity
 from gateway.config import HostRule
 from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics

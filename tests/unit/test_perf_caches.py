@@ -20,7 +20,7 @@ from wireguard_tools import WireguardKey
 
 from addons.blockpage import Helpdesk
 from addons.enforce import Enforcer
-from addons.hostrules import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from gateway.proxy.connections import LiveConnections
