@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseHeaders, ResponseProtocolError
 
-from gateway.proxy.flowstate import METADATA_VERDICT
+from addons.flowverdict import record_verdict
 from gateway.proxy import dnslistener
 from gateway.proxy.connections import LiveConnections
 from gateway.i18n import Text
@@ -314,7 +314,7 @@ class DeviceLimits:
         if self.limiter.admit_dns(key):
             return
         flow.response = flow.request.fail(dns.response_codes.REFUSED)
-        flow.metadata[METADATA_VERDICT] = Verdict(Action.BLOCK, RULE_DEVICE_LIMIT, "per-device DNS rate", Stage.DNS)
+        record_verdict(flow, Verdict(Action.BLOCK, RULE_DEVICE_LIMIT, "per-device DNS rate", Stage.DNS), self.connections)
         self._bite(key, device, LIMIT_DNS_RATE, {"source": flow.client_conn.peername, "transport": "tcp",
                                                   "protocol": "dns"})
 

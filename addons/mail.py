@@ -48,6 +48,7 @@ from mitmproxy.proxy import commands, events, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.utils import expect
 
+from addons.flowverdict import record_verdict
 from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
 from gateway.config import MailSettings
 from gateway.proxy.connections import LiveConnections
@@ -199,11 +200,12 @@ class MailFilter:
         verdict = Verdict(Action.BLOCK, RULE_PRIVATE_SERVER, why, Stage.TCP if flow is not None else Stage.TLS,
                           category="mail")
         state = self.connections.get(client_id)
-        if state is not None:
-            state.record(verdict)
-            state.blocked = verdict
         if flow is not None:
-            flow.metadata[METADATA_VERDICT] = verdict
+            record_verdict(flow, verdict, self.connections)   # the strictest wins; on the connection too
+        elif state is not None:
+            state.record(verdict)
+        if state is not None:
+            state.blocked = verdict
         self.metrics.mail_verdicts.labels("block", "private-mail-server").inc()
         return verdict
 
