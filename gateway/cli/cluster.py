@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, load_config_or_exit, operator_name
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, load_config_or_exit, operator_name
 from gateway.runtime.clusternode import STALE_SECONDS
 from gateway.i18n import Text
 from gateway.registry.factory import open_registry, outbox_path, registry_url_of
@@ -102,7 +102,7 @@ def _status_command(status: DeviceStatus):
             reg = open_registry(cfg)          # url is set: the shared PostgreSQL registry
             rec = reg.get(args.id)
             if rec is None:
-                print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+                print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
                 return EXIT_FAIL
             if rec.status is DeviceStatus.REVOKED:
                 print(Text("既に失効しています: {d}", "already revoked: {d}").format(d=args.id).render())

@@ -30,6 +30,9 @@ def load_config_or_exit(path: str):
         raise SystemExit(EXIT_USAGE) from None
 
 
+NO_SUCH_DEVICE = Text("端末がありません: {d}", "No such device: {d}")
+
+
 def error(text: Text) -> int:
     """Print a bilingual error on stderr; the usage exit code, to return."""
     print(text.render(), file=sys.stderr)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, error, load_config_or_exit, operator_name
+from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, error, load_config_or_exit,
+                                operator_name)
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text
@@ -245,7 +246,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     registry, _ = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(record_as_dict(rec), ensure_ascii=False, indent=2))
     return EXIT_OK
@@ -255,7 +256,7 @@ def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str =
     registry, _ = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:
         return error(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id))
@@ -289,7 +290,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is not DeviceStatus.QUARANTINED:
         print(Text("端末は隔離されていません: {d} ({s})", "the device is not quarantined: {d} ({s})")
@@ -313,7 +314,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED:
         return error(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id))
@@ -361,7 +362,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     _report_posture(registry, cfg, rec, args.platform, args.os_version, jailbroken, args.reason or "")
     now = registry.get(args.id)
@@ -453,7 +454,7 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
     rec = registry.get(args.id)
     if rec is None:
-        print(Text("端末がありません: {d}", "No such device: {d}").format(d=args.id).render(), file=sys.stderr)
+        print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
     if rec.status is DeviceStatus.REVOKED:
         print(Text("失効した端末の設定は出力しません: {d}", "not exporting a revoked device's config: {d}")
