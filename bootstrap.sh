@@ -102,6 +102,8 @@ install_python_env() {
 }
 
 run_tests() {
+  say "checking the layering contract (lint-imports, [tool.importlinter] in pyproject.toml)"
+  (cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/lint-imports" --no-cache) || { echo "lint-imports: an import breaks the layers (ARCHITECTURE.md)" >&2; return 1; }
   say "running the test suite (unit + end-to-end in network namespaces)"
   mkdir -p "$ROOT/artifacts"
   set +e

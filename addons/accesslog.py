@@ -13,24 +13,28 @@
 If a write fails and `on_log_failure` is "block" (the default), the exception propagates:
 the fail-closed guard then blocks the request, query or connection instead of serving it
 unlogged.
+
+When every append waits for the disk (`fsync: always`, `LogStore.writes_block`), a hook
+returns the write as an awaitable run in a worker thread: mitmproxy awaits it, so the flow
+still waits for its record (and a failed write still blocks it), but the event loop serves
+other connections meanwhile. The live connection table is injected (addons/chain.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from mitmproxy import connection, dns, http, tcp, tls
 
-from addons.enforce import METADATA_REQUEST_ID
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_REQUEST_ID, METADATA_VERDICT
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.logstore import verdict_fields
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_UNKNOWN_DEVICE, Action, Verdict
 
 log = logging.getLogger("kanmon.accesslog")
@@ -87,39 +91,35 @@ def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
 class AccessLog:
     name = "kanmon-accesslog"
 
-    def __init__(self, sink: RecordSink, redact_url=lambda url: url, on_log_failure: str = "block",
-                 connections: LiveConnections | None = None,
+    def __init__(self, sink: RecordSink, redact_url=lambda url: url, on_log_failure: str = "block", *,
+                 connections: LiveConnections,
                  user_of: Callable[[DeviceRecord], str | None] | None = None):
         """``connections`` (the gateway's live connection table) lets the log see TLS-stage
-        verdicts: without it, SNI blocks and no-inspect connections get no `conn` record."""
+        verdicts: SNI blocks and no-inspect connections get their `conn` record from it."""
         self.sink = sink
         self.redact_url = redact_url
         self.on_log_failure = on_log_failure
         self.connections = connections
         self.user_of = user_of
+        self.off_loop = bool(getattr(sink, "writes_block", False))
         # No-inspect connections (no flow object exists for them) awaiting their end record.
         self._passed_through: dict[str, dict[str, Any]] = {}
 
-    def running(self) -> None:
-        """Without an explicit ``connections``, use the enforcer's table (the one every
-        decision addon of the chain shares), found by addon name. Pass ``connections`` to
-        the constructor to make the dependency explicit."""
-        if self.connections is None:
-            from mitmproxy import ctx
-            enforcer = ctx.master.addons.get("kanmon-enforce")
-            table = getattr(enforcer, "connections", None)
-            if isinstance(table, LiveConnections):
-                self.connections = table
-            else:
-                log.warning("no live connection table: SNI blocks and no-inspect connections get no conn record")
-
-    def _write(self, stream: str, record: dict[str, Any]) -> None:
+    def _append(self, stream: str, record: dict[str, Any]) -> None:
         try:
             self.sink.append(stream, record)
         except Exception:
             if self.on_log_failure == "block":
                 raise
             log.exception("log write failed (configured to continue)")
+
+    def _write(self, stream: str, record: dict[str, Any]) -> Awaitable[None] | None:
+        """Write now, or (blocking sink) return the write to await, run in a worker thread.
+        A hook returns what this returns, so mitmproxy waits for the record either way."""
+        if self.off_loop:
+            return asyncio.to_thread(self._append, stream, record)
+        self._append(stream, record)
+        return None
 
     def _http_record(self, flow: http.HTTPFlow) -> dict[str, Any]:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
@@ -141,16 +141,16 @@ class AccessLog:
         })
         return rec
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         rec = self._http_record(flow)
         rec["http.response.status_code"] = flow.response.status_code if flow.response else None
         rec["http.response.body.bytes"] = _body_size(flow.response) if flow.response else None
-        self._write("proxy", rec)
+        return self._write("proxy", rec)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         rec = self._http_record(flow)
         rec["error.message"] = flow.error.msg if flow.error else None
-        self._write("proxy", rec)
+        return self._write("proxy", rec)
 
     def _tcp_record(self, flow: tcp.TCPFlow) -> dict[str, Any]:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
@@ -164,20 +164,20 @@ class AccessLog:
         })
         if flow.client_conn.sni:
             rec["destination.domain"] = flow.client_conn.sni
-        state = self.connections.get(flow.client_conn.id) if self.connections is not None else None
+        state = self.connections.get(flow.client_conn.id)
         if state is not None and state.protocol:
             # What the first bytes were identified as ("unidentified": neither TLS nor HTTP).
             rec["network.protocol"] = state.protocol
         return rec
 
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+    def tcp_start(self, flow: tcp.TCPFlow) -> Awaitable[None] | None:
         rec = self._tcp_record(flow)
         verdict = flow.metadata.get(METADATA_VERDICT)
         passes = isinstance(verdict, Verdict) and verdict.passes
         rec["event.action"] = "connection-opened" if passes else "connection-blocked"
-        self._write("conn", rec)
+        return self._write("conn", rec)
 
-    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+    def tcp_end(self, flow: tcp.TCPFlow) -> Awaitable[None] | None:
         rec = self._tcp_record(flow)
         sent, received = _tcp_bytes(flow)
         rec.update({"event.action": "connection-closed", "source.bytes": sent, "destination.bytes": received})
@@ -186,18 +186,16 @@ class AccessLog:
             rec["event.duration"] = int((time.time() - started) * 1e9)
         if flow.error is not None:
             rec["error.message"] = flow.error.msg
-        self._write("conn", rec)
+        return self._write("conn", rec)
 
     tcp_error = tcp_end
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    def tls_clienthello(self, data: tls.ClientHelloData) -> Awaitable[None] | None:
         """A TLS connection blocked at its SNI, or passed through uninspected: the proxy log
         will never see its requests, so the firewall log must."""
-        if self.connections is None:
-            return
         client = data.context.client
         state = self.connections.get(client.id)
-        verdict = state.notes.get("tls_verdict") if state is not None else None
+        verdict = state.tls_verdict if state is not None else None
         if not isinstance(verdict, Verdict):
             return
         no_inspect = data.ignore_connection or verdict.action == Action.NO_INSPECT
@@ -215,11 +213,11 @@ class AccessLog:
             "destination.domain": sni,
             "tls.client.server_name": sni,
         })
-        self._write("conn", rec)
         if verdict.passes:
             self._passed_through[client.id] = rec
+        return self._write("conn", rec)
 
-    def client_disconnected(self, client: connection.Client) -> None:
+    def client_disconnected(self, client: connection.Client) -> Awaitable[None] | None:
         rec = self._passed_through.pop(client.id, None)
         if rec is None:
             return
@@ -228,7 +226,7 @@ class AccessLog:
         if client.timestamp_start:
             ended = client.timestamp_end or time.time()
             rec["event.duration"] = int((ended - client.timestamp_start) * 1e9)
-        self._write("conn", rec)
+        return self._write("conn", rec)
 
     def _dns_record(self, flow: dns.DNSFlow) -> dict[str, Any]:
         q = flow.request.question
@@ -243,7 +241,7 @@ class AccessLog:
             rec.update(_address_fields(flow.server_conn.address))
         return rec
 
-    def dns_response(self, flow: dns.DNSFlow) -> None:
+    def dns_response(self, flow: dns.DNSFlow) -> Awaitable[None] | None:
         # Runs for our own answers (blocks, sinkhole) and the upstream resolver's alike.
         rec = self._dns_record(flow)
         response = flow.response
@@ -256,14 +254,14 @@ class AccessLog:
                 elif answer.type == dns.types.AAAA:
                     resolved.append(str(answer.ipv6_address))
             rec["dns.resolved_ip"] = resolved
-        self._write("dns", rec)
+        return self._write("dns", rec)
 
-    def dns_error(self, flow: dns.DNSFlow) -> None:
+    def dns_error(self, flow: dns.DNSFlow) -> Awaitable[None] | None:
         # The client gets SERVFAIL from mitmproxy after this hook.
         rec = self._dns_record(flow)
         rec["dns.response_code"] = "SERVFAIL"
         rec["error.message"] = flow.error.msg if flow.error else None
-        self._write("dns", rec)
+        return self._write("dns", rec)
 
     def refused_client(self, client: connection.Client, reason: str) -> None:
         rec = _device_fields(None, client, self.user_of)
@@ -278,4 +276,6 @@ class AccessLog:
             # Transparent mode: the client's socket name is the original destination.
             **_address_fields(client.sockname),
         })
-        self._write("conn", rec)
+        # Called from the identity addon's hook, which does not await: written here, on the
+        # loop even with `fsync: always` (an address of no device: rare, and refused anyway).
+        self._append("conn", rec)

@@ -11,13 +11,10 @@ from typing import Any
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.flowverdict import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
 from gateway.verdict import Stage, Verdict
-
-_SEEN = "kanmon.autoquarantine.seen"
 
 
 class BlockObserver:
@@ -49,17 +46,17 @@ class BlockObserver:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         state = self.connections.get(data.context.client.id)
-        if state is None or state.notes.get(_SEEN):
+        if state is None or state.reported_block is not None:
             return
-        verdict = state.notes.get("tls_verdict")
+        verdict = state.tls_verdict
         if isinstance(verdict, Verdict) and not verdict.passes:
-            state.notes[_SEEN] = verdict
+            state.reported_block = verdict
             self._see(state.device, verdict, data.client_hello.sni, "tls")
 
     def _connection_counted(self, flow, verdict: Any) -> bool:
         """The connection's block was reported at its ClientHello already."""
         state = self.connections.get(flow.client_conn.id)
-        return state is not None and state.notes.get(_SEEN) is verdict
+        return state is not None and state.reported_block is verdict
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         verdict = flow.metadata.get(METADATA_VERDICT)

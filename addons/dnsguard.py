@@ -2,7 +2,7 @@
 
 * ``NoInspectBinding`` lets a ``no-inspect`` TLS connection pass untouched only to an
   address the gateway's resolver returned for its SNI to that device
-  (gateway/dnsbinding.py); otherwise the connection is intercepted and refused
+  (gateway/proxy/dnsbinding.py); otherwise the connection is intercepted and refused
   (``kanmon:no-inspect-unresolved``).
 * ``DnsBypassGuard`` refuses DNS over TLS (TCP 853) except to configured resolvers, and DNS
   over HTTPS: requests or responses carrying DNS messages (``application/dns-message``,
@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterable
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
-from gateway.connections import LiveConnections
-from gateway.dnsbinding import DnsBindings, canonical_address
+from addons.flowverdict import record_tls_verdict, record_verdict
+from gateway.proxy.flowstate import METADATA_VERDICT
+from gateway.proxy.connections import LiveConnections
+from gateway.hostname import canonical_address
+from gateway.proxy.dnsbinding import DnsBindings
 from gateway.hostname import normalize_host
 from gateway.verdict import RULE_DNS_BYPASS, RULE_NO_INSPECT_UNRESOLVED, Action, Stage, Verdict
 
@@ -60,7 +62,7 @@ class NoInspectBinding:
             return
         client = data.context.client
         state = self.connections.get(client.id)
-        verdict = state.notes.get("tls_verdict") if state is not None else None
+        verdict = state.tls_verdict if state is not None else None
         if state is None or not isinstance(verdict, Verdict) or verdict.action is not Action.NO_INSPECT:
             return
         device = canonical_address(client.peername[0] if client.peername else None)

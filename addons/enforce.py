@@ -17,11 +17,10 @@ from mitmproxy import dns, http, tcp
 from mitmproxy.proxy import server_hooks
 
 from addons.blockpage import Helpdesk, Organization, block_response, new_request_id
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
-from addons.policy import METADATA_DNS_BLOCK
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_DNS_BLOCK, METADATA_REQUEST_ID, METADATA_VERDICT
 from addons.requesttarget import request_target
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.hostname import canonical_address
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.pages.catalog import load_all as load_catalogs
 from gateway.pages.kinds import METADATA_SIGNATURE, PageKind, page_kind, staff_message
@@ -30,7 +29,6 @@ from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_M
 
 log = logging.getLogger("kanmon.enforce")
 
-METADATA_REQUEST_ID = "kanmon.request_id"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Destination addresses whose "inside the gateway?" answer is remembered; emptied when full.
 _INTERNAL_CACHE_SIZE = 4096
@@ -72,9 +70,8 @@ class Enforcer:
         return self._is_internal(address)
 
     def _is_internal(self, address: tuple) -> bool:
-        try:
-            ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-        except ValueError:
+        ip = canonical_address(address[0])
+        if ip is None:
             return False  # a host name: resolved upstream, never one of our literal addresses
         return ip.is_loopback or ip.is_unspecified or any(ip in net for net in self.internal_networks)
 

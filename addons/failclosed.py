@@ -18,13 +18,12 @@ from typing import Any
 from mitmproxy import connection, dns, hooks, http, tcp, tls, udp
 from mitmproxy.proxy import server_hooks
 
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import RULE_FAIL_CLOSED, Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.failclosed")
 
-METADATA_FAILED = "kanmon.failed"
 LIFECYCLE_HOOKS = frozenset({"load", "configure", "running"})
 # Hooks after which nothing can be blocked any more: an error there is only counted.
 TEARDOWN_HOOKS = frozenset({"done", "client_disconnected", "server_disconnected", "tcp_end", "udp_end",
@@ -65,13 +64,10 @@ class FailClosedActions:
             state.failed = reason
             state.record(verdict)
         if isinstance(target, http.HTTPFlow):
-            target.metadata[METADATA_FAILED] = reason
             self.block_http(target, verdict)
         elif isinstance(target, dns.DNSFlow):
-            target.metadata[METADATA_FAILED] = reason
             target.response = target.request.fail(dns.response_codes.REFUSED)
         elif isinstance(target, (tcp.TCPFlow, udp.UDPFlow)):
-            target.metadata[METADATA_FAILED] = reason
             if target.messages:
                 target.messages[-1].content = b""
             self.cut_client(target.client_conn.id)

@@ -10,10 +10,10 @@ the enforcer applies to every later request of the connection.
 
 from __future__ import annotations
 
-from gateway.connections import ConnectionState, LiveConnections
+from gateway.proxy.connections import ConnectionState, LiveConnections
+from gateway.proxy.flowstate import METADATA_VERDICT
 from gateway.verdict import Verdict, strictest
 
-METADATA_VERDICT = "kanmon.verdict"
 
 
 def record_verdict(flow, verdict: Verdict, connections: LiveConnections | None, *,
@@ -38,8 +38,7 @@ def record_verdict(flow, verdict: Verdict, connections: LiveConnections | None, 
 
 def record_tls_verdict(state: ConnectionState, verdict: Verdict) -> Verdict:
     """The connection's ClientHello verdict (read by the access log and later stages)."""
-    held = state.notes.get("tls_verdict")
-    verdict = strictest(held if isinstance(held, Verdict) else None, verdict)
-    state.notes["tls_verdict"] = verdict
+    verdict = strictest(state.tls_verdict, verdict)
+    state.tls_verdict = verdict
     state.record(verdict)
     return verdict

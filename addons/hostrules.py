@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from mitmproxy import dns, http, tcp, tls
 
-from addons.flowverdict import METADATA_VERDICT, record_tls_verdict, record_verdict
+from addons.flowverdict import record_tls_verdict, record_verdict
 from addons.requesttarget import request_target
 from gateway.config import HostRule
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.hostname import normalize_host as _normalize_host
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
-__all__ = ["METADATA_VERDICT", "HostRuleDecider", "normalize_host"]
+__all__ = ["HostRuleDecider", "normalize_host"]
 
 
 def normalize_host(host: str) -> str:
@@ -59,8 +59,8 @@ class HostRuleDecider:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         verdict = self.decide_host(request_target(flow)[0], Stage.REQUEST)
-        tls_verdict = self.connections.get(flow.client_conn.id)
-        tls_verdict = tls_verdict.notes.get("tls_verdict") if tls_verdict else None
+        state = self.connections.get(flow.client_conn.id)
+        tls_verdict = state.tls_verdict if state is not None else None
         if verdict.passes and tls_verdict is not None and not tls_verdict.passes:
             verdict = tls_verdict  # a blocked SNI is not unblocked by a different Host header
         self._record(flow, verdict)

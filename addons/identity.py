@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 from mitmproxy import connection, dns, http, tcp, udp
 
-from gateway.connections import LiveConnections
+from gateway.hostname import canonical_address
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.proxy.flowstate import METADATA_DEVICE
+from gateway.registry.model import DeviceRecord
 
 log = logging.getLogger("kanmon.identity")
 
-METADATA_DEVICE = "kanmon.device"
 
 
 class DeviceDirectory:
@@ -49,13 +50,8 @@ class DeviceDirectory:
         self._by_ip = table
 
     def by_ip(self, ip: str) -> DeviceRecord | None:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return self._by_ip.get(addr)
+        addr = canonical_address(ip)
+        return self._by_ip.get(addr) if addr is not None else None
 
     def __len__(self) -> int:
         return len(self._by_ip)

@@ -5,7 +5,7 @@
   then closes the socket before any layer, TLS handshake or upstream connection exists. Never
   queued. Placed right after the identity addon, so the device is known.
 * DNS: each device's queries pass a token bucket (`dns_queries_per_second`). Over UDP the
-  check runs in the datagram listener (gateway/dnslistener.py) before a datagram is queued or
+  check runs in the datagram listener (gateway/proxy/dnslistener.py) before a datagram is queued or
   a stream made, and the excess is dropped (see there why); over TCP the query is answered
   REFUSED in `dns_request` (a TCP client would otherwise wait for its timeout).
 * HTTP/1 headers: mitmproxy 12.2.3 reads a request head without bound (`# FIXME: protect
@@ -40,16 +40,16 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, ResponseHeaders, ResponseProtocolError
 
-from addons.hostrules import METADATA_VERDICT
-from gateway import dnslistener
-from gateway.connections import LiveConnections
+from addons.flowverdict import record_verdict
+from gateway.proxy import dnslistener
+from gateway.proxy.connections import LiveConnections
 from gateway.i18n import Text
-from gateway.limitsnft import KERNEL_LIMITS
+from gateway.net.limitsnft import KERNEL_LIMITS
 from gateway.limits import (LIMIT_CLIENTHELLO, LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE,
                             LIMIT_HEADER_BYTES, LIMIT_HEADER_COUNT, LIMIT_NAMES, LIMIT_RESPONSE_HEADER,
                             MAX_CLIENTHELLO_BYTES, RULE_DEVICE_LIMIT, DeviceLimiter, LimitReporter, LimitSettings)
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.limits")
@@ -201,7 +201,7 @@ class DeviceLimits:
                  kernel_counters: Callable[[], dict[str, int]] | None = None):
         """``directory``: tunnel address -> device (addons.identity.DeviceDirectory), for DNS
         datagrams, which have no connection entry. ``sink``: the log store (``append``).
-        ``kernel_counters``: reads the kernel backstop's counters (gateway/limitsnft.py; blocking,
+        ``kernel_counters``: reads the kernel backstop's counters (gateway/net/limitsnft.py; blocking,
         called off the event loop), added to the metric as ``kernel-*`` limits."""
         self.kernel_counters = kernel_counters
         self._kernel_seen: dict[str, int] = {}
@@ -293,7 +293,7 @@ class DeviceLimits:
 
     # -- DNS -----------------------------------------------------------------------------
     def admit_dns(self, ip: str) -> bool:
-        """The DNS datagram listener's check (gateway/dnslistener.py), outside the addon guard:
+        """The DNS datagram listener's check (gateway/proxy/dnslistener.py), outside the addon guard:
         an error drops the datagram (fail closed) and is counted."""
         try:
             device = self.directory.by_ip(ip)
@@ -314,7 +314,7 @@ class DeviceLimits:
         if self.limiter.admit_dns(key):
             return
         flow.response = flow.request.fail(dns.response_codes.REFUSED)
-        flow.metadata[METADATA_VERDICT] = Verdict(Action.BLOCK, RULE_DEVICE_LIMIT, "per-device DNS rate", Stage.DNS)
+        record_verdict(flow, Verdict(Action.BLOCK, RULE_DEVICE_LIMIT, "per-device DNS rate", Stage.DNS), self.connections)
         self._bite(key, device, LIMIT_DNS_RATE, {"source": flow.client_conn.peername, "transport": "tcp",
                                                   "protocol": "dns"})
 

@@ -49,12 +49,12 @@ from mitmproxy.proxy import commands, events, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.utils import expect
 
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from addons.flowverdict import record_verdict
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
 from gateway.autoquarantine.triggers import Trigger
 from gateway.config import MailSettings
-from gateway.connections import LiveConnections
-from gateway.hostname import normalize_host
+from gateway.proxy.connections import LiveConnections
+from gateway.hostname import canonical_address, host_in, normalize_host
 from gateway.logstore import verdict_fields
 from gateway.mail.adapters import Judgement, Output
 from gateway.mail.adapters.imap import ImapAdapter
@@ -111,15 +111,12 @@ class OrganizationHosts:
     def allows(self, sni: str | None, address: tuple | None) -> bool:
         if sni:
             host = normalize_host(sni) or ""
-            if host in self.names or any(host == s[1:] or host.endswith(s) for s in self.suffixes):
+            if host_in(host, self.names, self.suffixes):
                 return True
         if address:
-            try:
-                ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-            except ValueError:
+            ip = canonical_address(address[0])
+            if ip is None:
                 return False
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
             return any(ip in net for net in self.networks)
         return False
 
@@ -209,11 +206,12 @@ class MailFilter:
         verdict = Verdict(Action.BLOCK, RULE_PRIVATE_SERVER, why, Stage.TCP if flow is not None else Stage.TLS,
                           category="mail")
         state = self.connections.get(client_id)
-        if state is not None:
-            state.record(verdict)
-            state.blocked = verdict
         if flow is not None:
-            flow.metadata[METADATA_VERDICT] = verdict
+            record_verdict(flow, verdict, self.connections)   # the strictest wins; on the connection too
+        elif state is not None:
+            state.record(verdict)
+        if state is not None:
+            state.blocked = verdict
         self.metrics.mail_verdicts.labels("block", "private-mail-server").inc()
         return verdict
 

@@ -20,10 +20,12 @@ from mitmproxy import dns, http, tcp, tls
 from addons.flowverdict import record_tls_verdict, record_verdict
 from addons.protocol import WEB_PORTS
 from addons.requesttarget import request_target
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.hostname import canonical_address
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.policy import ALL_TENANT_HEADERS, ConnectionTable, DeviceContext, PolicyQuery, PolicySnapshot, is_deferred, normalize_host
 from gateway.policy.query import request_query
-from gateway.registry import DeviceRecord
+from gateway.proxy.flowstate import METADATA_DEFERRED, METADATA_DNS_BLOCK
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict
 
 log = logging.getLogger("kanmon.policy")
@@ -35,8 +37,6 @@ _TENANT_HEADER_KEYS = frozenset(name.encode() for name in ALL_TENANT_HEADERS)
 # over a few minutes); the cache is simply emptied when it reaches this size.
 _IP_CACHE_SIZE = 4096
 
-METADATA_DEFERRED = "kanmon.deferred"
-METADATA_DNS_BLOCK = "kanmon.dns_block"   # "nxdomain" | "sinkhole" for a DNS-stage block
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,7 @@ def device_context(record: DeviceRecord, underlay_ip: str | None = None, session
 
 
 def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not address:
-        return None
-    try:
-        return ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-    except ValueError:
-        return None
+    return canonical_address(address[0]) if address else None
 
 
 class PolicyDecider:
@@ -244,7 +239,7 @@ class PolicyDecider:
         if info is not None and info.names_destination and port not in WEB_PORTS:
             state.unidentified_allowed_by = info.id
             return verdict
-        why = state.notes.get("unidentified_why", "neither TLS nor HTTP")
+        why = state.unidentified_why or "neither TLS nor HTTP"
         where = "on a web port, where only HTTP and TLS are accepted" if port in WEB_PORTS else \
             "and no policy rule names this destination (dst_port / dst_cidr)"
         return Verdict(Action.BLOCK, RULE_UNIDENTIFIED_PROTOCOL, f"protocol not identified ({why}) {where}",

@@ -5,7 +5,7 @@ and every other stack keep mitmproxy's own decision). mitmproxy's decision is ma
 debugging proxy: whatever does not look like TLS or HTTP at a glance — a ClientHello split
 into one-byte segments, a request after an empty line, a lone ``GET`` in the first segment —
 falls back to raw TCP, which a policy can judge only by its destination. Here
-(gateway/firstbytes.py) the layer is chosen only once the bytes are complete, and what is
+(gateway/proxy/firstbytes.py) the layer is chosen only once the bytes are complete, and what is
 neither TLS nor HTTP is marked *unidentified* on the connection's state: it still becomes a
 raw TCP flow, so that the decision stage and the access log see it, but the enforcer refuses
 its upstream connection unless the policy explicitly allowed unidentified traffic to that
@@ -27,8 +27,8 @@ from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import ClientTLSLayer, ServerTLSLayer, modes
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from gateway.connections import PROTOCOL_MAIL, PROTOCOL_UNIDENTIFIED, LiveConnections
-from gateway.firstbytes import Kind, classify, normalized_record_versions
+from gateway.proxy.connections import PROTOCOL_MAIL, PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.proxy.firstbytes import Kind, classify, normalized_record_versions
 
 log = logging.getLogger("kanmon.protocol")
 
@@ -107,7 +107,7 @@ class ProtocolIdentifier(next_layer.NextLayer):
     def _unidentified(self, context: Context, state, why: str) -> Layer:
         self._mark(state, PROTOCOL_UNIDENTIFIED)
         if state is not None:
-            state.notes["unidentified_why"] = why
+            state.unidentified_why = why
         return layers.TCPLayer(context)
 
     @staticmethod

@@ -8,10 +8,10 @@ from __future__ import annotations
 from mitmproxy import dns, http, tcp, tls
 
 from addons.flowverdict import record_verdict
-from addons.hostrules import normalize_host
+from gateway.hostname import host_in, normalize_host, split_host_entries
 from addons.requesttarget import request_target
-from gateway.connections import LiveConnections
-from gateway.registry import DeviceStatus
+from gateway.proxy.connections import LiveConnections
+from gateway.registry.model import DeviceStatus
 from gateway.verdict import RULE_QUARANTINE, Action, Stage, Verdict
 
 EXPLAIN = "端末は隔離中です。修復用の宛先のみ利用できます / device is quarantined: only remediation destinations are reachable"
@@ -22,12 +22,10 @@ class QuarantineGate:
 
     def __init__(self, connections: LiveConnections, allow_hosts: tuple[str, ...]):
         self.connections = connections
-        self.exact = frozenset(h for h in allow_hosts if not h.startswith("."))
-        self.suffixes = tuple(h for h in allow_hosts if h.startswith("."))
+        self.exact, self.suffixes = split_host_entries(allow_hosts)
 
     def allowed(self, host: str | None) -> bool:
-        h = normalize_host(host or "")
-        return bool(h) and (h in self.exact or any(h == s[1:] or h.endswith(s) for s in self.suffixes))
+        return host_in(normalize_host(host), self.exact, self.suffixes)
 
     def _quarantined(self, client) -> bool:
         state = self.connections.get(client.id)

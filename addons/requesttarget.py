@@ -14,11 +14,11 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.flowverdict import record_verdict
-from gateway.authority import MalformedAuthority, parse_authority
-from gateway.connections import LiveConnections
+from gateway.proxy.authority import MalformedAuthority, parse_authority
+from gateway.proxy.connections import LiveConnections
+from gateway.proxy.flowstate import METADATA_TARGET
 from gateway.verdict import RULE_AUTHORITY_MISMATCH, RULE_MALFORMED_AUTHORITY, Action, Stage, Verdict
 
-METADATA_TARGET = "kanmon.request_target"
 
 
 def _fields(request: http.Request) -> tuple:
@@ -49,7 +49,7 @@ class RequestAuthority:
 
     Runs before every decision addon. The Host header, an absolute-form target
     (``GET http://host/ HTTP/1.1``) and HTTP/2's ``:authority`` are parsed by the gateway's
-    one strict parser (gateway/authority.py) and must name the same host and port: a
+    one strict parser (gateway/proxy/authority.py) and must name the same host and port: a
     malformed one is answered 400 (``kanmon:malformed-authority``), a disagreement 403
     (``kanmon:authority-mismatch``, the shape of a fronting attempt). An HTTP/1 absolute-form
     target is then rewritten to origin form with that authority in the Host header, so the

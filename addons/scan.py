@@ -35,14 +35,12 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.enforce import METADATA_REQUEST_ID
-from addons.hostrules import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_REQUEST_ID, METADATA_VERDICT
 from addons.requesttarget import request_target
 from gateway.autoquarantine.triggers import Trigger
 from gateway.mail.scanner import ScannerUnavailable
 from gateway.pages.kinds import METADATA_SIGNATURE
-from gateway.scan.clamdproto import ClamdSizeLimit
+from gateway.mail.clamdproto import ClamdSizeLimit
 from gateway.scan.decoding import TooLarge, Undecodable, decode_bounded
 from gateway.scan.decide import ScanOutcome, ScanSettings, ScanStatus, outcome
 from gateway.scan.filetype import SNIFF_BYTES, Classification, by_content_type, by_name, classify, filename_of

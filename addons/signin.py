@@ -19,10 +19,11 @@ from urllib.parse import quote
 from mitmproxy import dns, http, tcp, tls
 
 from addons.flowverdict import record_verdict
-from addons.hostrules import normalize_host
 from addons.requesttarget import request_target
-from gateway.connections import ConnectionState, LiveConnections
-from gateway.registry import DeviceRecord
+from gateway.hostname import normalize_host
+from gateway.proxy.connections import ConnectionState, LiveConnections
+from gateway.proxy.flowstate import METADATA_SESSION
+from gateway.registry.model import DeviceRecord
 from gateway.signin import pages
 from gateway.signin.oidc import SignInRefused
 from gateway.signin.service import SignInService
@@ -31,7 +32,6 @@ from gateway.verdict import RULE_SIGNIN_PORTAL, RULE_SIGNIN_REQUIRED, Action, St
 
 log = logging.getLogger("kanmon.signin")
 
-METADATA_SESSION = "kanmon.session"
 EXPLAIN = "サインインが必要です / sign-in required: this device has no signed-in user"
 
 

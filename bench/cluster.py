@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 from wireguard_tools import WireguardKey  # noqa: E402
 
 from gateway.lab.cluster import PostgresServer  # noqa: E402
-from gateway.reconcile import Reconciler  # noqa: E402
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, SqliteRegistry  # noqa: E402
-from gateway.registry_pg import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher  # noqa: E402
-from gateway.tunnel import PeerSyncResult  # noqa: E402
+from gateway.runtime.reconcile import Reconciler  # noqa: E402
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus  # noqa: E402
+from gateway.registry.sqlite import SqliteRegistry
+from gateway.registry.postgres import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher  # noqa: E402
+from gateway.net.tunnel import PeerSyncResult  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 P4, P6 = ipaddress.ip_network("10.64.0.0/16"), ipaddress.ip_network("fd77:77::/64")

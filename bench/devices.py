@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from wireguard_tools import WireguardKey  # noqa: E402
 
 from gateway.lab.topology import Lab, wait_until  # noqa: E402
-from gateway.registry import AuditEntry, DeviceRecord, SqliteRegistry  # noqa: E402
+from gateway.registry.model import AuditEntry, DeviceRecord  # noqa: E402
+from gateway.registry.sqlite import SqliteRegistry
 
 RESULTS = ROOT / "bench" / "results"
 RECONCILED = re.compile(r"reconciled revision \d+ \((full|incremental)\): \+(\d+) -(\d+) peers.*\(([\d.]+) ms\)")

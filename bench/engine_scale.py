@@ -63,9 +63,11 @@ def child(policy: str, mode: str, cache_dir: str) -> None:
 
     from gateway.policy.loader import load_policy
 
-    kwargs = {}
+    from gateway.runtime.heaptrim import give_back_freed_memory
+
+    kwargs = {"release_memory": give_back_freed_memory}   # as the gateway loads it
     if mode != "compile":
-        from gateway.policycache import PolicyCache
+        from gateway.runtime.policycache import PolicyCache
 
         kwargs["cache"] = cache = PolicyCache(cache_dir)
     gc.collect()

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.firewalllog import FirewallAggregator, parse_messages  # noqa: E402
+from gateway.net.firewalllog import FirewallAggregator, parse_messages  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KERNEL_WORST_CASE_PPS = 11 * 200

@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.allocator import find_jemalloc  # noqa: E402
+from gateway.runtime.allocator import find_jemalloc  # noqa: E402
 from gateway.lab.topology import GATEWAY_TUNNEL4, TUNNEL4, WEB4, WG_PORT, Lab, run, wait_until  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

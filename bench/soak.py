@@ -15,7 +15,7 @@ descriptors are sampled. At the end:
 - the shape of the RSS curve (mean RSS per minute, slope of each half of the warm part), so
   warm-up (caches filling to their caps: the slope falls) is told apart from a leak (it does not);
 - the flow table (the gateway's live ConnectionState objects) at the start, early, late and after the load,
-  from the gateway's opt-in memory reports (gateway/diagnostics.py, SIGUSR2).
+  from the gateway's opt-in memory reports (gateway/runtime/diagnostics.py, SIGUSR2).
 
 The gateway's memory reports (start, early, late, after the load: watched object counts, glibc's
 in-use and free-but-held totals, which also go into the JSON) are copied to --reports-dir. With
@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.diagnostics import parse_allocator, parse_type_counts  # noqa: E402
+from gateway.runtime.diagnostics import parse_allocator, parse_type_counts  # noqa: E402
 from gateway.lab.topology import Lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -126,7 +126,7 @@ def memory_report(lab: Lab, pid: int, number: int, timeout: float = 60) -> str:
     return path.read_text()
 
 
-FLOW_TYPE = "gateway.connections.ConnectionState"
+FLOW_TYPE = "gateway.proxy.connections.ConnectionState"
 
 
 def rss_shape(samples: list[tuple[float, float, int]], warm_from: float) -> dict:

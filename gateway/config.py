@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.hostname import normalize_host_entry
+from gateway.hostname import host_in, normalize_host_entry, split_host_entries
 from gateway.posture import VersionError, normalize_platform, parse_version
-from gateway.cluster_schema import REGISTRY_SCHEMA
+from gateway.registry.schema import REGISTRY_SCHEMA
 from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
 from gateway.reports.alerting import ALERTS_SCHEMA
 from gateway.autoquarantine.triggers import AUTO_QUARANTINE_SCHEMA, AutoQuarantineSettings, auto_quarantine_settings
@@ -161,7 +161,7 @@ SCHEMA: dict[str, Any] = {
                 "retention_days": {"type": "integer", "minimum": 1},
                 "on_write_error": {"enum": ["block", "continue"]},
                 "fsync": {"enum": ["rotate", "always", "interval"]},
-                # Firewall log (gateway/firewalllog.py): NFLOG group of the table's drop logs,
+                # Firewall log (gateway/net/firewalllog.py): NFLOG group of the table's drop logs,
                 # and seconds per aggregated record.
                 "firewall_group": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "firewall_interval": {"type": "number", "minimum": 1, "maximum": 3600},
@@ -214,7 +214,7 @@ class HostRule:
     reason: str
 
     def matches(self, host: str) -> bool:
-        return host in self.exact or any(host == s[1:] or host.endswith(s) for s in self.suffixes)
+        return host_in(host, self.exact, self.suffixes)
 
 
 @dataclass(frozen=True)
@@ -456,16 +456,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         if r["id"] in seen_ids:
             errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
         seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
-        hosts = [normalize_host_entry(h) for h in r["hosts"]]
-        rules.append(
-            HostRule(
-                rule_id=r["id"],
-                action=Action(r["action"]),
-                exact=frozenset(h for h in hosts if not h.startswith(".")),
-                suffixes=tuple(h for h in hosts if h.startswith(".")),
-                reason=r.get("reason", ""),
-            )
-        )
+        exact, suffixes = split_host_entries(r["hosts"])
+        rules.append(HostRule(rule_id=r["id"], action=Action(r["action"]), exact=exact, suffixes=suffixes,
+                              reason=r.get("reason", "")))
 
     mail = _mail_settings(doc, d.get("mail"), errors)
     if "scan" in d and (problem := clamd_address_error(d["scan"])):

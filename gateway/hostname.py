@@ -25,6 +25,8 @@ never enters the mapping table: for ASCII, UTS 46 only folds the case.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable, Sequence, Set
 from ipaddress import ip_address
 
 import idna  # UTS 46 mapping table (idna==3.20 pinned); the stdlib codec is IDNA 2003
@@ -86,3 +88,32 @@ def normalize_host_entry(entry: str) -> str:
         rest = normalize_host(text[1:])
         return "." + rest if rest else text.lower()
     return normalize_host(text) or text.lower()
+
+
+def split_host_entries(entries: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Host entries (normalized with `normalize_host_entry`) split into exact names and
+    ``.suffix`` entries, the two arguments of `host_in`."""
+    hosts = [normalize_host_entry(e) for e in entries]
+    return frozenset(h for h in hosts if not h.startswith(".")), tuple(h for h in hosts if h.startswith("."))
+
+
+def host_in(host: str | None, exact: Set[str], suffixes: Sequence[str]) -> bool:
+    """The one "exact or .suffix" matcher: the normalized ``host`` is one of ``exact``, or is a
+    ``.suffix`` entry's name or a name under it (``.example.jp`` matches ``example.jp`` and
+    ``www.example.jp``, never ``badexample.jp``)."""
+    return bool(host) and (host in exact or any(host == s[1:] or host.endswith(s) for s in suffixes))
+
+
+def canonical_address(text: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The one address parser for peers and destinations: an IPv6 zone (``%eth0``) dropped, an
+    IPv4-mapped IPv6 address (how a dual-stack socket sees an IPv4 peer) as the IPv4 address
+    the registry and the rules name; None for anything that is not an address."""
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip

@@ -1,7 +1,7 @@
 """Per-device resource limits (issue #14: one device cannot stall the rest). The pure part:
 the `limits:` settings, token buckets, the per-device tables and the rate-limited report of
 limits that bit. No I/O here: the mitmproxy hooks and the HTTP/1 header cap are in
-addons/limits.py, the DNS datagram check in gateway/dnslistener.py.
+addons/limits.py, the DNS datagram check in gateway/proxy/dnslistener.py.
 
 What one flooding device did before these limits (issue #14): four connections sending
 endless headers took the gateway from 171 MB to 1.7 GB RSS (mitmproxy 12.2.3 reads HTTP/1
@@ -56,7 +56,7 @@ class LimitSettings:
     * ``dns_queries_per_second`` 20, burst 100: a page load asks A + AAAA for a few dozen
       names at once (the burst); a busy device averages a few queries a second.
     * ``tunnel_packets_per_second`` 4000: encrypted packets per WireGuard endpoint (outer
-      address and port) into the tunnel, kernel-only (gateway/limitsnft.py). Every device's
+      address and port) into the tunnel, kernel-only (gateway/net/limitsnft.py). Every device's
       packets queue in the one UDP socket of the tunnel before they are decrypted and any other
       limit can tell devices apart; a device sending faster than the tunnel decrypts filled it
       and the others' packets were lost with its own (bench/noisy_neighbour.py:

@@ -47,7 +47,7 @@ class GatewayMetrics:
         self.policy_reloads = Counter(
             "kanmon_policy_reloads_total", "Policy loads and reloads by result (failure: the old policy keeps serving).",
             ["result"], registry=r)
-        self.policy_cache = Counter(  # issue #22: gateway/policycache.py
+        self.policy_cache = Counter(  # issue #22: gateway/runtime/policycache.py
             "kanmon_policy_cache_total", "Prepared-policy cache reads and writes by result (hit, miss, refused: "
             "damaged and compiled from the sources, write-failure).", ["result"], registry=r)
         self.policy_rules = Gauge("kanmon_policy_rules", "Rules in the policy in force.", registry=r)
@@ -96,7 +96,7 @@ class GatewayMetrics:
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "
             "re-evaluated every device's usage period and suspension.", ["direction"], registry=r)
-        # Firewall log (gateway/firewalllog_reader.py): the table's drops, read over NFLOG.
+        # Firewall log (gateway/net/firewalllog_reader.py): the table's drops, read over NFLOG.
         self.firewall_log_packets = Counter(
             "kanmon_firewall_log_packets_total",
             "Dropped/rejected packets the kernel handed to the firewall log, by reason code.", ["reason"], registry=r)

@@ -8,7 +8,7 @@ and released automatically once it reports a compliant posture again — but onl
 quarantine was made by this module. An operator's quarantine is never lifted here.
 
 Posture quarantines are recognised by the `POSTURE_REASON_PREFIX` at the start of
-`status_reason`; operators cannot write a reason with that prefix (devicecommands refuses it).
+`status_reason`; operators cannot write a reason with that prefix (gateway/cli/device.py refuses it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from gateway.i18n import Text
-from gateway.registry import DeviceRecord, DeviceStatus
+from gateway.registry.model import DeviceRecord, DeviceStatus
 
 POSTURE_REASON_PREFIX = "[posture] "
 

@@ -1,6 +1,6 @@
 """The automatic quarantiner, put together from the config and the gateway's registry, alert
 dispatcher and metrics (issue #18). Kept out of gateway/app.py so the app adds it with a few
-lines; its addons are assembled by addons/issue18chain.py."""
+lines; its addons join the chain in addons/chain.py (_data_path_addons)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.autoquarantine.triggers import AUTO_ACTOR, QuarantineOrder, Trigger, TriggerEngine
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus
 
 log = logging.getLogger("kanmon.autoquarantine")
 

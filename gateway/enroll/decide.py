@@ -39,7 +39,7 @@ from gateway.devices.certcheck import CertCheck, Reason, check_device_certificat
 from gateway.devices.clientconfig import wg_quick_config
 from gateway.i18n import Text
 from gateway.posture import PostureOutcome, PosturePolicy, apply_posture
-from gateway.registry import DeviceRecord, DeviceStatus
+from gateway.registry.model import DeviceRecord, DeviceStatus
 
 MAX_FIELD_CHARS = 64
 ENROLL_ACTOR = "enrollment"

@@ -8,6 +8,7 @@ so a flood of spoofed sources cannot grow memory without bound.
 """
 
 from __future__ import annotations
+from gateway.hostname import canonical_address
 
 import ipaddress
 import math
@@ -67,13 +68,10 @@ def source_key(ip: str) -> str:
     (one subscriber line usually gets a whole /64: counting single IPv6 addresses would let
     one attacker hold any number of slots). IPv4-mapped IPv6 counts as its IPv4 address;
     anything unparsable counts as itself."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
+    addr = canonical_address(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 

@@ -56,7 +56,7 @@ from gateway.enroll.decide import (ENROLL_ACTOR, Decision, EnrollRequest, Reques
                                    refusal)
 from gateway.enroll.ratelimit import ConnectionSlots, TokenBuckets
 from gateway.posture import PosturePolicy
-from gateway.registry import AuditEntry, RegistryError
+from gateway.registry.model import AuditEntry, RegistryError
 
 log = logging.getLogger("kanmon.enroll")
 

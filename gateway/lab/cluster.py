@@ -173,7 +173,7 @@ class ClusterLab:
         return self.pg.url(tcp=True)
 
     def launcher(self) -> tuple[str, ...]:
-        return (sys.executable, "-m", "gateway.cluster", "--registry-url", self.registry_url)
+        return (sys.executable, "-m", "gateway.cli", "--registry-url", self.registry_url)
 
     # -- build -----------------------------------------------------------------------------
     def build(self) -> "ClusterLab":

@@ -168,6 +168,12 @@ class LogStore:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def writes_block(self) -> bool:
+        """Does every append wait for the disk (``fsync: always``)? Then a caller on an event
+        loop runs it in a worker thread (addons/accesslog.py); appends are thread-safe."""
+        return self._fsync == "always"
+
     # ---- the hot path -------------------------------------------------------------------
 
     def append(self, stream: str, record: dict[str, Any]) -> None:

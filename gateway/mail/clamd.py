@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 
 from gateway.mail.scanner import ScannerUnavailable, ScanResult
-from gateway.scan.clamdproto import PING, ReplyReader, instream_frames, parse_scan_reply
+from gateway.mail.clamdproto import PING, ReplyReader, instream_frames, parse_scan_reply
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ClamdScanner:
         return sock
 
     def _command(self, frames) -> str:
-        """One exchange; the framing and the reply parsing are gateway/scan/clamdproto.py."""
+        """One exchange; the framing and the reply parsing are gateway/mail/clamdproto.py."""
         sock = self._connect()
         try:
             with sock:

@@ -42,7 +42,7 @@ T_ALTERNATIVE = Text("代替手段は http:// か https:// の URL で書いて�
 
 
 # Changes whenever the form of ``Prepared`` or what the compiler derives from it changes; the
-# edge's cache key (gateway/policycache.py) also hashes the engine's source files.
+# edge's cache key (gateway/runtime/policycache.py) also hashes the engine's source files.
 PREPARED_FORMAT = 2
 
 
@@ -55,7 +55,7 @@ class Prepared:
     accepted. A snapshot carries the ``Prepared`` of its compile when asked
     (``keep_prepared``); giving it back to ``compile_policy`` for the very same inputs skips
     that work and yields the same snapshot. The caller must key it by every input
-    (gateway/policycache.py does, with a hash of the policy text, every list, the feed
+    (gateway/runtime/policycache.py does, with a hash of the policy text, every list, the feed
     copies and the engine version): the compiler does not check that it fits."""
 
     lists: Mapping[str, DomainList]  # file lists; hosts left out unless ``unless:`` names the list

@@ -5,6 +5,8 @@ a size bound (a list named as /dev/zero or a FIFO is refused at once, issue #15)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,14 +20,16 @@ log = logging.getLogger("kanmon.policy")
 
 
 def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | Path | None = None,
-                cache: Any = None) -> PolicySnapshot:
+                cache: Any = None, release_memory: Callable[[], None] | None = None) -> PolicySnapshot:
     """Read, validate and compile a policy. Raises SourceErrors listing every problem
     (``file:line: key: message``); nothing is half-built. A policy file that cannot be read
     raises ``UnreadableSource`` (a SourceErrors: the commands exit 2).
 
-    ``cache``: a gateway/policycache.PolicyCache: the compile starts from what an earlier
+    ``cache``: a gateway/runtime/policycache.PolicyCache: the compile starts from what an earlier
     compile of exactly these inputs stored there (a damaged file is refused and the policy
-    compiled from its sources), and a compile from the sources stores its result."""
+    compiled from its sources), and a compile from the sources stores its result.
+    ``release_memory``: called after the compile, e.g. gateway/runtime/heaptrim.py
+    ``give_back_freed_memory`` (the allocator is the process's business, not the engine's)."""
     policy_path = Path(path)
     text = read_text_file(policy_path, MAX_YAML_BYTES)
     doc, sources = parse_policy(text, str(policy_path))
@@ -53,47 +57,10 @@ def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | 
     try:
         return _compile(doc, text, sources, list_texts, now, lists, versions, cache)
     finally:
-        give_back_freed_memory()
+        if release_memory is not None:
+            release_memory()
 
 
-def give_back_freed_memory() -> None:
-    """A compile at scale frees far more than it keeps (split lines, set tables, RE2 parse
-    trees: a 1M-domain policy holds ~118 MiB and peaks at ~225), and the allocator keeps
-    what was freed: glibc because its mmap threshold grows with the first large free (RSS
-    stayed ~55 MiB above the snapshot's needs), jemalloc until its decay timer (seconds)
-    purges it. Right after a compile both are told to return it: glibc's ``malloc_trim(0)``
-    and, when jemalloc is the allocator (the gateway preloads it, gateway/allocator.py), a
-    purge of every arena. bench/engine_scale.py measures both."""
-    global _RELEASE
-    if _RELEASE is None:
-        _RELEASE = _releasers()
-    for release in _RELEASE:
-        try:
-            release()
-        except Exception:  # noqa: BLE001 - only memory is at stake, never the policy
-            log.debug("returning freed memory after a compile failed", exc_info=True)
-
-
-def _releasers() -> tuple[Any, ...]:
-    import ctypes
-
-    from gateway.heaptrim import load_malloc_trim
-
-    out: list[Any] = []
-    trim = load_malloc_trim()
-    if trim is not None:
-        out.append(lambda: trim(0))
-    try:
-        mallctl = ctypes.CDLL(None).mallctl  # only when jemalloc is loaded
-    except (AttributeError, OSError):
-        return tuple(out)
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    mallctl.restype = ctypes.c_int
-    out.append(lambda: mallctl(b"arena.4096.purge", None, None, None, 0))  # 4096: MALLCTL_ARENAS_ALL
-    return tuple(out)
-
-
-_RELEASE: tuple[Any, ...] | None = None
 
 
 def _compile(doc: Any, text: str, sources: Any, list_texts: dict[str, tuple[str, str]], now: datetime | None,

@@ -1,35 +1,25 @@
-"""`kanmon policy diff OLD NEW --pcap CAPTURE`: which of a capture's flows a new policy
-would judge differently, before it is applied.
+"""The questions a capture asks the policy, for `kanmon policy diff OLD NEW --pcap CAPTURE`
+(which of a capture's flows a new policy would judge differently, before it is applied).
 
 `flows_from_pcap` turns a capture into the questions the gateway would ask the policy for
 it: an HTTP request's URL (stage http-request), a TLS ClientHello's SNI (stage tls, with
 destination address and port), a DNS query's name (stage dns), and for any other TCP/UDP
-flow its destination (stage tls, no host). `register_diff_pcap(diff_parser)` adds `--pcap`
-to the existing `policy diff` sub-command (see gateway/policy/commands.py).
+flow its destination (stage tls, no host). The command itself (`register_diff_pcap`) is in
+gateway/cli/policy.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import struct
-import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple
 
 import dnslib
 
-from gateway.i18n import Text
 from gateway.replay.capture import STREAM, CaptureError, Flow, read_capture, split_flows
 from gateway.verdict import Stage
-
-T_BAD_CAPTURE = Text("キャプチャを読めません: {detail}", "cannot read the capture: {detail}")
-T_SUMMARY = Text("キャプチャの {total} 件の問い合わせ中 {changed} 件で判定が変わります（旧 {old} → 新 {new}）",
-                 "{changed} of {total} questions from the capture change verdict (old {old} -> new {new})")
-T_NEED_ONE = Text("--urls か --pcap のどちらかを指定してください", "give --urls or --pcap")
-
 
 class CaptureQuery(NamedTuple):
     flow: str
@@ -134,61 +124,3 @@ def policy_query(q: CaptureQuery, device: Any, now: datetime):
     else:
         base = PolicyQuery(stage=q.stage, device=device, host=normalize_host(q.host), now=now)
     return base._replace(dst_ip=ip_address(q.dst_ip) if q.dst_ip else None, dst_port=q.dst_port, protocol=q.protocol)
-
-
-def cmd_diff_pcap(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from gateway.policy.commands import T_BAD_ARG, _load, device_context_from_args
-    out, err = out or sys.stdout, err or sys.stderr
-    try:
-        device = device_context_from_args(args)
-    except ValueError as exc:
-        print(T_BAD_ARG.format(detail=exc).render(), file=err)
-        return 2
-    try:
-        queries = flows_from_pcap(args.pcap)
-    except CaptureError as exc:
-        print(T_BAD_CAPTURE.format(detail=exc).render(), file=err)
-        return 2
-    old, new = _load(args.old, err), _load(args.new, err)
-    if old is None or new is None:
-        return 2
-    now = datetime.now(timezone.utc)
-    changed = 0
-    for q in queries:
-        pq = policy_query(q, device, now)
-        a, b = old.decide(pq), new.decide(pq)
-        if a.action == b.action and a.rule_id == b.rule_id:
-            continue
-        changed += 1
-        if getattr(args, "json", False):
-            print(json.dumps({"flow": q.flow, "stage": str(q.stage), "url": q.url, "host": q.host,
-                              "destination": f"{q.dst_ip}:{q.dst_port}",
-                              "old": {"verdict": str(a.action), "rule": a.rule_id},
-                              "new": {"verdict": str(b.action), "rule": b.rule_id, "explain": b.explain}},
-                             ensure_ascii=False), file=out)
-        else:
-            print(f"{q.flow}\t{q.label()}\t{a.action} ({a.rule_id or 'default'}) -> {b.action} ({b.rule_id or 'default'})",
-                  file=out)
-    print(T_SUMMARY.format(total=len(queries), changed=changed, old=old.version, new=new.version).render(),
-          file=err if getattr(args, "json", False) else out)
-    return 0
-
-
-def register_diff_pcap(diff_parser: argparse.ArgumentParser) -> None:
-    """Give `policy diff` a `--pcap CAPTURE` alternative to `--urls FILE`: `--urls` stops
-    being required, and the handler goes to `cmd_diff_pcap` when `--pcap` is given."""
-    diff_parser.add_argument("--pcap", help="capture (pcap/pcapng): compare the verdicts of its flows")
-    for action in diff_parser._actions:  # argparse has no public way to relax a declared option
-        if "--urls" in action.option_strings:
-            action.required = False
-    url_handler = diff_parser.get_default("func")
-
-    def dispatch(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-        if getattr(args, "pcap", None):
-            return cmd_diff_pcap(args, out, err)
-        if not getattr(args, "urls", None):
-            print(T_NEED_ONE.render(), file=err or sys.stderr)
-            return 2
-        return url_handler(args, out, err)
-
-    diff_parser.set_defaults(func=dispatch)

@@ -90,13 +90,17 @@ def target_from_config(config_path: str | Path, device_id: str, *, interface: st
                        internet_netns: str | None, internet_interface: str | None,
                        uplink_addresses: tuple[str, ...] = ()) -> ReplayTarget:
     from gateway.config import load_config
-    from gateway.registry import SqliteRegistry
+    from gateway.registry.factory import open_registry
     from gateway.yamlsource import SourceErrors
     try:
         cfg = load_config(config_path)
     except SourceErrors as exc:
         raise TargetError(str(exc)) from None
-    record = SqliteRegistry(cfg.registry_path).get(device_id)
+    registry = open_registry(cfg)      # the registry the config selects (SQLite or PostgreSQL)
+    try:
+        record = registry.get(device_id)
+    finally:
+        registry.close()
     if record is None:
         raise TargetError(f"no device {device_id!r} in the registry of {config_path}")
     prefixes = [str(cfg.ipv4_prefix)] + ([str(cfg.ipv6_prefix)] if cfg.ipv6_prefix else [])

@@ -52,7 +52,7 @@ TUNNEL_EVENTS: Mapping[str, Text] = {
     "peer-removed": Text("ピア削除（端末の除外）", "peer removed (device no longer admitted)"),
 }
 
-# gateway.devicecommands.AUDIT_ACTIONS and the other device audit actions
+# gateway.cli.device.AUDIT_ACTIONS and the other device audit actions
 AUDIT_ACTIONS: Mapping[str, Text] = {
     "device-quarantined": Text("隔離", "quarantined"), "device-revoked": Text("失効", "revoked"),
     "device-suspended": Text("一時停止", "suspended"), "device-resumed": Text("再開", "resumed"),

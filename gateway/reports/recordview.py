@@ -15,7 +15,7 @@ BLOCK = "block"
 TRAFFIC_STREAMS = ("proxy", "conn", "dns")
 DECISION_STREAMS = ("proxy", "conn", "dns", "mail")
 # Device status changes an operator (or the gateway) made, from the audit stream
-# (gateway.devicecommands.AUDIT_ACTIONS).
+# (gateway.cli.device.AUDIT_ACTIONS).
 STATUS_ACTIONS = ("device-quarantined", "device-released", "device-revoked", "device-suspended", "device-resumed")
 
 

@@ -1,4 +1,4 @@
-"""The asyncio edge of the clamd client (the protocol is gateway/scan/clamdproto.py): scans
+"""The asyncio edge of the clamd client (the protocol is gateway/mail/clamdproto.py): scans
 from the proxy's event loop without blocking it. At most ``max_concurrent`` scans run at
 once (each holds a buffered download); the others wait for a slot within the same deadline.
 Every failure — no socket, refused, timeout, protocol error — is ScannerUnavailable."""
@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from gateway.mail.scanner import ScannerUnavailable, ScanResult
-from gateway.scan.clamdproto import PING, ReplyReader, instream_frames, parse_scan_reply
+from gateway.mail.clamdproto import PING, ReplyReader, instream_frames, parse_scan_reply
 
 
 @dataclass

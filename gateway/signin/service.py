@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.signin.oidc import OidcRelyingParty, SignInRefused
 from gateway.signin.pending import PendingRefused, PendingSignIn, PendingSignIns
 from gateway.signin.sessions import (SessionDirectory, UserSession, canonical_ip, owner_matches,

@@ -8,13 +8,13 @@ device *and* tunnel address it was made on, and only until it expires or is ende
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from gateway.hostname import canonical_address
 from gateway.signin.settings import SignInSettings
 
 
@@ -50,13 +50,8 @@ def canonical_ip(ip: str) -> str:
     IPv6 address (how a dual-stack listener sees an IPv4 peer) as plain IPv4 -- the same
     normalisation the identity addon applies before it finds the device. Text that is not an
     address is kept as it is (it then matches nothing)."""
-    try:
-        addr = ipaddress.ip_address(str(ip).split("%", 1)[0])
-    except ValueError:
-        return str(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+    addr = canonical_address(ip)
+    return str(addr) if addr is not None else str(ip)
 
 
 def _as_strings(value: Any) -> frozenset[str]:

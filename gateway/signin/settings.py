@@ -17,11 +17,12 @@ Durations accept ``s``/``m``/``h``/``d`` suffixes or plain seconds.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.hostname import normalize_host, normalize_host_entry
+from gateway.hostname import host_in, normalize_host, normalize_host_entry, split_host_entries
 from gateway.yamlsource import SourceErrors, read_text_file
 
 _STR = {"type": "string", "minLength": 1}
@@ -115,13 +116,11 @@ class SignInSettings:
             return False
         if h == self.issuer_host:
             return True
-        for entry in self.allow_before_signin:
-            if entry.startswith("."):
-                if h == entry[1:] or h.endswith(entry):
-                    return True
-            elif h == entry:
-                return True
-        return False
+        return host_in(h, *self._before_signin_hosts)
+
+    @cached_property
+    def _before_signin_hosts(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        return split_host_entries(self.allow_before_signin)
 
 
 def signin_settings(doc, section: dict | None, errors: list, relative_to) -> SignInSettings | None:

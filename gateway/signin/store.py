@@ -1,6 +1,6 @@
 """Sessions in the registry's SQLite file, so the operator CLI (`kanmon user signout`) and the
 gateway process see the same sessions, and an operator's sign-out lands in the same audit
-outbox the gateway ships into the tamper-evident audit stream (gateway/registry.py). With a
+outbox the gateway ships into the tamper-evident audit stream (gateway/registry/sqlite.py). With a
 PostgreSQL registry (several nodes) they live there instead (gateway/signin/store_pg.py, same
 interface); `open_session_store` picks the one the config selects.
 
@@ -16,7 +16,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.registry import open_registry_file
+from gateway.registry.sqlite import open_registry_file
 from gateway.signin.sessions import UserSession
 
 _SCHEMA = (
@@ -168,10 +168,10 @@ class SessionStore:
 def open_session_store(cfg):
     """The session store the config selects, beside the device registry: PostgreSQL when the
     registry is shared by several nodes (`registry: {url: ...}` or $KANMON_REGISTRY_URL, the
-    same choice as gateway/cluster.py `open_registry`), so a sign-in or a sign-out on any node
+    same choice as gateway/registry/factory.py `open_registry`), so a sign-in or a sign-out on any node
     holds on every node; else the registry's SQLite file (one place to back up, one audit outbox).
     Raises RegistryUnavailable (a RegistryError) when PostgreSQL cannot be reached."""
-    from gateway.cluster import registry_url_of
+    from gateway.registry.factory import registry_url_of
 
     url = registry_url_of(cfg)
     if url:

@@ -1,17 +1,17 @@
 """User sessions in the shared PostgreSQL registry, so that every node of a cluster sees every
 sign-in and every sign-out (`kanmon user signout` on one node ends the user's sessions on all of
 them; NISC smartphone guide 5.4 user authentication), and an operator's sign-out lands in the
-registry's audit outbox like any device change (gateway/registry_pg.py: one node claims and
+registry's audit outbox like any device change (gateway/registry/postgres.py: one node claims and
 ships each entry into its tamper-evident audit stream).
 
 Same interface and semantics as `gateway.signin.store.SessionStore` (the SQLite store of a
 single node); tests/unit/test_signin_store_contract.py runs one suite against both.
 
 ``revision()`` is polled by every node on every reconcile tick (50 ms): it reads one row, the
-counter every session write bumps in its own transaction (gateway/cluster_schema.py
+counter every session write bumps in its own transaction (gateway/registry/schema.py
 SESSION_MIGRATIONS says why a counter row and not a sequence).
 
-While the server is unreachable (gateway/cluster.py: "nodes keep enforcing the last known
+While the server is unreachable (gateway/registry/outbox.py: "nodes keep enforcing the last known
 state"), a store that has read the sessions once keeps answering from that copy instead of
 failing every tick: ``revision()`` keeps its last value, ``active()``/``get()`` answer from the
 sessions last read (expiry still applies on time), the server is asked again at most every
@@ -33,10 +33,10 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg.types.json import Jsonb
 
-from gateway.cluster_schema import SESSION_MIGRATIONS
+from gateway.registry.schema import SESSION_MIGRATIONS
 # The registry's connection handling (reconnect, liveness, every failure as RegistryUnavailable)
 # and its migration lock are reused, not copied: the sessions live in the same database.
-from gateway.registry_pg import _MIGRATION_LOCK, RegistryUnavailable, _Connected, migrate
+from gateway.registry.postgres import _MIGRATION_LOCK, RegistryUnavailable, _Connected, migrate
 from gateway.signin.sessions import UserSession
 
 log = logging.getLogger("kanmon.signin.store_pg")

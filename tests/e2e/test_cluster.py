@@ -8,8 +8,8 @@ in its own namespace), devices on each.
   revocation queued on A applies on A at once and on B once the registry is back; started
   again: both nodes converge (`kanmon cluster status` exits 0).
 
-The nodes run `python -m gateway.cluster --registry-url URL run` (gateway.cluster's launcher:
-GatewayApp with the shared registry wired in, until app.py does it).
+The nodes run `python -m gateway.cli --registry-url URL run` (gateway/cli/__main__.py: `kanmon`
+with the shared registry given on the command line).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def cl(tmp_path_factory):
         out = lab.kanmon("node-a", "cluster", "policy-apply", str(policy_dir / "policy.yaml"),
                          "--config", str(lab.nodes["node-a"].config_path), check=False)
         assert out.returncode == 0, out.stderr
-        from gateway.registry_pg import PgRegistry
+        from gateway.registry.postgres import PgRegistry
         admin = PgRegistry(lab.pg.url(), node="test")
         lab.admin = admin
         lab.policy_dir = policy_dir
@@ -86,7 +86,7 @@ def cl(tmp_path_factory):
 
 
 def _record(device):
-    from gateway.registry import DeviceRecord
+    from gateway.registry.model import DeviceRecord
     return DeviceRecord(device.device_id, device.public_key, ipaddress.IPv4Address(device.ipv4),
                         ipaddress.IPv6Address(device.ipv6) if device.ipv6 else None, owner="lab", groups=frozenset({"staff"}))
 
@@ -204,7 +204,7 @@ def test_devices_move_between_nodes_without_reenrollment(cl):
 
 def test_postgres_outage_keeps_enforcing_refuses_changes_and_converges(cl):
     dev_a, dev_b, dev_c = _device(cl, "dev1"), _device(cl, "dev2"), cl.lab.devices[2]
-    from gateway.registry import DeviceStatus
+    from gateway.registry.model import DeviceStatus
     gone = cl.admin.get(dev_c.device_id)
     if gone.status is not DeviceStatus.REVOKED:
         cl.kanmon("node-a", "device", "revoke", dev_c.device_id, "--reason", "lost", "--config", _config(cl, "node-a"))

@@ -128,7 +128,7 @@ def two_nodes(tmp_path_factory):
         out = lab.kanmon("node-a", "cluster", "policy-apply", str(policy_dir / "policy.yaml"),
                          "--config", str(lab.nodes["node-a"].config_path), check=False)
         assert out.returncode == 0, out.stderr
-        from gateway.registry_pg import PgRegistry
+        from gateway.registry.postgres import PgRegistry
         admin = PgRegistry(lab.pg.url(), node="test")
         for index, node in ((1, "node-a"), (2, "node-b"), (3, "node-b")):
             admin.add(_record(lab.add_device(index, node)))

@@ -74,7 +74,7 @@ def raw_request(lab: Lab, request: bytes) -> dict:
 
 
 def kernel_counter(lab: Lab, name: str) -> int:
-    """Packets counted by the kernel backstop's named counter (gateway/limitsnft.py)."""
+    """Packets counted by the kernel backstop's named counter (gateway/net/limitsnft.py)."""
     out = lab.gw.run("nft", "-j", "list", "counter", "inet", "kanmon_lab_limits", name).stdout
     return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from gateway.lab.topology import Lab, wait_until
-from gateway.registry import AuditEntry, SqliteRegistry
+from gateway.registry.model import AuditEntry
+from gateway.registry.sqlite import SqliteRegistry
 from tests.e2e.test_gateway_lifecycle import http_code, syn_count, watch_syns
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +83,7 @@ def test_upstream_dns_down_fails_quickly_nothing_bypasses_and_recovers(make_lab)
 
     answer = dns_ask(lab, "down-1.example.test", timeout=20)
     assert answer["rcode"] == "SERVFAIL" and not answer["answers"], answer
-    # gateway/proxy.py UPSTREAM_DNS_TIMEOUT (3 s); before it, mitmproxy took ~15 s.
+    # gateway/proxy/master.py UPSTREAM_DNS_TIMEOUT (3 s); before it, mitmproxy took ~15 s.
     assert answer["seconds"] < 5, f"the device waits {answer['seconds']:.1f} s for an answer"
     # A name needs the resolver: the browse fails on the device, nothing reaches the web server.
     assert http_code(dev.curl("http://down-2.example.test/while-dns-down", timeout=10)) == "000"

@@ -2,7 +2,7 @@
 offset the test moves while the gateway runs; the devices, the registry commands and the test
 itself keep the real time.
 
-Defined outcome (gateway/reconcile.py): validity follows the wall clock. A forward step past
+Defined outcome (gateway/runtime/reconcile.py): validity follows the wall clock. A forward step past
 a device's usage-period end cuts it at the next reconcile pass, with nobody running a
 command; a backward step re-admits it (the reconciler sees the step against the monotonic
 clock and makes its next pass a full one); a revoked device stays out whatever the clock
@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 
 from gateway.lab.topology import Lab, wait_until
-from gateway.registry import AuditEntry, SqliteRegistry
+from gateway.registry.model import AuditEntry
+from gateway.registry.sqlite import SqliteRegistry
 from tests.e2e.test_gateway_lifecycle import http_code
 
 pytestmark = pytest.mark.e2e

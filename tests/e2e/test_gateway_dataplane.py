@@ -191,7 +191,7 @@ def test_gateway_refuses_connections_to_its_own_services(lab: Lab):
 
 def test_dns_still_answered_after_idle_pause_on_the_same_source_port(lab: Lab):
     """mitmproxy_rs drops a UDP client forever once its stream idled out (20 s); Kanmon's DNS
-    listener (gateway/dnslistener.py) must keep answering a resolver that reuses its port."""
+    listener (gateway/proxy/dnslistener.py) must keep answering a resolver that reuses its port."""
     probe = textwrap.dedent("""
         import socket, time
         from dnslib import DNSRecord
@@ -206,3 +206,22 @@ def test_dns_still_answered_after_idle_pause_on_the_same_source_port(lab: Lab):
     """)
     out = lab.devices[1].ns.python(probe, timeout=60).stdout.splitlines()
     assert out == [f"0 ['{WEB4}']", f"23 ['{WEB4}']"]
+
+
+def test_the_lab_gateway_runs_the_production_chain(lab: Lab, tmp_path):
+    """Issue #16: the lab starts the real `kanmon run`; the chain its gateway logged is the one
+    addons/chain.py builds from the lab's own configuration (the order tests/unit/test_chain.py
+    checks), not a chain assembled by a test."""
+    import re
+
+    from addons.chain import build_chain, chain_names
+    from gateway.config import load_config
+    from tests.unit.test_chain import PRODUCTION_ORDER, chain_parts
+
+    logged = re.findall(r"addon chain: (.*)", lab.gateway.log_text())
+    assert logged, "the gateway did not log its addon chain"
+    cfg = load_config(lab.config_path)
+    expected = chain_names(build_chain(chain_parts(cfg, tmp_path)))
+    assert logged[-1].split(", ") == expected
+    extras = {spec.partition(":")[2] for spec in cfg.extra_addons}   # the lab's exploding addon
+    assert [name for name in expected if name not in extras] == PRODUCTION_ORDER

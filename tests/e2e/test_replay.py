@@ -20,7 +20,7 @@ from scapy.packet import Raw
 from scapy.utils import wrpcap
 
 from gateway.lab.topology import WEB4, Lab
-from gateway.replay.commands import register
+from gateway.cli.replay import register
 from gateway.replay.target import write_lab_state
 from tests.e2e.conftest import ARTIFACTS, require_lab
 

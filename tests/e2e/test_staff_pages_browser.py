@@ -29,12 +29,12 @@ from addons.flowverdict import record_verdict
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.pages.kinds import METADATA_SIGNATURE, RULE_INFECTED
 from gateway.pages.organization import Helpdesk, Organization
 from gateway.policy import compile_text
-from gateway.registry import DeviceRecord, DeviceStatus
+from gateway.registry.model import DeviceRecord, DeviceStatus
 from gateway.verdict import Action, Stage, Verdict
 from tests.availability import unavailable
 

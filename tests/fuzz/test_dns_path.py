@@ -27,14 +27,14 @@ from mitmproxy.test import tflow
 from wireguard_tools import WireguardKey
 
 from addons.enforce import Enforcer
-from addons.hostrules import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
 from addons.blockpage import Helpdesk
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import compile_text
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Verdict
 from tests.fuzz.harness import Harness
 

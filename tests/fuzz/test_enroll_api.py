@@ -33,7 +33,7 @@ from gateway.enroll.decide import (REFUSALS, EnrollRequest, RequestProblem, deci
 from gateway.enroll.server import MAX_HEAD_BYTES, EnrollmentServer, _Closed
 from gateway.devices.certcheck import Reason
 from gateway.posture import PosturePolicy
-from gateway.registry import SqliteRegistry
+from gateway.registry.sqlite import SqliteRegistry
 from tests.fuzz.harness import Harness
 
 _STATE = Path(tempfile.mkdtemp(prefix="kanmon-fuzz-enroll-"))

@@ -15,9 +15,9 @@ import pytest
 from mitmproxy.test import tflow
 
 from addons.requesttarget import RequestAuthority
-from gateway.authority import MalformedAuthority, parse_authority
-from gateway.dnsbinding import DnsBindings
-from gateway.firstbytes import classify
+from gateway.proxy.authority import MalformedAuthority, parse_authority
+from gateway.proxy.dnsbinding import DnsBindings
+from gateway.proxy.firstbytes import classify
 from gateway.policy.query import request_query
 from gateway.hostname import normalize_host
 from gateway.policy import DeviceContext, load_policy

@@ -16,12 +16,13 @@ from wireguard_tools import WireguardKey
 from addons.blockpage import Helpdesk, render_block_page
 from addons.enforce import Enforcer
 from addons.failclosed import FailClosedActions, Guarded
-from addons.hostrules import METADATA_VERDICT, HostRuleDecider
-from addons.identity import METADATA_DEVICE, DeviceDirectory, DeviceIdentity
+from addons.hostrules import HostRuleDecider
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_VERDICT
+from addons.identity import DeviceDirectory, DeviceIdentity
 from gateway.config import HostRule
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_UNDECIDED, Action, Stage, Verdict
 
 DEVICE = DeviceRecord("phone-1", str(WireguardKey.generate().public_key()), ipaddress.ip_address("10.77.0.2"),

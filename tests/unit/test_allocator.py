@@ -1,4 +1,4 @@
-"""gateway/allocator.py: which malloc `kanmon run` ends up on, and the real re-exec."""
+"""gateway/runtime/allocator.py: which malloc `kanmon run` ends up on, and the real re-exec."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import allocator, diagnostics
-from gateway.allocator import AllocatorError, plan
+from gateway.runtime import allocator, diagnostics
+from gateway.runtime.allocator import AllocatorError, plan
 
 LIB = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def test_jemalloc_figures_in_the_memory_report_parse_back():
         "jemalloc_resident_mib": 60.5, "jemalloc_retained_mib": 12.0}
 
 
-PROBE = ("import json; from gateway import allocator; p = allocator.ensure(); "
+PROBE = ("import json; from gateway.runtime import allocator; p = allocator.ensure(); "
          "print(json.dumps([p.allocator, allocator.current_allocator(), allocator.jemalloc_stats(), "
          "os.environ.get('LD_PRELOAD'), os.environ.get(allocator.REEXEC_MARK)]))")
 

@@ -19,7 +19,8 @@ from gateway.autoquarantine.triggers import (AUTO_ACTOR, AUTO_REASON_PREFIX, Aut
                                              Trigger, TriggerEngine, auto_quarantine_settings)
 from gateway.config import load_config_text
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord, DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceRecord, DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.reports.alerting import (AlertDispatcher, auto_quarantine_event, event_from_audit, webhook_payload)
 from gateway.yamlsource import SourceErrors
 
@@ -239,9 +240,9 @@ def test_alert_delivery_outcomes_are_reported_for_metrics():
 
 
 def test_with_a_shared_registry_down_the_quarantine_goes_to_the_local_outbox(tmp_path):
-    """gateway/cluster.py: like `kanmon cluster quarantine`, applied by this node at once and
+    """gateway/registry/outbox.py: like `kanmon cluster quarantine`, applied by this node at once and
     replayed into PostgreSQL when it answers again."""
-    from gateway.cluster import LocalOutbox
+    from gateway.registry.outbox import LocalOutbox
 
     reg, rec = _registry(tmp_path)
 

@@ -11,16 +11,15 @@ from mitmproxy.test import tflow, tutils
 
 from addons.enforce import Enforcer
 from addons.flowverdict import record_verdict
-from addons.hostrules import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
-from addons.policy import METADATA_DNS_BLOCK
-from gateway.connections import LiveConnections
+from gateway.proxy.flowstate import METADATA_DNS_BLOCK, METADATA_VERDICT
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.pages import catalog
 from gateway.pages.catalog import CatalogError
 from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.pages.organization import Helpdesk, Organization
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_MALFORMED_AUTHORITY, RULE_SIGNIN_REQUIRED, Action, Stage, Verdict
 
 DEVICE = DeviceRecord("phone-1", None, ipaddress.ip_address("10.77.0.2"))

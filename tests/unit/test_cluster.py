@@ -1,4 +1,4 @@
-"""gateway/cluster.py: the gateway's registry view through a PostgreSQL outage (keeps the last
+"""gateway/registry/outbox.py, gateway/runtime/clusternode.py, gateway/cli/cluster.py: the gateway's registry view through a PostgreSQL outage (keeps the last
 state, refuses changes, queues revocations locally and replays them), node status, commands.
 A private PostgreSQL server is started for this module (skips without it; fails with CI=true)."""
 
@@ -14,9 +14,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from wireguard_tools import WireguardKey
 
-from gateway import cluster
-from gateway.cluster import LocalOutbox, OutageTolerantRegistry, apply_queued, node_rows
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus
+from gateway.runtime import clusternode as cluster
+from gateway.registry import factory, outbox
+from gateway.cli import cluster as cluster_cli
+from gateway.cli.cluster import node_rows
+from gateway.registry.outbox import LocalOutbox, OutageTolerantRegistry, apply_queued
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus
 
 
 @pytest.fixture
@@ -37,7 +40,7 @@ def rec(i: int) -> DeviceRecord:
 
 def test_a_queued_change_never_undoes_a_revocation():
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    change = cluster.QueuedChange(1, "d1", DeviceStatus.SUSPENDED, "check", now + timedelta(hours=1), "op", now, "a")
+    change = outbox.QueuedChange(1, "d1", DeviceStatus.SUSPENDED, "check", now + timedelta(hours=1), "op", now, "a")
     revoked = replace(rec(1), status=DeviceStatus.REVOKED, status_reason="lost")
     assert apply_queued(revoked, change) == revoked
     suspended = apply_queued(rec(1), change)
@@ -53,7 +56,7 @@ def test_outbox_refuses_changes_that_are_not_restrictive(tmp_path):
 
 
 def test_outage_keeps_the_last_state_refuses_writes_and_replays_queued_revocations(postgres, db, tmp_path):
-    from gateway.registry_pg import PgRegistry, RegistryUnavailable
+    from gateway.registry.postgres import PgRegistry, RegistryUnavailable
 
     admin = PgRegistry(db, node="admin")
     for i in range(3):
@@ -92,7 +95,7 @@ def test_outage_keeps_the_last_state_refuses_writes_and_replays_queued_revocatio
 
 
 def test_replay_stops_at_an_outage_and_loses_nothing(postgres, db, tmp_path):
-    from gateway.registry_pg import PgRegistry, RegistryUnavailable
+    from gateway.registry.postgres import PgRegistry, RegistryUnavailable
 
     admin = PgRegistry(db)
     admin.add(rec(1))
@@ -103,16 +106,16 @@ def test_replay_stops_at_an_outage_and_loses_nothing(postgres, db, tmp_path):
     box.queue("d2", DeviceStatus.QUARANTINED, "malware", "op", "a")
     postgres.stop()
     with pytest.raises(RegistryUnavailable):
-        cluster.replay_outbox(_lazy(db), box)
+        outbox.replay_outbox(_lazy(db), box)
     assert len(box.pending()) == 3
     postgres.start()
-    assert cluster.replay_outbox(PgRegistry(db), box) == [(1, "applied"), (2, "unknown device"), (3, "applied")]
+    assert outbox.replay_outbox(PgRegistry(db), box) == [(1, "applied"), (2, "unknown device"), (3, "applied")]
     assert admin.get("d2").status is DeviceStatus.QUARANTINED and box.pending() == []
 
 
 def _lazy(url):
     """A registry opened before the outage (its connection then breaks)."""
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     class Late:
         def get(self, device_id):
@@ -124,7 +127,7 @@ def _lazy(url):
 
 
 def test_node_rows_flag_stale_nodes_and_policy_drift():
-    from gateway.registry_pg import NodeReport
+    from gateway.registry.postgres import NodeReport
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     nodes = [NodeReport("a", "0.1.0", "v2", 10, 5, now, now, {"registry_up": True}, age_seconds=1.0),
@@ -136,13 +139,13 @@ def test_node_rows_flag_stale_nodes_and_policy_drift():
 
 def _args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cluster.register(parser.add_subparsers(dest="command", required=True))
+    cluster_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
 @pytest.fixture
 def config(tmp_path, db, monkeypatch):
-    monkeypatch.setenv(cluster.REGISTRY_URL_ENV, db)
+    monkeypatch.setenv(factory.REGISTRY_URL_ENV, db)
     path = tmp_path / "kanmon.yaml"
     path.write_text(f"node: {{name: node-a}}\nstate_dir: {tmp_path / 'state'}\n"
                     "tunnel: {interface: kmwg, listen_port: 51820, ipv4_prefix: 10.77.0.0/24}\nuplink: {interface: eth0}\n")
@@ -150,7 +153,7 @@ def config(tmp_path, db, monkeypatch):
 
 
 def test_status_lists_every_node_and_fails_when_one_is_stale(db, config, capsys):
-    from gateway.registry_pg import NodeReport, PgRegistry
+    from gateway.registry.postgres import NodeReport, PgRegistry
 
     reg = PgRegistry(db)
     now = datetime.now(UTC)
@@ -167,7 +170,7 @@ def test_status_lists_every_node_and_fails_when_one_is_stale(db, config, capsys)
 
 
 def test_status_without_a_registry_url_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(cluster.REGISTRY_URL_ENV, raising=False)
+    monkeypatch.delenv(factory.REGISTRY_URL_ENV, raising=False)
     path = tmp_path / "k.yaml"
     path.write_text(f"state_dir: {tmp_path}\ntunnel: {{interface: kmwg, listen_port: 51820, ipv4_prefix: 10.77.0.0/24}}\n"
                     "uplink: {interface: eth0}\n")
@@ -177,7 +180,7 @@ def test_status_without_a_registry_url_is_a_usage_error(tmp_path, monkeypatch, c
 
 
 def test_revoke_command_revokes_or_queues_during_an_outage(postgres, db, config, tmp_path, capsys):
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     reg = PgRegistry(db)
     reg.add(rec(1))
@@ -193,7 +196,7 @@ def test_revoke_command_revokes_or_queues_during_an_outage(postgres, db, config,
     box = LocalOutbox(tmp_path / "state" / "registry-outbox.sqlite3")
     assert [(c.device_id, c.status, c.reason) for c in box.pending()] == [("d2", DeviceStatus.REVOKED, "stolen")]
     postgres.start()
-    cluster.replay_outbox(PgRegistry(db), box)
+    outbox.replay_outbox(PgRegistry(db), box)
     assert reg.get("d2").status is DeviceStatus.REVOKED
 
 
@@ -204,38 +207,44 @@ def test_policy_apply_refuses_a_broken_policy_with_file_and_line(config, tmp_pat
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "bad.yaml:3" in err and "nothing was applied" in err
-    from gateway.registry_pg import PolicyStore
-    assert PolicyStore(os.environ[cluster.REGISTRY_URL_ENV]).current() is None
+    from gateway.registry.postgres import PolicyStore
+    assert PolicyStore(os.environ[factory.REGISTRY_URL_ENV]).current() is None
 
 
 def test_audit_written_with_queued_replay_names_the_operator(db, tmp_path):
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     reg = PgRegistry(db)
     reg.add(rec(1), audit=AuditEntry("admin", "device-added"))
     box = LocalOutbox(tmp_path / "o.sqlite3")
     box.queue("d1", DeviceStatus.SUSPENDED, "check", "suzuki", "node-b", datetime(2030, 1, 1, tzinfo=UTC))
-    cluster.replay_outbox(reg, box)
+    outbox.replay_outbox(reg, box)
     last = reg.unshipped_audit()[-1]
     assert (last.actor, last.action, last.after["status"]) == ("suzuki", "device-suspended", "suspended")
     assert reg.get("d1").suspended_until == datetime(2030, 1, 1, tzinfo=UTC)
 
 
-def _fake_app(config_path):
-    from types import SimpleNamespace
-
+def _node(config_path, sent=None):
+    """A ClusterNode with the callbacks the gateway process gives it (no application)."""
     from gateway.config import load_config
     from gateway.metrics import GatewayMetrics
-    return SimpleNamespace(cfg=load_config(config_path), metrics=GatewayMetrics(), alerts=None, policy=None)
+
+    async def reload_policy():
+        return None
+
+    metrics = GatewayMetrics()
+    node = cluster.ClusterNode(load_config(config_path), metrics.registry, cluster.NodeCallbacks(
+        request_reconcile=lambda: None, reload_policy=reload_policy, policy_version=lambda: None,
+        send_alert=(sent.append if sent is not None else lambda event: None)))
+    return node, metrics
 
 
 def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgres, db, config):
-    from gateway.app import StartupError
-    from gateway.reconcile import ReconcileReport
-    from gateway.registry_pg import PgRegistry
+    from gateway.runtime.errors import StartupError
+    from gateway.runtime.reconcile import ReconcileReport
+    from gateway.registry.postgres import PgRegistry
 
-    app = _fake_app(config)
-    node = cluster.ClusterNode(app)
+    node, metrics = _node(config)
     registry = node.open_registry()
     try:
         node.reconciled(ReconcileReport(3, True, 2, 0, frozenset(), frozenset(), (), frozenset({"a", "b"}), None, 0.01))
@@ -243,25 +252,25 @@ def test_a_node_reports_itself_and_refuses_to_start_without_the_registry(postgre
         [row] = PgRegistry(db).nodes()
         assert (row.name, row.peers, row.details["registry_up"]) == ("node-a", 2, True)
         assert row.last_reconcile_at == node.last_reconcile_at
-        assert 'kanmon_node_info{node="node-a"' in _metrics_text(app)
+        assert 'kanmon_node_info{node="node-a"' in _metrics_text(metrics)
     finally:
         node.stop()
         registry.close()
     postgres.stop()
     with pytest.raises(StartupError) as refused:
-        cluster.ClusterNode(_fake_app(config)).open_registry()
+        _node(config)[0].open_registry()
     assert "接続できません" in str(refused.value) and "unreachable" in str(refused.value)
 
 
-def _metrics_text(app) -> str:
+def _metrics_text(metrics) -> str:
     from prometheus_client import generate_latest
-    return generate_latest(app.metrics.registry).decode()
+    return generate_latest(metrics.registry).decode()
 
 
 def test_watcher_reports_the_outage_and_asks_for_a_pass_after_reconnecting(postgres, db):
     import time
 
-    from gateway.registry_pg import POLICY_CHANNEL, REGISTRY_CHANNEL, RegistryWatcher
+    from gateway.registry.postgres import POLICY_CHANNEL, REGISTRY_CHANNEL, RegistryWatcher
 
     states, heard = [], []
     watcher = RegistryWatcher(db, lambda ch, p: heard.append((ch, p)), on_state=lambda up, d: states.append(up),
@@ -281,3 +290,28 @@ def test_watcher_reports_the_outage_and_asks_for_a_pass_after_reconnecting(postg
         assert until(lambda: {(REGISTRY_CHANNEL, "reconnected"), (POLICY_CHANNEL, "reconnected")} <= set(heard))
     finally:
         watcher.stop()
+
+
+def test_the_node_reaches_the_gateway_only_through_its_callbacks(config):
+    """Issue #16: ClusterNode gets callbacks, not the application: an outage is an alert and a
+    gauge, the recovery asks the event loop for a reconcile pass."""
+    import asyncio
+
+    sent: list = []
+    node, metrics = _node(config, sent)
+    node._registry_state(False, "connection refused")
+    assert [(e.kind, e.details["error.message"]) for e in sent] == [("registry-unreachable", "connection refused")]
+    assert "kanmon_registry_up 0.0" in _metrics_text(metrics)
+
+    asked = []
+
+    async def recover():
+        node.callbacks = cluster.NodeCallbacks(request_reconcile=lambda: asked.append("pass"),
+                                               reload_policy=node.callbacks.reload_policy,
+                                               policy_version=lambda: "v7", send_alert=sent.append)
+        node._loop = asyncio.get_running_loop()
+        node._registry_state(True, "")
+        await asyncio.sleep(0)
+    asyncio.run(recover())
+    assert asked == ["pass"] and len(sent) == 1
+    assert "kanmon_registry_up 1.0" in _metrics_text(metrics)

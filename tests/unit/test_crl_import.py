@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from wireguard_tools import WireguardKey
 
-from gateway.devices import commands
+from gateway.cli import ca as commands
 from gateway.devices.ca import CaStore, DeviceCaError, init_ca, pki_dir, prepare_crl_import
-from gateway.registry import DeviceRecord, DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceRecord, DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -178,9 +179,9 @@ def test_import_crl_with_config_uses_the_sqlite_registry_of_the_config(org, tmp_
 
 def test_import_crl_revokes_devices_in_a_postgresql_registry(org, tmp_path, capsys, monkeypatch, postgres):
     """Issue #16: import-crl opened registry.sqlite3 directly and revoked nothing in a
-    PostgreSQL registry. Now --config opens the registry through cluster.open_registry."""
-    from gateway.cluster import REGISTRY_URL_ENV
-    from gateway.registry_pg import PgRegistry
+    PostgreSQL registry. Now --config opens the registry through gateway.registry.factory.open_registry."""
+    from gateway.registry.factory import REGISTRY_URL_ENV
+    from gateway.registry.postgres import PgRegistry
 
     state, ca, cfg = org
     url = postgres.create_database("crlimport")

@@ -19,12 +19,13 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from wireguard_tools import WireguardKey
 
-from gateway import devicecommands
+from gateway.cli import device as device_cli
 from gateway.devices.binding import certificate_wg_keys, parse_wg_key
 from gateway.devices.ca import build_org_ca, init_ca, pki_dir
 from gateway.devices.clientconfig import PRIVATE_KEY_PLACEHOLDER
 from gateway.posture import POSTURE_REASON_PREFIX
-from gateway.registry import DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ class Gw:
     def __init__(self, tmp, cfg, state):
         self.tmp, self.cfg, self.state = tmp, cfg, state
         parser = argparse.ArgumentParser()
-        devicecommands.register(parser.add_subparsers())
+        device_cli.register(parser.add_subparsers())
         self.parser = parser
 
     def run(self, *argv: str) -> int:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.devices import commands
+from gateway.cli import ca as commands
 from gateway.devices.binding import wg_key_uri
 from gateway.devices.ca import (CaStore, DeviceCaError, build_org_ca, device_pkcs12, import_crl,
                                 init_ca, issue_device_certificate, load_csr, pki_dir, trust_bundle)

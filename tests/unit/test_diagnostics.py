@@ -1,4 +1,4 @@
-"""gateway/diagnostics.py: opt-in memory reports (object counts, tracemalloc sites, growth)."""
+"""gateway/runtime/diagnostics.py: opt-in memory reports (object counts, tracemalloc sites, growth)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 
-from gateway import diagnostics
-from gateway.connections import ConnectionState
-from gateway.diagnostics import MemoryReporter, enabled, format_type_counts, install, parse_type_counts, type_counts
+from gateway.runtime import diagnostics
+from gateway.proxy.connections import ConnectionState
+from gateway.runtime.diagnostics import (MemoryReporter, enabled, format_type_counts, install, parse_type_counts, type_counts)
 
 
 class _Probe:
@@ -38,12 +38,12 @@ def test_install_does_nothing_when_off(tmp_path):
 def test_type_counts_name_module_and_class():
     counts = type_counts([_Probe(), _Probe(), ConnectionState("c1", "10.0.0.2", 1, None), 3, "x"])
     assert counts[f"{__name__}._Probe"] == 2
-    assert counts["gateway.connections.ConnectionState"] == 1
+    assert counts["gateway.proxy.connections.ConnectionState"] == 1
     assert counts["int"] == 1 and counts["str"] == 1
 
 
 def test_report_object_section_parses_back():
-    counts = Counter({"gateway.connections.ConnectionState": 7, "dict": 1200, "mitmproxy.http.HTTPFlow": 3})
+    counts = Counter({"gateway.proxy.connections.ConnectionState": 7, "dict": 1200, "mitmproxy.http.HTTPFlow": 3})
     text = "report 1\n\n[objects]\n" + "\n".join(format_type_counts(counts)) + "\n\n[tracemalloc]\ntraced 1 MiB\n"
     assert parse_type_counts(text) == dict(counts)
 
@@ -55,8 +55,8 @@ def test_reports_count_live_objects_and_are_numbered(tmp_path):
     del held[:]
     second = reporter.write()
     assert (first.name, second.name) == ("memory-1.txt", "memory-2.txt")
-    assert parse_type_counts(first.read_text())["gateway.connections.ConnectionState"] >= 37
-    assert parse_type_counts(second.read_text())["gateway.connections.ConnectionState"] < 37
+    assert parse_type_counts(first.read_text())["gateway.proxy.connections.ConnectionState"] >= 37
+    assert parse_type_counts(second.read_text())["gateway.proxy.connections.ConnectionState"] < 37
     assert "mitmproxy.http.HTTPFlow" in parse_type_counts(second.read_text())   # watched: listed even at 0
     assert not list(tmp_path.glob("*.tmp"))
 

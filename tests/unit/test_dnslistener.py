@@ -1,4 +1,4 @@
-"""gateway/dnslistener.py: the UDP DNS listener's per-address streams stay bounded (#7 soak)."""
+"""gateway/proxy/dnslistener.py: the UDP DNS listener's per-address streams stay bounded (#7 soak)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway import dnslistener
-from gateway.dnslistener import _Endpoint
+from gateway.proxy import dnslistener
+from gateway.proxy.dnslistener import _Endpoint
 
 
 class FakeTransport:

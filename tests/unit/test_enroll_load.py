@@ -28,7 +28,8 @@ from gateway.devices.ca import CaStore, build_org_ca, init_ca, pki_dir
 from gateway.enroll.server import EnrollmentServer
 from gateway.logstore.writer import LogStore
 from gateway.metrics import GatewayMetrics
-from gateway.registry import RegistryError, SqliteRegistry
+from gateway.registry.model import RegistryError
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.yamlsource import SourceErrors
 from tests.unit.test_enroll_server import CONFIG, DAY, Env, ListLog, new_key
 

@@ -21,7 +21,8 @@ from wireguard_tools import WireguardKey
 from gateway.config import load_config_text
 from gateway.devices.ca import CaStore, build_org_ca, import_crl, init_ca, issue_device_certificate, pki_dir
 from gateway.enroll.server import EnrollmentServer
-from gateway.registry import DeviceRecord, DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceRecord, DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 
 DAY = dt.timedelta(days=1)
 
@@ -413,7 +414,7 @@ def test_superseded_org_certificate(env):
 
 
 def test_importing_a_crl_revokes_enrolled_devices_on_it(env):
-    from gateway.devices.commands import revoke_devices_on_crl
+    from gateway.cli.ca import revoke_devices_on_crl
 
     for name in ("dev-1", "dev-2"):
         env.register(name)

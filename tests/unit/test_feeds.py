@@ -535,7 +535,7 @@ def test_runner_reloads_for_a_copy_written_by_kanmon_lists_update(tmp_path):
 
 
 def test_cluster_policy_bundle_carries_list_files_but_not_feeds(tmp_path, monkeypatch):
-    from gateway.registry_pg import policy_bundle
+    from gateway.registry.postgres import policy_bundle
     feed = tmp_path / "f.txt"
     feed.write_text("old.example\n")
     (tmp_path / "local.txt").write_text("local.example\n")

@@ -1,6 +1,6 @@
-"""Firewall log (gateway/firewalllog.py): nfnetlink_log messages -> logged packets, the
+"""Firewall log (gateway/net/firewalllog.py): nfnetlink_log messages -> logged packets, the
 aggregation that keeps a flood to a few records, and the log statements in the table
-(gateway/steering.py)."""
+(gateway/net/steering.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway import steering
-from gateway.firewalllog import (
-    NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, REASONS, FirewallAggregator, FirewallLogError, LoggedPacket,
-    ack_error, bind_messages, parse_ip_packet, parse_messages, reason_of,
-)
+from gateway.net import steering
+from gateway.net.firewalllog import (NFULA_PAYLOAD, NFULA_PREFIX, NFULA_TIMESTAMP, REASONS, FirewallAggregator, FirewallLogError, LoggedPacket, ack_error, bind_messages, parse_ip_packet, parse_messages, reason_of)
 
 T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 
@@ -222,9 +219,9 @@ def test_every_drop_and_reject_is_preceded_by_its_rate_limited_log_rule():
 
 
 def test_reader_feeds_counts_and_flushes_without_a_socket():
-    """The I/O edge's own logic (gateway/firewalllog_reader.py) with a fake store: packets
+    """The I/O edge's own logic (gateway/net/firewalllog_reader.py) with a fake store: packets
     counted by reason, unreadable messages counted and skipped, records written at flush."""
-    from gateway.firewalllog_reader import FirewallLogReader
+    from gateway.net.firewalllog_reader import FirewallLogReader
     from gateway.metrics import GatewayMetrics
     written, metrics = [], GatewayMetrics()
     reader = FirewallLogReader(7, written.append, DEVICES.get, metrics=metrics, interval=10)

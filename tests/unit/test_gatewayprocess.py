@@ -1,11 +1,11 @@
 """The gateway's "applied" confirmation, which operator commands wait for after changing the
-registry (gateway/gatewayprocess.py)."""
+registry (gateway/runtime/gatewayprocess.py)."""
 
 from __future__ import annotations
 
 import json
 
-from gateway.gatewayprocess import applied_revision, wait_applied, write_applied
+from gateway.runtime.gatewayprocess import applied_revision, wait_applied, write_applied
 
 
 class FakeTime:

@@ -1,4 +1,4 @@
-"""Periodic malloc_trim (gateway/heaptrim.py)."""
+"""Periodic malloc_trim (gateway/runtime/heaptrim.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway import heaptrim
+from gateway.runtime import heaptrim
 
 
 @pytest.mark.parametrize("text, expect", [("", None), ("  ", None), ("0", None), ("60", 60.0), (" 0.5 ", 0.5)])

@@ -111,3 +111,48 @@ def test_config_host_entries_use_the_same_form():
     assert not rule.matches(hostrules_normalize("fass.de"))
     assert cfg.quarantine_allow_hosts == ("mdm.example", ".xn--strae-oqa.example")
     assert normalize_host_entry(" .FAß.de. ") == ".xn--fa-hia.de"
+
+
+def test_one_address_parser_everywhere():
+    """Issue #16: one parser for peer and destination addresses (gateway.hostname.canonical_address):
+    the zone is dropped and an IPv4-mapped IPv6 address is its IPv4 address wherever an address
+    is judged: the internal-destination check, policy destinations, underlay endpoints,
+    sign-in sessions, enrollment rate limits."""
+    import ipaddress
+
+    from addons.enforce import Enforcer
+    from addons.policy import _ip
+    from gateway.enroll.ratelimit import source_key
+    from gateway.hostname import canonical_address
+    from gateway.metrics import GatewayMetrics
+    from gateway.net.underlay import endpoint_address
+    from gateway.proxy.connections import LiveConnections
+    from gateway.signin.sessions import canonical_ip
+
+    v4 = ipaddress.ip_address("198.51.100.7")
+    assert canonical_address("::ffff:198.51.100.7") == v4 == canonical_address("198.51.100.7")
+    assert canonical_address("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
+    assert canonical_address("not-an-address") is None and canonical_address(None) is None
+    assert _ip(("::ffff:198.51.100.7", 443)) == v4
+    assert endpoint_address("[::ffff:198.51.100.7]:51820") == v4
+    assert canonical_ip("::ffff:198.51.100.7") == "198.51.100.7"
+    assert source_key("::ffff:198.51.100.7") == "198.51.100.7"
+    enforcer = Enforcer(LiveConnections(), GatewayMetrics(), None, [ipaddress.ip_network("10.77.0.0/24")], lambda _c: None)
+    # A mapped loopback or tunnel address is internal: it never leaves as an upstream connection.
+    assert enforcer._is_internal(("::ffff:127.0.0.1", 80)) and enforcer._is_internal(("::ffff:10.77.0.5", 443))
+    assert not enforcer._is_internal(("::ffff:198.51.100.7", 443))
+
+
+def test_one_suffix_matcher_for_host_rules_quarantine_and_signin():
+    """Issue #16: one "exact or .suffix" matcher (gateway.hostname.host_in); a Japanese-script
+    entry matches the punycode SNI wherever entries are matched."""
+    from addons.quarantine import QuarantineGate
+    from gateway.hostname import host_in, split_host_entries
+    from gateway.proxy.connections import LiveConnections
+
+    exact, suffixes = split_host_entries(["Mdm.Example", ".例え.jp"])
+    assert exact == {"mdm.example"} and suffixes == (".xn--r8jz45g.jp",)
+    assert host_in("xn--r8jz45g.jp", exact, suffixes) and host_in("www.xn--r8jz45g.jp", exact, suffixes)
+    assert not host_in("badxn--r8jz45g.jp", exact, suffixes) and not host_in(None, exact, suffixes)
+    gate = QuarantineGate(LiveConnections(), ("mdm.example", ".例え.jp"))
+    assert gate.allowed("WWW.例え.JP.") and gate.allowed("www.xn--r8jz45g.jp") and not gate.allowed("example.jp")

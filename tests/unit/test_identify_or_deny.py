@@ -15,12 +15,14 @@ from mitmproxy.test import tflow
 
 from addons.dnsguard import DnsBypassGuard, NoInspectBinding
 from addons.enforce import Enforcer
-from addons.flowverdict import METADATA_VERDICT, record_verdict
+from addons.flowverdict import record_verdict
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.requesttarget import RequestAuthority
-from gateway.authority import MalformedAuthority, parse_authority
-from gateway.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
-from gateway.dnsbinding import DnsBindings, canonical_address
-from gateway.firstbytes import MAX_IDENTIFY_BYTES, Kind, classify, normalized_record_versions
+from gateway.proxy.authority import MalformedAuthority, parse_authority
+from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
+from gateway.hostname import canonical_address
+from gateway.proxy.dnsbinding import DnsBindings
+from gateway.proxy.firstbytes import MAX_IDENTIFY_BYTES, Kind, classify, normalized_record_versions
 from gateway.metrics import GatewayMetrics
 from gateway.verdict import (RULE_AUTHORITY_MISMATCH, RULE_DNS_BYPASS, RULE_MALFORMED_AUTHORITY,
                              RULE_NO_INSPECT_UNRESOLVED, RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)
@@ -281,7 +283,7 @@ def test_no_inspect_to_an_address_the_resolver_did_not_give_is_intercepted_and_b
     client = tflow.tclient_conn()
     client.peername = ("10.77.0.2", 40000)
     state = connections.open(client.id, "10.77.0.2", 40000, DEVICE)
-    state.notes["tls_verdict"] = Verdict(Action.NO_INSPECT, "bank", "no-inspect", Stage.TLS)
+    state.tls_verdict = Verdict(Action.NO_INSPECT, "bank", "no-inspect", Stage.TLS)
     server = tflow.tserver_conn()
     server.address = ("198.51.100.99", 443)
     ctx = type("Ctx", (), {"client": client, "server": server})()
@@ -290,12 +292,12 @@ def test_no_inspect_to_an_address_the_resolver_did_not_give_is_intercepted_and_b
     data.ignore_connection = True
     guard.tls_clienthello(data)
     assert data.ignore_connection is False
-    assert state.notes["tls_verdict"].rule_id == RULE_NO_INSPECT_UNRESOLVED
+    assert state.tls_verdict.rule_id == RULE_NO_INSPECT_UNRESOLVED
     assert state.connection_block is not None
     # After the resolver gave that address for that name to this device, it passes untouched.
     guard.bindings.bind(ipaddress.ip_address("10.77.0.2"), "bank.test", ipaddress.ip_address("198.51.100.99"), 60)
     state2 = connections.open("c2", "10.77.0.2", 40001, DEVICE)
-    state2.notes["tls_verdict"] = Verdict(Action.NO_INSPECT, "bank", "no-inspect", Stage.TLS)
+    state2.tls_verdict = Verdict(Action.NO_INSPECT, "bank", "no-inspect", Stage.TLS)
     client.id = "c2"
     data2 = mtls.ClientHelloData(ctx, hello)
     data2.ignore_connection = True

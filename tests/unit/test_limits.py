@@ -24,15 +24,15 @@ from wireguard_tools import WireguardKey
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.limits import (DeviceLimits, HeaderLimits, LimitedHttp1Client, LimitedHttp1Server, header_overrun,
                            install_header_limits)
-from gateway import dnslistener
+from gateway.proxy import dnslistener
 from gateway.config import load_config_text
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.limits import (LIMIT_CONNECTION_RATE, LIMIT_CONNECTIONS, LIMIT_DNS_RATE, LIMIT_HEADER_BYTES,
                             LIMIT_HEADER_COUNT, LIMIT_RESPONSE_HEADER, RULE_DEVICE_LIMIT, DeviceLimiter,
                             LimitReporter, LimitSettings, TokenBucket)
 from gateway.logstore import missing_required_fields
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.yamlsource import SourceErrors
 
 
@@ -441,7 +441,7 @@ def test_oversized_response_head_from_a_server_becomes_a_protocol_error(capped):
 # -- the kernel backstop ------------------------------------------------------------------------
 
 def test_kernel_backstop_sits_at_twice_the_proxys_limits_per_address():
-    from gateway.limitsnft import render_limits_table, table_name
+    from gateway.net.limitsnft import render_limits_table, table_name
     text = render_limits_table(table_name("kanmon_gw"), "wg0", LimitSettings(
         connections_per_device=256, new_connections_per_second=50, new_connections_burst=200,
         dns_queries_per_second=20, dns_burst=100))
@@ -461,14 +461,14 @@ def test_kernel_backstop_sits_at_twice_the_proxys_limits_per_address():
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="nft -c needs root")
 def test_kernel_backstop_is_valid_nft():
-    from gateway.limitsnft import render_limits_table
+    from gateway.net.limitsnft import render_limits_table
     proc = subprocess.run(["nft", "-c", "-f", "-"], input=render_limits_table("kanmon_t_limits", "wg0", LimitSettings()),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_kernel_counters_are_added_to_the_metric_as_deltas():
-    from gateway.limitsnft import parse_counters
+    from gateway.net.limitsnft import parse_counters
     text = json.dumps({"nftables": [
         {"metainfo": {"version": "1.0.6"}},
         {"counter": {"family": "inet", "name": "refused_rate", "table": "t", "packets": 120, "bytes": 7200}},
@@ -491,7 +491,7 @@ def test_kernel_counters_are_added_to_the_metric_as_deltas():
 def test_accept_queue_of_a_listening_socket_is_deepened():
     import asyncio
 
-    from gateway.proxy import deepen_accept_queues
+    from gateway.proxy.master import deepen_accept_queues
 
     def backlog(port: int) -> int:
         # For a listening socket, ss shows the accept queue's limit as Send-Q.

@@ -305,7 +305,7 @@ def test_cli_missing_config_and_policy_exit_2_with_a_clear_message(tmp_path):
 # -- the running gateway: a SIGHUP reload that fails keeps the old policy -------------------
 
 def _app(tmp_path):
-    from gateway.app import GatewayApp
+    from gateway.runtime.app import GatewayApp
 
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nrules:\n  - {id: old, action: block, match: {domain: old.example}}\n")
@@ -348,7 +348,7 @@ def test_a_reload_that_fails_with_an_unexpected_exception_is_refused_too(tmp_pat
     def broken(path, *args, **kwargs):
         raise RecursionError("a loader bug")
 
-    monkeypatch.setattr("gateway.app.load_policy", broken)
+    monkeypatch.setattr("gateway.runtime.app.load_policy", broken)
     assert asyncio.run(app.reload_policy()) is False
     assert app.policy.current.snapshot.version == version
     assert _reloads(app, "failure") == 1

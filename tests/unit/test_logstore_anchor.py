@@ -15,7 +15,7 @@ import pytest
 from gateway.logstore import LogStore, verify
 from gateway.logstore.anchor import AnchorStore, parse_signed
 from gateway.logstore.chain import decode_chained, encode_chained
-from gateway.logstore.commands import register
+from gateway.cli.logs import register
 
 
 class Clock:

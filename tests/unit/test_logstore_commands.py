@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.logstore import LogStore
-from gateway.logstore.commands import register
+from gateway.cli.logs import register
 
 
 NOW = datetime(2026, 6, 10, 12, 0, tzinfo=UTC)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.logstore import LogStore, search, verify
-from gateway.logstore.commands import register
+from gateway.cli.logs import register
 
 
 class Clock:

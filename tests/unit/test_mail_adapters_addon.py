@@ -12,7 +12,7 @@ import pytest
 
 from addons.mail import MailFilter, OrganizationHosts, recipient_refusal_for
 from gateway.config import MailSettings, load_config_text
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.mail.engine import MailContext
 from gateway.mail.policy import load_mail_policy
 from gateway.mail.quarantine import QuarantineStore

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mail.commands import register
+from gateway.cli.mail import register
 from gateway.mail.engine import evaluate_message
 from gateway.mail.indicators import ALL_NAMES
 from gateway.mail.policy import load_mail_policy

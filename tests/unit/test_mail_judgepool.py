@@ -151,7 +151,7 @@ def test_the_gateway_addon_judges_in_the_pool_and_fails_closed(tmp_path, monkeyp
 
     from addons.mail import MailFilter
     from gateway.config import MailSettings
-    from gateway.connections import LiveConnections
+    from gateway.proxy.connections import LiveConnections
     from gateway.metrics import GatewayMetrics
     from tests.unit.test_mail_adapters_addon import Sink
 

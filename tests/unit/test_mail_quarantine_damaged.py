@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mail import commands
+from gateway.cli import mail as commands
 from gateway.mail.engine import evaluate_message
 from gateway.mail.policy import load_mail_policy
 from gateway.mail.quarantine import QuarantineStore

@@ -20,14 +20,14 @@ from wireguard_tools import WireguardKey
 
 from addons.blockpage import Helpdesk
 from addons.enforce import Enforcer
-from addons.hostrules import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
 from addons.policy import PolicyDecider, PolicyHolder
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.policy import DeviceContext, compile_text, is_deferred, query_for_url
 from gateway.policy.query import PolicyQuery
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.verdict import Stage
 
 POLICY = """

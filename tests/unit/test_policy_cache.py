@@ -1,4 +1,4 @@
-"""The prepared-policy cache (gateway/policycache.py, issue #22): a restart with unchanged
+"""The prepared-policy cache (gateway/runtime/policycache.py, issue #22): a restart with unchanged
 inputs does not parse the lists again; any changed input is a new key; a damaged cache file
 (truncated, bit-flipped, foreign, malformed) is refused, counted and removed, and the
 policy is compiled from its sources — the verdicts never differ from a fresh compile."""
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import gateway.policy.compiler as compiler_module
-import gateway.policycache as policycache
+import gateway.runtime.policycache as policycache
 from gateway.policy import DeviceContext, load_policy, query_for_url
-from gateway.policycache import MAGIC, PolicyCache, cache_key, decode, encode
+from gateway.runtime.policycache import MAGIC, PolicyCache, cache_key, decode, encode
 from tests.unit.test_policy_corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from gateway.policy.commands import device_context_from_args, register
+from gateway.cli.policy import device_context_from_args, register
 
 POLICY = """version: 1
 lists:

@@ -14,9 +14,9 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 import addons.policy as addon_module
-from addons.flowverdict import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_VERDICT
 from addons.policy import PolicyDecider, PolicyHolder
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.policy import DeviceContext, PolicySnapshot, load_policy, query_for_url
 from gateway.policy import query as query_module
 from tests.unit.test_policy_corpus import load_corpus

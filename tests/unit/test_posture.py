@@ -10,7 +10,7 @@ import pytest
 from gateway.config import load_config_text
 from gateway.posture import (POSTURE_REASON_PREFIX, PosturePolicy, VersionError, apply_posture, assess,
                              parse_version, version_at_least)
-from gateway.registry import DeviceRecord, DeviceStatus
+from gateway.registry.model import DeviceRecord, DeviceStatus
 from gateway.yamlsource import SourceErrors
 
 POLICY = PosturePolicy.from_pairs([("iOS", "17.0"), ("android", "13")])

@@ -11,8 +11,9 @@ from dataclasses import replace
 from datetime import timedelta
 
 from gateway.metrics import GatewayMetrics
-from gateway.reconcile import CLOCK_JUMP_TOLERANCE_SECONDS, Reconciler, clock_jump
-from gateway.registry import DeviceStatus, SqliteRegistry
+from gateway.runtime.reconcile import CLOCK_JUMP_TOLERANCE_SECONDS, Reconciler, clock_jump
+from gateway.registry.model import DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 from tests.unit.test_registry import NOW, FakeTunnel, add
 
 

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from wireguard_tools import WireguardKey
 
-from gateway.registry import DeviceRecord, DeviceStatus, RegistryError, SqliteRegistry
-from gateway.reconcile import desired_state
+from gateway.registry.model import DeviceRecord, DeviceStatus, RegistryError
+from gateway.registry.sqlite import SqliteRegistry
+from gateway.runtime.reconcile import desired_state
 
 P4, P6 = ipaddress.ip_network("10.77.0.0/29"), ipaddress.ip_network("fd77:77::/64")
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -94,7 +95,7 @@ def test_desired_state_blocks_non_admitted_and_finds_next_change():
 
 
 def test_changes_carry_their_audit_entry_atomically(tmp_path):
-    from gateway.registry import AuditEntry
+    from gateway.registry.model import AuditEntry
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     v4, v6 = reg.allocate_addresses(P4, P6)
@@ -128,7 +129,7 @@ class FakeTunnel:
         self.calls: list[tuple] = []
 
     def sync_peers(self, desired):
-        from gateway.tunnel import PeerSyncResult
+        from gateway.net.tunnel import PeerSyncResult
         added = [k for k in desired if k not in self.peers]
         removed = [k for k in self.peers if k not in desired]
         self.peers = {k: v.allowed_ips for k, v in desired.items()}
@@ -149,7 +150,7 @@ class FakeTunnel:
 
 
 def test_reconciler_full_then_incremental_touches_only_what_changed(tmp_path):
-    from gateway.reconcile import Reconciler
+    from gateway.runtime.reconcile import Reconciler
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     devices = [add(reg, n) for n in "abcd"]
@@ -185,7 +186,7 @@ def test_reconciler_follows_wall_clock_jumps_forward_and_back(tmp_path):
     """Issue #7 'clock jump', at the reconciler: validity follows the wall clock it is given.
     Forward past a usage period's end: cut at the next pass. Backward: a period-expired device
     is admitted again (time-based states follow the clock), a revoked one never is."""
-    from gateway.reconcile import Reconciler
+    from gateway.runtime.reconcile import Reconciler
 
     reg = SqliteRegistry(tmp_path / "r.sqlite3")
     timed = add(reg, "timed", valid_until=NOW + timedelta(hours=1))

@@ -18,7 +18,8 @@ from itertools import count
 import pytest
 from wireguard_tools import WireguardKey
 
-from gateway.registry import AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError, SqliteRegistry
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryError
+from gateway.registry.sqlite import SqliteRegistry
 
 P4, P6 = ipaddress.ip_network("10.77.0.0/29"), ipaddress.ip_network("fd77:77::/64")
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -47,7 +48,7 @@ def open_registry(request, tmp_path):
             opened.append(reg)
             return reg
     else:
-        from gateway.registry_pg import PgRegistry
+        from gateway.registry.postgres import PgRegistry
 
         url = request.getfixturevalue("postgres").create_database(f"contract{next(_db_numbers)}")
 
@@ -219,7 +220,7 @@ def pg_url(postgres):
 
 
 def test_concurrent_allocations_from_two_connections_never_collide(pg_url):
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     prefix = ipaddress.ip_network("10.80.0.0/22")
     nodes = [PgRegistry(pg_url, node=f"node-{i}") for i in range(2)]
@@ -254,7 +255,7 @@ def test_concurrent_allocations_from_two_connections_never_collide(pg_url):
 def test_concurrent_writers_never_hide_a_change_from_an_incremental_reader(pg_url):
     """Revisions are handed out in commit order, so following changed_since from the last
     revision seen misses nothing while two nodes write at once."""
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     setup = PgRegistry(pg_url)
     for i in range(20):
@@ -282,7 +283,7 @@ def test_concurrent_writers_never_hide_a_change_from_an_incremental_reader(pg_ur
 
 
 def test_audit_entries_are_claimed_by_one_node_each(pg_url):
-    from gateway.registry_pg import PgRegistry
+    from gateway.registry.postgres import PgRegistry
 
     a, b = PgRegistry(pg_url, node="node-a"), PgRegistry(pg_url, node="node-b")
     for i in range(3):
@@ -296,7 +297,7 @@ def test_audit_entries_are_claimed_by_one_node_each(pg_url):
 
 
 def test_each_change_notifies_listeners_at_commit_and_a_refused_one_does_not(pg_url):
-    from gateway.registry_pg import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher
+    from gateway.registry.postgres import REGISTRY_CHANNEL, PgRegistry, RegistryWatcher
 
     reg = PgRegistry(pg_url)
     heard: list[tuple[str, str, float]] = []
@@ -322,7 +323,7 @@ def test_each_change_notifies_listeners_at_commit_and_a_refused_one_does_not(pg_
 
 def test_policy_is_stored_with_its_lists_and_recreated_with_the_same_version(pg_url, tmp_path):
     from gateway.policy import load_policy
-    from gateway.registry_pg import PolicyError, PolicyStore, materialize
+    from gateway.registry.postgres import PolicyError, PolicyStore, materialize
 
     src = tmp_path / "src"
     (src / "lists").mkdir(parents=True)

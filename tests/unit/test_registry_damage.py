@@ -11,7 +11,8 @@ import sqlite3
 import pytest
 
 from gateway import cli
-from gateway.registry import RegistryDamaged, SqliteRegistry
+from gateway.registry.model import RegistryDamaged
+from gateway.registry.sqlite import SqliteRegistry
 
 
 @pytest.fixture
@@ -183,8 +184,8 @@ def test_registry_check_exit_codes(gw, tmp_path, capsys):
 
 
 def test_postgresql_registry_of_a_newer_schema_is_refused(gw, capsys, monkeypatch, postgres):
-    from gateway.cluster import REGISTRY_URL_ENV
-    from gateway.registry_pg import PgRegistry, connect
+    from gateway.registry.factory import REGISTRY_URL_ENV
+    from gateway.registry.postgres import PgRegistry, connect
 
     cfg, path = gw
     url = postgres.create_database("futureschema")

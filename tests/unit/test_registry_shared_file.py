@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 import gateway
-from gateway.registry import SqliteRegistry
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.signin.store import SessionStore
 
 # A separate process, as `kanmon device add` is: POSIX locks only keep other processes out.
 _CLI_WRITE = """
 import ipaddress, sys
 from wireguard_tools import WireguardKey
-from gateway.registry import DeviceRecord, SqliteRegistry
+from gateway.registry.model import DeviceRecord
+from gateway.registry.sqlite import SqliteRegistry
 reg = SqliteRegistry(sys.argv[1])
 v4, v6 = reg.allocate_addresses(ipaddress.ip_network("10.77.0.0/24"), None)
 reg.add(DeviceRecord(device_id=sys.argv[2], wg_public_key=str(WireguardKey.generate().public_key()), ipv4=v4, ipv6=v6))

@@ -12,9 +12,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 from scapy.utils import wrpcap
 
-from gateway.policy.commands import register as register_policy
-from gateway.replay.commands import register
-from gateway.replay.policydiff import client_hello_sni, flows_from_pcap, register_diff_pcap
+from gateway.cli.policy import register as register_policy
+from gateway.cli.replay import register
+from gateway.cli.policy import register_diff_pcap
+from gateway.replay.policydiff import client_hello_sni, flows_from_pcap
 from gateway.verdict import Stage
 
 REPLAY = Path(__file__).resolve().parents[1] / "replay"

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.logstore import LogStore
-from gateway.reports import commands
+from gateway.cli import report as commands
 from gateway.reports.evidence import parse_approved_lines
 from gateway.reports.review import build_review, parse_month
 from gateway.reports.sources import stream_records

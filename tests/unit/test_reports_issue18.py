@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gateway.logstore import LogStore
-from gateway.reports import commands
+from gateway.cli import report as commands
 from gateway.reports.charts import ChartMaker
 from gateway.reports.compare import beside, change_text, previous_month
 from gateway.reports.domains import Transfer, group_by_registered_domain, registered_domain, unicode_form
@@ -23,7 +23,7 @@ from gateway.reports.labels import FIREWALL_REASONS, MAIL_INDICATORS, label
 from gateway.reports.model import Count, IncidentFacts, TimelineEntry
 from gateway.reports.review import build_review, parse_month
 from gateway.reports.sources import stream_records
-from gateway.firewalllog import REASONS
+from gateway.net.firewalllog import REASONS
 from gateway.mail.indicators import ALL_NAMES
 from gateway.i18n import Text
 

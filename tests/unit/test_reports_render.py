@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from gateway.logstore import LogStore
-from gateway.reports.commands import register
+from gateway.cli.report import register
 from tests.unit.test_reports_aggregation import write_month
 
 ROOT = Path(__file__).resolve().parents[2]

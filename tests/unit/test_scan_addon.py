@@ -16,17 +16,18 @@ from mitmproxy.test import tflow
 
 from addons.autoquarantine import BlockObserver
 from addons.blockpage import Helpdesk, block_response
-from addons.flowverdict import METADATA_VERDICT
-from addons.identity import METADATA_DEVICE
+from gateway.proxy.flowstate import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_DEVICE
 from addons.scan import DownloadScanner, _StreamGuard
 from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.autoquarantine.service import AutoQuarantiner
 from gateway.autoquarantine.triggers import AutoQuarantineSettings, Trigger, TriggerEngine
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.lab.clamd import TEST_MARKER, TEST_SIGNATURE, LabClamd, clamd_binary
 from gateway.mail.scanner import ScannerUnavailable, ScanResult
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord, DeviceStatus, SqliteRegistry
+from gateway.registry.model import DeviceRecord, DeviceStatus
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.scan.clamdclient import AsyncClamd
 from gateway.scan.decide import ScanSettings
 from gateway.scan.filetype import SNIFF_BYTES

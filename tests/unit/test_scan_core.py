@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import load_config_text
 from gateway.mail.scanner import ScannerUnavailable
-from gateway.scan.clamdproto import INSTREAM, ClamdSizeLimit, ReplyReader, instream_frames, parse_scan_reply
+from gateway.mail.clamdproto import INSTREAM, ClamdSizeLimit, ReplyReader, instream_frames, parse_scan_reply
 from gateway.scan.decide import (RULE_SCAN_TOO_LARGE, RULE_SCAN_UNAVAILABLE, RULE_VIRUS, ScanSettings, ScanStatus,
                                  outcome, scan_settings)
 from gateway.scan.filetype import FileKind, by_name, classify, filename_of, sniff

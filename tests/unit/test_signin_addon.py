@@ -18,12 +18,13 @@ from wireguard_tools import WireguardKey
 
 from addons.blockpage import Helpdesk
 from addons.enforce import Enforcer
-from addons.hostrules import METADATA_VERDICT, HostRuleDecider
+from addons.hostrules import HostRuleDecider
+from gateway.proxy.flowstate import METADATA_SESSION, METADATA_VERDICT
 from addons.identity import DeviceDirectory, DeviceIdentity
-from addons.signin import METADATA_SESSION, SignInGate, safe_next, wants_html
-from gateway.connections import LiveConnections
+from addons.signin import SignInGate, safe_next, wants_html
+from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.registry import DeviceRecord
+from gateway.registry.model import DeviceRecord
 from gateway.signin.oidc import AuthorizationRequest, SignInRefused
 from gateway.signin.service import SignInService
 from gateway.signin.settings import SignInSettings

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.registry import SqliteRegistry
-from gateway.signin import commands
+from gateway.registry.sqlite import SqliteRegistry
+from gateway.cli import user as commands
 from gateway.signin.sessions import UserSession
 from gateway.signin.store import SessionStore
 

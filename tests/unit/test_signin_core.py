@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config_text
-from gateway.registry import DeviceRecord, SqliteRegistry
+from gateway.registry.model import DeviceRecord
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.signin.oidc import AuthorizationRequest, SignInRefused
 from gateway.signin.pending import PendingRefused, PendingSignIn, PendingSignIns
 from gateway.signin.service import SignInService

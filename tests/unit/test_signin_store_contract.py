@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.registry import DeviceRecord, SqliteRegistry
+from gateway.registry.model import DeviceRecord
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.signin.service import SignInService
 from gateway.signin.sessions import UserSession
 from gateway.signin.settings import SignInSettings
@@ -70,7 +71,7 @@ def stores(request, tmp_path):
         def registry():
             return SqliteRegistry(path)
     else:
-        from gateway.registry_pg import PgRegistry
+        from gateway.registry.postgres import PgRegistry
         from gateway.signin.store_pg import PgSessionStore
 
         url = request.getfixturevalue("postgres").create_database(f"sessions{next(_db_numbers)}")
@@ -303,7 +304,7 @@ def pg(postgres):
 
 
 def test_schema_migrates_once_with_several_nodes_starting_together(pg):
-    from gateway.registry_pg import connect
+    from gateway.registry.postgres import connect
 
     nodes = [None] * 4
     errors = []
@@ -339,7 +340,7 @@ def test_writers_on_several_nodes_serialize_and_every_write_gets_its_own_revisio
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert errors == []
-    from gateway.registry_pg import connect
+    from gateway.registry.postgres import connect
     with connect(pg.url) as conn:
         revs = [r["rev"] for r in conn.execute("SELECT DISTINCT rev FROM user_sessions").fetchall()]
         live_per_device = conn.execute("SELECT device_id, count(*) AS n FROM user_sessions WHERE ended_at IS NULL"
@@ -361,7 +362,7 @@ def back(store, url) -> None:
 
 
 def test_while_unreachable_a_node_keeps_its_last_sessions_and_writes_its_ends_later(pg):
-    from gateway.registry_pg import RegistryUnavailable
+    from gateway.registry.postgres import RegistryUnavailable
 
     clock, mono = Clock(), [100.0]
     node = pg(clock=clock, monotonic=lambda: mono[0])
@@ -399,7 +400,7 @@ def test_while_unreachable_a_node_keeps_its_last_sessions_and_writes_its_ends_la
 
 
 def test_a_store_that_never_read_raises_instead_of_answering_from_nothing(pg):
-    from gateway.registry_pg import RegistryUnavailable
+    from gateway.registry.postgres import RegistryUnavailable
 
     cli = pg()
     unreachable(cli)
@@ -410,7 +411,7 @@ def test_a_store_that_never_read_raises_instead_of_answering_from_nothing(pg):
 
 
 def test_cli_signout_on_a_cluster_config_ends_the_sessions_every_node_sees(pg, tmp_path, monkeypatch, capsys):
-    from gateway.signin import commands
+    from gateway.cli import user as commands
 
     monkeypatch.delenv("KANMON_REGISTRY_URL", raising=False)
     monkeypatch.setenv("KANMON_LANG", "both")

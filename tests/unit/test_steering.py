@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from gateway.steering import SteeringPlan, render_ruleset
+from gateway.net.steering import SteeringPlan, render_ruleset
 
 
 def plan(v6: bool = True, blocked=()) -> SteeringPlan:

@@ -1,12 +1,12 @@
-"""Tunnel log (gateway/tunnellog.py): successive WireGuard peer readings -> auth records for
+"""Tunnel log (gateway/net/tunnellog.py): successive WireGuard peer readings -> auth records for
 session start, resumption after a gap, roaming, and the reconciler's peer changes."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from gateway.tunnel import PeerState
-from gateway.tunnellog import DeviceInfo, TunnelEvents, peer_change_records, split_endpoint
+from gateway.net.tunnel import PeerState
+from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records, split_endpoint
 
 T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 H0 = T0.timestamp()
@@ -87,7 +87,7 @@ def test_peer_endpoints_read_from_the_interface_bracket_ipv6(monkeypatch):
     import ipaddress
     from types import SimpleNamespace
 
-    from gateway.tunnel import WireGuardInterface
+    from gateway.net.tunnel import WireGuardInterface
     peers = {KEY_A: SimpleNamespace(endpoint_host=ipaddress.ip_address("2001:db8::7"), endpoint_port=51820,
                                     allowed_ips=["10.77.0.2/32"], last_handshake=H0),
              KEY_X: SimpleNamespace(endpoint_host=ipaddress.ip_address("203.0.113.7"), endpoint_port=40000,

@@ -1,4 +1,4 @@
-"""Tunnel address -> underlay address (gateway/underlay.py) and its use by the policy decider:
+"""Tunnel address -> underlay address (gateway/net/underlay.py) and its use by the policy decider:
 `underlay_network` conditions see where the device's tunnel comes from right now."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 from wireguard_tools import WireguardKey
 
 from addons.policy import PolicyDecider, PolicyHolder
-from gateway.connections import LiveConnections
+from gateway.proxy.connections import LiveConnections
 from gateway.policy import compile_text
-from gateway.registry import DeviceRecord
-from gateway.underlay import UnderlayAddresses, endpoint_address, underlay_table
+from gateway.registry.model import DeviceRecord
+from gateway.net.underlay import UnderlayAddresses, endpoint_address, underlay_table
 
 
 @pytest.mark.parametrize("endpoint,expected", [("203.0.113.7:51820", "203.0.113.7"),

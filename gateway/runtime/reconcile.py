@@ -1,0 +1,238 @@
+"""One reconciler brings the host in line with the registry.
+
+For every device: admitted -> WireGuard peer with its /32 and /128, address out of the drop
+sets, in the proxy's device directory; not admitted (revoked, suspended, outside its usage
+period) -> no peer, address in the drop sets, live proxy connections cut.
+It runs on every registry change (polled by revision number, cheap) and at the next time
+a status changes by itself (end of a suspension, end of a usage period).
+
+Validity follows the wall clock. When the wall clock is stepped (NTP correcting a wrong
+clock, an operator's `date -s`, a VM resumed), the reconciler sees the wall clock move
+differently from the monotonic clock, warns the operator and makes its next pass a full one:
+a forward step cuts the devices whose usage period ended in between (and ends timed
+suspensions), a backward step applies what the new time says: a device whose usage period
+had ended is admitted again until that end comes round once more. A revoked device is never
+re-admitted by any clock (its status, not a time, keeps it out)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.net import steering
+from gateway.registry.model import DeviceRecord, DeviceRegistry
+from gateway.net.tunnel import PeerSpec, WireGuardInterface
+
+log = logging.getLogger("kanmon.reconcile")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Steps smaller than this are not reported: NTP slews small offsets, and validity periods
+# are set in minutes, so only a step of seconds or more can change who is admitted.
+CLOCK_JUMP_TOLERANCE_SECONDS = 5.0
+
+
+def clock_jump(before: tuple[datetime, float], after: tuple[datetime, float],
+               tolerance: float = CLOCK_JUMP_TOLERANCE_SECONDS) -> float:
+    """Pure: how many seconds the wall clock was stepped between two (wall, monotonic)
+    readings -- positive forward, negative backward, 0.0 when the two clocks agree within
+    `tolerance`. The monotonic clock (CLOCK_MONOTONIC) is never stepped; it also stops while
+    the host is suspended, so a resume shows as a forward step, which it is for validity."""
+    step = (after[0] - before[0]).total_seconds() - (after[1] - before[1])
+    return step if abs(step) > tolerance else 0.0
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    admitted: tuple[DeviceRecord, ...]
+    peers: dict[str, PeerSpec]
+    blocked: frozenset[Address]
+    next_change: datetime | None
+
+
+def desired_state(records: list[DeviceRecord], now: datetime) -> DesiredState:
+    """Pure: what the host should look like for these records at `now`."""
+    admitted, peers, blocked, changes = [], {}, set(), []
+    for rec in records:
+        for t in (rec.valid_from, rec.valid_until, rec.suspended_until):
+            if t is not None and t > now:
+                changes.append(t)
+        if rec.admitted(now):
+            admitted.append(rec)
+            allowed = [f"{rec.ipv4}/32"] + ([f"{rec.ipv6}/128"] if rec.ipv6 else [])
+            peers[rec.wg_public_key] = PeerSpec(rec.wg_public_key, tuple(allowed))
+        else:
+            blocked.update(rec.addresses)
+    return DesiredState(tuple(admitted), peers, frozenset(blocked), min(changes) if changes else None)
+
+
+def contribution(rec: DeviceRecord, now: datetime) -> tuple[PeerSpec | None, frozenset[Address]]:
+    """Pure: one device's part of the desired state (its peer, or its blocked addresses)."""
+    if rec.admitted(now):
+        allowed = [f"{rec.ipv4}/32"] + ([f"{rec.ipv6}/128"] if rec.ipv6 else [])
+        return PeerSpec(rec.wg_public_key, tuple(allowed)), frozenset()
+    return None, frozenset(rec.addresses)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    revision: int
+    full: bool
+    peers_added: int
+    peers_removed: int
+    newly_blocked: frozenset[Address]
+    unblocked: frozenset[Address]
+    # Records that changed in this pass (all of them on a full pass), and which of them are
+    # admitted now: the proxy's device directory and live connections follow these.
+    changed: tuple[DeviceRecord, ...]
+    admitted_ids: frozenset[str]
+    next_change: datetime | None
+    seconds: float
+
+
+class Reconciler:
+    """Keeps the interface's peers and the drop sets equal to what the registry says.
+
+    A full pass reads every device and the interface's actual peers (corrects any drift); an
+    incremental pass reads only the rows changed since the last revision seen and touches only
+    their peers and addresses, so revoking one device among 10,000 costs one row, one UAPI
+    message and one nft command."""
+
+    def __init__(self, registry: DeviceRegistry, tunnel: WireGuardInterface, nft_table: str,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 set_blocked: Callable[..., None] = steering.set_blocked,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_clock_jump: Callable[[float], None] | None = None):
+        self.registry = registry
+        self.tunnel = tunnel
+        self.nft_table = nft_table
+        self.clock = clock
+        self.set_blocked = set_blocked
+        self.monotonic = monotonic
+        self.on_clock_jump = on_clock_jump  # e.g. GatewayMetrics.observe_clock_jump
+        self.last_reading: tuple[datetime, float] | None = None
+        self.full_pass_pending = False       # set by a detected clock step
+        self.records: dict[str, DeviceRecord] = {}
+        self.peer_of: dict[str, PeerSpec] = {}          # device id -> peer applied
+        self.blocked_of: dict[str, frozenset[Address]] = {}
+        self.applied_blocked: frozenset[Address] = frozenset()
+        self.seen_revision: int | None = None
+        self.next_change: datetime | None = None
+
+    def initial(self) -> DesiredState:
+        """Desired state before the tunnel and the table exist (the table is rendered with it)."""
+        state = desired_state(self.registry.all(), self.now())
+        self.applied_blocked = state.blocked
+        return state
+
+    def now(self) -> datetime:
+        """The wall clock, checked against the monotonic clock since the previous reading
+        (due() reads it every poll, so a step is seen within one poll interval)."""
+        reading = (self.clock(), self.monotonic())
+        step = clock_jump(self.last_reading, reading) if self.last_reading is not None else 0.0
+        self.last_reading = reading
+        if step:
+            self.full_pass_pending = True
+            log.warning("wall clock stepped %s by %.0f s (against the monotonic clock; NTP, `date -s` or a "
+                        "resumed host); re-evaluating every device's usage period and suspension now. Check the "
+                        "time source: validity decisions follow the wall clock",
+                        "forward" if step > 0 else "backward", abs(step))
+            if self.on_clock_jump is not None:
+                self.on_clock_jump(step)
+        return reading[0]
+
+    def due(self) -> bool:
+        now = self.now()
+        if self.full_pass_pending or self.registry.revision() != self.seen_revision:
+            return True
+        return self.next_change is not None and now >= self.next_change
+
+    def run_once(self, full: bool = False) -> ReconcileReport:
+        """Blocking (registry, netlink/UAPI, nft): call from a worker thread. Blocks first, then
+        removes peers, so a device losing admission is cut off at the firewall at once."""
+        started = time.perf_counter()
+        now = self.now()
+        timer_due = self.next_change is not None and now >= self.next_change
+        if full or self.seen_revision is None or self.full_pass_pending:
+            self.full_pass_pending = False
+            return self._full(now, started)
+        revision, changed = self.registry.changed_since(self.seen_revision)
+        for rec in changed:
+            self.records[rec.device_id] = rec
+        to_evaluate = list(self.records.values()) if timer_due else changed
+        remove, upsert, changed_out = [], [], []
+        add_blocked: set[Address] = set()
+        for rec in to_evaluate:
+            peer, blocked = contribution(rec, now)
+            old_peer, old_blocked = self.peer_of.get(rec.device_id), self.blocked_of.get(rec.device_id, frozenset())
+            if peer != old_peer:
+                if old_peer is not None and (peer is None or peer.public_key != old_peer.public_key):
+                    remove.append(old_peer.public_key)
+                if peer is not None:
+                    upsert.append(peer)
+                    self.peer_of[rec.device_id] = peer
+                else:
+                    self.peer_of.pop(rec.device_id, None)
+            if blocked != old_blocked:
+                self.blocked_of[rec.device_id] = blocked
+            if peer != old_peer or blocked != old_blocked or rec in changed:
+                changed_out.append(rec)
+            add_blocked |= blocked
+        new_blocked = frozenset().union(*self.blocked_of.values()) if self.blocked_of else frozenset()
+        newly_blocked, unblocked = new_blocked - self.applied_blocked, self.applied_blocked - new_blocked
+        self.set_blocked(self.nft_table, add=newly_blocked, remove=unblocked)
+        self.applied_blocked = new_blocked
+        if remove:
+            self.tunnel.remove_peers(remove)
+        if upsert:
+            self.tunnel.upsert_peers(upsert)
+        self.seen_revision = revision
+        self._plan_next(changed, now, recompute=timer_due)
+        return self._report(revision, False, len(upsert), len(remove), newly_blocked, unblocked, changed_out, started)
+
+    def _full(self, now: datetime, started: float) -> ReconcileReport:
+        revision = self.registry.revision()
+        records = self.registry.all()
+        self.records = {r.device_id: r for r in records}
+        state = desired_state(records, now)
+        newly_blocked, unblocked = state.blocked - self.applied_blocked, self.applied_blocked - state.blocked
+        self.set_blocked(self.nft_table, add=newly_blocked, remove=unblocked)
+        self.applied_blocked = state.blocked
+        result = self.tunnel.sync_peers(state.peers)  # reads the interface: corrects drift
+        self.peer_of, self.blocked_of = {}, {}
+        for rec in records:
+            peer, blocked = contribution(rec, now)
+            if peer is not None:
+                self.peer_of[rec.device_id] = peer
+            if blocked:
+                self.blocked_of[rec.device_id] = blocked
+        self.seen_revision = revision
+        self.next_change = state.next_change
+        return self._report(revision, True, len(result.added) + len(result.updated), len(result.removed),
+                            newly_blocked, unblocked, records, started)
+
+    def _plan_next(self, changed: list[DeviceRecord], now: datetime, recompute: bool) -> None:
+        candidates = [] if recompute or (self.next_change is not None and self.next_change <= now) else \
+            ([self.next_change] if self.next_change else [])
+        source = self.records.values() if recompute else changed
+        for rec in source:
+            for t in (rec.valid_from, rec.valid_until, rec.suspended_until):
+                if t is not None and t > now:
+                    candidates.append(t)
+        self.next_change = min(candidates) if candidates else None
+
+    def _report(self, revision, full, added, removed, newly_blocked, unblocked, changed, started) -> ReconcileReport:
+        report = ReconcileReport(
+            revision=revision, full=full, peers_added=added, peers_removed=removed,
+            newly_blocked=frozenset(newly_blocked), unblocked=frozenset(unblocked), changed=tuple(changed),
+            admitted_ids=frozenset(self.peer_of), next_change=self.next_change,
+            seconds=time.perf_counter() - started)
+        if added or removed or newly_blocked or unblocked:
+            log.info("reconciled revision %s (%s): +%d -%d peers, %d newly blocked, %d unblocked (%.1f ms)",
+                     revision, "full" if full else "incremental", added, removed, len(newly_blocked),
+                     len(unblocked), report.seconds * 1000)
+        return report
