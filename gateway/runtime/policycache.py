@@ -49,7 +49,7 @@ _LENGTH = 8
 # them is a new engine version (and so a new key).
 _ENGINE_SOURCES = ("gateway/policy/compiler.py", "gateway/policy/lists.py", "gateway/policy/urlpattern.py",
                    "gateway/hostname.py", "gateway/runtime/policycache.py")
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]   # the checkout (this file: gateway/runtime/)
 
 
 # Libraries whose version changes what a compile derives: RE2 accepts or refuses patterns,
