@@ -23,6 +23,11 @@ class Text:
             return self.en
         return f"{self.ja}\n{self.en}"
 
+    def inline(self, lang: str | None = None) -> str:
+        """As ``render``, on one line ("ja / en" for both): a detail after ``file:line:``."""
+        lang = lang or current_lang()
+        return self.render(lang) if lang in ("ja", "en") else f"{self.ja} / {self.en}"
+
     def __str__(self) -> str:
         return self.render()
 

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from gateway.cli.common import EXIT_USAGE, load_config_or_exit
+from gateway.cli.common import CONFIG_ENV, EXIT_CODES, EXIT_USAGE, add_config_argument, load_config_or_exit
 from gateway.i18n import Text
 
 # Command group -> the module that adds it (`register(subparsers)`). Only the group being run
@@ -87,19 +87,40 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+class KanmonParser(argparse.ArgumentParser):
+    """argparse with a bilingual heading on usage errors (its own detail stays English) and
+    the exit-code convention in every help page."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(Text("引数が正しくありません: {m}", "bad arguments: {m}").format(m=message).render(), file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _with_exit_codes(parser: argparse.ArgumentParser) -> None:
+    """The exit-code convention as the epilog of this parser and of every group below it."""
+    parser.epilog = EXIT_CODES.render()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:  # argparse has no public walk over sub-parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_exit_codes(child)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kanmon", description="Kanmon (関門) network-edge enforcement gateway")
+    parser = KanmonParser(prog="kanmon", description="Kanmon (関門) network-edge enforcement gateway")
     parser.add_argument("--log-level", default=os.environ.get("KANMON_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway in the foreground (systemd runs this)")
-    run.add_argument("--config", required=True)
+    add_config_argument(run)
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser("config", help="configuration file tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a gateway configuration file")
-    check.add_argument("config")
+    check.add_argument("config", nargs="?", default=os.environ.get(CONFIG_ENV) or None,
+                       help=f"gateway configuration (default: ${CONFIG_ENV})")
     check.set_defaults(func=cmd_config_check)
 
     words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
@@ -115,6 +136,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for group, module in COMMAND_MODULES.items():
         if wanted in (None, group) or wanted not in COMMAND_MODULES and wanted != "policy":
             importlib.import_module(module).register(sub)
+    _with_exit_codes(parser)
     return parser
 
 

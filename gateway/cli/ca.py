@@ -4,12 +4,13 @@ import CRLs, show what is trusted. The PKI lives in <state-dir>/pki (ca.pki_dir)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from cryptography import x509
 
-from gateway.cli.common import load_config_or_exit, operator_name, say
+from gateway.cli.common import CONFIG_ENV, error, load_config_or_exit, operator_name, say
 from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, init_ca, pki_dir,
                                 prepare_crl_import, store_crl, trust_bundle)
 from gateway.i18n import Text
@@ -23,28 +24,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
 
     p = ca_sub.add_parser("init", help="create the organization device CA / 組織の端末 CA を作成")
-    p.add_argument("--state-dir", required=True, type=Path)
+    _where(p)
     p.add_argument("--org", required=True, help="organization name / 組織名")
     p.add_argument("--days", type=int, default=3650, help="CA validity in days (default 3650)")
     p.add_argument("--common-name", default=None)
     p.set_defaults(func=cmd_init)
 
     p = ca_sub.add_parser("trust", help="trust an external CA bundle (PEM) / 外部 CA を信頼")
-    p.add_argument("--state-dir", required=True, type=Path)
+    _where(p)
     p.add_argument("file", type=Path, metavar="FILE.pem")
     p.set_defaults(func=cmd_trust)
 
     p = ca_sub.add_parser("import-crl", help="import a CRL from a trusted CA / CRL を取り込む")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", help="gateway configuration: its state directory and its registry "
-                                        "(SQLite or PostgreSQL) / 設定ファイル")
-    where.add_argument("--state-dir", type=Path, help="state directory with an embedded SQLite registry")
+    _where(p, config_help="gateway configuration: its state directory and its registry (SQLite or PostgreSQL)",
+           state_help="state directory with an embedded SQLite registry")
     p.add_argument("file", type=Path, metavar="FILE")
     p.set_defaults(func=cmd_import_crl)
 
     p = ca_sub.add_parser("show", help="show trusted CAs and CRLs / 信頼済み CA と CRL を表示")
-    p.add_argument("--state-dir", required=True, type=Path)
+    _where(p)
     p.set_defaults(func=cmd_show)
+
+
+NO_STATE = Text("--config（または環境変数 KANMON_CONFIG）か --state-dir を指定してください",
+                "give --config (or KANMON_CONFIG) or --state-dir")
+
+
+def _where(p: argparse.ArgumentParser, config_help: str = "gateway configuration: its state directory",
+           state_help: str = "state directory (the PKI is in <state-dir>/pki)") -> None:
+    """--config FILE (default $KANMON_CONFIG), as every other group, or --state-dir DIR."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
+                       help=f"{config_help} (default: ${CONFIG_ENV}) / 設定ファイル")
+    where.add_argument("--state-dir", type=Path, help=state_help)
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir when given (it wins over $KANMON_CONFIG), else the config's state_dir."""
+    if args.state_dir is not None:
+        return args.state_dir
+    if not args.config:
+        raise SystemExit(error(NO_STATE))
+    return Path(load_config_or_exit(args.config).state_dir)
 
 
 def _fail(exc: DeviceCaError) -> int:
@@ -62,6 +83,7 @@ def _read(path: Path) -> bytes | None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    args.state_dir = _state_dir(args)
     try:
         ca = init_ca(pki_dir(args.state_dir), args.org, valid_days=args.days,
                      common_name=args.common_name)
@@ -79,6 +101,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
+    args.state_dir = _state_dir(args)
     data = _read(args.file)
     if data is None:
         return 2
@@ -96,7 +119,9 @@ def _state_and_registry_opener(args: argparse.Namespace):
     """(state dir, function opening the registry or returning None). With --config: the
     registry the config selects, opened by the same factory as every `kanmon device` command
     (SQLite or PostgreSQL). With --state-dir: its embedded SQLite file, if there is one."""
-    if args.config:
+    if args.state_dir is None:
+        if not args.config:
+            raise SystemExit(error(NO_STATE))
         from gateway.registry.factory import open_registry
 
         cfg = load_config_or_exit(args.config)
@@ -210,7 +235,7 @@ def revoke_devices_on_crl(state_dir: Path, crl_data: bytes, issuer: str) -> list
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = CaStore(pki_dir(args.state_dir))
+    store = CaStore(pki_dir(_state_dir(args)))
     try:
         own = store.org_ca_cert()
         trusted = store.trusted_cas()

@@ -12,7 +12,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, load_config_or_exit, operator_name
+from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, load_config_or_exit,
+                                operator_name)
 from gateway.runtime.clusternode import STALE_SECONDS
 from gateway.i18n import Text
 from gateway.registry.factory import open_registry, outbox_path, registry_url_of
@@ -140,7 +141,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
         print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE   # a policy with errors is bad input, as in `policy check` and `policy apply`
     except PolicyError as exc:
         print(exc.text.render(), file=sys.stderr)
         return EXIT_FAIL
@@ -167,20 +168,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     cluster = sub.add_parser("cluster", help="several nodes on one registry / 複数ノード構成")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)
     status = csub.add_parser("status", help="every node's version, policy, peers, last reconcile")
-    status.add_argument("--config", required=True)
+    add_config_argument(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     for name, st in (("revoke", DeviceStatus.REVOKED), ("suspend", DeviceStatus.SUSPENDED),
                      ("quarantine", DeviceStatus.QUARANTINED)):
         p = csub.add_parser(name, help=f"{name} a device; queued on this node while the registry is unreachable")
         p.add_argument("id")
-        p.add_argument("--config", required=True)
+        add_config_argument(p)
         p.add_argument("--reason", required=True)
         if st is DeviceStatus.SUSPENDED:
             p.add_argument("--until")
         p.set_defaults(func=_status_command(st))
     apply = csub.add_parser("policy-apply", help="store a policy in the registry; every node loads it")
     apply.add_argument("path")
-    apply.add_argument("--config", required=True)
+    add_config_argument(apply)
     apply.add_argument("--timeout", type=float, default=15.0)
     apply.set_defaults(func=cmd_policy_apply)

@@ -10,18 +10,49 @@ import sys
 
 from gateway.i18n import Text
 
-# 0: done; 1: refused or a check failed (the state, not the input); 2: bad input or usage.
+# The one exit-code convention of every `kanmon` command (issue #19), printed in `--help`:
+# 0: done, nothing found; 1: a finding or a refusal (the state, not the input: tampering found,
+# a check failed, no such device, the gateway refused); 2: bad input or usage (a file that is
+# missing or invalid -- a policy or config with errors is bad input everywhere --, a bad
+# argument or option value).
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+EXIT_CODES = Text(
+    "終了コード: 0 正常（問題なし）、1 検出または拒否（改ざんの検出、検査の不合格、端末がない、ゲートウェイが拒否）、"
+    "2 入力または使い方の誤り（ファイルがない・誤りがあるポリシーや設定、不正な引数）",
+    "exit codes: 0 ok (nothing found), 1 a finding or a refusal (tampering found, a check failed, no such "
+    "device, the gateway refused), 2 bad input or usage (a missing file, a policy or config with errors, "
+    "a bad argument)")
+
+# The default of every `--config` option: `KANMON_CONFIG=/etc/kanmon/kanmon.yaml kanmon device list`.
+CONFIG_ENV = "KANMON_CONFIG"
+NO_CONFIG = Text("設定ファイルを --config か環境変数 KANMON_CONFIG で指定してください",
+                 "give the configuration file with --config or the KANMON_CONFIG environment variable")
+
+
+def add_config_argument(parser, required: bool = True, help: str = "gateway configuration") -> None:
+    """`--config FILE`, defaulting to $KANMON_CONFIG; required only when that is unset."""
+    default = os.environ.get(CONFIG_ENV) or None
+    parser.add_argument("--config", default=default, required=required and default is None,
+                        help=f"{help} (default: ${CONFIG_ENV})")
 
 
 def load_config_or_exit(path: str):
     """Parse and validate the config; on any problem print every error (file:line: key:
     message) in both languages and exit 2 before anything on the host is touched."""
     from gateway.config import load_config
-    from gateway.yamlsource import SourceErrors
+    from gateway.yamlsource import SourceErrors, UnreadableSource
 
+    if not path:
+        raise SystemExit(error(NO_CONFIG))
     try:
         return load_config(path)
+    except UnreadableSource as exc:  # missing, a directory, unreadable: say so, not "invalid"
+        print(Text("設定ファイルを読めません。ホストには何も変更していません:",
+                   "Cannot read the configuration file; nothing on the host was changed:").render(), file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     except SourceErrors as exc:
         print(Text("設定ファイルに誤りがあります。ホストには何も変更していません:",
                    "The configuration is invalid; nothing on the host was changed:").render(), file=sys.stderr)

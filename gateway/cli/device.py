@@ -18,11 +18,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, error, load_config_or_exit,
+from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, error, load_config_or_exit,
                                 operator_name)
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
-from gateway.i18n import Text
+from gateway.i18n import Text, current_lang
 from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
 from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)
 
@@ -229,9 +229,21 @@ def cmd_add(args: argparse.Namespace) -> int:
           f"{rec.device_id} {rec.ipv4} {rec.ipv6 or '-'} {rec.status}")
     return EXIT_OK
 
+LIST_COLUMNS = (("端末", "device"), ("IPv4", "IPv4"), ("状態", "status"), ("所有者", "owner"), ("グループ", "groups"))
+
+
+def list_header(lang: str | None = None) -> str:
+    """The header row of `device list` (tab-separated, as the rows) in the chosen language;
+    both: "device/端末"."""
+    lang = lang or current_lang()
+    return "\t".join(ja if lang == "ja" else en if lang == "en" or ja == en else f"{en}/{ja}" for ja, en in LIST_COLUMNS)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     registry, _ = _registry(args)
     now = datetime.now(UTC)
+    if not args.json:   # --json stays one record per line, nothing else
+        print(list_header())
     for rec in registry.all():
         if args.json:
             print(json.dumps(record_as_dict(rec), ensure_ascii=False))
@@ -258,8 +270,10 @@ def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str =
     if rec is None:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:
-        return error(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id))
+    if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:   # refused by the state: 1
+        print(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id).render(),
+              file=sys.stderr)
+        return EXIT_FAIL
     registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until),
                     audit=AuditEntry(operator_name(), AUDIT_ACTIONS[status], reason))
     print(f"{rec.device_id} {status}")
@@ -316,8 +330,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
     if rec is None:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED:
-        return error(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id))
+    if rec.status is DeviceStatus.REVOKED:   # refused by the state: 1
+        print(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id).render(),
+              file=sys.stderr)
+        return EXIT_FAIL
     result = _issue_files(args, cfg, rec.device_id, args.owner or rec.owner, key or rec.wg_public_key, rec.valid_until)
     if isinstance(result, int):
         return result
@@ -382,6 +398,11 @@ def _read_csv_text(path: Path) -> str:
         return data.decode("cp932")
 
 
+T_CSV_EMPTY = Text("空です", "empty")
+T_CSV_YES_NO = Text("{v!r} は yes か no で書いてください", "{v!r} is not yes/no/true/false")
+T_CSV_TOO_MANY = Text("列が多すぎます", "too many fields")
+
+
 def cmd_import_posture(args: argparse.Namespace) -> int:
     """All-or-nothing on format errors (file:line: column: message, exit 2, nothing
     imported); rows naming unknown devices are listed and skipped (exit 1)."""
@@ -404,15 +425,15 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
             line = reader.line_num
             device_id = (row.get("device_id") or "").strip()
             if not device_id:
-                errors.append(f"{path}:{line}: device_id: empty / 空です")
+                errors.append(f"{path}:{line}: device_id: {T_CSV_EMPTY.inline()}")
                 continue
             try:
                 jb = _yes_no(row.get("jailbroken"))
             except ValueError:
-                errors.append(f"{path}:{line}: jailbroken: {row.get('jailbroken')!r} is not yes/no/true/false / yes か no で書いてください")
+                errors.append(f"{path}:{line}: jailbroken: {T_CSV_YES_NO.format(v=row.get('jailbroken')).inline()}")
                 continue
             if None in row:
-                errors.append(f"{path}:{line}: too many fields / 列が多すぎます")
+                errors.append(f"{path}:{line}: {T_CSV_TOO_MANY.inline()}")
                 continue
             rows.append((line, device_id, (row.get("platform") or "").strip() or None,
                          (row.get("os_version") or "").strip() or None, jb))
@@ -513,7 +534,7 @@ def cmd_export_config(args: argparse.Namespace) -> int:
                 try:
                     signer, signer_key, ca = profile_signer(pki_dir(cfg.state_dir))
                 except DeviceCaError as exc:
-                    return _error(exc.text)
+                    return error(exc.text)
                 profile = sign_profile(profile, signer, signer_key, [ca.cert])
             else:
                 print(Text("組織の端末 CA がないため、プロファイルは署名されません(`kanmon ca init`)",
@@ -596,7 +617,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = device.add_subparsers(dest="device_command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", required=True, help="gateway configuration (for the state directory)")
+        add_config_argument(p, help="gateway configuration (for the state directory)")
         return p
 
     def with_issue(p: argparse.ArgumentParser) -> None:

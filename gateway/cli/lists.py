@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from gateway.cli.common import EXIT_USAGE, load_config_or_exit
+from gateway.cli.common import CONFIG_ENV, EXIT_USAGE, error, load_config_or_exit
 from gateway.i18n import Text
 
 T_NO_FEEDS = Text("このポリシーにはフィードがありません: {p}", "this policy declares no feeds: {p}")
 T_UNKNOWN = Text("そのようなフィードはありません: {n}", "no such feed: {n}")
 T_INVALID = Text("ポリシーに誤りがあります:", "The policy is invalid:")
+T_NO_POLICY = Text("設定 {c} にポリシーがありません（policy: も適用済みのポリシーもありません）",
+                   "the configuration {c} names no policy (no policy: and none applied)")
+T_WHERE = Text("--config（または環境変数 KANMON_CONFIG）か --policy を指定してください",
+               "give --config (or KANMON_CONFIG) or --policy")
 T_NEVER = Text("まだありません", "never")
 T_DIFF_NONE = Text("{n}: 変更はありません", "{n}: no change")
 T_REFUSED = Text("{n}: 拒否しました（{r}）: {m} — 前回の正常なコピーを使い続けます",
@@ -25,11 +30,15 @@ def _context(args: argparse.Namespace):
     from gateway.policy.compiler import parse_policy
     from gateway.yamlsource import MAX_YAML_BYTES, SourceErrors, read_text_file
 
-    if args.config:
+    if args.policy:   # --policy wins over $KANMON_CONFIG
+        policy, state_dir = Path(args.policy), args.state_dir
+    elif args.config:
         cfg = load_config_or_exit(args.config)
         policy, state_dir = cfg.active_policy_path(), cfg.state_dir
+        if policy is None:
+            raise SystemExit(error(T_NO_POLICY.format(c=args.config)))
     else:
-        policy, state_dir = Path(args.policy), args.state_dir
+        raise SystemExit(error(T_WHERE))
     try:
         _doc, sources = parse_policy(read_text_file(policy, MAX_YAML_BYTES), str(policy))
     except SourceErrors as exc:
@@ -151,8 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                               ("diff", cmd_diff, "what an update would add and remove (stores nothing)"),
                               ("update", cmd_update, "fetch the feeds now")):
         p = lsub.add_parser(name, help=help_)
-        where = p.add_mutually_exclusive_group(required=True)
-        where.add_argument("--config", help="gateway configuration (policy and state directory)")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
+                           help=f"gateway configuration (policy and state directory; default: ${CONFIG_ENV})")
         where.add_argument("--policy", help="policy file (with --state-dir)")
         p.add_argument("--state-dir", help="state directory (default: $KANMON_STATE_DIR or /var/lib/kanmon)")
         p.add_argument("--feed", help="only this feed")

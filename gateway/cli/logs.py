@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, error
 from gateway.i18n import Text
@@ -23,6 +24,8 @@ from gateway.logstore.verify import verify
 NO_DIRECTORY = Text("ログディレクトリがありません: {path}", "log directory does not exist: {path}")
 BAD_TIME = Text("日時を解釈できません: {option} {value!r}（ISO 8601 形式、例 2026-01-31T09:00:00Z）",
                 "cannot parse time: {option} {value!r} (use ISO 8601, e.g. 2026-01-31T09:00:00Z)")
+BAD_ZONE = Text("--tz のタイムゾーンがありません: {zone!r}（IANA の名前、例 Asia/Tokyo）",
+                "--tz: no such time zone: {zone!r} (an IANA name, e.g. Asia/Tokyo)")
 BAD_RANGE = Text("--since は --until より前にしてください", "--since must be before --until")
 BAD_RETENTION = Text("--retention-days は 1 以上にしてください", "--retention-days must be at least 1")
 VERIFY_OK = Text("改ざんは検出されませんでした（{files} ファイル、{records} レコード）",
@@ -41,15 +44,36 @@ SEARCH_PROBLEMS = Text("読めない行またはファイルが {count} 件あ�
 SEARCH_COUNT = Text("{count} 件", "{count} record(s)")
 
 
-def _parse_time(option: str, value: str | None) -> datetime | None:
-    """ISO 8601 date or date-time; without an offset it is taken as UTC."""
+def _parse_time(option: str, value: str | None, zone: tzinfo = UTC) -> datetime | None:
+    """ISO 8601 date or date-time; without an offset it is taken in ``zone`` (--tz, UTC by default)."""
     if value is None:
         return None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(BAD_TIME.format(option=option, value=value)) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.replace(tzinfo=zone).astimezone(UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _zone(name: str | None) -> tzinfo | None:
+    """The IANA zone --tz names (``Asia/Tokyo``); None when it names none. UTC without --tz."""
+    if not name:
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # ValueError: "../x", a path; OSError: "Asia" (a directory)
+        return None
+
+
+def _local_time(stamp: object, zone: tzinfo) -> str:
+    """A record's @timestamp (UTC, ``...Z``) as ISO 8601 with the offset of ``zone``."""
+    if zone is UTC or not isinstance(stamp, str):
+        return "-" if stamp is None else str(stamp)
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    return moment.astimezone(zone).isoformat(timespec="microseconds")
 
 
 def _directory(args: argparse.Namespace) -> Path | None:
@@ -88,14 +112,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _summary_line(record: dict[str, Any]) -> str:
+def _summary_line(record: dict[str, Any], zone: tzinfo = UTC) -> str:
     def get(name: str) -> str:
         value = record.get(name)
         return "-" if value is None else str(value)
     target = (record.get("url.full") or record.get("dns.question.name") or record.get("destination.domain")
               or (f"{get('destination.ip')}:{get('destination.port')}" if "destination.ip" in record else None)
               or record.get("event.action") or "-")
-    return "\t".join([get("@timestamp"), get("device.id"), get("source.ip"), get("user.name"),
+    return "\t".join([_local_time(record.get("@timestamp"), zone), get("device.id"), get("source.ip"), get("user.name"),
                       get("kanmon.verdict"), get("rule.id"), str(target)])
 
 
@@ -103,9 +127,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if directory is None:
         return error(NO_DIRECTORY.format(path=args.dir))
+    zone = _zone(getattr(args, "tz", None))
+    if zone is None:
+        return error(BAD_ZONE.format(zone=args.tz))
     try:
-        since = _parse_time("--since", args.since)
-        until = _parse_time("--until", args.until)
+        since = _parse_time("--since", args.since, zone)
+        until = _parse_time("--until", args.until, zone)
     except ValueError as exc:
         return error(exc.args[0])
     if since and until and since >= until:
@@ -125,7 +152,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 sys.stdout.write(json.dumps(record, ensure_ascii=False, separators=(",", ":"),
                                             default=json_default) + "\n")
             else:
-                sys.stdout.write(_summary_line(record) + "\n")
+                sys.stdout.write(_summary_line(record, zone) + "\n")
             count += 1
             if args.limit and count >= args.limit:
                 break
@@ -176,8 +203,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--device", help="device.id")
     p.add_argument("--rule", help="rule.id")
     p.add_argument("--verdict", help="kanmon.verdict (allow, block, monitor, no-inspect, tenant-restrict)")
-    p.add_argument("--since", help="ISO 8601, inclusive (UTC when no offset)")
-    p.add_argument("--until", help="ISO 8601, exclusive (UTC when no offset)")
+    p.add_argument("--since", help="ISO 8601, inclusive (in --tz when no offset)")
+    p.add_argument("--until", help="ISO 8601, exclusive (in --tz when no offset)")
+    p.add_argument("--tz", metavar="ZONE", help="IANA time zone (e.g. Asia/Tokyo) for the printed times and for "
+                                               "--since/--until without an offset (default UTC; --json stays UTC) / "
+                                               "表示と --since/--until のタイムゾーン")
     p.add_argument("--limit", type=int, default=0, help="stop after N records")
     p.add_argument("--json", action="store_true", help="JSON Lines output")
     p.set_defaults(func=cmd_search)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from ipaddress import ip_address
 from typing import Any, TextIO
 
-from gateway.cli.common import load_config_or_exit
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, load_config_or_exit
 from gateway.i18n import Text
 from gateway.policy.loader import load_policy
 from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
@@ -31,7 +31,18 @@ T_EXPIRED = Text("警告: ルール {id}（{file}:{line}）は {date} に期限�
                  "warning: rule {id} ({file}:{line}) expired on {date} (no longer applies)")
 T_NO_URLS = Text("URL がありません（引数か標準入力で渡してください）", "no URLs given (pass them as arguments or on standard input)")
 T_BAD_ARG = Text("引数が不正です: {detail}", "bad argument: {detail}")
+T_DEVICE_NEEDS_CONFIG = Text("--device には --config（ゲートウェイの設定、または環境変数 KANMON_CONFIG）が必要です",
+                             "--device needs --config (the gateway configuration, or KANMON_CONFIG)")
+T_BAD_UNDERLAY = Text("--underlay-ip が IP アドレスではありません: {value}", "--underlay-ip is not an IP address: {value}")
 T_URLS_FILE = Text("URL ファイルを読めません: {detail}", "cannot read the URL file: {detail}")
+T_URL_EMPTY = Text("警告: 空の URL は判定できません（読み飛ばしました）", "warning: an empty URL cannot be judged (skipped)")
+T_URL_NO_HOST = Text("警告: ホスト名のない URL は判定できません（読み飛ばしました）: {url}",
+                     "warning: a URL without a host cannot be judged (skipped): {url}")
+T_URL_SCHEME = Text("警告: 知らないスキーム {scheme!r} です（使えるのは {known}）。ホスト名だけで推測した判定です: {url}",
+                    "warning: unknown scheme {scheme!r} (known: {known}); the verdict is a guess from the host alone: {url}")
+T_URL_GUESSED = Text("警告: スキームがないため https:// として判定しました: {url}",
+                     "warning: no scheme; judged as https://{url}")
+KNOWN_SCHEMES = ("http", "https", "ws", "wss")   # what the gateway's proxy sees (gateway/policy/query.py)
 T_DIFF_SUMMARY = Text("{total} 件中 {changed} 件の URL で判定が変わります（旧 {old} → 新 {new}）",
                       "{changed} of {total} URLs change verdict (old {old} -> new {new})")
 
@@ -51,7 +62,7 @@ def register(subparsers: Any) -> Any:
     test.add_argument("--policy", required=True)
     test.add_argument("--device", metavar="ID",
                       help="a registered device, as the gateway sees it now (registry record and signed-in user); needs --config")
-    test.add_argument("--config", help="gateway configuration (for --device)")
+    add_config_argument(test, required=False, help="gateway configuration (for --device and the feed copies)")
     add_device_arguments(test)
     add_request_arguments(test)
     test.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -113,9 +124,17 @@ def decide_from_args(snap: PolicySnapshot, url: str, device: DeviceContext, args
     return snap.decide_url(url, device, stage, args.method, now, **extra)
 
 
+def _bad_arg(exc: ValueError) -> Text:
+    detail = exc.args[0] if exc.args else exc
+    return detail if isinstance(detail, Text) else T_BAD_ARG.format(detail=exc)
+
+
 def device_context_from_args(args: argparse.Namespace) -> DeviceContext:
     """The device a test query is made for. Raises ValueError on a bad value."""
-    underlay = ip_address(args.underlay_ip) if getattr(args, "underlay_ip", None) else None
+    try:
+        underlay = ip_address(args.underlay_ip) if getattr(args, "underlay_ip", None) else None
+    except ValueError:
+        raise ValueError(T_BAD_UNDERLAY.format(value=args.underlay_ip)) from None
     return DeviceContext(
         device_id=args.device_id,
         groups=frozenset(args.device_group),
@@ -134,9 +153,10 @@ def _load(path: str, err: TextIO, feeds_dir: Any = None) -> PolicySnapshot | Non
 
 
 def _load_with_code(path: str, err: TextIO, feeds_dir: Any = None) -> tuple[PolicySnapshot | None, int]:
-    """The snapshot, or None and the exit code: 2 when the file cannot be read (missing,
-    not a regular file, too large), 1 when it has errors. Category feeds come from their last
-    good copies in ``feeds_dir`` (default: $KANMON_STATE_DIR/feeds), never the network."""
+    """The snapshot, or None and the exit code: 2 (bad input) when the file cannot be read
+    (missing, not a regular file, too large) or has errors -- the same in check, test, diff
+    and apply. Category feeds come from their last good copies in ``feeds_dir`` (default:
+    $KANMON_STATE_DIR/feeds), never the network."""
     try:
         return load_policy(path, feeds_dir=feeds_dir), 0
     except SourceErrors as exc:
@@ -144,7 +164,7 @@ def _load_with_code(path: str, err: TextIO, feeds_dir: Any = None) -> tuple[Poli
         print((T_UNREADABLE if unreadable else T_INVALID).render(), file=err)
         for e in exc.errors:
             print(str(e), file=err)
-        return None, 2 if unreadable else 1
+        return None, EXIT_USAGE
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -170,20 +190,46 @@ def _read_urls(lines: Any) -> list[str]:
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 
+def url_warning(url: str) -> tuple[Text | None, str]:
+    """(warning or None, kind) for one URL given to `policy test`. Kinds: "ok"; "shorthand"
+    (no scheme: judged as https://, the documented shorthand, exit 0); "guess" (a scheme the
+    gateway never sees, ``htps://``: a typo, the verdict is a guess from the host, exit 2);
+    "skip" (empty or no host: not judged, exit 2)."""
+    text = url.strip()
+    if not text:
+        return T_URL_EMPTY, "skip"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    if not host or host.startswith(":"):
+        return T_URL_NO_HOST.format(url=url), "skip"
+    if not sep:
+        return T_URL_GUESSED.format(url=url), "shorthand"
+    if scheme.lower() not in KNOWN_SCHEMES:
+        return T_URL_SCHEME.format(scheme=scheme, known=", ".join(KNOWN_SCHEMES), url=url), "guess"
+    return None, "ok"
+
+
 def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, stdin: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     registered = getattr(args, "device", None)
     try:
         if registered:
             if not getattr(args, "config", None):
-                raise ValueError("--device needs --config (the gateway configuration)")
-            from gateway.cli.policydevice import registered_device_context
-            device, _ = registered_device_context(args.config, registered)
+                print(T_DEVICE_NEEDS_CONFIG.render(), file=err)
+                return EXIT_USAGE
+            from gateway.cli.policydevice import DeviceLookupError, registered_device_context
+            try:
+                device, _ = registered_device_context(args.config, registered)
+            except DeviceLookupError:
+                print(NO_SUCH_DEVICE.format(d=registered).render(), file=err)
+                return EXIT_FAIL
         else:
             device = device_context_from_args(args)
     except ValueError as exc:
-        print(T_BAD_ARG.format(detail=exc).render(), file=err)
-        return 2
+        print(_bad_arg(exc).render(), file=err)
+        return EXIT_USAGE
     feeds_dir = None
     if getattr(args, "config", None):  # the gateway's own feed copies
         feeds_dir = load_config_or_exit(args.config).state_dir / "feeds"
@@ -195,7 +241,15 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         print(T_NO_URLS.render(), file=err)
         return 2
     now = datetime.now(timezone.utc)
+    code = EXIT_OK
     for url in urls:
+        warning, kind = url_warning(url)
+        if warning is not None and not (kind == "shorthand" and Stage(args.stage) in (Stage.DNS, Stage.TLS)):
+            print(warning.render(), file=err)   # a bare host is what the DNS and TLS stages see anyway
+        if kind in ("guess", "skip"):  # a typo or nothing to judge: bad input
+            code = EXIT_USAGE
+        if kind == "skip":
+            continue
         v = decide_from_args(snap, url, device, args, now)
         if args.json:
             obj = {"url": url, "verdict": str(v.action), "rule": v.rule_id, "explain": v.explain}
@@ -205,7 +259,7 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         else:
             who = f"\t{device.device_id}/{device.user or '-'}" if registered else ""
             print(f"{v.action}\t{v.rule_id or '-'}\t{url}\t{v.explain}{who}", file=out)
-    return 0
+    return code
 
 
 def cmd_diff(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -213,7 +267,7 @@ def cmd_diff(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     try:
         device = device_context_from_args(args)
     except ValueError as exc:
-        print(T_BAD_ARG.format(detail=exc).render(), file=err)
+        print(_bad_arg(exc).render(), file=err)
         return 2
     try:
         with open(args.urls, encoding="utf-8") as fh:
@@ -256,7 +310,7 @@ def cmd_diff_pcap(args: argparse.Namespace, out: TextIO | None = None, err: Text
     try:
         device = device_context_from_args(args)
     except ValueError as exc:
-        print(T_BAD_ARG.format(detail=exc).render(), file=err)
+        print(_bad_arg(exc).render(), file=err)
         return 2
     try:
         queries = flows_from_pcap(args.pcap)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from gateway.runtime.gatewayprocess import running_gateway_pid
-from gateway.cli.common import load_config_or_exit
+from gateway.cli.common import EXIT_FAIL, EXIT_USAGE, add_config_argument, load_config_or_exit
 from gateway.i18n import Text
 from gateway.policy import load_policy
 from gateway.yamlsource import SourceErrors, UnreadableSource
@@ -37,7 +37,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
-        return 2 if isinstance(exc, UnreadableSource) else 1
+        return EXIT_USAGE   # unreadable or with errors: bad input, as in `policy check` and `policy test`
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     link = cfg.applied_policy_link
     tmp = link.with_name(link.name + ".new")
@@ -63,11 +63,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
                        "The gateway refused it; the previous policy stays in force:").render(), file=sys.stderr)
             for err in status.get("errors", []):
                 print(f"  {err}", file=sys.stderr)
-            return 1
+            return EXIT_FAIL   # refused by the gateway: a refusal, not bad input
         time.sleep(0.05)
     print(Text("ゲートウェイの応答がありません ({t} 秒)", "No answer from the gateway within {t} s").format(t=args.timeout).render(),
           file=sys.stderr)
-    return 1
+    return EXIT_FAIL
 
 
 def _status(path: Path) -> dict:
@@ -80,6 +80,6 @@ def _status(path: Path) -> dict:
 def register_apply(policy_sub) -> None:
     apply = policy_sub.add_parser("apply", help="compile a policy and swap it into the running gateway / ポリシーを適用")
     apply.add_argument("path")
-    apply.add_argument("--config", required=True, help="gateway configuration (state directory)")
+    add_config_argument(apply, help="gateway configuration (state directory)")
     apply.add_argument("--timeout", type=float, default=15.0)
     apply.set_defaults(func=cmd_apply)

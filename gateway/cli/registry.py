@@ -12,7 +12,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, load_config_or_exit
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, add_config_argument, load_config_or_exit
 from gateway.i18n import Text
 
 _MAX_INTEGRITY_LINES = 100
@@ -99,5 +99,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     registry = subparsers.add_parser("registry", help="device registry tools / 端末レジストリの診断")
     sub = registry.add_subparsers(dest="registry_command", required=True)
     p = sub.add_parser("check", help="diagnose the registry file without changing it / レジストリを変更せずに診断")
-    p.add_argument("--config", required=True, help="gateway configuration (for the state directory)")
+    add_config_argument(p, help="gateway configuration (for the state directory)")
     p.set_defaults(func=cmd_check)

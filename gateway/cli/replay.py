@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.cli.common import CONFIG_ENV
 from gateway.i18n import Text
 
 T_NEED_EXPECT = Text("--expect が必要です（または --list / --record）", "--expect is required (or --list / --record)")
@@ -42,7 +43,8 @@ def register(subparsers: Any) -> Any:
     p.add_argument("--device", help="device id (default: the lab's first device)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--lab-state", help="directory (or file) with replay-lab.json of a running lab")
-    where.add_argument("--config", help="gateway config of a live gateway (device from its registry)")
+    where.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
+                       help=f"gateway config of a live gateway (device from its registry; default: ${CONFIG_ENV})")
     p.add_argument("--device-netns", help="with --config: the device's network namespace (default: this one)")
     p.add_argument("--interface", help="with --config: the device's WireGuard interface (default wg0)")
     p.add_argument("--internet-netns", help="with --config: namespace where the uplink side can be watched")

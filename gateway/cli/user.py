@@ -17,7 +17,7 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, load_config_or_exit, operator_name
+from gateway.cli.common import EXIT_FAIL, EXIT_OK, add_config_argument, load_config_or_exit, operator_name
 from gateway.i18n import Text
 from gateway.registry.model import RegistryError
 from gateway.signin.sessions import UserSession
@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     usub = user.add_subparsers(dest="user_command", required=True)
 
     sessions = usub.add_parser("sessions", help="list sessions (default: the active ones)")
-    sessions.add_argument("--config", required=True)
+    add_config_argument(sessions)
     sessions.add_argument("--user", help="only this user")
     sessions.add_argument("--all", action="store_true", help="with --user: ended and expired sessions too")
     sessions.add_argument("--json", action="store_true")
@@ -124,6 +124,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     signout = usub.add_parser("signout", help="end every session of a user now (live connections are cut)")
     signout.add_argument("user")
-    signout.add_argument("--config", required=True)
+    add_config_argument(signout)
     signout.add_argument("--reason", help="why (audit log)")
     signout.set_defaults(func=cmd_signout)

@@ -183,7 +183,7 @@ def test_broken_policy_is_refused_and_the_old_one_keeps_serving(plab: Lab):
     broken.write_text((plab.policy_dir / "lab.yaml").read_text().replace("action: block, reason: lab tracker",
                                                                          "action: explode, reason: lab tracker"))
     result = plab.kanmon("policy", "apply", str(broken), "--config", str(plab.config_path), check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2   # a policy with errors is bad input (issue #19)
     assert f"{broken}:" in result.stderr and "action" in result.stderr
     assert dns_query(plab, "tracker.test")["rcode"] == "NXDOMAIN"
     # A policy corrupted on disk under the running gateway: SIGHUP refuses it, old one serves.

@@ -204,7 +204,7 @@ def test_policy_apply_refuses_a_broken_policy_with_file_and_line(config, tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules:\n  - {id: x, action: explode}\n")
     args = _args(["cluster", "policy-apply", str(bad), "--config", config, "--timeout", "1"])
-    assert args.func(args) == 1
+    assert args.func(args) == 2   # bad input, as from `policy check` and `policy apply` (issue #19)
     err = capsys.readouterr().err
     assert "bad.yaml:3" in err and "nothing was applied" in err
     from gateway.registry.postgres import PolicyStore

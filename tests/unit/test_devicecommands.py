@@ -234,7 +234,7 @@ def test_renew_issues_a_new_certificate_for_the_same_key(gw):
     assert certificate_wg_keys(cert) == [parse_wg_key(k)] and rec.wg_public_key == k
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
     gw.run("revoke", "dev-1", "--reason", "lost")
-    assert gw.run("renew", "dev-1", "--out", str(gw.tmp / "o3")) == 2
+    assert gw.run("renew", "dev-1", "--out", str(gw.tmp / "o3")) == 1            # refused: revoked
     assert "device-renewed" in [a for a, _, _ in gw.audit()]
 
 

@@ -296,10 +296,10 @@ def test_cli_missing_config_and_policy_exit_2_with_a_clear_message(tmp_path):
     result = _kanmon("policy", "apply", "missing.yaml", "--config", "kanmon.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "state" / "policy-applied").exists()
-    # A policy with an error in it still exits 1 (the check failed), with file:line.
+    # A policy with an error in it is bad input too: exit 2, with file:line (issue #19: one convention).
     (tmp_path / "bad.yaml").write_text("version: 1\nrules:\n  - {id: r, action: block, expires: 2025-13-01}\n")
     result = _kanmon("policy", "check", "bad.yaml", cwd=tmp_path)
-    assert result.returncode == 1 and "bad.yaml:3:" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "bad.yaml:3:" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- the running gateway: a SIGHUP reload that fails keeps the old policy -------------------

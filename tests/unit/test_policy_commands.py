@@ -57,7 +57,7 @@ def test_check_valid_warns_about_expiring_rules(policy, monkeypatch):
 def test_check_invalid_prints_file_line_errors(policy, monkeypatch):
     policy.write_text(policy.read_text().replace("action: block, match: {list: mail}", "action: blok, match: {list: mail}"))
     code, out, err = run(["policy", "check", str(policy)], monkeypatch)
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""   # a policy with errors is bad input (issue #19: it was 1 here, 2 in `test`)
     assert f"{policy}:6: rules[1].action:" in err
     assert "ポリシーにエラー" in err and "nothing applied" in err  # both languages by default
 
@@ -95,7 +95,7 @@ def test_test_plain_output_and_input_errors(policy, monkeypatch):
     code, _, err = run(["policy", "test", "--policy", str(policy)], monkeypatch, stdin="")
     assert code == 2 and "no URLs" in err
     code, _, err = run(["policy", "test", "--policy", str(policy), "--underlay-ip", "nope", "https://a/"], monkeypatch)
-    assert code == 2 and "bad argument" in err
+    assert code == 2 and "--underlay-ip is not an IP address: nope" in err and "IP アドレスではありません" in err
     code, _, err = run(["policy", "test", "--policy", str(policy.parent / "none.yaml"), "https://a/"], monkeypatch)
     assert code == 2 and "cannot read file" in err
 

@@ -147,7 +147,7 @@ def test_one_bad_row_is_reported_and_the_rest_listed(gw, capsys, column, value):
     capsys.readouterr()
     assert kanmon("device", "list", "--config", str(cfg)) == 1
     captured = capsys.readouterr()
-    listed = [line.split("\t")[0] for line in captured.out.splitlines()]
+    listed = [line.split("\t")[0] for line in captured.out.splitlines()[1:]]   # after the header row
     assert listed == ["dev-1", "dev-3"]
     assert "'dev-2'" in captured.err and "damaged" in captured.err and "壊れている" in captured.err
     reg = SqliteRegistry(path)
