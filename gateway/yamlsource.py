@@ -418,12 +418,60 @@ def schema_errors(doc: LoadedYaml, schema: Mapping[str, Any]) -> list[SourceErro
             allowed = set(err.schema.get("properties", {}))
             for extra in sorted(set(err.instance) - allowed, key=str):
                 known = ", ".join(sorted(allowed))
-                out.append(doc.error(path + (extra,), f"unknown key (known keys: {known})"))
+                out.append(doc.error(path + (extra,), T_UNKNOWN_KEY.format(known=known)))
             continue
-        out.append(doc.error(path, _clip(err.message)))
+        out.append(doc.error(path, _schema_text(err)))
         if len(out) >= MAX_ERRORS:
             break
     return out
+
+
+T_UNKNOWN_KEY = Text("不明なキーです（使えるキー: {known}）", "unknown key (known keys: {known})")
+# jsonschema's messages are English; the ones an operator meets, in Japanese too (issue #19:
+# KANMON_LANG=ja turns the details Japanese). {v}: the value as jsonschema quotes it.
+_SCHEMA_JA = {
+    "required": "必須のキー {v} がありません",
+    "type": "型が違います（{expected} で書いてください）",
+    "enum": "{v} は使えません（使える値: {expected}）",
+    "const": "{v} は使えません（{expected} だけです）",
+    "minimum": "{v} は小さすぎます（最小 {expected}）",
+    "exclusiveMinimum": "{v} は小さすぎます（{expected} より大きくしてください）",
+    "maximum": "{v} は大きすぎます（最大 {expected}）",
+    "exclusiveMaximum": "{v} は大きすぎます（{expected} より小さくしてください）",
+    "pattern": "{v} は書式に合いません（{expected}）",
+    "minLength": "{v} は短すぎます（{expected} 文字以上）",
+    "maxLength": "{v} は長すぎます（{expected} 文字まで）",
+    "minItems": "項目が少なすぎます（{expected} 個以上）",
+    "maxItems": "項目が多すぎます（{expected} 個まで）",
+    "uniqueItems": "同じ項目が重複しています",
+    "format": "{v} は {expected} の形式ではありません",
+    "oneOf": "{v} はどの書き方にも合いません",
+    "anyOf": "{v} はどの書き方にも合いません",
+    "not": "{v} はここでは使えません",
+    "minProperties": "キーが少なすぎます（{expected} 個以上）",
+    "maxProperties": "キーが多すぎます（{expected} 個まで）",
+}
+_JA_TYPES = {"string": "文字列", "integer": "整数", "number": "数値", "boolean": "真偽値 (true/false)",
+             "array": "リスト", "object": "キーと値の組 (マッピング)", "null": "null"}
+
+
+def _schema_text(err: Any) -> Text:
+    """One jsonschema error as a bilingual Text (English: jsonschema's own message, clipped)."""
+    en = _clip(err.message)
+    template = _SCHEMA_JA.get(err.validator)
+    if template is None:
+        return Text(f"値が正しくありません: {en}", en)
+    expected = err.validator_value
+    if err.validator == "type":
+        names = expected if isinstance(expected, list) else [expected]
+        expected = "・".join(_JA_TYPES.get(str(n), str(n)) for n in names)
+    elif err.validator == "required":
+        missing = en.split(" is a required property", 1)[0]   # jsonschema names one missing key per error
+        return Text(template.format(v=missing), en)
+    elif isinstance(expected, (list, tuple)):
+        expected = ", ".join(str(e) for e in expected)
+    value = _clip(repr(err.instance), 80)
+    return Text(template.format(v=value, expected=_clip(str(expected), 120)), en)
 
 
 def _clip(message: str, limit: int = 200) -> str:

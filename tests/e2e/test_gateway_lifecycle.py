@@ -90,7 +90,7 @@ def test_invalid_config_is_refused_with_key_and_line_and_host_unchanged(make_lab
     result = lab.kanmon("run", "--config", str(bad), check=False, ns=lab.gw)
     assert result.returncode == 2
     assert f"bad.yaml:{line}: tunnel.listen_port:" in result.stderr
-    assert f"bad.yaml:{extra_line}: surprise_key: unknown key" in result.stderr
+    assert f"bad.yaml:{extra_line}: surprise_key: 不明なキーです" in result.stderr and "/ unknown key" in result.stderr
     assert "設定ファイルに誤りがあります" in result.stderr
     assert host_state(lab) == before
     assert not (lab.state_dir / "registry.sqlite3").exists()

@@ -281,3 +281,25 @@ def test_import_posture_errors_follow_the_language(gw, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert f"{bad}:2: device_id: 空です" in err and f"{bad}:3: jailbroken: 'maybe' は yes か no で書いてください" in err
     assert "empty" not in err and "is not yes/no" not in err
+
+
+def test_schema_error_details_follow_the_language(gw, tmp_path, capsys, monkeypatch):
+    """jsonschema's messages were English under KANMON_LANG=ja (issue #19)."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules:\n  - {id: r, action: blok, match: {domian: a.example}}\n")
+    gw.write_text(gw.read_text().replace("listen_port: 51820", "listen_port: 70000") + "surprise_key: 1\n")
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert kanmon("policy", "check", str(policy)) == 2
+    err = capsys.readouterr().err
+    assert f"{policy}:3: rules[0].action: 'blok' は使えません（使える値: allow, block, monitor" in err
+    assert f"{policy}:3: rules[0].match.domian: 不明なキーです（使えるキー: " in err
+    assert "unknown key" not in err and "is not one of" not in err
+    assert kanmon("config", "check", str(gw)) == 2
+    err = capsys.readouterr().err
+    assert "tunnel.listen_port: 70000 は大きすぎます（最大 65535）" in err and "surprise_key: 不明なキーです" in err
+    assert "maximum" not in err and "unknown key" not in err
+    monkeypatch.setenv("KANMON_LANG", "en")
+    assert kanmon("config", "check", str(gw)) == 2
+    err = capsys.readouterr().err
+    assert "tunnel.listen_port: 70000 is greater than the maximum of 65535" in err and "surprise_key: unknown key (known keys:" in err
+    assert "不明" not in err

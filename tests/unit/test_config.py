@@ -58,7 +58,7 @@ def test_schema_errors_name_key_and_line():
     errs = errors_of(bad + "extra_key: 1\n")
     assert any(e.startswith("k.yaml:6: tunnel.listen_port:") and "70000" in e for e in errs)
     assert any(e.startswith("k.yaml:2: node.name:") for e in errs)
-    assert any(e.startswith("k.yaml:21: extra_key: unknown key") for e in errs)
+    assert any(e.startswith("k.yaml:21: extra_key: 不明なキーです") and " / unknown key" in e for e in errs)
 
 
 def test_semantic_errors_name_key_and_line():

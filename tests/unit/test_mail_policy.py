@@ -45,7 +45,7 @@ def test_unknown_key_is_reported_with_its_line(tmp_path):
     path = write(tmp_path, text)
     line = text.splitlines().index("  typo_key: 3") + 1
     (err,) = errors_of(path)
-    assert err.startswith(f"{path}:{line}: lookalike.typo_key: unknown key")
+    assert err.startswith(f"{path}:{line}: lookalike.typo_key: 不明なキーです") and " / unknown key" in err
 
 
 def test_thresholds_must_ascend(tmp_path):
@@ -60,8 +60,9 @@ def test_missing_indicator_and_bad_action(tmp_path):
     text = SHIPPED.replace("  freemail-sender:            {weight: 10}\n", "").replace(
         "scanner_unavailable: quarantine", "scanner_unavailable: ignore")
     errs = errors_of(write(tmp_path, text))
-    assert any("indicators: 'freemail-sender' is a required property" in e for e in errs), errs
-    assert any("scanner_unavailable: 'ignore' is not one of" in e for e in errs), errs
+    assert any("indicators: 必須のキー 'freemail-sender' がありません" in e and "'freemail-sender' is a required property" in e
+               for e in errs), errs
+    assert any("scanner_unavailable: 'ignore' は使えません" in e and "'ignore' is not one of" in e for e in errs), errs
 
 
 def test_floor_for_encrypted_archive_must_use_the_top_level_key(tmp_path):

@@ -31,14 +31,14 @@ def test_schema_errors_point_at_their_lines():
           domian: example.com
     """)
     assert any(e.startswith("p.yaml:6: rules[1].action:") and "deny" in e for e in errs), errs
-    assert any(e.startswith("p.yaml:10: rules[2].match.domian: unknown key") for e in errs), errs
+    assert any(e.startswith("p.yaml:10: rules[2].match.domian: 不明なキーです") and " / unknown key" in e for e in errs), errs
 
 
 def test_missing_version_and_unknown_top_level_key():
     with pytest.raises(SourceErrors) as exc:
         compile_text("rulez: []\n", filename="p.yaml")
     text = str(exc.value)
-    assert "version" in text and "p.yaml:1: rulez: unknown key" in text
+    assert "version" in text and "p.yaml:1: rulez: 不明なキーです" in text and "/ unknown key" in text
 
 
 def test_bad_regex_in_rule_names_line_and_index():
