@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.cli.common import CONFIG_ENV, error, load_config_or_exit, operator_name, say
+from gateway.cli.common import CONFIG_ENV, cannot_read, error, load_config_or_exit, operator_name, say
 from gateway.devices.ca import (CaStore, DeviceCaError, fingerprint_sha256, init_ca, pki_dir,
                                 prepare_crl_import, store_crl, trust_bundle)
 from gateway.i18n import Text
@@ -77,8 +77,7 @@ def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
     except OSError as exc:
-        print(Text(f"ファイルを読めません: {path}: {exc.strerror}",
-                   f"cannot read file: {path}: {exc.strerror}").render(), file=sys.stderr)
+        print(cannot_read(path, exc).render(), file=sys.stderr)
         return None
 
 

@@ -61,6 +61,27 @@ def load_config_or_exit(path: str):
         raise SystemExit(EXIT_USAGE) from None
 
 
+def os_reason(exc: OSError) -> Text:
+    """Why a file could not be read or written, in both languages (Python's strerror is
+    English only): "file not found", "permission denied", ..."""
+    if isinstance(exc, FileNotFoundError):
+        return Text("ファイルがありません", "file not found")
+    if isinstance(exc, PermissionError):
+        return Text("権限がありません", "permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return Text("ディレクトリです（ファイルを指定してください）", "is a directory (give a file)")
+    if isinstance(exc, NotADirectoryError):
+        return Text("途中がディレクトリではありません", "a part of the path is not a directory")
+    reason = exc.strerror or type(exc).__name__
+    return Text(reason, reason)
+
+
+def cannot_read(path: object, exc: OSError) -> Text:
+    """"cannot read file: PATH: file not found", in both languages."""
+    reason = os_reason(exc)
+    return Text(f"ファイルを読めません: {path}: {reason.ja}", f"cannot read file: {path}: {reason.en}")
+
+
 NO_SUCH_DEVICE = Text("端末がありません: {d}", "No such device: {d}")
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, error, load_config_or_exit,
-                                operator_name)
+from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, cannot_read, error,
+                                load_config_or_exit, operator_name, os_reason)
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
 from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
 from gateway.i18n import Text, current_lang
@@ -132,7 +132,7 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
         try:
             csr = Path(args.csr).read_bytes()
         except OSError as exc:
-            return error(Text("CSR を読めません: {f}: {e}", "cannot read the CSR: {f}: {e}").format(f=args.csr, e=exc.strerror))
+            return error(cannot_read(args.csr, exc))
     files = _Files(Path(args.out))
     names = [f"{device_id}.cert.pem"]
     if csr is None:
@@ -162,7 +162,7 @@ def _issue_files(args: argparse.Namespace, cfg, device_id: str, owner: str, wg_p
     except DeviceCaError as exc:
         return error(exc.text)
     except OSError as exc:
-        return error(Text("ファイルを読めません: {e}", "cannot read a file: {e}").format(e=exc))
+        return error(cannot_read(exc.filename or args.p12_password_file, exc))
     try:
         files.write(f"{device_id}.cert.pem", issued.cert_pem)
         if not (files.directory / "ca.cert.pem").exists():   # shared by every device of the directory
@@ -410,7 +410,7 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
     try:
         text = _read_csv_text(path)
     except OSError as exc:
-        return error(Text("ファイルを読めません: {f}: {e}", "cannot read file: {f}: {e}").format(f=path, e=exc.strerror))
+        return error(cannot_read(path, exc))
     except UnicodeDecodeError:
         return error(Text("{f}: UTF-8 でも Shift_JIS でもありません", "{f}: neither UTF-8 nor Shift_JIS").format(f=path))
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -493,7 +493,9 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     if args.private_key_file:
         try:
             private_key = WireguardKey(Path(args.private_key_file).read_text().strip())
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            return error(cannot_read(args.private_key_file, exc))
+        except ValueError as exc:
             return error(Text("端末の秘密鍵を読めません: {e}", "cannot read the device private key: {e}").format(e=exc))
         if rec.wg_public_key is None:
             print(Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}", "the device has not enrolled yet (no key registered): {d}")
@@ -550,7 +552,8 @@ def cmd_export_config(args: argparse.Namespace) -> int:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         except OSError as exc:
-            return error(Text("書けません: {p}: {e}", "cannot write {p}: {e}").format(p=path, e=exc.strerror))
+            reason = os_reason(exc)
+            return error(Text(f"書けません: {path}: {reason.ja}", f"cannot write {path}: {reason.en}"))
         print(Text("書き出しました: {p}", "wrote: {p}").format(p=path).render(), file=sys.stderr)
     if terminal is not None:
         sys.stdout.write(terminal)

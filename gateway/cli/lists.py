@@ -15,6 +15,7 @@ from gateway.i18n import Text
 T_NO_FEEDS = Text("このポリシーにはフィードがありません: {p}", "this policy declares no feeds: {p}")
 T_UNKNOWN = Text("そのようなフィードはありません: {n}", "no such feed: {n}")
 T_INVALID = Text("ポリシーに誤りがあります:", "The policy is invalid:")
+T_UNREADABLE = Text("ポリシーファイルを読めません:", "Cannot read the policy file:")
 T_NO_POLICY = Text("設定 {c} にポリシーがありません（policy: も適用済みのポリシーもありません）",
                    "the configuration {c} names no policy (no policy: and none applied)")
 T_WHERE = Text("--config（または環境変数 KANMON_CONFIG）か --policy を指定してください",
@@ -28,7 +29,7 @@ T_REFUSED = Text("{n}: 拒否しました（{r}）: {m} — 前回の正常な�
 def _context(args: argparse.Namespace):
     from gateway.feeds.store import feeds_dir
     from gateway.policy.compiler import parse_policy
-    from gateway.yamlsource import MAX_YAML_BYTES, SourceErrors, read_text_file
+    from gateway.yamlsource import MAX_YAML_BYTES, SourceErrors, UnreadableSource, read_text_file
 
     if args.policy:   # --policy wins over $KANMON_CONFIG
         policy, state_dir = Path(args.policy), args.state_dir
@@ -42,7 +43,7 @@ def _context(args: argparse.Namespace):
     try:
         _doc, sources = parse_policy(read_text_file(policy, MAX_YAML_BYTES), str(policy))
     except SourceErrors as exc:
-        print(T_INVALID.render(), file=sys.stderr)
+        print((T_UNREADABLE if isinstance(exc, UnreadableSource) else T_INVALID).render(), file=sys.stderr)
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -26,6 +26,7 @@ BAD_TIME = Text("日時を解釈できません: {option} {value!r}（ISO 8601 �
                 "cannot parse time: {option} {value!r} (use ISO 8601, e.g. 2026-01-31T09:00:00Z)")
 BAD_ZONE = Text("--tz のタイムゾーンがありません: {zone!r}（IANA の名前、例 Asia/Tokyo）",
                 "--tz: no such time zone: {zone!r} (an IANA name, e.g. Asia/Tokyo)")
+BAD_LIMIT = Text("--limit は 0（制限なし）以上にしてください", "--limit must be 0 (no limit) or more")
 BAD_RANGE = Text("--since は --until より前にしてください", "--since must be before --until")
 BAD_RETENTION = Text("--retention-days は 1 以上にしてください", "--retention-days must be at least 1")
 VERIFY_OK = Text("改ざんは検出されませんでした（{files} ファイル、{records} レコード）",
@@ -137,6 +138,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return error(exc.args[0])
     if since and until and since >= until:
         return error(BAD_RANGE)
+    if args.limit < 0:
+        return error(BAD_LIMIT)
     count = 0
     problems: list[str] = []
 

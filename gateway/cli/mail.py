@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from gateway.cli.common import error
+from gateway.cli.common import cannot_read, error
 from gateway.i18n import Text
 from gateway.mail.clamd import ClamdScanner
 from gateway.mail.engine import MailContext, MailVerdict, evaluate_message
@@ -83,8 +83,7 @@ def scan_command(args: argparse.Namespace) -> int:
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:
-        return error(Text(f"ファイルを読めません: {args.file}: {exc.strerror or exc}",
-                           f"cannot read file: {args.file}: {exc.strerror or exc}"))
+        return error(cannot_read(args.file, exc))
     dns_txt = None
     if not args.no_dns:
         from gateway.mail.dns_lookup import resolver_txt

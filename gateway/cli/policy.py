@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from ipaddress import ip_address
 from typing import Any, TextIO
 
-from gateway.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, load_config_or_exit
+from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, load_config_or_exit,
+                                os_reason)
 from gateway.i18n import Text
 from gateway.policy.loader import load_policy
 from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
@@ -272,9 +273,14 @@ def cmd_diff(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     try:
         with open(args.urls, encoding="utf-8") as fh:
             urls = _read_urls(fh)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        reason = os_reason(exc)
+        print(Text(f"URL ファイルを読めません: {args.urls}: {reason.ja}", f"cannot read the URL file: {args.urls}: {reason.en}")
+              .render(), file=err)
+        return EXIT_USAGE
+    except UnicodeDecodeError as exc:
         print(T_URLS_FILE.format(detail=exc).render(), file=err)
-        return 2
+        return EXIT_USAGE
     old, new = _load(args.old, err), _load(args.new, err)
     if old is None or new is None:
         return 2

@@ -303,3 +303,24 @@ def test_schema_error_details_follow_the_language(gw, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "tunnel.listen_port: 70000 is greater than the maximum of 65535" in err and "surprise_key: unknown key (known keys:" in err
     assert "不明" not in err
+
+
+def test_unreadable_files_are_named_in_the_chosen_language(gw, tmp_path, capsys, monkeypatch):
+    """Python's strerror ("No such file or directory", "[Errno 2]") was printed under KANMON_LANG=ja."""
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    missing = tmp_path / "missing.eml"
+    assert kanmon("mail", "scan", str(missing)) == 2
+    assert capsys.readouterr().err.strip() == f"ファイルを読めません: {missing}: ファイルがありません"
+    assert kanmon("ca", "trust", "--config", str(gw), str(tmp_path)) == 2
+    assert capsys.readouterr().err.strip() == f"ファイルを読めません: {tmp_path}: ディレクトリです（ファイルを指定してください）"
+    assert kanmon("device", "import-posture", "--config", str(gw), str(tmp_path / "x.csv")) == 2
+    assert "ファイルがありません" in capsys.readouterr().err
+    assert kanmon("lists", "status", "--policy", str(tmp_path / "p.yaml")) == 2
+    err = capsys.readouterr().err
+    assert "ポリシーファイルを読めません" in err and "誤り" not in err      # missing, not "invalid"
+    monkeypatch.setenv("KANMON_LANG", "en")
+    assert kanmon("policy", "diff", str(gw), str(gw), "--urls", str(tmp_path / "urls.txt")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the URL file: {tmp_path / 'urls.txt'}: file not found" in err and "Errno" not in err
+    assert kanmon("logs", "search", "--dir", str(tmp_path), "--stream", "proxy", "--limit", "-1") == 2
+    assert "--limit must be 0 (no limit) or more" in capsys.readouterr().err
