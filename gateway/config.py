@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.hostname import host_in, normalize_host_entry, split_host_entries
+from gateway.i18n import Text
 from gateway.posture import VersionError, normalize_platform, parse_version
 from gateway.registry.schema import REGISTRY_SCHEMA
 from gateway.limits import LIMITS_SCHEMA, LimitSettings, limit_settings
@@ -359,7 +360,8 @@ def load_config_text(text: str, filename: str = "<string>") -> GatewayConfig:
 
 def _build(doc: LoadedYaml) -> GatewayConfig:
     if not isinstance(doc.data, dict):
-        raise SourceErrors([doc.error((), "the configuration must be a mapping of keys")])
+        raise SourceErrors([doc.error((), Text("設定はキーと値の組（マッピング）で書いてください",
+                                               "the configuration must be a mapping of keys"))])
     errors = schema_errors(doc, SCHEMA)
     if errors:
         raise SourceErrors(errors)
@@ -370,13 +372,14 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         try:
             net = ipaddress.ip_network(_get(d, path), strict=True)
         except ValueError as exc:
-            errors.append(doc.error(path, f"not a valid network: {exc}"))
+            errors.append(doc.error(path, Text(f"ネットワークとして正しくありません: {exc}", f"not a valid network: {exc}")))
             return None
         if net.version != version:
-            errors.append(doc.error(path, f"must be an IPv{version} prefix"))
+            errors.append(doc.error(path, Text(f"IPv{version} のプレフィックスにしてください", f"must be an IPv{version} prefix")))
             return None
         if net.num_addresses < 4:
-            errors.append(doc.error(path, "prefix too small for a gateway and devices"))
+            errors.append(doc.error(path, Text("プレフィックスが小さすぎます（ゲートウェイと端末のアドレスが足りません）",
+                                               "prefix too small for a gateway and devices")))
             return None
         return net
 
@@ -387,24 +390,24 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     transparent_port = proxy.get("transparent_port", 8080)
     dns_port = proxy.get("dns_port", 8053)
     if transparent_port == dns_port:
-        errors.append(doc.error(("proxy", "dns_port"), "must differ from proxy.transparent_port"))
+        errors.append(doc.error(("proxy", "dns_port"), Text("proxy.transparent_port と別の番号にしてください", "must differ from proxy.transparent_port")))
 
     for i, server in enumerate(proxy.get("dot_resolvers", [])):
         try:
             ipaddress.ip_address(server)
         except ValueError:
-            errors.append(doc.error(("proxy", "dot_resolvers", i), f"{server!r} is not an IP address"))
+            errors.append(doc.error(("proxy", "dot_resolvers", i), Text(f"{server!r} は IP アドレスではありません", f"{server!r} is not an IP address")))
     for i, server in enumerate(proxy.get("upstream_dns", [])):
         try:
             ipaddress.ip_address(server)
         except ValueError:
-            errors.append(doc.error(("proxy", "upstream_dns", i), f"{server!r} is not an IP address"))
+            errors.append(doc.error(("proxy", "upstream_dns", i), Text(f"{server!r} は IP アドレスではありません", f"{server!r} is not an IP address")))
 
     mgmt_host, mgmt_port = "127.0.0.1", 9180
     if "listen" in mgmt:
         m = re.fullmatch(r"\[?([0-9A-Fa-f:.]+)\]?:(\d+)", mgmt["listen"])
         if not m or not _is_ip(m.group(1)) or not 0 < int(m.group(2)) < 65536:
-            errors.append(doc.error(("management", "listen"), "must be ADDRESS:PORT, e.g. 127.0.0.1:9180"))
+            errors.append(doc.error(("management", "listen"), Text("アドレス:ポート で書いてください（例 127.0.0.1:9180）", "must be ADDRESS:PORT, e.g. 127.0.0.1:9180")))
         else:
             mgmt_host, mgmt_port = m.group(1), int(m.group(2))
 
@@ -413,13 +416,13 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     if enroll is not None:
         m = re.fullmatch(r"\[?([0-9A-Fa-f:.]+)\]?:(\d+)", enroll["listen"])
         if not m or not _is_ip(m.group(1)) or not 0 < int(m.group(2)) < 65536:
-            errors.append(doc.error(("enrollment", "listen"), "must be ADDRESS:PORT, e.g. 0.0.0.0:8443"))
+            errors.append(doc.error(("enrollment", "listen"), Text("アドレス:ポート で書いてください（例 0.0.0.0:8443）", "must be ADDRESS:PORT, e.g. 0.0.0.0:8443")))
         else:
             enroll_host, enroll_port = m.group(1), int(m.group(2))
             if enroll_port in (transparent_port, dns_port) or (enroll_port == mgmt_port and enroll_host == mgmt_host):
-                errors.append(doc.error(("enrollment", "listen"), "port already used by the proxy or management listener"))
+                errors.append(doc.error(("enrollment", "listen"), Text("このポートはプロキシか管理用の待ち受けが使っています", "port already used by the proxy or management listener")))
         if ("server_cert_file" in enroll) != ("server_key_file" in enroll):
-            errors.append(doc.error(("enrollment",), "server_cert_file and server_key_file go together"))
+            errors.append(doc.error(("enrollment",), Text("server_cert_file と server_key_file は両方書いてください", "server_cert_file and server_key_file go together")))
 
     posture_cfg = d.get("posture", {})
     # Platforms compare without case (posture.normalize_platform): ios and IOS are one key.
@@ -430,7 +433,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         if isinstance(version, float):
             # YAML reads 17.10 as the number 17.1: refuse rather than enforce the wrong floor.
             errors.append(doc.error(("posture", "min_os", platform),
-                                    f"write the version in quotes (YAML reads {version!r} as a number)"))
+                                    Text(f"バージョンは引用符で囲んでください（YAML は {version!r} を数値として読みます）",
+                                         f"write the version in quotes (YAML reads {version!r} as a number)")))
             continue
         try:
             parse_version(str(version))
@@ -445,16 +449,18 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
                 if ipaddress.ip_address(proxy[key]).version != version:
                     raise ValueError
             except ValueError:
-                errors.append(doc.error(("proxy", key), f"must be an IPv{version} address"))
+                errors.append(doc.error(("proxy", key), Text(f"IPv{version} アドレスにしてください", f"must be an IPv{version} address")))
 
     if d["uplink"]["interface"] == tunnel["interface"]:
-        errors.append(doc.error(("uplink", "interface"), "must differ from tunnel.interface"))
+        errors.append(doc.error(("uplink", "interface"), Text("tunnel.interface と別のインターフェースにしてください", "must differ from tunnel.interface")))
 
     rules_cfg = d.get("rules", {})
     rules, seen_ids = [], {}
     for i, r in enumerate(rules_cfg.get("list", [])):
         if r["id"] in seen_ids:
-            errors.append(doc.error(("rules", "list", i, "id"), f"duplicate rule id (also at line {seen_ids[r['id']]})"))
+            errors.append(doc.error(("rules", "list", i, "id"),
+                                    Text(f"ルール ID が重複しています（{seen_ids[r['id']]} 行目にもあります）",
+                                         f"duplicate rule id (also at line {seen_ids[r['id']]})")))
         seen_ids[r["id"]] = doc.line_of(("rules", "list", i, "id"))
         exact, suffixes = split_host_entries(r["hosts"])
         rules.append(HostRule(rule_id=r["id"], action=Action(r["action"]), exact=exact, suffixes=suffixes,
@@ -543,7 +549,8 @@ def _mail_settings(doc: LoadedYaml, m: dict | None, errors: list) -> MailSetting
             ipaddress.ip_network(host, strict=False)
         except ValueError:
             if not re.fullmatch(r"\.?([A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?", host):
-                errors.append(doc.error(("mail", "organization_hosts", i), f"{host!r} is neither a host name nor an address"))
+                errors.append(doc.error(("mail", "organization_hosts", i),
+                                        Text(f"{host!r} はホスト名でもアドレスでもありません", f"{host!r} is neither a host name nor an address")))
     default_policy = Path(__file__).resolve().parents[1] / "policies" / "mail.yaml"
     return MailSettings(
         policy_path=_relative_to(doc.filename, m["policy"]) if "policy" in m else default_policy,

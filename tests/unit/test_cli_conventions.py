@@ -324,3 +324,14 @@ def test_unreadable_files_are_named_in_the_chosen_language(gw, tmp_path, capsys,
     assert f"cannot read the URL file: {tmp_path / 'urls.txt'}: file not found" in err and "Errno" not in err
     assert kanmon("logs", "search", "--dir", str(tmp_path), "--stream", "proxy", "--limit", "-1") == 2
     assert "--limit must be 0 (no limit) or more" in capsys.readouterr().err
+
+
+def test_config_check_details_follow_the_language(gw, capsys, monkeypatch):
+    gw.write_text(gw.read_text().replace("interface: eth0", "interface: kmwg0")
+                  .replace("10.77.0.0/24", "10.77.0.5/24"))
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert kanmon("config", "check", str(gw)) == 2
+    err = capsys.readouterr().err
+    assert "uplink.interface: tunnel.interface と別のインターフェースにしてください" in err
+    assert "tunnel.ipv4_prefix: ネットワークとして正しくありません" in err
+    assert "must differ" not in err and "not a valid network" not in err

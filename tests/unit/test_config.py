@@ -66,16 +66,19 @@ def test_semantic_errors_name_key_and_line():
                 .replace("upstream_dns: [192.0.2.53]", "upstream_dns: [resolver.example]")
                 .replace("listen: 127.0.0.1:9180", "listen: localhost"))
     errs = errors_of(bad)
-    assert "k.yaml:7: tunnel.ipv4_prefix: must be an IPv4 prefix" in errs
-    assert "k.yaml:12: proxy.upstream_dns[0]: 'resolver.example' is not an IP address" in errs
+    assert "k.yaml:7: tunnel.ipv4_prefix: IPv4 のプレフィックスにしてください / must be an IPv4 prefix" in errs
+    assert ("k.yaml:12: proxy.upstream_dns[0]: 'resolver.example' は IP アドレスではありません / "
+            "'resolver.example' is not an IP address") in errs
     assert any(e.startswith("k.yaml:14: management.listen:") for e in errs)
 
 
 def test_host_bits_in_prefix_and_duplicate_rule_ids_are_refused():
     text = VALID.replace("10.77.0.0/24", "10.77.0.5/24") + "    - id: allow-intranet\n      action: block\n      hosts: [x.test]\n"
     errs = errors_of(text)
-    assert any(e.startswith("k.yaml:7: tunnel.ipv4_prefix: not a valid network") for e in errs)
-    assert any(e.startswith("k.yaml:21: rules.list[1].id: duplicate rule id") for e in errs)
+    assert any(e.startswith("k.yaml:7: tunnel.ipv4_prefix: ネットワークとして正しくありません") and "/ not a valid network" in e
+               for e in errs)
+    assert any(e.startswith("k.yaml:21: rules.list[1].id: ルール ID が重複しています") and "/ duplicate rule id" in e
+               for e in errs)
 
 
 def test_yaml_syntax_and_duplicate_keys():
@@ -85,7 +88,8 @@ def test_yaml_syntax_and_duplicate_keys():
 
 
 def test_not_a_mapping():
-    assert errors_of("- a\n- b\n") == ["k.yaml:1: the configuration must be a mapping of keys"]
+    assert errors_of("- a\n- b\n") == ["k.yaml:1: 設定はキーと値の組（マッピング）で書いてください / "
+                                       "the configuration must be a mapping of keys"]
 
 
 def test_shipped_example_config_is_valid():
