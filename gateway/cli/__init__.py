@@ -87,6 +87,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+ENVIRONMENT = Text(
+    "環境変数:\n"
+    f"  {CONFIG_ENV}   --config の既定値（例 /etc/kanmon/kanmon.yaml）\n"
+    "  KANMON_LANG     メッセージの言語: ja、en、both（既定）",
+    "environment:\n"
+    f"  {CONFIG_ENV}   the default of --config (e.g. /etc/kanmon/kanmon.yaml)\n"
+    "  KANMON_LANG     language of the messages: ja, en or both (default)")
+
+
 class KanmonParser(argparse.ArgumentParser):
     """argparse with a bilingual heading on usage errors (its own detail stays English) and
     the exit-code convention in every help page."""
@@ -137,6 +146,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if wanted in (None, group) or wanted not in COMMAND_MODULES and wanted != "policy":
             importlib.import_module(module).register(sub)
     _with_exit_codes(parser)
+    parser.epilog += "\n\n" + ENVIRONMENT.render()
     return parser
 
 

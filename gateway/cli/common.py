@@ -18,11 +18,15 @@ from gateway.i18n import Text
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 EXIT_CODES = Text(
-    "終了コード: 0 正常（問題なし）、1 検出または拒否（改ざんの検出、検査の不合格、端末がない、ゲートウェイが拒否）、"
-    "2 入力または使い方の誤り（ファイルがない・誤りがあるポリシーや設定、不正な引数）",
-    "exit codes: 0 ok (nothing found), 1 a finding or a refusal (tampering found, a check failed, no such "
-    "device, the gateway refused), 2 bad input or usage (a missing file, a policy or config with errors, "
-    "a bad argument)")
+    "終了コード:\n"
+    "  0  正常（問題なし）\n"
+    "  1  検出または拒否（改ざんの検出、検査の不合格、端末がない、失効した端末、ゲートウェイが拒否）\n"
+    "  2  入力または使い方の誤り（ファイルがない・読めない、誤りのあるポリシーや設定、不正な引数）",
+    "exit codes:\n"
+    "  0  ok, nothing found\n"
+    "  1  a finding or a refusal (tampering found, a check failed, no such device, a revoked device,\n"
+    "     the gateway refused)\n"
+    "  2  bad input or usage (a missing or unreadable file, a policy or config with errors, a bad argument)")
 
 # The default of every `--config` option: `KANMON_CONFIG=/etc/kanmon/kanmon.yaml kanmon device list`.
 CONFIG_ENV = "KANMON_CONFIG"

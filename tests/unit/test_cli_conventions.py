@@ -73,10 +73,11 @@ def test_every_help_states_the_exit_codes(group, capsys, monkeypatch):
     monkeypatch.setenv("KANMON_LANG", "both")
     assert kanmon("--help") == 0
     top = capsys.readouterr().out
-    assert "exit codes: 0 ok" in top and "2 bad input or usage" in top and "終了コード" in top
+    assert "exit codes:\n  0  ok, nothing found\n  1  a finding or a refusal" in top
+    assert "  2  bad input or usage" in top and "終了コード:\n  0  正常" in top and "KANMON_CONFIG   " in top
     assert kanmon(group, "--help") == 0
     out = capsys.readouterr().out
-    assert "exit codes: 0 ok (nothing found), 1 a finding or a refusal" in out and "終了コード: 0 正常" in out
+    assert "exit codes:\n  0  ok, nothing found\n  1  a finding or a refusal" in out and "終了コード:\n  0  正常" in out
     monkeypatch.setenv("KANMON_LANG", "ja")
     assert kanmon(group, "--help") == 0
     out = capsys.readouterr().out
