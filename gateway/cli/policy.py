@@ -1,7 +1,9 @@
 """Operator commands: ``kanmon policy check|test|diff``. The lead's cli.py calls
-``register(subparsers)``; every handler returns the exit code (0 ok, 1 check failed,
-2 usage or input error). ``policy apply`` and ``test --device ID`` (registry lookup) are
-added by cli.py; ``device_context_from_args`` is the hook it extends."""
+``register(subparsers)``; every handler returns the exit code of the
+convention in gateway/cli/common.py (0 ok, 1 a finding or refusal, 2 bad input: a policy
+with errors is bad input in check, test, diff and apply alike). ``policy apply`` and
+``test --device ID`` (registry lookup) are added by cli.py; ``device_context_from_args`` is
+the hook it extends."""
 
 from __future__ import annotations
 
