@@ -9,6 +9,7 @@ import asyncio
 import importlib
 import logging
 import os
+import re
 import sys
 
 from gateway.cli.common import CONFIG_ENV, EXIT_CODES, EXIT_USAGE, add_config_argument, load_config_or_exit
@@ -102,8 +103,29 @@ class KanmonParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(Text("引数が正しくありません: {m}", "bad arguments: {m}").format(m=message).render(), file=sys.stderr)
+        print(Text(f"引数が正しくありません: {_argparse_ja(message)}", f"bad arguments: {message}").render(), file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+# argparse's messages (English, no Japanese catalogue ships with Python), in Japanese: the
+# ones an operator meets. Anything else keeps argparse's English after the Japanese heading.
+_ARGPARSE_JA = (
+    (re.compile(r"the following arguments are required: (.*)"), "次の引数が必要です: {0}"),
+    (re.compile(r"one of the arguments (.*) is required"), "次のどれかの引数が必要です: {0}"),
+    (re.compile(r"unrecognized arguments: (.*)"), "知らない引数です: {0}"),
+    (re.compile(r"argument (\S+): invalid choice: (.*) \(choose from (.*)\)"), "引数 {0}: 選べない値です: {1}（選べるのは {2}）"),
+    (re.compile(r"argument (\S+): invalid (int|float) value: (.*)"), "引数 {0}: 数値ではありません: {2}"),
+    (re.compile(r"argument (\S+): expected one argument"), "引数 {0} には値が 1 つ必要です"),
+    (re.compile(r"argument (\S+): not allowed with argument (.*)"), "引数 {0} は {1} と一緒に使えません"),
+)
+
+
+def _argparse_ja(message: str) -> str:
+    for pattern, ja in _ARGPARSE_JA:
+        match = pattern.fullmatch(message)
+        if match:
+            return ja.format(*match.groups())
+    return message
 
 
 def _with_exit_codes(parser: argparse.ArgumentParser) -> None:

@@ -89,7 +89,18 @@ def test_usage_errors_have_a_heading_in_the_chosen_language(capsys, monkeypatch)
     monkeypatch.setenv("KANMON_LANG", "ja")
     assert kanmon("device", "list") == 2
     err = capsys.readouterr().err
-    assert "引数が正しくありません: " in err and "--config" in err and "bad arguments" not in err
+    assert "引数が正しくありません: 次の引数が必要です: --config" in err and "bad arguments" not in err
+    assert kanmon("device", "revoke", "d1", "--config", "k.yaml", "--reason", "gone") == 2
+    err = capsys.readouterr().err
+    assert "引数 --reason: 選べない値です: 'gone'（選べるのは 'lost', 'stolen'" in err and "invalid choice" not in err
+    assert kanmon("logs", "search", "--dir", ".", "--stream", "proxy", "--limit", "ten") == 2
+    assert "引数 --limit: 数値ではありません: 'ten'" in capsys.readouterr().err
+    assert kanmon("device", "list", "--config", "k.yaml", "surplus") == 2
+    assert "知らない引数です: surplus" in capsys.readouterr().err
+    monkeypatch.setenv("KANMON_LANG", "en")
+    assert kanmon("device", "list") == 2
+    err = capsys.readouterr().err
+    assert "bad arguments: the following arguments are required: --config" in err and "引数" not in err
 
 
 def test_a_missing_config_is_file_not_found_in_the_chosen_language(tmp_path, capsys, monkeypatch):
