@@ -134,6 +134,8 @@ T_NOT_REGULAR = Text("ファイルを読めません: 通常のファイルで�
                      "cannot read file: not a regular file ({kind})")
 T_TOO_LARGE = Text("ファイルが大きすぎます（上限 {limit} バイト）", "file too large (at most {limit} bytes)")
 T_NOT_UTF8 = Text("UTF-8 のテキストではありません（{line} 行目）", "not UTF-8 text (line {line})")
+_KINDS_JA = {"directory": "ディレクトリ", "character device": "キャラクタデバイス", "block device": "ブロックデバイス",
+             "FIFO": "FIFO", "socket": "ソケット"}
 _KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
           (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"))
 
@@ -172,7 +174,8 @@ def read_bytes_file(path: str | Path, limit: int) -> bytes:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((k for test, k in _KINDS if test(mode)), "special file")
-            raise fail(T_NOT_REGULAR.format(kind=kind))
+            ja = _KINDS_JA.get(kind, "特殊ファイル")
+            raise fail(Text(T_NOT_REGULAR.ja.format(kind=ja), T_NOT_REGULAR.en.format(kind=kind)))
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))

@@ -347,3 +347,11 @@ def test_config_check_details_follow_the_language(gw, capsys, monkeypatch):
     assert "uplink.interface: tunnel.interface と別のインターフェースにしてください" in err
     assert "tunnel.ipv4_prefix: ネットワークとして正しくありません" in err
     assert "must differ" not in err and "not a valid network" not in err
+
+
+def test_a_directory_given_as_a_policy_is_named_in_japanese(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert kanmon("policy", "check", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: ファイルを読めません: 通常のファイルではありません（ディレクトリ）" in err
+    assert "（directory）" not in err
