@@ -69,7 +69,10 @@ def register(subparsers: Any) -> Any:
     add_device_arguments(test)
     add_request_arguments(test)
     test.add_argument("--json", action="store_true", help="one JSON object per line")
-    test.add_argument("urls", nargs="*", help="URLs (read from standard input when none are given)")
+    test.add_argument("urls", nargs="*", help="URLs (read from standard input when none are given). Without a scheme: "
+                                              "judged as https:// with a warning (exit 0); an unknown scheme (htps://): "
+                                              "judged by the host with a warning, exit 2; empty or without a host: "
+                                              "warning, not judged, exit 2")
     test.set_defaults(func=cmd_test)
 
     diff = sub.add_parser("diff", help="URLs whose verdict differs between two policies / 判定が変わる URL")
