@@ -232,7 +232,7 @@ def gateway_decision(snap, device, url: str, now: datetime):  # type: ignore[no-
 def run_kanmon(data: dict, repeats: int, conn) -> None:  # type: ignore[no-untyped-def]
     """The gateway's decision path (``gateway_decision``) over the URLs."""
     from gateway.policy import DeviceContext, compile_text, query_for_url
-    from gateway.policy.loader import give_back_freed_memory
+    from gateway.runtime.heaptrim import give_back_freed_memory
     from gateway.verdict import Action
 
     text, lists = kanmon_inputs(data)
