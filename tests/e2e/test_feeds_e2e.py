@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.lab.topology import MANAGEMENT, WEB4, Lab
 from tests.e2e.conftest import ARTIFACTS, require_lab
+from tests.availability import unavailable
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,9 +149,7 @@ def test_stale_feed_alert_fires_in_prometheus(flab: Lab):
     the expression is otherwise the shipped one."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("prometheus is required in CI (apt-get install prometheus)")
-        pytest.skip("prometheus not installed (apt-get install prometheus)")
+        unavailable("prometheus not installed (apt-get install prometheus)")
     lab = flab
     publish(lab, ut1_tar(["mail-a.test", "mail-b.test", "mail-e.test"]))
     wait_for(lambda: blocked(lab, "mail-e.test"), 60, "the good feed to be back")

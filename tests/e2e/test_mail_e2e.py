@@ -15,6 +15,7 @@ from gateway.lab.mailservers import MAIL_DOMAIN, MAIL_HOST, PRIVATE_MAIL_HOST, m
 from gateway.lab.topology import MAIL4, PRIVATE_MAIL4, Lab
 from tests.e2e.conftest import require_lab, running_lab
 from tests.mailcorpus.build import TEST_VIRUS_MARKER, build_corpus
+from tests.availability import unavailable
 
 CORPUS = build_corpus()
 TARO = f"taro@{MAIL_DOMAIN}"
@@ -28,10 +29,7 @@ def lab(tmp_path_factory, request):
     if missing:
         reason = "mail servers missing: " + ", ".join(missing) + \
             " (apt-get install -y --no-install-recommends postfix dovecot-imapd dovecot-pop3d clamav-daemon)"
-        import os
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(reason)
     workdir = tmp_path_factory.mktemp("maillab")
     lab = Lab(workdir, n_devices=1, mail=True, mail_signatures={"Kanmon.Test.Marker": TEST_VIRUS_MARKER})
     lab.config_overrides = {

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.availability import unavailable
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "kanmon.service"
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("systemd-analyze missing (apt-get install systemd)")
-        pytest.skip("systemd-analyze not installed")
+        unavailable("systemd-analyze not installed")
     # verify also checks that ExecStart exists: point it at this checkout's installed entry point.
     kanmon = Path(sys.executable).parent / "kanmon"
     assert kanmon.exists(), "the kanmon console script must be installed in the test venv"
