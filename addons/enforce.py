@@ -17,13 +17,14 @@ from mitmproxy import dns, http, tcp
 from mitmproxy.proxy import server_hooks
 
 from addons.blockpage import Helpdesk, Organization, block_response, new_request_id
-from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_DNS_BLOCK, METADATA_REQUEST_ID, METADATA_VERDICT
+from gateway.proxy.flowstate import (METADATA_DEVICE, METADATA_DNS_BLOCK, METADATA_REQUEST_ID, METADATA_SIGNATURE,
+                                     METADATA_VERDICT)
 from addons.requesttarget import request_target
 from gateway.hostname import canonical_address
 from gateway.proxy.connections import PROTOCOL_UNIDENTIFIED, LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.pages.catalog import load_all as load_catalogs
-from gateway.pages.kinds import METADATA_SIGNATURE, PageKind, page_kind, staff_message
+from gateway.pages.kinds import PageKind, page_kind, staff_message
 from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INTERNAL_DESTINATION, RULE_MALFORMED_AUTHORITY, RULE_UNDECIDED,
                              RULE_UNIDENTIFIED_PROTOCOL, Action, Stage, Verdict, strictest)
 

@@ -35,11 +35,10 @@ from typing import Any
 
 from mitmproxy import http
 
-from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_REQUEST_ID, METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_DEVICE, METADATA_REQUEST_ID, METADATA_SIGNATURE, METADATA_VERDICT
 from addons.requesttarget import request_target
 from gateway.autoquarantine.triggers import Trigger
 from gateway.mail.scanner import ScannerUnavailable
-from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.mail.clamdproto import ClamdSizeLimit
 from gateway.scan.decoding import TooLarge, Undecodable, decode_bounded
 from gateway.scan.decide import ScanOutcome, ScanSettings, ScanStatus, outcome

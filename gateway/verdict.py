@@ -83,4 +83,7 @@ RULE_UNIDENTIFIED_PROTOCOL = "kanmon:unidentified-protocol"   # neither TLS nor 
 RULE_MALFORMED_AUTHORITY = "kanmon:malformed-authority"       # Host / :authority / absolute target unparsable
 RULE_AUTHORITY_MISMATCH = "kanmon:authority-mismatch"         # absolute target, :authority and Host disagree
 RULE_NO_INSPECT_UNRESOLVED = "kanmon:no-inspect-unresolved"   # no-inspect SNI to an address our DNS did not give
+RULE_INFECTED = "kanmon:infected"                           # issue #18: the virus scanner found a signature (the "infected" page)
+RULE_SCAN_TOO_LARGE = "kanmon:scan-too-large"               # a risky download above scan.max_bytes, on_too_large: block
+RULE_SCAN_UNAVAILABLE = "kanmon:scan-unavailable"           # no answer from clamd, on_unavailable: block (a "fault" page, 503)
 RULE_DNS_BYPASS = "kanmon:dns-bypass"                         # DoT or DoH around the gateway's resolver

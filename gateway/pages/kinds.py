@@ -7,8 +7,9 @@ HTTP 503, "temporarily unavailable, try again" — never "blocked by policy"), `
 gateway cannot parse: HTTP 400).
 
 An addon that blocks an infected download gives the page its signature name either way:
-its verdict's rule id is ``RULE_INFECTED``, or it sets ``flow.metadata[METADATA_SIGNATURE]``
-before the enforcer writes the page (``Enforcer.block_http``).
+its verdict's rule id is ``gateway.verdict.RULE_INFECTED``, or it sets
+``flow.metadata[gateway.proxy.flowstate.METADATA_SIGNATURE]`` before the enforcer writes the page
+(``Enforcer.block_http``, which hands the signature to ``page_kind``).
 
 The staff message of a ``policy`` page, per language: the rule's ``description_ja`` /
 ``description``, else the policy's ``categories:`` entry for the rule's category, else the
@@ -24,11 +25,8 @@ from enum import StrEnum
 from typing import Any, Mapping
 
 from gateway.pages.catalog import LANGS, N_
-from gateway.verdict import (RULE_FAIL_CLOSED, RULE_MALFORMED_AUTHORITY, RULE_QUARANTINE, RULE_SIGNIN_REQUIRED,
-                             RULE_UNDECIDED, Verdict)
-
-RULE_INFECTED = "kanmon:infected"                 # a download the virus scanner found infected
-METADATA_SIGNATURE = "kanmon.virus_signature"     # the signature's name, for the infected page
+from gateway.verdict import (RULE_FAIL_CLOSED, RULE_INFECTED, RULE_MALFORMED_AUTHORITY, RULE_QUARANTINE,
+                             RULE_SCAN_UNAVAILABLE, RULE_SIGNIN_REQUIRED, RULE_UNDECIDED, Verdict)
 
 
 class PageKind(StrEnum):
@@ -43,7 +41,7 @@ class PageKind(StrEnum):
 STATUS = {PageKind.POLICY: 403, PageKind.QUARANTINE: 403, PageKind.SIGNIN: 403, PageKind.FAULT: 503,
           PageKind.INFECTED: 403, PageKind.BAD_REQUEST: 400}
 _FAULT_RULES = frozenset({RULE_FAIL_CLOSED, RULE_UNDECIDED,
-                          "kanmon:scan-unavailable"})   # issue #18: the virus scanner did not answer (gateway/scan)
+                          RULE_SCAN_UNAVAILABLE})   # issue #18: the virus scanner did not answer (gateway/scan)
 
 
 def page_kind(verdict: Verdict, signature: str | None = None) -> PageKind:

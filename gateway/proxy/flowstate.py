@@ -9,4 +9,5 @@ METADATA_VERDICT = "kanmon.verdict"           # the flow's Verdict, combined by 
 METADATA_DEFERRED = "kanmon.deferred"         # a policy decision deferred to a later hook (addons/policy.py)
 METADATA_DNS_BLOCK = "kanmon.dns_block"       # "nxdomain" | "sinkhole" for a DNS-stage block (addons/policy.py)
 METADATA_SESSION = "kanmon.session"           # the signed-in user's session (addons/signin.py)
+METADATA_SIGNATURE = "kanmon.virus_signature"  # the virus signature an infected page names (addons/scan.py)
 METADATA_REQUEST_ID = "kanmon.request_id"     # the id a block page shows (addons/enforce.py)

@@ -20,12 +20,9 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.i18n import Text
-from gateway.pages.kinds import RULE_INFECTED
+from gateway.verdict import RULE_INFECTED, RULE_SCAN_TOO_LARGE, RULE_SCAN_UNAVAILABLE
 from gateway.scan.filetype import FileKind
 
-RULE_VIRUS = RULE_INFECTED                         # clamd found a signature: the "infected" block page
-RULE_SCAN_TOO_LARGE = "kanmon:scan-too-large"      # above scan.max_bytes, on_too_large: block
-RULE_SCAN_UNAVAILABLE = "kanmon:scan-unavailable"  # no answer from clamd, on_unavailable: block (a "fault" page, 503)
 RULE_SCAN_CLEAN = "kanmon:scan-clean"
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024   # clamd's own StreamMaxLength default (25M)
@@ -145,7 +142,7 @@ def outcome(settings: ScanSettings, kind: FileKind, *, infected: bool | None = N
             f"virus scanner unavailable: {'blocked' if block else 'passed unscanned'} ({unavailable})"))
     if infected:
         name = signature or "?"
-        return ScanOutcome(ScanStatus.INFECTED, True, RULE_VIRUS, Text(
+        return ScanOutcome(ScanStatus.INFECTED, True, RULE_INFECTED, Text(
             f"ウイルスを検出しました: {name}", f"virus found: {name}"), signature=name)
     return ScanOutcome(ScanStatus.CLEAN, False, RULE_SCAN_CLEAN, Text("ウイルスは検出されませんでした", "no virus found"))
 

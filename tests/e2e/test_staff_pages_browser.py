@@ -31,11 +31,11 @@ from addons.policy import PolicyDecider, PolicyHolder
 from addons.quarantine import QuarantineGate
 from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
-from gateway.pages.kinds import METADATA_SIGNATURE, RULE_INFECTED
+from gateway.proxy.flowstate import METADATA_SIGNATURE
 from gateway.pages.organization import Helpdesk, Organization
 from gateway.policy import compile_text
 from gateway.registry.model import DeviceRecord, DeviceStatus
-from gateway.verdict import Action, Stage, Verdict
+from gateway.verdict import RULE_INFECTED, Action, Stage, Verdict
 from tests.availability import unavailable
 
 pytestmark = pytest.mark.e2e

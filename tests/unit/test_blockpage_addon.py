@@ -12,12 +12,11 @@ from mitmproxy.test import tflow, tutils
 from addons.enforce import Enforcer
 from addons.flowverdict import record_verdict
 from addons.identity import DeviceDirectory, DeviceIdentity
-from gateway.proxy.flowstate import METADATA_DNS_BLOCK, METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_DNS_BLOCK, METADATA_SIGNATURE, METADATA_VERDICT
 from gateway.proxy.connections import LiveConnections
 from gateway.metrics import GatewayMetrics
 from gateway.pages import catalog
 from gateway.pages.catalog import CatalogError
-from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.pages.organization import Helpdesk, Organization
 from gateway.registry.model import DeviceRecord
 from gateway.verdict import RULE_MALFORMED_AUTHORITY, RULE_SIGNIN_REQUIRED, Action, Stage, Verdict

@@ -16,10 +16,9 @@ from mitmproxy.test import tflow
 
 from addons.autoquarantine import BlockObserver
 from addons.blockpage import Helpdesk, block_response
-from gateway.proxy.flowstate import METADATA_VERDICT
+from gateway.proxy.flowstate import METADATA_SIGNATURE, METADATA_VERDICT
 from gateway.proxy.flowstate import METADATA_DEVICE
 from addons.scan import DownloadScanner, _StreamGuard
-from gateway.pages.kinds import METADATA_SIGNATURE
 from gateway.autoquarantine.service import AutoQuarantiner
 from gateway.autoquarantine.triggers import AutoQuarantineSettings, Trigger, TriggerEngine
 from gateway.proxy.connections import LiveConnections

@@ -12,9 +12,10 @@ import pytest
 from gateway.config import load_config_text
 from gateway.mail.scanner import ScannerUnavailable
 from gateway.mail.clamdproto import INSTREAM, ClamdSizeLimit, ReplyReader, instream_frames, parse_scan_reply
-from gateway.scan.decide import (RULE_SCAN_TOO_LARGE, RULE_SCAN_UNAVAILABLE, RULE_VIRUS, ScanSettings, ScanStatus,
+from gateway.scan.decide import (ScanSettings, ScanStatus,
                                  outcome, scan_settings)
 from gateway.scan.filetype import FileKind, by_name, classify, filename_of, sniff
+from gateway.verdict import RULE_INFECTED, RULE_SCAN_TOO_LARGE, RULE_SCAN_UNAVAILABLE
 from gateway.yamlsource import SourceErrors
 
 PE = b"MZ" + b"\x90" * 62 + b"PE\0\0" + b"\0" * 100
@@ -134,7 +135,7 @@ def test_file_name_from_content_disposition_or_url():
 def test_outcomes_default_to_failing_closed_for_programs():
     s = ScanSettings(clamd_socket="/x")
     infected = outcome(s, FileKind.PDF, infected=True, signature="Kanmon.Test.Signature")
-    assert infected.block and infected.rule_id == RULE_VIRUS and "Kanmon.Test.Signature" in infected.reason.ja
+    assert infected.block and infected.rule_id == RULE_INFECTED and "Kanmon.Test.Signature" in infected.reason.ja
     assert "Kanmon.Test.Signature" in infected.reason.en and infected.signature == "Kanmon.Test.Signature"
     assert not outcome(s, FileKind.PDF, infected=False).block
     big_exe, big_pdf = outcome(s, FileKind.EXECUTABLE, too_large=True), outcome(s, FileKind.PDF, too_large=True)
