@@ -504,6 +504,12 @@ def _register_bound_key(registry, rec: DeviceRecord, private_key, args: argparse
         return error(Text("鍵を登録できません: {e}", "cannot register the key: {e}").format(e=exc))
 
 
+def _keepalive(args: argparse.Namespace, cfg) -> int | None:
+    """--persistent-keepalive, else tunnel.persistent_keepalive; 0 turns it off."""
+    value = args.persistent_keepalive if args.persistent_keepalive is not None else cfg.wg_persistent_keepalive
+    return value or None
+
+
 def cmd_export_config(args: argparse.Namespace) -> int:
     from wireguard_tools import WireguardKey
 
@@ -549,7 +555,8 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     try:
         text = wg_quick_config(private_key=private, address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None,
-                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu)
+                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu,
+                               persistent_keepalive=_keepalive(args, cfg))
         outputs: list[tuple[Path, bytes]] = []
         if args.qr_png:
             outputs.append((Path(args.qr_png), qr_png(text)))
@@ -750,6 +757,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--private-key-file", help="the device's WireGuard private key (else a placeholder)")
     export.add_argument("--cert", help="the device certificate binding that key, when the device has not enrolled "
                                        "(default: ID.cert.pem beside the key file)")
+    export.add_argument("--persistent-keepalive", type=int, metavar="SECONDS",
+                        help="PersistentKeepalive for a phone behind NAT (default: tunnel.persistent_keepalive; 0: off)")
     export.add_argument("--qr", action="store_true", help="print the QR code in the terminal instead of the text")
     export.add_argument("--qr-png", help="write the QR code as PNG")
     export.add_argument("--mobileconfig", help="write an iOS .mobileconfig (VPN + interception CA)")
