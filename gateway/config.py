@@ -442,7 +442,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         try:
             parse_version(str(version))
         except VersionError as exc:
-            errors.append(doc.error(("posture", "min_os", platform), str(exc)))
+            errors.append(doc.error(("posture", "min_os", platform),
+                                    Text(f"バージョン番号ではありません: {str(version)!r}", str(exc))))
         else:
             min_os.append((normalize_platform(platform), str(version)))
 
