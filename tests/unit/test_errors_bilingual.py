@@ -149,3 +149,34 @@ def test_registry_errors_carry_both_languages(tmp_path, monkeypatch):
     assert line.render("en") == "Cannot add the device: tunnel prefix 10.77.0.8/31 has no free address"
     # A plain message (older callers) still reads the same in both.
     assert RegistryError("x").text == Text("x", "x")
+
+
+def test_start_up_refusals_in_the_chosen_language(tmp_path, monkeypatch):
+    """`kanmon run` with a policy or mail policy that does not load: the journal line (cmd_run's
+    "Start-up failed: {e}") is Japanese or English throughout, not an English heading."""
+    from addons.chain import ChainError, load_extra_addon
+    from gateway.config import load_config
+    from gateway.runtime.app import GatewayApp
+    from gateway.runtime.errors import StartupError
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - {id: r, action: block, expires: 31/03/2027}\n")
+    cfg = tmp_path / "kanmon.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ntunnel: {{interface: kmwg0, listen_port: 51820, "
+                   f"ipv4_prefix: 10.77.0.0/24}}\nuplink: {{interface: eth0}}\npolicy: {{path: {policy}}}\n")
+    app = GatewayApp(load_config(cfg))
+    app.cfg.state_dir.mkdir()
+    with pytest.raises(StartupError) as exc:
+        app.load_initial_policy()
+    line = Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=exc.value)
+    assert line.ja == (f"起動に失敗しました: ポリシーをコンパイルできません:\n"
+                       f"  {policy}:3: rules[0].expires: 日付ではありません: '31/03/2027'（YYYY-MM-DD で書いてください）")
+    assert line.en == (f"Start-up failed: the policy does not compile:\n"
+                       f"  {policy}:3: rules[0].expires: not a date: '31/03/2027' (write YYYY-MM-DD)")
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert not re.search(r"[A-Za-z]{5,}", line.render().replace(str(policy), "").replace("YYYY-MM-DD", "")
+                         .replace("rules[0].expires", "")), line.render()
+    with pytest.raises(ChainError) as chain:
+        load_extra_addon("no.such.module:Addon")
+    assert chain.value.text.ja.startswith("addons.extra: no.such.module:Addon を読み込めません")
+    assert str(chain.value).startswith("addons.extra: cannot load no.such.module:Addon")
