@@ -269,3 +269,34 @@ class Placeholders:
             else:
                 out.append(plain.get(word, word))
         return out[1:]          # without "kanmon"
+
+
+# ---------------------------------------------------------------- other scripts the documents name
+
+_SCRIPT = re.compile(r"(?:^|\s)(bench/[\w/]+\.py|tests/[\w/]+\.py)|python3? -m ([\w.]+)")
+
+
+def script_commands(path: Path, text: str | None = None) -> list[tuple[int, str]]:
+    """[(line, span)] for code spans and block lines that run a script of this checkout
+    (`bench/x.py --opt`, `python -m pkg.mod -v`)."""
+    text = path.read_text() if text is None else text
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        candidates = _SPAN.findall(line) if "`" in line else []
+        found += [(number, c) for c in candidates if _SCRIPT.search(c)]
+    return found
+
+
+def check_script(command: str, root: Path = ROOT) -> str | None:
+    """None when the script exists and knows every `--option` the command gives it."""
+    m = _SCRIPT.search(command)
+    if m is None:
+        return None
+    target = root / m.group(1) if m.group(1) else root / (m.group(2).replace(".", "/") + ".py")
+    if not target.is_file() and m.group(2):
+        target = root / m.group(2).replace(".", "/") / "__main__.py"
+    if not target.is_file():
+        return f"no such script: {target.relative_to(root)}"
+    source = target.read_text()
+    unknown = [o for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", command) if f'"{o}"' not in source]
+    return f"{target.relative_to(root)} has no option {unknown}" if unknown else None

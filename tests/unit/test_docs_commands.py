@@ -240,3 +240,19 @@ def test_doc_commands_run_as_written(host):
     found = by_command["kanmon logs search --dir <state_dir>/logs --stream proxy --verdict block --since <ISO 8601>"][0]
     assert "mail.yahoo.co.jp" in found
     assert (Path.cwd() / "incident.html").read_text().count("phone-12") >= 1
+
+
+def test_scripts_the_docs_name_exist_with_their_options():
+    from tests.doccommands import check_script, script_commands
+
+    problems, seen = [], 0
+    for path, text in _docs_text().items():
+        for line, command in script_commands(path, text):
+            seen += 1
+            if problem := check_script(command):
+                problems.append(f"{path.relative_to(ROOT)}:{line}: `{command}`: {problem}")
+    assert seen >= 5, seen
+    assert not problems, "\n".join(problems)
+    assert check_script("bench/fuzz.py --minutes N") is None
+    assert "no option ['--hours']" in check_script("bench/fuzz.py --hours N")
+    assert "no such script" in check_script("bench/nothing.py")
