@@ -213,6 +213,8 @@ def check_synopsis(parser: argparse.ArgumentParser, command: str) -> str | None:
         if not children:
             break
         alternatives = [w for w in re.split(r"[/|]", word.strip("()[]")) if w and w != "…"]
+        if not alternatives:
+            break
         missing = [w for w in alternatives if w not in children]
         if missing:
             return f"no sub-command {missing} under `{' '.join(['kanmon'] + tree_words)}`"
