@@ -390,6 +390,14 @@ def test_export_config_persistent_keepalive(gw, capsys, monkeypatch):
     assert "\nPersistentKeepalive = 30\n" in text and text.index("Endpoint") < text.index("PersistentKeepalive")
     assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--persistent-keepalive", "0") == 0
     assert "PersistentKeepalive" not in capsys.readouterr().out
+    # the iOS profile carries the same text (Android imports the .conf or the QR code of it)
+    (gw.state / "mitmproxy").mkdir()
+    inter = build_org_ca("Interception", now=dt.datetime.now(dt.UTC)).cert
+    (gw.state / "mitmproxy" / "mitmproxy-ca-cert.pem").write_bytes(inter.public_bytes(serialization.Encoding.PEM))
+    profile = gw.tmp / "dev.mobileconfig"
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--mobileconfig", str(profile)) == 0
+    plist = plistlib.loads(verified_profile(profile.read_bytes(), pki_dir(gw.state) / "ca" / "ca.cert.pem"))
+    assert "\nPersistentKeepalive = 30\n" in plist["PayloadContent"][0]["VendorConfig"]["WgQuickConfig"]
     monkeypatch.setenv("KANMON_LANG", "ja")
     assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--persistent-keepalive", "70000") == 2
     assert "PersistentKeepalive は 1〜65535 秒です" in capsys.readouterr().err
