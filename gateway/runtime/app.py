@@ -47,7 +47,7 @@ from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
 from gateway.runtime.reconcile import Reconciler
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
-from gateway.net.tunnel import WireGuardInterface, load_or_create_private_key
+from gateway.net.tunnel import TunnelError, WireGuardInterface, load_or_create_private_key
 from gateway.net.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.runtime.policycache import PolicyCache  # issue #22
@@ -612,5 +612,7 @@ class GatewayApp:
                     task.cancel()
             await asyncio.wait({run_task}, timeout=5)
             return 1 if self.fatal_reason else 0
+        except (TunnelError, steering.SteeringError) as exc:   # no tunnel or no firewall: refused, no traceback
+            raise StartupError(exc.text) from None
         finally:
             await asyncio.to_thread(self.teardown)

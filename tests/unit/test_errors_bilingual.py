@@ -180,3 +180,24 @@ def test_start_up_refusals_in_the_chosen_language(tmp_path, monkeypatch):
         load_extra_addon("no.such.module:Addon")
     assert chain.value.text.ja.startswith("addons.extra: no.such.module:Addon を読み込めません")
     assert str(chain.value).startswith("addons.extra: cannot load no.such.module:Addon")
+
+
+def test_tunnel_and_firewall_refusals_carry_both_languages(tmp_path, monkeypatch):
+    """A host without nft, or a damaged WireGuard key file, stops `kanmon run` with a line in
+    the chosen language (the gateway turns these into StartupError), not a traceback."""
+    from gateway.net import steering
+    from gateway.net.tunnel import TunnelError, load_or_create_private_key
+
+    monkeypatch.setenv("PATH", str(tmp_path))          # no nft on this PATH
+    with pytest.raises(steering.SteeringError) as nft:
+        steering.table_exists("kanmon_test")
+    assert nft.value.text == Text("nft がありません (apt-get install nftables)", "nft not found (apt-get install nftables)")
+    key = tmp_path / "wg-private.key"
+    key.write_text("not a key\n")
+    with pytest.raises(TunnelError) as bad:
+        load_or_create_private_key(key)
+    assert bad.value.text.ja.startswith(f"{key}: WireGuard の秘密鍵ではありません")
+    assert str(bad.value).startswith(f"{key}: not a WireGuard private key")
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=bad.value).render().startswith(
+        f"起動に失敗しました: {key}: WireGuard の秘密鍵ではありません")
