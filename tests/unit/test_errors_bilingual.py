@@ -201,3 +201,15 @@ def test_tunnel_and_firewall_refusals_carry_both_languages(tmp_path, monkeypatch
     monkeypatch.setenv("KANMON_LANG", "ja")
     assert Text("起動に失敗しました: {e}", "Start-up failed: {e}").format(e=bad.value).render().startswith(
         f"起動に失敗しました: {key}: WireGuard の秘密鍵ではありません")
+
+
+def test_feed_format_refusal_in_both_languages():
+    """`kanmon lists status` shows a refused feed's last error; its detail follows the language."""
+    from gateway.feeds import formats
+    from gateway.feeds.update import T_FORMAT
+
+    with pytest.raises(formats.FeedFormatError) as exc:
+        formats.ut1_files_from_tar(b"this is not a tar.gz", ["adult"])
+    line = T_FORMAT.format(e=exc.value)
+    assert line.ja.startswith("フィードを読めません: UT1 のアーカイブ (tar.gz) ではありません: ")
+    assert line.en.startswith("the feed cannot be read: not a UT1 archive (tar.gz): ")
