@@ -186,7 +186,7 @@ def parse_enroll_request(body: bytes) -> EnrollRequest:
     try:
         key_text = wg_key_text(parse_wg_key(key))
     except WireGuardKeyError as exc:
-        raise RequestProblem(Text(f"wg_public_key が不正です: {exc}", f"wg_public_key is invalid: {exc}")) from None
+        raise RequestProblem(Text(f"wg_public_key が不正です: {exc.text.ja}", f"wg_public_key is invalid: {exc.text.en}")) from None
     fields: dict[str, str | None] = {}
     for name in ("platform", "os_version"):
         value = data.get(name)

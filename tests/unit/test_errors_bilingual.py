@@ -213,3 +213,18 @@ def test_feed_format_refusal_in_both_languages():
     line = T_FORMAT.format(e=exc.value)
     assert line.ja.startswith("フィードを読めません: UT1 のアーカイブ (tar.gz) ではありません: ")
     assert line.en.startswith("the feed cannot be read: not a UT1 archive (tar.gz): ")
+
+
+def test_a_bad_wireguard_key_is_explained_in_each_language():
+    """The enrollment API's 400 and export-config's refusal: no English detail on the Japanese side."""
+    from gateway.devices.clientconfig import ClientConfigError, wg_quick_config
+    from gateway.enroll.decide import RequestProblem, parse_enroll_request
+
+    with pytest.raises(RequestProblem) as bad:
+        parse_enroll_request(b'{"wg_public_key": "short"}')
+    assert bad.value.text == Text("wg_public_key が不正です: base64 の WireGuard 鍵ではありません: 'short'",
+                                  "wg_public_key is invalid: not a base64 WireGuard key: 'short'")
+    with pytest.raises(ClientConfigError) as exc:
+        wg_quick_config(private_key="A" * 43 + "=", address_v4="10.77.0.2", address_v6=None,
+                        gateway_public_key="AAAA", endpoint="vpn.example.test:51820", dns=["10.77.0.1"])
+    assert exc.value.text.ja == "ゲートウェイの公開鍵が不正です: base64 の WireGuard 鍵ではありません: 'AAAA'"
