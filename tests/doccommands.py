@@ -22,7 +22,10 @@ before the opening fence:
 is checked against the real argument parser (gateway.cli.build_parser): a synopsis
 (`device list/show/revoke`, `[--json]`, `A \\| B`, `…`) must name existing groups, sub-commands and
 options; a concrete command (placeholders such as `ID`, `C`, `<state_dir>` filled in, see
-PLACEHOLDERS) must parse as written; a bare name (`kanmon policy apply`) must exist.
+Placeholders) must parse as written; a bare name (`kanmon policy apply`) must exist. Scripts of
+this checkout named in prose (`bench/x.py --opt`, `python -m pkg`) must exist and take the
+options given. System tools named in prose (`systemctl status kanmon`, `nft list table …`,
+`journalctl`) are the host's, not ours: not checked.
 """
 
 from __future__ import annotations
@@ -252,7 +255,7 @@ class Placeholders:
         text = _strip_prefix(command)
         for old, new in (("/etc/kanmon/kanmon.yaml", self.config), ("/var/lib/kanmon", self.state),
                          ("<state_dir>", self.state), ("<state>", self.state), ("STATE/", self.state + "/"),
-                         ("<ISO 8601>", "2026-12-01T00:00")):
+                         ("DIR/", self.out + "/"), ("<ISO 8601>", "2026-12-01T00:00")):
             text = text.replace(old, new)
         words = shlex.split(text)
         by_option = {"--reason": "lost", "--config": self.config, "--dir": self.state + "/logs",

@@ -223,7 +223,7 @@ def test_doc_commands_run_as_written(host):
 
     results = []
     for command, expected in DOC_COMMANDS:
-        argv = host.fill(command.replace("DIR/", host.out + "/"))
+        argv = host.fill(command)
         err, out = io.StringIO(), io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
