@@ -250,6 +250,7 @@ class Placeholders:
     out: str
     eml: str
     extra: dict[str, str] | None = None
+    month: str = "2026-12"
 
     def fill(self, command: str) -> list[str]:
         text = _strip_prefix(command)
@@ -265,6 +266,7 @@ class Placeholders:
                      "--expiring-days": "30", "--policy": self.policy}
         plain = {"ID": "phone-12", "C": self.config, "FILE": self.policy, "PATH": self.config, "N": "30",
                  "DIR": self.out, "FILE.eml": self.eml, "ADDRESS": "someone@example.com", "USER": "sato",
+                 "P": self.policy, "URL": "https://mail.yahoo.co.jp/", "YYYY-MM": self.month,
                  "…": "lost", "...": "lost", **(self.extra or {})}
         out = []
         for i, word in enumerate(words):

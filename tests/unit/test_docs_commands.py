@@ -41,11 +41,13 @@ DOC_COMMANDS: list[tuple[str, int]] = [
     ("kanmon registry check --config C", 0),                                               # README
     ("kanmon policy check PATH", 0),                                                       # README
     ("kanmon policy check FILE --expiring-days N", 0),                                     # LANGUAGE.md
+    ("kanmon policy test --policy P --device ID --config C URL", 0),                       # README (sign-in)
     ("kanmon lists status --config /etc/kanmon/kanmon.yaml", 0),                           # RUNBOOK
     ("kanmon logs verify --dir <state>/logs", 0),                                          # FIELDS.md
     ("kanmon logs search --dir <state_dir>/logs --stream auth --since 2026-12-05T09:00", 0),  # RUNBOOK
     ("kanmon logs search --dir <state_dir>/logs --stream proxy --verdict block --since <ISO 8601>", 0),
     ("kanmon report incident --device ID --since <ISO 8601> --logs <state_dir>/logs --out incident.html", 0),
+    ("kanmon report review --month YYYY-MM --logs DIR --out F.html", 0),                   # README
     ("kanmon logs purge --dir <state>/logs --retention-days N", 0),                        # FIELDS.md
     ("kanmon device revoke ID --reason …", 0),                                             # RUNBOOK
 ]
@@ -207,15 +209,17 @@ def host(tmp_path, monkeypatch):
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
     (state / "mitmproxy").mkdir()
     (state / "mitmproxy" / "mitmproxy-ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    with LogStore(state / "logs") as store:
+    # a fixed moment inside the month the commands name (YYYY-MM, --since 2026-12-05T09:00 …)
+    with LogStore(state / "logs", clock=lambda: datetime(2026, 12, 5, 10, tzinfo=UTC)) as store:
         store.append("auth", {"event.action": "enroll", "event.outcome": "success", "device.id": "phone-12"})
         store.append("proxy", {"device.id": "phone-12", "kanmon.verdict": "block", "rule.id": "webmail",
-                               "url.full": "https://mail.yahoo.co.jp/"})
+                               "rule.category": "webmail", "url.full": "https://mail.yahoo.co.jp/",
+                               "url.domain": "mail.yahoo.co.jp"})
     monkeypatch.setenv("KANMON_CONFIG", str(cfg))
     monkeypatch.chdir(tmp_path)
     policy = str(ROOT / "policies" / "example.yaml")
     return Placeholders(config=str(cfg), state=str(state), policy=policy, out=str(out), eml="",
-                        extra={"PATH": policy})
+                        extra={"PATH": policy}, month="2026-12")
 
 
 def test_doc_commands_run_as_written(host):
@@ -240,6 +244,9 @@ def test_doc_commands_run_as_written(host):
     found = by_command["kanmon logs search --dir <state_dir>/logs --stream proxy --verdict block --since <ISO 8601>"][0]
     assert "mail.yahoo.co.jp" in found
     assert (Path.cwd() / "incident.html").read_text().count("phone-12") >= 1
+    assert "mail.yahoo.co.jp" in (Path.cwd() / "F.html").read_text()          # the month's blocked domain
+    judged = by_command["kanmon policy test --policy P --device ID --config C URL"][0]
+    assert "block" in judged and "webmail" in judged, judged
 
 
 def test_scripts_the_docs_name_exist_with_their_options():
