@@ -13,8 +13,8 @@ before the opening fence:
 * `<!-- run: tests/unit/test_docs_commands.py -->` — a test runs it: every command line of the
   block (continuation lines joined, `# comments` and a leading `sudo ` dropped) occurs literally
   in that test's source, so the test runs what the document says, not a paraphrase;
-* `<!-- walkthrough:gateway -->` (`config`, `device`) — the README walkthrough
-  (tests/e2e/test_readme_walkthrough.py) runs it;
+* `<!-- walkthrough:gateway -->` (`config`, `device`), in README.md only — the README
+  walkthrough (tests/e2e/test_readme_walkthrough.py) runs it;
 * `<!-- illustrative: REASON -->` — not run, and REASON says why (a host change, a service, a
   synopsis…). A reason is required.
 
