@@ -53,6 +53,8 @@ SCHEMA: dict[str, Any] = {
                 "ipv6_prefix": _STR,
                 "endpoint": _STR,
                 "mtu": {"type": "integer", "minimum": 1280, "maximum": 9000},
+                # issue #19: PersistentKeepalive in the devices' configs (seconds; omit: off)
+                "persistent_keepalive": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "implementation": {"enum": ["auto", "kernel", "wireguard-go"]},
                 "private_key_file": _STR,
             },
@@ -245,6 +247,7 @@ class GatewayConfig:
     wg_implementation: str
     wg_private_key_file: Path
     wg_mtu: int
+    wg_persistent_keepalive: int | None   # issue #19: in the devices' configs; None: off
     endpoint: str | None
     ipv4_prefix: ipaddress.IPv4Network
     ipv6_prefix: ipaddress.IPv6Network | None
@@ -439,7 +442,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         try:
             parse_version(str(version))
         except VersionError as exc:
-            errors.append(doc.error(("posture", "min_os", platform), str(exc)))
+            errors.append(doc.error(("posture", "min_os", platform),
+                                    Text(f"バージョン番号ではありません: {str(version)!r}", str(exc))))
         else:
             min_os.append((normalize_platform(platform), str(version)))
 
@@ -487,6 +491,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         wg_implementation=tunnel.get("implementation", "auto"),
         wg_private_key_file=key_file if key_file.is_absolute() else state_dir / key_file,
         wg_mtu=tunnel.get("mtu", 1420),
+        wg_persistent_keepalive=tunnel.get("persistent_keepalive"),
         endpoint=tunnel.get("endpoint"),
         ipv4_prefix=ipv4,
         ipv6_prefix=ipv6,

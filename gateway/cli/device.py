@@ -465,6 +465,51 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
     return EXIT_FAIL if unknown else EXIT_OK
 
 
+def _register_bound_key(registry, rec: DeviceRecord, private_key, args: argparse.Namespace) -> DeviceRecord | int:
+    """A device that has not enrolled, exported with the WireGuard key `device add --issue-cert`
+    generated for it: the key is registered when the device's certificate (the one the registry
+    recorded, `<id>.cert.pem` beside the key file or --cert) binds its public key — the same
+    proof the enrollment endpoint accepts (gateway/devices/BINDING.md). Anything else: refused."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from gateway.devices.binding import certificate_wg_keys
+
+    cert_path = Path(args.cert) if args.cert else Path(args.private_key_file).parent / f"{rec.device_id}.cert.pem"
+    not_enrolled = Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}。`device add --issue-cert` が書いた鍵なら、"
+                        "同じフォルダの証明書 {c} が必要です(--cert で指定できます)",
+                        "the device has not enrolled yet (no key registered): {d}. For the key `device add "
+                        "--issue-cert` wrote, its certificate {c} is needed (or give it with --cert)")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        print(not_enrolled.format(d=rec.device_id, c=cert_path).render(), file=sys.stderr)
+        return EXIT_FAIL
+    if not rec.cert_fingerprint or cert.fingerprint(hashes.SHA256()).hex() != rec.cert_fingerprint:
+        return error(Text("{c} は端末 {d} に登録された証明書ではありません",
+                          "{c} is not the certificate registered for {d}").format(c=cert_path, d=rec.device_id))
+    public = str(private_key.public_key())
+    try:
+        bound = certificate_wg_keys(cert)
+    except ValueError:          # a malformed extension: not bound, never a traceback
+        bound = []
+    if bound != [parse_wg_key(public)]:      # exactly one binding, this key (BINDING.md)
+        return error(Text("この秘密鍵は端末 {d} の証明書に結び付けられた鍵ではありません",
+                          "this private key is not the one bound in the certificate of {d}").format(d=rec.device_id))
+    try:
+        return registry.update(replace(rec, wg_public_key=public),
+                               audit=AuditEntry(operator_name(), "device-key-registered",
+                                                f"bound in certificate {rec.cert_serial}"))
+    except RegistryError as exc:
+        return error(Text("鍵を登録できません: {e}", "cannot register the key: {e}").format(e=exc))
+
+
+def _keepalive(args: argparse.Namespace, cfg) -> int | None:
+    """--persistent-keepalive, else tunnel.persistent_keepalive; 0 turns it off."""
+    value = args.persistent_keepalive if args.persistent_keepalive is not None else cfg.wg_persistent_keepalive
+    return value or None
+
+
 def cmd_export_config(args: argparse.Namespace) -> int:
     from wireguard_tools import WireguardKey
 
@@ -498,9 +543,10 @@ def cmd_export_config(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return error(Text("端末の秘密鍵を読めません: {e}", "cannot read the device private key: {e}").format(e=exc))
         if rec.wg_public_key is None:
-            print(Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}", "the device has not enrolled yet (no key registered): {d}")
-                  .format(d=args.id).render(), file=sys.stderr)
-            return EXIT_FAIL
+            registered = _register_bound_key(registry, rec, private_key, args)
+            if isinstance(registered, int):
+                return registered
+            rec = registered
         if str(private_key.public_key()) != rec.wg_public_key:
             return error(Text("この秘密鍵は端末 {d} の登録済み公開鍵と一致しません",
                                "this private key does not match the registered public key of {d}").format(d=args.id))
@@ -509,7 +555,8 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     try:
         text = wg_quick_config(private_key=private, address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None,
-                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu)
+                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu,
+                               persistent_keepalive=_keepalive(args, cfg))
         outputs: list[tuple[Path, bytes]] = []
         if args.qr_png:
             outputs.append((Path(args.qr_png), qr_png(text)))
@@ -708,6 +755,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = with_config(dsub.add_parser("export-config", help="wg-quick config, QR code, iOS .mobileconfig"))
     export.add_argument("id")
     export.add_argument("--private-key-file", help="the device's WireGuard private key (else a placeholder)")
+    export.add_argument("--cert", help="the device certificate binding that key, when the device has not enrolled "
+                                       "(default: ID.cert.pem beside the key file)")
+    export.add_argument("--persistent-keepalive", type=int, metavar="SECONDS",
+                        help="PersistentKeepalive for a phone behind NAT (default: tunnel.persistent_keepalive; 0: off)")
     export.add_argument("--qr", action="store_true", help="print the QR code in the terminal instead of the text")
     export.add_argument("--qr-png", help="write the QR code as PNG")
     export.add_argument("--mobileconfig", help="write an iOS .mobileconfig (VPN + interception CA)")

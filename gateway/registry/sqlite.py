@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.i18n import Text
-from gateway.registry.model import (IPv4, IPv6, AuditEntry, BadRow, DeviceRecord, DeviceStatus, Ownership,
+from gateway.registry.model import (T_CONFLICT, T_NO_SUCH_DEVICE, T_PREFIX_FULL, IPv4, IPv6, AuditEntry, BadRow, DeviceRecord, DeviceStatus, Ownership,
                                     RegistryDamaged, RegistryError, record_as_dict)
 
 log = logging.getLogger("kanmon.registry")
@@ -361,7 +361,7 @@ class SqliteRegistry:
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 self._db.execute("ROLLBACK")
-                raise RegistryError(f"device {device_id!r} conflicts with an existing device: {exc}") from None
+                raise RegistryError(T_CONFLICT.format(d=repr(device_id), e=exc)) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -378,13 +378,13 @@ class SqliteRegistry:
     def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
         before = self.get(record.device_id)
         if before is None:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         record = replace(record, updated_at=self._clock())
         assignments = ",".join(f"{c}=?" for c in _COLUMNS[1:])
         rows = self._write(f"UPDATE devices SET {assignments} WHERE device_id=?",
                            _record_to_row(record)[1:] + (record.device_id,), audit, record.device_id, before, record)
         if rows != 1:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         return record
 
     def _one(self, row: sqlite3.Row | None) -> DeviceRecord | None:
@@ -464,7 +464,7 @@ class SqliteRegistry:
                 in_use_first = self._db.execute("SELECT 1 FROM devices WHERE ipv4_int=?", (first,)).fetchone()
                 candidate = first if in_use_first is None else (gap[0] if gap else None)
         if candidate is None or candidate > last:
-            raise RegistryError(f"tunnel prefix {prefix4} has no free address")
+            raise RegistryError(T_PREFIX_FULL.format(p=prefix4))
         host_number = candidate - int(prefix4.network_address)
         return ipaddress.IPv4Address(candidate), (prefix6[host_number] if prefix6 is not None else None)
 
