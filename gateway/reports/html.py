@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from html import escape
 
+from gateway.hostname import normalize_host
 from gateway.i18n import Text
 
 from .charts import ALT_COLOUR, ChartMaker
@@ -139,6 +140,17 @@ def _chart_label(charts: ChartMaker, key: str, words: Mapping[str, Text] | None)
     if words is None or key not in words:
         return key
     return words[key].ja if charts.cjk_family else words[key].en
+
+
+def _host_label(charts: ChartMaker, host: str) -> str:
+    """A destination on a chart: as written with a CJK font, else its ASCII (punycode) form, so a
+    Japanese domain name is never drawn as boxes (the table under the chart keeps the Unicode form)."""
+    if charts.cjk_family or host.isascii():
+        return host
+    try:
+        return normalize_host(host)
+    except Exception:   # not a host name: shown escaped rather than as boxes
+        return host.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _chart_counts(charts: ChartMaker, title: Text, counts: Sequence[Count], limit: int = 15,
@@ -535,7 +547,7 @@ def render_incident(report: IncidentReport, charts: ChartMaker) -> str:
     parts.append(_section("registered-domains", Text("登録ドメイン別の接続先と送信量", "Destinations by registered domain, with bytes sent"),
                           _domains(report)))
     t_dest = Text("接続の多い宛先", "Top destinations")
-    chart = _img(charts.bars(t_dest, [c.key for c in report.top_destinations], [c.count for c in report.top_destinations],
+    chart = _img(charts.bars(t_dest, [_host_label(charts, c.key) for c in report.top_destinations], [c.count for c in report.top_destinations],
                              colour=ALT_COLOUR), t_dest) if report.top_destinations else ""
     parts.append(_section("destinations", t_dest, chart + _counts([Text("宛先", "destination"), Text("件数", "count")],
                                                                    report.top_destinations)))
