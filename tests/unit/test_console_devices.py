@@ -208,6 +208,7 @@ def test_console_config_section(tmp_path):
 @pytest.mark.parametrize("change,needle_en,needle_ja", [
     (("listen: 127.0.0.1:9443", "listen: console:9443"), "must be ADDRESS:PORT", "アドレス:ポート"),
     (("listen: 127.0.0.1:9443", "listen: 127.0.0.1:9180"), "port already used", "ほかの待ち受け"),
+    (("listen: 127.0.0.1:9443", "listen: 0.0.0.0:9443"), "give the management address", "管理用アドレスを書いてください"),
     (("    admin: [kanmon-admins]\n    helpdesk: [it-helpdesk]\n    auditor: [audit]\n", "    admin: []\n"),
      "no role has a group", "どの役割にもグループがありません"),
     (("idle_timeout: 10m", "idle_timeout: 2h"), "may not be longer than absolute_timeout", "absolute_timeout より長く"),
