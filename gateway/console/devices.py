@@ -40,6 +40,10 @@ ACTIONS = {   # action -> (target status or None for release, needs a reason)
 ACTION_LABELS = {"revoke": M_("Revoke"), "suspend": M_("Suspend"), "quarantine": M_("Quarantine"),
                  "resume": M_("Resume"), "release": M_("Release")}
 HANDSHAKE_FILTERS = ("any", "15m", "24h", "stale", "never")
+HANDSHAKE_LABELS = {"any": M_("any time"), "15m": M_("within 15 minutes"), "24h": M_("within 24 hours"),
+                    "stale": M_("more than 24 hours ago"), "never": M_("never")}
+REASON_LABELS = {"lost": M_("Lost"), "stolen": M_("Stolen"), "retired": M_("Retired or returned"),
+                 "compromised": M_("Compromised"), "policy-violation": M_("Policy violation"), "other": M_("Other")}
 POSTURE_FILTERS = ("any", "compliant", "noncompliant", "unknown")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_REASON = 500
@@ -114,6 +118,7 @@ def device_list():
         rows.append(row)
     return render_page("devices.html", rows=rows, f=f, statuses=[str(s) for s in DeviceStatus],
                        ownerships=[str(o) for o in Ownership], postures=POSTURE_FILTERS, handshakes=HANDSHAKE_FILTERS,
+                       handshake_labels=HANDSHAKE_LABELS,
                        now=now.timestamp(), messages=_take_notices())
 
 
@@ -137,7 +142,7 @@ def device_page(device_id: str):
     return render_page("device.html", rec=rec, status=str(rec.effective_status(now)), posture=posture_of(svc.cfg, rec),
                        history=history, live=live, blocks=blocks, now=now.timestamp(),
                        can_act=op is not None and op.has(ROLE_HELPDESK) and not op.read_only,
-                       actions=_possible_actions(rec), labels=ACTION_LABELS, revoke_reasons=lifecycle.REVOKE_REASONS,
+                       actions=_possible_actions(rec), labels=ACTION_LABELS, revoke_reasons=lifecycle.REVOKE_REASONS, reason_labels=REASON_LABELS,
                        messages=_take_notices())
 
 

@@ -320,6 +320,9 @@ def test_an_auditor_sees_the_pages_but_every_change_is_refused_server_side(clab)
               {"action": "goto", "url": f"{CONSOLE}/devices/new"},
               {"action": "eval", "expression": "() => document.querySelector('#error-code').dataset.code", "name": "new"}]
     steps += shots("auditor-device-403")
+    # the same pages in Japanese (the language switch in the header)
+    steps += [{"action": "goto", "url": f"{CONSOLE}/lang/ja"}, {"action": "text", "selector": "#device-table"}]
+    steps += shots("devices-ja", "() => [document.documentElement.lang, document.querySelector('h1').textContent]")
     result = browse(lab, steps)
     assert result["ok"], failed(result)
     rows, register_link = value(result, steps, "list")
@@ -328,6 +331,8 @@ def test_an_auditor_sees_the_pages_but_every_change_is_refused_server_side(clab)
     assert not has_forms and history >= 1
     assert [value(result, steps, n).strip() for n in ("revoke", "register", "lost")] == ["403", "403", "403"]
     assert value(result, steps, "new") == "403"
+    assert value(result, steps, "devices-ja-phone-dom") == ["ja", "端末"]
+    assert_layout(result, steps, "devices-ja")
     after = {r["device_id"]: r["status"] for r in registry_rows(lab, "SELECT device_id, status FROM devices")}
     assert after == before
     refused = registry_rows(lab, "SELECT actor, reason FROM audit WHERE action='console-refused' AND actor LIKE ?",
