@@ -242,6 +242,11 @@ def test_helpdesk_finds_registers_and_revokes_and_the_download_dies_within_100ms
               {"action": "eval", "expression": "() => [document.querySelector('#registered').dataset.device,"
                                                " document.querySelector('#qr').naturalWidth]", "name": "qr"}]
     steps += shots("registered")
+    steps += [{"action": "goto", "url": f"{CONSOLE}/devices/hana-new-phone"},
+              {"action": "fill", "selector": "#renew-reason", "value": "first certificate"},
+              {"action": "click", "selector": "#do-renew"},
+              {"action": "text", "selector": "#p12-password", "name": "p12-password"}]
+    steps += shots("renewed")
     steps += [{"action": "goto", "url": f"{CONSOLE}/devices/field-tablet-7"}]
     steps += shots("device", device_dom)
     steps += [{"action": "viewport", "width": 390, "height": 844},
@@ -290,7 +295,9 @@ def test_helpdesk_finds_registers_and_revokes_and_the_download_dies_within_100ms
     assert before["status"] == "active" and before["revoke"] and before["history"] >= 1
     after = value(result, steps, "after")
     assert after["status"] == "revoked" and not after["revoke"] and after["history"] >= 2
-    for name in ("devices", "register", "registered", "device"):
+    assert len(value(result, steps, "p12-password")) >= 12
+    assert registry_rows(lab, "SELECT cert_serial FROM devices WHERE device_id='hana-new-phone'")[0]["cert_serial"]
+    for name in ("devices", "register", "registered", "renewed", "device"):
         assert_layout(result, steps, name)
     assert registry_rows(lab, "SELECT owner FROM devices WHERE device_id='hana-new-phone'")[0]["owner"] == \
         "hana@city.kanmon.example.jp"
@@ -489,16 +496,21 @@ def test_the_console_is_unreachable_from_a_device_tunnel(clab):
         direct = dev.ns.run("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "4",
                             "--interface", dev.wg_interface, f"https://{address}:{PORT}/signin",
                             check=False, timeout=15).stdout
-        # through the proxy: an absolute-form request target naming the console
-        proxied = dev.ns.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "4",
-                             "--interface", dev.wg_interface,
-                             "--request-target", f"http://{address}:{PORT}/signin", "http://www.example.test/",
-                             check=False, timeout=15).stdout
+        # through the proxy: an absolute-form request target naming the console (the proxy would
+        # connect to it for the device): refused as a destination inside the gateway
+        head = dev.ns.run("curl", "-s", "-o", "/dev/null", "-D", "-", "--max-time", "4", "--interface", dev.wg_interface,
+                          "--request-target", f"http://{address}:{PORT}/signin", "http://www.example.test/",
+                          check=False, timeout=15).stdout.lower()
+        proxied = head.split(" ", 2)[1] if head.startswith("http/") else "000"
+        if proxied == "403":
+            proxied += " " + next((line.split(":", 1)[1].strip() for line in head.splitlines()
+                                   if line.startswith("x-kanmon-rule:")), "-")
         answers[address] = (direct, proxied)
     assert all(direct == "000" for direct, _ in answers.values()), answers
+    assert answers[MANAGEMENT_ADDRESS][1] == "403 kanmon:internal-destination", answers
     # and the management side does reach it (the probe above is not simply wrong)
     assert _curl_console(lab, f"{CONSOLE}/signin")[0] == "200"
-    assert all(proxied in ("000", "403", "400", "502") for _, proxied in answers.values()), answers
+    assert all(proxied == "000" or proxied.startswith("403 ") for _, proxied in answers.values()), answers
     time.sleep(0.5)
     new_lines = lab.console_log.read_text(errors="replace")[len(seen_before):]
     assert "10.77.0." not in new_lines and "fd77:77" not in new_lines, new_lines
