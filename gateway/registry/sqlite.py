@@ -435,6 +435,20 @@ class SqliteRegistry:
                            before=json.loads(r["before_json"]) if r["before_json"] else None,
                            after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry that is no device change (issue #21: console sign-ins, refusals)."""
+        with self._lock:
+            self._db.execute("INSERT INTO audit (at, actor, action, device_id, reason) VALUES (?,?,?,?,?)",
+                             (_ts(self._clock()), entry.actor, entry.action, entry.device_id, entry.reason))
+
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]:
+        """A device's audit entries, newest first (shipped or not: the table keeps them)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM audit WHERE device_id=? ORDER BY id DESC LIMIT ?",
+                                    (device_id, limit)).fetchall()
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=_parse_ts(r["at"]),
+                           device_id=r["device_id"]) for r in rows]
+
     def mark_audit_shipped(self, ids: list[int]) -> None:
         if not ids:
             return
