@@ -285,6 +285,9 @@ class OutageTolerantRegistry:
     def mark_audit_shipped(self, ids: list[int]) -> None:
         self.inner.mark_audit_shipped(ids)
 
+    def record_audit(self, audit: AuditEntry) -> None:
+        self.inner.record_audit(audit)
+
     def close(self) -> None:
         self._probe_stop.set()
         self.inner.close()

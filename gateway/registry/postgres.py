@@ -402,6 +402,14 @@ class PgRegistry:
         self._db.run(lambda c: c.execute("UPDATE audit SET shipped=true, shipped_by=%s WHERE id = ANY(%s)",
                                          (self.node, list(ids))))
 
+    def record_audit(self, audit: AuditEntry) -> None:
+        """An operator change that is not a device's (issue #21: a policy apply)."""
+        self._db.run(lambda c: c.execute(
+            "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+            (self._clock(), audit.actor, audit.action, audit.device_id, audit.reason,
+             Jsonb(audit.before) if audit.before is not None else None,
+             Jsonb(audit.after) if audit.after is not None else None)))
+
     def allocate_addresses(
         self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None
     ) -> tuple[IPv4, IPv6 | None]:

@@ -441,6 +441,16 @@ class SqliteRegistry:
         with self._lock:
             self._db.executemany("UPDATE audit SET shipped=1 WHERE id=?", [(i,) for i in ids])
 
+    def record_audit(self, audit: AuditEntry) -> None:
+        """An operator change that is not a device's (issue #21: a policy apply), into the same
+        audit trail the gateway ships to the tamper-evident audit stream."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json) VALUES (?,?,?,?,?,?,?)",
+                (_ts(self._clock()), audit.actor, audit.action, audit.device_id, audit.reason,
+                 json.dumps(audit.before, ensure_ascii=False) if audit.before is not None else None,
+                 json.dumps(audit.after, ensure_ascii=False) if audit.after is not None else None))
+
     def allocate_addresses(
         self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None
     ) -> tuple[IPv4, IPv6 | None]:
