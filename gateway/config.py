@@ -23,6 +23,7 @@ from gateway.autoquarantine.triggers import AUTO_QUARANTINE_SCHEMA, AutoQuaranti
 from gateway.scan.decide import SCAN_SCHEMA, ScanSettings, clamd_address_error, scan_settings
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
+from gateway.signin.operators import CONSOLE_SCHEMA, ConsoleSettings, console_settings
 from gateway.pages.organization import ORGANIZATION_SCHEMA, Organization, organization_settings
 from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
                                 schema_errors)
@@ -191,6 +192,7 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "signin": SIGNIN_SCHEMA,   # issue #9: OIDC user sign-in (gateway/signin/settings.py)
+        "console": CONSOLE_SCHEMA,  # issue #21: the operator console (gateway/signin/operators.py)
         "limits": LIMITS_SCHEMA,   # issue #14: per-device resource limits (gateway/limits.py)
         "addons": {
             "type": "object",
@@ -300,6 +302,7 @@ class GatewayConfig:
     scan: ScanSettings | None = None          # issue #18; None: downloads are not scanned
     auto_quarantine: AutoQuarantineSettings | None = None   # issue #18; None: only operators quarantine
     organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
+    console: ConsoleSettings | None = None    # issue #21; None: no operator console
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -471,6 +474,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         errors.append(doc.error(("scan", "clamd"), problem))
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
     organization = organization_settings(doc, d.get("organization"), d.get("helpdesk"), errors)
+    console = console_settings(doc, d.get("console"), errors, _relative_to, has_signin=signin is not None,
+                               taken_ports=[("0.0.0.0", transparent_port), ("0.0.0.0", dns_port), (mgmt_host, mgmt_port)]
+                               + ([(enroll_host, enroll_port)] if enroll_host else []))
 
     if errors:
         raise SourceErrors(errors)
@@ -538,6 +544,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         scan=scan_settings(d.get("scan")),
         auto_quarantine=auto_quarantine_settings(d.get("auto_quarantine")),
         organization=organization,
+        console=console,
     )
 
 

@@ -21,12 +21,11 @@ from cryptography.hazmat.primitives import serialization
 from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, cannot_read, error,
                                 load_config_or_exit, operator_name, os_reason)
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
-from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
+from gateway.runtime import lifecycle
+from gateway.runtime.lifecycle import APPLY_CONFIRM_SECONDS, AUDIT_ACTIONS, REVOKE_REASONS  # noqa: F401 (the CLI's names)
 from gateway.i18n import Text, current_lang
-from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
+from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture
 from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)
-
-APPLY_CONFIRM_SECONDS = 3.0   # how long a registry change waits for the running gateway to confirm it
 
 
 def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
@@ -266,17 +265,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str = "", until: datetime | None = None) -> int:
     registry, _ = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    change = lifecycle.change_status(registry, args.id, status, actor=operator_name(), reason=reason, until=until)
+    if change.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:   # refused by the state: 1
-        print(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id).render(),
-              file=sys.stderr)
+    if not change.ok:   # refused by the state (a revoked device): 1
+        print(change.refused.render(), file=sys.stderr)
         return EXIT_FAIL
-    registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until),
-                    audit=AuditEntry(operator_name(), AUDIT_ACTIONS[status], reason))
-    print(f"{rec.device_id} {status}")
+    print(f"{change.device_id} {status}")
     return EXIT_OK
 
 
@@ -302,22 +298,16 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    change = lifecycle.release(registry, args.id, _posture_policy(cfg), actor=operator_name(), reason=args.reason or "")
+    if change.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is not DeviceStatus.QUARANTINED:
-        print(Text("端末は隔離されていません: {d} ({s})", "the device is not quarantined: {d} ({s})")
-              .format(d=args.id, s=rec.status).render(), file=sys.stderr)
+    if not change.ok:
+        print(change.refused.render(), file=sys.stderr)
         return EXIT_FAIL
-    registry.update(replace(rec, status=DeviceStatus.ACTIVE, status_reason=""),
-                    audit=AuditEntry(operator_name(), "device-released", args.reason or ""))
-    result = assess(_posture_policy(cfg), rec.platform, rec.os_version, rec.jailbroken)
-    if not result.compliant:
-        print(Text("注意: 記録上の姿勢は基準を満たしていません。次に姿勢が報告されると再び隔離されます: {r}",
-                   "note: the recorded posture is not compliant; the next posture report quarantines it again: {r}")
-              .format(r=result.reason.en).render(), file=sys.stderr)
-    print(f"{rec.device_id} {DeviceStatus.ACTIVE}")
+    if change.note is not None:
+        print(change.note.render(), file=sys.stderr)
+    print(f"{change.device_id} {DeviceStatus.ACTIVE}")
     return EXIT_OK
 
 
@@ -563,12 +553,6 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-AUDIT_ACTIONS = {
-    DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
-    DeviceStatus.ACTIVE: "device-resumed", DeviceStatus.QUARANTINED: "device-quarantined",
-}
-REVOKE_REASONS = ("lost", "stolen", "retired", "compromised", "policy-violation", "other")
-
 
 def _then_apply_now(handler):
     """After a command that changed the registry, ask the running gateway to reconcile at
@@ -580,10 +564,7 @@ def _then_apply_now(handler):
             # e.g. another process holds the registry's write lock past the busy timeout
             # (found by tests/e2e/test_faults.py: this was a traceback). The transaction
             # was rolled back: nothing changed, and the gateway is not poked.
-            print(Text("端末登録データベースを変更できませんでした({e})。別のプロセスがロックしている可能性があります。"
-                       "何も変更していません。",
-                       "could not change the device registry ({e}); another process may hold its lock. "
-                       "Nothing was changed.").format(e=exc).render(), file=sys.stderr)
+            print(lifecycle.T_REGISTRY_LOCKED.format(e=exc).render(), file=sys.stderr)
             return EXIT_FAIL
         if code in (EXIT_OK, EXIT_FAIL):  # import-posture: 1 = partly applied
             _apply_now(args)
@@ -596,23 +577,9 @@ def _apply_now(args: argparse.Namespace) -> None:
     """Ask the running gateway to apply the change at once, and return only when it has
     (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
     No gateway running here: it applies the change when it starts (or another node's does)."""
-    from gateway.registry.factory import open_registry
-
-    cfg = load_config_or_exit(args.config)
-    if not poke_reconcile(cfg.pid_path):
-        return
-    try:
-        target = open_registry(cfg).revision()
-    except Exception as exc:  # any backend error (sqlite3, psycopg): the change is in, only the wait is skipped
-        print(Text("注意: 反映の確認をしていません({e})", "warning: not waiting for the gateway's confirmation ({e})")
-              .format(e=exc).render(), file=sys.stderr)
-        return
-    if wait_applied(cfg.applied_status_path, target, APPLY_CONFIRM_SECONDS) is None:
-        print(Text("注意: 稼働中のゲートウェイが {s} 秒以内に変更の反映を確認しませんでした。登録は完了しており、"
-                   "ゲートウェイは反映を続けます。`kanmon device show` とゲートウェイのログを確認してください。",
-                   "warning: the running gateway did not confirm the change within {s} s. The registry has it and "
-                   "the gateway will still apply it; check `kanmon device show` and the gateway's log.")
-              .format(s=APPLY_CONFIRM_SECONDS).render(), file=sys.stderr)
+    applied = lifecycle.apply_now(load_config_or_exit(args.config))
+    if applied.warning is not None:
+        print(applied.warning.render(), file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -285,8 +285,8 @@ class OutageTolerantRegistry:
     def mark_audit_shipped(self, ids: list[int]) -> None:
         self.inner.mark_audit_shipped(ids)
 
-    def record_audit(self, audit: AuditEntry) -> None:
-        self.inner.record_audit(audit)
+    def append_audit(self, entry: AuditEntry) -> None:
+        self.inner.append_audit(entry)
 
     def close(self) -> None:
         self._probe_stop.set()

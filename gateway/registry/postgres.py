@@ -396,19 +396,24 @@ class PgRegistry:
         return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=r["at"],
                            device_id=r["device_id"], before=r["before_json"], after=r["after_json"]) for r in rows]
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry that is no device change (issue #21: console sign-ins, refusals)."""
+        self._db.run(lambda c: c.execute(
+            "INSERT INTO audit (at, actor, action, device_id, reason) VALUES (%s,%s,%s,%s,%s)",
+            (self._clock(), entry.actor, entry.action, entry.device_id, entry.reason)))
+
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]:
+        """A device's audit entries, newest first."""
+        rows = self._db.run(lambda c: c.execute("SELECT * FROM audit WHERE device_id=%s ORDER BY id DESC LIMIT %s",
+                                                (device_id, limit)).fetchall(), read=True)
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=r["at"],
+                           device_id=r["device_id"]) for r in rows]
+
     def mark_audit_shipped(self, ids: list[int]) -> None:
         if not ids:
             return
         self._db.run(lambda c: c.execute("UPDATE audit SET shipped=true, shipped_by=%s WHERE id = ANY(%s)",
                                          (self.node, list(ids))))
-
-    def record_audit(self, audit: AuditEntry) -> None:
-        """An operator change that is not a device's (issue #21: a policy apply)."""
-        self._db.run(lambda c: c.execute(
-            "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json) VALUES (%s,%s,%s,%s,%s,%s,%s)",
-            (self._clock(), audit.actor, audit.action, audit.device_id, audit.reason,
-             Jsonb(audit.before) if audit.before is not None else None,
-             Jsonb(audit.after) if audit.after is not None else None)))
 
     def allocate_addresses(
         self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None

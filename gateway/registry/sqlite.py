@@ -435,21 +435,25 @@ class SqliteRegistry:
                            before=json.loads(r["before_json"]) if r["before_json"] else None,
                            after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry that is no device change (issue #21: console sign-ins, refusals)."""
+        with self._lock:
+            self._db.execute("INSERT INTO audit (at, actor, action, device_id, reason) VALUES (?,?,?,?,?)",
+                             (_ts(self._clock()), entry.actor, entry.action, entry.device_id, entry.reason))
+
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]:
+        """A device's audit entries, newest first (shipped or not: the table keeps them)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM audit WHERE device_id=? ORDER BY id DESC LIMIT ?",
+                                    (device_id, limit)).fetchall()
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=_parse_ts(r["at"]),
+                           device_id=r["device_id"]) for r in rows]
+
     def mark_audit_shipped(self, ids: list[int]) -> None:
         if not ids:
             return
         with self._lock:
             self._db.executemany("UPDATE audit SET shipped=1 WHERE id=?", [(i,) for i in ids])
-
-    def record_audit(self, audit: AuditEntry) -> None:
-        """An operator change that is not a device's (issue #21: a policy apply), into the same
-        audit trail the gateway ships to the tamper-evident audit stream."""
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO audit (at, actor, action, device_id, reason, before_json, after_json) VALUES (?,?,?,?,?,?,?)",
-                (_ts(self._clock()), audit.actor, audit.action, audit.device_id, audit.reason,
-                 json.dumps(audit.before, ensure_ascii=False) if audit.before is not None else None,
-                 json.dumps(audit.after, ensure_ascii=False) if audit.after is not None else None))
 
     def allocate_addresses(
         self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None

@@ -85,13 +85,12 @@ def apply_policy(cfg: Any, path: str | Path, actor: str, timeout: float = 15.0,
         return ApplyOutcome(EXIT_USAGE, "unreadable" if unreadable else "invalid",
                             T_UNREADABLE if unreadable else T_INVALID, tuple(str(e) for e in exc.errors))
     before_path, before = policy_in_force(cfg)
-    audit = AuditEntry(actor, ACTION, f"version {snapshot.version}",
-                       before={"path": str(before_path) if before_path else None, "version": before.get("version")},
-                       after={"path": str(path), "version": snapshot.version})
+    audit = AuditEntry(actor, ACTION, f"version {snapshot.version} ({path}); was {before.get('version') or '-'} "
+                                      f"({before_path or '-'})")
     try:
         registry = opener(cfg)
         try:
-            registry.record_audit(audit)
+            registry.append_audit(audit)
         finally:
             close = getattr(registry, "close", None)
             if close is not None:

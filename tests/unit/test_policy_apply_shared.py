@@ -65,7 +65,7 @@ def test_good_policy_with_no_gateway_running_is_stored_and_audited(cfg, tmp_path
     assert cfg.active_policy_path() == good.resolve()
     [entry] = audit(cfg)
     assert entry.actor == "console:alice" and entry.device_id is None
-    assert entry.after == {"path": str(good.resolve()), "version": outcome.version}
+    assert entry.reason.startswith(f"version {outcome.version} ({good.resolve()}); was -")
 
 
 def test_running_gateway_swaps_or_refuses(cfg, tmp_path):
@@ -105,7 +105,7 @@ def test_audit_failure_applies_nothing(cfg, tmp_path):
     good.write_text(GOOD)
 
     class Broken:
-        def record_audit(self, entry):
+        def append_audit(self, entry):
             raise OSError("disk full")
 
         def close(self):
