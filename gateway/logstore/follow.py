@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,24 @@ def _first_sequence(path: Path) -> int | None:
     return None
 
 
+_SEQUENCE_KEY = b'"event.sequence":'
+
+
+def _sequence_of(raw: bytes) -> int | None:
+    """The line's ``event.sequence`` without parsing the JSON: the chain fields are written
+    last (chain.encode_chained), and a key inside a value would have its quotes escaped, so
+    the last unescaped occurrence is the real one. None when not found (then the line is
+    decoded in full)."""
+    at = raw.rfind(_SEQUENCE_KEY)
+    if at < 0:
+        return None
+    start = at + len(_SEQUENCE_KEY)
+    end = start
+    while end < len(raw) and 48 <= raw[end] <= 57:
+        end += 1
+    return int(raw[start:end]) if end > start else None
+
+
 class StreamFollower:
     """New chained records of one stream. ``after``: deliver records with a sequence above
     it; None: start at the current end of the stream (only records written from now on)."""
@@ -58,6 +77,7 @@ class StreamFollower:
         self.position: int = 0 if after is None else max(0, after)   # last sequence seen
         self.gap = False          # records after ``after`` were purged before we could read them
         self._at: _Position | None = None
+        self._wanted: Callable[[bytes], bool] | None = None
         self.unreadable_lines = 0
         if after is None:
             self._start_at_end()
@@ -121,8 +141,11 @@ class StreamFollower:
 
     # -- reading --------------------------------------------------------------------------
 
-    def poll(self, limit: int = 1000) -> list[ChainedRecord]:
-        """Up to ``limit`` records after ``position``, oldest first; advances ``position``."""
+    def poll(self, limit: int = 1000, wanted: Callable[[bytes], bool] | None = None) -> list[ChainedRecord]:
+        """Up to ``limit`` records after ``position``, oldest first; advances ``position``.
+        ``wanted(line)``: a cheap test of the raw line; a line it refuses is passed over
+        without being parsed (``position`` still moves past it)."""
+        self._wanted = wanted
         out: list[ChainedRecord] = []
         while len(out) < limit:
             files = day_files(self.directory, self.stream)
@@ -180,6 +203,12 @@ class StreamFollower:
                 if not raw.endswith(b"\n"):
                     break                              # still being written: next poll
                 offset += len(raw)
+                seq = _sequence_of(raw)
+                if seq is not None and seq <= self.position:
+                    continue                           # seen: skipped without parsing the line
+                if seq is not None and self._wanted is not None and not self._wanted(raw):
+                    self.position = seq                # not wanted: passed over unparsed
+                    continue
                 record = decode_chained(raw)
                 if record is None:
                     self.unreadable_lines += 1

@@ -228,3 +228,21 @@ def test_shown_fields_leave_out_what_the_viewer_need_not_see(tmp_path):
     [event], _ = hub.read(cursor)
     assert "user_agent.original" not in event.fields and "event.hash" not in event.fields
     json.dumps(event.fields)
+
+
+def test_the_cheap_line_test_never_drops_a_block(tmp_path):
+    """may_be_blocked may let a non-block through (it is parsed and checked), never drop a block."""
+    from gateway.logstore.live import may_be_blocked
+    store = LogStore(tmp_path, clock=Clock())
+    store.append("proxy", {"kanmon.verdict": "block", "url.full": "https://x.jp/"})
+    store.append("conn", {"kanmon.verdict": "monitor", "event.type": ["denied"]})
+    store.append("proxy", {"kanmon.verdict": "allow", "url.full": 'https://x.jp/?q="kanmon.verdict":"block"&"denied"'})
+    store.append("proxy", {"kanmon.verdict": "allow", "url.full": "https://x.jp/denied"})
+    lines = {s: (tmp_path / s / f"{s}-2026-05-01.jsonl").read_bytes().splitlines() for s in ("proxy", "conn")}
+    assert [may_be_blocked(raw) for raw in lines["proxy"]] == [True, False, False]
+    assert [may_be_blocked(raw) for raw in lines["conn"]] == [True]
+    hub = LiveBlocks(tmp_path, streams=("proxy", "conn"))
+    assert hub.head() == {"proxy": 3, "conn": 1}
+    events, cursor = hub.read({"proxy": 0, "conn": 0})
+    assert sorted((e.stream, e.seq) for e in events) == [("conn", 1), ("proxy", 1)]
+    assert cursor == {"proxy": 3, "conn": 1}
