@@ -92,6 +92,10 @@ class GatewayMetrics:
             "kanmon_device_limited_total",
             "Connections refused, DNS queries dropped and requests refused because one device went over a "
             "per-device limit (issue #14, `limits:` in the config), by limit.", ["limit"], registry=r)
+        self.device_loss_reports = Counter(
+            "kanmon_device_loss_reports_total",
+            "Devices their owner reported lost in the operator console (issue #21), counted when the "
+            "gateway ships the audit entry.", registry=r)
         self.clock_jumps = Counter(
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "

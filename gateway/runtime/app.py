@@ -142,6 +142,9 @@ class GatewayApp:
             nets.append(self.cfg.ipv6_prefix)
         mgmt = ipaddress.ip_address(self.cfg.management_host)
         nets.append(ipaddress.ip_network(f"{mgmt}/{mgmt.max_prefixlen}"))
+        console = getattr(self.cfg, "console", None)   # issue #21: the proxy never connects to the console
+        if console is not None and not ipaddress.ip_address(console.host).is_unspecified:
+            nets.append(ipaddress.ip_network(f"{console.host}/{ipaddress.ip_address(console.host).max_prefixlen}"))
         return nets
 
     def build_chain(self) -> list[Any]:
@@ -456,6 +459,8 @@ class GatewayApp:
                 "kanmon.audit.object": "device" if e.device_id else ("policy" if e.action == "policy-apply" else "console"), "kanmon.audit.time": e.at.isoformat() if e.at else None,
                 "kanmon.audit.before": e.before, "kanmon.audit.after": e.after}
             self.logstore.append("audit", record)
+            if e.action == "device-reported-lost":   # issue #21: the console's loss report
+                self.metrics.device_loss_reports.inc()
             if self.alerts is not None and (event := event_from_audit(record, at=datetime.now(UTC))):
                 self.alerts.send(event)
         self.registry.mark_audit_shipped([e.id for e in entries])

@@ -41,7 +41,12 @@ CLAIMS = {   # the people of the fake IdP
 
 
 def console_config(tmp_path: Path, extra: str = ""):
-    text = VALID.replace("/var/lib/kanmon", str(tmp_path / "state")) + f"""\
+    return load_config_text(console_config_text(tmp_path, extra), "k.yaml")
+
+
+def console_config_text(tmp_path: Path, extra: str = "") -> str:
+    return VALID.replace("/var/lib/kanmon", str(tmp_path / "state")).replace(
+        "  listen_port: 51820\n", "  listen_port: 51820\n  endpoint: gw.city.example.jp:51820\n") + f"""\
 signin:
   issuer: https://idp.example
   client_id: kanmon-gateway
@@ -57,7 +62,6 @@ console:
   idle_timeout: 10m
   absolute_timeout: 1h
 """ + extra
-    return load_config_text(text, "k.yaml")
 
 
 @dataclass
@@ -111,10 +115,13 @@ def registry_with_devices(cfg) -> SqliteRegistry:
 
 
 def make_app(tmp_path: Path, *, clock=time.monotonic):
+    from wireguard_tools import WireguardKey
+
     from gateway.console.app import create_app
 
     cfg = console_config(tmp_path)
     registry = registry_with_devices(cfg)
+    cfg.wg_private_key_file.write_text(str(WireguardKey.generate()) + "\n")
     idp, apply = FakeIdp(), FakeApply()
     app = create_app(cfg, oidc=idp, registry=registry, clock=clock, apply_now=apply)
     app.testing = True
