@@ -435,3 +435,13 @@ def test_every_message_of_these_pages_has_its_japanese_text():
     assert ids and ids <= translated, sorted(ids - translated)
 
 
+
+
+def test_an_oversized_candidate_is_refused_and_nothing_changes(console):
+    app, cfg, registry, policies = console
+    c = client_as(app, "admin")
+    huge = CANDIDATE + "# " + "x" * 70_000 + "\n"
+    r = post(c, "/policy/apply", {"candidate": huge}, token=csrf_of(c, "/policy"))
+    assert r.status_code == 413
+    assert cfg.active_policy_path() == policies / "policy.yaml"
+    assert not list(policies.glob("policy.console-*"))
