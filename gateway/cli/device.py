@@ -316,23 +316,21 @@ def cmd_renew(args: argparse.Namespace) -> int:
     if args.public_key is not None and key is None:
         return _bad_key(args.public_key)
     registry, cfg = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    check = lifecycle.renewable(registry, args.id)
+    if check.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED:   # refused by the state: 1
-        print(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id).render(),
-              file=sys.stderr)
+    if not check.ok:   # refused by the state (revoked): 1
+        print(check.refused.render(), file=sys.stderr)
         return EXIT_FAIL
+    rec = check.record
     result = _issue_files(args, cfg, rec.device_id, args.owner or rec.owner, key or rec.wg_public_key, rec.valid_until)
     if isinstance(result, int):
         return result
     issued, files, _generated = result
-    updated = replace(rec, cert_serial=format(issued.certificate.serial_number, "x"),
-                      cert_fingerprint=issued.fingerprint_sha256,
-                      wg_public_key=key if key is not None else rec.wg_public_key)
     try:
-        registry.update(updated, audit=AuditEntry(operator_name(), "device-renewed", args.reason or ""))
+        lifecycle.record_renewal(registry, rec, issued.certificate, issued.fingerprint_sha256, key,
+                                 actor=operator_name(), reason=args.reason or "")
     except RegistryError as exc:
         files.undo()
         return error(Text("更新できません: {e}", "cannot renew: {e}").format(e=exc))

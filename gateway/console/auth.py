@@ -78,6 +78,7 @@ class Session:
     created: float
     last_seen: float
     notices: list = field(default_factory=list)   # (kind, msgid, values): shown once on the next page
+    downloads: dict = field(default_factory=dict)  # token -> (file name, bytes): one download each
 
 
 def _key(session_id: str) -> str:

@@ -68,8 +68,5 @@ VALUE_MESSAGES = (
     M_("org"), M_("byod"),
     M_("admin"), M_("helpdesk"), M_("auditor"), M_("user"),
     M_("any"), M_("compliant"), M_("noncompliant"), M_("unknown"),
-    M_("handshake-any"), M_("handshake-15m"), M_("handshake-24h"), M_("handshake-stale"), M_("handshake-never"),
-    M_("reason-lost"), M_("reason-stolen"), M_("reason-retired"), M_("reason-compromised"),
-    M_("reason-policy-violation"), M_("reason-other"),
     M_("Devices"), M_("My devices"),
 )

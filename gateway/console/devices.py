@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from flask import Blueprint, abort, redirect, request, url_for
+from flask import Blueprint, abort, make_response, redirect, request, url_for
 
 from gateway.console import auth
 from gateway.console.app import render_page
@@ -40,6 +40,10 @@ ACTIONS = {   # action -> (target status or None for release, needs a reason)
 ACTION_LABELS = {"revoke": M_("Revoke"), "suspend": M_("Suspend"), "quarantine": M_("Quarantine"),
                  "resume": M_("Resume"), "release": M_("Release")}
 HANDSHAKE_FILTERS = ("any", "15m", "24h", "stale", "never")
+HANDSHAKE_LABELS = {"any": M_("any time"), "15m": M_("within 15 minutes"), "24h": M_("within 24 hours"),
+                    "stale": M_("more than 24 hours ago"), "never": M_("never")}
+REASON_LABELS = {"lost": M_("Lost"), "stolen": M_("Stolen"), "retired": M_("Retired or returned"),
+                 "compromised": M_("Compromised"), "policy-violation": M_("Policy violation"), "other": M_("Other")}
 POSTURE_FILTERS = ("any", "compliant", "noncompliant", "unknown")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_REASON = 500
@@ -114,6 +118,7 @@ def device_list():
         rows.append(row)
     return render_page("devices.html", rows=rows, f=f, statuses=[str(s) for s in DeviceStatus],
                        ownerships=[str(o) for o in Ownership], postures=POSTURE_FILTERS, handshakes=HANDSHAKE_FILTERS,
+                       handshake_labels=HANDSHAKE_LABELS,
                        now=now.timestamp(), messages=_take_notices())
 
 
@@ -137,7 +142,7 @@ def device_page(device_id: str):
     return render_page("device.html", rec=rec, status=str(rec.effective_status(now)), posture=posture_of(svc.cfg, rec),
                        history=history, live=live, blocks=blocks, now=now.timestamp(),
                        can_act=op is not None and op.has(ROLE_HELPDESK) and not op.read_only,
-                       actions=_possible_actions(rec), labels=ACTION_LABELS, revoke_reasons=lifecycle.REVOKE_REASONS,
+                       actions=_possible_actions(rec), labels=ACTION_LABELS, revoke_reasons=lifecycle.REVOKE_REASONS, reason_labels=REASON_LABELS,
                        messages=_take_notices())
 
 
@@ -205,6 +210,73 @@ def device_action(device_id: str):
         notices.append(("warning", change.note.render(), {}))
     _notice(*notices)
     return redirect(url_for("devices.device_page", device_id=device_id), code=303)
+
+
+# -- certificate renewal ---------------------------------------------------------------------
+
+RENEW_DAYS = 365
+
+
+@bp.post("/devices/<device_id>/renew")
+@auth.requires_role(ROLE_HELPDESK)
+def renew(device_id: str):
+    """A new device certificate from the organization CA for the registered WireGuard key (what
+    `kanmon device renew` does without --csr): the PKCS#12 and its password are shown once (kept
+    in this session only, until downloaded)."""
+    import secrets as _secrets
+
+    from gateway.devices.ca import CaStore, DeviceCaError, device_pkcs12, issue_device_certificate, pki_dir
+
+    svc = auth.services()
+    reason = request.form.get("reason", "").strip()[:MAX_REASON]
+    check = lifecycle.renewable(svc.registry, device_id)
+    if check.missing:
+        abort(404)
+    if not check.ok:
+        return _notice_back(device_id, "error", check.refused.render())
+    rec = check.record
+    if rec.wg_public_key is None:
+        return _notice_back(device_id, "error", M_("The device has not enrolled yet: it has no key to certify."))
+    if not rec.owner:
+        return _notice_back(device_id, "error", M_("A certificate needs an owner: register the device's owner first."))
+    now = datetime.now(UTC)
+    not_after = now + timedelta(days=RENEW_DAYS)
+    if rec.valid_until is not None:
+        not_after = min(not_after, rec.valid_until)
+    try:
+        ca = CaStore(pki_dir(svc.cfg.state_dir)).load_org_ca()
+        issued = issue_device_certificate(ca, rec.device_id, rec.wg_public_key, rec.owner, now, not_after)
+        password = _secrets.token_urlsafe(12)
+        p12 = device_pkcs12(issued, ca.cert, password.encode(), rec.device_id)
+    except DeviceCaError as exc:
+        return _notice_back(device_id, "error", exc.text.render())
+    try:
+        lifecycle.record_renewal(svc.registry, rec, issued.certificate, issued.fingerprint_sha256, None,
+                                 actor=actor(), reason=reason)
+    except RegistryError as exc:
+        return _notice_back(device_id, "error", str(exc))
+    applied = svc.apply_now(svc.cfg, svc.registry)
+    token = _secrets.token_urlsafe(16)
+    session = auth.g.get("console_session")
+    session.downloads[token] = (f"{rec.device_id}.p12", p12)
+    return render_page("renewed.html", rec=rec, password=password, token=token,
+                       not_after=issued.certificate.not_valid_after_utc.strftime("%Y-%m-%d"),
+                       warning=applied.warning.render() if applied.warning else None)
+
+
+@bp.get("/devices/<device_id>/certificate/<token>")
+@auth.requires_role(ROLE_HELPDESK)
+def certificate_download(device_id: str, token: str):
+    """The renewed PKCS#12, once, to the session that made it."""
+    session = auth.g.get("console_session")
+    item = session.downloads.pop(token, None) if session is not None else None
+    if item is None or not item[0].startswith(device_id + "."):
+        abort(404)
+    name, data = item
+    response = make_response(data)
+    response.headers["Content-Type"] = "application/x-pkcs12"
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
 
 
 # -- registration ------------------------------------------------------------------------------

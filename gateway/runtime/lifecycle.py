@@ -90,6 +90,29 @@ def release(registry: DeviceRegistry, device_id: str, posture: PosturePolicy, *,
     return Change(device_id, changed, note=note)
 
 
+T_RENEW_REVOKED = Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}")
+
+
+def renewable(registry: DeviceRegistry, device_id: str) -> Change:
+    """May this device get a new certificate? (``record``: the device as it is now.)"""
+    rec = registry.get(device_id)
+    if rec is None:
+        return Change(device_id, refused=NO_SUCH_DEVICE.format(d=device_id), missing=True)
+    if rec.status is DeviceStatus.REVOKED:   # refused by the state
+        return Change(device_id, rec, refused=T_RENEW_REVOKED.format(d=device_id))
+    return Change(device_id, rec)
+
+
+def record_renewal(registry: DeviceRegistry, rec: DeviceRecord, certificate, fingerprint_sha256: str,
+                   wg_public_key: str | None, *, actor: str, reason: str = "") -> DeviceRecord:
+    """Bind the newly issued certificate (and optionally a new WireGuard key) to the device,
+    with its ``device-renewed`` audit entry. Raises RegistryError (e.g. the key is another's)."""
+    return registry.update(replace(rec, cert_serial=format(certificate.serial_number, "x"),
+                                   cert_fingerprint=fingerprint_sha256,
+                                   wg_public_key=wg_public_key if wg_public_key is not None else rec.wg_public_key),
+                           audit=AuditEntry(actor, "device-renewed", reason))
+
+
 @dataclass(frozen=True)
 class Applied:
     """The running gateway's answer to "apply now": ``seconds`` until it confirmed, or

@@ -111,6 +111,10 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
                                                            "must be ADDRESS:PORT, e.g. 10.0.0.1:9443")))
         return None
     host, port = where
+    if host in ("0.0.0.0", "::"):
+        # every address would include the gateway's outer one, which faces the devices' networks
+        errors.append(doc.error(("console", "listen"), Text("管理用アドレスを書いてください(0.0.0.0 や :: はゲートウェイの外側アドレスも含みます)",
+                                                           "give the management address (0.0.0.0 or :: includes the gateway's outer address)")))
     if any(p == port and h in (host, "0.0.0.0", "::") for h, p in taken_ports):
         errors.append(doc.error(("console", "listen"), Text("このポートはほかの待ち受けが使っています",
                                                            "port already used by another listener of the gateway")))

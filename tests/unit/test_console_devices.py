@@ -208,6 +208,7 @@ def test_console_config_section(tmp_path):
 @pytest.mark.parametrize("change,needle_en,needle_ja", [
     (("listen: 127.0.0.1:9443", "listen: console:9443"), "must be ADDRESS:PORT", "アドレス:ポート"),
     (("listen: 127.0.0.1:9443", "listen: 127.0.0.1:9180"), "port already used", "ほかの待ち受け"),
+    (("listen: 127.0.0.1:9443", "listen: 0.0.0.0:9443"), "give the management address", "管理用アドレスを書いてください"),
     (("    admin: [kanmon-admins]\n    helpdesk: [it-helpdesk]\n    auditor: [audit]\n", "    admin: []\n"),
      "no role has a group", "どの役割にもグループがありません"),
     (("idle_timeout: 10m", "idle_timeout: 2h"), "may not be longer than absolute_timeout", "absolute_timeout より長く"),
@@ -298,3 +299,42 @@ def test_every_console_message_has_japanese():
         assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", ja[msgid].string), msgid
         assert sorted(re.findall(r"%\((\w+)\)s", ja[msgid].string)) == sorted(re.findall(r"%\((\w+)\)s", msgid))
     catalog.load_all()
+
+
+def test_renew_issues_a_certificate_shown_once(console):
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from gateway.devices.ca import init_ca, pki_dir
+
+    app, _idp, apply, registry = console
+    c = client_of(app)
+    signed_in(c, "helpdesk")
+    token = csrf_of(c, "/devices/new")
+    post(c, "/devices/new", {"device_id": "renew-me", "owner": "hanako", "ownership": "org"}, token=token)
+    # no organization CA yet: a bilingual error, nothing recorded
+    token = csrf_of(c, "/devices/renew-me")
+    r = post(c, "/devices/renew-me/renew", {"reason": "expiring"}, token=token)
+    assert r.status_code == 303 and registry.get("renew-me").cert_serial is None
+    assert "flash-error" in c.get("/devices/renew-me").get_data(as_text=True)
+    init_ca(pki_dir(app.extensions["kanmon_console"].cfg.state_dir), "Test City")
+    token = csrf_of(c, "/devices/renew-me")
+    r = post(c, "/devices/renew-me/renew", {"reason": "expiring"}, token=token)
+    page = r.get_data(as_text=True)
+    assert r.status_code == 200, page
+    password = re.search(r'<code id="p12-password">([^<]+)</code>', page).group(1)
+    link = re.search(r'id="download" href="([^"]+)"', page).group(1)
+    first = c.get(link)
+    assert first.status_code == 200 and first.headers["Content-Type"] == "application/x-pkcs12"
+    key, cert, _chain = pkcs12.load_key_and_certificates(first.get_data(), password.encode())
+    assert key is not None and format(cert.serial_number, "x") == registry.get("renew-me").cert_serial
+    assert c.get(link).status_code == 404          # once
+    assert ("console:hiro@city.example.jp (sub=sub-help)", "device-renewed", "expiring") in audit_actions(registry)
+    assert len(apply.calls) == 2                   # registration, renewal
+    # not enrolled yet (no key): refused
+    token = csrf_of(c, "/devices/alice-phone")
+    post(c, "/devices/alice-phone/renew", {}, token=token)
+    assert registry.get("alice-phone").cert_serial is None
+    # an auditor cannot
+    auditor = client_of(app)
+    signed_in(auditor, "auditor")
+    assert post(auditor, "/devices/renew-me/renew", {}, token=csrf_of(auditor, "/devices")).status_code == 403
