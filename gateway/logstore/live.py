@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from .follow import StreamFollower
 
 LIVE_STREAMS: tuple[str, ...] = ("proxy", "conn", "dns", "mail")
 DEFAULT_CAPACITY = 2000
+CATCHUP_FOLLOWERS = 64
 
 # What a viewer is shown of a record (the rest stays in the log store).
 SHOWN_FIELDS: tuple[str, ...] = (
@@ -113,6 +114,10 @@ class LiveBlocks:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.evicted = 0
+        # followers of viewers catching up from the files, by (stream, position): a few
+        # offsets each, the oldest dropped first
+        self._catchup: OrderedDict[tuple[str, int], StreamFollower] = OrderedDict()
+        self._catchup_lock = threading.Lock()
 
     # -- the one follower -----------------------------------------------------------------
 
@@ -161,6 +166,19 @@ class LiveBlocks:
 
     # -- viewers --------------------------------------------------------------------------
 
+    def _catchup_follower(self, stream: str, after: int) -> StreamFollower:
+        """A follower positioned after ``after``: the one a previous read left there (no
+        rescan of the file from its start), else a new one."""
+        with self._catchup_lock:
+            kept = self._catchup.pop((stream, after), None)
+        return kept if kept is not None else StreamFollower(self.directory, stream, after=after)
+
+    def _keep_follower(self, follower: StreamFollower) -> None:
+        with self._catchup_lock:
+            self._catchup[(follower.stream, follower.position)] = follower
+            while len(self._catchup) > CATCHUP_FOLLOWERS:
+                self._catchup.popitem(last=False)
+
     def head(self) -> dict[str, int]:
         """The cursor of a viewer that starts now: only events written from now on."""
         with self._changed:
@@ -186,28 +204,25 @@ class LiveBlocks:
             behind = [s for s in self.streams if cursor[s] < self._floor[s]]
             floors = dict(self._floor)
         for stream in behind:                      # from the files, up to where the ring starts
-            follower = StreamFollower(self.directory, stream, after=cursor[stream])
+            follower = self._catchup_follower(stream, cursor[stream])
             done = False
             while not done and len(out) < limit:
-                records = follower.poll(min(self.batch, 4 * limit), may_be_blocked)
-                done = not records
+                wanted = min(self.batch, limit - len(out))
+                records = follower.poll(wanted, may_be_blocked)
                 for r in records:
                     if r.seq > floors[stream]:
                         done = True
                         break
-                    cursor[stream] = r.seq
                     if is_blocked(r.record):
                         out.append(event_of(stream, r))
-                        if len(out) >= limit:
-                            break
-                else:
-                    done = done or records[-1].seq >= floors[stream]
-            if len(out) >= limit and not done:
+                # Every line the follower passed is read or cannot be a block.
+                done = done or len(records) < wanted or follower.position >= floors[stream]
+                cursor[stream] = floors[stream] if done else follower.position
+            if not done:
+                self._keep_follower(follower)     # the next read of this viewer goes on from here
                 return out, cursor
-            # Read up to the floor (or the files end below it: purged): the ring has the rest.
-            cursor[stream] = max(cursor[stream], floors[stream])
-            if len(out) >= limit:
-                return out, cursor
+        if len(out) >= limit:
+            return out, cursor
         with self._changed:
             if any(cursor[s] < self._floor[s] for s in self.streams):
                 return out, cursor                 # the ring moved on meanwhile: next read catches up

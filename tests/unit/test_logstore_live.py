@@ -246,3 +246,30 @@ def test_the_cheap_line_test_never_drops_a_block(tmp_path):
     events, cursor = hub.read({"proxy": 0, "conn": 0})
     assert sorted((e.stream, e.seq) for e in events) == [("conn", 1), ("proxy", 1)]
     assert cursor == {"proxy": 3, "conn": 1}
+
+
+def test_a_viewer_catching_up_in_small_reads_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """Each read continues with the follower the previous read left (no rescan from the start
+    of the file), and the result is the same as one big read."""
+    from gateway.logstore import live as live_module
+    store = LogStore(tmp_path, clock=Clock())
+    hub = LiveBlocks(tmp_path, streams=("proxy",), capacity=5)
+    start = hub.head()
+    write(store, "proxy", 300, block_every=3)
+    hub.poll_once()
+    created = []
+    real = live_module.StreamFollower
+
+    def counting(*a, **kw):
+        created.append(kw.get("after"))
+        return real(*a, **kw)
+    monkeypatch.setattr(live_module, "StreamFollower", counting)
+    cursor, seen = dict(start), []
+    while True:
+        events, cursor = hub.read(cursor, limit=7)
+        if not events:
+            break
+        assert len(events) <= 7
+        seen += urls(events)
+    assert seen == [f"https://x.jp/{i}" for i in range(0, 300, 3)]
+    assert created == [0]          # one follower for the whole catch-up
