@@ -303,6 +303,12 @@ def test_an_auditor_reads_every_page_but_apply_is_refused_server_side(olab):
               {"action": "eval", "name": "diff", "expression": POST_BY_HAND % ("candidate: 'version: 1\\n'", "/policy/diff")}]
     steps += [{"action": "goto", "url": f"{CONSOLE}/policy"}]
     steps += shots("auditor-policy", "() => !!document.querySelector('#diff-form')")
+    # the same pages in Japanese (the language switch in the header)
+    ja_dom = "() => [document.documentElement.lang, document.querySelector('h1').textContent]"
+    steps += [{"action": "goto", "url": f"{CONSOLE}/lang/ja"}, {"action": "goto", "url": f"{CONSOLE}/policy"}]
+    steps += shots("auditor-policy-ja", ja_dom)
+    steps += [{"action": "goto", "url": f"{CONSOLE}/live"}]
+    steps += shots("auditor-live-ja", ja_dom)
     result = browse(lab, steps)
     assert result["ok"], failed(result)
     for path, name in pages.items():
@@ -315,4 +321,7 @@ def test_an_auditor_reads_every_page_but_apply_is_refused_server_side(olab):
     link_after = os.readlink(lab.state_dir / "policy-applied") if (lab.state_dir / "policy-applied").is_symlink() else None
     assert link_after == link_before
     assert not list(lab.policy_dir.glob("lab.console-*block-files-2*"))
-    assert_layout(result, steps, "auditor-policy")
+    for name, title in (("auditor-policy", None), ("auditor-policy-ja", "ポリシー"), ("auditor-live-ja", "ライブ遮断")):
+        assert_layout(result, steps, name)
+        if title:
+            assert value(result, steps, f"{name}-phone-dom") == ["ja", title]
