@@ -59,6 +59,15 @@ How to add a page
 5. Test with the fixtures of tests/unit/console_fixtures.py (``signed_in(client, role)``).
 
 Python code in this package must not call ``_``/``N_``/``both`` with a literal (the staff
-pages' catalog test would claim the message): use ``gettext_lazy_marker`` ``M_`` from
-catalog.py for messages marked in code.
+pages' catalog test extracts those from every gateway/**.py into *its* catalog): mark messages
+in code with ``M_`` from catalog.py and translate them where shown (``gettext_for(g.lang)``).
+Bilingual texts that are not page messages (errors of the lifecycle, of the CA) are
+``gateway.i18n.Text``; show them with ``.render()``.
+
+Helpers in short: ``auth.current_operator()`` (``.actor``, ``.roles``, ``.has(role)``,
+``.read_only``), ``auth.requires_role(...)``, ``auth.services()`` (``.cfg``, ``.registry``,
+``.apply_now``), ``auth.refuse(kind, detail)`` (403 + audit), ``audit.audit(action, reason=...)``,
+``app.render_page(template, status, **context)``, ``csrf_field()`` in templates, the notices
+of devices.py (``_notice``/``_take_notices``) for a message on the next page. Views that need no
+sign-in (rare) go into ``app.UNGUARDED``.
 """

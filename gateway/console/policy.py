@@ -283,5 +283,3 @@ def policy_apply():
                 outcome={"applied": outcome.applied, "kind": outcome.kind, "text": tr(outcome.text),
                          "version": outcome.version, "path": str(path)})
 
-
-STAGE_CHOICES = (O_("http-response"), O_("http-request"), O_("tls"), O_("dns"))

@@ -90,8 +90,15 @@ def serve(cfg) -> None:
         app = create_app(cfg)
     except CatalogError as exc:
         raise ConsoleStartError(exc.text) from None
+    from werkzeug.serving import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
+        sys_version = ""
+
     try:
-        server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context)
+        server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context,
+                             request_handler=Handler)
     except OSError as exc:
         raise ConsoleStartError(Text(f"{cfg.console.host}:{cfg.console.port} で待ち受けできません: {exc}",
                                      f"cannot listen on {cfg.console.host}:{cfg.console.port}: {exc}")) from None

@@ -338,3 +338,16 @@ def test_renew_issues_a_certificate_shown_once(console):
     auditor = client_of(app)
     signed_in(auditor, "auditor")
     assert post(auditor, "/devices/renew-me/renew", {}, token=csrf_of(auditor, "/devices")).status_code == 403
+
+
+def test_the_proxy_treats_the_consoles_address_as_inside_the_gateway(tmp_path):
+    """Defence in depth behind the steering table (which drops tunnel traffic to any local
+    address): the enforcer refuses a proxied connection to the console's address."""
+    from gateway.config import load_config_text
+    from gateway.runtime.app import GatewayApp
+    from tests.unit.console_fixtures import console_config_text
+
+    text = console_config_text(tmp_path).replace("listen: 127.0.0.1:9443", "listen: 192.0.2.10:9443")
+    nets = GatewayApp(load_config_text(text, "k.yaml")).internal_networks()
+    assert any(ipaddress.ip_address("192.0.2.10") in n for n in nets)
+    assert not any(ipaddress.ip_address("192.0.2.11") in n for n in nets)
