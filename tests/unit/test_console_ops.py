@@ -445,3 +445,22 @@ def test_an_oversized_candidate_is_refused_and_nothing_changes(console):
     assert r.status_code == 413
     assert cfg.active_policy_path() == policies / "policy.yaml"
     assert not list(policies.glob("policy.console-*"))
+
+
+def test_a_finished_or_abandoned_stream_gives_its_place_back(live):
+    """The server closes every response (WSGI): the stream's place comes back then, whether it
+    ran to its end or the browser went away before the first event."""
+    app, cfg, store, state = live
+    state.max_streams = 1
+    c = client_as(app, "admin")
+    with c.get("/live/events") as done:                       # read to its end (0.5 s)
+        assert done.status_code == 200 and done.get_data()
+    assert state.streams == 0
+    abandoned = c.get("/live/events", buffered=False)         # nothing read yet
+    assert state.streams == 1
+    with c.get("/live/events") as refused:
+        assert refused.status_code == 503
+    abandoned.close()
+    assert state.streams == 0
+    with c.get("/live/events") as again:
+        assert again.status_code == 200
