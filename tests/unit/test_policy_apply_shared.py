@@ -131,3 +131,28 @@ def test_the_cli_goes_the_same_way(cfg, tmp_path, capsys, monkeypatch):
     assert "The policy is invalid; nothing was applied:" in err and f"  {bad}:3" in err
     assert cfg.active_policy_path() == good.resolve()
     assert Path(cfg.source).exists()
+
+
+def test_policy_test_for_a_registered_device_goes_through_the_shared_context(cfg, tmp_path, capsys):
+    """`kanmon policy test --device` and the console's test page build the device's context
+    with gateway/runtime/devicecontext.py: its registry groups decide."""
+    import ipaddress
+
+    from gateway.registry.model import DeviceRecord
+    from gateway.runtime.devicecontext import DeviceLookupError, registered_device_context
+    reg = open_registry(cfg)
+    reg.add(DeviceRecord(device_id="fin-1", wg_public_key=None, ipv4=ipaddress.IPv4Address("10.77.0.9"),
+                         owner="sato", groups=frozenset({"finance"})))
+    reg.close()
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules:\n  - {id: fin, action: block, match: {domain: a.example, device_group: finance}}\n")
+    assert kanmon(["policy", "test", "--policy", str(policy), "--device", "fin-1", "--config", str(cfg.source),
+                   "--json", "https://a.example/"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert (line["verdict"], line["rule"], line["device"], line["user"]) == ("block", "fin", "fin-1", "sato")
+    ctx, user = registered_device_context(cfg, "fin-1")
+    assert ctx.groups == frozenset({"finance"}) and user == "sato"
+    with pytest.raises(DeviceLookupError):
+        registered_device_context(cfg, "nope")
+    assert kanmon(["policy", "test", "--policy", str(policy), "--device", "nope", "--config", str(cfg.source),
+                   "https://a.example/"]) == 1
