@@ -128,6 +128,7 @@ def event_stream(state: LiveState, cursor: dict[str, int], device: str, category
     started = clock()
     last_sent = format_cursor(cursor)
     last_beat = started
+    reported: str | None = None
     yield "retry: 1000\n" + sse({"id": last_sent, "event": "ready", "data": json.dumps({"cursor": last_sent})})
     while clock() - started < state.stream_seconds:
         generation = hub.generation
@@ -144,6 +145,9 @@ def event_stream(state: LiveState, cursor: dict[str, int], device: str, category
         if format_cursor(cursor) != last_sent:
             last_sent = format_cursor(cursor)
             yield sse({"id": last_sent})
+        if hub.last_error is not None and hub.last_error != reported:
+            reported = hub.last_error           # the store cannot be read: say so, never a silent page
+            yield sse({"event": "problem", "data": json.dumps({"error": reported}, ensure_ascii=False)})
         if len(events) >= BATCH:
             continue
         if clock() - last_beat >= HEARTBEAT_SECONDS:
@@ -211,6 +215,10 @@ LIVE_JS = r"""'use strict';
     table.insertBefore(tr, table.firstChild);
     while (table.children.length > maxRows) { table.removeChild(table.lastChild); }
     document.getElementById('live-count').textContent = String(table.children.length);
+  });
+  source.addEventListener('problem', function (e) {
+    state.textContent = state.getAttribute('data-problem') + ' ' + JSON.parse(e.data).error;
+    state.setAttribute('data-state', 'problem');
   });
   source.onerror = function () {
     state.textContent = state.getAttribute('data-reconnecting');

@@ -114,6 +114,8 @@ class LiveBlocks:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.evicted = 0
+        self.errors = 0
+        self.last_error: str | None = None    # the last poll's failure (unreadable log directory ...)
         # followers of viewers catching up from the files, by (stream, position): a few
         # offsets each, the oldest dropped first
         self._catchup: OrderedDict[tuple[str, int], StreamFollower] = OrderedDict()
@@ -152,8 +154,10 @@ class LiveBlocks:
             while not self._stop.wait(interval):
                 try:
                     self.poll_once()
-                except Exception:   # a damaged file must not end the live view: next round retries
-                    pass
+                    self.last_error = None
+                except Exception as exc:   # must not end the live view: said to the viewers, retried
+                    self.errors += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 
         self._thread = threading.Thread(target=loop, name="kanmon-console-live", daemon=True)
         self._thread.start()

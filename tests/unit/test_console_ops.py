@@ -464,3 +464,19 @@ def test_a_finished_or_abandoned_stream_gives_its_place_back(live):
     assert state.streams == 0
     with c.get("/live/events") as again:
         assert again.status_code == 200
+
+
+def test_an_unreadable_log_store_is_said_in_the_stream_not_a_silent_page(live):
+    import time as _time
+    app, cfg, store, state = live
+    hub = state.hub
+
+    def broken():
+        raise PermissionError(13, "Permission denied", str(cfg.log_dir))
+    hub.poll_once = broken
+    deadline = _time.monotonic() + 5
+    while hub.last_error is None and _time.monotonic() < deadline:
+        _time.sleep(0.02)
+    with client_as(app, "auditor").get("/live/events") as r:
+        problems = [json.loads(e["data"]) for e in events_of(r) if e.get("event") == "problem"]
+    assert problems and "Permission denied" in problems[0]["error"]
