@@ -22,7 +22,7 @@ from typing import Any
 from gateway.i18n import Text
 from gateway.policy import load_policy
 from gateway.registry.model import AuditEntry
-from gateway.runtime.gatewayprocess import running_gateway_pid
+from gateway.runtime.gatewayprocess import poke_reconcile, running_gateway_pid
 from gateway.yamlsource import SourceErrors, UnreadableSource
 
 ACTION = "policy-apply"
@@ -108,6 +108,7 @@ def apply_policy(cfg: Any, path: str | Path, actor: str, timeout: float = 15.0,
     if pid is None:
         return ApplyOutcome(EXIT_OK, "stored", T_NOT_RUNNING.format(v=snapshot.version), version=snapshot.version)
     os.kill(pid, signal.SIGHUP)
+    poke_reconcile(cfg.pid_path)   # the gateway ships registry audit entries on a reconcile pass: now
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = _status(cfg.policy_status_path)

@@ -271,7 +271,7 @@ def test_admin_watches_live_blocks_tests_diffs_applies_and_downloads(olab):
     assert rule_of(device.curl("https://files.example.test/files/report.pdf", "-i")) == "block-files"
     # the apply is in the audit trail with the operator's identity, shipped into the audit stream
     wait_until(lambda: any(r.get("event.action") == "policy-apply" and OPS_USERS["ada"].sub in (r.get("user.name") or "")
-                           and version in (r.get("event.reason") or "") for r in lab.log_records("audit")), 20,
+                           and version in (r.get("event.reason") or "") for r in lab.log_records("audit")), 40,
                "the policy apply in the audit stream")
     assert value(result, steps, "feeds-phone-dom") == [True, 0]
     assert value(result, steps, "alerts-phone-dom") == [["KanmonFeedStale", "firing", True]]

@@ -84,7 +84,9 @@ def test_running_gateway_swaps_or_refuses(cfg, tmp_path):
             status["errors"] = ["list file vanished"]
         cfg.policy_status_path.write_text(json.dumps(status))
 
+    pokes = []
     old = signal.signal(signal.SIGHUP, gateway_reload)
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: pokes.append(signum))   # reconcile: ships audit
     try:
         outcome = apply_policy(cfg, good, "console:alice", timeout=5)
         assert (outcome.code, outcome.kind) == (0, "applied")
@@ -97,7 +99,9 @@ def test_running_gateway_swaps_or_refuses(cfg, tmp_path):
         assert (refused.code, refused.kind, refused.errors) == (1, "refused", ("list file vanished",))
     finally:
         signal.signal(signal.SIGHUP, old)
+        signal.signal(signal.SIGUSR1, old_usr1)
     assert [e.actor for e in audit(cfg)] == ["console:alice", "console:bob"]
+    assert len(pokes) == 2          # each apply asked the gateway to ship its audit entry at once
 
 
 def test_audit_failure_applies_nothing(cfg, tmp_path):
