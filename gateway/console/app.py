@@ -38,6 +38,11 @@ PAGES: list[tuple[str, NavItem | None]] = [
     ("gateway.console.signin", None),
     ("gateway.console.devices", NavItem("devices.device_list", "Devices", (ROLE_HELPDESK, ROLE_AUDITOR))),
     ("gateway.console.selfservice", NavItem("selfservice.my_devices", "My devices", (ROLE_USER,))),
+    ("gateway.console.blocks", NavItem("blocks.live_page", "Live blocks", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.policy", NavItem("policy.policy_page", "Policy", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.feeds", NavItem("feeds.feeds_page", "Feeds", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.reports", NavItem("reports.reports_page", "Reports", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.alerts", NavItem("alerts.alerts_page", "Alerts", (ROLE_HELPDESK, ROLE_AUDITOR))),
 ]
 
 

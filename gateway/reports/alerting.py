@@ -196,6 +196,10 @@ ALERTS_SCHEMA: dict[str, Any] = {
         "retry_base_seconds": {"type": "number", "exclusiveMinimum": 0},
         "retry_max_seconds": {"type": "number", "exclusiveMinimum": 0},
         "queue_size": {"type": "integer", "minimum": 1},
+        # issue #21: where the console reads the alerts firing now (gateway/reports/firing.py)
+        "prometheus": {"type": "object", "additionalProperties": False, "required": ["url"], "properties": {
+            "url": {"type": "string", "pattern": "^https?://"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0}}},
     },
 }
 

@@ -459,7 +459,7 @@ class GatewayApp:
             record = {
                 "event.dataset": "kanmon.audit", "event.action": e.action, "event.outcome": "success",
                 "event.reason": e.reason, "user.name": e.actor, "device.id": e.device_id,
-                "kanmon.audit.object": "device", "kanmon.audit.time": e.at.isoformat() if e.at else None,
+                "kanmon.audit.object": "device" if e.device_id else ("policy" if e.action == "policy-apply" else "console"), "kanmon.audit.time": e.at.isoformat() if e.at else None,
                 "kanmon.audit.before": e.before, "kanmon.audit.after": e.after}
             self.logstore.append("audit", record)
             if e.action == "device-reported-lost":   # issue #21: the console's loss report
