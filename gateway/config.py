@@ -395,7 +395,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     if transparent_port == dns_port:
         errors.append(doc.error(("proxy", "dns_port"), Text("proxy.transparent_port と別の番号にしてください", "must differ from proxy.transparent_port")))
 
-    workers = _proxy_workers(doc, proxy, transparent_port, dns_port, errors)   # issue #22
+    workers = _proxy_workers(doc, d, transparent_port, dns_port, errors)   # issue #22
 
     for i, server in enumerate(proxy.get("dot_resolvers", [])):
         try:
@@ -559,10 +559,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _proxy_workers(doc: LoadedYaml, proxy: dict, transparent_port: int, dns_port: int, errors: list) -> int:
+def _proxy_workers(doc: LoadedYaml, d: dict, transparent_port: int, dns_port: int, errors: list) -> int:
     """issue #22: `proxy.workers: auto | N`. Worker i listens on transparent_port + i and
-    dns_port + i, so the two port ranges must not overlap and must stay below 65536."""
-    value = proxy.get("workers", 1)
+    dns_port + i, so the two port ranges must not overlap and must stay below 65536. User
+    sign-in and automatic quarantine keep state in the one process (gateway/runtime/workers.py):
+    with them, only 1."""
+    value = d.get("proxy", {}).get("workers", 1)
+    if value != 1 and (single := [k for k in ("signin", "auto_quarantine") if k in d]):
+        errors.append(doc.error(("proxy", "workers"), Text(
+            f"{'・'.join(single)} を使うときは 1 にしてください（複数ワーカーには未対応）",
+            f"must be 1 with {' and '.join(single)} (not supported with several workers yet)")))
+        return 1
     if value == "auto":
         count = min(usable_cores(), MAX_PROXY_WORKERS)
     elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PROXY_WORKERS:

@@ -50,3 +50,11 @@ def test_worker_ports_must_not_overlap_or_overflow():
 def test_enrollment_port_may_not_take_a_workers_port():
     text = with_proxy("  workers: 2\n") + "enrollment:\n  listen: 0.0.0.0:8081\n"
     assert any("enrollment.listen" in e for e in errors_of(text))
+
+
+def test_signin_and_auto_quarantine_need_one_worker():
+    base = with_proxy("  workers: 2\n")
+    text = base + "auto_quarantine: {}\n"
+    errs = errors_of(text)
+    assert any(e.startswith("k.yaml:13: proxy.workers:") and "auto_quarantine" in e and "not supported" in e
+               and "未対応" in e for e in errs), errs
