@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
+from gateway.lab import workerprobe
 from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, Lab, wait_until
 from tests.e2e.conftest import ARTIFACTS, require_lab
 from tests.e2e.test_device_lifecycle import DOWNLOAD
@@ -28,34 +27,12 @@ pytestmark = pytest.mark.e2e
 WORKERS = 2
 BASE_PORT = 8080     # the lab's transparent_port (the default)
 
-# Opens a TCP connection and holds it, so the gateway's socket (and its worker's port) can be seen.
-HOLD = textwrap.dedent("""
-    import socket, sys, time
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-    print("held", flush=True)
-    time.sleep(float(sys.argv[3]))
-""")
-
-
 def http_code(result) -> str:
     return result.stdout.rsplit("HTTP_CODE=", 1)[-1].strip()
 
 
 def worker_of_connection(lab: Lab, device, host: str = WEB4, port: int = 80) -> int:
-    """Which worker accepted a connection from `device` (the port of the gateway socket)."""
-    proc = subprocess.Popen(device.ns.cmd(sys.executable, "-c", HOLD, host, str(port), "10"),
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        out = lab.gw.run("ss", "-Htn", "state", "established", "dst", device.ipv4).stdout
-        ports = {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
-        assert len(ports) == 1, out
-        (port_seen,) = ports
-        assert BASE_PORT <= port_seen < BASE_PORT + WORKERS, out
-        return port_seen - BASE_PORT
-    finally:
-        proc.kill()
-        proc.wait()
+    return workerprobe.worker_of_connection(lab, device, WORKERS, BASE_PORT, host, port)
 
 
 def worker_pids(lab: Lab) -> dict[int, int]:
@@ -87,18 +64,8 @@ def wlab(tmp_path_factory):
         lab.start_gateway()
         for device in lab.devices:
             lab.wait_for_peer(device)
-        # One device per worker: add devices until both workers have one (addresses are
-        # allocated in order; the hash decides, so probe).
-        by_worker = {}
-        for device in list(lab.devices):
-            by_worker.setdefault(worker_of_connection(lab, device), device)
-        index = len(lab.devices) + 1
-        while len(by_worker) < WORKERS and index < 12:
-            device = lab.add_device(index)
-            lab.wait_for_peer(device)
-            by_worker.setdefault(worker_of_connection(lab, device), device)
-            index += 1
-        assert len(by_worker) == WORKERS, "no device hashed to one of the workers"
+        # One device per worker (addresses are allocated in order; the hash decides, so probe).
+        by_worker = workerprobe.one_device_per_worker(lab, WORKERS, BASE_PORT)
         lab.on_worker = by_worker
         yield lab
     finally:
