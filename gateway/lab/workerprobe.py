@@ -22,12 +22,18 @@ HOLD = textwrap.dedent("""
 
 def worker_of_connection(lab: Lab, device, workers: int, base_port: int = 8080,
                          host: str = WEB4, port: int = 80) -> int:
-    """The index of the worker that accepted a connection from `device` to host:port."""
-    proc = subprocess.Popen(device.ns.cmd(sys.executable, "-c", HOLD, host, str(port), "10"),
-                            stdout=subprocess.PIPE, text=True)
+    """The index of the worker that accepted a connection from `device` to host:port. A few
+    tries: just after a gateway (re)start or a peer change the device's WireGuard session may
+    need a new handshake first (seconds, as for a phone)."""
+    for attempt in range(3):
+        proc = subprocess.Popen(device.ns.cmd(sys.executable, "-c", HOLD, host, str(port), "10"),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if proc.stdout.readline().strip() == "held":
+            break
+        proc.wait()
+    else:
+        raise AssertionError(f"{device.device_id} could not open a connection to {host}:{port}")
     try:
-        if proc.stdout.readline().strip() != "held":
-            raise AssertionError(f"{device.device_id} could not open a connection to {host}:{port}")
         out = lab.gw.run("ss", "-Htn", "state", "established", "dst", device.ipv4).stdout
         ports = {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
         if len(ports) != 1 or not base_port <= min(ports) < base_port + workers:

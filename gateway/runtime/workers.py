@@ -56,6 +56,14 @@ What stays whole across the workers, and why this way:
   proxy. A worker whose chain cannot be built (an addon that cannot load) stops the gateway,
   as the single process does.
 
+Forking a process that has threads (the log checkpointer, the firewall log reader, the alert
+queue, idle executor threads): the child only uses what the parent's event-loop thread -- the
+thread that forks, never inside one of them at that moment -- takes locks for (the device
+directory, the policy and its verdict table, the tunnel's peer read), and builds the rest anew
+(mitmproxy, the chain, metrics, the log client); it never touches the other threads' objects
+(log files, registry, alert queue). CPython re-initialises the logging and import locks in the
+child, glibc's malloc and jemalloc their arenas' locks (pthread_atfork).
+
 User sign-in (`signin:`) and automatic quarantine (`auto_quarantine:`) keep per-process state
 that these messages do not carry yet: with them, the config refuses `workers` other than 1.
 """
@@ -74,6 +82,7 @@ import socket
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -268,7 +277,9 @@ class WorkerPool:
         down_parent, down_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         up_parent, up_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         others = [s for w in self.workers.values() for s in w.sockets]
-        pid = os.fork()
+        with warnings.catch_warnings():   # threads at fork: see the module note for why this one is safe
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:   # the worker: drop the parent's ends of every channel, run, never return
             code = 1
             try:

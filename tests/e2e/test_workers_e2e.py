@@ -25,6 +25,7 @@ from tests.e2e.test_policy_e2e import POLICIES
 pytestmark = pytest.mark.e2e
 
 WORKERS = 2
+QUARANTINE_TRIALS = 3   # per worker
 BASE_PORT = 8080     # the lab's transparent_port (the default)
 
 def http_code(result) -> str:
@@ -192,16 +193,20 @@ def last_data(proc: subprocess.Popen) -> float:
 
 def test_quarantine_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
     cfg = ["--config", str(wlab.config_path)]
-    for worker, device in wlab.on_worker.items():
-        # Quarantine keeps the device admitted (no drop set): only its worker can cut the flow.
-        mine, other = start_download(device), start_download(wlab.on_worker[1 - worker])
-        wlab.kanmon("device", "quarantine", device.device_id, "--reason", "e2e", *cfg)
-        returned = time.time()
-        assert last_data(mine) - returned <= 0.1, f"worker {worker}: the quarantined device's download lives on"
-        assert other.poll() is None, "the other worker's device keeps its download"
-        other.kill()
-        other.wait()
-        wlab.kanmon("device", "release", device.device_id, *cfg)
+    after_return: dict[str, list[float]] = {"quarantine": [], "revoke": []}
+    for trial in range(QUARANTINE_TRIALS):
+        for worker, device in wlab.on_worker.items():
+            # Quarantine keeps the device admitted (no drop set): only its worker can cut the flow.
+            mine, other = start_download(device), start_download(wlab.on_worker[1 - worker])
+            out = wlab.kanmon("device", "quarantine", device.device_id, "--reason", "e2e", *cfg)
+            returned = time.time()
+            assert "did not confirm" not in out.stderr, out.stderr
+            after_return["quarantine"].append(round((last_data(mine) - returned) * 1000, 1))
+            assert after_return["quarantine"][-1] <= 100, f"worker {worker}: the quarantined device's download lives on"
+            assert other.poll() is None, "the other worker's device keeps its download"
+            other.kill()
+            other.wait()
+            wlab.kanmon("device", "release", device.device_id, *cfg)
     # Revocation, in the worker of device 1 then device 0 (the last test of the module: they stay revoked).
     for worker in (1, 0):
         device = wlab.on_worker[worker]
@@ -209,4 +214,8 @@ def test_quarantine_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
         out = wlab.kanmon("device", "revoke", device.device_id, "--reason", "lost", *cfg)
         returned = time.time()
         assert "did not confirm" not in out.stderr, out.stderr
-        assert last_data(proc) - returned <= 0.1, f"worker {worker}: the revoked device's download lives on"
+        after_return["revoke"].append(round((last_data(proc) - returned) * 1000, 1))
+        assert after_return["revoke"][-1] <= 100, f"worker {worker}: the revoked device's download lives on"
+    (ARTIFACTS / "e2e").mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "e2e" / "workers-cut-latency.json").write_text(json.dumps(
+        {"workers": WORKERS, "ms_from_command_return_to_last_data": after_return}, indent=2))
