@@ -22,7 +22,8 @@ HOLD = textwrap.dedent("""
 
 def worker_of_connection(lab: Lab, device, workers: int, base_port: int = 8080,
                          host: str = WEB4, port: int = 80) -> int:
-    """The index of the worker that accepted a connection from `device` to host:port. A few
+    """The index of the worker that accepted a connection from `device` to host:port (an IPv6
+    host: the device's IPv6 connection). A few
     tries: just after a gateway (re)start or a peer change the device's WireGuard session may
     need a new handshake first (seconds, as for a phone)."""
     for attempt in range(3):
@@ -34,10 +35,11 @@ def worker_of_connection(lab: Lab, device, workers: int, base_port: int = 8080,
     else:
         raise AssertionError(f"{device.device_id} could not open a connection to {host}:{port}")
     try:
-        out = lab.gw.run("ss", "-Htn", "state", "established", "dst", device.ipv4).stdout
+        source = f"[{device.ipv6}]" if ":" in host else device.ipv4
+        out = lab.gw.run("ss", "-Htn", "state", "established", "dst", source).stdout
         ports = {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
         if len(ports) != 1 or not base_port <= min(ports) < base_port + workers:
-            raise AssertionError(f"not one worker's port in the gateway's sockets of {device.ipv4}: {out}")
+            raise AssertionError(f"not one worker's port in the gateway's sockets of {source}: {out}")
         return ports.pop() - base_port
     finally:
         proc.kill()

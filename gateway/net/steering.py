@@ -75,16 +75,25 @@ def _elements(addrs: Iterable[ipaddress._BaseAddress], version: int) -> str:
 # TCP and its DNS, so its flows, DNS bindings and limits stay in one worker. The seed is fixed:
 # a device keeps its worker across table replacements and gateway restarts.
 HASH_SEED = "0x4b4d"
+# What is hashed: the device's *host number*, the bits of its source address under the IPv4
+# prefix, taken from the last 32 bits of the address (IPv4: the whole source address at bit 96
+# of the network header; IPv6: its last 32 bits at bit 160). The registry gives a device the
+# IPv6 address with the same host number as its IPv4 one (gateway/registry: "the IPv6 address
+# mirrors the IPv4 host number"), so both families of one device hash the same 4 bytes and land
+# in the same worker.
+_SADDR_LOW32 = {"ipv4": "@nh,96,32", "ipv6": "@nh,160,32"}
 
 
-def _worker_port(base: int, plan: SteeringPlan, saddr: str) -> str:
+def _worker_port(base: int, plan: SteeringPlan, family: str) -> str:
     """The redirect target: the one port, or the port of the worker the source hashes to.
     A worker that is down leaves its port unbound: its devices' connections are refused,
     never steered to another worker or around the proxy."""
     if plan.workers == 1:
         return str(base)
+    host_mask = (1 << (32 - plan.ipv4_prefix.prefixlen)) - 1
     ports = ", ".join(f"{i} : {base + i}" for i in range(plan.workers))
-    return f"jhash {saddr} mod {plan.workers} seed {HASH_SEED} map {{ {ports} }}"
+    return (f"jhash {_SADDR_LOW32[family]} & {host_mask:#x} mod {plan.workers} seed {HASH_SEED} "
+            f"map {{ {ports} }}")
 
 
 def _redirects(plan: SteeringPlan) -> list[str]:
@@ -94,11 +103,11 @@ def _redirects(plan: SteeringPlan) -> list[str]:
                 f'    iifname "{wg}" tcp dport 53 redirect to :{dp}',
                 f'    iifname "{wg}" meta l4proto tcp redirect to :{tp}']
     out = []
-    for family, saddr in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
+    for family in ("ipv4", "ipv6"):
         match = f'meta nfproto {family} iifname "{wg}"'
-        out += [f"    {match} udp dport 53 redirect to :{_worker_port(dp, plan, saddr)}",
-                f"    {match} tcp dport 53 redirect to :{_worker_port(dp, plan, saddr)}",
-                f"    {match} meta l4proto tcp redirect to :{_worker_port(tp, plan, saddr)}"]
+        out += [f"    {match} udp dport 53 redirect to :{_worker_port(dp, plan, family)}",
+                f"    {match} tcp dport 53 redirect to :{_worker_port(dp, plan, family)}",
+                f"    {match} meta l4proto tcp redirect to :{_worker_port(tp, plan, family)}"]
     return out
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from gateway.lab import workerprobe
-from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, Lab, wait_until
+from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, WEB6, Lab, wait_until
 from tests.e2e.conftest import ARTIFACTS, require_lab
 from tests.e2e.test_device_lifecycle import DOWNLOAD
 from tests.e2e.test_policy_e2e import POLICIES
@@ -80,8 +80,10 @@ def wlab(tmp_path_factory):
 def test_a_device_keeps_its_worker_and_cannot_pick_another(wlab: Lab):
     for worker, device in wlab.on_worker.items():
         other = 1 - worker
-        # the same worker for every connection of the device, whatever the destination port
+        # the same worker for every connection of the device, whatever the destination port,
+        # over IPv6 too (its IPv6 address has the same host number: the same hash)
         assert worker_of_connection(wlab, device) == worker
+        assert worker_of_connection(wlab, device, WEB6) == worker
         assert worker_of_connection(wlab, device, WEB4, BASE_PORT + other) == worker, \
             "a connection to the other worker's port number upstream is still this device's worker"
         # The workers' ports on the gateway itself cannot be reached from the tunnel.

@@ -4,6 +4,7 @@ tunnel source address, DNS and TCP of one device to the same worker, nft accepts
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import shutil
@@ -20,6 +21,12 @@ def lines_of(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines()]
 
 
+def test_the_hash_takes_the_host_bits_of_the_ipv4_prefix():
+    wide = dataclasses.replace(plan(), workers=2, ipv4_prefix=ipaddress.ip_network("10.64.0.0/12"))
+    assert "jhash @nh,96,32 & 0xfffff mod 2" in render_ruleset(wide)
+    assert "jhash @nh,160,32 & 0xfffff mod 2" in render_ruleset(wide)
+
+
 def test_one_worker_renders_the_single_process_table():
     assert render_ruleset(dataclasses.replace(plan(), workers=1)) == render_ruleset(plan())
 
@@ -28,15 +35,15 @@ def test_three_workers_hash_the_source_to_one_port_per_worker():
     lines = lines_of(render_ruleset(dataclasses.replace(plan(), workers=3)))
     tcp_map = "map { 0 : 8080, 1 : 8081, 2 : 8082 }"
     dns_map = "map { 0 : 8053, 1 : 8054, 2 : 8055 }"
-    for family, saddr in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
+    for family, low32 in (("ipv4", "@nh,96,32"), ("ipv6", "@nh,160,32")):
         head = f'meta nfproto {family} iifname "kmwg0"'
-        hashed = f"jhash {saddr} mod 3 seed {HASH_SEED}"
+        hashed = f"jhash {low32} & 0xff mod 3 seed {HASH_SEED}"   # the host number under the /24
         udp = lines.index(f"{head} udp dport 53 redirect to :{hashed} {dns_map}")
         tcp53 = lines.index(f"{head} tcp dport 53 redirect to :{hashed} {dns_map}")
         tcp = lines.index(f"{head} meta l4proto tcp redirect to :{hashed} {tcp_map}")
         assert udp < tcp and tcp53 < tcp, "DNS over TCP must be matched before the catch-all TCP redirect"
     # the same hash expression everywhere: a device's DNS and TCP land in the same worker
-    assert len({m for line in lines for m in re.findall(r"jhash ip6? saddr mod \d+ seed \S+", line)}) == 2
+    assert len({m for line in lines for m in re.findall(r"jhash @nh,\d+,32 & 0xff mod 3 seed \S+", line)}) == 2
     # no redirect goes to a fixed port any more (every TCP connection is spread by the hash)
     assert not any(re.search(r"redirect to :\d+$", line) for line in lines)
     # every worker's ports admitted from the tunnel only; the rest of the gateway stays closed
