@@ -12,7 +12,10 @@ and each worker: RSS, PSS (shared pages divided among the processes sharing them
 
 Prints a table (MiB) and writes bench/results/workers-memory.json.
 
-    sudo .venv/bin/python bench/workers_memory.py [--workers 2] [--policy policies/example.yaml]
+    sudo .venv/bin/python bench/workers_memory.py [--workers 2] [--policy policies/example.yaml | --ut1 DIR]
+
+``--ut1 DIR``: instead, a policy that blocks every domain of the UT1 snapshot (about 200k, CC
+BY-SA 4.0, /work/shared/data/ut1-*), so the compiled policy is large enough to see the sharing.
 """
 
 from __future__ import annotations
@@ -58,14 +61,27 @@ def measure(lab: Lab) -> dict:
     return rows
 
 
+def ut1_policy(ut1: Path, directory: Path) -> Path:
+    from bench.engine import _usable_list_text   # the same filter as the engine benchmark's real inputs
+    domains = sorted({name for f in ut1.glob("*/domains")
+                      for name in _usable_list_text(f.read_text(encoding="utf-8", errors="replace"), f.parent.name)[0].split()})
+    (directory / "ut1.txt").write_text("\n".join(domains) + "\n")
+    path = directory / "ut1.yaml"
+    path.write_text("version: 1\nsettings: {default_action: allow}\nlists:\n  ut1: {file: ut1.txt}\n"
+                    "rules:\n  - {id: ut1, action: block, reason: ut1, match: {list: ut1}}\n")
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default=str(ROOT / "policies" / "example.yaml"))
+    ap.add_argument("--ut1", metavar="DIR")
     ap.add_argument("--out", default=str(RESULTS / "workers-memory.json"))
     args = ap.parse_args()
-    policy = str(Path(args.policy).resolve())
-    lab = Lab(Path(tempfile.mkdtemp(prefix="kanmon-wmem-")), n_devices=1)
+    work = Path(tempfile.mkdtemp(prefix="kanmon-wmem-"))
+    policy = str(ut1_policy(Path(args.ut1), work) if args.ut1 else Path(args.policy).resolve())
+    lab = Lab(work / "lab", n_devices=1)
     result: dict = {"workers": args.workers, "policy": policy}
     try:
         lab.build()
