@@ -73,6 +73,7 @@ def test_exposition_is_one_family_per_metric_and_parses():
     assert [s.value for s in families["k_open"].samples] == [9.0]
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_records_sent_before_a_sigkill_all_arrive():
     """A record counts as written once ``append`` returned: kill -9 right after loses none."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -138,6 +139,8 @@ def standin_worker(index: int, down: socket.socket, up: socket.socket) -> None:
         message = pickle.loads(_recv_exactly(down, struct.unpack("!I", head)[0]))
         if message[0] == "reconcile" and not (index == 1 and message[1].revision == 13):
             uplink.send(("applied", message[1].revision))
+        elif message[0] == "policy" and message[1] == "chain-broken":
+            raise SystemExit(workers.EXIT_FATAL)   # what _serve returns when the chain cannot run
         elif message[0] == "policy":
             uplink.send(("policy", message[1], message[1] != "bad-in-worker"))
 
@@ -182,5 +185,24 @@ def test_pool_waits_for_every_worker_and_replaces_one_that_does_not_answer(monke
         finally:
             await pool.stop()
         assert not pool.live()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_cannot_run_its_chain_stops_the_gateway_instead_of_restarting(monkeypatch):
+    monkeypatch.setattr(workers, "RESTART_DELAY", 0.05)
+    fatal = []
+
+    async def scenario():
+        pool = WorkerPool(1, CollectorRegistry(), standin_worker, on_log=lambda s, r: None, on_fatal=fatal.append)
+        await pool.start(timeout=10)
+        pid = pool.workers[0].pid
+        try:
+            await pool.switch_policy("chain-broken", timeout=5)
+            await asyncio.sleep(0.3)
+            assert fatal and "worker 0" in fatal[0]
+            assert pool.workers[0].pid == pid and not pool.workers[0].alive, "not forked again"
+        finally:
+            await pool.stop()
 
     asyncio.run(scenario())
