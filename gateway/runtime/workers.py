@@ -38,19 +38,23 @@ What stays whole across the workers, and why this way:
 - **Logs: one writer.** Workers do not open log files: each record goes over a Unix stream
   socket to the parent, whose one LogStore appends it to the one hash chain of its stream, so
   ``kanmon logs verify/search``, the reports, retention and anchors are unchanged. A chain per
-  worker would have meant N chains per stream for every reader to merge and verify. A record
-  counts as written by the worker once ``sendall`` returned: it is then in the kernel's socket
-  buffer, which survives the worker's ``kill -9`` -- the parent reads it to the end after the
-  worker died. (The parent is the single point: if it dies the workers lose their socket, and
-  an access log that cannot write blocks the request, as ``logs.on_write_error: block`` says.)
-- **Metrics: an aggregator in the parent.** Each worker sends a snapshot of its own registry
-  every ``METRICS_EVERY`` seconds; the parent's /metrics merges them with its own: counters,
-  histograms and gauges summed by name and labels (workers start from zero metrics, so a gauge
-  only a worker sets -- open connections -- sums to the gateway's total, and the parent's own
-  gauges -- peers, policy -- are not multiplied), ``*_created`` the earliest. A dead worker's
-  last counters and histograms are kept, so totals never go down when it restarts (what it
-  counted in its last interval before a ``kill -9`` is lost). ``kanmon_worker_up{worker}`` and
-  ``kanmon_worker_restarts_total{worker}`` show liveness.
+  worker would have meant N chains per stream for every reader to merge and verify. The access
+  log waits (off the worker's event loop) for the parent's answer, so a response reaches the
+  device only after its record was written, and a write that failed blocks it
+  (``logs.on_write_error``) as in the single process. A record sent is in the kernel's socket
+  buffer, which survives the worker's ``kill -9``: the parent reads it to the end after the
+  worker died. (The parent is the single writer: if it dies the workers lose their socket and
+  end with it.)
+- **Metrics: an aggregator in the parent.** A scrape of the parent's /metrics asks every
+  worker for a snapshot of its own registry and waits for the answers (at most
+  ``SCRAPE_TIMEOUT``; workers also push one every ``METRICS_EVERY`` seconds), then merges them
+  with the parent's own: counters, histograms and gauges summed by name and labels (workers
+  start from zero metrics, so a gauge only a worker sets -- open connections -- sums to the
+  gateway's total, and the parent's own gauges -- peers, policy -- are not multiplied),
+  ``*_created`` the earliest. A dead worker's last counters and histograms are kept, so totals
+  never go down when it restarts (what it counted after its last snapshot before a ``kill -9``
+  is lost). ``kanmon_worker_up{worker}`` and ``kanmon_worker_restarts_total{worker}`` show
+  liveness.
 - **Fail closed**: a dead worker's port is not listening, so its devices' connections are
   refused (RST) until it is back; nftables never sends them to another worker or around the
   proxy. A worker whose chain cannot be built (an addon that cannot load) stops the gateway,
@@ -96,6 +100,8 @@ POLICY_TIMEOUT = 120.0       # seconds a worker has to load a new policy (from t
 METRICS_EVERY = 0.5          # seconds between a worker's metric snapshots
 RESTART_DELAY = 1.0          # seconds before a dead worker is forked again (no busy restart loop)
 READY_TIMEOUT = 60.0
+SCRAPE_TIMEOUT = 1.0         # seconds a scrape waits for the workers' current counts
+LOG_ACK_TIMEOUT = 10.0       # seconds a worker waits for the parent to write a record (then: a failed write)
 EXIT_FATAL = 3               # a worker's exit status: its chain cannot run; stop the gateway
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 * 1024 * 1024
@@ -137,17 +143,51 @@ class Uplink:
 
 class RemoteLogStore:
     """The LogStore a worker's chain writes to: each record to the parent's one writer.
-    ``append`` returns once the record is in the kernel's socket buffer (see the module note);
-    a broken socket (the parent is gone) raises OSError, which the access log treats as a
-    failed write (``logs.on_write_error``)."""
 
-    writes_block = False
+    Called from a thread (the access log runs a blocking sink's appends off the event loop,
+    addons/accesslog.py, as with ``fsync: always``), ``append`` returns only when the parent has
+    written the record, and raises LogWriteError when the parent's write failed: the request
+    whose record could not be written is blocked (``logs.on_write_error: block``), never served
+    unlogged, exactly as in the single process. Called on the event loop (other addons' rare
+    records), it returns once the record is in the kernel's socket buffer (it cannot wait for
+    an answer that the same loop delivers)."""
 
-    def __init__(self, uplink: Uplink):
+    writes_block = True
+
+    def __init__(self, uplink: Uplink, loop_thread: int | None = None, timeout: float = LOG_ACK_TIMEOUT):
         self._uplink = uplink
+        self._loop_thread = loop_thread if loop_thread is not None else threading.get_ident()
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._next = 0
+        self._waiting: dict[int, list] = {}    # seq -> [Event, error text or None]
 
     def append(self, stream: str, record: dict[str, Any]) -> None:
-        self._uplink.send(("log", stream, record))
+        from gateway.logstore.writer import LogWriteError
+        if threading.get_ident() == self._loop_thread:
+            self._uplink.send(("log", stream, record, 0))
+            return
+        with self._lock:
+            self._next += 1
+            seq = self._next
+            slot = self._waiting[seq] = [threading.Event(), None]
+        try:
+            self._uplink.send(("log", stream, record, seq))
+            if not slot[0].wait(self._timeout):
+                raise LogWriteError(stream, TimeoutError(f"the log writer did not answer within {self._timeout:.0f} s"))
+        finally:
+            with self._lock:
+                self._waiting.pop(seq, None)
+        if slot[1] is not None:
+            raise LogWriteError(stream, OSError(slot[1]))
+
+    def written(self, seq: int, error: str | None) -> None:
+        """The parent's answer for record ``seq`` (called by the worker's reader)."""
+        with self._lock:
+            slot = self._waiting.get(seq)
+        if slot is not None:
+            slot[1] = error
+            slot[0].set()
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -198,6 +238,9 @@ class MergedExposition:
         self.pool = pool
 
     def collect(self):
+        refresh = getattr(self.pool, "refresh", None)
+        if refresh is not None:
+            refresh()   # every worker's counts as of this scrape
         parts = [snapshot(self.registry), self.pool.retired, *self.pool.snapshots.values()]
         for name, kind, doc, unit, samples in merge(parts):
             metric = Metric(name, doc, kind, unit)
@@ -230,6 +273,7 @@ class _Worker:
     policy: tuple[str, bool] | None = None     # (version, loaded) of the last policy message
     alive: bool = True
     pending: list[bytes] = dataclasses.field(default_factory=list)   # sent before the stream was open
+    metrics_seq: int = 0                       # the last scrape request its snapshot answered
 
 
 class WorkerPool:
@@ -248,6 +292,9 @@ class WorkerPool:
         self.stopping = False
         self.stopped = asyncio.Event()
         self._changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._scrapes = 0
         self._tasks: set[asyncio.Task] = set()
         self.up = Gauge("kanmon_worker_up", "Inspection worker serving (1) or down (0), by worker index "
                         "(issue #22: a down worker's devices are refused until it is back).", ["worker"],
@@ -258,6 +305,7 @@ class WorkerPool:
 
     # -- lifecycle
     async def start(self, timeout: float = READY_TIMEOUT) -> None:
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         gc.freeze()   # what exists now (the compiled policy) stays shared: gc does not touch its pages
         for i in range(self.count):
             self._fork(i)
@@ -322,9 +370,18 @@ class WorkerPool:
     def _received(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "log":
-            self.on_log(message[1], message[2])
+            error = None
+            try:
+                self.on_log(message[1], message[2])
+            except Exception as exc:   # noqa: BLE001 - counted by the log store; the worker blocks the request
+                error = f"{type(exc).__name__}: {exc}"
+            if message[3]:
+                self._send(worker, ("logged", message[3], error))
         elif kind == "metrics":
             self.snapshots[worker.index] = message[1]
+            if len(message) > 2:
+                worker.metrics_seq = max(worker.metrics_seq, message[2])
+                self._changed.set()
         elif kind == "applied":
             worker.applied = max(worker.applied, message[1])
             self._changed.set()
@@ -391,6 +448,25 @@ class WorkerPool:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 pass
+
+    def refresh(self, timeout: float = SCRAPE_TIMEOUT) -> None:
+        """From the /metrics thread: ask every worker for its counts now and wait for them (at
+        most ``timeout``; a late worker's last pushed snapshot is served), so a scrape sees
+        everything counted before it. On the event loop itself: nothing (it cannot wait)."""
+        if self._loop is None or threading.get_ident() == self._loop_thread or self._loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._refresh(timeout), self._loop).result(timeout + 1)
+        except Exception:   # noqa: BLE001 - a scrape never fails for a slow worker: it gets the pushed counts
+            log.debug("metrics refresh incomplete", exc_info=True)
+
+    async def _refresh(self, timeout: float) -> None:
+        self._scrapes += 1
+        seq = self._scrapes
+        targets = self.live()
+        for w in targets:
+            self._send(w, ("metrics?", seq))
+        await self._wait(lambda w: w.metrics_seq >= seq or w not in targets, timeout)
 
     # -- what every worker must follow
     async def reconciled(self, report, timeout: float = ACK_TIMEOUT) -> None:
@@ -478,7 +554,7 @@ async def _serve(app, index: int, down: socket.socket, uplink: Uplink) -> int:
     # The process's own data-path state; what the parent built (directory, policy) is kept.
     app.metrics = GatewayMetrics()       # from zero: the parent sums (see the module note)
     app.connections = LiveConnections()
-    app.logstore = RemoteLogStore(uplink)
+    app.logstore = RemoteLogStore(uplink, threading.get_ident())
     app._stop = asyncio.Event()
     app._underlay_now = asyncio.Event()
     app.underlay = UnderlayAddresses(read_peers=app.tunnel.peers, on_change=app._underlay_changed,
@@ -525,7 +601,11 @@ async def _follow(app, reader: asyncio.StreamReader, uplink: Uplink) -> None:
     """Apply what the parent sends until it closes the stream (it stopped or died)."""
     while (message := await read_message(reader)) is not None:
         kind = message[0]
-        if kind == "reconcile":
+        if kind == "logged":
+            app.logstore.written(message[1], message[2])
+        elif kind == "metrics?":
+            uplink.send(("metrics", snapshot(app.metrics.registry), message[1]))
+        elif kind == "reconcile":
             follow_reconcile(app, message[1])
             uplink.send(("applied", message[1].revision))
         elif kind == "policy":

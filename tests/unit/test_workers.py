@@ -132,6 +132,7 @@ def standin_worker(index: int, down: socket.socket, up: socket.socket) -> None:
     import pickle
     uplink = Uplink(up)
     reg = registry_with(5 + index, 1)
+    counter = reg._names_to_collectors["k_requests"]
     uplink.send(("ready", os.getpid()))
     uplink.send(("metrics", snapshot(reg)))
     down.setblocking(True)
@@ -139,6 +140,9 @@ def standin_worker(index: int, down: socket.socket, up: socket.socket) -> None:
         message = pickle.loads(_recv_exactly(down, struct.unpack("!I", head)[0]))
         if message[0] == "reconcile" and not (index == 1 and message[1].revision == 13):
             uplink.send(("applied", message[1].revision))
+        elif message[0] == "metrics?":   # a scrape: count one more, answer with the current values
+            counter.labels("a").inc()
+            uplink.send(("metrics", snapshot(reg), message[1]))
         elif message[0] == "policy" and message[1] == "chain-broken":
             raise SystemExit(workers.EXIT_FATAL)   # what _serve returns when the chain cannot run
         elif message[0] == "policy":
@@ -160,6 +164,9 @@ def test_pool_waits_for_every_worker_and_replaces_one_that_does_not_answer(monke
             assert all(w.applied == 12 for w in pool.live())
             await asyncio.sleep(0.1)   # the stand-ins' metric snapshots
             assert values(snapshot(pool.exposition))[("k_requests_total", (("kind", "a"),))] == 5 + 6
+            # a scrape (from the HTTP server's thread) gets every worker's counts as of now
+            scraped = await asyncio.to_thread(lambda: values(snapshot(pool.exposition)))
+            assert scraped[("k_requests_total", (("kind", "a"),))] == 6 + 7
             # worker 1 does not acknowledge revision 13: killed, forked again from the parent
             await pool.reconciled(FakeReport(13), timeout=0.5)
             for _ in range(100):
@@ -171,8 +178,8 @@ def test_pool_waits_for_every_worker_and_replaces_one_that_does_not_answer(monke
             assert registry.get_sample_value("kanmon_worker_restarts_total", {"worker": "1"}) == 1
             assert registry.get_sample_value("kanmon_worker_up", {"worker": "1"}) == 1
             await asyncio.sleep(0.1)
-            # the dead worker's count (6) is kept beside the new one's (6) and worker 0's (5)
-            assert values(snapshot(pool.exposition))[("k_requests_total", (("kind", "a"),))] == 5 + 6 + 6
+            # the dead worker's count (7) is kept beside the new one's (6) and worker 0's (6)
+            assert values(snapshot(pool.exposition))[("k_requests_total", (("kind", "a"),))] == 6 + 7 + 6
             # a worker that cannot load a policy is replaced too
             before = pool.workers[1].pid
             await pool.switch_policy("bad-in-worker", timeout=5)
@@ -206,3 +213,53 @@ def test_a_worker_that_cannot_run_its_chain_stops_the_gateway_instead_of_restart
             await pool.stop()
 
     asyncio.run(scenario())
+
+
+class CapturingUplink:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def test_an_append_off_the_loop_waits_for_the_writer_and_a_failed_write_raises():
+    import threading
+
+    from gateway.logstore import LogWriteError
+
+    uplink = CapturingUplink()
+    store = RemoteLogStore(uplink, loop_thread=-1, timeout=5)   # every caller counts as a thread
+    assert store.writes_block, "the access log runs the appends in a thread and awaits them"
+    outcome = {}
+
+    def writer(name):
+        try:
+            store.append("proxy", {"n": name})
+            outcome[name] = "written"
+        except LogWriteError as exc:
+            outcome[name] = f"failed: {exc}"
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("ok", "full")]
+    for t in threads:
+        t.start()
+    for _ in range(200):
+        if len(uplink.sent) == 2:
+            break
+        threading.Event().wait(0.01)
+    assert not outcome, "no append returns before the writer answered"
+    seq = {m[2]["n"]: m[3] for m in uplink.sent}
+    store.written(seq["full"], "OSError: [Errno 28] No space left on device")
+    store.written(seq["ok"], None)
+    for t in threads:
+        t.join(5)
+    assert outcome["ok"] == "written"
+    assert outcome["full"].startswith("failed") and "No space left" in outcome["full"]
+
+
+def test_an_unanswered_append_fails_instead_of_passing():
+    from gateway.logstore import LogWriteError
+
+    store = RemoteLogStore(CapturingUplink(), loop_thread=-1, timeout=0.2)
+    with pytest.raises(LogWriteError):
+        store.append("proxy", {"n": 1})
