@@ -267,7 +267,6 @@ class _Worker:
     pid: int
     writer: asyncio.StreamWriter | None
     sockets: tuple[socket.socket, ...] = ()    # the parent's ends (closed in later-forked workers)
-    reader_task: asyncio.Task | None = None
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     applied: int = -1
     policy: tuple[str, bool] | None = None     # (version, loaded) of the last policy message
@@ -358,11 +357,12 @@ class WorkerPool:
         for data in worker.pending:
             worker.writer.write(data)
         worker.pending.clear()
-        reader, _w = await asyncio.open_unix_connection(sock=up, limit=_MAX_FRAME)
+        reader, up_writer = await asyncio.open_unix_connection(sock=up, limit=_MAX_FRAME)
         try:
             while (message := await read_message(reader)) is not None:
                 self._received(worker, message)
         finally:
+            up_writer.close()
             # Everything the worker sent before it died has been read (the stream ends only
             # after its last byte): its log records are written.
             await self._died(worker)
