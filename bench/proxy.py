@@ -289,6 +289,8 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
     example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
     out["kanmon+policy"] = lambda: kanmon(example)
     out["kanmon+policy glibc"] = lambda: kanmon(example, {"KANMON_ALLOCATOR": "glibc"})
+    if args.kanmon_workers:   # issue #22 (branch workers): see kanmon_worker_scenarios
+        out.update(kanmon_worker_scenarios(lab, modes, args, example))
     if args.baseline:
         # The same gateway from another checkout (e.g. main before a change), in the same
         # run and rounds, so a change's cost is a ratio between two figures of one round.
@@ -296,6 +298,61 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
         out["kanmon baseline"] = lambda: kanmon({}, base)
         out["kanmon+policy baseline"] = lambda: kanmon(example, base)
     return out
+
+
+# -- issue #22 (branch workers): Kanmon with `proxy.workers: N` ---------------------------------
+# nftables spreads *devices* over the workers (a hash of the tunnel source address), so the
+# load comes from one device per worker at once (wrk in each namespace, the connections split
+# between them); `w1` is the same load on one worker. CPU: the gateway's processes' own time.
+
+def _gateway_cpu_seconds(lab: Lab) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [lab.gateway.proc.pid]
+    children = Path(f"/proc/{pids[0]}/task/{pids[0]}/children")
+    pids += [int(p) for p in children.read_text().split()] if children.exists() else []
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, policy: dict) -> dict:
+    from gateway.lab.workerprobe import one_device_per_worker
+
+    n = args.kanmon_workers
+    devices: list = []
+
+    def run(workers: int) -> dict:
+        overrides = {**policy, "proxy": {"workers": workers}, "limits": BENCH_LIMITS}
+        if not devices:   # once, with the gateway in N-worker mode: find one device per worker
+            modes.gateway({**overrides, "proxy": {"workers": n}})
+            devices.extend(one_device_per_worker(lab, n).values())
+        modes.gateway(overrides)
+        for dev in devices:
+            lab.wait_for_peer(dev)
+        url, per_device = f"http://{WEB4}/bench", max(1, args.connections // len(devices))
+        for dev in devices:
+            wait_until(lambda: dev.ns.run("curl", "-sS", "-o", "/dev/null", "--max-time", "2", url, check=False,
+                                          timeout=10).returncode == 0, 30, "a request through the gateway", interval=0.2)
+        cpu = _gateway_cpu_seconds(lab)
+        procs = [subprocess.Popen(dev.ns.cmd("wrk", "-t1", "-c", str(per_device), "-d", f"{args.duration}s",
+                                             "--latency", url), stdout=subprocess.PIPE, text=True) for dev in devices]
+        parts = [parse_wrk(p.communicate(timeout=args.duration + 60)[0]) for p in procs]
+        cpu = _gateway_cpu_seconds(lab) - cpu
+        requests = sum(p["requests"] for p in parts)
+        return {"requests_per_s": sum(p["requests_per_s"] for p in parts),
+                "p50_ms": max(p["p50_ms"] or 0 for p in parts), "p90_ms": max(p["p90_ms"] or 0 for p in parts),
+                "p99_ms": max(p["p99_ms"] or 0 for p in parts), "non_2xx": sum(p["non_2xx"] for p in parts),
+                "socket_errors": "; ".join(p["socket_errors"] for p in parts if p["socket_errors"]),
+                "requests": requests, "gateway_cpu_s": round(cpu, 2),
+                "cpu_s_per_1000_requests": round(1000 * cpu / requests, 3) if requests else None,
+                "devices": len(devices)}
+
+    return {"kanmon+policy 2dev w1": lambda: run(1), f"kanmon+policy 2dev w{n}": lambda: run(n)}
 
 
 def round_order(names: list[str], round_index: int, rounds: int) -> list[str]:
@@ -337,6 +394,9 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run 'kanmon baseline' and 'kanmon+policy baseline': the gateway from another "
                          "checkout (e.g. a git worktree of main), to compare two commits in one run")
+    ap.add_argument("--kanmon-workers", type=int, default=0, metavar="N",  # issue #22 (branch workers)
+                    help="also run 'kanmon+policy 2dev w1' and 'kanmon+policy 2dev wN': Kanmon with proxy.workers 1 "
+                         "and N, loaded from one device per worker at once (a device's traffic stays in one worker)")
     ap.add_argument("--only", action="append", metavar="SCENARIO",
                     help="run only this scenario (repeatable; e.g. to profile one of them)")
     args = ap.parse_args()

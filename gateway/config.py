@@ -81,6 +81,8 @@ SCHEMA: dict[str, Any] = {
                 "sinkhole_ipv6": _STR,
                 # issue #14: DNS over TLS (port 853) is refused except to these resolvers
                 "dot_resolvers": {"type": "array", "items": _STR},
+                # issue #22: inspection processes ("auto": one per core; gateway/runtime/workers.py)
+                "workers": {},
             },
         },
         "management": {
@@ -306,6 +308,7 @@ class GatewayConfig:
     auto_quarantine: AutoQuarantineSettings | None = None   # issue #18; None: only operators quarantine
     organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
     console: ConsoleSettings | None = None    # issue #21; None: no operator console
+    proxy_workers: int = 1                    # issue #22: inspection processes (gateway/runtime/workers.py)
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -398,6 +401,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
     if transparent_port == dns_port:
         errors.append(doc.error(("proxy", "dns_port"), Text("proxy.transparent_port と別の番号にしてください", "must differ from proxy.transparent_port")))
 
+    workers = _proxy_workers(doc, d, transparent_port, dns_port, errors)   # issue #22
+
     for i, server in enumerate(proxy.get("dot_resolvers", [])):
         try:
             ipaddress.ip_address(server)
@@ -425,7 +430,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
             errors.append(doc.error(("enrollment", "listen"), Text("アドレス:ポート で書いてください（例 0.0.0.0:8443）", "must be ADDRESS:PORT, e.g. 0.0.0.0:8443")))
         else:
             enroll_host, enroll_port = m.group(1), int(m.group(2))
-            if enroll_port in (transparent_port, dns_port) or (enroll_port == mgmt_port and enroll_host == mgmt_host):
+            if enroll_port in (*range(transparent_port, transparent_port + workers), *range(dns_port, dns_port + workers)) or (enroll_port == mgmt_port and enroll_host == mgmt_host):
                 errors.append(doc.error(("enrollment", "listen"), Text("このポートはプロキシか管理用の待ち受けが使っています", "port already used by the proxy or management listener")))
         if ("server_cert_file" in enroll) != ("server_key_file" in enroll):
             errors.append(doc.error(("enrollment",), Text("server_cert_file と server_key_file は両方書いてください", "server_cert_file and server_key_file go together")))
@@ -510,6 +515,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         upstream_ca_bundle=Path(proxy["upstream_ca_bundle"]) if "upstream_ca_bundle" in proxy else None,
         tcp_timeout=proxy.get("tcp_timeout", 600),
         no_sni=proxy.get("no_sni", "block"),
+        proxy_workers=workers,
         management_host=mgmt_host,
         management_port=mgmt_port,
         helpdesk_ja=helpdesk.get("name_ja", "情報システム担当"),
@@ -551,6 +557,51 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         organization=organization,
         console=console,
     )
+
+
+MAX_PROXY_WORKERS = 64
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or systemd's
+    CPUAffinity narrows), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _proxy_workers(doc: LoadedYaml, d: dict, transparent_port: int, dns_port: int, errors: list) -> int:
+    """issue #22: `proxy.workers: auto | N`. Worker i listens on transparent_port + i and
+    dns_port + i, so the two port ranges must not overlap and must stay below 65536. User
+    sign-in and automatic quarantine keep state in the one process (gateway/runtime/workers.py):
+    with them, only 1."""
+    value = d.get("proxy", {}).get("workers", 1)
+    if value != 1 and (single := [k for k in ("signin", "auto_quarantine") if k in d]):
+        errors.append(doc.error(("proxy", "workers"), Text(
+            f"{'・'.join(single)} を使うときは 1 にしてください（複数ワーカーには未対応）",
+            f"must be 1 with {' and '.join(single)} (not supported with several workers yet)")))
+        return 1
+    if value == "auto":
+        count = min(usable_cores(), MAX_PROXY_WORKERS)
+    elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PROXY_WORKERS:
+        count = value
+    else:
+        errors.append(doc.error(("proxy", "workers"), Text(
+            f"auto か 1〜{MAX_PROXY_WORKERS} の整数にしてください（{value!r}）",
+            f"must be auto or an integer from 1 to {MAX_PROXY_WORKERS} ({value!r})")))
+        return 1
+    if count > 1:
+        tp, dp = range(transparent_port, transparent_port + count), range(dns_port, dns_port + count)
+        if tp[-1] > 65535 or dp[-1] > 65535:
+            errors.append(doc.error(("proxy", "workers"), Text(
+                f"ワーカー {count} 個分のポート（transparent_port/dns_port から連番）が 65535 を超えます",
+                f"the ports of {count} workers (consecutive from transparent_port and dns_port) exceed 65535")))
+        elif set(tp) & set(dp):
+            errors.append(doc.error(("proxy", "workers"), Text(
+                f"ワーカー {count} 個分のポート {tp[0]}-{tp[-1]} と {dp[0]}-{dp[-1]} が重なります。dns_port を離してください",
+                f"the ports of {count} workers, {tp[0]}-{tp[-1]} and {dp[0]}-{dp[-1]}, overlap: move dns_port away")))
+    return count
 
 
 def _mail_settings(doc: LoadedYaml, m: dict | None, errors: list) -> MailSettings | None:

@@ -161,5 +161,6 @@ class GatewayMetrics:
 
     def serve(self, host: str, port: int):
         """Expose /metrics on the management address (a daemon thread)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        # issue #22: with inspection workers, what their snapshots add (gateway/runtime/workers.py)
+        server, thread = start_http_server(port, addr=host, registry=getattr(self, "exposition", None) or self.registry)
         return server, thread

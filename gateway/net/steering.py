@@ -50,6 +50,9 @@ class SteeringPlan:
     # Firewall log (gateway/net/firewalllog.py): NFLOG group of the drop/reject log statements;
     # None renders the table without them.
     log_group: int | None = None
+    # issue #22: inspection workers. Worker i listens on transparent_port + i and dns_port + i;
+    # a device's traffic goes to the worker its tunnel source address hashes to (below).
+    workers: int = 1
 
 
 # Kernel-side bound on logged packets, per drop rule (a flood is logged at this rate at most;
@@ -74,11 +77,59 @@ def _elements(addrs: Iterable[ipaddress._BaseAddress], version: int) -> str:
     return f"elements = {{ {', '.join(items)} }}" if items else ""
 
 
+# The hash that spreads devices over workers (issue #22). The same expression steers a device's
+# TCP and its DNS, so its flows, DNS bindings and limits stay in one worker. The seed is fixed:
+# a device keeps its worker across table replacements and gateway restarts.
+HASH_SEED = "0x4b4d"
+# What is hashed: the device's *host number*, the bits of its source address under the IPv4
+# prefix, taken from the last 32 bits of the address (IPv4: the whole source address at bit 96
+# of the network header; IPv6: its last 32 bits at bit 160). The registry gives a device the
+# IPv6 address with the same host number as its IPv4 one (gateway/registry: "the IPv6 address
+# mirrors the IPv4 host number"), so both families of one device hash the same 4 bytes and land
+# in the same worker.
+_SADDR_LOW32 = {"ipv4": "@nh,96,32", "ipv6": "@nh,160,32"}
+
+
+def _worker_port(base: int, plan: SteeringPlan, family: str) -> str:
+    """The redirect target: the one port, or the port of the worker the source hashes to.
+    A worker that is down leaves its port unbound: its devices' connections are refused,
+    never steered to another worker or around the proxy."""
+    if plan.workers == 1:
+        return str(base)
+    host_mask = (1 << (32 - plan.ipv4_prefix.prefixlen)) - 1
+    ports = ", ".join(f"{i} : {base + i}" for i in range(plan.workers))
+    return (f"jhash {_SADDR_LOW32[family]} & {host_mask:#x} mod {plan.workers} seed {HASH_SEED} "
+            f"map {{ {ports} }}")
+
+
+def _redirects(plan: SteeringPlan) -> list[str]:
+    wg, tp, dp = plan.tunnel_interface, plan.transparent_port, plan.dns_port
+    if plan.workers == 1:   # exactly the table of a single-process gateway
+        return [f'    iifname "{wg}" udp dport 53 redirect to :{dp}',
+                f'    iifname "{wg}" tcp dport 53 redirect to :{dp}',
+                f'    iifname "{wg}" meta l4proto tcp redirect to :{tp}']
+    out = []
+    for family in ("ipv4", "ipv6"):
+        match = f'meta nfproto {family} iifname "{wg}"'
+        out += [f"    {match} udp dport 53 redirect to :{_worker_port(dp, plan, family)}",
+                f"    {match} tcp dport 53 redirect to :{_worker_port(dp, plan, family)}",
+                f"    {match} meta l4proto tcp redirect to :{_worker_port(tp, plan, family)}"]
+    return out
+
+
+def _listener_ports(plan: SteeringPlan) -> tuple[str, str]:
+    """(TCP ports, UDP ports) of the proxy listeners, as nft expressions."""
+    tp, dp, n = plan.transparent_port, plan.dns_port, plan.workers
+    if n == 1:
+        return f"{{ {tp}, {dp} }}", f"{dp}"
+    return f"{{ {tp}-{tp + n - 1}, {dp}-{dp + n - 1} }}", f"{{ {dp}-{dp + n - 1} }}"
+
+
 def render_ruleset(plan: SteeringPlan) -> str:
     """The whole table as `nft -f` input. Creating the table first makes the delete valid
     whether or not a previous table exists, so the replacement is one atomic transaction."""
     wg, up, t = plan.tunnel_interface, plan.uplink_interface, plan.table
-    tp, dp = plan.transparent_port, plan.dns_port
+    tcp_ports, udp_ports = _listener_ports(plan)
     v6 = plan.ipv6_prefix is not None
     lg = plan.log_group
     lines = [
@@ -137,24 +188,22 @@ def render_ruleset(plan: SteeringPlan) -> str:
         "",
         "  chain steer {",
         "    type nat hook prerouting priority dstnat; policy accept;",
-        f'    iifname "{wg}" udp dport 53 redirect to :{dp}',
-        f'    iifname "{wg}" tcp dport 53 redirect to :{dp}',
-        f'    iifname "{wg}" meta l4proto tcp redirect to :{tp}',
+        *_redirects(plan),
         "  }",
         "",
         "  chain local_in {",
         "    type filter hook input priority filter; policy accept;",
         # From devices only the proxy listeners (after redirect) and ping answer.
-        f'    iifname "{wg}" tcp dport {{ {tp}, {dp} }} accept',
-        f'    iifname "{wg}" udp dport {dp} accept',
+        f'    iifname "{wg}" tcp dport {tcp_ports} accept',
+        f'    iifname "{wg}" udp dport {udp_ports} accept',
         f'    iifname "{wg}" meta l4proto {{ icmp, ipv6-icmp }} accept',
         *_logged(f'iifname "{wg}"', "local-service", lg),
         f'    iifname "{wg}" counter drop',
         # The proxy listeners are for redirected tunnel traffic only.
-        *_logged(f'iifname != "{wg}" tcp dport {{ {tp}, {dp} }}', "listener-from-outside", lg),
-        f'    iifname != "{wg}" tcp dport {{ {tp}, {dp} }} drop',
-        *_logged(f'iifname != "{wg}" udp dport {dp}', "listener-from-outside", lg),
-        f'    iifname != "{wg}" udp dport {dp} drop',
+        *_logged(f'iifname != "{wg}" tcp dport {tcp_ports}', "listener-from-outside", lg),
+        f'    iifname != "{wg}" tcp dport {tcp_ports} drop',
+        *_logged(f'iifname != "{wg}" udp dport {udp_ports}', "listener-from-outside", lg),
+        f'    iifname != "{wg}" udp dport {udp_ports} drop',
         "  }",
         "",
         "  chain route_through {",

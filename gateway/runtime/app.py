@@ -51,6 +51,7 @@ from gateway.net.tunnel import TunnelError, WireGuardInterface, load_or_create_p
 from gateway.net.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.runtime.policycache import PolicyCache  # issue #22
+from gateway.runtime import workers as inspection_workers   # issue #22: proxy.workers > 1
 from gateway.autoquarantine.assembly import build_quarantiner   # issue #18
 from gateway.i18n import Text
 from gateway.yamlsource import SourceErrors, errors_text
@@ -99,6 +100,7 @@ class GatewayApp:
         self.fatal_reason: str | None = None
         self._stop = asyncio.Event()
         self.master = None
+        self.workers: inspection_workers.WorkerPool | None = None   # issue #22: proxy.workers > 1
         self.registry: DeviceRegistry | None = None
         self.logstore: LogStore | None = None
         self.policy: PolicyHolder | None = None
@@ -271,6 +273,8 @@ class GatewayApp:
                                            "version": self.policy.current.snapshot.version})
                 return False
             self.policy.swap(snapshot)
+            if self.workers is not None:   # issue #22: every worker switches before it is reported in force
+                await self.workers.switch_policy(snapshot.version)
             self._policy_loaded(snapshot, path)
             return True
 
@@ -308,7 +312,7 @@ class GatewayApp:
             ipv4_prefix=cfg.ipv4_prefix, gateway_ipv4=cfg.gateway_ipv4,
             ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
             transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked),
-            log_group=cfg.firewall_log_group))
+            log_group=cfg.firewall_log_group, workers=cfg.proxy_workers))   # issue #22: spread over workers
         log.info("nftables table inet %s installed", cfg.nft_table)
         self._remember(reconciler.registry.all())
         try:
@@ -482,6 +486,8 @@ class GatewayApp:
                         report = await asyncio.to_thread(reconciler.run_once, full)
                     if gone := self._apply_reconcile(report):
                         await asyncio.to_thread(self._end_sessions, gone)
+                    if self.workers is not None:   # issue #22: cut in every worker before it counts as applied
+                        await self.workers.reconciled(report)
                     self._confirm_applied(report.revision)
                     self.ship_audit()
                     if full:
@@ -578,12 +584,15 @@ class GatewayApp:
             reconciler = await asyncio.to_thread(self.prepare_host)
             if self.autoquarantine is not None:
                 self.autoquarantine.bind(loop)   # issue #18: orders are carried out on this loop
-            self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain(),
-                                       layer_decision=layer_decision(self.chain_parts()))
-            if self.fatal_reason:
-                raise StartupError(self.fatal_reason)
-            run_task = asyncio.create_task(self.master.run(), name="mitmproxy")
-            await wait_for_listeners(self.master, run_task)
+            if self.cfg.proxy_workers > 1:   # issue #22: N inspection processes forked after the compile
+                self.workers, run_task = await inspection_workers.start_pool(self)
+            else:
+                self.master = build_master(ProxySettings.from_config(self.cfg), self.build_chain(),
+                                           layer_decision=layer_decision(self.chain_parts()))
+                if self.fatal_reason:
+                    raise StartupError(self.fatal_reason)
+                run_task = asyncio.create_task(self.master.run(), name="mitmproxy")
+                await wait_for_listeners(self.master, run_task)
             self.metrics.serve(self.cfg.management_host, self.cfg.management_port)
             if self.cfg.enrollment_host is not None:
                 # After the proxy started: mitmproxy writes its CA certificate then, and the
@@ -609,7 +618,10 @@ class GatewayApp:
             stop_task = asyncio.create_task(self._stop.wait())
             await asyncio.wait({run_task, stop_task, reconcile_task}, return_when=asyncio.FIRST_COMPLETED)
             sd_notify("STOPPING=1")
-            self.master.shutdown()
+            if self.workers is not None:   # issue #22
+                await self.workers.stop()
+            else:
+                self.master.shutdown()
             reconcile_task.cancel()
             rotation_task.cancel()
             for task in (underlay_task, trim_task, feeds_task):
