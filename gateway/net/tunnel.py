@@ -37,9 +37,15 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 from wireguard_tools import WireguardDevice, WireguardKey
 
+from gateway.i18n import Text
+
 log = logging.getLogger("kanmon.tunnel")
 
 UAPI_DIR = Path("/var/run/wireguard")
+# wireguard-go refuses a peer beyond this many on one interface (MaxPeers = 1 << 16 in its
+# device package; seen here: the 65,537th `public_key=` line closes the control socket). The
+# kernel module holds 2^20.
+WIREGUARD_GO_MAX_PEERS = 1 << 16
 IFA_F_NODAD = 0x02
 
 
@@ -326,6 +332,16 @@ class WireGuardInterface:
         if not add:
             self._apply(remove=removed, upsert=[])
             return PeerSyncResult((), tuple(removed), ())
+        if self.kind == "wireguard-go" and len(desired) > WIREGUARD_GO_MAX_PEERS:
+            # Removals still happen (fail closed); no device is added beyond what fits.
+            self._apply(remove=removed, upsert=[])
+            raise TunnelError(Text(
+                f"{len(desired):,} 台の端末が接続を許可されていますが、wireguard-go は 1 つのインターフェースに "
+                f"{WIREGUARD_GO_MAX_PEERS:,} 台までしか登録できません。カーネルの WireGuard を使ってください "
+                "(tunnel.implementation: kernel)。追加分の端末は接続できません。",
+                f"{len(desired):,} devices are admitted, but wireguard-go holds at most {WIREGUARD_GO_MAX_PEERS:,} peers "
+                "on one interface: use kernel WireGuard (tunnel.implementation: kernel). The devices beyond "
+                "that are not connected.").render())
         added = [k for k in desired if k not in current]
         updated = [k for k in desired if k in current and _differs(desired[k].allowed_ips, current[k].allowed_ips)]
         self._apply(remove=removed, upsert=[desired[k] for k in added + updated])
@@ -360,11 +376,18 @@ class WireGuardInterface:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.UAPI_TIMEOUT_SECONDS)
             s.connect(str(self._uapi_path()))
-            s.sendall(message.encode())
+            try:
+                s.sendall(message.encode())
+            except (BrokenPipeError, ConnectionResetError):
+                # wireguard-go answers an error and closes before reading the rest: report its errno
+                pass
             chunks: list[bytes] = []
             tail = b""
             while not tail.endswith(b"\n\n"):
-                chunk = s.recv(1 << 20)
+                try:
+                    chunk = s.recv(1 << 20)
+                except ConnectionResetError:
+                    chunk = b""
                 if not chunk:
                     break
                 chunks.append(chunk)

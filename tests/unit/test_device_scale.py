@@ -240,3 +240,18 @@ def test_audit_shipping_marks_many_entries_at_once(tmp_path):
     reg.mark_audit_shipped([e.id for e in entries[:200]])
     assert [e.id for e in reg.unshipped_audit(limit=1000)] == [e.id for e in entries[200:]]
     reg.close()
+
+
+def test_more_admitted_devices_than_wireguard_go_holds_is_refused_clearly_and_only_removes(monkeypatch):
+    import gateway.net.tunnel as tunnel_module
+
+    monkeypatch.setattr(tunnel_module, "WIREGUARD_GO_MAX_PEERS", 3)
+    tunnel = FailingUapi(fail_at=99)
+    stale = key()
+    monkeypatch.setattr(tunnel, "_uapi_get", lambda: uapi_reply([(stale, ["10.64.0.9/32"], None, 0)]))
+    desired = {k: PeerSpec(k, (f"10.64.0.{i}/32",)) for i, k in enumerate(key() for _ in range(4))}
+    with pytest.raises(TunnelError, match="at most 3 peers") as refused:
+        tunnel.sync_peers(desired)
+    assert "カーネル" in str(refused.value)
+    sent = "".join(tunnel.sent)
+    assert "remove=true" in sent and "replace_allowed_ips" not in sent, "the stale peer is removed, none added"
