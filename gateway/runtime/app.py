@@ -450,7 +450,9 @@ class GatewayApp:
     def ship_audit(self) -> int:
         """Copy operator changes recorded in the registry (by any process) into the
         tamper-evident audit stream; only this process writes the log files."""
-        entries = self.registry.unshipped_audit()
+        # Small batches: this runs on the event loop between reconcile passes, and the first start
+        # after a bulk enrolment has 100,000 entries to ship (500 at a time held a revocation back).
+        entries = self.registry.unshipped_audit(limit=100)
         for e in entries:
             record = {
                 "event.dataset": "kanmon.audit", "event.action": e.action, "event.outcome": "success",
