@@ -103,7 +103,7 @@ def _key_hex(b64: str) -> str:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32:
-        raise TunnelError(f"not a WireGuard public key: {b64!r}")
+        raise TunnelError(Text(f"WireGuard の公開鍵ではありません: {b64!r}", f"not a WireGuard public key: {b64!r}"))
     return raw.hex()
 
 
@@ -129,7 +129,7 @@ def _peer_from_block(block: str) -> PeerState:
         elif name == "last_handshake_time_nsec":
             nsec = int(value)
         elif name == "protocol_version" and value != "1":
-            raise TunnelError(f"unexpected WireGuard UAPI protocol version {value}")
+            raise TunnelError(Text(f"想定外の WireGuard UAPI プロトコル版 {value}", f"unexpected WireGuard UAPI protocol version {value}"))
     handshake = sec + nsec * 1e-9
     return PeerState(key, tuple(sorted(allowed)), endpoint, handshake or None)
 
@@ -142,7 +142,9 @@ def parse_uapi_peers(reply: str, previous: Mapping[str, tuple[str, PeerState]] |
     previous = previous or {}
     body, sep, tail = reply.rpartition("errno=")
     if not sep or tail.strip() != "0":
-        raise TunnelError(f"wireguard-go refused the peer read: errno={tail.strip() or '(none)'}")
+        code = tail.strip() or "(none)"
+        raise TunnelError(Text(f"wireguard-go がピア一覧の読み出しを拒否しました: errno={code}",
+                               f"wireguard-go refused the peer read: errno={code}"))
     peers: dict[str, PeerState] = {}
     cache: dict[str, tuple[str, PeerState]] = {}
     for block in body.split("public_key=")[1:]:
@@ -349,7 +351,7 @@ class WireGuardInterface:
                 "(tunnel.implementation: kernel)。追加分の端末は接続できません。",
                 f"{len(desired):,} devices are admitted, but wireguard-go holds at most {WIREGUARD_GO_MAX_PEERS:,} peers "
                 "on one interface: use kernel WireGuard (tunnel.implementation: kernel). The devices beyond "
-                "that are not connected.").render())
+                "that are not connected."))
         added = [k for k in desired if k not in current]
         updated = [k for k in desired if k in current and _differs(desired[k].allowed_ips, current[k].allowed_ips)]
         self._apply(remove=removed, upsert=[desired[k] for k in added + updated])
@@ -405,7 +407,8 @@ class WireGuardInterface:
     def _uapi_get(self) -> str:
         reply = self._uapi_exchange("get=1\n\n")
         if not reply.endswith("\n\n"):
-            raise TunnelError(f"wireguard-go closed the peer read on {self.name} early")
+            raise TunnelError(Text(f"wireguard-go が {self.name} のピア一覧を途中で閉じました",
+                                   f"wireguard-go closed the peer read on {self.name} early"))
         return reply
 
     def _uapi_set_message(self, message: str) -> None:
