@@ -5,7 +5,12 @@ AllowedIPs = the device's own /32 and /128, so cryptokey routing makes a packet'
 source address an authenticated device identity.
 
 Reading state goes through the `wireguard-tools` package (`WireguardDevice.get`, which
-picks UAPI for wireguard-go and netlink for the kernel). Writing peers does not use its
+picks UAPI for wireguard-go and netlink for the kernel), except the peer list of a
+wireguard-go interface: that is read every second (underlay addresses, tunnel log) and at
+every full reconcile, and with 100,000 peers the package's general parser (an attrs object,
+a key object and an `ip_interface` per line) costs seconds. `parse_uapi_peers` reads the
+UAPI reply block by block and re-parses only the peers whose block changed since the last
+read (a peer without traffic yields the same text every time). Writing peers does not use its
 `set_config`: over UAPI it always sends `replace_peers=true` (every device would lose its
 session on each change) and writes `endpoint=None:None` for peers without an endpoint,
 which wireguard-go rejects. So peer changes are sent as incremental operations: the UAPI
@@ -15,6 +20,8 @@ pyroute2's WireGuard netlink family for the kernel.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import ipaddress
 import logging
@@ -35,6 +42,10 @@ from gateway.i18n import Text
 log = logging.getLogger("kanmon.tunnel")
 
 UAPI_DIR = Path("/var/run/wireguard")
+# wireguard-go refuses a peer beyond this many on one interface (MaxPeers = 1 << 16 in its
+# device package; seen here: the 65,537th `public_key=` line closes the control socket). The
+# kernel module holds 2^20.
+WIREGUARD_GO_MAX_PEERS = 1 << 16
 IFA_F_NODAD = 0x02
 
 
@@ -84,16 +95,81 @@ def load_or_create_private_key(path: Path) -> WireguardKey:
 
 
 def _key_hex(b64: str) -> str:
-    return WireguardKey(b64).hex
+    """Base64 public key -> the hex form UAPI speaks. Plain base64 (not `WireguardKey`, which
+    builds an attrs object per key: 100,000 of them at start-up); still refuses anything
+    that is not exactly 32 bytes."""
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise TunnelError(Text(f"WireGuard の公開鍵ではありません: {b64!r}", f"not a WireGuard public key: {b64!r}"))
+    return raw.hex()
+
+
+def _key_b64(hex_key: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_key)).decode()
+
+
+def _peer_from_block(block: str) -> PeerState:
+    """One peer's lines of a UAPI `get` reply (from its public_key= line on)."""
+    key = endpoint = None
+    allowed: list[str] = []
+    sec = nsec = 0
+    for line in block.split("\n"):
+        name, _, value = line.partition("=")
+        if name == "allowed_ip":
+            allowed.append(value)
+        elif name == "public_key":
+            key = _key_b64(value)
+        elif name == "endpoint":
+            endpoint = value or None   # "1.2.3.4:51820", "[2001:db8::7]:51820" as wireguard-go prints them
+        elif name == "last_handshake_time_sec":
+            sec = int(value)
+        elif name == "last_handshake_time_nsec":
+            nsec = int(value)
+        elif name == "protocol_version" and value != "1":
+            raise TunnelError(Text(f"想定外の WireGuard UAPI プロトコル版 {value}", f"unexpected WireGuard UAPI protocol version {value}"))
+    handshake = sec + nsec * 1e-9
+    return PeerState(key, tuple(sorted(allowed)), endpoint, handshake or None)
+
+
+def parse_uapi_peers(reply: str, previous: Mapping[str, tuple[str, PeerState]] | None = None
+                     ) -> tuple[dict[str, PeerState], dict[str, tuple[str, PeerState]]]:
+    """Pure: a UAPI `get` reply -> ({base64 key: PeerState}, cache for the next call). A peer
+    whose block is the same text as in `previous` keeps its parsed state (no re-parse).
+    Raises TunnelError when the reply reports an error or is cut short."""
+    previous = previous or {}
+    body, sep, tail = reply.rpartition("errno=")
+    if not sep or tail.strip() != "0":
+        code = tail.strip() or "(none)"
+        raise TunnelError(Text(f"wireguard-go がピア一覧の読み出しを拒否しました: errno={code}",
+                               f"wireguard-go refused the peer read: errno={code}"))
+    peers: dict[str, PeerState] = {}
+    cache: dict[str, tuple[str, PeerState]] = {}
+    for block in body.split("public_key=")[1:]:
+        hex_key = block[:64]
+        old = previous.get(hex_key)
+        state = old[1] if old is not None and old[0] == block else _peer_from_block("public_key=" + block.rstrip("\n"))
+        cache[hex_key] = (block, state)
+        peers[state.public_key] = state
+    return peers, cache
 
 
 class WireGuardInterface:
     """One WireGuard interface in the current network namespace."""
 
+    # Bytes of one UAPI `set` message at most (about 2,000 peers): wireguard-go applies a
+    # message line by line while the sender waits, so a start-up with 100,000 peers is sent as
+    # a series of bounded messages, each answered well within the socket timeout.
+    UAPI_SET_BYTES = 256 * 1024
+    UAPI_TIMEOUT_SECONDS = 30.0
+
     def __init__(self, name: str, implementation: str = "auto"):
         self.name = name
         self.implementation = implementation
         self.kind: str | None = None  # "kernel" | "wireguard-go" once up
+        self._peer_cache: dict[str, tuple[str, PeerState]] = {}   # parse_uapi_peers' cache
 
     # -- lifecycle -----------------------------------------------------------------------
     def ensure(self, private_key: WireguardKey, listen_port: int, mtu: int,
@@ -238,6 +314,9 @@ class WireGuardInterface:
             dev.close()
 
     def peers(self) -> dict[str, PeerState]:
+        if self.kind == "wireguard-go":
+            peers, self._peer_cache = parse_uapi_peers(self._uapi_get(), self._peer_cache)
+            return peers
         cfg = self._read_config()
         out = {}
         for key, peer in cfg.peers.items():
@@ -253,13 +332,28 @@ class WireGuardInterface:
             )
         return out
 
-    def sync_peers(self, desired: Mapping[str, PeerSpec]) -> PeerSyncResult:
-        """Make the interface's peer set equal `desired`, touching only what differs, in
-        one transaction (one UAPI message / one netlink call per changed peer)."""
+    def sync_peers(self, desired: Mapping[str, PeerSpec], add: bool = True) -> PeerSyncResult:
+        """Make the interface's peer set equal `desired`, touching only what differs (set
+        differences; UAPI messages of about 2,000 peers, removals first / one netlink call
+        per changed peer). `add=False` only removes the peers `desired` does not hold (the
+        fail-closed half, when the rest of a pass failed)."""
         current = self.peers()
         removed = [k for k in current if k not in desired]
+        if not add:
+            self._apply(remove=removed, upsert=[])
+            return PeerSyncResult((), tuple(removed), ())
+        if self.kind == "wireguard-go" and len(desired) > WIREGUARD_GO_MAX_PEERS:
+            # Removals still happen (fail closed); no device is added beyond what fits.
+            self._apply(remove=removed, upsert=[])
+            raise TunnelError(Text(
+                f"{len(desired):,} 台の端末が接続を許可されていますが、wireguard-go は 1 つのインターフェースに "
+                f"{WIREGUARD_GO_MAX_PEERS:,} 台までしか登録できません。カーネルの WireGuard を使ってください "
+                "(tunnel.implementation: kernel)。追加分の端末は接続できません。",
+                f"{len(desired):,} devices are admitted, but wireguard-go holds at most {WIREGUARD_GO_MAX_PEERS:,} peers "
+                "on one interface: use kernel WireGuard (tunnel.implementation: kernel). The devices beyond "
+                "that are not connected."))
         added = [k for k in desired if k not in current]
-        updated = [k for k in desired if k in current and tuple(sorted(desired[k].allowed_ips)) != current[k].allowed_ips]
+        updated = [k for k in desired if k in current and _differs(desired[k].allowed_ips, current[k].allowed_ips)]
         self._apply(remove=removed, upsert=[desired[k] for k in added + updated])
         return PeerSyncResult(tuple(added), tuple(removed), tuple(updated))
 
@@ -280,30 +374,90 @@ class WireGuardInterface:
                 for p in upsert:
                     wg.set(self.name, peer={"public_key": p.public_key, "allowed_ips": list(p.allowed_ips)})
             return
-        lines: list[str] = []
-        for key in remove:
-            lines += [f"public_key={_key_hex(key)}", "remove=true"]
-        for p in upsert:
-            lines += [f"public_key={_key_hex(p.public_key)}", "replace_allowed_ips=true"]
-            lines += [f"allowed_ip={a}" for a in p.allowed_ips]
-        self._uapi_set(lines)
+        # Removals first (a revoked key never outlives a failed later message), then the
+        # upserts; each peer's lines stay in one message.
+        for message in uapi_set_messages(remove, upsert, self.UAPI_SET_BYTES):
+            self._uapi_set_message(message)
 
     def _uapi_set(self, lines: list[str]) -> None:
-        message = "set=1\n" + "".join(line + "\n" for line in lines) + "\n"
+        self._uapi_set_message("set=1\n" + "".join(line + "\n" for line in lines) + "\n")
+
+    def _uapi_exchange(self, message: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
+            s.settimeout(self.UAPI_TIMEOUT_SECONDS)
             s.connect(str(self._uapi_path()))
-            s.sendall(message.encode())
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = s.recv(4096)
+            try:
+                s.sendall(message.encode())
+            except (BrokenPipeError, ConnectionResetError):
+                # wireguard-go answers an error and closes before reading the rest: report its errno
+                pass
+            chunks: list[bytes] = []
+            tail = b""
+            while not tail.endswith(b"\n\n"):
+                try:
+                    chunk = s.recv(1 << 20)
+                except ConnectionResetError:
+                    chunk = b""
                 if not chunk:
                     break
-                reply += chunk
-        fields = dict(line.split("=", 1) for line in reply.decode().split("\n") if "=" in line)
+                chunks.append(chunk)
+                tail = (tail + chunk)[-2:]
+        return b"".join(chunks).decode()
+
+    def _uapi_get(self) -> str:
+        reply = self._uapi_exchange("get=1\n\n")
+        if not reply.endswith("\n\n"):
+            raise TunnelError(Text(f"wireguard-go が {self.name} のピア一覧を途中で閉じました",
+                                   f"wireguard-go closed the peer read on {self.name} early"))
+        return reply
+
+    def _uapi_set_message(self, message: str) -> None:
+        reply = self._uapi_exchange(message)
+        fields = dict(line.split("=", 1) for line in reply.split("\n") if "=" in line)
         if fields.get("errno") != "0":
             raise TunnelError(Text(f"wireguard-go が {self.name} の設定を受け付けません: errno={fields.get('errno')}",
                                    f"wireguard-go refused configuration on {self.name}: errno={fields.get('errno')}"))
+
+
+def _differs(desired: Iterable[str], current: tuple[str, ...]) -> bool:
+    """Do two AllowedIPs lists name different networks? Text first (both sides print the
+    canonical form, so this is the common answer), parsed only when the texts differ."""
+    if tuple(sorted(desired)) == current:
+        return False
+    try:
+        return sorted(str(ipaddress.ip_network(a, strict=False)) for a in desired) != \
+            sorted(str(ipaddress.ip_network(a, strict=False)) for a in current)
+    except ValueError:
+        return True
+
+
+def uapi_set_messages(remove: Iterable[str], upsert: Iterable[PeerSpec], max_bytes: int) -> list[str]:
+    """Pure: the UAPI `set` messages for these changes, removals first, each message holding
+    whole peers and at most about `max_bytes` (one peer's lines are never split)."""
+    messages: list[str] = []
+    lines: list[str] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal lines, size
+        if lines:
+            messages.append("set=1\n" + "".join(line + "\n" for line in lines) + "\n")
+        lines, size = [], 0
+
+    def add(peer_lines: list[str]) -> None:
+        nonlocal size
+        length = sum(len(line) + 1 for line in peer_lines)
+        if lines and size + length > max_bytes:
+            flush()
+        lines.extend(peer_lines)
+        size += length
+
+    for key in remove:
+        add([f"public_key={_key_hex(key)}", "remove=true"])
+    for p in upsert:
+        add([f"public_key={_key_hex(p.public_key)}", "replace_allowed_ips=true", *(f"allowed_ip={a}" for a in p.allowed_ips)])
+    flush()
+    return messages
 
 
 def _write_sysctl(name: str, value: str) -> None:

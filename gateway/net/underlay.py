@@ -89,6 +89,11 @@ class UnderlayAddresses:
         self._last_read = started
         return self.replace(table)
 
+    @property
+    def last_cost(self) -> float:
+        """Seconds the last peer read took (the background refresh spaces its reads by it)."""
+        return self._last_cost
+
     def _affordable(self, addr: str) -> bool:
         if self.read_peers is None or self._last_cost > self.sync_budget:
             return False
