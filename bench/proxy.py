@@ -511,9 +511,12 @@ def tls_scenarios(lab: Lab, modes: "Modes", args: argparse.Namespace, workdir: P
     for variant in TLS_VARIANTS:
         out[f"{variant} mitmproxy"] = lambda v=variant: mitmproxy(v)
         out[f"{variant} kanmon+policy"] = lambda v=variant: gateway(v, example)
-        if args.kanmon_workers:   # hook for `proxy.workers` (issue #22, branch workers)
-            more = {**example, "proxy": {"workers": args.kanmon_workers}}
-            out[f"{variant} kanmon+policy w{args.kanmon_workers}"] = lambda v=variant, o=more: gateway(v, o)
+        workers = getattr(args, "kanmon_workers", None)   # the workers branch's --kanmon-workers N
+        if workers:
+            # One bench device: nftables hashes it to one worker, so this measures the cost of
+            # the workers set-up on one device's load, not the spread (see kanmon_worker_scenarios).
+            more = {**example, "proxy": {"workers": workers}}
+            out[f"{variant} kanmon+policy w{workers}"] = lambda v=variant, o=more: gateway(v, o)
         if args.baseline:
             base = {"PYTHONPATH": str(Path(args.baseline).resolve())}
             out[f"{variant} kanmon+policy before"] = lambda v=variant, b=base: gateway(v, example, b, "before")
@@ -625,8 +628,6 @@ def main() -> int:
     ap.add_argument("--tls-names", type=int, default=1000, help="distinct host names of the newtls scenario")
     ap.add_argument("--before", metavar="COMMIT",
                     help="also the gateway of COMMIT (a temporary git worktree), same rounds: like --baseline")
-    ap.add_argument("--kanmon-workers", metavar="N|auto",
-                    help="https suite: also Kanmon with proxy.workers N (needs a gateway that has workers)")
     args = ap.parse_args()
     if args.before and args.baseline:
         ap.error("--before and --baseline are two ways to say the same: give one")

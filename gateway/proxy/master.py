@@ -22,6 +22,7 @@ from mitmproxy.master import Master
 
 from gateway.proxy import dnslistener, interceptca
 from gateway.proxy.certcache import DEFAULT_LEAF_CERT_CACHE, CachingTlsConfig
+from gateway.proxy.dispatch import IndexedAddonManager
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("kanmon.proxy")
@@ -155,6 +156,7 @@ def build_master(settings: ProxySettings, chain: Sequence[Any], layer_decision: 
                     "(the devices trust it); to change it, move the mitmproxy-ca* files away and give the "
                     "devices the new CA", settings.confdir, in_use, settings.ca_key)
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
+    master.addons = IndexedAddonManager(master)   # only the addons that implement a hook are visited
     master.addons.add(core.Core(), proxyserver.Proxyserver(), layer_decision or next_layer.NextLayer(),
                       CachingTlsConfig(settings.leaf_cert_cache), disable_h2c.DisableH2C())
     master.addons.add(*chain)
