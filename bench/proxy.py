@@ -30,6 +30,10 @@ medians and per-round ratios).
 
     sudo .venv/bin/python bench/proxy.py [--duration 10] [--rounds 3] [--connections 10] [--workers 2]
         [--baseline DIR]   # also the gateway of another checkout, same rounds (before/after a change)
+    sudo .venv/bin/python bench/proxy.py --suite https [--tls-names 1000] [--before COMMIT]
+        # HTTPS keep-alive and a new TLS connection per request (see "HTTPS through interception"
+        # below), bare mitmdump and Kanmon with the example policy, gateway CPU-seconds per 1,000
+        # requests; writes bench/results/proxy_https.json
 """
 
 from __future__ import annotations
