@@ -649,6 +649,13 @@ def main() -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+    # `python -m gateway.cli` puts its working directory first on sys.path, before PYTHONPATH:
+    # run from a checkout, every gateway (the --baseline/--before one too) would import that
+    # checkout's code. From the bench's own directory each imports the tree it is given.
+    args.out = str(Path(args.out).resolve())
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
+    os.chdir(workdir)
     lab = Lab(workdir, n_devices=0)
     rounds: list[dict] = []
     try:
