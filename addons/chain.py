@@ -45,12 +45,17 @@ from gateway.net import limitsnft
 from gateway.proxy.connections import LiveConnections
 from gateway.proxy.dnsbinding import DnsBindings
 from gateway.scan.clamdclient import AsyncClamd
-from gateway.yamlsource import SourceErrors
+from gateway.i18n import Text
+from gateway.yamlsource import SourceErrors, errors_text
 
 
 class ChainError(Exception):
     """An addon of the chain cannot be built (an operator extra does not load, the mail policy
-    has errors): the gateway must not start (fail closed)."""
+    has errors): the gateway must not start (fail closed). ``text``: why, in both languages."""
+
+    def __init__(self, text: Text) -> None:
+        self.text = text
+        super().__init__(text.en)
 
 
 @dataclass
@@ -77,7 +82,7 @@ def load_extra_addon(spec: str) -> Any:
     try:
         return getattr(importlib.import_module(module_name), class_name)()
     except Exception as exc:
-        raise ChainError(f"addons.extra: cannot load {spec}: {exc}") from exc
+        raise ChainError(Text(f"addons.extra: {spec} を読み込めません: {exc}", f"addons.extra: cannot load {spec}: {exc}")) from exc
 
 
 def build_chain(parts: ChainParts) -> list[Any]:
@@ -150,7 +155,8 @@ def _mail_addons(parts: ChainParts, user_of) -> list[Any]:
         mail = MailFilter.from_config(cfg.mail, cfg.state_dir, parts.connections, parts.metrics,
                                       parts.logstore, parts.cutter.cut)
     except SourceErrors as exc:
-        raise ChainError("the mail policy does not load:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+        raise ChainError(errors_text(Text("メールポリシーを読み込めません:", "the mail policy does not load:"),
+                                     exc.errors)) from None
     if user_of is not None:
         mail.user_of = user_of
     if parts.autoquarantine is not None:

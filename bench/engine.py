@@ -322,8 +322,15 @@ def run_interleaved(data: dict, repeats: int) -> list[dict]:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=target, args=(data, repeats, child, *args))
         proc.start()
-        if parent.recv() != "ready":  # compiled before the next one starts compiling
-            raise RuntimeError(f"{target.__name__} did not start")
+        # The parent keeps only its own end: a child that dies (at import, in the compile) then
+        # closes the pipe's last writer and recv() raises EOFError instead of waiting for ever.
+        child.close()
+        try:
+            ready = parent.recv()  # compiled before the next one starts compiling
+        except EOFError:
+            ready = None
+        if ready != "ready":
+            raise RuntimeError(f"{target.__name__} did not start (exit code {proc.join(5) or proc.exitcode})")
         workers.append((proc, parent))
     for r in range(repeats):
         shift = r % len(workers)

@@ -23,6 +23,7 @@ from gateway.autoquarantine.triggers import AUTO_QUARANTINE_SCHEMA, AutoQuaranti
 from gateway.scan.decide import SCAN_SCHEMA, ScanSettings, clamd_address_error, scan_settings
 from gateway.verdict import Action
 from gateway.signin.settings import SIGNIN_SCHEMA, SignInSettings, signin_settings
+from gateway.signin.operators import CONSOLE_SCHEMA, ConsoleSettings, console_settings
 from gateway.pages.organization import ORGANIZATION_SCHEMA, Organization, organization_settings
 from gateway.yamlsource import (LoadedYaml, SourceError, SourceErrors, duplicate_folded_keys, load_yaml_file, load_yaml_text,
                                 schema_errors)
@@ -53,6 +54,8 @@ SCHEMA: dict[str, Any] = {
                 "ipv6_prefix": _STR,
                 "endpoint": _STR,
                 "mtu": {"type": "integer", "minimum": 1280, "maximum": 9000},
+                # issue #19: PersistentKeepalive in the devices' configs (seconds; omit: off)
+                "persistent_keepalive": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "implementation": {"enum": ["auto", "kernel", "wireguard-go"]},
                 "private_key_file": _STR,
             },
@@ -194,6 +197,7 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "signin": SIGNIN_SCHEMA,   # issue #9: OIDC user sign-in (gateway/signin/settings.py)
+        "console": CONSOLE_SCHEMA,  # issue #21: the operator console (gateway/signin/operators.py)
         "limits": LIMITS_SCHEMA,   # issue #14: per-device resource limits (gateway/limits.py)
         "addons": {
             "type": "object",
@@ -248,6 +252,7 @@ class GatewayConfig:
     wg_implementation: str
     wg_private_key_file: Path
     wg_mtu: int
+    wg_persistent_keepalive: int | None   # issue #19: in the devices' configs; None: off
     endpoint: str | None
     ipv4_prefix: ipaddress.IPv4Network
     ipv6_prefix: ipaddress.IPv6Network | None
@@ -303,6 +308,7 @@ class GatewayConfig:
     scan: ScanSettings | None = None          # issue #18; None: downloads are not scanned
     auto_quarantine: AutoQuarantineSettings | None = None   # issue #18; None: only operators quarantine
     organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
+    console: ConsoleSettings | None = None    # issue #21; None: no operator console
     proxy_ca_key: str = "ecdsa-p256"          # issue #22: gateway/proxy/interceptca.py
     leaf_cert_cache: int = 10_000             # issue #22: gateway/proxy/certcache.py
 
@@ -444,7 +450,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         try:
             parse_version(str(version))
         except VersionError as exc:
-            errors.append(doc.error(("posture", "min_os", platform), str(exc)))
+            errors.append(doc.error(("posture", "min_os", platform),
+                                    Text(f"バージョン番号ではありません: {str(version)!r}", str(exc))))
         else:
             min_os.append((normalize_platform(platform), str(version)))
 
@@ -476,6 +483,9 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         errors.append(doc.error(("scan", "clamd"), problem))
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
     organization = organization_settings(doc, d.get("organization"), d.get("helpdesk"), errors)
+    console = console_settings(doc, d.get("console"), errors, _relative_to, has_signin=signin is not None,
+                               taken_ports=[("0.0.0.0", transparent_port), ("0.0.0.0", dns_port), (mgmt_host, mgmt_port)]
+                               + ([(enroll_host, enroll_port)] if enroll_host else []))
 
     if errors:
         raise SourceErrors(errors)
@@ -492,6 +502,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         wg_implementation=tunnel.get("implementation", "auto"),
         wg_private_key_file=key_file if key_file.is_absolute() else state_dir / key_file,
         wg_mtu=tunnel.get("mtu", 1420),
+        wg_persistent_keepalive=tunnel.get("persistent_keepalive"),
         endpoint=tunnel.get("endpoint"),
         ipv4_prefix=ipv4,
         ipv6_prefix=ipv6,
@@ -545,6 +556,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         scan=scan_settings(d.get("scan")),
         auto_quarantine=auto_quarantine_settings(d.get("auto_quarantine")),
         organization=organization,
+        console=console,
     )
 
 

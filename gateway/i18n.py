@@ -13,7 +13,13 @@ class Text:
     en: str
 
     def format(self, **kw: object) -> "Text":
-        return Text(self.ja.format(**kw), self.en.format(**kw))
+        """A value that is a Text, or carries one as ``.text`` (the bilingual exceptions:
+        registry, CA, client config…), fills each language with its own half."""
+        ja, en = {}, {}
+        for key, value in kw.items():
+            text = value if isinstance(value, Text) else getattr(value, "text", None)
+            ja[key], en[key] = (text.ja, text.en) if isinstance(text, Text) else (value, value)
+        return Text(self.ja.format(**ja), self.en.format(**en))
 
     def render(self, lang: str | None = None) -> str:
         lang = lang or current_lang()

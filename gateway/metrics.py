@@ -11,6 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _LABEL_WORD = re.compile(r"[a-z0-9][a-z0-9._:-]{0,47}")
 
 
+def auth_failure_reason(record: dict) -> str:
+    """The stable code of a failed authentication: ``kanmon.auth.reason`` (enrollment and
+    sign-in refusals), else ``event.action``; "other" for anything that is not a short code.
+    The dashboard (``kanmon_auth_failures_total{reason}``) and the monthly review group by it."""
+    reason = str(record.get("kanmon.auth.reason") or record.get("event.action") or "unknown")
+    return reason if _LABEL_WORD.fullmatch(reason) else "other"
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -92,6 +100,10 @@ class GatewayMetrics:
             "kanmon_device_limited_total",
             "Connections refused, DNS queries dropped and requests refused because one device went over a "
             "per-device limit (issue #14, `limits:` in the config), by limit.", ["limit"], registry=r)
+        self.device_loss_reports = Counter(
+            "kanmon_device_loss_reports_total",
+            "Devices their owner reported lost in the operator console (issue #21), counted when the "
+            "gateway ships the audit entry.", registry=r)
         self.clock_jumps = Counter(
             "kanmon_clock_jumps_total",
             "Wall-clock steps seen by the reconciler (against the monotonic clock), by direction; each one "
@@ -141,8 +153,7 @@ class GatewayMetrics:
         record = json.loads(line)
         if record.get("event.outcome") != "failure":
             return
-        reason = str(record.get("kanmon.auth.reason") or record.get("event.action") or "unknown")
-        self.auth_failures.labels(reason if _LABEL_WORD.fullmatch(reason) else "other").inc()
+        self.auth_failures.labels(auth_failure_reason(record)).inc()
 
     def observe_clock_jump(self, seconds: float) -> None:
         """``Reconciler(on_clock_jump=...)`` hook: one wall-clock step of `seconds` (signed)."""

@@ -19,7 +19,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,17 @@ class SourceError:
     def __str__(self) -> str:
         where = f"{self.filename}:{self.line}" if self.line > 0 else self.filename
         return f"{where}: {self.dotted}: {self.text}" if self.path else f"{where}: {self.text}"
+
+    def as_text(self) -> Text:
+        """The whole line (``file:line: key: message``) in each language."""
+        return Text(str(replace(self, message=self.ja or self.message, ja="")), str(replace(self, ja="")))
+
+
+def errors_text(heading: Text, errors: Sequence[SourceError]) -> Text:
+    """A heading and every error, one indented line each, in each language."""
+    lines = [e.as_text() for e in errors]
+    return Text("\n".join([heading.ja] + [f"  {t.ja}" for t in lines]),
+                "\n".join([heading.en] + [f"  {t.en}" for t in lines]))
 
 
 class SourceErrors(Exception):

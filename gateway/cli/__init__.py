@@ -30,6 +30,7 @@ COMMAND_MODULES = {
     "user": "gateway.cli.user",
     "registry": "gateway.cli.registry",
     "lists": "gateway.cli.lists",
+    "console": "gateway.cli.console",   # issue #21
 }
 
 def _configure_logging(level: str) -> None:

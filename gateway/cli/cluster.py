@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 
 from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, load_config_or_exit,
                                 operator_name)
@@ -128,40 +126,14 @@ def _status_command(status: DeviceStatus):
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     """Compile, store in the registry and make current; every node loads it (NOTIFY). Waits
-    until every node reporting recently runs this version."""
-    from gateway.registry.postgres import PolicyError, PolicyStore, RegistryUnavailable
-    from gateway.yamlsource import SourceErrors
+    until every node reporting recently runs this version (gateway/runtime/policyapply.py)."""
+    from gateway.cli.policyapply import print_apply_outcome
+    from gateway.runtime.policyapply import apply_policy
     cfg = _config(args)
     url = _url_or_error(cfg)
     if url is None:
         return EXIT_USAGE
-    try:
-        version = PolicyStore(url).publish(Path(args.path).resolve(), actor=operator_name(), node=cfg.node_name)
-    except SourceErrors as exc:
-        print(Text("ポリシーに誤りがあります。適用していません:", "The policy is invalid; nothing was applied:").render(), file=sys.stderr)
-        for err in exc.errors:
-            print(f"  {err}", file=sys.stderr)
-        return EXIT_USAGE   # a policy with errors is bad input, as in `policy check` and `policy apply`
-    except PolicyError as exc:
-        print(exc.text.render(), file=sys.stderr)
-        return EXIT_FAIL
-    except RegistryUnavailable as exc:
-        print(exc.text.render(), file=sys.stderr)
-        return EXIT_FAIL
-    deadline = time.monotonic() + args.timeout
-    reg = open_registry(cfg)          # url is set: the shared PostgreSQL registry
-    lagging: list[str] = []
-    while time.monotonic() < deadline:
-        live = [n for n in reg.nodes() if (n.age_seconds or 0) <= STALE_SECONDS]
-        lagging = [n.name for n in live if n.policy_version != version]
-        if not lagging:
-            print(Text("全ノード ({n} 台) でバージョン {v} が有効です。", "version {v} is in force on all {n} nodes.")
-                  .format(v=version, n=len(live)).render())
-            return EXIT_OK
-        time.sleep(0.1)
-    print(Text("保存しましたが、次のノードはまだ切り替わっていません: {l}", "stored, but these nodes have not switched yet: {l}")
-          .format(l=", ".join(lagging)).render(), file=sys.stderr)
-    return EXIT_FAIL
+    return print_apply_outcome(apply_policy(cfg, args.path, operator_name(), args.timeout))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -21,12 +21,11 @@ from cryptography.hazmat.primitives import serialization
 from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, add_config_argument, cannot_read, error,
                                 load_config_or_exit, operator_name, os_reason)
 from gateway.devices.binding import WireGuardKeyError, parse_wg_key, wg_key_text
-from gateway.runtime.gatewayprocess import poke_reconcile, wait_applied
+from gateway.runtime import lifecycle
+from gateway.runtime.lifecycle import APPLY_CONFIRM_SECONDS, AUDIT_ACTIONS, REVOKE_REASONS  # noqa: F401 (the CLI's names)
 from gateway.i18n import Text, current_lang
-from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture, assess
+from gateway.posture import POSTURE_REASON_PREFIX, PosturePolicy, apply_posture
 from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceRegistry, DeviceStatus, Ownership, RegistryError, record_as_dict)
-
-APPLY_CONFIRM_SECONDS = 3.0   # how long a registry change waits for the running gateway to confirm it
 
 
 def _registry(args: argparse.Namespace) -> tuple[DeviceRegistry, object]:
@@ -266,17 +265,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _change_status(args: argparse.Namespace, status: DeviceStatus, reason: str = "", until: datetime | None = None) -> int:
     registry, _ = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    change = lifecycle.change_status(registry, args.id, status, actor=operator_name(), reason=reason, until=until)
+    if change.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED and status is not DeviceStatus.REVOKED:   # refused by the state: 1
-        print(Text("失効した端末は復帰できません: {d}", "A revoked device cannot be reinstated: {d}").format(d=args.id).render(),
-              file=sys.stderr)
+    if not change.ok:   # refused by the state (a revoked device): 1
+        print(change.refused.render(), file=sys.stderr)
         return EXIT_FAIL
-    registry.update(replace(rec, status=status, status_reason=reason, suspended_until=until),
-                    audit=AuditEntry(operator_name(), AUDIT_ACTIONS[status], reason))
-    print(f"{rec.device_id} {status}")
+    print(f"{change.device_id} {status}")
     return EXIT_OK
 
 
@@ -302,22 +298,16 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     registry, cfg = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    change = lifecycle.release(registry, args.id, _posture_policy(cfg), actor=operator_name(), reason=args.reason or "")
+    if change.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is not DeviceStatus.QUARANTINED:
-        print(Text("端末は隔離されていません: {d} ({s})", "the device is not quarantined: {d} ({s})")
-              .format(d=args.id, s=rec.status).render(), file=sys.stderr)
+    if not change.ok:
+        print(change.refused.render(), file=sys.stderr)
         return EXIT_FAIL
-    registry.update(replace(rec, status=DeviceStatus.ACTIVE, status_reason=""),
-                    audit=AuditEntry(operator_name(), "device-released", args.reason or ""))
-    result = assess(_posture_policy(cfg), rec.platform, rec.os_version, rec.jailbroken)
-    if not result.compliant:
-        print(Text("注意: 記録上の姿勢は基準を満たしていません。次に姿勢が報告されると再び隔離されます: {r}",
-                   "note: the recorded posture is not compliant; the next posture report quarantines it again: {r}")
-              .format(r=result.reason.en).render(), file=sys.stderr)
-    print(f"{rec.device_id} {DeviceStatus.ACTIVE}")
+    if change.note is not None:
+        print(change.note.render(), file=sys.stderr)
+    print(f"{change.device_id} {DeviceStatus.ACTIVE}")
     return EXIT_OK
 
 
@@ -326,23 +316,21 @@ def cmd_renew(args: argparse.Namespace) -> int:
     if args.public_key is not None and key is None:
         return _bad_key(args.public_key)
     registry, cfg = _registry(args)
-    rec = registry.get(args.id)
-    if rec is None:
+    check = lifecycle.renewable(registry, args.id)
+    if check.missing:
         print(NO_SUCH_DEVICE.format(d=args.id).render(), file=sys.stderr)
         return EXIT_FAIL
-    if rec.status is DeviceStatus.REVOKED:   # refused by the state: 1
-        print(Text("失効した端末の証明書は更新できません: {d}", "cannot renew a revoked device: {d}").format(d=args.id).render(),
-              file=sys.stderr)
+    if not check.ok:   # refused by the state (revoked): 1
+        print(check.refused.render(), file=sys.stderr)
         return EXIT_FAIL
+    rec = check.record
     result = _issue_files(args, cfg, rec.device_id, args.owner or rec.owner, key or rec.wg_public_key, rec.valid_until)
     if isinstance(result, int):
         return result
     issued, files, _generated = result
-    updated = replace(rec, cert_serial=format(issued.certificate.serial_number, "x"),
-                      cert_fingerprint=issued.fingerprint_sha256,
-                      wg_public_key=key if key is not None else rec.wg_public_key)
     try:
-        registry.update(updated, audit=AuditEntry(operator_name(), "device-renewed", args.reason or ""))
+        lifecycle.record_renewal(registry, rec, issued.certificate, issued.fingerprint_sha256, key,
+                                 actor=operator_name(), reason=args.reason or "")
     except RegistryError as exc:
         files.undo()
         return error(Text("更新できません: {e}", "cannot renew: {e}").format(e=exc))
@@ -465,6 +453,51 @@ def cmd_import_posture(args: argparse.Namespace) -> int:
     return EXIT_FAIL if unknown else EXIT_OK
 
 
+def _register_bound_key(registry, rec: DeviceRecord, private_key, args: argparse.Namespace) -> DeviceRecord | int:
+    """A device that has not enrolled, exported with the WireGuard key `device add --issue-cert`
+    generated for it: the key is registered when the device's certificate (the one the registry
+    recorded, `<id>.cert.pem` beside the key file or --cert) binds its public key — the same
+    proof the enrollment endpoint accepts (gateway/devices/BINDING.md). Anything else: refused."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from gateway.devices.binding import certificate_wg_keys
+
+    cert_path = Path(args.cert) if args.cert else Path(args.private_key_file).parent / f"{rec.device_id}.cert.pem"
+    not_enrolled = Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}。`device add --issue-cert` が書いた鍵なら、"
+                        "同じフォルダの証明書 {c} が必要です(--cert で指定できます)",
+                        "the device has not enrolled yet (no key registered): {d}. For the key `device add "
+                        "--issue-cert` wrote, its certificate {c} is needed (or give it with --cert)")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        print(not_enrolled.format(d=rec.device_id, c=cert_path).render(), file=sys.stderr)
+        return EXIT_FAIL
+    if not rec.cert_fingerprint or cert.fingerprint(hashes.SHA256()).hex() != rec.cert_fingerprint:
+        return error(Text("{c} は端末 {d} に登録された証明書ではありません",
+                          "{c} is not the certificate registered for {d}").format(c=cert_path, d=rec.device_id))
+    public = str(private_key.public_key())
+    try:
+        bound = certificate_wg_keys(cert)
+    except ValueError:          # a malformed extension: not bound, never a traceback
+        bound = []
+    if bound != [parse_wg_key(public)]:      # exactly one binding, this key (BINDING.md)
+        return error(Text("この秘密鍵は端末 {d} の証明書に結び付けられた鍵ではありません",
+                          "this private key is not the one bound in the certificate of {d}").format(d=rec.device_id))
+    try:
+        return registry.update(replace(rec, wg_public_key=public),
+                               audit=AuditEntry(operator_name(), "device-key-registered",
+                                                f"bound in certificate {rec.cert_serial}"))
+    except RegistryError as exc:
+        return error(Text("鍵を登録できません: {e}", "cannot register the key: {e}").format(e=exc))
+
+
+def _keepalive(args: argparse.Namespace, cfg) -> int | None:
+    """--persistent-keepalive, else tunnel.persistent_keepalive; 0 turns it off."""
+    value = args.persistent_keepalive if args.persistent_keepalive is not None else cfg.wg_persistent_keepalive
+    return value or None
+
+
 def cmd_export_config(args: argparse.Namespace) -> int:
     from wireguard_tools import WireguardKey
 
@@ -498,9 +531,10 @@ def cmd_export_config(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return error(Text("端末の秘密鍵を読めません: {e}", "cannot read the device private key: {e}").format(e=exc))
         if rec.wg_public_key is None:
-            print(Text("端末はまだ登録手続き前です(公開鍵が未登録): {d}", "the device has not enrolled yet (no key registered): {d}")
-                  .format(d=args.id).render(), file=sys.stderr)
-            return EXIT_FAIL
+            registered = _register_bound_key(registry, rec, private_key, args)
+            if isinstance(registered, int):
+                return registered
+            rec = registered
         if str(private_key.public_key()) != rec.wg_public_key:
             return error(Text("この秘密鍵は端末 {d} の登録済み公開鍵と一致しません",
                                "this private key does not match the registered public key of {d}").format(d=args.id))
@@ -509,7 +543,8 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     try:
         text = wg_quick_config(private_key=private, address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None,
-                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu)
+                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu,
+                               persistent_keepalive=_keepalive(args, cfg))
         outputs: list[tuple[Path, bytes]] = []
         if args.qr_png:
             outputs.append((Path(args.qr_png), qr_png(text)))
@@ -563,12 +598,6 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-AUDIT_ACTIONS = {
-    DeviceStatus.REVOKED: "device-revoked", DeviceStatus.SUSPENDED: "device-suspended",
-    DeviceStatus.ACTIVE: "device-resumed", DeviceStatus.QUARANTINED: "device-quarantined",
-}
-REVOKE_REASONS = ("lost", "stolen", "retired", "compromised", "policy-violation", "other")
-
 
 def _then_apply_now(handler):
     """After a command that changed the registry, ask the running gateway to reconcile at
@@ -580,10 +609,7 @@ def _then_apply_now(handler):
             # e.g. another process holds the registry's write lock past the busy timeout
             # (found by tests/e2e/test_faults.py: this was a traceback). The transaction
             # was rolled back: nothing changed, and the gateway is not poked.
-            print(Text("端末登録データベースを変更できませんでした({e})。別のプロセスがロックしている可能性があります。"
-                       "何も変更していません。",
-                       "could not change the device registry ({e}); another process may hold its lock. "
-                       "Nothing was changed.").format(e=exc).render(), file=sys.stderr)
+            print(lifecycle.T_REGISTRY_LOCKED.format(e=exc).render(), file=sys.stderr)
             return EXIT_FAIL
         if code in (EXIT_OK, EXIT_FAIL):  # import-posture: 1 = partly applied
             _apply_now(args)
@@ -596,23 +622,9 @@ def _apply_now(args: argparse.Namespace) -> None:
     """Ask the running gateway to apply the change at once, and return only when it has
     (peers, drop set, live connections: issue #3 counts "cut off" from the command's return).
     No gateway running here: it applies the change when it starts (or another node's does)."""
-    from gateway.registry.factory import open_registry
-
-    cfg = load_config_or_exit(args.config)
-    if not poke_reconcile(cfg.pid_path):
-        return
-    try:
-        target = open_registry(cfg).revision()
-    except Exception as exc:  # any backend error (sqlite3, psycopg): the change is in, only the wait is skipped
-        print(Text("注意: 反映の確認をしていません({e})", "warning: not waiting for the gateway's confirmation ({e})")
-              .format(e=exc).render(), file=sys.stderr)
-        return
-    if wait_applied(cfg.applied_status_path, target, APPLY_CONFIRM_SECONDS) is None:
-        print(Text("注意: 稼働中のゲートウェイが {s} 秒以内に変更の反映を確認しませんでした。登録は完了しており、"
-                   "ゲートウェイは反映を続けます。`kanmon device show` とゲートウェイのログを確認してください。",
-                   "warning: the running gateway did not confirm the change within {s} s. The registry has it and "
-                   "the gateway will still apply it; check `kanmon device show` and the gateway's log.")
-              .format(s=APPLY_CONFIRM_SECONDS).render(), file=sys.stderr)
+    applied = lifecycle.apply_now(load_config_or_exit(args.config))
+    if applied.warning is not None:
+        print(applied.warning.render(), file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -708,6 +720,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = with_config(dsub.add_parser("export-config", help="wg-quick config, QR code, iOS .mobileconfig"))
     export.add_argument("id")
     export.add_argument("--private-key-file", help="the device's WireGuard private key (else a placeholder)")
+    export.add_argument("--cert", help="the device certificate binding that key, when the device has not enrolled "
+                                       "(default: ID.cert.pem beside the key file)")
+    export.add_argument("--persistent-keepalive", type=int, metavar="SECONDS",
+                        help="PersistentKeepalive for a phone behind NAT (default: tunnel.persistent_keepalive; 0: off)")
     export.add_argument("--qr", action="store_true", help="print the QR code in the terminal instead of the text")
     export.add_argument("--qr-png", help="write the QR code as PNG")
     export.add_argument("--mobileconfig", help="write an iOS .mobileconfig (VPN + interception CA)")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from gateway.cli.common import CONFIG_ENV, EXIT_USAGE, error, load_config_or_exit
+from gateway.feeds.status import feed_status  # shared with the console (issue #21)
 from gateway.i18n import Text
 
 T_NO_FEEDS = Text("このポリシーにはフィードがありません: {p}", "this policy declares no feeds: {p}")
@@ -56,27 +57,6 @@ def _context(args: argparse.Namespace):
     if not specs:
         print(T_NO_FEEDS.format(p=policy).render(), file=sys.stderr)
     return specs, feeds_dir(state_dir), Path(policy).parent
-
-
-def feed_status(spec, directory: Path, now: float) -> dict:
-    from gateway.feeds.store import load_snapshot, load_state
-
-    state = load_state(directory, spec.name)
-    try:
-        snap = load_snapshot(directory, spec.name)
-    except Exception as exc:  # noqa: BLE001 - a damaged copy is shown as such
-        snap, damaged = None, str(exc)
-    else:
-        damaged = None
-    return {
-        "name": spec.name, "source": spec.url, "format": spec.format,
-        "last_success": state.last_success, "copy_fetched_at": snap.fetched_at if snap else None,
-        "age_seconds": round(now - snap.fetched_at) if snap else None,
-        "entries": {c: len(v) for c, v in snap.categories.items()} if snap else {},
-        "skipped_lines": snap.skipped() if snap else 0,
-        "last_error": damaged or state.last_error, "last_error_reason": state.last_error_reason,
-        "exceptions": [{"host": a.host, "reason": a.reason, "expires": a.expires.isoformat()} for a in spec.allow],
-    }
 
 
 def _when(ts: float | None) -> str:

@@ -18,8 +18,11 @@ from gateway.cli.common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, NO_SUCH_DEVICE, 
                                 os_reason)
 from gateway.i18n import Text
 from gateway.policy.loader import load_policy
-from gateway.policy.query import DeviceContext, PolicyQuery, query_for_url
+from gateway.policy.query import DeviceContext, PolicyQuery
 from gateway.policy.snapshot import PolicySnapshot
+from gateway.policy.urltest import (KNOWN_SCHEMES, T_URL_EMPTY, T_URL_GUESSED, T_URL_NO_HOST, T_URL_SCHEME,  # noqa: F401
+                                    RequestShape, decide, judge_urls, policy_query, read_urls, url_warning,
+                                    verdict_changes)
 from gateway.verdict import Stage, Verdict
 from gateway.yamlsource import SourceErrors, UnreadableSource
 
@@ -38,14 +41,6 @@ T_DEVICE_NEEDS_CONFIG = Text("--device には --config（ゲートウェイの�
                              "--device needs --config (the gateway configuration, or KANMON_CONFIG)")
 T_BAD_UNDERLAY = Text("--underlay-ip が IP アドレスではありません: {value}", "--underlay-ip is not an IP address: {value}")
 T_URLS_FILE = Text("URL ファイルを読めません: {detail}", "cannot read the URL file: {detail}")
-T_URL_EMPTY = Text("警告: 空の URL は判定できません（読み飛ばしました）", "warning: an empty URL cannot be judged (skipped)")
-T_URL_NO_HOST = Text("警告: ホスト名のない URL は判定できません（読み飛ばしました）: {url}",
-                     "warning: a URL without a host cannot be judged (skipped): {url}")
-T_URL_SCHEME = Text("警告: 知らないスキーム {scheme!r} です（使えるのは {known}）。ホスト名だけで推測した判定です: {url}",
-                    "warning: unknown scheme {scheme!r} (known: {known}); the verdict is a guess from the host alone: {url}")
-T_URL_GUESSED = Text("警告: スキームがないため https:// として判定しました: {url}",
-                     "warning: no scheme; judged as https://{url}")
-KNOWN_SCHEMES = ("http", "https", "ws", "wss")   # what the gateway's proxy sees (gateway/policy/query.py)
 T_DIFF_SUMMARY = Text("{total} 件中 {changed} 件の URL で判定が変わります（旧 {old} → 新 {new}）",
                       "{changed} of {total} URLs change verdict (old {old} -> new {new})")
 
@@ -109,25 +104,19 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-size", type=int, help="request body size in bytes")
 
 
+def shape_from_args(args: argparse.Namespace) -> RequestShape:
+    """The request facts of `policy test|diff` (gateway/policy/urltest.py is the shared code path)."""
+    return RequestShape(Stage(args.stage), args.method, args.content_type, args.request_content_type, args.body_size)
+
+
 def query_from_args(url: str, device: DeviceContext, args: argparse.Namespace, now: datetime) -> PolicyQuery:
-    q = query_for_url(url, device, stage=Stage(args.stage), method=args.method, now=now,
-                      response_content_type=args.content_type, request_content_type=args.request_content_type,
-                      body_size=args.body_size)
-    if q.stage in (Stage.DNS, Stage.TLS):
-        q = q._replace(url=None, scheme=None, method=None)
-    return q
+    return policy_query(url, device, shape_from_args(args), now)
 
 
 def decide_from_args(snap: PolicySnapshot, url: str, device: DeviceContext, args: argparse.Namespace,
                      now: datetime) -> Verdict:
     """``snap.decide(query_from_args(...))``; at the HTTP stages through ``decide_url``."""
-    stage = Stage(args.stage)
-    if stage in (Stage.DNS, Stage.TLS):
-        return snap.decide(query_from_args(url, device, args, now))
-    extra = {key: value for key, value in (("response_content_type", args.content_type),
-                                           ("request_content_type", args.request_content_type),
-                                           ("body_size", args.body_size)) if value is not None}
-    return snap.decide_url(url, device, stage, args.method, now, **extra)
+    return decide(snap, url, device, shape_from_args(args), now)
 
 
 def _bad_arg(exc: ValueError) -> Text:
@@ -192,29 +181,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None, err: TextIO |
     return 0
 
 
-def _read_urls(lines: Any) -> list[str]:
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
-
-
-def url_warning(url: str) -> tuple[Text | None, str]:
-    """(warning or None, kind) for one URL given to `policy test`. Kinds: "ok"; "shorthand"
-    (no scheme: judged as https://, the documented shorthand, exit 0); "guess" (a scheme the
-    gateway never sees, ``htps://``: a typo, the verdict is a guess from the host, exit 2);
-    "skip" (empty or no host: not judged, exit 2)."""
-    text = url.strip()
-    if not text:
-        return T_URL_EMPTY, "skip"
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        scheme, rest = "", text
-    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
-    if not host or host.startswith(":"):
-        return T_URL_NO_HOST.format(url=url), "skip"
-    if not sep:
-        return T_URL_GUESSED.format(url=url), "shorthand"
-    if scheme.lower() not in KNOWN_SCHEMES:
-        return T_URL_SCHEME.format(scheme=scheme, known=", ".join(KNOWN_SCHEMES), url=url), "guess"
-    return None, "ok"
+_read_urls = read_urls
 
 
 def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None, stdin: TextIO | None = None) -> int:
@@ -248,15 +215,14 @@ def cmd_test(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return 2
     now = datetime.now(timezone.utc)
     code = EXIT_OK
-    for url in urls:
-        warning, kind = url_warning(url)
-        if warning is not None and not (kind == "shorthand" and Stage(args.stage) in (Stage.DNS, Stage.TLS)):
-            print(warning.render(), file=err)   # a bare host is what the DNS and TLS stages see anyway
-        if kind in ("guess", "skip"):  # a typo or nothing to judge: bad input
+    for result in judge_urls(snap, urls, device, shape_from_args(args), now):
+        url, v = result.url, result.verdict
+        if result.warning is not None:
+            print(result.warning.render(), file=err)
+        if result.kind in ("guess", "skip"):  # a typo or nothing to judge: bad input
             code = EXIT_USAGE
-        if kind == "skip":
+        if v is None:
             continue
-        v = decide_from_args(snap, url, device, args, now)
         if args.json:
             obj = {"url": url, "verdict": str(v.action), "rule": v.rule_id, "explain": v.explain}
             if registered:
@@ -291,11 +257,8 @@ def cmd_diff(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         return 2
     now = datetime.now(timezone.utc)
     changed = 0
-    for url in urls:
-        q = query_from_args(url, device, args, now)
-        a, b = old.decide(q), new.decide(q)
-        if a.action == b.action:
-            continue
+    for change in verdict_changes(old, new, urls, device, shape_from_args(args), now):
+        url, a, b = change.url, change.old, change.new
         changed += 1
         if args.json:
             print(json.dumps({"url": url, "old": {"verdict": str(a.action), "rule": a.rule_id},

@@ -4,42 +4,16 @@ and, when user sign-in is configured, the signed-in user's session (issue #9).""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from gateway.cli.common import load_config_or_exit
 from gateway.policy.query import DeviceContext
-
-
-class DeviceLookupError(ValueError):
-    pass
+from gateway.runtime.devicecontext import DeviceLookupError  # noqa: F401  (raised to the CLI's callers)
+from gateway.runtime.devicecontext import registered_device_context as _context
 
 
 def registered_device_context(config_path: str, device_id: str,
                               now: datetime | None = None) -> tuple[DeviceContext, str | None]:
-    """(context, signed-in user or None). Raises DeviceLookupError for an unknown device."""
-    from addons.policy import device_context
-    from gateway.registry.factory import open_registry
-    from gateway.signin.sessions import SessionDirectory
-    from gateway.signin.store import open_session_store
-
-    cfg = load_config_or_exit(config_path)
-    registry = open_registry(cfg)
-    try:
-        record = registry.get(device_id)
-    finally:
-        close = getattr(registry, "close", None)
-        if close is not None:
-            close()
-    if record is None:
-        raise DeviceLookupError(f"no registered device {device_id!r}")
-    session = None
-    if cfg.signin is not None:
-        store = open_session_store(cfg)   # the registry's SQLite file, or the shared PostgreSQL
-        try:
-            directory = SessionDirectory()
-            directory.replace(store.active(now or datetime.now(UTC)))
-            session = directory.for_device(record.device_id, {str(a) for a in record.addresses}, now or datetime.now(UTC))
-        finally:
-            store.close()
-    ctx = device_context(record, None, session, signin_configured=cfg.signin is not None)
-    return ctx, ctx.user
+    """(context, signed-in user or None). Raises DeviceLookupError for an unknown device.
+    The code path is gateway/runtime/devicecontext.py, shared with the console (issue #21)."""
+    return _context(load_config_or_exit(config_path), device_id, now)

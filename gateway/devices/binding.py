@@ -22,6 +22,8 @@ from enum import StrEnum
 
 from cryptography import x509
 
+from gateway.i18n import Text
+
 WG_URI_PREFIX = "urn:kanmon:wg:"
 DEVICE_URI_PREFIX = "urn:kanmon:device:"
 WG_KEY_LEN = 32
@@ -31,7 +33,16 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class WireGuardKeyError(ValueError):
-    """A WireGuard key is not 32 bytes of base64 (standard or URL-safe)."""
+    """A WireGuard key is not 32 bytes of base64 (standard or URL-safe); ``text`` says so in
+    Japanese and English."""
+
+    def __init__(self, text: Text) -> None:
+        super().__init__(text.en)
+        self.text = text
+
+
+def _not_base64(text: str) -> Text:
+    return Text(f"base64 の WireGuard 鍵ではありません: {text[:60]!r}", f"not a base64 WireGuard key: {text[:60]!r}")
 
 
 def parse_wg_key(value: str | bytes) -> bytes:
@@ -42,15 +53,16 @@ def parse_wg_key(value: str | bytes) -> bytes:
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
     text = text.strip()
     if not text or not re.fullmatch(r"[A-Za-z0-9+/_-]{42,43}={0,2}", text):
-        raise WireGuardKeyError(f"not a base64 WireGuard key: {text[:60]!r}")
+        raise WireGuardKeyError(_not_base64(text))
     stripped = text.rstrip("=")
     padded = stripped + "=" * (-len(stripped) % 4)
     try:
         raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
     except binascii.Error as exc:
-        raise WireGuardKeyError(f"not a base64 WireGuard key: {text[:60]!r}") from exc
+        raise WireGuardKeyError(_not_base64(text)) from exc
     if len(raw) != WG_KEY_LEN:
-        raise WireGuardKeyError(f"a WireGuard key is {WG_KEY_LEN} bytes, got {len(raw)}")
+        raise WireGuardKeyError(Text(f"WireGuard の鍵は {WG_KEY_LEN} バイトです({len(raw)} バイトでした)",
+                                     f"a WireGuard key is {WG_KEY_LEN} bytes, got {len(raw)}"))
     return raw
 
 

@@ -183,7 +183,7 @@ def issue_device_certificate(ca: OrgCa, device_id: str, wg_public_key: str | byt
         wg_uri = wg_key_uri(wg_public_key)
     except WireGuardKeyError as exc:
         raise DeviceCaError("bad-wg-key", Text(
-            f"WireGuard 公開鍵が不正です: {exc}", f"invalid WireGuard public key: {exc}")) from exc
+            f"WireGuard 公開鍵が不正です: {exc.text.ja}", f"invalid WireGuard public key: {exc.text.en}")) from exc
     owner = (owner or "").strip()
     if not owner or len(owner) > 128:
         raise DeviceCaError("bad-owner", Text(

@@ -61,11 +61,16 @@ class ClientConfigError(ValueError):
         self.text = text
 
 
+_KEY_NAMES_JA = {"device private key": "端末の秘密鍵", "gateway public key": "ゲートウェイの公開鍵",
+                 "preshared key": "事前共有鍵"}
+
+
 def _key(value: str, what: str) -> str:
     try:
         return wg_key_text(parse_wg_key(value))
     except WireGuardKeyError as exc:
-        raise ClientConfigError(Text(f"{what} が不正です: {exc}", f"invalid {what}: {exc}")) from exc
+        raise ClientConfigError(Text(f"{_KEY_NAMES_JA.get(what, what)}が不正です: {exc.text.ja}",
+                                     f"invalid {what}: {exc.text.en}")) from exc
 
 
 def _single_host(value: str | ipaddress.IPv4Interface | ipaddress.IPv6Interface, version: int,

@@ -186,7 +186,7 @@ def parse_enroll_request(body: bytes) -> EnrollRequest:
     try:
         key_text = wg_key_text(parse_wg_key(key))
     except WireGuardKeyError as exc:
-        raise RequestProblem(Text(f"wg_public_key が不正です: {exc}", f"wg_public_key is invalid: {exc}")) from None
+        raise RequestProblem(Text(f"wg_public_key が不正です: {exc.text.ja}", f"wg_public_key is invalid: {exc.text.en}")) from None
     fields: dict[str, str | None] = {}
     for name in ("platform", "os_version"):
         value = data.get(name)
@@ -312,12 +312,13 @@ def decide_enrollment(leaf: bytes | x509.Certificate | None, chain: Sequence[byt
 
 def enrollment_response(record: DeviceRecord, *, gateway_public_key: str, endpoint: str,
                         dns: Sequence[str], interception_ca_pem: str, mtu: int | None,
-                        changed: bool) -> dict:
+                        changed: bool, persistent_keepalive: int | None = None) -> dict:
     """What the device gets back. The private key stays on the device: the config carries
     `__DEVICE_PRIVATE_KEY__` (clientconfig.PRIVATE_KEY_PLACEHOLDER) for the client to fill in."""
     config = wg_quick_config(private_key=None, address_v4=str(record.ipv4),
                              address_v6=str(record.ipv6) if record.ipv6 else None,
-                             gateway_public_key=gateway_public_key, endpoint=endpoint, dns=list(dns), mtu=mtu)
+                             gateway_public_key=gateway_public_key, endpoint=endpoint, dns=list(dns), mtu=mtu,
+                             persistent_keepalive=persistent_keepalive)
     return {
         "device_id": record.device_id,
         "status": str(record.status),

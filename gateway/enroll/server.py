@@ -423,7 +423,8 @@ class EnrollmentServer:
         body = enrollment_response(record, gateway_public_key=self.gateway_public_key,
                                    endpoint=self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}",
                                    dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=self.cfg.wg_mtu,
-                                   changed=decision.write is not None)
+                                   changed=decision.write is not None,
+                                   persistent_keepalive=getattr(self.cfg, "wg_persistent_keepalive", None))
         return _Reply(200, body, conn=conn)
 
     def _log_unavailable(self, decision: Decision, source_ip: str, conn: h11.Connection,

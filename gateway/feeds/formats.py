@@ -17,6 +17,7 @@ import tarfile
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
+from gateway.i18n import Text
 from gateway.hostname import normalize_host
 from gateway.policy.lists import _HOSTS_SELF_NAMES, MAX_LIST_LINE_CHARS, valid_domain
 
@@ -31,11 +32,12 @@ MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one kept <category>/domains file, as a li
 
 class FeedFormatError(ValueError):
     """The feed as a whole cannot be read (not a tar archive, too large unpacked, too many
-    entries). ``reason`` is the metrics label."""
+    entries). ``reason`` is the metrics label; ``text`` the message in Japanese and English."""
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
+    def __init__(self, reason: str, text: Text):
+        super().__init__(text.en)
         self.reason = reason
+        self.text = text
 
 
 @dataclass
@@ -154,7 +156,8 @@ class _Capped(io.RawIOBase):
     def readinto(self, b) -> int:
         data = self.inner.read(min(len(b), self.left + 1))
         if len(data) > self.left:
-            raise FeedFormatError("too-large", f"the archive unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+            raise FeedFormatError("too-large", Text(f"展開すると {MAX_UNPACKED_BYTES} バイトを超えます",
+                                                    f"the archive unpacks to more than {MAX_UNPACKED_BYTES} bytes"))
         self.left -= len(data)
         b[:len(data)] = data
         return len(data)
@@ -173,7 +176,8 @@ def ut1_files_from_tar(data: bytes, categories: tuple[str, ...],
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for count, member in enumerate(tar, 1):
                 if count > MAX_TAR_MEMBERS:
-                    raise FeedFormatError("format", f"more than {MAX_TAR_MEMBERS} files in the archive")
+                    raise FeedFormatError("format", Text(f"アーカイブのファイルが {MAX_TAR_MEMBERS} 個を超えます",
+                                                         f"more than {MAX_TAR_MEMBERS} files in the archive"))
                 parts = member.name.split("/")
                 if len(parts) < 2 or not member.isfile():
                     continue
@@ -185,10 +189,12 @@ def ut1_files_from_tar(data: bytes, categories: tuple[str, ...],
                     continue
                 data = f.read(MAX_MEMBER_BYTES + 1)
                 if len(data) > MAX_MEMBER_BYTES:
-                    raise FeedFormatError("too-large", f"{cat_name}/{kind} is larger than {MAX_MEMBER_BYTES} bytes")
+                    raise FeedFormatError("too-large", Text(f"{cat_name}/{kind} が {MAX_MEMBER_BYTES} バイトを超えます",
+                                                            f"{cat_name}/{kind} is larger than {MAX_MEMBER_BYTES} bytes"))
                 files[(cat_name, kind)] = data.decode("utf-8", "replace")
     except FeedFormatError:
         raise
     except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise FeedFormatError("format", f"not a UT1 archive (tar.gz): {type(exc).__name__}") from None
+        raise FeedFormatError("format", Text(f"UT1 のアーカイブ (tar.gz) ではありません: {type(exc).__name__}",
+                                             f"not a UT1 archive (tar.gz): {type(exc).__name__}")) from None
     return files

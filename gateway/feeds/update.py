@@ -89,7 +89,7 @@ def obtain(spec: FeedSpec, base_dir: Path | None, state: FeedState | None, previ
         else:
             cats = {formats.ALL: parse_text(data.decode("utf-8", "replace"), spec.format)}
     except FeedFormatError as exc:
-        raise FeedRefused(exc.reason, T_FORMAT.format(e=str(exc))) from None
+        raise FeedRefused(exc.reason, T_FORMAT.format(e=exc)) from None
     snap = Snapshot(spec.name, spec.url, now, digest, cats)
     total = snap.total()
     if total > formats.MAX_FEED_ENTRIES:

@@ -21,6 +21,10 @@ The script is a JSON list of steps, run in order until one fails (the rest are "
     {"action": "cookies"}
     {"action": "viewport", "width": 390, "height": 844}    (a phone-sized window from here on)
     {"action": "overflow"}    ([scrollWidth, clientWidth] of the page: a horizontal overflow when the first is larger)
+    {"action": "eval", "expression": "() => document.title"}   (its JSON result; DOM assertions, same-origin fetch)
+    {"action": "select", "selector": "#reason", "value": "lost"}
+    {"action": "signal", "path": "/tmp/ready"}      (creates the file: the test knows the page is there)
+    {"action": "wait_file", "path": "/tmp/go"}     (waits until the test creates it, then goes on)
 
 Any step may carry "timeout" (seconds). Output (stdout): one JSON document
 ``{"ok": bool, "steps": [{"action", "ok", "url", "value"?, "error"?}], "responses": [{"url",
@@ -49,7 +53,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ACTIONS = ("goto", "fill", "click", "wait_for_url", "text", "screenshot", "url", "cookies", "viewport", "overflow")
+ACTIONS = ("goto", "fill", "click", "wait_for_url", "text", "screenshot", "url", "cookies", "viewport", "overflow",
+           "eval", "select", "signal", "wait_file")
 
 
 class BrowserScriptError(Exception):
@@ -61,7 +66,8 @@ def validate_steps(steps: object) -> list[dict]:
     if not isinstance(steps, list):
         raise BrowserScriptError("a browser script is a JSON list of steps")
     required = {"goto": ("url",), "fill": ("selector", "value"), "click": ("selector",), "text": ("selector",),
-                "screenshot": ("path",), "wait_for_url": (), "url": (), "cookies": (), "viewport": (), "overflow": ()}
+                "screenshot": ("path",), "wait_for_url": (), "url": (), "cookies": (), "viewport": (), "overflow": (),
+                "eval": ("expression",), "select": ("selector", "value"), "signal": ("path",), "wait_file": ("path",)}
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or step.get("action") not in ACTIONS:
             raise BrowserScriptError(f"step {i}: expected an object with action one of {', '.join(ACTIONS)}: {step!r}")
@@ -76,15 +82,17 @@ def validate_steps(steps: object) -> list[dict]:
     return steps
 
 
-def trust_ca(home: Path, ca_path: Path) -> None:
-    """Create ``home``/.pki/nssdb with the CA as a trusted root for TLS servers."""
+def trust_ca(home: Path, ca_path: Path | list[Path]) -> None:
+    """Create ``home``/.pki/nssdb with the CA (or CAs) as trusted roots for TLS servers."""
     if shutil.which("certutil") is None:
         raise BrowserScriptError("certutil missing (apt-get install libnss3-tools)")
     db = home / ".pki" / "nssdb"
     db.mkdir(parents=True)
     subprocess.run(["certutil", "-N", "-d", f"sql:{db}", "--empty-password"], check=True, capture_output=True)
-    subprocess.run(["certutil", "-A", "-d", f"sql:{db}", "-n", "kanmon-interception-ca", "-t", "C,,", "-i", str(ca_path)],
-                   check=True, capture_output=True)
+    for i, path in enumerate(ca_path if isinstance(ca_path, list) else [ca_path]):
+        name = "kanmon-interception-ca" if i == 0 else f"kanmon-ca-{i}"
+        subprocess.run(["certutil", "-A", "-d", f"sql:{db}", "-n", name, "-t", "C,,", "-i", str(path)],
+                       check=True, capture_output=True)
 
 
 def _run_step(page, context, step: dict, default_timeout: float):
@@ -115,6 +123,23 @@ def _run_step(page, context, step: dict, default_timeout: float):
         return None
     if action == "overflow":
         return page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    if action == "eval":
+        return page.evaluate(step["expression"])
+    if action == "select":
+        page.select_option(step["selector"], step["value"], timeout=timeout_ms)
+        return None
+    if action == "signal":
+        Path(step["path"]).touch()
+        return None
+    if action == "wait_file":
+        import time
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not Path(step["path"]).exists():
+            if time.monotonic() > deadline:
+                from playwright.sync_api import TimeoutError as PlaywrightTimeout
+                raise PlaywrightTimeout(f"{step['path']} did not appear")
+            time.sleep(0.01)
+        return None
     if action == "cookies":
         return [{k: c.get(k) for k in ("name", "value", "domain", "path", "secure", "httpOnly", "sameSite", "expires")}
                 for c in context.cookies()]
@@ -195,7 +220,8 @@ def run_browser(device, steps: list[dict], timeout: float = 60, step_timeout: fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run a JSON script of browser steps in headless Chromium.")
     ap.add_argument("--script", type=Path, required=True)
-    ap.add_argument("--ca", type=Path, help="a CA certificate to trust (the gateway's interception CA)")
+    ap.add_argument("--ca", type=Path, action="append",
+                    help="a CA certificate to trust (the gateway's interception CA); may be repeated")
     ap.add_argument("--step-timeout", type=float, default=20)
     args = ap.parse_args(argv)
     try:

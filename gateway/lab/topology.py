@@ -159,6 +159,7 @@ class Lab:
     # is the running gateway.lab.oidcprovider.OidcProvider (None without the option).
     idp: object = False
     idp_client: object = None           # gateway.lab.oidcprovider.OidcClient to register (None: the default)
+    idp_users: object = None            # name -> gateway.lab.oidcprovider.TestUser (None: TEST_USERS)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -334,7 +335,8 @@ http {{
         from gateway.lab.oidcprovider import IDP_HOST, OidcClient, OidcProvider
         pair = self.ca.issue_server("idp", [IDP_HOST], [IDP4])
         self.idp = OidcProvider(self.inet, self.workdir / "idp", IDP4, pair.cert_path, pair.key_path,
-                                self.ca.cert_path, client=self.idp_client or OidcClient())
+                                self.ca.cert_path, client=self.idp_client or OidcClient(),
+                                **({"users": dict(self.idp_users)} if self.idp_users else {}))
         self.idp.start()
         # The gateway itself talks to the IdP (discovery, token, JWKS) by name, like a real
         # gateway host with a resolver: `ip netns exec` binds this file over /etc/resolv.conf.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.i18n import Text
 from gateway.mail.freemail import parse_freemail_list
 from gateway.mail.indicators import ALL_NAMES, MailAction, Name
 from gateway.mail.outbound import GUARD_NAMES, OutboundGuard  # noqa: I001 (own line: merges with issue #20's other half)
@@ -260,21 +261,24 @@ def policy_from_doc(doc: LoadedYaml, freemail_domains: frozenset[str],
     for lower, upper in zip(order, order[1:]):
         if thresholds[lower] > thresholds[upper]:
             errors.append(doc.error(("thresholds", str(upper)),
-                                    f"must be >= thresholds.{lower} ({thresholds[lower]})"))
+                                    Text(f"thresholds.{lower} ({thresholds[lower]}) 以上にしてください",
+                                         f"must be >= thresholds.{lower} ({thresholds[lower]})")))
     weights = {name: spec["weight"] for name, spec in data["indicators"].items()}
     floors = {name: MailAction(spec["at_least"]) for name, spec in data["indicators"].items() if "at_least" in spec}
     for name, key in ((Name.ARCHIVE_ENCRYPTED, "encrypted_archive"), (Name.VIRUS_SCAN_UNAVAILABLE, "scanner_unavailable")):
         if name in floors:
-            errors.append(doc.error(("indicators", str(name), "at_least"), f"set this with the top-level key {key}"))
+            errors.append(doc.error(("indicators", str(name), "at_least"),
+                                    Text(f"これは最上位のキー {key} で設定してください", f"set this with the top-level key {key}")))
     floors[str(Name.ARCHIVE_ENCRYPTED)] = MailAction(data.get("encrypted_archive", "tag"))
     floors[str(Name.VIRUS_SCAN_UNAVAILABLE)] = MailAction(data.get("scanner_unavailable", "quarantine"))
     clamd = None
     if "clamd" in data:
         c = data["clamd"]
         if ("socket" in c) == ("host" in c):
-            errors.append(doc.error(("clamd",), "give exactly one of socket or host (+ port)"))
+            errors.append(doc.error(("clamd",), Text("socket か host (+ port) のどちらか一方を書いてください",
+                                                 "give exactly one of socket or host (+ port)")))
         elif "host" in c and "port" not in c:
-            errors.append(doc.error(("clamd", "host"), "host needs port"))
+            errors.append(doc.error(("clamd", "host"), Text("host には port が必要です", "host needs port")))
         clamd = ClamdAddress(c.get("socket"), c.get("host"), c.get("port"), float(c.get("timeout_seconds", 30)))
     if errors:
         raise SourceErrors(errors)
@@ -344,6 +348,11 @@ def outbound_guard_from(g: dict[str, Any]) -> OutboundGuard:
     )
 
 
+def _cannot_read(path: Path, exc: SourceErrors) -> Text:
+    first = exc.errors[0]
+    return Text(f"{path} を読めません: {first.ja or first.message}", f"cannot read {path}: {first.message}")
+
+
 def load_mail_policy(path: str | Path) -> MailPolicy:
     """Read the policy file and the free-mail and theme lists it names (paths relative to it)."""
     doc = load_yaml_file(path)
@@ -357,7 +366,7 @@ def load_mail_policy(path: str | Path) -> MailPolicy:
         try:
             text = read_text_file(list_path, MAX_LIST_BYTES)  # a regular file within a bound (issue #15)
         except SourceErrors as exc:
-            errors.append(doc.error(("freemail", "lists", index), f"cannot read {list_path}: {exc.errors[0].text}"))
+            errors.append(doc.error(("freemail", "lists", index), _cannot_read(list_path, exc)))
             continue
         entries, list_errors = parse_freemail_list(text, str(list_path))
         errors.extend(list_errors)
@@ -368,7 +377,7 @@ def load_mail_policy(path: str | Path) -> MailPolicy:
         try:
             text = read_text_file(list_path, MAX_LIST_BYTES)
         except SourceErrors as exc:
-            errors.append(doc.error(("themes", "lists", index), f"cannot read {list_path}: {exc.errors[0].text}"))
+            errors.append(doc.error(("themes", "lists", index), _cannot_read(list_path, exc)))
             continue
         entries, list_errors = parse_theme_list(text, str(list_path))
         errors.extend(list_errors)

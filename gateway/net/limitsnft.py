@@ -22,7 +22,8 @@ import shutil
 import subprocess
 
 from gateway.limits import LimitSettings
-from gateway.net.steering import SteeringError, remove_table
+from gateway.i18n import Text
+from gateway.net.steering import T_NO_NFT, SteeringError, remove_table
 
 KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
 # The table's named counters -> the `limit` label they are counted under in
@@ -94,12 +95,13 @@ def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettin
 def apply(steering_table: str, tunnel_interface: str, settings: LimitSettings, tunnel_port: int = 51820) -> None:
     binary = shutil.which("nft")
     if binary is None:
-        raise SteeringError("nft not found (apt-get install nftables)")
+        raise SteeringError(T_NO_NFT)
     proc = subprocess.run([binary, "-f", "-"], input=render_limits_table(table_name(steering_table),
                                                                           tunnel_interface, settings, tunnel_port),
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
-        raise SteeringError(f"nft refused the limits table: {proc.stderr.strip()}")
+        raise SteeringError(Text(f"nft が上限のテーブルを受け付けません: {proc.stderr.strip()}",
+                                 f"nft refused the limits table: {proc.stderr.strip()}"))
 
 
 def remove(steering_table: str) -> bool:

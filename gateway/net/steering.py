@@ -24,9 +24,15 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.i18n import Text
+
 
 class SteeringError(Exception):
-    pass
+    """nftables refused or is missing: the gateway does not start (fail closed). ``text``: the reason in Japanese and English."""
+
+    def __init__(self, message: "str | Text") -> None:
+        self.text = message if isinstance(message, Text) else Text(message, message)
+        super().__init__(self.text.en)
 
 
 @dataclass(frozen=True)
@@ -176,10 +182,13 @@ def render_ruleset(plan: SteeringPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+T_NO_NFT = Text("nft がありません (apt-get install nftables)", "nft not found (apt-get install nftables)")
+
+
 def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     binary = shutil.which("nft")
     if binary is None:
-        raise SteeringError("nft not found (apt-get install nftables)")
+        raise SteeringError(T_NO_NFT)
     proc = subprocess.run([binary, *args], input=stdin, capture_output=True, text=True, timeout=30)
     return proc
 
@@ -187,7 +196,8 @@ def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 def apply_ruleset(plan: SteeringPlan) -> None:
     proc = _nft(["-f", "-"], render_ruleset(plan))
     if proc.returncode != 0:
-        raise SteeringError(f"nft refused the ruleset: {proc.stderr.strip()}")
+        raise SteeringError(Text(f"nft がルールセットを受け付けません: {proc.stderr.strip()}",
+                                 f"nft refused the ruleset: {proc.stderr.strip()}"))
 
 
 def remove_table(table: str) -> bool:
@@ -212,4 +222,4 @@ def set_blocked(table: str, add: Iterable[ipaddress._BaseAddress] = (), remove: 
         return
     proc = _nft(["-f", "-"], "\n".join(cmds) + "\n")
     if proc.returncode != 0:
-        raise SteeringError(f"nft set update failed: {proc.stderr.strip()}")
+        raise SteeringError(Text(f"nft のセットを更新できません: {proc.stderr.strip()}", f"nft set update failed: {proc.stderr.strip()}"))

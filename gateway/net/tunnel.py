@@ -30,6 +30,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 from wireguard_tools import WireguardDevice, WireguardKey
 
+from gateway.i18n import Text
+
 log = logging.getLogger("kanmon.tunnel")
 
 UAPI_DIR = Path("/var/run/wireguard")
@@ -37,7 +39,11 @@ IFA_F_NODAD = 0x02
 
 
 class TunnelError(Exception):
-    pass
+    """The WireGuard interface cannot be made or configured: the gateway does not start. ``text``: the reason in Japanese and English."""
+
+    def __init__(self, message: "str | Text") -> None:
+        self.text = message if isinstance(message, Text) else Text(message, message)
+        super().__init__(self.text.en)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,8 @@ def load_or_create_private_key(path: Path) -> WireguardKey:
         try:
             return WireguardKey(path.read_text().strip())
         except ValueError as exc:
-            raise TunnelError(f"{path}: not a WireGuard private key ({exc})") from None
+            raise TunnelError(Text(f"{path}: WireGuard の秘密鍵ではありません ({exc})",
+                                    f"{path}: not a WireGuard private key ({exc})")) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     key = WireguardKey.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -141,35 +148,38 @@ class WireGuardInterface:
                 return "kernel"
             except NetlinkError as exc:
                 if self.implementation == "kernel":
-                    raise TunnelError(f"kernel WireGuard unavailable: {exc}") from None
+                    raise TunnelError(Text(f"カーネルの WireGuard を使えません: {exc}", f"kernel WireGuard unavailable: {exc}")) from None
                 log.info("kernel WireGuard unavailable (%s); using wireguard-go", exc)
         return self._create_userspace()
 
     def _create_userspace(self) -> str:
         binary = shutil.which("wireguard-go")
         if binary is None:
-            raise TunnelError("no kernel WireGuard and no wireguard-go binary (apt-get install wireguard-go)")
+            raise TunnelError(Text("カーネルの WireGuard も wireguard-go もありません (apt-get install wireguard-go)",
+                                   "no kernel WireGuard and no wireguard-go binary (apt-get install wireguard-go)"))
         sock = self._uapi_path()
         if sock.exists():
             # The control socket directory is shared by every network namespace on the host:
             # a live socket with our name belongs to an interface in another namespace.
             if self._uapi_alive():
-                raise TunnelError(
+                raise TunnelError(Text(
+                    f"{sock} はこのホストの別の wireguard-go インターフェースが使っています"
+                    f"(制御ソケットはネットワーク名前空間をまたいで共有されます): 重ならない tunnel.interface にしてください",
                     f"{sock} is in use by another wireguard-go interface on this host "
-                    f"(control sockets are shared across network namespaces): choose a unique tunnel.interface"
-                )
+                    f"(control sockets are shared across network namespaces): choose a unique tunnel.interface"))
             sock.unlink()
         env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
         # wireguard-go daemonizes once the interface exists; it lives until the link is deleted.
         proc = subprocess.run([binary, self.name], env=env, capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:
-            raise TunnelError(f"wireguard-go {self.name} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+            detail = proc.stderr.strip() or proc.stdout.strip()
+            raise TunnelError(Text(f"wireguard-go {self.name} が失敗しました: {detail}", f"wireguard-go {self.name} failed: {detail}"))
         for _ in range(100):
             if self._uapi_alive():
                 break
             time.sleep(0.05)
         else:
-            raise TunnelError(f"wireguard-go started but {sock} did not appear")
+            raise TunnelError(Text(f"wireguard-go は起動しましたが {sock} ができません", f"wireguard-go started but {sock} did not appear"))
         log.info("created %s with wireguard-go (userspace)", self.name)
         return "wireguard-go"
 
@@ -292,7 +302,8 @@ class WireGuardInterface:
                 reply += chunk
         fields = dict(line.split("=", 1) for line in reply.decode().split("\n") if "=" in line)
         if fields.get("errno") != "0":
-            raise TunnelError(f"wireguard-go refused configuration on {self.name}: errno={fields.get('errno')}")
+            raise TunnelError(Text(f"wireguard-go が {self.name} の設定を受け付けません: errno={fields.get('errno')}",
+                                   f"wireguard-go refused configuration on {self.name}: errno={fields.get('errno')}"))
 
 
 def _write_sysctl(name: str, value: str) -> None:

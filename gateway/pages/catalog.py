@@ -44,14 +44,18 @@ def po_path(lang: str) -> Path:
 def translations(lang: str) -> gettext.NullTranslations:
     if lang == "en":
         return gettext.NullTranslations()
+    return compile_po(po_path(lang), lang, DOMAIN)
+
+
+def compile_po(path: Path, lang: str, domain: str) -> gettext.NullTranslations:
+    """One ``.po`` file compiled in memory (also the operator console's catalog, gateway/console)."""
     from babel.messages.mofile import write_mo
     from babel.messages.pofile import read_po
     from babel.support import Translations
 
-    path = po_path(lang)
     try:
         with path.open("rb") as f:
-            catalog = read_po(f, locale=lang, domain=DOMAIN, abort_invalid=True)
+            catalog = read_po(f, locale=lang, domain=domain, abort_invalid=True)
     except Exception as exc:  # unreadable or not a valid .po: fail at start, with the file named
         raise CatalogError(Text(f"メッセージカタログを読めません: {path}: {exc}",
                                 f"cannot read the message catalog {path}: {exc}")) from exc
@@ -62,7 +66,7 @@ def translations(lang: str) -> gettext.NullTranslations:
     buf = io.BytesIO()
     write_mo(buf, catalog, use_fuzzy=False)
     buf.seek(0)
-    return Translations(buf, domain=DOMAIN)
+    return Translations(buf, domain=domain)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ DEFAULT_TIMEZONE = "Asia/Tokyo"
 # RE2's default budget (8 MiB) runs out around two thousand URL patterns in one set.
 URL_SET_MAX_MEM = 1 << 30
 HOST_KEYS = ("domain", "domain_exact", "list")
+T_NOT_A_DATE = Text("日付ではありません: {value}（YYYY-MM-DD で書いてください）", "not a date: {value} (write YYYY-MM-DD)")
 T_LIST_NAME_TAKEN = Text("リスト名 {name} はフィード {feed} のカテゴリ名と重なっています",
                          "list name {name} is the name of a category of feed {feed}")
 T_NO_FEED_COPY = Text("フィード {name} の正常なコピーがまだありません（`kanmon lists update` で取得してください）",
@@ -201,7 +202,8 @@ class _Compiler:
         try:
             tz = ZoneInfo(tz_name)
         except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
-            self.err(("settings", "timezone"), f"unknown time zone {tz_name!r} (e.g. Asia/Tokyo)")
+            self.err(("settings", "timezone"), Text(f"知らないタイムゾーンです: {tz_name!r}(例 Asia/Tokyo)",
+                                                    f"unknown time zone {tz_name!r} (e.g. Asia/Tokyo)"))
             tz = ZoneInfo(DEFAULT_TIMEZONE)
         self.tz = tz
         self._load_lists()
@@ -279,7 +281,8 @@ class _Compiler:
                         self.feed_allow[name] = src.feed.allow
                 continue
             if src.name not in self.list_texts:
-                self.err(("lists", src.name, "file"), f"list file not read: {src.file}")
+                self.err(("lists", src.name, "file"), Text(f"リストファイルを読んでいません: {src.file}",
+                                                           f"list file not read: {src.file}"))
                 continue
             ready = self.prepared.lists.get(src.name) if self.prepared is not None else None
             if ready is not None:
@@ -298,7 +301,7 @@ class _Compiler:
                 path: tuple[Any, ...] = ("systems", name)
                 if exc.key:
                     path += (exc.key,) + ((exc.index,) if exc.index is not None else ())
-                self.err(path, str(exc))
+                self.err(path, exc.text or str(exc))
 
     def _load_tenants(self) -> None:
         for name, spec in (self.data.get("tenants") or {}).items():
@@ -341,10 +344,10 @@ class _Compiler:
             try:
                 value = date.fromisoformat(value)
             except ValueError:
-                self.err(path, f"not a date: {value!r} (write YYYY-MM-DD)")
+                self.err(path, T_NOT_A_DATE.format(value=repr(value)))
                 return None, None
         if not isinstance(value, date):
-            self.err(path, f"not a date: {value!r} (write YYYY-MM-DD)")
+            self.err(path, T_NOT_A_DATE.format(value=repr(value)))
             return None, None
         # The rule applies through the whole expiry day in the policy's time zone.
         end = datetime.combine(value + timedelta(days=1), time(0, 0), tzinfo=self.tz)
@@ -355,7 +358,8 @@ class _Compiler:
         rule_id = spec["id"]
         line = self.doc.line_of(path + ("id",))
         if rule_id in seen_ids:
-            self.err(path + ("id",), f"duplicate rule id {rule_id!r} (first on line {seen_ids[rule_id]})")
+            self.err(path + ("id",), Text(f"ルール ID {rule_id!r} が重複しています(最初は {seen_ids[rule_id]} 行目)",
+                                          f"duplicate rule id {rule_id!r} (first on line {seen_ids[rule_id]})"))
         else:
             seen_ids[rule_id] = line
         action = Action(spec["action"])
@@ -363,13 +367,16 @@ class _Compiler:
         tenant = spec.get("tenant")
         if action is Action.TENANT_RESTRICT:
             if tenant is None:
-                self.err(path + ("action",), "tenant-restrict needs tenant: <name of a tenants: entry>")
+                self.err(path + ("action",), Text("tenant-restrict には tenant: <tenants: の名前> が必要です",
+                                                  "tenant-restrict needs tenant: <name of a tenants: entry>"))
             elif tenant not in self.tenants:
-                self.err(path + ("tenant",), f"unknown tenant {tenant!r} (define it under tenants:)")
+                self.err(path + ("tenant",), Text(f"テナント {tenant!r} は定義されていません(tenants: に書いてください)",
+                                                  f"unknown tenant {tenant!r} (define it under tenants:)"))
             else:
                 headers = self.tenants[tenant]
         elif tenant is not None:
-            self.err(path + ("tenant",), "tenant is only used with action: tenant-restrict")
+            self.err(path + ("tenant",), Text("tenant は action: tenant-restrict でだけ使います",
+                                              "tenant is only used with action: tenant-restrict"))
         expires, expires_at = self._expiry(path + ("expires",), spec.get("expires"))
         status = spec.get("status", "active")
         ordinal = len(self.rules)
@@ -551,7 +558,7 @@ class _Compiler:
             for i, raw in enumerate(values):
                 host = normalize_host(str(raw))
                 if host is None or not valid_domain(host):
-                    self.err(path + (key,) + ((i,) if isinstance(block[key], list) else ()), f"not a domain name: {raw!r}")
+                    self.err(path + (key,) + ((i,) if isinstance(block[key], list) else ()), Text(f"ドメイン名ではありません: {raw!r}", f"not a domain name: {raw!r}"))
                     continue
                 (routes.suffix if key == "domain" else routes.exact).add(host)
             texts.append(f"{'host under' if key == 'domain' else 'host is'} {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
@@ -562,7 +569,7 @@ class _Compiler:
                 lst = self.lists.get(name)
                 if lst is None:
                     if name not in {s.name for s in self.sources}:
-                        self.err(path + ("list",) + ((i,) if isinstance(block["list"], list) else ()), f"unknown list {name!r} (define it under lists:)")
+                        self.err(path + ("list",) + ((i,) if isinstance(block["list"], list) else ()), Text(f"リスト {name!r} は定義されていません(lists: に書いてください)", f"unknown list {name!r} (define it under lists:)"))
                     continue
                 routes.suffix_lists.append(lst.suffix)
                 routes.exact_lists.append(lst.exact)
@@ -628,11 +635,11 @@ class _Compiler:
                 try:
                     wc = self._wildcard(str(raw))
                 except WildcardError as exc:
-                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), str(exc))
+                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), exc.text)
                     continue
                 problem = self._regex_error(wc.regex, wildcard=True)
                 if problem:
-                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), f"bad URL pattern: {problem}")
+                    self.err(path + ("url",) + ((i,) if isinstance(block["url"], list) else ()), Text(f"URL パターンが正しくありません: {problem}", f"bad URL pattern: {problem}"))
                     continue
                 pid = self._pattern_id(wc.regex, None)  # its set is known at the end
                 self.wildcards[pid] = wc
@@ -649,7 +656,7 @@ class _Compiler:
             for i, raw in enumerate(values):
                 problem = self._regex_error(str(raw))
                 if problem:
-                    self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), f"bad regular expression: {problem}")
+                    self.err(path + ("url_regex",) + ((i,) if isinstance(block["url_regex"], list) else ()), Text(f"正規表現が正しくありません: {problem}", f"bad regular expression: {problem}"))
                     continue
                 ids.add(self._pattern_id(str(raw), None))
             texts.append(f"URL matches {', '.join(map(str, values[:3]))}{' …' if len(values) > 3 else ''}")
@@ -705,7 +712,8 @@ class _Compiler:
         try:
             url_set.Compile()
         except re2.error:
-            self.err(("rules",), f"the {len(pids)} URL patterns do not fit in one RE2 set")
+            self.err(("rules",), Text(f"{len(pids)} 個の URL パターンが 1 つの RE2 セットに収まりません",
+                                      f"the {len(pids)} URL patterns do not fit in one RE2 set"))
             return None
         # The extension object's own Match (the wrapper only encodes and forwards: a third of
         # the call on the hot path).

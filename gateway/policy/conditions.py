@@ -42,6 +42,11 @@ class ConditionError(ValueError):
         self.text = text  # the message in both languages, when it has them
 
 
+def _bad(ja: str, en: str, index: int | None = None, key: str | None = None) -> ConditionError:
+    """A ConditionError in Japanese and English (what `policy check` prints per KANMON_LANG)."""
+    return ConditionError(en, index, key, text=Text(ja, en))
+
+
 @dataclass(frozen=True)
 class System:
     name: str
@@ -60,7 +65,7 @@ def parse_networks(values: list[Any]) -> tuple[Any, ...]:
         try:
             out.append(ip_network(str(v), strict=False))
         except ValueError as exc:
-            raise ConditionError(f"not an IP network: {v!r} ({exc})", i) from None
+            raise _bad(f"IP ネットワークではありません: {v!r} ({exc})", f"not an IP network: {v!r} ({exc})", i) from None
     return tuple(out)
 
 
@@ -84,7 +89,7 @@ def parse_size(value: int | str) -> int:
         return value
     m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ConditionError(f"not a size: {value!r} (e.g. 10MiB, 500kB, 1048576)")
+        raise _bad(f"サイズではありません: {value!r}(例 10MiB、500kB、1048576)", f"not a size: {value!r} (e.g. 10MiB, 500kB, 1048576)")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
@@ -97,7 +102,7 @@ def parse_duration_seconds(value: Any) -> int:
         return value
     m = re.fullmatch(r"\s*([0-9]+)\s*([smhd])\s*", str(value))
     if not m or int(m.group(1)) == 0:
-        raise ConditionError(f"not a duration (e.g. 8h, 30m, 3600): {value!r}")
+        raise _bad(f"時間の長さではありません(例 8h、30m、3600): {value!r}", f"not a duration (e.g. 8h, 30m, 3600): {value!r}")
     return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -110,7 +115,8 @@ def _content_types(value: Any) -> tuple[frozenset[str], tuple[str, ...]]:
     for i, v in enumerate(as_list(value)):
         v = str(v).strip().lower()
         if "/" not in v:
-            raise ConditionError(f"not a content type: {v!r} (e.g. application/zip or video/*)", i)
+            raise _bad(f"コンテンツタイプではありません: {v!r}(例 application/zip、video/*)",
+                       f"not a content type: {v!r} (e.g. application/zip or video/*)", i)
         if v.endswith("/*"):
             prefixes.append(v[:-1])
         else:
@@ -160,7 +166,7 @@ def time_windows(value: Any) -> tuple[tuple[frozenset[int], int, int], ...]:
     for i, w in enumerate(as_list(value)):
         start, end = _minutes(w["from"]), _minutes(w["to"])
         if start == end:
-            raise ConditionError(f"empty time window {w['from']}-{w['to']}", i)
+            raise _bad(f"時間帯が空です: {w['from']}-{w['to']}", f"empty time window {w['from']}-{w['to']}", i)
         out.append((_days(w.get("days")), start, end))
     return tuple(out)
 
@@ -261,7 +267,7 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
         for plat, ver in value.items():
             parsed = parse_version(str(ver))
             if not parsed:
-                raise ConditionError(f"not a version number for {plat}: {ver!r}")
+                raise _bad(f"{plat} のバージョン番号ではありません: {ver!r}", f"not a version number for {plat}: {ver!r}")
             if str(plat).lower() in minimums:  # compared without case below: IOS would override ios
                 text = T_PLATFORM_TWICE.format(plat=str(plat)[:60])
                 raise ConditionError(text.en, text=text)
@@ -299,7 +305,7 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
             lo, _, hi = str(p).partition("-")
             lo_i, hi_i = int(lo), int(hi or lo)
             if not (1 <= lo_i <= hi_i <= 65535):
-                raise ConditionError(f"bad port range {p!r}", i)
+                raise _bad(f"ポート範囲が正しくありません: {p!r}", f"bad port range {p!r}", i)
             ranges.append((lo_i, hi_i))
         rng = tuple(ranges)
         return Check(F.DST, lambda q, f: q.dst_port is not None and any(lo <= q.dst_port <= hi for lo, hi in rng),
@@ -339,7 +345,8 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
         selected = []
         for i, name in enumerate(as_list(value)):
             if name not in systems:
-                raise ConditionError(f"unknown system {name!r} (define it under systems:)", i)
+                raise _bad(f"システム {name!r} は定義されていません(systems: に書いてください)",
+                           f"unknown system {name!r} (define it under systems:)", i)
             selected.append(systems[name])
         return system_check(selected, f"system in {[s.name for s in selected]}")
     if key == "system_class":
@@ -349,7 +356,7 @@ def build_check(key: str, value: Any, systems: Mapping[str, System]) -> Check:
         cmp = _CLASS_OPS[op]
         selected = [s for s in systems.values() if cmp(s.klass, bound)]
         return system_check(selected, f"system class {op} {bound} (機密性{op}{bound})")
-    raise ConditionError(f"unknown condition {key!r}")
+    raise _bad(f"知らない条件です: {key!r}", f"unknown condition {key!r}")
 
 
 def system_from_spec(name: str, spec: Mapping[str, Any]) -> System:
@@ -357,13 +364,13 @@ def system_from_spec(name: str, spec: Mapping[str, Any]) -> System:
     for i, h in enumerate(spec.get("hosts", [])):
         n = normalize_host(str(h))
         if n is None:
-            raise ConditionError(f"not a host name: {h!r}", i, "hosts")
+            raise _bad(f"ホスト名ではありません: {h!r}", f"not a host name: {h!r}", i, "hosts")
         hosts.add(n)
     try:
         nets = parse_networks(list(spec.get("cidrs", [])))
     except ConditionError as exc:
-        raise ConditionError(str(exc), exc.index, "cidrs") from None
+        raise ConditionError(str(exc), exc.index, "cidrs", text=exc.text) from None
     if not hosts and not nets:
-        raise ConditionError(f"system {name!r} names no hosts and no cidrs")
+        raise _bad(f"システム {name!r} にホストも CIDR もありません", f"system {name!r} names no hosts and no cidrs")
     return System(name, int(spec["class"]), frozenset(hosts), nets)
 

@@ -32,6 +32,15 @@ def load_policy(path: str | Path, now: datetime | None = None, feeds_dir: str | 
     ``give_back_freed_memory`` (the allocator is the process's business, not the engine's)."""
     policy_path = Path(path)
     text = read_text_file(policy_path, MAX_YAML_BYTES)
+    return load_policy_text(text, policy_path, now, feeds_dir, cache, release_memory)
+
+
+def load_policy_text(text: str, path: str | Path, now: datetime | None = None, feeds_dir: str | Path | None = None,
+                     cache: Any = None, release_memory: Callable[[], None] | None = None) -> PolicySnapshot:
+    """``load_policy`` of a text already read (a candidate pasted in the console, issue #21),
+    compiled as if it were the file ``path``: its list files are read relative to ``path``'s
+    directory. Nothing is written."""
+    policy_path = Path(path)
     doc, sources = parse_policy(text, str(policy_path))
     list_texts: dict[str, tuple[str, str]] = {}
     errors: list[SourceError] = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.i18n import Text
+
 Headers = tuple[tuple[str, str], ...]
 
 PROVIDERS = ("google", "microsoft", "slack", "dropbox", "youtube")
@@ -29,16 +31,16 @@ ALL_TENANT_HEADERS = frozenset(
 )
 
 
-def tenant_headers(spec: Mapping[str, Any]) -> tuple[Headers, list[tuple[str, str]]]:
+def tenant_headers(spec: Mapping[str, Any]) -> tuple[Headers, list[tuple[str, Text]]]:
     """Headers for one tenant entry, plus (key, message) problems found in it."""
     provider = spec.get("provider")
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, Text]] = []
     out: list[tuple[str, str]] = []
 
     def need(key: str) -> Any:
         value = spec.get(key)
         if value in (None, "", []):
-            problems.append((key, f"required for provider {provider}"))
+            problems.append((key, Text(f"プロバイダ {provider} には必要です", f"required for provider {provider}")))
         return value
 
     if provider == "google":
@@ -53,20 +55,27 @@ def tenant_headers(spec: Mapping[str, Any]) -> tuple[Headers, list[tuple[str, st
         policy, msa = spec.get("tenant_policy"), spec.get("restrict_msa", False)
         if tenants or context:
             if not tenants:
-                problems.append(("tenants", "v1 restriction needs tenants together with context"))
+                problems.append(("tenants", Text("v1 の制限には context と一緒に tenants が必要です",
+                                                  "v1 restriction needs tenants together with context")))
             if not context:
-                problems.append(("context", "v1 restriction needs context (the directory id) together with tenants"))
+                problems.append(("context", Text("v1 の制限には tenants と一緒に context(ディレクトリ ID)が必要です",
+                                                  "v1 restriction needs context (the directory id) together with tenants")))
             if tenants and context:
                 out.append(("Restrict-Access-To-Tenants", ",".join(tenants)))
                 out.append(("Restrict-Access-Context", context))
         if policy and msa:
-            problems.append(("restrict_msa", "restrict_msa and tenant_policy both set sec-Restrict-Tenant-Access-Policy; use two tenant entries and two rules (login.live.com gets restrict-msa)"))
+            problems.append(("restrict_msa", Text(
+                "restrict_msa と tenant_policy はどちらも sec-Restrict-Tenant-Access-Policy を設定します。テナントを 2 つ、"
+                "ルールを 2 つに分けてください(login.live.com には restrict-msa)",
+                "restrict_msa and tenant_policy both set sec-Restrict-Tenant-Access-Policy; use two tenant entries and "
+                "two rules (login.live.com gets restrict-msa)")))
         elif policy:
             out.append(("sec-Restrict-Tenant-Access-Policy", policy))
         elif msa:
             out.append(("sec-Restrict-Tenant-Access-Policy", "restrict-msa"))
         if not out and not problems:
-            problems.append(("provider", "microsoft tenant needs tenants+context, tenant_policy or restrict_msa"))
+            problems.append(("provider", Text("microsoft のテナントには tenants+context、tenant_policy か restrict_msa が必要です",
+                                               "microsoft tenant needs tenants+context, tenant_policy or restrict_msa")))
     elif provider == "slack":
         workspaces = need("workspaces")
         requester = need("requester")
@@ -81,5 +90,6 @@ def tenant_headers(spec: Mapping[str, Any]) -> tuple[Headers, list[tuple[str, st
         mode = spec.get("mode", "strict")
         out.append(("YouTube-Restrict", "Strict" if mode == "strict" else "Moderate"))
     else:
-        problems.append(("provider", f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"))
+        problems.append(("provider", Text(f"知らないプロバイダです: {provider!r}(使えるのは {', '.join(PROVIDERS)})",
+                                           f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})")))
     return tuple(out), problems

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from ipaddress import ip_address
 
+from gateway.i18n import Text
 from gateway.policy.query import normalize_host
 
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
@@ -34,7 +35,11 @@ class CompiledWildcard:
 
 
 class WildcardError(ValueError):
-    pass
+    """A URL pattern that cannot be compiled; ``text`` in Japanese and English."""
+
+    def __init__(self, text: Text) -> None:
+        super().__init__(text.en)
+        self.text = text
 
 
 def _glob(part: str, star: str) -> str:
@@ -44,7 +49,7 @@ def _glob(part: str, star: str) -> str:
 def compile_wildcard(pattern: str) -> CompiledWildcard:
     p = pattern.strip()
     if not p:
-        raise WildcardError("empty URL pattern")
+        raise WildcardError(Text("URL パターンが空です", "empty URL pattern"))
     m = _SCHEME.match(p)
     scheme: str | None = None
     if m:
@@ -57,7 +62,8 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
     authority, path = rest[:cut], rest[cut:]
     if "@" in authority:
-        raise WildcardError(f"user info is not allowed in a URL pattern: {pattern!r}")
+        raise WildcardError(Text(f"URL パターンにユーザー情報(@ の前)は書けません: {pattern!r}",
+                                 f"user info is not allowed in a URL pattern: {pattern!r}"))
     port_re = "(?::[0-9]+)?"
     port_digits: str | None = None
     if ":" in authority and not authority.endswith("]"):
@@ -68,7 +74,8 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
             port_re = f":{port}"
             port_digits = port
         else:
-            raise WildcardError(f"bad port {port!r} in URL pattern {pattern!r}")
+            raise WildcardError(Text(f"URL パターン {pattern!r} のポート {port!r} が正しくありません",
+                                     f"bad port {port!r} in URL pattern {pattern!r}"))
     host = authority.rstrip(".")
     if host.isascii():
         host = host.lower()
@@ -82,7 +89,8 @@ def compile_wildcard(pattern: str) -> CompiledWildcard:
         except ValueError:
             pass
     if not host:
-        raise WildcardError(f"URL pattern has no host: {pattern!r} (use * for any host)")
+        raise WildcardError(Text(f"URL パターンにホストがありません: {pattern!r}(どのホストでもよいときは *)",
+                                 f"URL pattern has no host: {pattern!r} (use * for any host)"))
     host_key: str | None = None
     host_is_suffix = False
     if host == "*":

@@ -32,7 +32,21 @@ class Ownership(StrEnum):
 
 
 class RegistryError(Exception):
-    """A registry operation was refused (unknown device, duplicate key, exhausted prefix)."""
+    """A registry operation was refused (unknown device, duplicate key, exhausted prefix).
+    ``text``: the reason in Japanese and English (a plain message is used for both)."""
+
+    def __init__(self, message: "str | Text" = "") -> None:
+        if isinstance(message, Text):
+            self.text = message
+            message = message.en
+        elif not isinstance(getattr(self, "text", None), Text):   # subclasses set their own first
+            self.text = Text(message, message)
+        super().__init__(message)
+
+
+T_CONFLICT = Text("端末 {d} は登録済みの端末と重なります: {e}", "device {d} conflicts with an existing device: {e}")
+T_NO_SUCH_DEVICE = Text("その端末は登録されていません: {d}", "no such device: {d}")
+T_PREFIX_FULL = Text("トンネルのプレフィックス {p} に空きアドレスがありません", "tunnel prefix {p} has no free address")
 
 
 class RegistryDamaged(RegistryError):
@@ -131,6 +145,9 @@ class DeviceRegistry(Protocol):
     def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord: ...
     def unshipped_audit(self, limit: int = 500) -> list[AuditEntry]: ...
     def mark_audit_shipped(self, ids: list[int]) -> None: ...
+    # issue #21 (operator console): an audit entry of its own (sign-in, refusals), and a device's history
+    def append_audit(self, entry: AuditEntry) -> None: ...
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]: ...
     def allocate_addresses(self, prefix4: ipaddress.IPv4Network, prefix6: ipaddress.IPv6Network | None) -> tuple[IPv4, IPv6 | None]: ...
 
 

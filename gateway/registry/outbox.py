@@ -285,6 +285,9 @@ class OutageTolerantRegistry:
     def mark_audit_shipped(self, ids: list[int]) -> None:
         self.inner.mark_audit_shipped(ids)
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        self.inner.append_audit(entry)
+
     def close(self) -> None:
         self._probe_stop.set()
         self.inner.close()

@@ -38,7 +38,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gateway.i18n import Text
-from gateway.registry.model import (AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryDamaged, RegistryError, IPv4, IPv6, record_as_dict)
+from gateway.registry.model import (T_CONFLICT, T_NO_SUCH_DEVICE, T_PREFIX_FULL, AuditEntry, DeviceRecord, DeviceStatus, Ownership, RegistryDamaged, RegistryError, IPv4, IPv6, record_as_dict)
 
 log = logging.getLogger("kanmon.registry_pg")
 
@@ -330,8 +330,7 @@ class PgRegistry:
                              Jsonb(record_as_dict(after)) if after else None))
                     return rowcount
             except psycopg.errors.IntegrityError as exc:
-                raise RegistryError(f"device {device_id!r} conflicts with an existing device: "
-                                    f"{_short(exc).splitlines()[0]}") from None
+                raise RegistryError(T_CONFLICT.format(d=repr(device_id), e=_short(exc).splitlines()[0])) from None
         return self._db.run(tx)
 
     def add(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
@@ -345,13 +344,13 @@ class PgRegistry:
     def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
         before = self.get(record.device_id)
         if before is None:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         record = replace(record, updated_at=self._clock())
         assignments = ",".join(f"{c}=%s" for c in _COLUMNS[1:])
         rows = self._write(f"UPDATE devices SET {assignments} WHERE device_id=%s",
                            _record_to_row(record)[1:] + (record.device_id,), audit, record.device_id, before, record)
         if rows != 1:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         return record
 
     def get(self, device_id: str) -> DeviceRecord | None:
@@ -396,6 +395,19 @@ class PgRegistry:
         return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=r["at"],
                            device_id=r["device_id"], before=r["before_json"], after=r["after_json"]) for r in rows]
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry that is no device change (issue #21: console sign-ins, refusals)."""
+        self._db.run(lambda c: c.execute(
+            "INSERT INTO audit (at, actor, action, device_id, reason) VALUES (%s,%s,%s,%s,%s)",
+            (self._clock(), entry.actor, entry.action, entry.device_id, entry.reason)))
+
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]:
+        """A device's audit entries, newest first."""
+        rows = self._db.run(lambda c: c.execute("SELECT * FROM audit WHERE device_id=%s ORDER BY id DESC LIMIT %s",
+                                                (device_id, limit)).fetchall(), read=True)
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=r["at"],
+                           device_id=r["device_id"]) for r in rows]
+
     def mark_audit_shipped(self, ids: list[int]) -> None:
         if not ids:
             return
@@ -438,7 +450,7 @@ class PgRegistry:
                 return candidate
         candidate = self._db.run(tx)
         if candidate is None:
-            raise RegistryError(f"tunnel prefix {prefix4} has no free address")
+            raise RegistryError(T_PREFIX_FULL.format(p=prefix4))
         host_number = candidate - int(prefix4.network_address)
         return ipaddress.IPv4Address(candidate), (prefix6[host_number] if prefix6 is not None else None)
 

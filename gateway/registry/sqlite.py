@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.i18n import Text
-from gateway.registry.model import (IPv4, IPv6, AuditEntry, BadRow, DeviceRecord, DeviceStatus, Ownership,
+from gateway.registry.model import (T_CONFLICT, T_NO_SUCH_DEVICE, T_PREFIX_FULL, IPv4, IPv6, AuditEntry, BadRow, DeviceRecord, DeviceStatus, Ownership,
                                     RegistryDamaged, RegistryError, record_as_dict)
 
 log = logging.getLogger("kanmon.registry")
@@ -361,7 +361,7 @@ class SqliteRegistry:
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 self._db.execute("ROLLBACK")
-                raise RegistryError(f"device {device_id!r} conflicts with an existing device: {exc}") from None
+                raise RegistryError(T_CONFLICT.format(d=repr(device_id), e=exc)) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -378,13 +378,13 @@ class SqliteRegistry:
     def update(self, record: DeviceRecord, audit: AuditEntry | None = None) -> DeviceRecord:
         before = self.get(record.device_id)
         if before is None:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         record = replace(record, updated_at=self._clock())
         assignments = ",".join(f"{c}=?" for c in _COLUMNS[1:])
         rows = self._write(f"UPDATE devices SET {assignments} WHERE device_id=?",
                            _record_to_row(record)[1:] + (record.device_id,), audit, record.device_id, before, record)
         if rows != 1:
-            raise RegistryError(f"no such device: {record.device_id!r}")
+            raise RegistryError(T_NO_SUCH_DEVICE.format(d=repr(record.device_id)))
         return record
 
     def _one(self, row: sqlite3.Row | None) -> DeviceRecord | None:
@@ -435,6 +435,20 @@ class SqliteRegistry:
                            before=json.loads(r["before_json"]) if r["before_json"] else None,
                            after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
 
+    def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry that is no device change (issue #21: console sign-ins, refusals)."""
+        with self._lock:
+            self._db.execute("INSERT INTO audit (at, actor, action, device_id, reason) VALUES (?,?,?,?,?)",
+                             (_ts(self._clock()), entry.actor, entry.action, entry.device_id, entry.reason))
+
+    def audit_of(self, device_id: str, limit: int = 100) -> list[AuditEntry]:
+        """A device's audit entries, newest first (shipped or not: the table keeps them)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM audit WHERE device_id=? ORDER BY id DESC LIMIT ?",
+                                    (device_id, limit)).fetchall()
+        return [AuditEntry(actor=r["actor"], action=r["action"], reason=r["reason"], id=r["id"], at=_parse_ts(r["at"]),
+                           device_id=r["device_id"]) for r in rows]
+
     def mark_audit_shipped(self, ids: list[int]) -> None:
         if not ids:
             return
@@ -464,7 +478,7 @@ class SqliteRegistry:
                 in_use_first = self._db.execute("SELECT 1 FROM devices WHERE ipv4_int=?", (first,)).fetchone()
                 candidate = first if in_use_first is None else (gap[0] if gap else None)
         if candidate is None or candidate > last:
-            raise RegistryError(f"tunnel prefix {prefix4} has no free address")
+            raise RegistryError(T_PREFIX_FULL.format(p=prefix4))
         host_number = candidate - int(prefix4.network_address)
         return ipaddress.IPv4Address(candidate), (prefix6[host_number] if prefix6 is not None else None)
 

@@ -61,6 +61,7 @@ KIND_REVOCATION = "device-revoked"
 KIND_LOG_FAILURE = "log-write-failure"
 KIND_AUTO_QUARANTINE = "device-auto-quarantined"        # issue #18
 KIND_AUTO_QUARANTINE_FAILED = "device-auto-quarantine-failed"
+KIND_LOSS_REPORT = "device-reported-lost"                 # issue #21: an owner reported the device lost (console)
 AUTO_QUARANTINE_ACTOR = "kanmon-auto-quarantine"       # = gateway/autoquarantine/triggers.py AUTO_ACTOR
 
 
@@ -123,6 +124,12 @@ def event_from_audit(record: Mapping[str, Any], *, at: datetime) -> AlertEvent |
         return quarantine_event(str(device), operator=record.get("user.name"), reason=record.get("event.reason"), at=at)
     if action == KIND_REVOCATION:
         return revocation_event(str(device), operator=record.get("user.name"), reason=record.get("event.reason"), at=at)
+    if action == KIND_LOSS_REPORT:   # the helpdesk calls the owner back and decides on revocation
+        return AlertEvent(KIND_LOSS_REPORT, SEVERITY_CRITICAL,
+                          Text("端末 {d} の紛失が届け出られ、一時停止しました", "device {d} reported lost and suspended")
+                          .format(d=device), at,
+                          {"device.id": device, "user.name": record.get("user.name"),
+                           "event.reason": record.get("event.reason")}, guideline="NISC スマートフォン等利用ガイド 6.2(5)")
     return None
 
 
@@ -189,6 +196,10 @@ ALERTS_SCHEMA: dict[str, Any] = {
         "retry_base_seconds": {"type": "number", "exclusiveMinimum": 0},
         "retry_max_seconds": {"type": "number", "exclusiveMinimum": 0},
         "queue_size": {"type": "integer", "minimum": 1},
+        # issue #21: where the console reads the alerts firing now (gateway/reports/firing.py)
+        "prometheus": {"type": "object", "additionalProperties": False, "required": ["url"], "properties": {
+            "url": {"type": "string", "pattern": "^https?://"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0}}},
     },
 }
 

@@ -24,7 +24,7 @@ from gateway.i18n import Text
 from . import recordview as rv
 from .model import IncidentFacts, Suggestion, TimelineEntry
 from .labels import AUDIT_ACTIONS, FIREWALL_REASONS, INCIDENT_CATEGORIES, INCIDENT_LEVELS, INCIDENT_PHASES, \
-    MAIL_INDICATORS, TUNNEL_EVENTS, label
+    MAIL_INDICATORS, TUNNEL_EVENTS, CATEGORIES, label, words_or_code
 
 GUIDELINE_9_5 = Text(
     "「報告内容には、インシデントの概要、状況、時系列を含め、インシデント対応完了時に最終報告を行う。」"
@@ -130,7 +130,11 @@ def timeline_entry(stream: str, record: dict[str, Any]) -> TimelineEntry | None:
                     "mail: " + (", ".join(n.en for n in names) or "blocked"))
         return TimelineEntry(moment, "mail", what, rv.text(record, "email.from.address") or "-")
     if stream in ("proxy", "conn", "dns") and rv.is_block(record):
-        return TimelineEntry(moment, "block", Text("遮断: {r}", "blocked: {r}").format(r=rv.text(record, "rule.id") or "-"),
+        category = rv.text(record, "rule.category")
+        words = words_or_code(CATEGORIES, category) if category else None
+        what = (Text("遮断: {r}（{c}）", "blocked: {r} ({c})").format(r=rv.text(record, "rule.id") or "-", c=words)
+                if words else Text("遮断: {r}", "blocked: {r}").format(r=rv.text(record, "rule.id") or "-"))
+        return TimelineEntry(moment, "block", what,
                              rv.text(record, "url.full") or rv.destination(record) or "-")
     return None
 

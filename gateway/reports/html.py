@@ -11,12 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from html import escape
 
+from gateway.hostname import normalize_host
 from gateway.i18n import Text
 
 from .charts import ALT_COLOUR, ChartMaker
 from .compare import beside, change_text
 from .flash import GUIDELINE_9_5
-from .labels import (AUDIT_ACTIONS, DEVICE_STATUS, EVENT_ACTIONS, FIREWALL_REASONS, INCIDENT_CATEGORIES,
+from .labels import (AUDIT_ACTIONS, AUTH_FAILURE_WORDS, CATEGORIES, REVOKE_REASONS, DEVICE_STATUS, EVENT_ACTIONS, FIREWALL_REASONS,
+                     INCIDENT_CATEGORIES,
                      INCIDENT_LEVELS, INCIDENT_PHASES, MAIL_INDICATORS, MAIL_VERDICTS, NONE_TEXT, OUTCOMES, STREAMS,
                      TUNNEL_EVENTS, VERDICTS, label)
 from .model import NONE_KEY, AuditAction, Count, EventRow, IncidentReport, ReviewReport
@@ -60,11 +62,14 @@ def _t(text: Text) -> str:
     return f'<span lang="ja">{_e(text.ja)}</span> / <span lang="en" class="en">{_e(text.en)}</span>'
 
 
-def _key(key: str, words: Mapping[str, Text] | None = None, show_code: bool = True) -> str:
+def _key(key: str, words: Mapping[str, Text] | None = None, show_code: bool = True, open_codes: bool = False) -> str:
     """A counted key: the words for it when ``words`` names it (with the code in small
-    print, to search the logs by), else the value itself."""
+    print, to search the logs by), else the value itself. ``open_codes``: a code the table
+    does not know (a category the policy names itself) is shown as written, not as unknown."""
     if key == NONE_KEY:
         return _t(NONE_TEXT)
+    if words is not None and open_codes and key not in words:
+        return _e(key)
     if words is not None:
         code = f'<code class="code">{_e(key)}</code>' if show_code else ""
         return f'{_t(label(words, key))}{code}'
@@ -103,18 +108,19 @@ def _cell(index: int, cell: str | tuple[str, str], numeric: Sequence[int]) -> st
 
 
 def _counts(headers: Sequence[Text], counts: Sequence[Count], last: Sequence[Count] | None = None, *,
-            top: int | None = None, words: Mapping[str, Text] | None = None, show_code: bool = True) -> str:
+            top: int | None = None, words: Mapping[str, Text] | None = None, show_code: bool = True,
+            open_codes: bool = False) -> str:
     """A table of counts; with ``last`` (the previous month's table) two more columns, last
     month and the change. ``top``: both are top-N tables; a key missing from last month's
     full top-N table has an unknown count there (compare.beside)."""
     if last is None:
-        return _table(headers, ([_key(c.key, words, show_code), f"{c.count:,}"] for c in counts), numeric=(1,))
+        return _table(headers, ([_key(c.key, words, show_code, open_codes), f"{c.count:,}"] for c in counts), numeric=(1,))
     rows = []
     complete = top is None or len(last) < top
     for row in beside(counts, last, complete=complete):
         change = row.change
         css = "n up" if change and change > 0 else ("n down" if change and change < 0 else "n")
-        rows.append([_key(row.key, words, show_code), f"{row.this:,}", "?" if row.last is None else f"{row.last:,}",
+        rows.append([_key(row.key, words, show_code, open_codes), f"{row.this:,}", "?" if row.last is None else f"{row.last:,}",
                      (css, change_text(row))])
     return _table([*headers, LAST_MONTH, CHANGE], rows, numeric=(1, 2))
 
@@ -134,6 +140,17 @@ def _chart_label(charts: ChartMaker, key: str, words: Mapping[str, Text] | None)
     if words is None or key not in words:
         return key
     return words[key].ja if charts.cjk_family else words[key].en
+
+
+def _host_label(charts: ChartMaker, host: str) -> str:
+    """A destination on a chart: as written with a CJK font, else its ASCII (punycode) form, so a
+    Japanese domain name is never drawn as boxes (the table under the chart keeps the Unicode form)."""
+    if charts.cjk_family or host.isascii():
+        return host
+    try:
+        return normalize_host(host)
+    except Exception:   # not a host name: shown escaped rather than as boxes
+        return host.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _chart_counts(charts: ChartMaker, title: Text, counts: Sequence[Count], limit: int = 15,
@@ -246,9 +263,10 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
                                         headline(report), headline(report.previous), words=HEADLINE, show_code=False)))
 
     t_cat = Text("カテゴリ別の遮断", "Blocked traffic by category")
-    parts.append(_section("blocked-by-category", t_cat, _chart_counts(charts, t_cat, report.blocked_by_category)
+    parts.append(_section("blocked-by-category", t_cat,
+                          _chart_counts(charts, t_cat, report.blocked_by_category, words=CATEGORIES)
                           + _counts([Text("カテゴリ", "category"), Text("件数", "count")], report.blocked_by_category,
-                                    _last(report, "blocked_by_category"))))
+                                    _last(report, "blocked_by_category"), words=CATEGORIES, open_codes=True)))
     t_grp = Text("端末グループ別の遮断", "Blocked traffic by device group")
     parts.append(_section("blocked-by-group", t_grp, _chart_counts(charts, t_grp, report.blocked_by_group)
                           + _counts([Text("グループ", "group"), Text("件数", "count")], report.blocked_by_group,
@@ -270,9 +288,9 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
 
     t_auth = Text("認証失敗（理由別）", "Authentication failures by reason")
     auth_body = (f"<p>{_t(Text('認証 {n} 件のうち失敗 {f} 件', '{f} failures out of {n} authentication events').format(n=f'{report.auth_total:,}', f=f'{report.auth_failures:,}'))}</p>"
-                 + _chart_counts(charts, t_auth, report.auth_failures_by_reason)
+                 + _chart_counts(charts, t_auth, report.auth_failures_by_reason, words=AUTH_FAILURE_WORDS)
                  + _counts([Text("理由", "reason"), Text("件数", "count")], report.auth_failures_by_reason,
-                           _last(report, "auth_failures_by_reason"))
+                           _last(report, "auth_failures_by_reason"), words=AUTH_FAILURE_WORDS)
                  + f"<h3>{_t(Text('接続元別', 'By source'))}</h3>"
                  + _counts([Text("端末または接続元", "device or source address"), Text("件数", "count")],
                            report.auth_failures_by_source, _last(report, "auth_failures_by_source"), top=th.top))
@@ -285,7 +303,8 @@ def render_review(report: ReviewReport, charts: ChartMaker) -> str:
         [Text("端末", "device"), Text("接続元", "source"), Text("利用者", "users"), Text("開始", "start"),
          Text("終了", "end"), Text("失敗数", "failures"), Text("理由", "reasons")],
         ([_e(b.device_id or "-"), _e(b.source_ip or "-"), _e(", ".join(b.users) or "-"), _time(b.start, zone),
-          _time(b.end, zone), f'<span class="warn">{b.failures:,}</span>', _e(", ".join(b.reasons) or "-")]
+          _time(b.end, zone), f'<span class="warn">{b.failures:,}</span>',
+          "<br>".join(_key(r, AUTH_FAILURE_WORDS) for r in b.reasons) or "-"]
          for b in report.auth_bursts), numeric=(5,))))
 
     unusual_rule = Text(
@@ -380,7 +399,8 @@ def _audit_table(actions: Sequence[AuditAction], zone) -> str:
     return _table([Text("日時", "time"), Text("操作", "action"), Text("端末", "device"), Text("実施者", "operator"),
                    Text("理由", "reason"), Text("結果", "outcome")],
                   ([_time(a.time, zone), _t(ACTION_NAMES[a.action]) if a.action in ACTION_NAMES else _e(a.action),
-                    _e(a.device_id or "-"), _e(a.operator or "-"), _e(a.reason or "-"),
+                    _e(a.device_id or "-"), _e(a.operator or "-"),
+                    _key(a.reason, REVOKE_REASONS) if a.reason in REVOKE_REASONS else _e(a.reason or "-"),
                     _t(label(OUTCOMES, a.outcome)) if a.outcome else "-"]
                    for a in actions))
 
@@ -422,6 +442,8 @@ def _detail(row: EventRow) -> str:
                      else _t(label(AUDIT_ACTIONS, row.action)) if row.action in AUDIT_ACTIONS else _e(row.action))
     if row.outcome:
         words.append(_t(label(OUTCOMES, row.outcome)))
+    if row.reason:
+        words.append(_key(row.reason, AUTH_FAILURE_WORDS))
     if row.detail:
         words.append(_e(row.detail))
     return " · ".join(words)
@@ -525,7 +547,7 @@ def render_incident(report: IncidentReport, charts: ChartMaker) -> str:
     parts.append(_section("registered-domains", Text("登録ドメイン別の接続先と送信量", "Destinations by registered domain, with bytes sent"),
                           _domains(report)))
     t_dest = Text("接続の多い宛先", "Top destinations")
-    chart = _img(charts.bars(t_dest, [c.key for c in report.top_destinations], [c.count for c in report.top_destinations],
+    chart = _img(charts.bars(t_dest, [_host_label(charts, c.key) for c in report.top_destinations], [c.count for c in report.top_destinations],
                              colour=ALT_COLOUR), t_dest) if report.top_destinations else ""
     parts.append(_section("destinations", t_dest, chart + _counts([Text("宛先", "destination"), Text("件数", "count")],
                                                                    report.top_destinations)))

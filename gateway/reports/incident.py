@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from gateway.metrics import auth_failure_reason
+
 from . import recordview as rv
 from .domains import DomainTally, Transfer
 from .flash import cap_timeline, suggest_category, timeline_entry, virus_evidence
@@ -30,7 +32,8 @@ def _row(stream: str, record: dict[str, Any]) -> EventRow:
     return EventRow(rv.record_time(record), stream, rv.text(record, "kanmon.verdict"), rv.text(record, "rule.id"),
                     target, rv.summary(record, codes=False), rv.mail_indicators(record) if stream == "mail" else (),
                     rv.text(record, "kanmon.mail.verdict") if stream == "mail" else None,
-                    rv.text(record, "event.action"), rv.text(record, "event.outcome"))
+                    rv.text(record, "event.action"), rv.text(record, "event.outcome"),
+                    auth_failure_reason(record) if stream == "auth" and record.get("event.outcome") == "failure" else None)
 
 
 def _int(value: Any) -> int:

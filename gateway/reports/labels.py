@@ -62,6 +62,14 @@ AUDIT_ACTIONS: Mapping[str, Text] = {
     "device-added": Text("登録", "added"), "device-enrolled": Text("登録完了", "enrolled"),
 }
 
+# `kanmon device revoke --reason` (gateway/cli/device.py REVOKE_REASONS); other audit reasons
+# are the operator's own words and are shown as written
+REVOKE_REASONS: Mapping[str, Text] = {
+    "lost": Text("紛失", "lost"), "stolen": Text("盗難", "stolen"), "retired": Text("廃棄・返却", "retired"),
+    "compromised": Text("侵害・感染", "compromised"), "policy-violation": Text("規程違反", "policy violation"),
+    "other": Text("その他", "other"),
+}
+
 # event.action of the traffic and auth streams (gateway/logstore/FIELDS.md)
 EVENT_ACTIONS: Mapping[str, Text] = {
     "connection-opened": Text("接続開始", "connection opened"),
@@ -83,6 +91,75 @@ EVENT_ACTIONS: Mapping[str, Text] = {
     "mail-recipient-refused": Text("宛先を拒否", "recipient refused"),
     "mail-connection-cut": Text("メール接続を切断", "mail connection cut"),
 }
+
+# rule.category of the shipped policy and the usual feeds (gateway/pages/kinds.py has the
+# sentence staff read for each); a policy may name others: they are shown as written.
+CATEGORIES: Mapping[str, Text] = {
+    "webmail": Text("フリーメール（Web メール）", "free web mail"),
+    "storage": Text("未承認のオンラインストレージ・ファイル転送", "unapproved online storage and file transfer"),
+    "sns": Text("SNS への投稿", "posting to social networks"), "p2p": Text("ファイル共有（P2P）", "file sharing (P2P)"),
+    "shortener": Text("短縮 URL", "URL shorteners"), "sideload": Text("アプリのサイドロード", "app sideloading"),
+    "dns-bypass": Text("組織外の DNS の利用（DoH・DoT）", "resolvers around the gateway (DoH, DoT)"),
+    "malware": Text("マルウェア配布", "malware"), "phishing": Text("フィッシング", "phishing"),
+    "c2": Text("攻撃者の指令サーバー（C2）", "command and control (C2)"),
+}
+
+# Why an authentication failed: the stable codes of `kanmon.auth.reason` that the dashboard
+# counts (gateway.metrics.auth_failure_reason; else event.action, EVENT_ACTIONS): the enrollment
+# refusals (gateway/enroll/decide.py REFUSALS, gateway/devices/certcheck.py Reason) and the
+# sign-in refusals (gateway/signin). tests/unit/test_reports_words.py checks none is missing.
+AUTH_REASONS: Mapping[str, Text] = {
+    # device certificate (enrollment)
+    "no-certificate": Text("端末証明書の提示なし", "no device certificate"),
+    "malformed": Text("読み取れない証明書", "unreadable certificate"),
+    "untrusted-ca": Text("信頼していない CA の証明書", "certificate from an untrusted CA"),
+    "bad-signature": Text("証明書の署名が不正", "bad certificate signature"),
+    "not-yet-valid": Text("有効期間前の証明書", "certificate not valid yet"),
+    "expired": Text("期限切れの証明書", "expired certificate"),
+    "not-client-auth": Text("クライアント認証用でない証明書", "not a client-authentication certificate"),
+    "chain-invalid": Text("証明書チェーンの検証失敗", "certificate chain invalid"),
+    "revoked-crl": Text("失効した証明書（CRL）", "certificate revoked (CRL)"),
+    "bad-wg-key": Text("不正な WireGuard 公開鍵", "malformed WireGuard key"),
+    "key-not-bound": Text("証明書に結び付いていない WireGuard 鍵", "WireGuard key not bound to the certificate"),
+    # enrollment request and registry
+    "bad-request": Text("不正な登録要求", "bad enrollment request"), "not-found": Text("存在しないパス", "no such path"),
+    "method-not-allowed": Text("POST 以外の要求", "method other than POST"),
+    "too-large": Text("大きすぎる要求", "request too large"), "rate-limited": Text("試行が多すぎる", "too many attempts"),
+    "unknown-device": Text("登録されていない端末", "device not registered"),
+    "device-revoked": Text("失効した端末", "revoked device"), "device-suspended": Text("利用停止中の端末", "suspended device"),
+    "outside-usage-period": Text("利用期間外", "outside the usage period"),
+    "certificate-superseded": Text("更新済みの古い証明書", "superseded certificate"),
+    "key-in-use": Text("別の端末の WireGuard 鍵", "WireGuard key of another device"),
+    "internal-error": Text("内部エラー", "internal error"),
+    "auth-log-unavailable": Text("認証ログを書けない", "authentication log unavailable"),
+    # user sign-in (OIDC)
+    "state-missing": Text("サインイン要求の識別子なし", "sign-in state missing"),
+    "state-replayed": Text("使用済みのサインイン要求", "sign-in request replayed"),
+    "state-unknown": Text("存在しないサインイン要求", "unknown sign-in request"),
+    "state-expired": Text("サインインの時間切れ", "sign-in took too long"),
+    "state-other-device": Text("別の端末で始めたサインイン", "sign-in started on another device"),
+    "owner-mismatch": Text("端末の登録利用者ではない", "not the device's registered user"),
+    "reauthentication-missing": Text("共有端末で再認証なし", "no re-authentication on a shared device"),
+    "session-store-unavailable": Text("セッションを記録できない", "session store unavailable"),
+    "idp-unreachable": Text("IdP に接続できない", "identity provider unreachable"),
+    "idp-error": Text("IdP がサインインを中止", "identity provider stopped the sign-in"),
+    "idp-issuer-mismatch": Text("IdP の発行者名の不一致", "identity provider issuer mismatch"),
+    "idp-metadata-invalid": Text("IdP の設定情報が不正", "identity provider metadata invalid"),
+    "token-request-refused": Text("トークン要求の拒否", "token request refused"),
+    "token-id-token-missing": Text("ID トークンなし", "no ID token"),
+    "token-expired": Text("期限切れのトークン", "token expired"),
+    "token-key-unknown": Text("署名鍵が不明なトークン", "token signed with an unknown key"),
+    "token-alg-refused": Text("許可しない署名方式のトークン", "token signature algorithm refused"),
+    "token-signature-invalid": Text("トークンの署名が不正", "token signature invalid"),
+    "token-invalid": Text("不正なトークン", "invalid token"),
+    "code-missing": Text("IdP からの応答に認可コードなし", "no authorization code from the identity provider"),
+    "signin-error": Text("サインイン処理の失敗", "sign-in failed in the gateway"),
+    # token-<claim>-missing / -invalid (gateway/signin/oidc.py: the claims an ID token must carry)
+    **{f"token-{claim}-{kind}": Text(f"ID トークンの {claim} が{ja}", f"ID token claim {claim} {kind}")
+       for claim in ("iss", "aud", "sub", "exp", "iat", "nonce") for kind, ja in (("missing", "ない"), ("invalid", "不正"))},
+    "other": Text("その他", "other"), "unknown": Text("不明", "unknown"),
+}
+AUTH_FAILURE_WORDS: Mapping[str, Text] = {**EVENT_ACTIONS, **AUTH_REASONS}
 
 OUTCOMES: Mapping[str, Text] = {
     "success": Text("成功", "success"), "failure": Text("失敗", "failure"), "unknown": Text("不明", "unknown"),
@@ -161,6 +238,12 @@ INCIDENT_PHASES: Mapping[str, Text] = {
 
 def unknown(code: str) -> Text:
     return Text(f"未知のコード {code}", f"unknown code {code}")
+
+
+def words_or_code(table: Mapping[str, Text], code: str) -> Text:
+    """The words for a code of an open set (categories a policy names itself): the code as
+    written when the table does not know it."""
+    return table.get(code) or Text(code, code)
 
 
 def label(table: Mapping[str, Text], code: str | None) -> Text:

@@ -36,7 +36,7 @@ class AuthBurst:
     start: datetime
     end: datetime
     failures: int
-    reasons: tuple[str, ...]
+    reasons: tuple[str, ...]     # stable codes (gateway.metrics.auth_failure_reason), shown as words
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,7 @@ class EventRow:
     mail_verdict: str | None = None        # kanmon.mail.verdict
     action: str | None = None              # event.action (shown as words)
     outcome: str | None = None             # event.outcome
+    reason: str | None = None              # a failed authentication's stable code (shown as words)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from gateway.i18n import Text
+from gateway.metrics import auth_failure_reason
 
 from . import recordview as rv
 from .evidence import FirewallTally, Network, TunnelTally, is_firewall
@@ -78,7 +79,7 @@ def find_auth_bursts(failures: Iterable[dict[str, Any]], threshold: int, window:
         for first, last in _Bursts.find(times, threshold, window):
             chunk = [r for _, r in items[first:last + 1]]
             users = sorted({u for r in chunk if (u := rv.text(r, "user.name"))})
-            reasons = sorted({x for r in chunk if (x := rv.text(r, "event.reason"))})
+            reasons = sorted({auth_failure_reason(r) for r in chunk})   # the codes the dashboard counts
             ips = sorted({x for r in chunk if (x := rv.text(r, "source.ip"))})
             bursts.append(AuthBurst(device, source or (", ".join(ips) or None), tuple(users),
                                     times[first], times[last], last - first + 1, tuple(reasons)))
@@ -199,7 +200,7 @@ def build_review(month: str, start: datetime, end: datetime, zone_name: str,
         if record.get("event.outcome") != "failure":
             continue
         failures.append(record)
-        failure_reasons[rv.text(record, "event.reason") or NONE_KEY] += 1
+        failure_reasons[auth_failure_reason(record)] += 1    # as kanmon_auth_failures_total{reason}
         who = rv.text(record, "device.id") or rv.text(record, "source.ip") or NONE_KEY
         failure_sources[who] += 1
     records_by_stream["auth"] = auth_total

@@ -47,12 +47,13 @@ from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
 from gateway.runtime.reconcile import Reconciler
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
-from gateway.net.tunnel import WireGuardInterface, load_or_create_private_key
+from gateway.net.tunnel import TunnelError, WireGuardInterface, load_or_create_private_key
 from gateway.net.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.runtime.policycache import PolicyCache  # issue #22
 from gateway.autoquarantine.assembly import build_quarantiner   # issue #18
-from gateway.yamlsource import SourceErrors
+from gateway.i18n import Text
+from gateway.yamlsource import SourceErrors, errors_text
 
 log = logging.getLogger("kanmon.app")
 
@@ -142,6 +143,9 @@ class GatewayApp:
             nets.append(self.cfg.ipv6_prefix)
         mgmt = ipaddress.ip_address(self.cfg.management_host)
         nets.append(ipaddress.ip_network(f"{mgmt}/{mgmt.max_prefixlen}"))
+        console = getattr(self.cfg, "console", None)   # issue #21: the proxy never connects to the console
+        if console is not None and not ipaddress.ip_address(console.host).is_unspecified:
+            nets.append(ipaddress.ip_network(f"{console.host}/{ipaddress.ip_address(console.host).max_prefixlen}"))
         return nets
 
     def build_chain(self) -> list[Any]:
@@ -150,7 +154,7 @@ class GatewayApp:
         try:
             chain = build_chain(self.chain_parts())
         except ChainError as exc:
-            raise StartupError(str(exc)) from None
+            raise StartupError(exc.text) from None
         log.info("addon chain: %s", ", ".join(chain_names(chain)))
         return chain
 
@@ -234,11 +238,13 @@ class GatewayApp:
                                    release_memory=heaptrim.give_back_freed_memory)
         except SourceErrors as exc:
             self.metrics.policy_reloads.labels("failure").inc()
-            raise StartupError("the policy does not compile:\n" + "\n".join(f"  {e}" for e in exc.errors)) from None
+            raise StartupError(errors_text(Text("ポリシーをコンパイルできません:", "the policy does not compile:"),
+                                           exc.errors)) from None
         except Exception as exc:  # noqa: BLE001 - a loader bug still stops the start with a clear line
             self.metrics.policy_reloads.labels("failure").inc()
             log.exception("loading the policy %s failed", path)
-            raise StartupError(f"the policy does not load: {path}: internal error ({type(exc).__name__})") from None
+            raise StartupError(Text(f"ポリシーを読み込めません: {path}: 内部エラー ({type(exc).__name__})",
+                                    f"the policy does not load: {path}: internal error ({type(exc).__name__})")) from None
         self.policy = PolicyHolder(snapshot, str(path))
         self._policy_loaded(snapshot, path)
 
@@ -291,7 +297,7 @@ class GatewayApp:
                                      on_record=self._on_log_record,
                                      anchor_dir=cfg.state_dir / ANCHOR_SUBDIR, on_checkpoint=self.syslog)
         except AnchorError as exc:
-            raise StartupError(exc.text.render()) from None
+            raise StartupError(exc.text) from None
         self.logstore.open_streams()
         self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
@@ -453,9 +459,11 @@ class GatewayApp:
             record = {
                 "event.dataset": "kanmon.audit", "event.action": e.action, "event.outcome": "success",
                 "event.reason": e.reason, "user.name": e.actor, "device.id": e.device_id,
-                "kanmon.audit.object": "device", "kanmon.audit.time": e.at.isoformat() if e.at else None,
+                "kanmon.audit.object": "device" if e.device_id else ("policy" if e.action == "policy-apply" else "console"), "kanmon.audit.time": e.at.isoformat() if e.at else None,
                 "kanmon.audit.before": e.before, "kanmon.audit.after": e.after}
             self.logstore.append("audit", record)
+            if e.action == "device-reported-lost":   # issue #21: the console's loss report
+                self.metrics.device_loss_reports.inc()
             if self.alerts is not None and (event := event_from_audit(record, at=datetime.now(UTC))):
                 self.alerts.send(event)
         self.registry.mark_audit_shipped([e.id for e in entries])
@@ -609,5 +617,7 @@ class GatewayApp:
                     task.cancel()
             await asyncio.wait({run_task}, timeout=5)
             return 1 if self.fatal_reason else 0
+        except (TunnelError, steering.SteeringError) as exc:   # no tunnel or no firewall: refused, no traceback
+            raise StartupError(exc.text) from None
         finally:
             await asyncio.to_thread(self.teardown)

@@ -62,13 +62,26 @@ def _as_strings(value: Any) -> frozenset[str]:
     return frozenset()
 
 
+def claims_show_mfa(amr: frozenset[str], acr: str | None, settings: SignInSettings) -> bool:
+    """The one MFA decision (device sign-in and the operator console): an ``amr`` value that
+    is a second factor, or an ``acr`` the configuration names."""
+    return bool(amr & set(settings.mfa_amr)) or (acr is not None and acr in settings.mfa_acr)
+
+
+def mfa_of_claims(claims: Mapping[str, Any], settings: SignInSettings) -> tuple[frozenset[str], str | None, bool]:
+    """``(amr, acr, mfa)`` of validated ID-token claims."""
+    amr = _as_strings(claims.get("amr"))
+    acr = claims.get("acr") if isinstance(claims.get("acr"), str) else None
+    return amr, acr, claims_show_mfa(amr, acr, settings)
+
+
 def session_from_claims(claims: Mapping[str, Any], *, device_id: str, tunnel_ip: str, settings: SignInSettings,
                         now: datetime, auth_time: datetime | None) -> UserSession:
     """A new session from validated ID-token claims. Pure: no I/O, the clock is passed in."""
     user = claims.get(settings.user_claim) or claims.get("email") or claims["sub"]
     amr = _as_strings(claims.get("amr"))
     acr = claims.get("acr") if isinstance(claims.get("acr"), str) else None
-    mfa = bool(amr & set(settings.mfa_amr)) or (acr is not None and acr in settings.mfa_acr)
+    mfa = claims_show_mfa(amr, acr, settings)
     return UserSession(
         session_id=new_session_id(), device_id=device_id, tunnel_ip=canonical_ip(tunnel_ip), user=str(user),
         subject=str(claims["sub"]), issuer=str(claims.get("iss", settings.issuer)),

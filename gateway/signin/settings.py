@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.i18n import Text
 from gateway.hostname import host_in, normalize_host, normalize_host_entry, split_host_entries
 from gateway.yamlsource import SourceErrors, read_text_file
 
@@ -131,34 +132,40 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
     secret = section.get("client_secret")
     secret_file = section.get("client_secret_file")
     if (secret is None) == (secret_file is None):
-        errors.append(doc.error(("signin",), "give exactly one of client_secret or client_secret_file"))
+        errors.append(doc.error(("signin",), Text("client_secret か client_secret_file のどちらか一方を書いてください",
+                                                  "give exactly one of client_secret or client_secret_file")))
         return None
     if secret_file is not None:
         path = relative_to(doc.filename, secret_file)
         try:  # a regular file of at most 64 KiB: /dev/zero or a FIFO is refused, not read (issue #15)
             secret = read_text_file(path, 64 * 1024).strip()
         except SourceErrors as exc:
-            reason = exc.errors[0].message.removeprefix("cannot read file: ")
-            errors.append(doc.error(("signin", "client_secret_file"), f"cannot read {path}: {reason}"))
+            first = exc.errors[0]
+            reason = first.message.removeprefix("cannot read file: ")
+            reason_ja = (first.ja or first.message).removeprefix("ファイルを読めません: ")
+            errors.append(doc.error(("signin", "client_secret_file"),
+                                    Text(f"{path} を読めません: {reason_ja}", f"cannot read {path}: {reason}")))
             return None
         if not secret:
-            errors.append(doc.error(("signin", "client_secret_file"), f"{path} is empty"))
+            errors.append(doc.error(("signin", "client_secret_file"), Text(f"{path} が空です", f"{path} is empty")))
             return None
     if not (secret.isascii() and secret.isprintable()):
         # Authlib sends it in an HTTP Basic header without the form-encoding RFC 6749 2.3.1
         # asks for, so anything else would fail at every sign-in instead of here
         key = "client_secret" if secret_file is None else "client_secret_file"
-        errors.append(doc.error(("signin", key), "the client secret must be printable ASCII"))
+        errors.append(doc.error(("signin", key), Text("クライアントシークレットは印字可能な ASCII 文字で書いてください",
+                                                      "the client secret must be printable ASCII")))
     for key in ("session_lifetime", "pending_lifetime"):
         if key in section and duration_seconds(section[key]) == 0:
-            errors.append(doc.error(("signin", key), "must be longer than 0"))
+            errors.append(doc.error(("signin", key), Text("0 より長くしてください", "must be longer than 0")))
     if "openid" not in section.get("scopes", ["openid"]):
-        errors.append(doc.error(("signin", "scopes"), "must include openid (this is OpenID Connect sign-in)"))
+        errors.append(doc.error(("signin", "scopes"), Text("openid を含めてください(OpenID Connect のサインインです)",
+                                                          "must include openid (this is OpenID Connect sign-in)")))
     ca_file = None
     if "ca_file" in section:
         ca_file = relative_to(doc.filename, section["ca_file"])
         if not ca_file.is_file():
-            errors.append(doc.error(("signin", "ca_file"), f"no such file: {ca_file}"))
+            errors.append(doc.error(("signin", "ca_file"), Text(f"ファイルがありません: {ca_file}", f"no such file: {ca_file}")))
 
     def hosts(key: str) -> tuple[str, ...]:
         return tuple(normalize_host_entry(h) for h in section.get(key, []))

@@ -333,3 +333,89 @@ def test_export_config_refusals(gw, capsys):
     assert PRIVATE_KEY_PLACEHOLDER in capsys.readouterr().out
     assert gw.run("export-config", "dev-1", "--mobileconfig", str(gw.tmp / "x.mobileconfig"),
                   "--private-key-file", str(other)) == 2
+
+
+def test_export_config_takes_the_key_issue_cert_generated_and_registers_it(gw, capsys):
+    """`device add --issue-cert` writes a WireGuard key; `export-config --private-key-file` with
+    it used to refuse ("not enrolled"). The registered certificate binds that key: it is
+    registered (audited) and the config carries it (issue #19)."""
+    out = gw.tmp / "out"
+    assert gw.run("add", "--id", "dev-1", "--owner", "sato", "--issue-cert", "--out", str(out)) == 0
+    assert gw.get("dev-1").wg_public_key is None
+    stranger = gw.tmp / "stranger.key"
+    stranger.write_text(str(WireguardKey.generate()) + "\n")
+    capsys.readouterr()
+    # another key, even beside the right certificate: not bound, nothing registered
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(stranger), "--cert",
+                  str(out / "dev-1.cert.pem")) == 2
+    assert "not the one bound in the certificate" in capsys.readouterr().err
+    # no certificate beside the key: still "not enrolled", and the message says what is missing
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(stranger)) == 1
+    err = capsys.readouterr().err
+    assert "not enrolled yet" in err and "stranger" not in err and "dev-1.cert.pem" in err
+    # a certificate that is not the one registered for the device (another device's)
+    other = gw.tmp / "other"
+    assert gw.run("add", "--id", "dev-2", "--owner", "sato", "--issue-cert", "--out", str(other)) == 0
+    capsys.readouterr()
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(other / "dev-2.wg.key"), "--cert",
+                  str(other / "dev-2.cert.pem")) == 2
+    assert "not the certificate registered for dev-1" in capsys.readouterr().err
+    assert gw.get("dev-1").wg_public_key is None and gw.get("dev-2").wg_public_key is None
+    # the key device add wrote, with its certificate beside it
+    private = WireguardKey((out / "dev-1.wg.key").read_text().strip())
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(out / "dev-1.wg.key")) == 0
+    assert f"PrivateKey = {private}" in capsys.readouterr().out
+    assert gw.get("dev-1").wg_public_key == str(private.public_key())
+    assert ("device-key-registered", "dev-1", f"bound in certificate {gw.get('dev-1').cert_serial}") in gw.audit()
+    # again: the key is registered now, the export just works
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(out / "dev-1.wg.key")) == 0
+
+
+def test_export_config_persistent_keepalive(gw, capsys, monkeypatch):
+    """Optional PersistentKeepalive (issue #19): tunnel.persistent_keepalive, overridden by
+    --persistent-keepalive (0: off); out of range refused in both languages."""
+    private = WireguardKey.generate()
+    gw.run("add", "--id", "dev-1", "--public-key", str(private.public_key()))
+    key_file = gw.tmp / "dev.key"
+    key_file.write_text(str(private) + "\n")
+    capsys.readouterr()
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file)) == 0
+    assert "PersistentKeepalive" not in capsys.readouterr().out          # default: off
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--persistent-keepalive", "25") == 0
+    assert "\nPersistentKeepalive = 25\n" in capsys.readouterr().out
+    gw.cfg.write_text(gw.cfg.read_text().replace('endpoint: "vpn.example.test:51820"',
+                                                  'endpoint: "vpn.example.test:51820", persistent_keepalive: 30'))
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file)) == 0
+    text = capsys.readouterr().out
+    assert "\nPersistentKeepalive = 30\n" in text and text.index("Endpoint") < text.index("PersistentKeepalive")
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--persistent-keepalive", "0") == 0
+    assert "PersistentKeepalive" not in capsys.readouterr().out
+    # the iOS profile carries the same text (Android imports the .conf or the QR code of it)
+    (gw.state / "mitmproxy").mkdir()
+    inter = build_org_ca("Interception", now=dt.datetime.now(dt.UTC)).cert
+    (gw.state / "mitmproxy" / "mitmproxy-ca-cert.pem").write_bytes(inter.public_bytes(serialization.Encoding.PEM))
+    profile = gw.tmp / "dev.mobileconfig"
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--mobileconfig", str(profile)) == 0
+    plist = plistlib.loads(verified_profile(profile.read_bytes(), pki_dir(gw.state) / "ca" / "ca.cert.pem"))
+    assert "\nPersistentKeepalive = 30\n" in plist["PayloadContent"][0]["VendorConfig"]["WgQuickConfig"]
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    assert gw.run("export-config", "dev-1", "--private-key-file", str(key_file), "--persistent-keepalive", "70000") == 2
+    assert "PersistentKeepalive は 1〜65535 秒です" in capsys.readouterr().err
+
+
+def test_config_persistent_keepalive_is_checked(tmp_path, monkeypatch, capsys):
+    from gateway.cli import main
+    from gateway.config import load_config_text
+
+    base = "state_dir: {s}\ntunnel: {{interface: kmwg0, listen_port: 51820, ipv4_prefix: 10.77.0.0/24{k}}}\nuplink: {{interface: eth0}}\n"
+    assert load_config_text(base.format(s=tmp_path, k="")).wg_persistent_keepalive is None
+    assert load_config_text(base.format(s=tmp_path, k=", persistent_keepalive: 25")).wg_persistent_keepalive == 25
+    monkeypatch.setenv("KANMON_LANG", "ja")
+    cfg = tmp_path / "kanmon.yaml"
+    for bad, says in (("0", "0 は小さすぎます（最小 1）"), ("70000", "70000 は大きすぎます（最大 65535）"),
+                      ("often", "型が違います")):
+        cfg.write_text(base.format(s=tmp_path, k=f", persistent_keepalive: {bad}"))
+        with pytest.raises(SystemExit) as exit_:
+            main(["config", "check", str(cfg)])
+        assert exit_.value.code == 2
+        assert f"kanmon.yaml:2: tunnel.persistent_keepalive: {says}" in capsys.readouterr().err

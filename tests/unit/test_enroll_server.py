@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import threading
+from dataclasses import replace
 
 import pytest
 from cryptography import x509
@@ -481,3 +482,17 @@ def test_ca_init_after_start_is_served_without_a_restart(tmp_path):
     finally:
         server.stop()
         registry.close()
+
+
+def test_enrollment_config_carries_persistent_keepalive_when_configured(env):
+    """tunnel.persistent_keepalive (issue #19): a phone behind NAT keeps its mapping open;
+    without the key the config has no keepalive (WireGuard's default: off)."""
+    env.register("dev-1")
+    key = new_key()
+    _, ident = env.issue("dev-1", key)
+    status, body, _ = env.request({"wg_public_key": key}, identity=ident)
+    assert status == 200 and "PersistentKeepalive" not in body["wg_quick_config"]
+    env.server.cfg = replace(env.cfg, wg_persistent_keepalive=25)
+    status, body, _ = env.request({"wg_public_key": key}, identity=ident)
+    assert status == 200, body
+    assert body["wg_quick_config"].rstrip("\n").endswith("PersistentKeepalive = 25")

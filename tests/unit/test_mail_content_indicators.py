@@ -68,7 +68,8 @@ def test_policy_reports_a_missing_or_bad_theme_list(tmp_path):
     with pytest.raises(SourceErrors) as exc:
         load_mail_policy(tmp_path / "mail.yaml")
     (err,) = exc.value.errors
-    assert "themes.lists[0]: cannot read" in str(err) and "ファイルがありません" in str(err)
+    assert "themes.lists[0]: " in str(err) and "を読めません: ファイルを読めません: ファイルがありません" in str(err)
+    assert f"/ cannot read {tmp_path / 'mail-themes.txt'}: cannot read file: file not found" in str(err)
     (tmp_path / "mail-themes.txt").write_text("request: 履歴書\nbogus: x\n", encoding="utf-8")
     with pytest.raises(SourceErrors) as exc:
         load_mail_policy(tmp_path / "mail.yaml")

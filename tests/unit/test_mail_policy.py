@@ -53,7 +53,8 @@ def test_thresholds_must_ascend(tmp_path):
     path = write(tmp_path, text)
     line = text.splitlines().index("  quarantine: 10") + 1
     errs = errors_of(path)
-    assert any(e.startswith(f"{path}:{line}: thresholds.quarantine: must be >=") for e in errs), errs
+    assert any(e.startswith(f"{path}:{line}: thresholds.quarantine: thresholds.neutralize (") and "以上にしてください / must be >="
+               in e for e in errs), errs
 
 
 def test_missing_indicator_and_bad_action(tmp_path):
@@ -68,7 +69,8 @@ def test_missing_indicator_and_bad_action(tmp_path):
 def test_floor_for_encrypted_archive_must_use_the_top_level_key(tmp_path):
     text = SHIPPED.replace("archive-encrypted:          {weight: 20}", "archive-encrypted:          {weight: 20, at_least: reject}")
     errs = errors_of(write(tmp_path, text))
-    assert any("indicators.archive-encrypted.at_least: set this with the top-level key encrypted_archive" in e for e in errs)
+    assert any("indicators.archive-encrypted.at_least: これは最上位のキー encrypted_archive で設定してください"
+               " / set this with the top-level key encrypted_archive" in e for e in errs)
 
 
 def test_bad_freemail_list_line_is_reported(tmp_path):
@@ -82,7 +84,7 @@ def test_missing_freemail_list_is_reported(tmp_path):
     path.write_text(SHIPPED, encoding="utf-8")
     (tmp_path / "mail-themes.txt").write_text("request: 履歴書\n", encoding="utf-8")
     (err,) = errors_of(path)
-    assert "freemail.lists[0]: cannot read" in err
+    assert "freemail.lists[0]: " in err and "を読めません: ファイルを読めません: ファイルがありません / cannot read" in err
 
 
 def test_freemail_extra_and_allow(tmp_path):

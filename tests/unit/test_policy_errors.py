@@ -51,7 +51,8 @@ def test_bad_regex_in_rule_names_line_and_index():
             - "ok/[0-9]+"
             - "broken(["
     """)
-    assert len(errs) == 1 and errs[0].startswith("p.yaml:8: rules[0].match.url_regex[1]: bad regular expression"), errs
+    assert len(errs) == 1 and errs[0].startswith("p.yaml:8: rules[0].match.url_regex[1]: 正規表現が正しくありません: "), errs
+    assert " / bad regular expression: " in errs[0]
 
 
 def test_bad_regex_inside_a_list_file_names_the_list_line():
@@ -83,8 +84,8 @@ def test_semantic_errors_collected_together_with_lines():
     """)
     want = [
         ("p.yaml:3:", "systems.hr.cidrs[0]"),
-        ("p.yaml:5:", "tenants.g.allowed_domains: required"),
-        ("p.yaml:7:", "rules[0].match.dst_cidr: not an IP network"),
+        ("p.yaml:5:", "tenants.g.allowed_domains: プロバイダ google には必要です / required for provider google"),
+        ("p.yaml:7:", "rules[0].match.dst_cidr: IP ネットワークではありません: 'not-a-net'"),
         ("p.yaml:8:", "duplicate rule id 'dup' (first on line 7)"),
         ("p.yaml:8:", "unknown list 'nosuch'"),
         ("p.yaml:9:", "unknown tenant 'nosuch'"),
@@ -92,7 +93,7 @@ def test_semantic_errors_collected_together_with_lines():
         ("p.yaml:11:", "not a date"),
         ("p.yaml:12:", "unknown system 'missing'"),
         ("p.yaml:13:", "bad port"),
-        ("p.yaml:14:", "rules[7].match.domain[1]: not a domain name"),
+        ("p.yaml:14:", "rules[7].match.domain[1]: ドメイン名ではありません: 'bad domain' / not a domain name"),
     ]
     for where, what in want:
         assert any(e.startswith(where) and what in e for e in errs), (where, what, errs)

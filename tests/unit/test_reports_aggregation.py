@@ -83,7 +83,8 @@ def write_month(directory: Path) -> None:
     for i in range(7):
         put("auth", datetime(2026, 1, 15, 3, tzinfo=UTC) + timedelta(minutes=i), **{
             "device.id": "d4", "source.ip": "192.0.2.4", "user.name": "user4", "event.action": "enrollment",
-            "event.outcome": "failure", "event.reason": "bad-token"})
+            "event.outcome": "failure", "kanmon.auth.reason": "expired",
+            "event.reason": "certificate expired at 2026-01-01T00:00:00+00:00"})
     for i in range(3):
         put("auth", datetime(2026, 1, 16, tzinfo=UTC) + timedelta(hours=i), **{
             "device.id": None, "source.ip": "203.0.113.9", "user.name": None, "event.action": "wireguard-handshake",
@@ -171,11 +172,13 @@ def test_days_follow_the_report_time_zone(logs):
 def test_auth_failures_and_bursts(logs):
     report = review(logs)
     assert (report.auth_total, report.auth_failures) == (15, 10)
-    assert as_dict(report.auth_failures_by_reason) == {"bad-token": 7, "unknown-peer": 3}
+    # grouped by the stable code the dashboard counts (kanmon.auth.reason, else event.action),
+    # never by the free text of event.reason
+    assert as_dict(report.auth_failures_by_reason) == {"expired": 7, "wireguard-handshake": 3}
     assert as_dict(report.auth_failures_by_source) == {"d4": 7, "203.0.113.9": 3}
     assert len(report.auth_bursts) == 1
     burst = report.auth_bursts[0]
-    assert (burst.device_id, burst.failures, burst.users, burst.reasons) == ("d4", 7, ("user4",), ("bad-token",))
+    assert (burst.device_id, burst.failures, burst.users, burst.reasons) == ("d4", 7, ("user4",), ("expired",))
     assert burst.end - burst.start == timedelta(minutes=6)
 
 

@@ -379,3 +379,13 @@ def test_the_first_month_of_the_epoch_has_no_month_before_it(tmp_path):
     assert args.func(args) == commands.EXIT_OK
     html = out.read_text(encoding="utf-8")
     assert 'id="firewall-drops"' in html and 'id="month-over-month"' not in html and 'id="sign-off"' in html
+
+
+def test_a_chart_without_a_cjk_font_draws_japanese_domain_names_in_ascii(logs, recwarn):
+    """Without a CJK font the destinations chart labels an IDN by its punycode form (matplotlib
+    warned "Glyph … missing" and drew boxes); the table keeps the Unicode name."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Glyph", category=UserWarning)
+        html = render_incident(incident(logs, level="2", reporter="情報政策課 山田"), ChartMaker())
+    assert "<img" in html.split('id="destinations"')[1].split("</section>")[0]

@@ -190,7 +190,9 @@ def test_incident_report_renders_in_chromium(logs, tmp_path, capsys):
     actions = html.split('id="actions"')[1].split("</section>")[0]
     assert "隔離" in actions and "quarantined" in actions and "enrollment token guessing" in actions
     auth = html.split('id="auth"')[1].split("</section>")[0]
-    assert auth.count("bad-token") == 7
+    # the stable reason in both languages (with its code), then the record's own detail
+    assert auth.count('期限切れの証明書</span> / <span lang="en" class="en">expired certificate</span><code class="code">expired</code>') == 7
+    assert auth.count("certificate expired at 2026-01-01") == 7
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     check_in_browser(out, INCIDENT_SECTIONS, ARTIFACTS / "incident-d4.png")
 

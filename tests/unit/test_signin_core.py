@@ -413,19 +413,20 @@ def test_signin_missing_client_id():
 def test_signin_needs_exactly_one_secret(secrets):
     text = config("signin:\n  issuer: https://idp.example\n  client_id: c\n" + secrets)
     assert errors_of(text) == [
-        f"k.yaml:{line_of(text, 'signin:')}: signin: give exactly one of client_secret or client_secret_file"]
+        f"k.yaml:{line_of(text, 'signin:')}: signin: client_secret か client_secret_file のどちらか一方を書いてください"
+        " / give exactly one of client_secret or client_secret_file"]
 
 
 def test_signin_unreadable_or_empty_secret_file(tmp_path):
     missing = tmp_path / "nope"
     text = config(f"signin:\n  issuer: https://idp.example\n  client_id: c\n  client_secret_file: {missing}\n")
     (err,) = errors_of(text)
-    assert err.startswith(f"k.yaml:{line_of(text, 'client_secret_file')}: signin.client_secret_file: cannot read")
-    assert str(missing) in err
+    assert err.startswith(f"k.yaml:{line_of(text, 'client_secret_file')}: signin.client_secret_file: {missing} を読めません")
+    assert f"/ cannot read {missing}: file not found" in err
     empty = tmp_path / "empty"
     empty.write_text("\n")
     (err,) = errors_of(text.replace(str(missing), str(empty)))
-    assert err == f"k.yaml:{line_of(text, 'client_secret_file')}: signin.client_secret_file: {empty} is empty"
+    assert err == f"k.yaml:{line_of(text, 'client_secret_file')}: signin.client_secret_file: {empty} が空です / {empty} is empty"
 
 
 def test_signin_relative_secret_file_is_read_next_to_the_config(tmp_path):
@@ -437,14 +438,16 @@ def test_signin_relative_secret_file_is_read_next_to_the_config(tmp_path):
 def test_signin_non_ascii_secret_is_refused():
     text = config("signin:\n  issuer: https://idp.example\n  client_id: c\n  client_secret: 秘密\n")
     assert errors_of(text) == [
-        f"k.yaml:{line_of(text, 'client_secret:')}: signin.client_secret: the client secret must be printable ASCII"]
+        f"k.yaml:{line_of(text, 'client_secret:')}: signin.client_secret: クライアントシークレットは印字可能な ASCII 文字で"
+        "書いてください / the client secret must be printable ASCII"]
 
 
 def test_signin_scopes_must_include_openid():
     text = config("signin:\n  issuer: https://idp.example\n  client_id: c\n  client_secret: x\n"
                   "  scopes: [profile, email]\n")
     assert errors_of(text) == [
-        f"k.yaml:{line_of(text, 'scopes')}: signin.scopes: must include openid (this is OpenID Connect sign-in)"]
+        f"k.yaml:{line_of(text, 'scopes')}: signin.scopes: openid を含めてください(OpenID Connect のサインインです)"
+        " / must include openid (this is OpenID Connect sign-in)"]
 
 
 @pytest.mark.parametrize("key, value, expect", [

@@ -1,0 +1,110 @@
+"""`kanmon console serve`: the console as its own process, HTTPS on the management address.
+
+Why its own process and not inside the gateway: the gateway process carries every device's
+traffic (mitmproxy's event loop, the reconcile loop, the tunnel). A web application is the
+part most likely to have a bug (a template, a form, a slow page, a crafted request); in the
+gateway it would share the event loop and the memory of the data path, and a crash would cut
+every device off. As a separate process it reaches the gateway only through the interfaces the
+CLI already uses (the registry, the "apply now" poke and its confirmation file, the log files
+read-only), it can be restarted alone, and it runs with its own systemd sandbox
+(systemd/kanmon-console.service). The cost: sessions live in this process (a restart signs
+operators out, which fails closed) and live state (peers, sockets) is read from the host.
+
+TLS: the server certificate is issued by the organization CA (the one that issues device
+certificates; operators' browsers trust it like the enrollment endpoint's devices do) with
+gateway/enroll/servercert.py, kept under <state>/console/ and re-issued near expiry or when the
+names change. Without an organization CA (and without server_cert_file) the console does not
+start: a self-signed console would teach operators to click through certificate warnings.
+
+The HTTP server is Werkzeug's threaded WSGI server (installed with Flask; no other server is a
+dependency of the project). It serves a handful of operators on the management address, never
+device traffic; TLS 1.2 or newer only.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.i18n import Text
+
+log = logging.getLogger("kanmon.console")
+
+
+class ConsoleStartError(Exception):
+    def __init__(self, text: Text):
+        self.text = text
+        super().__init__(str(text))
+
+
+def certificate_paths(cfg, now: datetime | None = None) -> tuple[Path, Path]:
+    """(certificate chain PEM, key PEM) of the console's TLS identity."""
+    from gateway.devices.ca import CaStore, DeviceCaError, pki_dir
+    from gateway.enroll import servercert
+
+    settings = cfg.console
+    if settings.server_cert_file:
+        return Path(settings.server_cert_file), Path(settings.server_key_file)
+    store = CaStore(pki_dir(cfg.state_dir))
+    if not store.has_org_ca():
+        raise ConsoleStartError(Text("組織 CA がありません(`kanmon ca init`)。コンソールの証明書を発行できません"
+                                     "(または console.server_cert_file / server_key_file を設定してください)",
+                                     "no organization CA (`kanmon ca init`): cannot issue the console's certificate "
+                                     "(or set console.server_cert_file / server_key_file)"))
+    try:
+        ca = store.load_org_ca()
+    except DeviceCaError as exc:
+        raise ConsoleStartError(exc.text) from None
+    host = settings.public_url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]") \
+        if settings.public_url.count(":") > 1 else settings.public_url.split("://", 1)[1].strip("[]")
+    names = servercert.server_names(settings.host, None, (host,) + tuple(settings.server_names))
+    directory = cfg.state_dir / "console"
+    servercert.load_or_create(directory, names, now or datetime.now(UTC), ca)
+    return directory / "server.cert.pem", directory / "server.key.pem"
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def serve(cfg) -> None:
+    """Run until interrupted. Raises ConsoleStartError (bilingual) when it cannot start."""
+    from werkzeug.serving import make_server
+
+    from gateway.console.app import create_app
+    from gateway.pages.catalog import CatalogError
+
+    if cfg.console is None:
+        raise ConsoleStartError(Text("設定に console: セクションがありません", "the configuration has no console: section"))
+    cert, key = certificate_paths(cfg)
+    try:
+        context = tls_context(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConsoleStartError(Text(f"TLS 証明書を読めません: {exc}", f"cannot load the TLS certificate: {exc}")) from None
+    try:
+        app = create_app(cfg)
+    except CatalogError as exc:
+        raise ConsoleStartError(exc.text) from None
+    from werkzeug.serving import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
+        sys_version = ""
+
+    try:
+        server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context,
+                             request_handler=Handler)
+    except OSError as exc:
+        raise ConsoleStartError(Text(f"{cfg.console.host}:{cfg.console.port} で待ち受けできません: {exc}",
+                                     f"cannot listen on {cfg.console.host}:{cfg.console.port}: {exc}")) from None
+    log.info("console on %s (listening on %s:%d)", cfg.console.public_url, cfg.console.host, cfg.console.port)
+    print(f"console: {cfg.console.public_url}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,134 @@
+"""Operators sign in through the organization's IdP, with MFA (issue #21).
+
+The OIDC work is the gateway's own relying party (gateway/signin/oidc.py: discovery, PKCE,
+state, nonce, ID-token checks) with the console's redirect URI. The MFA decision is the one
+the device sign-in makes (gateway.signin.sessions.mfa_of_claims: an ``amr`` second factor of
+``signin.mfa_amr`` or an ``acr`` of ``signin.mfa_acr``); without it the person is refused
+with a bilingual page and no session is made. Roles come from the ``groups`` claim
+(gateway.signin.operators.roles_for).
+
+The pending sign-in (state, nonce, PKCE verifier) is bound to the browser that started it
+by a random value in a short-lived cookie (SameSite=Lax: the IdP's redirect back is a
+cross-site navigation); a callback from another browser, a replayed or unknown state is
+refused. The session cookie (SameSite=Strict) is set on a small page that then moves on
+with a same-origin ``<meta http-equiv="refresh">``: a Strict cookie is not sent on the
+redirect chain that started at the IdP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+
+from flask import Blueprint, abort, g, redirect, request, url_for
+
+from gateway.console import auth
+from gateway.console.app import render_page
+from gateway.console.audit import audit
+from gateway.signin.oidc import SignInRefused
+from gateway.signin.operators import roles_for
+from gateway.signin.pending import PendingRefused, PendingSignIn
+from gateway.signin.sessions import _as_strings, mfa_of_claims
+
+log = logging.getLogger("kanmon.console.signin")
+bp = Blueprint("signin", __name__)
+CALLBACK_SITE = "console"   # stands for the tunnel address in PendingSignIns (bound to a browser instead)
+
+
+def _browser_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def _local(next_url: str | None) -> str:
+    """Only a path of this console (no scheme, no host, no "//" or "/\\")."""
+    if next_url and next_url.startswith("/") and not next_url.startswith(("//", "/\\")) and "\n" not in next_url:
+        return next_url
+    return "/"
+
+
+@bp.get("/signin")
+def signin_page():
+    return render_page("signin.html", next_url=_local(request.args.get("next")))
+
+
+@bp.get("/signin/start")
+def signin_start():
+    svc = auth.services()
+    try:
+        req = svc.oidc.begin()
+    except SignInRefused as exc:
+        log.warning("console sign-in could not start: %s", exc)
+        return render_page("refused.html", 503, reason="idp-unreachable")
+    token = secrets.token_urlsafe(32)
+    with svc.pending_lock:
+        svc.pending.add(PendingSignIn(state=req.state, nonce=req.nonce, code_verifier=req.code_verifier,
+                                      device_id=_browser_key(token), tunnel_ip=CALLBACK_SITE,
+                                      next_url=_local(request.args.get("next")), started=svc.clock()))
+    response = redirect(req.url)
+    response.set_cookie(auth.SIGNIN_COOKIE, token, max_age=svc.signin.pending_lifetime_seconds, secure=True,
+                        httponly=True, samesite="Lax", path="/")
+    return response
+
+
+@bp.get("/callback")
+def callback():
+    svc = auth.services()
+    token = request.cookies.get(auth.SIGNIN_COOKIE, "")
+    try:
+        with svc.pending_lock:
+            pending = svc.pending.redeem(request.args.get("state"), device_id=_browser_key(token),
+                                         tunnel_ip=CALLBACK_SITE, now=svc.clock())
+    except PendingRefused as exc:
+        audit("console-signin-refused", reason=exc.reason, who="console:unknown")
+        return _refused(exc.reason, 400)
+    if "error" in request.args:
+        reason = f"idp-error: {request.args.get('error', '')[:100]}"
+        audit("console-signin-refused", reason=reason, who="console:unknown")
+        return _refused("idp-error", 403)
+    try:
+        claims, _when = svc.oidc.complete(request.args.get("code", ""), nonce=pending.nonce,
+                                          code_verifier=pending.code_verifier)
+    except SignInRefused as exc:
+        audit("console-signin-refused", reason=f"{exc.reason}: {exc.detail}", who="console:unknown")
+        return _refused(exc.reason, 403)
+    settings = svc.signin
+    user = str(claims.get(settings.user_claim) or claims.get("email") or claims["sub"])
+    email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    who = f"console:{email or user} (sub={claims['sub']})"
+    amr, acr, mfa = mfa_of_claims(claims, settings)
+    if not mfa:
+        audit("console-signin-refused", reason=f"mfa-missing: amr={sorted(amr)} acr={acr}", who=who)
+        return _refused("mfa-missing", 403)
+    groups = _as_strings(claims.get(settings.groups_claim))
+    operator = auth.operator_from(user, subject=str(claims["sub"]), issuer=str(claims.get("iss", settings.issuer)),
+                                  email=email, name=claims.get("name") if isinstance(claims.get("name"), str) else None,
+                                  roles=roles_for(groups, svc.settings), groups=groups, amr=amr, acr=acr)
+    # No fixation: whatever session cookie came with this request is ended, never adopted.
+    svc.sessions.end(request.cookies.get(auth.SESSION_COOKIE))
+    session_id, session = svc.sessions.create(operator)
+    g.console_session = session
+    audit("console-signin", reason=f"roles={','.join(sorted(operator.roles))} amr={','.join(sorted(amr))}", who=who)
+    response = render_page("signed_in.html", next_url=pending.next_url or "/")
+    response.set_cookie(auth.SESSION_COOKIE, session_id, secure=True, httponly=True, samesite="Strict", path="/")
+    response.delete_cookie(auth.SIGNIN_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
+    return response
+
+
+@bp.post("/signout")
+def signout():
+    """Ends the session in the store: the old cookie, replayed, finds nothing."""
+    svc = auth.services()
+    if auth.current_operator() is None:
+        abort(403)
+    audit("console-signout")
+    svc.sessions.end(request.cookies.get(auth.SESSION_COOKIE))
+    response = redirect(url_for("signin.signin_page"), code=303)
+    response.delete_cookie(auth.SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+    return response
+
+
+def _refused(reason: str, status: int):
+    response = render_page("refused.html", status, reason=reason)
+    response.delete_cookie(auth.SIGNIN_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
+    return response
