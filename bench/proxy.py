@@ -30,6 +30,10 @@ medians and per-round ratios).
 
     sudo .venv/bin/python bench/proxy.py [--duration 10] [--rounds 3] [--connections 10] [--workers 2]
         [--baseline DIR]   # also the gateway of another checkout, same rounds (before/after a change)
+    sudo .venv/bin/python bench/proxy.py --suite https [--tls-names 1000] [--before COMMIT]
+        # HTTPS keep-alive and a new TLS connection per request (see "HTTPS through interception"
+        # below), bare mitmdump and Kanmon with the example policy, gateway CPU-seconds per 1,000
+        # requests; writes bench/results/proxy_https.json
 """
 
 from __future__ import annotations
@@ -172,7 +176,9 @@ def start_mitmdump(lab: Lab, port: int, confdir: Path, preload: Path | None = No
     mitmdump = Path(sys.executable).parent / "mitmdump"
     env = dict(os.environ, LD_PRELOAD=str(preload)) if preload else None
     proc = lab.gw.popen(str(mitmdump), "--mode", f"transparent@{port}", "--set", "connection_strategy=lazy",
-                        "--set", f"confdir={confdir}", "-q", env=env)
+                        "--set", f"confdir={confdir}", "-q",
+                        "--set", f"ssl_verify_upstream_trusted_ca={lab.ca.cert_path}",   # HTTPS: the lab's servers
+                        env=env)
     wait_until(lambda: f":{port} " in lab.gw.run("ss", "-ltnH").stdout or proc.poll() is not None, 30,
                f"mitmdump on {port}")
     if preload and proc.poll() is None and preload.name not in Path(f"/proc/{proc.pid}/maps").read_text():
@@ -199,6 +205,7 @@ class Modes:
         self.lab = lab
         self.mode: str | None = None
         self.gateway_overrides: tuple | None = None
+        self.ca_tag = "after"     # whose interception CA is in the state directory (see use_ca)
 
     def manual(self) -> None:
         lab = self.lab
@@ -210,9 +217,24 @@ class Modes:
         manual_tunnel(lab)
         self.mode = "manual"
 
-    def gateway(self, overrides: dict, env: dict | None = None) -> None:
+    def use_ca(self, tag: str) -> None:
+        """Park the current interception CA directory under its tag and bring in `tag`'s
+        (a gateway that finds none makes its own), so two commits never share one CA."""
+        if tag == self.ca_tag:
+            return
+        confdir = self.lab.state_dir / "mitmproxy"
+        parked = self.lab.workdir / f"mitmproxy-ca-{self.ca_tag}"
+        if confdir.exists():
+            shutil.rmtree(parked, ignore_errors=True)
+            confdir.rename(parked)
+        incoming = self.lab.workdir / f"mitmproxy-ca-{tag}"
+        if incoming.exists():
+            incoming.rename(confdir)
+        self.ca_tag = tag
+
+    def gateway(self, overrides: dict, env: dict | None = None, ca: str = "after") -> None:
         lab = self.lab
-        if self.mode == "gateway" and self.gateway_overrides == (overrides, env):
+        if self.mode == "gateway" and self.gateway_overrides == (overrides, env) and self.ca_tag == ca:
             return
         if self.mode == "manual":
             lab.gw.run("nft", "delete", "table", "inet", "benchsteer", check=False)
@@ -220,6 +242,7 @@ class Modes:
             lab.gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
         elif self.mode == "gateway":
             lab.stop_gateway()
+        self.use_ca(ca)
         lab.write_config(overrides)
         lab.start_gateway(env=env)
         lab.wait_for_peer(lab.devices[0])
@@ -306,18 +329,8 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
 # between them); `w1` is the same load on one worker. CPU: the gateway's processes' own time.
 
 def _gateway_cpu_seconds(lab: Lab) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    pids = [lab.gateway.proc.pid]
-    children = Path(f"/proc/{pids[0]}/task/{pids[0]}/children")
-    pids += [int(p) for p in children.read_text().split()] if children.exists() else []
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    """The gateway's CPU seconds: its process and every worker (one measure for both suites)."""
+    return process_tree_cpu(lab.gateway.proc.pid)
 
 
 def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, policy: dict) -> dict:
@@ -355,6 +368,212 @@ def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, po
     return {"kanmon+policy 2dev w1": lambda: run(1), f"kanmon+policy 2dev w{n}": lambda: run(n)}
 
 
+# --- HTTPS through interception (issue #22) ---------------------------------------------------
+#
+#   https   HTTPS keep-alive: wrk with N connections to https://www.example.test/bench (the
+#           lab's nginx): per request, the interception's record decryption and re-encryption.
+#   newtls  a new TLS connection per request, over --tls-names distinct host names
+#           (h0000.bench.test ...): per request, the device-side handshake (key exchange and a
+#           signature with the interception CA's key), the leaf certificate (made or found in
+#           the cache), the upstream connection and handshake, and Kanmon's per-connection work.
+#           curl --parallel with N transfers at a time, `Connection: close` and no session
+#           cache, so every request is a new, full handshake (num_connects is checked).
+#           The names cycle in order: a cache smaller than the number of names (mitmproxy's
+#           100) misses on every request; one pass over all names before the measurement
+#           (the warm-up) fills a large enough cache.
+#
+# The device resolves the names from a hosts file (`ip netns exec` binds /etc/netns/NS/hosts
+# over /etc/hosts), so no DNS is in the measurement. The bench names are served by a second
+# nginx on SPARE4:443 with one wildcard certificate *.bench.test from the lab CA: the leaf the
+# gateway makes depends on the SNI only (connection_strategy lazy: it is made before the
+# upstream is contacted), so per-name upstream certificates would measure nothing more and
+# cost the lab 1,000 keys.
+#
+# Gateway CPU: utime+stime of the proxy process and of its descendants (and its reaped
+# children) from /proc, read just before and just after the measured load (warm-ups excluded),
+# reported as CPU-seconds per 1,000 requests: steadier than req/s on a shared machine.
+
+from gateway.lab.topology import SPARE4  # noqa: E402
+
+BENCH_DOMAIN = "bench.test"
+KEEPALIVE_HOST = "www.example.test"
+TLS_VARIANTS = ("https", "newtls")
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of `pid`, its live descendants and its reaped children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            stats[int(entry)] = text[text.rindex(")") + 2:].split()   # fields from `state` on
+    if pid not in stats:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for p, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(p)
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        f = stats[p]
+        total += int(f[11]) + int(f[12])           # utime, stime
+        if p == pid:
+            total += int(f[13]) + int(f[14])       # cutime, cstime: children already reaped
+        todo.extend(children.get(p, ()))
+    return total / tick
+
+
+def bench_names(count: int) -> list[str]:
+    return [f"h{i:04d}.{BENCH_DOMAIN}" for i in range(count)]
+
+
+def prepare_tls_lab(lab: Lab, names: list[str]) -> None:
+    """Hosts file for the device, and nginx on SPARE4:443 for *.bench.test."""
+    dev = lab.devices[0]
+    etc = Path("/etc/netns") / dev.ns.name        # removed with the namespace by lab.teardown()
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{WEB4} {KEEPALIVE_HOST}\n"
+                               + "".join(f"{SPARE4} {n}\n" for n in names))
+    pair = lab.ca.issue_server("bench-wildcard", [f"*.{BENCH_DOMAIN}"])
+    d = lab.workdir / "bench-nginx"
+    (d / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  server {{
+    listen {SPARE4}:443 ssl;
+    ssl_certificate {pair.cert_path}; ssl_certificate_key {pair.key_path};
+    server_name _;
+    location / {{ default_type text/plain; return 200 "hello from $host\\n"; }}
+  }}
+}}
+""")
+    proc = lab.inet.popen("nginx", "-c", str(conf), stdout=open(d / "nginx.out", "w"))
+    lab.server_procs.append(proc)
+    wait_until(lambda: (d / "nginx.pid").exists() or proc.poll() is not None, 15, "the bench nginx")
+    if proc.poll() is not None:
+        raise RuntimeError("bench nginx died: " + (d / "nginx.out").read_text())
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
+
+
+def curl_new_connections(lab: Lab, urls: list[str], connections: int, timeout: float) -> dict:
+    """Each URL once, `connections` at a time, a new TLS connection each; wall time and the
+    per-transfer figures curl reports."""
+    dev = lab.devices[0]
+    cfg = lab.workdir / f"urls-{len(urls)}.cfg"
+    cfg.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
+    started = time.monotonic()
+    result = dev.ns.run("curl", "-sS", "-k", "--http1.1", "--no-sessionid", "-H", "Connection: close",
+                        "--parallel", "--parallel-immediate", "--parallel-max", str(connections),
+                        "--max-time", "20", "-w", "%{http_code} %{time_total} %{num_connects}\\n", "-K", str(cfg),
+                        check=False, timeout=timeout)
+    elapsed = time.monotonic() - started
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    ok = [r for r in rows if len(r) == 3 and r[0] == "200"]
+    return {"elapsed_s": elapsed, "requests": len(ok), "failed": len(urls) - len(ok),
+            "new_connections": sum(int(r[2]) for r in ok), "latencies_ms": [float(r[1]) * 1000 for r in ok]}
+
+
+def load_tls(lab: Lab, variant: str, pid_of, args: argparse.Namespace) -> dict:
+    """One measurement of `variant` ('https' or 'newtls'); `pid_of()` is the proxy's pid."""
+    dev = lab.devices[0]
+    probe = ["curl", "-sS", "-k", "-o", "/dev/null", "--max-time", "2"]
+    target = f"https://{KEEPALIVE_HOST}/bench" if variant == "https" else f"https://h0000.{BENCH_DOMAIN}/bench"
+    wait_until(lambda: dev.ns.run(*probe, target, check=False, timeout=10).returncode == 0,
+               30, "a request through the scenario", interval=0.2)
+    if variant == "https":
+        dev.ns.run("wrk", "-t1", "-c", str(args.connections), "-d", "2s", target, timeout=60)   # warm-up
+        cpu0 = process_tree_cpu(pid_of())
+        result = dev.ns.run("wrk", "-t1", "-c", str(args.connections), "-d", f"{args.duration}s", "--latency",
+                            target, timeout=args.duration + 60)
+        cpu = process_tree_cpu(pid_of()) - cpu0
+        out = parse_wrk(result.stdout)
+    else:
+        names = bench_names(args.tls_names)
+        urls = [f"https://{n}/bench" for n in names]
+        warm = curl_new_connections(lab, urls, args.connections, timeout=600)   # one pass: fills a cache that is big enough
+        rate = warm["requests"] / warm["elapsed_s"] if warm["requests"] else 50.0
+        count = max(len(names), int(rate * args.duration))
+        measured = [urls[i % len(urls)] for i in range(count)]
+        cpu0 = process_tree_cpu(pid_of())
+        run_ = curl_new_connections(lab, measured, args.connections, timeout=args.duration * 20 + 120)
+        cpu = process_tree_cpu(pid_of()) - cpu0
+        lat = run_["latencies_ms"]
+        out = {"requests_per_s": run_["requests"] / run_["elapsed_s"], "requests": run_["requests"],
+               "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
+               "non_2xx": run_["failed"], "socket_errors": "",
+               "new_connection_share": run_["new_connections"] / run_["requests"] if run_["requests"] else None,
+               "warmup_requests_per_s": rate}
+    out["gateway_cpu_s"] = cpu
+    out["cpu_s_per_1000"] = 1000 * cpu / out["requests"] if out["requests"] else None
+    return out
+
+
+def tls_scenarios(lab: Lab, modes: "Modes", args: argparse.Namespace, workdir: Path) -> dict:
+    """name -> function, for the HTTPS scenarios (``--suite https``)."""
+    prepare_tls_lab(lab, bench_names(args.tls_names))
+    out: dict = {}
+
+    def kanmon(overrides: dict, env: dict | None, ca: str) -> None:
+        # As in scenarios(): the per-device limits lifted (one bench device stands for many
+        # phones; new connections per second matter here). `ca`: which interception CA
+        # directory the gateway gets (the commit before makes mitmproxy's RSA CA, this one
+        # an ECDSA CA: each keeps its own).
+        overrides = {**overrides, "limits": {**BENCH_LIMITS, **overrides.get("limits", {})}}
+        modes.gateway(overrides, env, ca)
+
+    def gateway_pid() -> int:
+        return lab.gateway.proc.pid
+
+    def mitmproxy(variant: str) -> dict:
+        modes.manual()
+        procs = [start_mitmdump(lab, 18080, workdir / "mitm")]
+        try:
+            steer(lab, [18080])
+            return load_tls(lab, variant, lambda: procs[0].pid, args)
+        finally:
+            stop(procs)
+            steer(lab, None)
+
+    def gateway(variant: str, overrides: dict, env: dict | None = None, ca: str = "after") -> dict:
+        kanmon(overrides, env, ca)
+        return load_tls(lab, variant, gateway_pid, args)
+
+    example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
+    for variant in TLS_VARIANTS:
+        out[f"{variant} mitmproxy"] = lambda v=variant: mitmproxy(v)
+        out[f"{variant} kanmon+policy"] = lambda v=variant: gateway(v, example)
+        workers = getattr(args, "kanmon_workers", None)   # the workers branch's --kanmon-workers N
+        if workers:
+            # One bench device: nftables hashes it to one worker, so this measures the cost of
+            # the workers set-up on one device's load, not the spread (see kanmon_worker_scenarios).
+            more = {**example, "proxy": {"workers": workers}}
+            out[f"{variant} kanmon+policy w{workers}"] = lambda v=variant, o=more: gateway(v, o)
+        if args.baseline:
+            base = {"PYTHONPATH": str(Path(args.baseline).resolve())}
+            out[f"{variant} kanmon+policy before"] = lambda v=variant, b=base: gateway(v, example, b, "before")
+    return out
+
+
 def round_order(names: list[str], round_index: int, rounds: int) -> list[str]:
     """Round r starts ``r * len(names) // rounds`` steps along the list: over the rounds every
     scenario runs early, in the middle and late."""
@@ -384,6 +603,64 @@ def summarize(names: list[str], rounds: list[dict]) -> dict:
     return out
 
 
+def summarize_tls(names: list[str], rounds: list[dict]) -> dict:
+    """Per scenario: medians over the rounds of req/s, latency and CPU-s per 1,000 requests,
+    and its ratios (req/s and CPU) to bare mitmproxy and to the commit before of the same
+    variant, each ratio within one round."""
+    out: dict[str, dict] = {}
+    for name in names:
+        variant = name.split()[0]
+        rows = [r["results"][name] for r in rounds if name in r["results"]]
+        entry: dict = {}
+        for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000", "new_connection_share"):
+            values = [row[key] for row in rows if row.get(key) is not None]
+            entry[key] = statistics.median(values) if values else None
+        entry["non_2xx"] = sum(row["non_2xx"] for row in rows)
+        entry["requests_per_s_per_round"] = [row["requests_per_s"] for row in rows]
+        entry["cpu_s_per_1000_per_round"] = [row.get("cpu_s_per_1000") for row in rows]
+        for ref_name, key in ((f"{variant} mitmproxy", "mitmproxy"), (f"{variant} kanmon+policy before", "before")):
+            for metric, short in (("requests_per_s", "rps"), ("cpu_s_per_1000", "cpu")):
+                per_round = [r["results"][name][metric] / r["results"][ref_name][metric] for r in rounds
+                             if name in r["results"] and r["results"].get(ref_name, {}).get(metric)
+                             and r["results"][name].get(metric) is not None]
+                entry[f"{short}_vs_{key}_per_round"] = per_round
+                entry[f"{short}_vs_{key}"] = statistics.median(per_round) if per_round else None
+        out[name] = entry
+    return out
+
+
+def report_tls(names: list[str], rounds: list[dict], args: argparse.Namespace) -> int:
+    summary = summarize_tls(names, rounds)
+    load = os.getloadavg()
+    print(f"\nproxy HTTPS benchmark: {args.connections} connections, {args.duration} s per scenario, "
+          f"{args.rounds} rounds (rotated order), {os.cpu_count()} cores, {args.tls_names} names for newtls; "
+          f"medians over the rounds, ratios within each round; load average at the end {load[0]:.2f}\n")
+
+    def fmt(value, width: int, spec: str) -> str:
+        return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+    w = max(24, *(len(n) for n in names))
+    print(f"{'scenario':{w}} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU-s/1k':>9} {'req/s vs mitm':>14} "
+          f"{'CPU vs mitm':>12} {'req/s vs before':>16} {'CPU vs before':>14} {'errors':>7}")
+    for name in names:
+        s = summary[name]
+        print(f"{name:{w}} {fmt(s['requests_per_s'], 8, '.0f')} {fmt(s['p50_ms'], 8, '.2f')} {fmt(s['p99_ms'], 8, '.2f')} "
+              f"{fmt(s['cpu_s_per_1000'], 9, '.3f')} {fmt(s['rps_vs_mitmproxy'], 14, '.3f')} "
+              f"{fmt(s['cpu_vs_mitmproxy'], 12, '.3f')} {fmt(s['rps_vs_before'], 16, '.3f')} "
+              f"{fmt(s['cpu_vs_before'], 14, '.3f')} {s['non_2xx']:>7}")
+    print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "cores": os.cpu_count(), "load_average_end": load, "suite": "https", "duration_s": args.duration,
+        "connections": args.connections, "tls_names": args.tls_names, "rounds_run": args.rounds,
+        "before": args.before, "summary": summary, "rounds": rounds,
+    }, indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per scenario and round")
@@ -399,7 +676,22 @@ def main() -> int:
                          "and N, loaded from one device per worker at once (a device's traffic stays in one worker)")
     ap.add_argument("--only", action="append", metavar="SCENARIO",
                     help="run only this scenario (repeatable; e.g. to profile one of them)")
+    ap.add_argument("--suite", choices=("http", "https"), default="http",
+                    help="http: the plain-HTTP scenarios (default); https: HTTPS keep-alive and a new TLS "
+                         "connection per request, with gateway CPU per request (issue #22)")
+    ap.add_argument("--tls-names", type=int, default=1000, help="distinct host names of the newtls scenario")
+    ap.add_argument("--before", metavar="COMMIT",
+                    help="also the gateway of COMMIT (a temporary git worktree), same rounds: like --baseline")
     args = ap.parse_args()
+    if args.before and args.baseline:
+        ap.error("--before and --baseline are two ways to say the same: give one")
+    if args.suite == "https" and args.out == str(RESULTS / "proxy.json"):
+        args.out = str(RESULTS / "proxy_https.json")
+    before_tree: Path | None = None
+    if args.before:
+        before_tree = Path(tempfile.mkdtemp(prefix="kanmon-before-")) / "tree"
+        run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_tree), args.before])
+        args.baseline = str(before_tree)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
@@ -407,13 +699,20 @@ def main() -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+    # `python -m gateway.cli` puts its working directory first on sys.path, before PYTHONPATH:
+    # run from a checkout, every gateway (the --baseline/--before one too) would import that
+    # checkout's code. From the bench's own directory each imports the tree it is given.
+    args.out = str(Path(args.out).resolve())
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
+    os.chdir(workdir)
     lab = Lab(workdir, n_devices=0)
     rounds: list[dict] = []
     try:
         lab.build()
         lab.add_device(1)
         modes = Modes(lab)
-        table = scenarios(lab, modes, args, workdir)
+        table = scenarios(lab, modes, args, workdir) if args.suite == "http" else tls_scenarios(lab, modes, args, workdir)
         if args.only:
             unknown = sorted(set(args.only) - set(table))
             if unknown:
@@ -427,11 +726,17 @@ def main() -> int:
             for name in order:
                 started = time.time()
                 results[name] = table[name]()
+                cpu = results[name].get("cpu_s_per_1000")
                 print(f"round {r + 1}/{args.rounds}: {name:20} {results[name]['requests_per_s']:8.0f} req/s "
-                      f"({time.time() - started:.0f} s)", flush=True)
+                      + (f"{cpu:6.2f} CPU-s/1000 " if cpu is not None else "")
+                      + f"({time.time() - started:.0f} s)", flush=True)
             rounds.append({"round": r + 1, "order": order, "results": results})
     finally:
         lab.teardown()
+        if before_tree is not None:
+            run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_tree)], check=False)
+    if args.suite == "https":
+        return report_tls(names, rounds, args)
 
     summary = summarize(names, rounds)
     print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "

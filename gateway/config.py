@@ -74,6 +74,9 @@ SCHEMA: dict[str, Any] = {
                 "dns_port": _PORT,
                 "upstream_dns": {"type": "array", "items": _STR},
                 "connection_strategy": {"enum": ["lazy", "eager"]},
+                # issue #22: the interception CA's key type when it is created; leaves kept
+                "ca_key": {"enum": ["ecdsa-p256", "rsa-2048"]},
+                "leaf_cert_cache": {"type": "integer", "minimum": 1, "maximum": 1000000},
                 "upstream_ca_bundle": _STR,
                 "tcp_timeout": {"type": "integer", "minimum": 10},
                 "no_sni": {"enum": ["block", "allow"]},
@@ -309,6 +312,8 @@ class GatewayConfig:
     organization: Organization | None = None  # issue #19; None: built from helpdesk_* (gateway/pages/organization.py)
     console: ConsoleSettings | None = None    # issue #21; None: no operator console
     proxy_workers: int = 1                    # issue #22: inspection processes (gateway/runtime/workers.py)
+    proxy_ca_key: str = "ecdsa-p256"          # issue #22: gateway/proxy/interceptca.py
+    leaf_cert_cache: int = 10_000             # issue #22: gateway/proxy/certcache.py
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
@@ -512,6 +517,8 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         upstream_dns=tuple(proxy.get("upstream_dns", [])),
         dot_resolvers=tuple(proxy.get("dot_resolvers", [])),
         connection_strategy=proxy.get("connection_strategy", "lazy"),
+        proxy_ca_key=proxy.get("ca_key", "ecdsa-p256"),
+        leaf_cert_cache=proxy.get("leaf_cert_cache", 10_000),
         upstream_ca_bundle=Path(proxy["upstream_ca_bundle"]) if "upstream_ca_bundle" in proxy else None,
         tcp_timeout=proxy.get("tcp_timeout", 600),
         no_sni=proxy.get("no_sni", "block"),

@@ -12,14 +12,17 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import dns as mitm_dns
 from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records, tlsconfig
+from mitmproxy.addons import core, disable_h2c, dns_resolver, next_layer, proxyserver, strip_dns_https_records
 from mitmproxy.master import Master
 
-from gateway.proxy import dnslistener
+from gateway.proxy import dnslistener, interceptca
+from gateway.proxy.certcache import DEFAULT_LEAF_CERT_CACHE, CachingTlsConfig
+from gateway.proxy.dispatch import IndexedAddonManager
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("kanmon.proxy")
@@ -43,6 +46,10 @@ class ProxySettings:
     # With download scanning (issue #18, addons/scan.py) at least scan.max_bytes, so a file is
     # scanned before any of it reaches the device.
     stream_large_bodies: int = 2 * 1024 * 1024
+    # The interception CA's key type when it is created (an existing CA is kept) and how many
+    # leaf certificates are kept (gateway/proxy/interceptca.py, gateway/proxy/certcache.py).
+    ca_key: str = interceptca.DEFAULT_CA_KEY
+    leaf_cert_cache: int = DEFAULT_LEAF_CERT_CACHE
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> "ProxySettings":
@@ -59,6 +66,8 @@ class ProxySettings:
             upstream_ca=str(cfg.upstream_ca_bundle) if cfg.upstream_ca_bundle else None,
             tcp_timeout=cfg.tcp_timeout,
             stream_large_bodies=max(2 * 1024 * 1024, cfg.scan.max_bytes if getattr(cfg, "scan", None) else 0),
+            ca_key=cfg.proxy_ca_key,
+            leaf_cert_cache=cfg.leaf_cert_cache,
         )
 
     def option_values(self) -> dict[str, Any]:
@@ -138,9 +147,18 @@ def build_master(settings: ProxySettings, chain: Sequence[Any], layer_decision: 
     ``layer_decision`` replaces mitmproxy's NextLayer addon: the gateway passes its
     protocol identification (addons/protocol.py), which denies what it cannot identify."""
     dnslistener.install()  # see gateway/proxy/dnslistener.py: DNS over UDP must survive idle pauses
+    # Before mitmproxy loads its confdir, which would make an RSA CA when there is none.
+    in_use, created = interceptca.ensure_ca(Path(settings.confdir), settings.ca_key)
+    if created:
+        log.info("interception CA created (%s) in %s", in_use, settings.confdir)
+    elif in_use != settings.ca_key:
+        log.warning("the interception CA in %s is %s, proxy.ca_key asks for %s: the existing CA is kept "
+                    "(the devices trust it); to change it, move the mitmproxy-ca* files away and give the "
+                    "devices the new CA", settings.confdir, in_use, settings.ca_key)
     master = Master(options.Options(), event_loop=asyncio.get_running_loop(), with_termlog=False)
+    master.addons = IndexedAddonManager(master)   # only the addons that implement a hook are visited
     master.addons.add(core.Core(), proxyserver.Proxyserver(), layer_decision or next_layer.NextLayer(),
-                      tlsconfig.TlsConfig(), disable_h2c.DisableH2C())
+                      CachingTlsConfig(settings.leaf_cert_cache), disable_h2c.DisableH2C())
     master.addons.add(*chain)
     master.addons.add(strip_dns_https_records.StripDnsHttpsRecords(), BoundedDnsResolver())
     master.options.update(**settings.option_values())

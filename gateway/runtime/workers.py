@@ -663,12 +663,12 @@ async def _load_policy(app, version: str) -> bool:
 async def start_pool(app) -> tuple[WorkerPool, asyncio.Task]:
     """Fork ``app.cfg.proxy_workers`` workers of a GatewayApp whose start-up (policy compile,
     first reconcile, log store) is done; returns the pool and a task that ends when it stopped."""
-    from mitmproxy import certs, options
-
+    from gateway.proxy import interceptca
     from gateway.runtime.errors import StartupError
 
     # The interception CA before the fork: N workers creating it at once would make N of them.
-    certs.CertStore.from_store(app.cfg.mitmproxy_confdir, "mitmproxy", options.Options().key_size)
+    # The same call build_master makes (the key type of proxy.ca_key; an existing CA is kept).
+    interceptca.ensure_ca(app.cfg.mitmproxy_confdir, app.cfg.proxy_ca_key)
     pool = WorkerPool(app.cfg.proxy_workers, app.metrics.registry,
                       lambda index, down, up: worker_main(app, index, down, up),
                       on_log=app.logstore.append, on_fatal=app.fail)
