@@ -41,10 +41,14 @@ def _browser_key(token: str) -> str:
 
 
 def _local(next_url: str | None) -> str:
-    """Only a path of this console (no scheme, no host, no "//" or "/\\")."""
-    if next_url and next_url.startswith("/") and not next_url.startswith(("//", "/\\")) and "\n" not in next_url:
-        return next_url
-    return "/"
+    """Only a path of this console (no scheme, no host, no "//" or "/\\"). Browsers drop tabs
+    and newlines from a URL and treat "\\" as "/" ("/<TAB>/evil.example" is "//evil.example",
+    another site), so any control character, space or backslash sends to "/" instead."""
+    if not next_url or not next_url.startswith("/") or next_url.startswith("//"):
+        return "/"
+    if any(c <= " " or c in "\x7f\\" for c in next_url):
+        return "/"
+    return next_url
 
 
 @bp.get("/signin")
@@ -93,8 +97,11 @@ def callback():
         audit("console-signin-refused", reason=f"{exc.reason}: {exc.detail}", who="console:unknown")
         return _refused(exc.reason, 403)
     settings = svc.signin
-    user = str(claims.get(settings.user_claim) or claims.get("email") or claims["sub"])
-    email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    # An address the IdP says is not verified (Keycloak lets a user type any address into
+    # their profile) is nobody's identity: not the user name, not proof of owning a device.
+    email = claims.get("email") if isinstance(claims.get("email"), str) \
+        and claims.get("email_verified") not in (False, "false") else None
+    user = str(claims.get(settings.user_claim) or email or claims["sub"])
     who = f"console:{email or user} (sub={claims['sub']})"
     amr, acr, mfa = mfa_of_claims(claims, settings)
     if not mfa:
