@@ -269,8 +269,13 @@ def renew(device_id: str):
 def certificate_download(device_id: str, token: str):
     """The renewed PKCS#12, once, to the session that made it."""
     session = auth.g.get("console_session")
-    item = session.downloads.pop(token, None) if session is not None else None
+    downloads = session.downloads if session is not None else {}
+    item = downloads.get(token)
     if item is None or not item[0].startswith(device_id + "."):
+        abort(404)
+    # taken out only by a GET (a HEAD from a link checker or a prefetch must not use it up);
+    # pop() decides between two GETs at once: one gets the file, the other 404
+    if request.method == "GET" and downloads.pop(token, None) is None:
         abort(404)
     name, data = item
     response = make_response(data)
