@@ -21,7 +21,7 @@ import hashlib
 import logging
 import secrets
 
-from flask import Blueprint, abort, g, redirect, request, url_for
+from flask import Blueprint, abort, current_app, g, redirect, request, url_for
 
 from gateway.console import auth
 from gateway.console.app import render_page
@@ -56,9 +56,42 @@ def signin_page():
     return render_page("signin.html", next_url=_local(request.args.get("next")))
 
 
+MAX_STARTS_PER_ADDRESS = 20   # open sign-ins one client address may have (see _too_many_starts)
+
+
+def _too_many_starts(svc, address: str, now: float) -> bool:
+    """A sign-in start needs no account, and the pending sign-ins are bounded (the oldest is
+    dropped when full): one client could start a thousand and so drop every operator's sign-in
+    in progress. Each address may have MAX_STARTS_PER_ADDRESS open (started within the pending
+    lifetime and not come back yet); the rest get 429 with the bilingual refusal page."""
+    lifetime = svc.signin.pending_lifetime_seconds
+    starts = current_app.extensions.setdefault("kanmon_console_starts", {})
+    with svc.pending_lock:
+        recent = [t for t in starts.get(address, ()) if now - t < lifetime]
+        if len(recent) >= MAX_STARTS_PER_ADDRESS:
+            starts[address] = recent
+            return True
+        starts[address] = recent + [now]
+        if len(starts) > auth.MAX_PENDING:   # bounded: forget addresses with nothing open
+            for key in [k for k, v in starts.items() if not v or now - v[-1] >= lifetime]:
+                del starts[key]
+    return False
+
+
+def _start_done(svc, address: str) -> None:
+    """A sign-in of this address came back (completed or refused): one fewer open."""
+    starts = current_app.extensions.setdefault("kanmon_console_starts", {})
+    with svc.pending_lock:
+        if starts.get(address):
+            starts[address].pop(0)
+
+
 @bp.get("/signin/start")
 def signin_start():
     svc = auth.services()
+    if _too_many_starts(svc, request.remote_addr or "", svc.clock()):
+        audit("console-signin-refused", reason=f"too-many-starts from {request.remote_addr}", who="console:unknown")
+        return render_page("refused.html", 429, reason="too-many-starts")
     try:
         req = svc.oidc.begin()
     except SignInRefused as exc:
@@ -86,6 +119,7 @@ def callback():
     except PendingRefused as exc:
         audit("console-signin-refused", reason=exc.reason, who="console:unknown")
         return _refused(exc.reason, 400)
+    _start_done(svc, request.remote_addr or "")
     if "error" in request.args:
         reason = f"idp-error: {request.args.get('error', '')[:100]}"
         audit("console-signin-refused", reason=reason, who="console:unknown")
