@@ -668,3 +668,63 @@ def test_host_and_forwarding_headers_do_not_reach_links_or_redirects(console, he
     if header != "Host":   # (the test client sends its cookies only to their own host)
         r = c.get("/me/devices", headers={header: evil})
         assert r.status_code == 200 and "evil.example" not in r.get_data(as_text=True)
+
+
+def test_an_unexpected_error_is_a_bilingual_500_without_a_traceback(console, monkeypatch):
+    app, _idp, _apply, registry, _ = console
+    app.testing = False           # as served: no exception propagates to the client
+    c = client_of(app)
+    signed_in(c, "helpdesk")
+
+    def broken(*_a, **_kw):
+        raise RuntimeError("database is locked /var/lib/kanmon/registry.sqlite")
+
+    monkeypatch.setattr(registry, "all", broken)
+    r = c.get("/devices")
+    text = r.get_data(as_text=True)
+    assert r.status_code == 500
+    assert "要求を処理できませんでした" in text and "could not be handled" in text
+    assert "Traceback" not in text and "registry.sqlite" not in text and "RuntimeError" not in text
+
+
+def test_a_repeated_device_id_field_acts_on_the_first_only(console):
+    app, _idp, apply, registry, _ = console
+    c = client_of(app)
+    signed_in(c, "alice")
+    token = csrf_of(c)
+    r = c.post("/me/devices/lost", data=f"device_id=bob-phone&device_id=alice-phone&csrf_token={token}",
+               content_type="application/x-www-form-urlencoded", headers={"Origin": ORIGIN, "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 403
+    assert registry.get("bob-phone").status is DeviceStatus.ACTIVE and registry.get("alice-phone").status is DeviceStatus.ACTIVE
+    r = c.post("/me/devices/lost", data=f"device_id=alice-phone&device_id=bob-phone&csrf_token={token}",
+               content_type="application/x-www-form-urlencoded", headers={"Origin": ORIGIN, "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 303
+    assert registry.get("bob-phone").status is DeviceStatus.ACTIVE
+    assert registry.get("alice-phone").status is DeviceStatus.SUSPENDED
+
+
+def test_a_hostile_user_name_from_the_idp_is_escaped_everywhere_it_is_shown(console, monkeypatch):
+    app, _idp, _apply, registry, _ = console
+    c = client_of(app)
+    signed_in(c, person(monkeypatch, "xss", preferred_username=HOSTILE, groups=["it-helpdesk"]))
+    for path in ("/me/devices", "/devices", "/devices/alice-phone"):
+        page = c.get(path).get_data(as_text=True)
+        assert "<script>alert" not in page and "&lt;script&gt;" in page, path
+    post(c, "/devices/alice-phone/action", {"action": "suspend", "reason": "x"}, token=csrf_of(c, "/devices"))
+    page = c.get("/devices/alice-phone").get_data(as_text=True)   # the history shows the actor
+    assert "<script>alert" not in page
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9443", "[::]:9443", "[0:0::0]:9443", "[0:0:0:0:0:0:0:0]:9443",
+                                    "[::ffff:0.0.0.0]:9443"])
+def test_every_spelling_of_all_addresses_is_refused_as_the_console_listener(tmp_path, listen):
+    """The console listens on the management address only: "every address" includes the outer one."""
+    from gateway.config import load_config_text
+    from gateway.yamlsource import SourceErrors
+    from tests.unit.console_fixtures import console_config_text
+
+    text = console_config_text(tmp_path).replace("listen: 127.0.0.1:9443", f'listen: "{listen}"')
+    with pytest.raises(SourceErrors) as exc:
+        load_config_text(text, "k.yaml")
+    message = "\n".join(str(e) for e in exc.value.errors)
+    assert "give the management address" in message and "管理用アドレスを書いてください" in message
