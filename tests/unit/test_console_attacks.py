@@ -569,18 +569,13 @@ def test_ten_thousand_devices_are_listed_one_page_at_a_time(console):
 
 # -- network -----------------------------------------------------------------------------------------
 
-def test_the_listener_speaks_only_tls_1_2_or_newer(tmp_path):
-    import socket
-    import ssl
+def tls_files(tmp_path):
     from datetime import UTC, datetime, timedelta
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    from werkzeug.serving import make_server
-
-    from gateway.console.serve import tls_context
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "console.test")])
@@ -591,41 +586,103 @@ def test_the_listener_speaks_only_tls_1_2_or_newer(tmp_path):
     (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))
+    return tmp_path / "c.pem", tmp_path / "k.pem"
+
+
+@pytest.fixture
+def listener(tmp_path):
+    """The console's real server (serve.make_console_server) on a loopback port."""
+    from gateway.console.serve import make_console_server, tls_context
+
+    cert, key = tls_files(tmp_path)
     app, *_ = make_app(tmp_path / "app")
-    server = make_server("127.0.0.1", 0, app, threaded=True,
-                         ssl_context=tls_context(tmp_path / "c.pem", tmp_path / "k.pem"))
-    port = server.server_port
+    server = make_console_server("127.0.0.1", 0, app, tls_context(cert, key))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        # plain HTTP: no page comes back
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"GET /signin HTTP/1.1\r\nHost: console.test\r\n\r\n")
-            try:
-                answer = s.recv(4096)
-            except (ConnectionResetError, TimeoutError):
-                answer = b""
-        assert b"HTTP/1." not in answer or b"200" not in answer
-        # TLS 1.1 and older: no handshake
-        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    yield server.server_port, cert
+    server.shutdown()
+    server.server_close()
+
+
+def fetch_signin(port: int, cafile) -> bytes:
+    import socket
+    import ssl
+
+    good = ssl.create_default_context(cafile=str(cafile))
+    good.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with good.wrap_socket(s, server_hostname="console.test") as t:
+            assert t.version() in ("TLSv1.2", "TLSv1.3")
+            t.sendall(b"GET /signin HTTP/1.1\r\nHost: console.test:9443\r\nConnection: close\r\n\r\n")
+            return t.recv(100)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")   # offering TLS 1.0/1.1 is the attack
+def test_the_listener_speaks_only_tls_1_2_or_newer(listener):
+    import socket
+    import ssl
+
+    port, cafile = listener
+    # plain HTTP: no page comes back
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /signin HTTP/1.1\r\nHost: console.test\r\n\r\n")
         try:
-            old.minimum_version = ssl.TLSVersion.TLSv1
-            old.maximum_version = ssl.TLSVersion.TLSv1_1
-            old.set_ciphers("ALL:@SECLEVEL=0")
-        except (ValueError, ssl.SSLError):
-            pytest.skip("this OpenSSL cannot even offer TLS 1.1")
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            with pytest.raises((ssl.SSLError, ConnectionResetError)):
-                old.wrap_socket(s, server_hostname="console.test")
-        # TLS 1.2+: a page
-        good = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
-        good.check_hostname = False
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            with good.wrap_socket(s, server_hostname="console.test") as t:
-                assert t.version() in ("TLSv1.2", "TLSv1.3")
-                t.sendall(b"GET /signin HTTP/1.1\r\nHost: console.test:9443\r\nConnection: close\r\n\r\n")
-                assert t.recv(100).startswith(b"HTTP/1.1 200")
+            answer = s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert b"200 OK" not in answer and b"<html" not in answer
+    # TLS 1.1 and older: no handshake
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    try:
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            old.wrap_socket(s, server_hostname="console.test")
+    # TLS 1.2+: a page
+    assert fetch_signin(port, cafile).startswith(b"HTTP/1.1 200")
+
+
+def test_an_idle_connection_does_not_freeze_the_console(listener):
+    """Werkzeug's own TLS wrapping does the handshake in the accepting thread: one TCP
+    connection that sends nothing stopped every other client (5 s timeout here)."""
+    import socket
+
+    port, cafile = listener
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    half = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half.sendall(b"\x16\x03\x01\x00")        # the start of a ClientHello, then nothing
+    try:
+        assert fetch_signin(port, cafile).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in idle + [half]:
+            s.close()
+
+
+def test_idle_connections_are_closed_after_the_timeout(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from gateway.console import serve
+
+    assert serve.CONNECTION_TIMEOUT <= 60
+    monkeypatch.setattr(serve, "CONNECTION_TIMEOUT", 1)
+    cert, key = tls_files(tmp_path)
+    app, *_ = make_app(tmp_path / "app")
+    server = serve.make_console_server("127.0.0.1", 0, app, serve.tls_context(cert, key))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=15) as idle:
+            started = time.monotonic()
+            try:
+                closed = idle.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            assert closed and time.monotonic() - started < 15
     finally:
         server.shutdown()
         server.server_close()
