@@ -785,3 +785,28 @@ def test_every_spelling_of_all_addresses_is_refused_as_the_console_listener(tmp_
         load_config_text(text, "k.yaml")
     message = "\n".join(str(e) for e in exc.value.errors)
     assert "give the management address" in message and "管理用アドレスを書いてください" in message
+
+
+def test_one_address_cannot_take_every_connection(listener):
+    """Idle connections from one address (127.0.0.2) beyond the bound are closed at once; a
+    browser elsewhere (127.0.0.1) is still served."""
+    import socket
+
+    from gateway.console.serve import MAX_CONNECTIONS_PER_ADDRESS
+
+    port, cafile = listener
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS_PER_ADDRESS):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)))
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+        held.append(extra)
+        try:
+            closed = extra.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed
+        assert fetch_signin(port, cafile).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
