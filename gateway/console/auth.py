@@ -205,6 +205,10 @@ def check_unsafe_request(origin: str) -> None:
     """The CSRF and read-only checks of every state-changing request (see the module text)."""
     if request.method not in UNSAFE_METHODS:
         return
+    if request.content_length is None and "Transfer-Encoding" in request.headers:
+        # a chunked body is cut at MAX_CONTENT_LENGTH without an error (Werkzeug): the form would
+        # be read short instead of refused. Browsers send forms with a Content-Length.
+        abort(411)
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site != "same-origin":
         refuse("csrf", f"Sec-Fetch-Site {site}")
