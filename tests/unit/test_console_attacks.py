@@ -827,3 +827,22 @@ def test_a_huge_chunked_body_without_length_is_refused_too(console):
     assert r.status_code == 411      # not read short at 64 KiB (Werkzeug cuts a chunked body silently)
     assert "could not be handled" in r.get_data(as_text=True)
     assert registry.get("alice-phone").status is DeviceStatus.ACTIVE and apply.calls == []
+
+
+def test_a_reason_with_newlines_cannot_forge_lines_in_the_consoles_log(console, caplog, monkeypatch):
+    """The process log goes to the journal line by line: a CR/LF in a reason (or in an IdP
+    user name) must not start a line that looks like another audit entry."""
+    import logging
+
+    app, *_ = console
+    c = client_of(app)
+    signed_in(c, person(monkeypatch, "forger", preferred_username="eve\naudit console:ada", groups=["it-helpdesk"]))
+    token = csrf_of(c, "/devices/alice-phone")
+    with caplog.at_level(logging.INFO, logger="kanmon.console.audit"):
+        post(c, "/devices/bob-phone/action", {"action": "nonsense"}, token=token)          # refused: audited
+        c.post("/me/devices/lost", data={"device_id": "bob-phone\r\naudit console:ada device-revoked",
+                                         "csrf_token": token}, headers={"Origin": ORIGIN, "Sec-Fetch-Site": "same-origin"})
+        post(c, "/signout", {}, token=token)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kanmon.console.audit"]
+    assert lines
+    assert all("\n" not in line and "\r" not in line for line in lines), lines
