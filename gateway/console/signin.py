@@ -89,6 +89,10 @@ def _start_done(svc, address: str) -> None:
 @bp.get("/signin/start")
 def signin_start():
     svc = auth.services()
+    if request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        # started by another site (an <img> or a link elsewhere): no pending sign-in is made, so a
+        # page cannot use up the browser's address's open sign-ins; the person clicks here instead
+        return redirect(url_for("signin.signin_page", next=_local(request.args.get("next"))))
     if _too_many_starts(svc, request.remote_addr or "", svc.clock()):
         audit("console-signin-refused", reason=f"too-many-starts from {request.remote_addr}", who="console:unknown")
         return render_page("refused.html", 429, reason="too-many-starts")

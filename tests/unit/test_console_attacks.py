@@ -846,3 +846,18 @@ def test_a_reason_with_newlines_cannot_forge_lines_in_the_consoles_log(console, 
     lines = [r.getMessage() for r in caplog.records if r.name == "kanmon.console.audit"]
     assert lines
     assert all("\n" not in line and "\r" not in line for line in lines), lines
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_another_site_cannot_start_sign_ins_for_a_browser(console, site):
+    """With the per-address bound, <img src=https://console/signin/start> twenty times on another
+    site would use up the victim's address: a start from another site makes nothing."""
+    app, *_ = console
+    c = client_of(app)
+    pending = app.extensions["kanmon_console"].pending
+    for _ in range(30):
+        r = c.get("/signin/start?next=/devices", headers={"Sec-Fetch-Site": site})
+        assert r.status_code == 302 and r.headers["Location"].startswith("/signin?")
+    assert len(pending) == 0
+    r = c.get("/signin/start", headers={"Sec-Fetch-Site": "same-origin"})   # the button on /signin
+    assert r.status_code == 302 and r.headers["Location"].startswith("https://idp.example/")
