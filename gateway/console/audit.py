@@ -17,6 +17,9 @@ from flask import current_app, g
 from gateway.registry.model import AuditEntry
 
 log = logging.getLogger("kanmon.console.audit")
+# The process log reaches the journal line by line: control characters of an IdP user name or a
+# typed reason are shown escaped, so no value starts a line of its own (a forged entry).
+_ONE_LINE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, 0x85)} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 def actor() -> str:
@@ -30,4 +33,5 @@ def audit(action: str, *, reason: str = "", device_id: str | None = None, who: s
     be reported as done (the caller's request fails with 500)."""
     entry = AuditEntry(who or actor(), action, reason[:1000], device_id=device_id)
     current_app.extensions["kanmon_console"].registry.append_audit(entry)
-    log.info("audit %s %s %s %s", entry.actor, action, device_id or "-", reason)
+    shown = (str(v).translate(_ONE_LINE) for v in (entry.actor, action, device_id or "-", reason))
+    log.info("audit %s %s %s %s", *shown)

@@ -182,10 +182,15 @@ def refuse(kind: str, detail: str) -> None:
 
 # -- checks before every request ---------------------------------------------------------------
 
-def _origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    port = parts.port
+def _origin_of(url: str) -> str | None:
+    """``scheme://host[:port]`` of a URL, or None when it is not one (a port out of range or
+    not a number, a broken IPv6 literal: an Origin header is whatever the client sends)."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError:
+        return None
     if ":" in host:
         host = f"[{host}]"
     default = {"https": 443, "http": 80}.get(parts.scheme)
@@ -200,11 +205,15 @@ def check_unsafe_request(origin: str) -> None:
     """The CSRF and read-only checks of every state-changing request (see the module text)."""
     if request.method not in UNSAFE_METHODS:
         return
+    if request.content_length is None and "Transfer-Encoding" in request.headers:
+        # a chunked body is cut at MAX_CONTENT_LENGTH without an error (Werkzeug): the form would
+        # be read short instead of refused. Browsers send forms with a Content-Length.
+        abort(411)
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site != "same-origin":
         refuse("csrf", f"Sec-Fetch-Site {site}")
     sent = request.headers.get("Origin")
-    if not sent or sent == "null" or _origin_of(sent) != _origin_of(origin):
+    if not sent or sent == "null" or _origin_of(sent) is None or _origin_of(sent) != _origin_of(origin):
         refuse("csrf", f"Origin {sent!r}")
     session = g.get("console_session")
     if session is None:

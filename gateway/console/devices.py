@@ -47,6 +47,7 @@ REASON_LABELS = {"lost": M_("Lost"), "stolen": M_("Stolen"), "retired": M_("Reti
 POSTURE_FILTERS = ("any", "compliant", "noncompliant", "unknown")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_REASON = 500
+PAGE_SIZE = 100   # rows per page of the device list: 10 000 devices were one 5 MB page
 
 
 def posture_policy(cfg) -> PosturePolicy:
@@ -116,10 +117,22 @@ def device_list():
         if f["network"] and not _in_network(row.live.endpoint, f["network"]):
             continue
         rows.append(row)
-    return render_page("devices.html", rows=rows, f=f, statuses=[str(s) for s in DeviceStatus],
+    pages = max(1, -(-len(rows) // PAGE_SIZE))
+    page = _page_number(args.get("page", ""), pages)
+    shown = rows[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
+    filters = {k: v for k, v in f.items() if v}
+    return render_page("devices.html", rows=shown, total=len(rows), page=page, pages=pages, filters=filters,
+                       f=f, statuses=[str(s) for s in DeviceStatus],
                        ownerships=[str(o) for o in Ownership], postures=POSTURE_FILTERS, handshakes=HANDSHAKE_FILTERS,
                        handshake_labels=HANDSHAKE_LABELS,
                        now=now.timestamp(), messages=_take_notices())
+
+
+def _page_number(text: str, pages: int) -> int:
+    """The page asked for, within 1..pages (anything else: the nearest page, never an error)."""
+    text = text.strip()[:12]
+    number = int(text) if text.isdecimal() else 1
+    return min(max(number, 1), pages)
 
 
 def _device_or_404(device_id: str) -> DeviceRecord:
@@ -269,8 +282,13 @@ def renew(device_id: str):
 def certificate_download(device_id: str, token: str):
     """The renewed PKCS#12, once, to the session that made it."""
     session = auth.g.get("console_session")
-    item = session.downloads.pop(token, None) if session is not None else None
+    downloads = session.downloads if session is not None else {}
+    item = downloads.get(token)
     if item is None or not item[0].startswith(device_id + "."):
+        abort(404)
+    # taken out only by a GET (a HEAD from a link checker or a prefetch must not use it up);
+    # pop() decides between two GETs at once: one gets the file, the other 404
+    if request.method == "GET" and downloads.pop(token, None) is None:
         abort(404)
     name, data = item
     response = make_response(data)

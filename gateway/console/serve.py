@@ -72,10 +72,72 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+CONNECTION_TIMEOUT = 30   # seconds a connection may sit without sending (handshake, request, keep-alive)
+MAX_CONNECTIONS_PER_ADDRESS = 16   # a browser opens at most 6 per host; one thread each
+MAX_CONNECTIONS = 256
+
+
+def make_console_server(host: str, port: int, app, context: ssl.SSLContext):
+    """Werkzeug's threaded server with TLS done in each connection's thread.
+
+    Why not ``make_server(..., ssl_context=context)``: Werkzeug then wraps the listening socket
+    with the handshake on accept, in the one thread that accepts; a single client that opens a
+    TCP connection and sends nothing froze the console for everyone (tests/unit/
+    test_console_attacks.py). Here the handshake is the first read of the connection's own
+    thread, and every connection has CONNECTION_TIMEOUT."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Handler(WSGIRequestHandler):
+        server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
+        sys_version = ""
+        timeout = CONNECTION_TIMEOUT
+
+    server = make_server(host, port, app, threaded=True, request_handler=Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    server.ssl_context = context   # Werkzeug reads it for wsgi.url_scheme and its TLS error handling
+    _bound_connections(server)
+    return server
+
+
+def _bound_connections(server) -> None:
+    """One thread per connection, bounded: at most MAX_CONNECTIONS_PER_ADDRESS open from one
+    client address and MAX_CONNECTIONS in all; a connection beyond is closed at once (one
+    client holding idle connections cannot take every thread, nor every operator's turn)."""
+    import threading
+
+    lock = threading.Lock()
+    open_by_address: dict[str, int] = {}
+
+    def finished(address: str) -> None:
+        with lock:
+            open_by_address[address] -= 1
+            if not open_by_address[address]:
+                del open_by_address[address]
+
+    def bounded_process_request(request, client_address):
+        address = str(client_address[0])
+        with lock:
+            full = (open_by_address.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS
+                    or sum(open_by_address.values()) >= MAX_CONNECTIONS)
+            if not full:
+                open_by_address[address] = open_by_address.get(address, 0) + 1
+        if full:
+            log.warning("console: connection from %s refused (too many open)", address)
+            server.shutdown_request(request)
+            return
+
+        def run():
+            try:
+                server.process_request_thread(request, client_address)
+            finally:
+                finished(address)
+        threading.Thread(target=run, daemon=server.daemon_threads).start()
+
+    server.process_request = bounded_process_request
+
+
 def serve(cfg) -> None:
     """Run until interrupted. Raises ConsoleStartError (bilingual) when it cannot start."""
-    from werkzeug.serving import make_server
-
     from gateway.console.app import create_app
     from gateway.pages.catalog import CatalogError
 
@@ -90,15 +152,8 @@ def serve(cfg) -> None:
         app = create_app(cfg)
     except CatalogError as exc:
         raise ConsoleStartError(exc.text) from None
-    from werkzeug.serving import WSGIRequestHandler
-
-    class Handler(WSGIRequestHandler):
-        server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
-        sys_version = ""
-
     try:
-        server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context,
-                             request_handler=Handler)
+        server = make_console_server(cfg.console.host, cfg.console.port, app, context)
     except OSError as exc:
         raise ConsoleStartError(Text(f"{cfg.console.host}:{cfg.console.port} で待ち受けできません: {exc}",
                                      f"cannot listen on {cfg.console.host}:{cfg.console.port}: {exc}")) from None

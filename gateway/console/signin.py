@@ -21,7 +21,7 @@ import hashlib
 import logging
 import secrets
 
-from flask import Blueprint, abort, g, redirect, request, url_for
+from flask import Blueprint, abort, current_app, g, redirect, request, url_for
 
 from gateway.console import auth
 from gateway.console.app import render_page
@@ -41,10 +41,14 @@ def _browser_key(token: str) -> str:
 
 
 def _local(next_url: str | None) -> str:
-    """Only a path of this console (no scheme, no host, no "//" or "/\\")."""
-    if next_url and next_url.startswith("/") and not next_url.startswith(("//", "/\\")) and "\n" not in next_url:
-        return next_url
-    return "/"
+    """Only a path of this console (no scheme, no host, no "//" or "/\\"). Browsers drop tabs
+    and newlines from a URL and treat "\\" as "/" ("/<TAB>/evil.example" is "//evil.example",
+    another site), so any control character, space or backslash sends to "/" instead."""
+    if not next_url or not next_url.startswith("/") or next_url.startswith("//"):
+        return "/"
+    if any(c <= " " or c in "\x7f\\" for c in next_url):
+        return "/"
+    return next_url
 
 
 @bp.get("/signin")
@@ -52,9 +56,46 @@ def signin_page():
     return render_page("signin.html", next_url=_local(request.args.get("next")))
 
 
+MAX_STARTS_PER_ADDRESS = 20   # open sign-ins one client address may have (see _too_many_starts)
+
+
+def _too_many_starts(svc, address: str, now: float) -> bool:
+    """A sign-in start needs no account, and the pending sign-ins are bounded (the oldest is
+    dropped when full): one client could start a thousand and so drop every operator's sign-in
+    in progress. Each address may have MAX_STARTS_PER_ADDRESS open (started within the pending
+    lifetime and not come back yet); the rest get 429 with the bilingual refusal page."""
+    lifetime = svc.signin.pending_lifetime_seconds
+    starts = current_app.extensions.setdefault("kanmon_console_starts", {})
+    with svc.pending_lock:
+        recent = [t for t in starts.get(address, ()) if now - t < lifetime]
+        if len(recent) >= MAX_STARTS_PER_ADDRESS:
+            starts[address] = recent
+            return True
+        starts[address] = recent + [now]
+        if len(starts) > auth.MAX_PENDING:   # bounded: forget addresses with nothing open
+            for key in [k for k, v in starts.items() if not v or now - v[-1] >= lifetime]:
+                del starts[key]
+    return False
+
+
+def _start_done(svc, address: str) -> None:
+    """A sign-in of this address came back (completed or refused): one fewer open."""
+    starts = current_app.extensions.setdefault("kanmon_console_starts", {})
+    with svc.pending_lock:
+        if starts.get(address):
+            starts[address].pop(0)
+
+
 @bp.get("/signin/start")
 def signin_start():
     svc = auth.services()
+    if request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        # started by another site (an <img> or a link elsewhere): no pending sign-in is made, so a
+        # page cannot use up the browser's address's open sign-ins; the person clicks here instead
+        return redirect(url_for("signin.signin_page", next=_local(request.args.get("next"))))
+    if _too_many_starts(svc, request.remote_addr or "", svc.clock()):
+        audit("console-signin-refused", reason=f"too-many-starts from {request.remote_addr}", who="console:unknown")
+        return render_page("refused.html", 429, reason="too-many-starts")
     try:
         req = svc.oidc.begin()
     except SignInRefused as exc:
@@ -82,6 +123,7 @@ def callback():
     except PendingRefused as exc:
         audit("console-signin-refused", reason=exc.reason, who="console:unknown")
         return _refused(exc.reason, 400)
+    _start_done(svc, request.remote_addr or "")
     if "error" in request.args:
         reason = f"idp-error: {request.args.get('error', '')[:100]}"
         audit("console-signin-refused", reason=reason, who="console:unknown")
@@ -93,8 +135,11 @@ def callback():
         audit("console-signin-refused", reason=f"{exc.reason}: {exc.detail}", who="console:unknown")
         return _refused(exc.reason, 403)
     settings = svc.signin
-    user = str(claims.get(settings.user_claim) or claims.get("email") or claims["sub"])
-    email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    # An address the IdP says is not verified (Keycloak lets a user type any address into
+    # their profile) is nobody's identity: not the user name, not proof of owning a device.
+    email = claims.get("email") if isinstance(claims.get("email"), str) \
+        and claims.get("email_verified") not in (False, "false") else None
+    user = str(claims.get(settings.user_claim) or email or claims["sub"])
     who = f"console:{email or user} (sub={claims['sub']})"
     amr, acr, mfa = mfa_of_claims(claims, settings)
     if not mfa:

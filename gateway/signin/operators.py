@@ -100,6 +100,15 @@ def _listen(text: str) -> tuple[str, int] | None:
     return m.group(1), int(m.group(2))
 
 
+def _every_address(host: str) -> bool:
+    """0.0.0.0 or :: in any spelling ("0:0::0", "::ffff:0.0.0.0" binds every IPv4 address too)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(host)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
+
+
 def console_settings(doc, section: dict | None, errors: list, relative_to, *, has_signin: bool,
                      taken_ports: Iterable[tuple[str, int]] = ()) -> ConsoleSettings | None:
     """Settings from a schema-checked section; problems go to ``errors`` with their line."""
@@ -111,7 +120,7 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
                                                            "must be ADDRESS:PORT, e.g. 10.0.0.1:9443")))
         return None
     host, port = where
-    if host in ("0.0.0.0", "::"):
+    if _every_address(host):
         # every address would include the gateway's outer one, which faces the devices' networks
         errors.append(doc.error(("console", "listen"), Text("管理用アドレスを書いてください(0.0.0.0 や :: はゲートウェイの外側アドレスも含みます)",
                                                            "give the management address (0.0.0.0 or :: includes the gateway's outer address)")))
