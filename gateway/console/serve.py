@@ -23,7 +23,10 @@ device traffic; TLS 1.2 or newer only.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +75,31 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The console's listening socket, or a ConsoleStartError that says what to check."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            hint = Text(f"{host} はこのホストのアドレスではありません。console.listen にこのホストの管理用アドレスを"
+                        "書いてください(`ip -brief address` で確認できます)",
+                        f"{host} is not an address of this host: set console.listen to this host's management "
+                        "address (see `ip -brief address`)")
+        elif exc.errno == errno.EADDRINUSE:
+            hint = Text(f"ポート {port} はほかのプログラムが使っています。`ss -ltnp` で確認して止めるか、"
+                        "console.listen のポートを変えてください",
+                        f"port {port} is used by another program: find it with `ss -ltnp` and stop it, or "
+                        "change the port in console.listen")
+        elif exc.errno == errno.EACCES:
+            hint = Text("1024 未満のポートには root 権限(CAP_NET_BIND_SERVICE)が必要です",
+                        "a port below 1024 needs root (CAP_NET_BIND_SERVICE)")
+        else:
+            hint = Text("console.listen を確認してください", "check console.listen")
+        raise ConsoleStartError(Text(f"{host}:{port} で待ち受けできません: {reason}。{hint.ja}",
+                                     f"cannot listen on {host}:{port}: {reason}; {hint.en}")) from None
+
+
 def serve(cfg) -> None:
     """Run until interrupted. Raises ConsoleStartError (bilingual) when it cannot start."""
     from werkzeug.serving import make_server
@@ -96,12 +124,14 @@ def serve(cfg) -> None:
         server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
         sys_version = ""
 
+    listener = listen_socket(cfg.console.host, cfg.console.port)
     try:
+        # Werkzeug is handed the bound socket: when it binds itself, a failure is printed in
+        # English and ends the process (sys.exit), so the bilingual message above never shows.
         server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context,
-                             request_handler=Handler)
-    except OSError as exc:
-        raise ConsoleStartError(Text(f"{cfg.console.host}:{cfg.console.port} で待ち受けできません: {exc}",
-                                     f"cannot listen on {cfg.console.host}:{cfg.console.port}: {exc}")) from None
+                             request_handler=Handler, fd=listener.fileno())
+    finally:
+        listener.close()    # make_server holds its own duplicate of the descriptor
     log.info("console on %s (listening on %s:%d)", cfg.console.public_url, cfg.console.host, cfg.console.port)
     print(f"console: {cfg.console.public_url}", flush=True)
     try:
