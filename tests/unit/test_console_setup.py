@@ -150,3 +150,24 @@ def test_a_refused_sign_in_names_whom_to_call(console_with_helpdesk):
     page = signed_in(c, "nomfa").get_data(as_text=True)
     assert 'data-reason="mfa-missing"' in page
     assert re.search(r'<p id="helpdesk-contact">[^<]*情報システム課.*?03-1234-5678', page, re.S)
+
+
+def test_a_change_refused_because_the_console_was_opened_by_address_says_where_to_open_it(console_with_helpdesk):
+    """CONSOLE.md: open the console at public_url; under an IP address the Origin differs and a
+    change is refused. The 403 page says so, with the address to use, not only 'no permission'."""
+    from tests.unit.console_fixtures import ORIGIN, csrf_of
+
+    c = client_of(console_with_helpdesk)
+    signed_in(c, "alice")
+    token = csrf_of(c)
+
+    def report(base: str):
+        return c.post("/me/devices/lost", base_url=base, data={"device_id": "alice-phone", "csrf_token": token},
+                      headers={"Origin": base, "Sec-Fetch-Site": "same-origin"})
+
+    r = report("https://10.0.0.1:9443")                     # the operator typed the address
+    page = r.get_data(as_text=True)
+    assert r.status_code == 403
+    assert 'id="wrong-address"' in page and f'href="{ORIGIN}/"' in page and "https://10.0.0.1:9443 で開かれて" in page
+    r = report(ORIGIN)          # a 403 at public_url (here: the session cookie is localhost's) has no such hint
+    assert r.status_code == 403 and 'id="wrong-address"' not in r.get_data(as_text=True)
