@@ -171,3 +171,26 @@ def test_a_change_refused_because_the_console_was_opened_by_address_says_where_t
     assert 'id="wrong-address"' in page and f'href="{ORIGIN}/"' in page and "https://10.0.0.1:9443 で開かれて" in page
     r = report(ORIGIN)          # a 403 at public_url (here: the session cookie is localhost's) has no such hint
     assert r.status_code == 403 and 'id="wrong-address"' not in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("change,needle_ja,needle_en", [
+    (("idle_timeout: 10m", "idle_timeout: 15min"), "'15min' は時間として読めません", "'15min' is not a duration: write a number"),
+    (("absolute_timeout: 1h", "absolute_timeout: 0"), "0 は時間として読めません", "0 is not a duration"),
+    (("public_url: https://console.test:9443", "public_url: http://console.test:9443"),
+     "https://名前:ポート の形で", "give the URL browsers open as https://NAME:PORT"),
+    (("public_url: https://console.test:9443", "public_url: https://console.test:9443/console"),
+     "パスなし", "without a path"),
+])
+def test_a_mistyped_duration_or_public_url_says_what_to_write(tmp_path, change, needle_ja, needle_en):
+    """Not the schema's 'not valid under any of the given schemas' or a raw regular expression."""
+    from gateway.config import load_config_text
+    from gateway.yamlsource import SourceErrors
+    from tests.unit.console_fixtures import console_config_text
+
+    text = console_config_text(tmp_path)
+    assert change[0] in text
+    with pytest.raises(SourceErrors) as exc:
+        load_config_text(text.replace(*change), "k.yaml")
+    message = "\n".join(str(e) for e in exc.value.errors)
+    assert needle_ja in message and needle_en in message and "k.yaml:" in message
+    assert "schemas" not in message and "^https" not in message
