@@ -31,6 +31,8 @@ import ssl
 from datetime import UTC, datetime
 from pathlib import Path
 
+from werkzeug.serving import WSGIRequestHandler
+
 from gateway.i18n import Text
 
 log = logging.getLogger("kanmon.console")
@@ -73,6 +75,17 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+class ConsoleRequestHandler(WSGIRequestHandler):
+    server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
+    sys_version = ""
+
+    def log_request(self, code="-", size="-") -> None:
+        # Werkzeug's line carries ANSI colours (escape codes in the journal) and the query
+        # string (the IdP's one-time code and state on /callback): method and path only.
+        path = self.path.split("?", 1)[0]
+        self.log("info", '"%s %s" %s %s', self.command, path, getattr(code, "value", code), size)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -118,18 +131,13 @@ def serve(cfg) -> None:
         app = create_app(cfg)
     except CatalogError as exc:
         raise ConsoleStartError(exc.text) from None
-    from werkzeug.serving import WSGIRequestHandler
-
-    class Handler(WSGIRequestHandler):
-        server_version = "kanmon-console"   # no Werkzeug/Python versions in the Server header
-        sys_version = ""
 
     listener = listen_socket(cfg.console.host, cfg.console.port)
     try:
         # Werkzeug is handed the bound socket: when it binds itself, a failure is printed in
-        # English and ends the process (sys.exit), so the bilingual message above never shows.
+        # English and ends the process (sys.exit), so listen_socket's bilingual message never showed.
         server = make_server(cfg.console.host, cfg.console.port, app, threaded=True, ssl_context=context,
-                             request_handler=Handler, fd=listener.fileno())
+                             request_handler=ConsoleRequestHandler, fd=listener.fileno())
     finally:
         listener.close()    # make_server holds its own duplicate of the descriptor
     log.info("console on %s (listening on %s:%d)", cfg.console.public_url, cfg.console.host, cfg.console.port)

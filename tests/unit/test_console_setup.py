@@ -194,3 +194,17 @@ def test_a_mistyped_duration_or_public_url_says_what_to_write(tmp_path, change, 
     message = "\n".join(str(e) for e in exc.value.errors)
     assert needle_ja in message and needle_en in message and "k.yaml:" in message
     assert "schemas" not in message and "^https" not in message
+
+
+def test_the_request_log_has_no_colour_codes_and_no_query_string():
+    """A request line in the journal: no ANSI escapes, and not the IdP's one-time code of /callback."""
+    from http import HTTPStatus
+
+    from gateway.console.serve import ConsoleRequestHandler
+
+    handler = object.__new__(ConsoleRequestHandler)   # only the attributes log_request reads
+    handler.command, handler.path = "GET", "/callback?code=one-time-code&state=st1"
+    lines = []
+    handler.log = lambda kind, fmt, *args: lines.append(fmt % args)
+    handler.log_request(HTTPStatus.BAD_REQUEST, "-")
+    assert lines == ['"GET /callback" 400 -']
