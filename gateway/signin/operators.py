@@ -21,6 +21,7 @@ schema, the settings and the role mapping; no I/O besides reading the secret fil
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def _duration(doc, section: dict, key: str, default: str, errors: list) -> int:
 
 
 def console_settings(doc, section: dict | None, errors: list, relative_to, *, has_signin: bool,
-                     taken_ports: Iterable[tuple[str, int]] = ()) -> ConsoleSettings | None:
+                     taken_ports: Iterable[tuple[str, int]] = (), device_networks: Iterable = ()) -> ConsoleSettings | None:
     """Settings from a schema-checked section; problems go to ``errors`` with their line."""
     if section is None:
         return None
@@ -132,6 +133,11 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
         # every address would include the gateway's outer one, which faces the devices' networks
         errors.append(doc.error(("console", "listen"), Text("管理用アドレスを書いてください(0.0.0.0 や :: はゲートウェイの外側アドレスも含みます)",
                                                            "give the management address (0.0.0.0 or :: includes the gateway's outer address)")))
+    if any(ipaddress.ip_address(host) in net for net in device_networks):
+        # the gateway's own tunnel address: the devices' side (and steering drops tunnel traffic to it)
+        errors.append(doc.error(("console", "listen"), Text(
+            f"{host} は端末のトンネル側のアドレスです。情報システム担当の PC から届く管理用アドレスを書いてください",
+            f"{host} is on the devices' tunnel side: give the management address the IT section's PCs reach")))
     if any(p == port and h in (host, "0.0.0.0", "::") for h, p in taken_ports):
         errors.append(doc.error(("console", "listen"), Text("このポートはほかの待ち受けが使っています",
                                                            "port already used by another listener of the gateway")))

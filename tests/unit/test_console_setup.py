@@ -208,3 +208,19 @@ def test_the_request_log_has_no_colour_codes_and_no_query_string():
     handler.log = lambda kind, fmt, *args: lines.append(fmt % args)
     handler.log_request(HTTPStatus.BAD_REQUEST, "-")
     assert lines == ['"GET /callback" 400 -']
+
+
+@pytest.mark.parametrize("address", ["10.77.0.1", "[fd77:77::1]"])
+def test_the_gateways_tunnel_address_is_not_a_management_address(tmp_path, address):
+    """A newcomer looking for 'the gateway's address' may pick the tunnel's: only devices are there."""
+    from gateway.config import load_config_text
+    from gateway.yamlsource import SourceErrors
+    from tests.unit.console_fixtures import console_config_text
+
+    text = console_config_text(tmp_path)
+    assert "ipv4_prefix: 10.77.0.0/24" in text and "ipv6_prefix: fd77:77::/64" in text
+    with pytest.raises(SourceErrors) as exc:
+        load_config_text(text.replace("listen: 127.0.0.1:9443", f"listen: '{address}:9443'"), "k.yaml")
+    message = "\n".join(str(e) for e in exc.value.errors)
+    assert "端末のトンネル側のアドレス" in message and "on the devices' tunnel side" in message
+    assert load_config_text(text.replace("listen: 127.0.0.1:9443", "listen: 10.78.0.1:9443"), "k.yaml").console
