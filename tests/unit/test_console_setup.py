@@ -224,3 +224,12 @@ def test_the_gateways_tunnel_address_is_not_a_management_address(tmp_path, addre
     message = "\n".join(str(e) for e in exc.value.errors)
     assert "端末のトンネル側のアドレス" in message and "on the devices' tunnel side" in message
     assert load_config_text(text.replace("listen: 127.0.0.1:9443", "listen: 10.78.0.1:9443"), "k.yaml").console
+
+
+def test_console_help_is_in_both_languages(capsys, both_languages):
+    for argv in (["console", "--help"], ["console", "serve", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())     # argparse wraps the lines
+        assert "console.listen で HTTPS のコンソールを提供" in out or "設定ファイル(console: と signin: セクション)" in out
+        assert "over HTTPS" in out or "console: and signin: sections" in out
