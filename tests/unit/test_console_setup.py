@@ -233,3 +233,19 @@ def test_console_help_is_in_both_languages(capsys, both_languages):
         out = " ".join(capsys.readouterr().out.split())     # argparse wraps the lines
         assert "console.listen で HTTPS のコンソールを提供" in out or "設定ファイル(console: と signin: セクション)" in out
         assert "over HTTPS" in out or "console: and signin: sections" in out
+
+
+@pytest.mark.parametrize("lang,added,lost", [("ja", "登録", "紛失の届出(本人)"), ("en", "added", "reported lost (by the owner)")])
+def test_a_devices_history_is_in_the_pages_language(console_with_helpdesk, lang, added, lost):
+    """The audit actions of a device's history were shown as codes (device-added) to a Japanese operator."""
+    from tests.unit.console_fixtures import csrf_of, post
+
+    owner = client_of(console_with_helpdesk)
+    signed_in(owner, "alice")
+    assert post(owner, "/me/devices/lost", {"device_id": "alice-phone"}, token=csrf_of(owner)).status_code in (200, 303)
+    c = client_of(console_with_helpdesk)
+    c.environ_base["HTTP_ACCEPT_LANGUAGE"] = lang
+    signed_in(c, "helpdesk")
+    page = c.get("/devices/alice-phone").get_data(as_text=True)
+    rows = dict(re.findall(r'<tr data-action="([^"]+)"><td[^>]*>[^<]*</td><td[^>]*>([^<]*)</td>', page))
+    assert rows["device-added"] == added and rows["device-reported-lost"] == lost
