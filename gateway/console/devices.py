@@ -122,15 +122,6 @@ def device_list():
                        now=now.timestamp(), messages=_take_notices())
 
 
-def history_label(action: str) -> str:
-    """An audit action of the device's history in the page's language (the reports' table;
-    an action it does not know is shown as written)."""
-    from flask import g
-
-    from gateway.reports.labels import AUDIT_ACTIONS, words_or_code
-    return words_or_code(AUDIT_ACTIONS, action).render(g.get("lang", "ja"))
-
-
 def _device_or_404(device_id: str) -> DeviceRecord:
     rec = auth.services().registry.get(device_id)
     if rec is None:
@@ -168,6 +159,15 @@ def _possible_actions(rec: DeviceRecord) -> list[str]:
     else:
         out.append("quarantine")
     return out
+
+
+def history_label(action: str) -> str:
+    """An audit action of the device's history in the page's language (the reports' table;
+    an action it does not know is shown as written)."""
+    from flask import g
+
+    from gateway.reports.labels import AUDIT_ACTIONS, words_or_code
+    return words_or_code(AUDIT_ACTIONS, action).render(g.get("lang", "ja"))
 
 
 def last_blocks(cfg, device_id: str, now: datetime, limit: int = 20) -> list[dict]:

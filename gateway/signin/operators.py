@@ -104,20 +104,6 @@ def _listen(text: str) -> tuple[str, int] | None:
     return m.group(1), int(m.group(2))
 
 
-def _duration(doc, section: dict, key: str, default: str, errors: list) -> int:
-    value = section.get(key, default)
-    try:
-        seconds = duration_seconds(value)
-    except ValueError:
-        seconds = 0
-    if isinstance(value, bool) or seconds < 1:
-        errors.append(doc.error(("console", key), Text(
-            f"{value!r} は時間として読めません。数字と単位(s 秒、m 分、h 時間、d 日)で書いてください(例 15m、8h)",
-            f"{value!r} is not a duration: write a number and a unit, s, m, h or d (e.g. 15m, 8h)")))
-        return duration_seconds(default)
-    return seconds
-
-
 def console_settings(doc, section: dict | None, errors: list, relative_to, *, has_signin: bool,
                      taken_ports: Iterable[tuple[str, int]] = (), device_networks: Iterable = ()) -> ConsoleSettings | None:
     """Settings from a schema-checked section; problems go to ``errors`` with their line."""
@@ -133,17 +119,17 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
         # every address would include the gateway's outer one, which faces the devices' networks
         errors.append(doc.error(("console", "listen"), Text("管理用アドレスを書いてください(0.0.0.0 や :: はゲートウェイの外側アドレスも含みます)",
                                                            "give the management address (0.0.0.0 or :: includes the gateway's outer address)")))
-    if any(ipaddress.ip_address(host) in net for net in device_networks):
-        # the gateway's own tunnel address: the devices' side (and steering drops tunnel traffic to it)
-        errors.append(doc.error(("console", "listen"), Text(
-            f"{host} は端末のトンネル側のアドレスです。情報システム担当の PC から届く管理用アドレスを書いてください",
-            f"{host} is on the devices' tunnel side: give the management address the IT section's PCs reach")))
     if any(p == port and h in (host, "0.0.0.0", "::") for h, p in taken_ports):
         errors.append(doc.error(("console", "listen"), Text("このポートはほかの待ち受けが使っています",
                                                            "port already used by another listener of the gateway")))
     if not has_signin:
         errors.append(doc.error(("console",), Text("コンソールのサインインには signin: セクション(IdP)が必要です",
                                                    "the console signs operators in through the IdP: a signin: section is required")))
+    if any(ipaddress.ip_address(host) in net for net in device_networks):
+        # the gateway's own tunnel address: the devices' side (and steering drops tunnel traffic to it)
+        errors.append(doc.error(("console", "listen"), Text(
+            f"{host} は端末のトンネル側のアドレスです。情報システム担当の PC から届く管理用アドレスを書いてください",
+            f"{host} is on the devices' tunnel side: give the management address the IT section's PCs reach")))
     roles = {r: tuple(section["roles"].get(r, ())) for r in OPERATOR_ROLES}
     if not any(roles.values()):
         errors.append(doc.error(("console", "roles"), Text("どの役割にもグループがありません(admin、helpdesk、auditor のどれかに書いてください)",
@@ -186,3 +172,17 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
                            server_names=tuple(section.get("server_names", ())), idle_timeout_seconds=idle,
                            absolute_timeout_seconds=absolute, client_id=section.get("client_id"), client_secret=secret,
                            server_cert_file=file_of("server_cert_file"), server_key_file=file_of("server_key_file"))
+
+
+def _duration(doc, section: dict, key: str, default: str, errors: list) -> int:
+    value = section.get(key, default)
+    try:
+        seconds = duration_seconds(value)
+    except ValueError:
+        seconds = 0
+    if isinstance(value, bool) or seconds < 1:
+        errors.append(doc.error(("console", key), Text(
+            f"{value!r} は時間として読めません。数字と単位(s 秒、m 分、h 時間、d 日)で書いてください(例 15m、8h)",
+            f"{value!r} is not a duration: write a number and a unit, s, m, h or d (e.g. 15m, 8h)")))
+        return duration_seconds(default)
+    return seconds
