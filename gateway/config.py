@@ -488,9 +488,10 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         errors.append(doc.error(("scan", "clamd"), problem))
     signin = signin_settings(doc, d.get("signin"), errors, _relative_to)
     organization = organization_settings(doc, d.get("organization"), d.get("helpdesk"), errors)
-    console = console_settings(doc, d.get("console"), errors, _relative_to, has_signin=signin is not None,
+    console = console_settings(doc, d.get("console"), errors, _relative_to, has_signin="signin" in d,
                                taken_ports=[("0.0.0.0", transparent_port), ("0.0.0.0", dns_port), (mgmt_host, mgmt_port)]
-                               + ([(enroll_host, enroll_port)] if enroll_host else []))
+                               + ([(enroll_host, enroll_port)] if enroll_host else []),
+                               device_networks=[n for n in (ipv4, ipv6) if n is not None])
 
     if errors:
         raise SourceErrors(errors)

@@ -28,6 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     console = sub.add_parser("console", help="the operator console (web) / 管理コンソール")
     csub = console.add_subparsers(dest="console_command", required=True)
-    serve = csub.add_parser("serve", help="serve the console over HTTPS on console.listen")
-    add_config_argument(serve, help="gateway configuration (console: and signin: sections)")
+    serve = csub.add_parser("serve", help="serve the console over HTTPS on console.listen / "
+                                          "console.listen で HTTPS のコンソールを提供(docs/CONSOLE.md)")
+    add_config_argument(serve, help="gateway configuration (console: and signin: sections) / "
+                                    "設定ファイル(console: と signin: セクション)")
     serve.set_defaults(func=cmd_serve)

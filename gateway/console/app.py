@@ -98,6 +98,7 @@ def create_app(cfg, *, oidc=None, registry=None, clock: Callable[[], float] = ti
     settings = cfg.console
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, SESSION_COOKIE_NAME="__Host-unused", TEMPLATES_AUTO_RELOAD=False)
+    app.config["KANMON_PUBLIC_URL"] = settings.public_url   # error.html: "open the console at …"
     app.jinja_env.undefined = StrictUndefined
     app.jinja_env.trim_blocks = True
     app.jinja_env.lstrip_blocks = True

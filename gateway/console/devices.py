@@ -156,7 +156,7 @@ def device_page(device_id: str):
                        history=history, live=live, blocks=blocks, now=now.timestamp(),
                        can_act=op is not None and op.has(ROLE_HELPDESK) and not op.read_only,
                        actions=_possible_actions(rec), labels=ACTION_LABELS, revoke_reasons=lifecycle.REVOKE_REASONS, reason_labels=REASON_LABELS,
-                       messages=_take_notices())
+messages=_take_notices(), history_label=history_label)
 
 
 def _possible_actions(rec: DeviceRecord) -> list[str]:
@@ -172,6 +172,15 @@ def _possible_actions(rec: DeviceRecord) -> list[str]:
     else:
         out.append("quarantine")
     return out
+
+
+def history_label(action: str) -> str:
+    """An audit action of the device's history in the page's language (the reports' table;
+    an action it does not know is shown as written)."""
+    from flask import g
+
+    from gateway.reports.labels import AUDIT_ACTIONS, words_or_code
+    return words_or_code(AUDIT_ACTIONS, action).render(g.get("lang", "ja"))
 
 
 def last_blocks(cfg, device_id: str, now: datetime, limit: int = 20) -> list[dict]:

@@ -23,7 +23,11 @@ device traffic; TLS 1.2 or newer only.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import socket
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +41,49 @@ class ConsoleStartError(Exception):
     def __init__(self, text: Text):
         self.text = text
         super().__init__(str(text))
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The console's listening socket, or a ConsoleStartError that says what to check.
+
+    serve() binds it once before Werkzeug does: when Werkzeug's own bind fails it prints the
+    errno text in English and ends the process (sys.exit), so an operator who kept the doc's
+    example address saw only "Cannot assign requested address"."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            hint = Text(f"{host} はこのホストのアドレスではありません。console.listen にこのホストの管理用アドレスを"
+                        "書いてください(`ip -brief address` で確認できます)",
+                        f"{host} is not an address of this host: set console.listen to this host's management "
+                        "address (see `ip -brief address`)")
+        elif exc.errno == errno.EADDRINUSE:
+            hint = Text(f"ポート {port} はほかのプログラムが使っています。`ss -ltnp` で確認して止めるか、"
+                        "console.listen のポートを変えてください",
+                        f"port {port} is used by another program: find it with `ss -ltnp` and stop it, or "
+                        "change the port in console.listen")
+        elif exc.errno == errno.EACCES:
+            hint = Text("1024 未満のポートには root 権限(CAP_NET_BIND_SERVICE)が必要です",
+                        "a port below 1024 needs root (CAP_NET_BIND_SERVICE)")
+        else:
+            hint = Text("console.listen を確認してください", "check console.listen")
+        raise ConsoleStartError(Text(f"{host}:{port} で待ち受けできません: {reason}。{hint.ja}",
+                                     f"cannot listen on {host}:{port}: {reason}; {hint.en}")) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_QUERY = re.compile(r"\?[^\s\"]*")
+
+
+class RequestLogFilter(logging.Filter):
+    """Werkzeug's access lines without ANSI colours (escape codes in the journal) and without
+    query strings (on /callback: the IdP's one-time code and state)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_QUERY.sub("", _ANSI.sub("", a)) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def certificate_paths(cfg, now: datetime | None = None) -> tuple[Path, Path]:
@@ -143,6 +190,8 @@ def serve(cfg) -> None:
 
     if cfg.console is None:
         raise ConsoleStartError(Text("設定に console: セクションがありません", "the configuration has no console: section"))
+    listen_socket(cfg.console.host, cfg.console.port).close()   # refused in both languages, before Werkzeug
+    logging.getLogger("werkzeug").addFilter(RequestLogFilter())
     cert, key = certificate_paths(cfg)
     try:
         context = tls_context(cert, key)

@@ -60,6 +60,7 @@ AUDIT_ACTIONS: Mapping[str, Text] = {
     "device-renewed": Text("証明書更新", "certificate renewed"),
     "device-posture-updated": Text("状態情報更新", "posture updated"),
     "device-added": Text("登録", "added"), "device-enrolled": Text("登録完了", "enrolled"),
+    "device-reported-lost": Text("紛失の届出(本人)", "reported lost (by the owner)"),   # issue #21 console
 }
 
 # `kanmon device revoke --reason` (gateway/cli/device.py REVOKE_REASONS); other audit reasons

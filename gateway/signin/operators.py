@@ -21,6 +21,7 @@ schema, the settings and the role mapping; no I/O besides reading the secret fil
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,7 +35,10 @@ ROLE_ADMIN, ROLE_HELPDESK, ROLE_AUDITOR, ROLE_USER = "admin", "helpdesk", "audit
 OPERATOR_ROLES = (ROLE_ADMIN, ROLE_HELPDESK, ROLE_AUDITOR)
 
 _STR = {"type": "string", "minLength": 1}
-_DURATION = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*[0-9]+\s*[smhd]\s*$"}]}
+# Durations and public_url are checked in console_settings, where the error can say what to write
+# (the schema's own message would be "not valid under any of the given schemas" or a raw regex).
+_DURATION = {"type": ["integer", "string"]}
+_PUBLIC_URL = re.compile(r"https://[^\s/?#]+/?")
 _GROUPS = {"type": "array", "items": _STR}
 
 CONSOLE_SCHEMA: dict[str, Any] = {
@@ -43,7 +47,7 @@ CONSOLE_SCHEMA: dict[str, Any] = {
     "required": ["listen", "roles"],
     "properties": {
         "listen": _STR,
-        "public_url": {"type": "string", "pattern": r"^https://[^\s/?#]+/?$"},
+        "public_url": _STR,
         "server_names": {"type": "array", "items": _STR},
         "roles": {"type": "object", "additionalProperties": False,
                   "properties": {r: _GROUPS for r in OPERATOR_ROLES}},
@@ -110,7 +114,7 @@ def _every_address(host: str) -> bool:
 
 
 def console_settings(doc, section: dict | None, errors: list, relative_to, *, has_signin: bool,
-                     taken_ports: Iterable[tuple[str, int]] = ()) -> ConsoleSettings | None:
+                     taken_ports: Iterable[tuple[str, int]] = (), device_networks: Iterable = ()) -> ConsoleSettings | None:
     """Settings from a schema-checked section; problems go to ``errors`` with their line."""
     if section is None:
         return None
@@ -130,6 +134,11 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
     if not has_signin:
         errors.append(doc.error(("console",), Text("コンソールのサインインには signin: セクション(IdP)が必要です",
                                                    "the console signs operators in through the IdP: a signin: section is required")))
+    if any(ipaddress.ip_address(host) in net for net in device_networks):
+        # the gateway's own tunnel address: the devices' side (and steering drops tunnel traffic to it)
+        errors.append(doc.error(("console", "listen"), Text(
+            f"{host} は端末のトンネル側のアドレスです。情報システム担当の PC から届く管理用アドレスを書いてください",
+            f"{host} is on the devices' tunnel side: give the management address the IT section's PCs reach")))
     roles = {r: tuple(section["roles"].get(r, ())) for r in OPERATOR_ROLES}
     if not any(roles.values()):
         errors.append(doc.error(("console", "roles"), Text("どの役割にもグループがありません(admin、helpdesk、auditor のどれかに書いてください)",
@@ -152,8 +161,13 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
     if ("server_cert_file" in section) != ("server_key_file" in section):
         errors.append(doc.error(("console",), Text("server_cert_file と server_key_file は両方書いてください",
                                                    "server_cert_file and server_key_file go together")))
-    idle = duration_seconds(section.get("idle_timeout", "15m"))
-    absolute = duration_seconds(section.get("absolute_timeout", "8h"))
+    idle = _duration(doc, section, "idle_timeout", "15m", errors)
+    absolute = _duration(doc, section, "absolute_timeout", "8h", errors)
+    if "public_url" in section and not _PUBLIC_URL.fullmatch(section["public_url"]):
+        errors.append(doc.error(("console", "public_url"), Text(
+            "ブラウザで開く URL を https://名前:ポート の形で書いてください(パスなし。例 https://console.kanmon.internal:9443)",
+            "give the URL browsers open as https://NAME:PORT, without a path "
+            "(e.g. https://console.kanmon.internal:9443)")))
     if idle > absolute:
         errors.append(doc.error(("console", "idle_timeout"), Text("absolute_timeout より長くできません",
                                                                   "may not be longer than absolute_timeout")))
@@ -167,3 +181,17 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
                            server_names=tuple(section.get("server_names", ())), idle_timeout_seconds=idle,
                            absolute_timeout_seconds=absolute, client_id=section.get("client_id"), client_secret=secret,
                            server_cert_file=file_of("server_cert_file"), server_key_file=file_of("server_key_file"))
+
+
+def _duration(doc, section: dict, key: str, default: str, errors: list) -> int:
+    value = section.get(key, default)
+    try:
+        seconds = duration_seconds(value)
+    except ValueError:
+        seconds = 0
+    if isinstance(value, bool) or seconds < 1:
+        errors.append(doc.error(("console", key), Text(
+            f"{value!r} は時間として読めません。数字と単位(s 秒、m 分、h 時間、d 日)で書いてください(例 15m、8h)",
+            f"{value!r} is not a duration: write a number and a unit, s, m, h or d (e.g. 15m, 8h)")))
+        return duration_seconds(default)
+    return seconds
