@@ -87,7 +87,7 @@ def show(stream: str, form: dict[str, str], template: str, **filters):
         {"time": local_time(r.get("@timestamp"), zone), "record": {k: _cell(v) for k, v in r.items()},
          "target": _cell(target_of(r))} for r in result.records]
     return page(template, form=form, error=None, rows=rows, result=result, limit=LIMIT, streams=LOG_STREAMS,
-                since=local_time(since.isoformat().replace("+00:00", "Z"), zone))
+                since=since.astimezone(zone).isoformat(timespec="seconds"))
 
 
 def form_of(*names: str) -> dict[str, str]:
