@@ -8,7 +8,6 @@ import sys
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.cli.common import EXIT_FAIL, EXIT_OK, error
 from gateway.i18n import Text
@@ -16,18 +15,15 @@ from gateway.i18n import Text
 from gateway.logstore.anchor import ANCHOR_SUBDIR
 from gateway.logstore.fields import json_default
 from gateway.logstore.layout import STREAMS
+from gateway.logstore.query import BAD_RANGE, BAD_TIME, BAD_ZONE  # noqa: F401  (shared with the console)
+from gateway.logstore.query import local_time as _local_time, parse_time as _parse_time, target_of, zone_of as _zone
 from gateway.logstore.retention import DEFAULT_RETENTION_DAYS, purge, retention_cutoff
 from gateway.logstore.search import search
 from gateway.logstore.verify import verify
 
 
 NO_DIRECTORY = Text("ログディレクトリがありません: {path}", "log directory does not exist: {path}")
-BAD_TIME = Text("日時を解釈できません: {option} {value!r}（ISO 8601 形式、例 2026-01-31T09:00:00Z）",
-                "cannot parse time: {option} {value!r} (use ISO 8601, e.g. 2026-01-31T09:00:00Z)")
-BAD_ZONE = Text("--tz のタイムゾーンがありません: {zone!r}（IANA の名前、例 Asia/Tokyo）",
-                "--tz: no such time zone: {zone!r} (an IANA name, e.g. Asia/Tokyo)")
 BAD_LIMIT = Text("--limit は 0（制限なし）以上にしてください", "--limit must be 0 (no limit) or more")
-BAD_RANGE = Text("--since は --until より前にしてください", "--since must be before --until")
 BAD_RETENTION = Text("--retention-days は 1 以上にしてください", "--retention-days must be at least 1")
 VERIFY_OK = Text("改ざんは検出されませんでした（{files} ファイル、{records} レコード）",
                  "no tampering found ({files} files, {records} records)")
@@ -43,38 +39,6 @@ PURGE_SUMMARY = Text("保存期間 {days} 日、基準日時 {cutoff}: {removed}
 SEARCH_PROBLEMS = Text("読めない行またはファイルが {count} 件ありました（`kanmon logs verify` で確認してください）",
                        "{count} unreadable line(s) or file(s) were skipped (check with `kanmon logs verify`)")
 SEARCH_COUNT = Text("{count} 件", "{count} record(s)")
-
-
-def _parse_time(option: str, value: str | None, zone: tzinfo = UTC) -> datetime | None:
-    """ISO 8601 date or date-time; without an offset it is taken in ``zone`` (--tz, UTC by default)."""
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(BAD_TIME.format(option=option, value=value)) from None
-    return moment.replace(tzinfo=zone).astimezone(UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _zone(name: str | None) -> tzinfo | None:
-    """The IANA zone --tz names (``Asia/Tokyo``); None when it names none. UTC without --tz."""
-    if not name:
-        return UTC
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # ValueError: "../x", a path; OSError: "Asia" (a directory)
-        return None
-
-
-def _local_time(stamp: object, zone: tzinfo) -> str:
-    """A record's @timestamp (UTC, ``...Z``) as ISO 8601 with the offset of ``zone``."""
-    if zone is UTC or not isinstance(stamp, str):
-        return "-" if stamp is None else str(stamp)
-    try:
-        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return stamp
-    return moment.astimezone(zone).isoformat(timespec="microseconds")
 
 
 def _directory(args: argparse.Namespace) -> Path | None:
@@ -117,11 +81,8 @@ def _summary_line(record: dict[str, Any], zone: tzinfo = UTC) -> str:
     def get(name: str) -> str:
         value = record.get(name)
         return "-" if value is None else str(value)
-    target = (record.get("url.full") or record.get("dns.question.name") or record.get("destination.domain")
-              or (f"{get('destination.ip')}:{get('destination.port')}" if "destination.ip" in record else None)
-              or record.get("event.action") or "-")
     return "\t".join([_local_time(record.get("@timestamp"), zone), get("device.id"), get("source.ip"), get("user.name"),
-                      get("kanmon.verdict"), get("rule.id"), str(target)])
+                      get("kanmon.verdict"), get("rule.id"), target_of(record)])
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -43,6 +43,8 @@ PAGES: list[tuple[str, NavItem | None]] = [
     ("gateway.console.feeds", NavItem("feeds.feeds_page", "Feeds", (ROLE_HELPDESK, ROLE_AUDITOR))),
     ("gateway.console.reports", NavItem("reports.reports_page", "Reports", (ROLE_HELPDESK, ROLE_AUDITOR))),
     ("gateway.console.alerts", NavItem("alerts.alerts_page", "Alerts", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.logs", NavItem("logs.logs_page", "Logs", (ROLE_HELPDESK, ROLE_AUDITOR))),
+    ("gateway.console.audittrail", NavItem("audittrail.audit_page", "Audit trail", (ROLE_HELPDESK, ROLE_AUDITOR))),
 ]
 
 

@@ -290,7 +290,7 @@ def test_an_auditor_reads_every_page_but_apply_is_refused_server_side(olab):
     link_before = os.readlink(lab.state_dir / "policy-applied") if (lab.state_dir / "policy-applied").is_symlink() else None
     steps = signin_steps("aki", "#device-table")
     pages = {}
-    for path in ("/live", "/policy", "/feeds", "/reports", "/alerts"):
+    for path in ("/live", "/policy", "/feeds", "/reports", "/alerts", "/logs", "/audit"):
         name = "auditor-" + path.strip("/")
         steps += [{"action": "goto", "url": CONSOLE + path},
                   {"action": "eval", "name": name, "expression":
@@ -303,6 +303,14 @@ def test_an_auditor_reads_every_page_but_apply_is_refused_server_side(olab):
               {"action": "eval", "name": "diff", "expression": POST_BY_HAND % ("candidate: 'version: 1\\n'", "/policy/diff")}]
     steps += [{"action": "goto", "url": f"{CONSOLE}/policy"}]
     steps += shots("auditor-policy", "() => !!document.querySelector('#diff-form')")
+    # the logs and the audit trail (read-only pages; the default window is the last 24 hours)
+    summary = ("() => [document.querySelectorAll('#%s tbody tr').length,"
+               " document.querySelector('#search-summary') && document.querySelector('#search-summary').dataset.matched,"
+               " !!document.querySelector('#search-error')]")
+    steps += [{"action": "goto", "url": f"{CONSOLE}/logs?stream=proxy"}]
+    steps += shots("auditor-logs", summary % "logs-rows")
+    steps += [{"action": "goto", "url": f"{CONSOLE}/audit"}]
+    steps += shots("auditor-audit", summary % "audit-rows")
     # the same pages in Japanese (the language switch in the header)
     ja_dom = "() => [document.documentElement.lang, document.querySelector('h1').textContent]"
     steps += [{"action": "goto", "url": f"{CONSOLE}/lang/ja"}, {"action": "goto", "url": f"{CONSOLE}/policy"}]
@@ -315,12 +323,17 @@ def test_an_auditor_reads_every_page_but_apply_is_refused_server_side(olab):
         page, diff_form, nav = value(result, steps, name)
         assert page and not diff_form
         assert {"blocks.live_page", "policy.policy_page", "feeds.feeds_page", "reports.reports_page",
-                "alerts.alerts_page"} <= set(nav)
+                "alerts.alerts_page", "logs.logs_page", "audittrail.audit_page"} <= set(nav)
     assert value(result, steps, "apply") == 403 and value(result, steps, "diff") == 403
     assert (lab.state_dir / "policy-status.json").read_text() == status_before
     link_after = os.readlink(lab.state_dir / "policy-applied") if (lab.state_dir / "policy-applied").is_symlink() else None
     assert link_after == link_before
     assert not list(lab.policy_dir.glob("lab.console-*block-files-2*"))
+    for name in ("auditor-logs", "auditor-audit"):
+        assert_layout(result, steps, name)
+        shown, matched, error = value(result, steps, f"{name}-phone-dom")
+        assert not error and matched is not None and shown == min(int(matched), 500), (name, shown, matched)
+    assert int(value(result, steps, "auditor-audit-desktop-dom")[1]) >= 1     # at least the lab's own changes
     for name, title in (("auditor-policy", None), ("auditor-policy-ja", "ポリシー"), ("auditor-live-ja", "ライブ遮断")):
         assert_layout(result, steps, name)
         if title:
