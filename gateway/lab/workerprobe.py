@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 from gateway.lab.topology import WEB4, Lab
 
@@ -36,8 +37,16 @@ def worker_of_connection(lab: Lab, device, workers: int, base_port: int = 8080,
         raise AssertionError(f"{device.device_id} could not open a connection to {host}:{port}")
     try:
         source = f"[{device.ipv6}]" if ":" in host else device.ipv4
-        out = lab.gw.run("ss", "-Htn", "state", "established", "dst", source).stdout
-        ports = {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
+        # The device's connect() returns when it has sent its last ACK; that ACK still crosses the
+        # tunnel (wireguard-go, slow on a loaded machine) before the gateway's socket is established:
+        # look again for a few seconds rather than once.
+        deadline = time.monotonic() + 3
+        while True:
+            out = lab.gw.run("ss", "-Htn", "state", "established", "dst", source).stdout
+            ports = {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
+            if ports or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if len(ports) != 1 or not base_port <= min(ports) < base_port + workers:
             raise AssertionError(f"not one worker's port in the gateway's sockets of {source}: {out}")
         return ports.pop() - base_port
