@@ -213,19 +213,27 @@ def _refused(current: InForce, title: Text, errors: tuple[str, ...], status: int
                 refusal=tr(title), refusal_errors=errors, outcome=None, **extra)
 
 
-@bp.post("/policy/diff")
-@auth.requires_role("admin")
-def policy_diff():
-    svc = auth.services()
-    current = in_force(svc.cfg)
+def _read_candidate(current: InForce, cfg):
+    """The posted candidate compiled, or the refusal page (too large / not text, or invalid):
+    diff and apply read it the same way."""
     try:
         text_ = candidate_text()
     except ValueError as exc:
         return _refused(current, Text(str(exc), str(exc)), ())
     try:
-        cand = compile_candidate(current, text_, svc.cfg)
+        return compile_candidate(current, text_, cfg)
     except SourceErrors as exc:
         return _refused(current, T_CANDIDATE_BAD, tuple(str(e) for e in exc.errors))
+
+
+@bp.post("/policy/diff")
+@auth.requires_role("admin")
+def policy_diff():
+    svc = auth.services()
+    current = in_force(svc.cfg)
+    cand = _read_candidate(current, svc.cfg)
+    if not isinstance(cand, Candidate):
+        return cand   # the refusal page
     diff: PolicyDiff = diff_documents(current.data or {}, cand.data, current.snapshot, cand.snapshot)
     form = _test_form(request.form)
     urls = read_urls(form["urls"].splitlines())
@@ -262,14 +270,9 @@ def policy_apply():
     from gateway.console.audit import actor
     svc = auth.services()
     current = in_force(svc.cfg)
-    try:
-        text_ = candidate_text()
-    except ValueError as exc:
-        return _refused(current, Text(str(exc), str(exc)), ())
-    try:
-        cand = compile_candidate(current, text_, svc.cfg)
-    except SourceErrors as exc:
-        return _refused(current, T_CANDIDATE_BAD, tuple(str(e) for e in exc.errors))
+    cand = _read_candidate(current, svc.cfg)
+    if not isinstance(cand, Candidate):
+        return cand   # the refusal page
     try:
         path = store_candidate(current, cand, svc.cfg)
     except OSError as exc:
