@@ -70,7 +70,8 @@ def test_an_unreadable_client_secret_is_named_without_claiming_signin_is_missing
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "oidc-client-secret" in err and "を読めません" in err and "cannot read" in err
-    assert "signin: section is required" not in err and "signin: セクション(IdP)が必要" not in err
+    assert "console.oidc.client_secret_file:" in err
+    assert "give console.oidc:" not in err and "IdP の設定が必要" not in err
 
 
 def test_serve_without_an_organization_ca_says_what_to_run(tmp_path, capsys, both_languages):
