@@ -50,8 +50,8 @@ PAGES: list[tuple[str, NavItem | None]] = [
 
 @dataclass(frozen=True)
 class ConsoleSignIn(SignInSettings):
-    """The gateway's sign-in settings with the console's redirect URI (and, when configured,
-    its own OIDC client): same IdP, same claims, same MFA rule."""
+    """The console's IdP settings (``console.oidc:``, else the gateway's ``signin:`` with, when
+    configured, the console's own OIDC client) with the console's redirect URI."""
 
     console_redirect_uri: str = ""
 
@@ -61,10 +61,10 @@ class ConsoleSignIn(SignInSettings):
 
 
 def console_signin(cfg) -> ConsoleSignIn:
-    base: SignInSettings = cfg.signin
-    values = {f.name: getattr(base, f.name) for f in fields(base)}
     settings: ConsoleSettings = cfg.console
-    if settings.client_id:
+    base: SignInSettings = settings.idp or cfg.signin
+    values = {f.name: getattr(base, f.name) for f in fields(base)}
+    if settings.idp is None and settings.client_id:
         values.update(client_id=settings.client_id, client_secret=settings.client_secret)
     return ConsoleSignIn(**values, console_redirect_uri=settings.redirect_uri)
 
@@ -87,8 +87,8 @@ class Services:
 
 def create_app(cfg, *, oidc=None, registry=None, clock: Callable[[], float] = time.monotonic,
                apply_now: Callable[..., lifecycle.Applied] | None = None) -> Flask:
-    if cfg.console is None or cfg.signin is None:
-        raise ValueError("the configuration has no console: (and signin:) section")
+    if cfg.console is None or (cfg.console.idp is None and cfg.signin is None):
+        raise ValueError("the configuration has no console: section (with console.oidc: or a signin: section)")
     load_all()
     signin = console_signin(cfg)
     if oidc is None:

@@ -11,11 +11,17 @@
         auditor: [audit]
       idle_timeout: 15m                  # a session unused this long ends
       absolute_timeout: 8h               # and every session ends this long after sign-in
-      client_id: kanmon-console          # optional: its own OIDC client (default: signin's)
-      client_secret_file: /etc/kanmon/console-client-secret
+      oidc:                              # the IdP the console signs operators in with
+        issuer: https://login.example.lg.jp/realms/staff
+        client_id: kanmon-console
+        client_secret_file: /etc/kanmon/console-client-secret
+        mfa_amr: [otp, mfa, hwk, swk]
 
-The IdP, the claims and the MFA rule (``mfa_amr``/``mfa_acr``) come from the ``signin:``
-section: the console signs operators in exactly as the portal signs staff in. Pure: the
+``console.oidc:`` takes the IdP keys of the ``signin:`` section (gateway/signin/settings.py
+IDP_KEYS: issuer, client, CA, scopes, claims, MFA rule) and is read by the same code. It
+gives the console its IdP without ``signin:``, which would also make every device sign in.
+Without ``console.oidc:`` the console uses ``signin:`` (the IdP, the claims, the MFA rule),
+optionally with its own client (``console.client_id`` / ``client_secret_file``). Pure: the
 schema, the settings and the role mapping; no I/O besides reading the secret file.
 """
 
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.i18n import Text
-from gateway.signin.settings import duration_seconds
+from gateway.signin.settings import IDP_SCHEMA, SignInSettings, duration_seconds, signin_settings
 from gateway.yamlsource import SourceErrors, read_text_file
 
 ROLE_ADMIN, ROLE_HELPDESK, ROLE_AUDITOR, ROLE_USER = "admin", "helpdesk", "auditor", "user"
@@ -57,6 +63,7 @@ CONSOLE_SCHEMA: dict[str, Any] = {
         "client_secret_file": _STR,
         "server_cert_file": _STR,
         "server_key_file": _STR,
+        "oidc": IDP_SCHEMA,
     },
 }
 
@@ -74,6 +81,7 @@ class ConsoleSettings:
     client_secret: str | None = None
     server_cert_file: str | None = None
     server_key_file: str | None = None
+    idp: SignInSettings | None = None      # console.oidc: (None: the signin: section's IdP)
 
     @property
     def redirect_uri(self) -> str:
@@ -131,9 +139,17 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
     if any(p == port and h in (host, "0.0.0.0", "::") for h, p in taken_ports):
         errors.append(doc.error(("console", "listen"), Text("このポートはほかの待ち受けが使っています",
                                                            "port already used by another listener of the gateway")))
-    if not has_signin:
-        errors.append(doc.error(("console",), Text("コンソールのサインインには signin: セクション(IdP)が必要です",
-                                                   "the console signs operators in through the IdP: a signin: section is required")))
+    idp = signin_settings(doc, section.get("oidc"), errors, relative_to, where=("console", "oidc"))
+    if not has_signin and "oidc" not in section:
+        errors.append(doc.error(("console",), Text(
+            "コンソールのサインインには IdP の設定が必要です: console.oidc: を書いてください"
+            "(signin: セクションを使うこともできますが、signin: はすべての端末にサインインを求めます)",
+            "the console signs operators in through the IdP: give console.oidc: (a signin: section "
+            "would do too, but signin: also makes every device sign in)")))
+    if "oidc" in section and ("client_id" in section or "client_secret_file" in section):
+        key = "client_id" if "client_id" in section else "client_secret_file"
+        errors.append(doc.error(("console", key), Text("console.oidc: があるときは、client_id などは console.oidc: の中に書いてください",
+                                                       "with console.oidc:, give client_id and its secret inside console.oidc:")))
     if any(ipaddress.ip_address(host) in net for net in device_networks):
         # the gateway's own tunnel address: the devices' side (and steering drops tunnel traffic to it)
         errors.append(doc.error(("console", "listen"), Text(
@@ -180,7 +196,8 @@ def console_settings(doc, section: dict | None, errors: list, relative_to, *, ha
     return ConsoleSettings(host=host, port=port, public_url=public, roles=roles,
                            server_names=tuple(section.get("server_names", ())), idle_timeout_seconds=idle,
                            absolute_timeout_seconds=absolute, client_id=section.get("client_id"), client_secret=secret,
-                           server_cert_file=file_of("server_cert_file"), server_key_file=file_of("server_key_file"))
+                           server_cert_file=file_of("server_cert_file"), server_key_file=file_of("server_key_file"),
+                           idp=idp)
 
 
 def _duration(doc, section: dict, key: str, default: str, errors: list) -> int:

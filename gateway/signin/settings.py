@@ -57,6 +57,13 @@ SIGNIN_SCHEMA: dict[str, Any] = {
     },
 }
 
+# The keys that say which IdP and how to trust its answer, without the device-only ones (portal,
+# destinations before sign-in, groups exempt or shared): what the console's own ``console.oidc:``
+# takes (issue #21), so an office can have the console without device sign-in.
+IDP_KEYS = ("issuer", "client_id", "client_secret", "client_secret_file", "ca_file", "scopes", "user_claim",
+            "groups_claim", "pending_lifetime", "clock_skew", "mfa_amr", "mfa_acr")
+IDP_SCHEMA: dict[str, Any] = {**SIGNIN_SCHEMA, "properties": {k: SIGNIN_SCHEMA["properties"][k] for k in IDP_KEYS}}
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # RFC 8176 method values that are a second factor (or a phishing-resistant single one).
@@ -124,15 +131,17 @@ class SignInSettings:
         return split_host_entries(self.allow_before_signin)
 
 
-def signin_settings(doc, section: dict | None, errors: list, relative_to) -> SignInSettings | None:
+def signin_settings(doc, section: dict | None, errors: list, relative_to,
+                    where: tuple[str, ...] = ("signin",)) -> SignInSettings | None:
     """Build the settings from a schema-checked section; problems go to ``errors`` with
-    their line (``doc.error(path, message)``)."""
+    their line (``doc.error(path, message)``). ``where``: the section's path in the file
+    (``("console", "oidc")`` for the console's own IdP settings)."""
     if section is None:
         return None
     secret = section.get("client_secret")
     secret_file = section.get("client_secret_file")
     if (secret is None) == (secret_file is None):
-        errors.append(doc.error(("signin",), Text("client_secret か client_secret_file のどちらか一方を書いてください",
+        errors.append(doc.error(where, Text("client_secret か client_secret_file のどちらか一方を書いてください",
                                                   "give exactly one of client_secret or client_secret_file")))
         return None
     if secret_file is not None:
@@ -143,29 +152,29 @@ def signin_settings(doc, section: dict | None, errors: list, relative_to) -> Sig
             first = exc.errors[0]
             reason = first.message.removeprefix("cannot read file: ")
             reason_ja = (first.ja or first.message).removeprefix("ファイルを読めません: ")
-            errors.append(doc.error(("signin", "client_secret_file"),
+            errors.append(doc.error((*where, "client_secret_file"),
                                     Text(f"{path} を読めません: {reason_ja}", f"cannot read {path}: {reason}")))
             return None
         if not secret:
-            errors.append(doc.error(("signin", "client_secret_file"), Text(f"{path} が空です", f"{path} is empty")))
+            errors.append(doc.error((*where, "client_secret_file"), Text(f"{path} が空です", f"{path} is empty")))
             return None
     if not (secret.isascii() and secret.isprintable()):
         # Authlib sends it in an HTTP Basic header without the form-encoding RFC 6749 2.3.1
         # asks for, so anything else would fail at every sign-in instead of here
         key = "client_secret" if secret_file is None else "client_secret_file"
-        errors.append(doc.error(("signin", key), Text("クライアントシークレットは印字可能な ASCII 文字で書いてください",
+        errors.append(doc.error((*where, key), Text("クライアントシークレットは印字可能な ASCII 文字で書いてください",
                                                       "the client secret must be printable ASCII")))
     for key in ("session_lifetime", "pending_lifetime"):
         if key in section and duration_seconds(section[key]) == 0:
-            errors.append(doc.error(("signin", key), Text("0 より長くしてください", "must be longer than 0")))
+            errors.append(doc.error((*where, key), Text("0 より長くしてください", "must be longer than 0")))
     if "openid" not in section.get("scopes", ["openid"]):
-        errors.append(doc.error(("signin", "scopes"), Text("openid を含めてください(OpenID Connect のサインインです)",
+        errors.append(doc.error((*where, "scopes"), Text("openid を含めてください(OpenID Connect のサインインです)",
                                                           "must include openid (this is OpenID Connect sign-in)")))
     ca_file = None
     if "ca_file" in section:
         ca_file = relative_to(doc.filename, section["ca_file"])
         if not ca_file.is_file():
-            errors.append(doc.error(("signin", "ca_file"), Text(f"ファイルがありません: {ca_file}", f"no such file: {ca_file}")))
+            errors.append(doc.error((*where, "ca_file"), Text(f"ファイルがありません: {ca_file}", f"no such file: {ca_file}")))
 
     def hosts(key: str) -> tuple[str, ...]:
         return tuple(normalize_host_entry(h) for h in section.get(key, []))

@@ -81,12 +81,11 @@ def clab(tmp_path_factory):
     lab = Lab(work, n_devices=2, idp=True, idp_client=OidcClient(redirect_uris=(f"{CONSOLE}/callback",)),
               idp_users=USERS)
     with running_lab(lab, "test_console_browser", start=False):
-        lab.config_overrides = {
-            "signin": {"issuer": "https://idp.test", "client_id": lab.idp.client.client_id,
-                       "client_secret": lab.idp.client.client_secret, "ca_file": str(lab.ca.cert_path),
-                       "exempt_groups": ["staff"]},      # the devices need no user sign-in here
+        lab.config_overrides = {   # no signin: section: the devices need no user sign-in here
             "console": {"listen": f"{MANAGEMENT_ADDRESS}:{PORT}", "public_url": CONSOLE,
-                        "roles": {"helpdesk": ["it-helpdesk"], "auditor": ["audit"]}},
+                        "roles": {"helpdesk": ["it-helpdesk"], "auditor": ["audit"]},
+                        "oidc": {"issuer": "https://idp.test", "client_id": lab.idp.client.client_id,
+                                 "client_secret": lab.idp.client.client_secret, "ca_file": str(lab.ca.cert_path)}},
         }
         lab.write_config()
         lab.gw.run("ip", "addr", "add", f"{MANAGEMENT_ADDRESS}/32", "dev", "lo")

@@ -225,13 +225,14 @@ def test_console_config_errors_are_bilingual_and_name_the_line(tmp_path, change,
     assert needle_en in message and needle_ja in message and "k.yaml:" in message
 
 
-def test_console_without_signin_is_refused(tmp_path):
+def test_console_without_signin_or_console_oidc_is_refused(tmp_path):
     from gateway.config import load_config_text
 
     text = re.sub(r"signin:\n(  .*\n)+", "", _config_text(tmp_path))
     with pytest.raises(SourceErrors) as exc:
         load_config_text(text, "k.yaml")
-    assert "a signin: section is required" in "\n".join(str(e) for e in exc.value.errors)
+    assert "the console signs operators in through the IdP: give console.oidc:" in \
+        "\n".join(str(e) for e in exc.value.errors)
 
 
 def _config_text(tmp_path) -> str:

@@ -1,5 +1,5 @@
 """docs/CONSOLE.md's set-up as a new operator follows it (issue #21): the documented `console:`
-and `signin:` example passes `kanmon config check` inside the shipped example configuration,
+example (its IdP under `console.oidc:`, no device sign-in) passes `kanmon config check` inside the shipped example configuration,
 and what goes wrong on a first start is said in Japanese and English with what to do
 (the address is not this host's, the port is taken, no organization CA, an unreadable client
 secret), by `kanmon console serve` itself and not by the web server's English-only exit.
@@ -22,9 +22,9 @@ EXAMPLE = ROOT / "systemd" / "kanmon.yaml.example"
 
 
 def doc_config_example() -> str:
-    """The first YAML block of docs/CONSOLE.md: the `signin:` + `console:` an operator adds."""
+    """The first YAML block of docs/CONSOLE.md: the `console:` (with its `oidc:` IdP) an operator adds."""
     blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    assert blocks and "console:" in blocks[0] and "signin:" in blocks[0]
+    assert blocks and "console:" in blocks[0] and "  oidc:" in blocks[0]
     return blocks[0]
 
 
@@ -58,10 +58,11 @@ def test_the_documented_console_config_passes_config_check(tmp_path, capsys, bot
     assert (cfg.console.host, cfg.console.port) == ("10.0.0.1", 9443)
     assert cfg.console.redirect_uri == "https://console.kanmon.internal:9443/callback"
     assert cfg.console.roles["helpdesk"] == ("it-helpdesk",)
+    assert cfg.signin is None and cfg.console.idp.issuer == "https://login.example.lg.jp/realms/staff"
 
 
 def test_an_unreadable_client_secret_is_named_without_claiming_signin_is_missing(tmp_path, capsys, both_languages):
-    """The doc's signin: points at /etc/kanmon/oidc-client-secret; before the operator creates
+    """The doc's console.oidc: points at /etc/kanmon/oidc-client-secret; before the operator creates
     it, config check names that file, and does not also say the signin: section is missing."""
     path = host_config(tmp_path, secret=False)
     with pytest.raises(SystemExit) as exit_:
@@ -69,7 +70,8 @@ def test_an_unreadable_client_secret_is_named_without_claiming_signin_is_missing
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "oidc-client-secret" in err and "を読めません" in err and "cannot read" in err
-    assert "signin: section is required" not in err and "signin: セクション(IdP)が必要" not in err
+    assert "console.oidc.client_secret_file:" in err
+    assert "give console.oidc:" not in err and "IdP の設定が必要" not in err
 
 
 def test_serve_without_an_organization_ca_says_what_to_run(tmp_path, capsys, both_languages):
