@@ -30,6 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = console.add_subparsers(dest="console_command", required=True)
     serve = csub.add_parser("serve", help="serve the console over HTTPS on console.listen / "
                                           "console.listen で HTTPS のコンソールを提供(docs/CONSOLE.md)")
-    add_config_argument(serve, help="gateway configuration (console: and signin: sections) / "
-                                    "設定ファイル(console: と signin: セクション)")
+    add_config_argument(serve, help="gateway configuration (the console: section; its IdP in console.oidc:, else signin:) / "
+                                    "設定ファイル(console: セクション。IdP は console.oidc:、なければ signin:)")
     serve.set_defaults(func=cmd_serve)

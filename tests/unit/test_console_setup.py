@@ -233,8 +233,8 @@ def test_console_help_is_in_both_languages(capsys, both_languages):
         with pytest.raises(SystemExit):
             main(argv)
         out = " ".join(capsys.readouterr().out.split())     # argparse wraps the lines
-        assert "console.listen で HTTPS のコンソールを提供" in out or "設定ファイル(console: と signin: セクション)" in out
-        assert "over HTTPS" in out or "console: and signin: sections" in out
+        assert "console.listen で HTTPS のコンソールを提供" in out or "設定ファイル(console: セクション" in out
+        assert "over HTTPS" in out or "console.oidc:" in out
 
 
 @pytest.mark.parametrize("lang,added,lost", [("ja", "登録", "紛失の届出(本人)"), ("en", "added", "reported lost (by the owner)")])
