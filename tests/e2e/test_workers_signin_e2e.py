@@ -1,5 +1,6 @@
-"""Issue #22 with user sign-in (issue #9) and automatic quarantine (issue #18): `proxy.workers: 2`
-in the namespace lab with the lab's OIDC provider. One device per worker (found by probing
+"""Issue #22 with user sign-in (issue #9) and automatic quarantine (issue #18): the product
+default `proxy.workers: auto` (one worker per usable core, at least 2 here; the lab pins 1 for
+other tests) in the namespace lab with the lab's OIDC provider. One device per worker (found by probing
 which worker's port accepted its connection) signs in through the portal in a headless
 Chromium; `kanmon user signout` of one user cuts that device's running download in its worker
 within 100 ms while the other worker's device keeps its own; then one block in the `malware`
@@ -17,9 +18,11 @@ import time
 import pytest
 
 from gateway.autoquarantine.triggers import AUTO_ACTOR
+from gateway.config import MAX_PROXY_WORKERS, usable_cores
 from gateway.lab import workerprobe
 from gateway.lab.oidcprovider import OidcClient
 from gateway.lab.topology import WEB4, Lab, wait_until
+from tests.availability import unavailable
 from tests.e2e.conftest import ARTIFACTS, require_lab, running_lab
 from tests.e2e.test_device_lifecycle import DOWNLOAD
 from tests.e2e.test_oidc_lab import _require_oidc_lab
@@ -27,10 +30,10 @@ from tests.e2e.test_signin_e2e import CALLBACK, PORTAL, _auth, _code, _curl, _si
 
 pytestmark = pytest.mark.e2e
 
-WORKERS = 2
+WORKERS = min(usable_cores(), MAX_PROXY_WORKERS)   # what `auto` makes of this machine
 BASE_PORT = 8080     # the lab's transparent_port (the default)
 SIGNOUT_TRIALS = 2   # per worker
-USERS = {0: "alice", 1: "bob"}
+USERS = {0: "alice", 1: "bob"}   # the devices of workers 0 and 1 (others, with more cores, idle)
 
 POLICY = """\
 version: 1
@@ -44,13 +47,15 @@ rules:
 def wslab(tmp_path_factory):
     require_lab()
     _require_oidc_lab()
+    if WORKERS < 2:
+        unavailable(f"workers: auto makes {WORKERS} worker here: needs 2 usable cores")
     work = tmp_path_factory.mktemp("wsignin")
     policy = work / "policy.yaml"
     policy.write_text(POLICY)
     lab = Lab(work, n_devices=2, idp=True, idp_client=OidcClient(redirect_uris=(CALLBACK,)))
     with running_lab(lab, "test_workers_signin_e2e", start=False):
         lab.config_overrides = {
-            "proxy": {"workers": WORKERS},
+            "proxy": {"workers": "auto"},   # the product default (the lab's base config pins 1)
             "policy": {"path": str(policy)},
             "signin": {
                 "issuer": "https://idp.test", "client_id": lab.idp.client.client_id,
@@ -84,10 +89,11 @@ def signout(lab: Lab, user: str) -> subprocess.CompletedProcess:
 
 def test_signout_cuts_the_download_in_the_users_worker_only(wslab: Lab):
     cut_ms: dict[int, list[float]] = {0: [], 1: []}
+    pair = {w: wslab.on_worker[w] for w in USERS}
     for trial in range(SIGNOUT_TRIALS):
-        for worker, device in wslab.on_worker.items():
-            other = wslab.on_worker[1 - worker]
-            for w, d in wslab.on_worker.items():   # both signed in (the portal is in the device's own worker)
+        for worker, device in pair.items():
+            other = pair[1 - worker]
+            for w, d in pair.items():   # both signed in (the portal is in the device's own worker)
                 if _code(_curl(d, "http://example.test/", "-H", "Accept: text/html")) == "302":
                     _sign_in(wslab, d, USERS[w])
             assert _code(_curl(device, "http://example.test/", "-H", "Accept: text/html")) == "200"
@@ -103,12 +109,13 @@ def test_signout_cuts_the_download_in_the_users_worker_only(wslab: Lab):
             # its worker forgot the session: the next page goes to the portal again, the other's not
             assert _code(_curl(device, "http://example.test/", "-H", "Accept: text/html")) == "302"
             assert _code(_curl(other, "http://example.test/", "-H", "Accept: text/html")) == "200"
-    for worker, device in wslab.on_worker.items():
+    for worker, device in pair.items():
         signins = [r for r in _auth(wslab, "user-signin", device.device_id) if r["event.outcome"] == "success"]
         assert len(signins) >= SIGNOUT_TRIALS, "the worker's auth records reach the one log"
         ended = _auth(wslab, "user-session-ended", device.device_id)
         assert len(ended) == SIGNOUT_TRIALS, "each end written once (by the gateway process), not once per worker"
     assert wslab.metric_value("kanmon_worker_restarts_total") == 0, "no worker was late or replaced"
+    assert wslab.metric_value("kanmon_worker_up") == WORKERS, "auto: one worker per usable core"
     (ARTIFACTS / "e2e").mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "e2e" / "workers-signout-cut-latency.json").write_text(json.dumps(
         {"workers": WORKERS, "ms_from_signout_return_to_last_data": cut_ms,
@@ -117,7 +124,7 @@ def test_signout_cuts_the_download_in_the_users_worker_only(wslab: Lab):
 
 def test_a_malware_block_in_worker_1_quarantines_its_device(wslab: Lab):
     device, other = wslab.on_worker[1], wslab.on_worker[0]
-    for w, d in wslab.on_worker.items():
+    for w, d in ((w, wslab.on_worker[w]) for w in USERS):
         if _code(_curl(d, "http://example.test/", "-H", "Accept: text/html")) == "302":
             _sign_in(wslab, d, USERS[w])
     assert _code(_curl(device, "https://www.example.test/ok")) == "200"

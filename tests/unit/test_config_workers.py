@@ -19,8 +19,10 @@ def errors_of(text: str) -> list[str]:
     return [str(e) for e in exc.value.errors]
 
 
-def test_default_is_one_worker_like_before():
-    assert load_config_text(VALID, "k.yaml").proxy_workers == 1
+def test_default_is_one_worker_per_usable_core():
+    # issue #22: `auto` by default, since sign-in and auto-quarantine follow the workers too
+    assert load_config_text(VALID, "k.yaml").proxy_workers == min(usable_cores(), MAX_PROXY_WORKERS)
+    assert load_config_text(with_proxy("  workers: 1\n"), "k.yaml").proxy_workers == 1
 
 
 def test_a_number_and_auto():
