@@ -582,14 +582,9 @@ def usable_cores() -> int:
 def _proxy_workers(doc: LoadedYaml, d: dict, transparent_port: int, dns_port: int, errors: list) -> int:
     """issue #22: `proxy.workers: auto | N`. Worker i listens on transparent_port + i and
     dns_port + i, so the two port ranges must not overlap and must stay below 65536. User
-    sign-in and automatic quarantine keep state in the one process (gateway/runtime/workers.py):
-    with them, only 1."""
-    value = d.get("proxy", {}).get("workers", 1)
-    if value != 1 and (single := [k for k in ("signin", "auto_quarantine") if k in d]):
-        errors.append(doc.error(("proxy", "workers"), Text(
-            f"{'・'.join(single)} を使うときは 1 にしてください（複数ワーカーには未対応）",
-            f"must be 1 with {' and '.join(single)} (not supported with several workers yet)")))
-        return 1
+    sign-in and automatic quarantine work with any count (gateway/runtime/workers.py). The
+    default is ``auto``: one worker per usable core."""
+    value = d.get("proxy", {}).get("workers", "auto")
     if value == "auto":
         count = min(usable_cores(), MAX_PROXY_WORKERS)
     elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_PROXY_WORKERS:

@@ -43,6 +43,9 @@ class AutoQuarantiner:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        # issue #22: in an inspection worker, orders go to the gateway process, which carries
+        # them out (gateway/runtime/workers.py); None: carried out here.
+        self.hand_over: Callable[[QuarantineOrder], None] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -68,6 +71,19 @@ class AutoQuarantiner:
     def _submit(self, order: QuarantineOrder | None) -> None:
         if order is None:
             return
+        if self.hand_over is not None:
+            try:
+                self.hand_over(order)
+            except Exception:   # the gateway process is gone: counted and logged, the worker ends with it
+                log.exception("automatic quarantine of %s (%s) not handed to the gateway process",
+                              order.device_id, order.trigger)
+                self._count_error()
+                return
+            return   # the gateway process retries, counts and alerts (the order's window is already cleared)
+        self.carry_out(order)
+
+    def carry_out(self, order: QuarantineOrder) -> None:
+        """Carry out an order (any thread): on the bound event loop."""
         loop = self.loop
         if loop is None:
             log.error("automatic quarantine of %s (%s) not carried out: not bound to the event loop",

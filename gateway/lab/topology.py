@@ -358,7 +358,10 @@ http {{
                 "endpoint": f"{UNDERLAY_GW}:{WG_PORT}",
             },
             "uplink": {"interface": self.uplink_interface},
-            "proxy": {"upstream_dns": [DNS4], "upstream_ca_bundle": str(self.ca.cert_path)},
+            # One inspection process unless a test asks otherwise (the product default is
+            # `auto`, exercised by tests/e2e/test_workers_*.py): tests about something else
+            # keep one gateway process's behaviour and the lab's CPU to themselves.
+            "proxy": {"upstream_dns": [DNS4], "upstream_ca_bundle": str(self.ca.cert_path), "workers": 1},
             "management": {"listen": MANAGEMENT},
             "helpdesk": {"name_ja": "情報システム課", "name_en": "the IT desk", "contact": "helpdesk@example.test / 内線 1234"},
             "rules": {

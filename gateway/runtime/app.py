@@ -198,6 +198,8 @@ class GatewayApp:
         ended = await asyncio.to_thread(self.signin.refresh)
         if ended:
             self._cut_devices(ended, "user session ended")
+            if self.workers is not None:   # issue #22: cut in the worker that holds the device
+                await self.workers.sessions_ended(ended)
 
     def fail(self, reason: str) -> None:
         """An addon failed to load or configure: stop serving (systemd restarts us)."""

@@ -68,8 +68,21 @@ directory, the policy and its verdict table, the tunnel's peer read), and builds
 (log files, registry, alert queue). CPython re-initialises the logging and import locks in the
 child, glibc's malloc and jemalloc their arenas' locks (pthread_atfork).
 
-User sign-in (`signin:`) and automatic quarantine (`auto_quarantine:`) keep per-process state
-that these messages do not carry yet: with them, the config refuses `workers` other than 1.
+- **User sign-in** (`signin:`): a device's portal requests and its traffic reach the same
+  worker (the same tunnel address), so the worker that signs a device in is the one that
+  enforces its session. Each worker opens its own connection to the session store (a SQLite
+  or PostgreSQL connection is not carried across ``fork``) and writes its auth records and
+  counts through the parent like everything else. Sessions end elsewhere too (``kanmon user
+  signout``, expiry, the console, another node): the parent's session tick (every reconcile
+  poll, 50 ms) sees them, writes their auth records once, and sends the ended devices to every
+  worker; each reloads its sessions from the store, cuts the live connections of those
+  devices and acknowledges, as for a reconcile report (late: killed and forked again). A
+  device that loses admission loses its session in the workers with the reconcile report.
+- **Automatic quarantine** (`auto_quarantine:`): the triggers are counted where they are seen,
+  in the worker that holds the device (one device, one worker: per-device thresholds hold).
+  A worker's order goes to the parent, which carries it out as the single process does
+  (registry write with audit entry, reconcile poke, alert, metric); the reconcile report then
+  cuts the device in its worker like a quarantine by an operator.
 """
 
 from __future__ import annotations
@@ -273,6 +286,7 @@ class _Worker:
     alive: bool = True
     pending: list[bytes] = dataclasses.field(default_factory=list)   # sent before the stream was open
     metrics_seq: int = 0                       # the last scrape request its snapshot answered
+    sessions: int = 0                          # the last ended-sessions notice it applied
 
 
 class WorkerPool:
@@ -280,8 +294,10 @@ class WorkerPool:
     runs in the forked child and never returns (the worker's process exits)."""
 
     def __init__(self, count: int, registry, child_main: Callable[[int, socket.socket, socket.socket], None],
-                 on_log: Callable[[str, dict], None], on_fatal: Callable[[str], None]):
+                 on_log: Callable[[str, dict], None], on_fatal: Callable[[str], None],
+                 on_quarantine: Callable[[Any], None] | None = None):
         self.count = count
+        self.on_quarantine = on_quarantine   # a worker's automatic-quarantine order, carried out here
         self.child_main = child_main
         self.on_log = on_log
         self.on_fatal = on_fatal
@@ -294,6 +310,7 @@ class WorkerPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._scrapes = 0
+        self._session_notices = 0
         self._tasks: set[asyncio.Task] = set()
         self.up = Gauge("kanmon_worker_up", "Inspection worker serving (1) or down (0), by worker index "
                         "(issue #22: a down worker's devices are refused until it is back).", ["worker"],
@@ -385,6 +402,14 @@ class WorkerPool:
         elif kind == "applied":
             worker.applied = max(worker.applied, message[1])
             self._changed.set()
+        elif kind == "sessions-done":
+            worker.sessions = max(worker.sessions, message[1])
+            self._changed.set()
+        elif kind == "quarantine":
+            if self.on_quarantine is not None:
+                self.on_quarantine(message[1])
+            else:   # a worker with auto-quarantine under a parent without: cannot happen, but never dropped silently
+                log.error("inspection worker %d sent a quarantine order the gateway cannot carry out", worker.index)
         elif kind == "policy":
             worker.policy = (message[1], message[2])
             self._changed.set()
@@ -478,6 +503,17 @@ class WorkerPool:
         for w in await self._wait(lambda w: w.applied >= report.revision or w not in targets, timeout):
             self.kill(w, f"did not apply registry revision {report.revision} within {timeout:.0f} s")
 
+    async def sessions_ended(self, device_ids: set[str], timeout: float = ACK_TIMEOUT) -> None:
+        """User sessions ended (sign-out, expiry, ended elsewhere): every worker reloads its
+        sessions and cuts the live connections of ``device_ids``; wait until each has."""
+        self._session_notices += 1
+        seq = self._session_notices
+        targets = self.live()
+        for w in targets:
+            self._send(w, ("sessions", seq, sorted(device_ids)))
+        for w in await self._wait(lambda w: w.sessions >= seq or w not in targets, timeout):
+            self.kill(w, f"did not end the sessions of {len(device_ids)} device(s) within {timeout:.0f} s")
+
     async def switch_policy(self, version: str, timeout: float = POLICY_TIMEOUT) -> None:
         targets = self.live()
         for w in targets:
@@ -559,6 +595,8 @@ async def _serve(app, index: int, down: socket.socket, uplink: Uplink) -> int:
     app._underlay_now = asyncio.Event()
     app.underlay = UnderlayAddresses(read_peers=app.tunnel.peers, on_change=app._underlay_changed,
                                      on_miss=app._underlay_now.set)
+    adopt_signin(app)
+    adopt_quarantiner(app, uplink)
     loop.add_signal_handler(signal.SIGTERM, app._stop.set)
     cfg = app.cfg
     settings = dataclasses.replace(ProxySettings.from_config(cfg),
@@ -611,6 +649,57 @@ async def _follow(app, reader: asyncio.StreamReader, uplink: Uplink) -> None:
         elif kind == "policy":
             loaded = await _load_policy(app, message[1])
             uplink.send(("policy", message[1], loaded))
+        elif kind == "sessions":
+            await follow_sessions(app, set(message[2]))
+            uplink.send(("sessions-done", message[1]))
+
+
+def adopt_signin(app) -> None:
+    """The worker's sign-in service: its own session-store connection (the parent's is not
+    used across fork; it is kept referenced, never closed here, so nothing is sent on the
+    parent's connection), auth records and counts through the parent. The sessions gauge is
+    the parent's alone (each worker holds every session: a sum would count them N+1 times)."""
+    from gateway.signin.store import open_session_store
+
+    service = app.signin
+    if service is None:
+        return
+    app._parent_session_store = service.store
+    service.store = open_session_store(app.cfg)
+    service.logstore = app.logstore
+    service.metrics = app.metrics
+
+    def changed(device_ids: set[str]) -> None:
+        if app.policy is not None:
+            for device_id in device_ids:
+                app.policy.invalidate_device(device_id)
+
+    service.on_sessions_changed = changed
+
+
+def adopt_quarantiner(app, uplink: Uplink) -> None:
+    """The worker counts the triggers it sees; an order goes to the parent, which writes the
+    registry, pokes the reconcile and alerts (gateway/autoquarantine/service.py)."""
+    quarantiner = app.autoquarantine
+    if quarantiner is None:
+        return
+    quarantiner.metrics = app.metrics
+    quarantiner.hand_over = lambda order: uplink.send(("quarantine", order))
+
+
+async def follow_sessions(app, device_ids: set[str]) -> None:
+    """The parent saw these devices' sessions end: reload the sessions from the store (off the
+    loop: blocking I/O), then cut every live connection of those devices (and of any other
+    device whose session this worker held and the store no longer has)."""
+    if app.signin is None:
+        return
+    try:
+        device_ids = device_ids | await asyncio.to_thread(app.signin.follow_store)
+    except Exception:   # noqa: BLE001 - the store unreadable: the ended sessions still end here
+        log.exception("worker: reloading the user sessions failed; ending the named ones")
+    for device_id in device_ids:
+        app.signin.directory.remove(device_id)
+    app._cut_devices(device_ids, "user session ended")
 
 
 def follow_reconcile(app, report) -> None:
@@ -624,6 +713,9 @@ def follow_reconcile(app, report) -> None:
     else:
         app.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
     changed = {r.device_id: r for r in report.changed}
+    if app.signin is not None:   # a device that loses admission loses its user session (the parent ends it in the store)
+        for device_id in changed.keys() - set(report.admitted_ids):
+            app.signin.directory.remove(device_id)
     for state in app.connections.all():
         if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
             continue
@@ -671,7 +763,8 @@ async def start_pool(app) -> tuple[WorkerPool, asyncio.Task]:
     interceptca.ensure_ca(app.cfg.mitmproxy_confdir, app.cfg.proxy_ca_key)
     pool = WorkerPool(app.cfg.proxy_workers, app.metrics.registry,
                       lambda index, down, up: worker_main(app, index, down, up),
-                      on_log=app.logstore.append, on_fatal=app.fail)
+                      on_log=app.logstore.append, on_fatal=app.fail,
+                      on_quarantine=app.autoquarantine.carry_out if app.autoquarantine is not None else None)
     app.metrics.exposition = pool.exposition
     try:
         await pool.start()

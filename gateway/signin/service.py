@@ -101,6 +101,22 @@ class SignInService:
             self.on_sessions_changed(changed)
         return ended
 
+    def follow_store(self) -> set[str]:
+        """issue #22: an inspection worker's reload of the active sessions, when the gateway
+        process saw sessions end (gateway/runtime/workers.py). That process's ``refresh`` wrote
+        the auth records, so none here; returns the devices whose session this copy held and
+        the store no longer has (their connections are cut)."""
+        now = self._clock()
+        held = {s.device_id: s.session_id for s in self.directory.all()}
+        self.directory.replace(self.store.active(now))
+        self._revision = -1
+        after = {s.device_id: s.session_id for s in self.directory.all()}
+        ended = {d for d, sid in held.items() if after.get(d) != sid}
+        changed = ended | {d for d, sid in after.items() if held.get(d) != sid}
+        if changed and self.on_sessions_changed is not None:
+            self.on_sessions_changed(changed)
+        return ended
+
     # -- sign-in ------------------------------------------------------------------------------
     async def begin(self, device: DeviceRecord, tunnel_ip: str, next_url: str | None) -> str:
         """The IdP URL to send this device's browser to. Raises ``SignInRefused`` when the

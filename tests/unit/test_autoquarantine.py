@@ -196,6 +196,47 @@ def test_unbound_service_counts_instead_of_dropping_silently(tmp_path):
     assert metrics.auto_quarantine_errors._value.get() == 1 and reg.get("dev-1").status is DeviceStatus.ACTIVE
 
 
+def test_a_workers_order_is_handed_to_the_gateway_process_and_carried_out_there(tmp_path):
+    # issue #22: the worker counts; its order crosses the socket (a pickle) and the gateway
+    # process's service writes the registry, pokes, alerts and counts -- the worker writes nothing
+    import pickle
+
+    reg, rec = _registry(tmp_path)
+    worker, w_alerts, w_pokes, w_metrics = _service(reg)
+    sent: list[bytes] = []
+    worker.hand_over = lambda order: sent.append(pickle.dumps(order))
+    settings = AutoQuarantineSettings(repeated_blocks=(RepeatedBlocks("sideload", 2, 5),))
+    worker.engine = TriggerEngine(settings)
+    assert worker.blocked(rec, "alice", "sideload", {"destination": "tracker.test"}) is None
+    assert sent == [] and reg.get("dev-1").status is DeviceStatus.ACTIVE   # one block: below the threshold
+    assert worker.blocked(rec, "alice", "sideload", {"destination": "tracker.test"}) is not None
+    assert len(sent) == 1 and reg.get("dev-1").status is DeviceStatus.ACTIVE and w_pokes == [] and w_alerts == []
+    parent, alerts, pokes, metrics = _service(reg)
+
+    async def main():
+        parent.bind(asyncio.get_running_loop())
+        parent.carry_out(pickle.loads(sent[0]))
+        await parent.drain()
+
+    asyncio.run(main())
+    assert reg.get("dev-1").status is DeviceStatus.QUARANTINED and pokes == [1]
+    assert alerts[0][0].trigger is Trigger.REPEATED_BLOCKS and alerts[0][0].evidence["count"] == 2
+    assert metrics.auto_quarantines.labels("repeated-blocks")._value.get() == 1
+    assert w_metrics.auto_quarantines.labels("repeated-blocks")._value.get() == 0
+
+
+def test_a_worker_that_cannot_hand_over_counts_the_error(tmp_path):
+    reg, rec = _registry(tmp_path)
+    worker, _, _, metrics = _service(reg)
+
+    def gone(order):
+        raise BrokenPipeError("the gateway process is gone")
+
+    worker.hand_over = gone
+    assert worker.virus(Trigger.DOWNLOAD_VIRUS, rec, None, {"signature": "x"}) is not None
+    assert metrics.auto_quarantine_errors._value.get() == 1 and reg.get("dev-1").status is DeviceStatus.ACTIVE
+
+
 def test_alert_carries_device_user_trigger_evidence_and_audit_does_not_duplicate_it():
     engine = TriggerEngine(AutoQuarantineSettings())
     order = engine.virus(Trigger.DOWNLOAD_VIRUS, "dev-1", "alice", {"signature": "Kanmon.Test.Signature"}, T0)

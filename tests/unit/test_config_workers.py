@@ -19,8 +19,10 @@ def errors_of(text: str) -> list[str]:
     return [str(e) for e in exc.value.errors]
 
 
-def test_default_is_one_worker_like_before():
-    assert load_config_text(VALID, "k.yaml").proxy_workers == 1
+def test_default_is_one_worker_per_usable_core():
+    # issue #22: `auto` by default, since sign-in and auto-quarantine follow the workers too
+    assert load_config_text(VALID, "k.yaml").proxy_workers == min(usable_cores(), MAX_PROXY_WORKERS)
+    assert load_config_text(with_proxy("  workers: 1\n"), "k.yaml").proxy_workers == 1
 
 
 def test_a_number_and_auto():
@@ -52,9 +54,11 @@ def test_enrollment_port_may_not_take_a_workers_port():
     assert any("enrollment.listen" in e for e in errors_of(text))
 
 
-def test_signin_and_auto_quarantine_need_one_worker():
-    base = with_proxy("  workers: 2\n")
-    text = base + "auto_quarantine: {}\n"
-    errs = errors_of(text)
-    assert any(e.startswith("k.yaml:13: proxy.workers:") and "auto_quarantine" in e and "not supported" in e
-               and "未対応" in e for e in errs), errs
+def test_signin_and_auto_quarantine_are_accepted_with_several_workers():
+    # issue #22: both follow the workers now (gateway/runtime/workers.py); once refused here
+    signin = ("signin:\n  issuer: https://idp.example.jp\n  client_id: kanmon\n  client_secret: s3cret\n"
+              "  portal_host: signin.kanmon.internal\n")
+    cfg = load_config_text(with_proxy("  workers: 2\n") + "auto_quarantine: {}\n" + signin, "k.yaml")
+    assert cfg.proxy_workers == 2
+    assert cfg.auto_quarantine is not None and cfg.signin is not None
+    assert cfg.signin.portal_host == "signin.kanmon.internal"

@@ -251,6 +251,29 @@ def test_signin_service_on_node_a_reports_the_device_after_node_b_signs_the_user
     assert service.refresh() == set() and changed == [{"dev-1", "dev-2"}]   # nothing new: nothing reported
 
 
+def test_a_workers_copy_follows_the_store_quietly(stores):
+    # issue #22: the gateway process wrote the auth records of ended sessions; an inspection
+    # worker's copy only reloads, reports the devices whose session it lost, and logs nothing
+    clock = Clock()
+    gateway, worker_store = stores(clock), stores(clock)
+    changed: list[set[str]] = []
+    records: list[dict] = []
+    sink = SimpleNamespace(append=lambda stream, rec: records.append(rec))
+    worker = SignInService(SETTINGS, worker_store, sink, rp=object(), on_sessions_changed=changed.append, clock=clock)
+    dev, other = device(), device("dev-3", owner="suzuki", n=4)
+    gateway.start(session("dev-1", "tanaka"))
+    kept = gateway.start(session("dev-3", "suzuki", tunnel_ip="10.77.0.4"))
+    assert worker.follow_store() == set() and changed == [{"dev-1", "dev-3"}]
+    assert worker.session_for(dev).user == "tanaka" and worker.session_for(other) == kept
+    gateway.end(user="tanaka", reason="signed out by an operator", actor="ops")
+    assert worker.follow_store() == {"dev-1"}
+    assert worker.session_for(dev) is None and worker.session_for(other) == kept
+    assert changed[-1] == {"dev-1"}
+    clock.advance(hours=9)   # past the lifetime: expired sessions leave the copy too
+    assert worker.follow_store() == {"dev-3"} and worker.session_for(other) is None
+    assert records == [], "the worker writes no auth record of its own for ends it follows"
+
+
 # -- choosing the store ----------------------------------------------------------------------
 
 def test_open_session_store_uses_the_registry_file_without_a_registry_url(tmp_path, monkeypatch):

@@ -263,3 +263,86 @@ def test_an_unanswered_append_fails_instead_of_passing():
     store = RemoteLogStore(CapturingUplink(), loop_thread=-1, timeout=0.2)
     with pytest.raises(LogWriteError):
         store.append("proxy", {"n": 1})
+
+
+def sessions_worker(index: int, down: socket.socket, up: socket.socket) -> None:
+    """Hands one quarantine order up at start; acknowledges ended-sessions notices -- except
+    worker 1 when a notice names "late"."""
+    import pickle
+    uplink = Uplink(up)
+    uplink.send(("ready", os.getpid()))
+    uplink.send(("quarantine", {"device_id": f"dev-of-worker-{index}"}))
+    down.setblocking(True)
+    while (head := _recv_exactly(down, 4)) is not None:
+        message = pickle.loads(_recv_exactly(down, struct.unpack("!I", head)[0]))
+        if message[0] == "sessions" and not (index == 1 and "late" in message[2]):
+            uplink.send(("sessions-done", message[1]))
+
+
+def test_ended_sessions_reach_every_worker_and_orders_reach_the_gateway(monkeypatch):
+    # issue #22: a sign-out counts as applied when every worker has cut; a late worker is
+    # replaced; a worker's automatic-quarantine order is carried out by the gateway process
+    monkeypatch.setattr(workers, "RESTART_DELAY", 0.05)
+    orders = []
+
+    async def scenario():
+        pool = WorkerPool(2, CollectorRegistry(), sessions_worker, on_log=lambda s, r: None,
+                          on_fatal=lambda why: pytest.fail(why), on_quarantine=orders.append)
+        await pool.start(timeout=10)
+        try:
+            first = {i: w.pid for i, w in pool.workers.items()}
+            await pool.sessions_ended({"dev-1"}, timeout=5)
+            assert [w.sessions for w in pool.live()] == [1, 1]
+            assert pool.workers[1].pid == first[1]
+            await pool.sessions_ended({"late"}, timeout=0.5)
+            for _ in range(100):
+                if pool.workers[1].pid != first[1] and pool.workers[1].alive and pool.workers[1].ready.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.workers[1].pid != first[1] and pool.workers[0].pid == first[0]
+            for _ in range(100):
+                if len(orders) == 3:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+    assert sorted(o["device_id"] for o in orders) == ["dev-of-worker-0", "dev-of-worker-1", "dev-of-worker-1"]
+
+
+def test_a_worker_cuts_the_devices_whose_sessions_ended_and_loses_sessions_with_admission():
+    from types import SimpleNamespace
+
+    from gateway.signin.sessions import SessionDirectory, UserSession
+
+    def user_session(device_id):
+        return UserSession(f"s-{device_id}", device_id, "10.77.0.2", "u", "sub", "iss")
+
+    directory = SessionDirectory()
+    for d in ("dev-1", "dev-2", "dev-3"):
+        directory.put(user_session(d))
+    cut: list[tuple[set, str]] = []
+    signin = SimpleNamespace(directory=directory, follow_store=lambda: {"dev-2"})   # the store lost dev-2's too
+    app = SimpleNamespace(signin=signin, _cut_devices=lambda ids, why: cut.append((set(ids), why)))
+    asyncio.run(workers.follow_sessions(app, {"dev-1"}))
+    assert cut == [({"dev-1", "dev-2"}, "user session ended")]
+    assert {s.device_id for s in directory.all()} == {"dev-3"}
+
+    def unreadable():
+        raise OSError("database is locked")
+
+    signin.follow_store = unreadable   # the named ends still end here
+    directory.put(user_session("dev-1"))
+    cut.clear()
+    asyncio.run(workers.follow_sessions(app, {"dev-1"}))
+    assert cut == [({"dev-1"}, "user session ended")] and {s.device_id for s in directory.all()} == {"dev-3"}
+
+    # a reconcile report: dev-3 lost admission, so its session leaves this worker's copy
+    record = SimpleNamespace(device_id="dev-3")
+    report = SimpleNamespace(changed=[record], admitted_ids=set(), full=False)
+    updates = []
+    app = SimpleNamespace(signin=signin, directory=SimpleNamespace(update=lambda a, r: updates.append((a, r))),
+                          connections=SimpleNamespace(all=lambda: []), policy=None)
+    workers.follow_reconcile(app, report)
+    assert updates == [([], [record])] and len(directory) == 0
