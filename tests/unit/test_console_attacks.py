@@ -16,6 +16,7 @@ import pytest
 from gateway.console import auth
 from gateway.console.catalog import LANG_COOKIE
 from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus, Ownership
+from tests.availability import unavailable
 from tests.unit.console_fixtures import CLAIMS, ORIGIN, client_of, csrf_of, make_app, post, signed_in, start_signin
 from tests.unit.test_console_auth import Clock, audit_actions, cookie
 
@@ -639,7 +640,7 @@ def test_the_listener_speaks_only_tls_1_2_or_newer(listener):
         old.maximum_version = ssl.TLSVersion.TLSv1_1
         old.set_ciphers("ALL:@SECLEVEL=0")
     except (ValueError, ssl.SSLError):
-        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+        unavailable("this OpenSSL cannot even offer TLS 1.1")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             old.wrap_socket(s, server_hostname="console.test")

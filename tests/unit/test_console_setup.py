@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from tests.availability import unavailable
 from tests.unit.console_fixtures import client_of, console_config, registry_with_devices, signed_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_serve_on_an_address_of_another_host_is_refused_bilingually(tmp_path, ca
     with socket.socket() as probe:   # a host that has this address cannot run the test
         try:
             probe.bind(("192.0.2.1", 0))
-            pytest.skip("192.0.2.1 is an address of this host")
+            unavailable("192.0.2.1 is an address of this host")
         except OSError:
             pass
     assert main(["console", "serve", "--config", str(path)]) == 1
