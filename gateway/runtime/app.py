@@ -44,7 +44,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicySnapshot, load_policy
 from gateway.proxy.dnsbinding import DnsBindings
 from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
-from gateway.runtime.reconcile import Reconciler
+from gateway.runtime.reconcile import Reconciler, cut_changed_devices
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.net.tunnel import TunnelError, WireGuardInterface, load_or_create_private_key
@@ -361,16 +361,7 @@ class GatewayApp:
             gone = {d for d in changed if d not in report.admitted_ids and d in signed_in}
             for device_id in gone:
                 self.signin.directory.remove(device_id)
-        for state in self.connections.all():
-            if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
-                continue
-            if now_record == state.device and now_record.device_id in report.admitted_ids:
-                continue
-            if self.policy is not None:
-                self.policy.invalidate_device(state.device.device_id)
-            reason = "device no longer admitted" if now_record.device_id not in report.admitted_ids else "device record changed"
-            if self.cutter.cut(state.client_id, reason):
-                self.metrics.connections_cut.inc()
+        cut_changed_devices(self, changed, report.admitted_ids)
         if self.cluster is not None:
             self.cluster.reconciled(report)
         return gone

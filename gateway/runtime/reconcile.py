@@ -279,3 +279,21 @@ class Reconciler:
                      revision, "full" if full else "incremental", added, removed, len(newly_blocked),
                      len(unblocked), report.seconds * 1000)
         return report
+
+
+def cut_changed_devices(app, changed: dict, admitted_ids) -> None:
+    """The event-loop side of a reconcile pass in one process: cut its live connections
+    (``app.connections``) whose device lost admission or whose record changed, and drop the
+    policy's cached verdicts for that device. Called by the gateway process
+    (GatewayApp._apply_reconcile) and by each inspection worker on the parent's reconcile
+    report (gateway/runtime/workers.py follow_reconcile)."""
+    for state in app.connections.all():
+        if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
+            continue
+        if now_record == state.device and now_record.device_id in admitted_ids:
+            continue
+        if app.policy is not None:
+            app.policy.invalidate_device(state.device.device_id)
+        reason = "device no longer admitted" if now_record.device_id not in admitted_ids else "device record changed"
+        if app.cutter.cut(state.client_id, reason):
+            app.metrics.connections_cut.inc()

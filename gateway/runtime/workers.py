@@ -716,16 +716,9 @@ def follow_reconcile(app, report) -> None:
     if app.signin is not None:   # a device that loses admission loses its user session (the parent ends it in the store)
         for device_id in changed.keys() - set(report.admitted_ids):
             app.signin.directory.remove(device_id)
-    for state in app.connections.all():
-        if state.device is None or (now_record := changed.get(state.device.device_id)) is None:
-            continue
-        if now_record == state.device and now_record.device_id in report.admitted_ids:
-            continue
-        if app.policy is not None:
-            app.policy.invalidate_device(state.device.device_id)
-        reason = "device no longer admitted" if now_record.device_id not in report.admitted_ids else "device record changed"
-        if app.cutter.cut(state.client_id, reason):
-            app.metrics.connections_cut.inc()
+    from gateway.runtime.reconcile import cut_changed_devices
+
+    cut_changed_devices(app, changed, report.admitted_ids)
 
 
 async def _load_policy(app, version: str) -> bool:
