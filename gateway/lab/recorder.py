@@ -80,7 +80,10 @@ class Recorder:
 
     def _accept_loop(self, srv: socket.socket) -> None:
         while True:
-            conn, peer = srv.accept()
+            try:
+                conn, peer = srv.accept()
+            except OSError:   # the listening socket was closed: the server is done
+                return
             threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, sock: socket.socket, peer) -> None:

@@ -156,6 +156,10 @@ def test_kill_9_of_a_worker_loses_no_record_refuses_its_devices_and_it_comes_bac
     for marker in markers:
         assert http_code(victim.curl(f"http://www.example.test{marker}")) == "200"
     wlab.gw.run("kill", "-9", str(pids[1]))     # at once: the records were sent, not yet written maybe
+    # kill(1) returns when the signal is sent, not when the process is gone: until its sockets
+    # are closed, the kernel still completes handshakes into its listening socket's backlog (and
+    # resets them at exit). Wait for its listener to go (the restart is 1 s away).
+    wait_until(lambda: worker_pids(wlab).get(1) != pids[1], 5, "the killed worker's listener to close")
     # While it is down (it is forked again after RESTART_DELAY, 1 s) its devices are refused
     # (its port does not listen) and nothing reaches the server around the proxy (by IP, so no
     # DNS query is in the way).
@@ -194,6 +198,9 @@ def last_data(proc: subprocess.Popen) -> float:
 
 def test_quarantine_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
     cfg = ["--config", str(wlab.config_path)]
+    for worker in range(WORKERS):   # the test before it killed a worker: it may still be coming back
+        wait_until(lambda: wlab.metric_value("kanmon_worker_up", worker=str(worker)) == 1, 10, f"worker {worker} up")
+    wait_until(lambda: set(worker_pids(wlab)) == set(range(WORKERS)), 10, "every worker listening")
     after_return: dict[str, list[float]] = {"quarantine": [], "revoke": []}
     for trial in range(QUARANTINE_TRIALS):
         for worker, device in wlab.on_worker.items():
