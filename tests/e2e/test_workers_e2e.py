@@ -1,7 +1,7 @@
 """Issue #22: `proxy.workers: 2` in the namespace lab. Two devices that hash to different
 workers (found by probing which worker's port accepted their connection); what must stay whole
-across workers: steering (no device picks its worker or reaches a worker's port), quarantine and
-revocation cut live flows in every worker within 100 ms, a policy apply switches every worker
+across workers: steering (no device picks its worker or reaches a worker's port), quarantine,
+suspension and revocation cut live flows in every worker within 100 ms, a policy apply switches every worker
 and a bad one is refused by all, metrics are summed, and a worker killed with -9 loses no log
 record, refuses its devices until it is forked again (never routes them around the proxy),
 while the other keeps serving."""
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -196,7 +197,7 @@ def last_data(proc: subprocess.Popen) -> float:
     return json.loads(proc.communicate(timeout=30)[0].strip().splitlines()[-1])["last_data"]
 
 
-def test_quarantine_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
+def test_quarantine_suspension_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
     cfg = ["--config", str(wlab.config_path)]
     for worker in range(WORKERS):   # the test before it killed a worker: it may still be coming back
         wait_until(lambda: wlab.metric_value("kanmon_worker_up", worker=str(worker)) == 1, 10, f"worker {worker} up")
@@ -215,6 +216,25 @@ def test_quarantine_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
             other.kill()
             other.wait()
             wlab.kanmon("device", "release", device.device_id, *cfg)
+    # Suspension drops the device (like revocation, until a time): cut in its worker, the other
+    # worker's device keeps its download; resumed, the device is served again.
+    after_return["suspend"] = []
+    for worker, device in wlab.on_worker.items():
+        mine, other = start_download(device), start_download(wlab.on_worker[1 - worker])
+        until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        out = wlab.kanmon("device", "suspend", device.device_id, "--until", until, "--reason", "e2e", *cfg)
+        returned = time.time()
+        assert "did not confirm" not in out.stderr, out.stderr
+        after_return["suspend"].append(round((last_data(mine) - returned) * 1000, 1))
+        assert after_return["suspend"][-1] <= 100, f"worker {worker}: the suspended device's download lives on"
+        assert other.poll() is None, "the other worker's device keeps its download"
+        other.kill()
+        other.wait()
+        wlab.kanmon("device", "resume", device.device_id, *cfg)
+        # Its peer was removed: the device's WireGuard client notices only when its data go
+        # unanswered (keepalive + rekey timeout, ~15 s) and then shakes hands again.
+        wait_until(lambda: http_code(device.curl(f"http://www.example.test/resumed-{time.monotonic_ns()}", timeout=2))
+                   == "200", 40, "the resumed device to be served again", interval=0.5)
     # Revocation, in the worker of device 1 then device 0 (the last test of the module: they stay revoked).
     for worker in (1, 0):
         device = wlab.on_worker[worker]
