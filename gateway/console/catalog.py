@@ -1,18 +1,16 @@
 """The console's message catalog and the language of a request.
 
 English is the message id; Japanese comes from ``locale/ja/LC_MESSAGES/console.po``,
-compiled in memory when first used (``gateway.pages.catalog.compile_po``: no build step, no
+compiled in memory when first used (``gateway.pages.catalog.PoCatalog``: no build step, no
 stale ``.mo``). A console page is in one language, chosen by the ``lang`` cookie (the switch in
 the header) or else by ``Accept-Language``; Japanese when neither says.
 """
 
 from __future__ import annotations
 
-import gettext
-from functools import lru_cache
 from pathlib import Path
 
-from gateway.pages.catalog import compile_po
+from gateway.pages.catalog import PoCatalog
 
 DOMAIN = "console"
 LOCALE_DIR = Path(__file__).resolve().parent / "locale"
@@ -25,15 +23,9 @@ def M_(message: str) -> str:
     return message
 
 
-def po_path(lang: str) -> Path:
-    return LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
-
-
-@lru_cache(maxsize=None)
-def translations(lang: str) -> gettext.NullTranslations:
-    if lang == "en":
-        return gettext.NullTranslations()
-    return compile_po(po_path(lang), lang, DOMAIN)
+CATALOG = PoCatalog(DOMAIN, LOCALE_DIR)
+po_path = CATALOG.po_path
+translations = CATALOG.translations
 
 
 def gettext_for(lang: str):

@@ -12,9 +12,7 @@ tests/unit/test_console_ops.py fails for a message without its Japanese text.
 
 from __future__ import annotations
 
-import gettext
 import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from gateway.console.app import render_page
 from gateway.console.catalog import LANGUAGES, gettext_for
 from gateway.console.catalog import translations as core_translations
 from gateway.i18n import Text
-from gateway.pages.catalog import compile_po
+from gateway.pages.catalog import PoCatalog
 
 DOMAIN = "console_ops"
 LOCALE_DIR = Path(__file__).resolve().parent / "locale"
@@ -36,15 +34,9 @@ def O_(message: str) -> str:
     return message
 
 
-def po_path(lang: str) -> Path:
-    return LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
-
-
-@lru_cache(maxsize=None)
-def translations(lang: str) -> gettext.NullTranslations:
-    if lang == "en":
-        return gettext.NullTranslations()
-    return compile_po(po_path(lang), lang, DOMAIN)
+CATALOG = PoCatalog(DOMAIN, LOCALE_DIR)
+po_path = CATALOG.po_path
+translations = CATALOG.translations
 
 
 _installed: set[str] = set()

@@ -36,15 +36,23 @@ def N_(message: str) -> str:
     return message
 
 
-def po_path(lang: str) -> Path:
-    return LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
+class PoCatalog:
+    """One gettext domain whose ``.po`` files live under ``locale_dir/<lang>/LC_MESSAGES``: the
+    staff pages' catalog here, the operator console's two (gateway/console). ``translations``
+    compiles a language once per process (``translations.cache_clear()`` forgets it)."""
 
+    def __init__(self, domain: str, locale_dir: Path):
+        self.domain = domain
+        self.locale_dir = locale_dir
+        self.translations = lru_cache(maxsize=None)(self._translations)
 
-@lru_cache(maxsize=None)
-def translations(lang: str) -> gettext.NullTranslations:
-    if lang == "en":
-        return gettext.NullTranslations()
-    return compile_po(po_path(lang), lang, DOMAIN)
+    def po_path(self, lang: str) -> Path:
+        return self.locale_dir / lang / "LC_MESSAGES" / f"{self.domain}.po"
+
+    def _translations(self, lang: str) -> gettext.NullTranslations:
+        if lang == "en":
+            return gettext.NullTranslations()
+        return compile_po(self.po_path(lang), lang, self.domain)
 
 
 def compile_po(path: Path, lang: str, domain: str) -> gettext.NullTranslations:
@@ -67,6 +75,11 @@ def compile_po(path: Path, lang: str, domain: str) -> gettext.NullTranslations:
     write_mo(buf, catalog, use_fuzzy=False)
     buf.seek(0)
     return Translations(buf, domain=domain)
+
+
+CATALOG = PoCatalog(DOMAIN, LOCALE_DIR)
+po_path = CATALOG.po_path
+translations = CATALOG.translations
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def test_dns_blocks_answer_the_sinkhole_unless_told_nxdomain(mode, qtype, expect
 
 
 def test_the_enforcer_does_not_start_with_a_broken_catalog(tmp_path, monkeypatch):
-    monkeypatch.setattr(catalog, "LOCALE_DIR", tmp_path)   # no catalog at all
+    monkeypatch.setattr(catalog.CATALOG, "locale_dir", tmp_path)   # no catalog at all
     catalog.translations.cache_clear()
     try:
         with pytest.raises(CatalogError) as exc:

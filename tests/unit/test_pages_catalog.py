@@ -74,7 +74,7 @@ def test_an_incomplete_or_broken_catalog_refuses_to_load(tmp_path, monkeypatch):
     good = po_path("ja").read_text(encoding="utf-8")
     lang_dir = tmp_path / "ja" / "LC_MESSAGES"
     lang_dir.mkdir(parents=True)
-    monkeypatch.setattr(catalog, "LOCALE_DIR", tmp_path)
+    monkeypatch.setattr(catalog.CATALOG, "locale_dir", tmp_path)
     # one translation emptied
     first = re.search(r'msgstr "[^"\n]+"', good.split('msgid "Request ID"', 1)[1]).group(0)
     (lang_dir / "kanmon.po").write_text(good.replace('msgid "Request ID"\n' + first, 'msgid "Request ID"\nmsgstr ""'),
