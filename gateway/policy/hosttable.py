@@ -10,22 +10,24 @@ The snapshot only calls ``.get(name)`` on its tables, so either kind serves.
 
 Layout (little-endian; every section 8-byte aligned):
 
-    header   MAGIC (16 bytes), entries n, slots m, groups g, group words w, blob bytes b  (5 x u64)
-    slots    m x u64: 0 = empty, else (crc32(name) << 32) | (entry + 1)
-    offsets  (n + 1) x u32: entry i's name is blob[offsets[i]:offsets[i + 1]]
+    header   MAGIC (16 bytes), entries n, slots m, shift, groups g, group words w, blob bytes b (6 x u64)
+    hashes   m x u64: crc32 of the name in the slot, or EMPTY (2**32, above every crc32)
+    entries  m x u32: the entry in the slot
+    offsets  (n + 1) x u32: entry i's name is buffer[offsets[i]:offsets[i + 1]] (whole-buffer offsets)
     group    n x u32: entry i's ordinals are groups[group[i]]
     groups   w x u32: per group its length, then its ordinals
     blob     b bytes: the names, UTF-8 (surrogatepass, as they are encoded to be looked up)
 
-The slots are an open-addressing table with linear probing: a name's home slot is
-``crc32 * HOME_SLOTS >> 32`` of its ``HOME_SLOTS = 2n`` (load 1/2), and entries are placed in
-the order of their hash, so along a run of occupied slots the hashes only grow: a lookup stops
-at the first empty slot or the first larger hash (a miss costs one or two probes). A hash match
-is confirmed by comparing the name's bytes, so a crc32 collision costs a compare, never a wrong
-answer. crc32 (zlib, C) is stable across processes and Python versions, unlike ``hash()``.
-Names an attacker chose could still pile up on one crc32 (it is not a keyed hash): ``encode``
-refuses a table with a run longer than ``MAX_RUN`` (the caller keeps the dict: more memory,
-same verdicts), so no lookup ever probes more than ``MAX_RUN`` slots.
+The slots are an open-addressing table with linear probing: a name's home slot is the top bits
+of its crc32 (``crc32 >> shift``, ``2**(32 - shift)`` home slots for at least 1.5 n names), and
+entries are placed in the order of their hash, so along a run of occupied slots the hashes
+only grow: a lookup walks past smaller hashes and stops at the first larger one or an empty slot
+(a miss costs one or two probes). A hash match is confirmed by comparing the name's bytes, so a
+crc32 collision costs a compare, never a wrong answer. crc32 (zlib, C) is stable across
+processes and Python versions, unlike ``hash()``. Names an attacker chose could still pile up
+on one crc32 (it is not a keyed hash): ``encode`` refuses a table where a name sits more than
+``MAX_RUN`` slots after its home (the caller keeps the dict: more memory, same verdicts), so no
+lookup probes more than ``MAX_RUN + 2`` slots.
 
 Why not a library: marisa-trie 1.4.1 (mmap-able) measured 1.2-1.7 µs a lookup against ~0.9 µs
 for this in the same run, and it maps keys to its own ids only; bisect over a sorted hash array
@@ -38,14 +40,16 @@ import struct
 from collections.abc import Iterator, Mapping
 from collections import deque
 from itertools import accumulate, count, repeat
-from operator import add, sub
+from operator import add, and_, rshift, sub
 from sys import byteorder
 from zlib import crc32
 
-MAGIC = b"KANMON-HOSTS-v1\n"
-_HEADER = struct.Struct("<16s5Q")
-MAX_RUN = 256   # slots: the longest probe a lookup can make
+MAGIC = b"KANMON-HOSTS-v2\n"
+_HEADER = struct.Struct("<16s6Q")
+MAX_RUN = 256   # slots: how far a name may sit after its home slot
+EMPTY = 1 << 32
 _NAME_CODEC = ("utf-8", "surrogatepass")
+_LOW = 0xFFFFFFFF
 
 
 class BadTable(ValueError):
@@ -56,41 +60,52 @@ def _pad(n: int) -> int:
     return -n % 8
 
 
+def _shift(n: int) -> int:
+    """32 - log2 of the home slots: a power of two, at least 1.5 n and 8."""
+    bits = max(3, (max(1, (3 * n + 1) // 2) - 1).bit_length())
+    return 32 - bits
+
+
 def encode(table: Mapping[str, tuple[int, ...]]) -> bytes | None:
-    """The table in the layout above; None when its hashes pile up (a name displaced more
-    than ``MAX_RUN`` slots from its home) or it is too big for 32-bit offsets: keep the dict
+    """The table in the layout above; None when its hashes pile up (a name more than
+    ``MAX_RUN`` slots after its home) or it is too big for 32-bit offsets: keep the dict
     then. Entries stay in the table's order; only the slots follow the hashes. Bulk steps in
     C (map, sort, accumulate): 1M names in about a second."""
     n = len(table)
-    if n >= (1 << 32) - 1:
+    if n >= 1 << 30:
         return None
     encoded = list(map(str.encode, table, repeat(_NAME_CODEC[0]), repeat(_NAME_CODEC[1])))
-    home_slots = max(2 * n, 8)
-    # (hash << 32) | entry: sorted, the entries in hash order; + 1 is the slot's value.
+    shift = _shift(n)
+    home_slots = 1 << (32 - shift)
+    # (hash << 32) | entry, sorted: the entries in hash order (a C sort of ints).
     order = [(h << 32) | i for i, h in enumerate(map(crc32, encoded))]
     order.sort()
-    homes = [((p >> 32) * home_slots) >> 32 for p in order]
+    homes = list(map(rshift, order, repeat(32 + shift)))
     # Linear probing in hash order: position k = max(home k, position k-1 + 1), that is
     # k + the running maximum of (home j - j) over j <= k.
     positions = list(map(add, count(), accumulate(map(sub, homes, count()), max)))
-    # A lookup probes at most the largest displacement + 2 slots (hashes grow along a run).
     if positions and (max(map(sub, positions, homes)) > MAX_RUN or positions[-1] >= home_slots + MAX_RUN):
         return None
     del homes
     slot_count = home_slots + MAX_RUN + 1   # the last slot always stays empty: every probe ends
-    slots = [0] * slot_count
-    deque(map(slots.__setitem__, positions, map((1).__add__, order)), maxlen=0)
-    del positions, order
-    slot_bytes = _u64(slots)
-    del slots
-    blob = b"".join(encoded)
-    if len(blob) >= 1 << 32:
-        return None
+    hashes = [EMPTY] * slot_count
+    deque(map(hashes.__setitem__, positions, map(rshift, order, repeat(32))), maxlen=0)
+    hash_bytes = _u64(hashes)
+    del hashes
+    entries = [0] * slot_count
+    deque(map(entries.__setitem__, positions, map(and_, order, repeat(_LOW))), maxlen=0)
+    entry_bytes = _u32(entries)
+    del entries, positions, order
     groups: dict[tuple[int, ...], int] = {}
     group_of = [groups.setdefault(ordinals, len(groups)) for ordinals in table.values()]
     words = [x for ordinals in groups for x in (len(ordinals), *ordinals)]
-    parts = [_HEADER.pack(MAGIC, n, slot_count, len(groups), len(words), len(blob)),
-             slot_bytes, _u32(accumulate(map(len, encoded), initial=0)), _u32(group_of), _u32(words), blob]
+    sizes = (8 * slot_count, 4 * slot_count, 4 * (n + 1), 4 * n, 4 * len(words))
+    blob_at = _HEADER.size + sum(size + _pad(size) for size in sizes)
+    blob = b"".join(encoded)
+    if blob_at + len(blob) >= 1 << 32:
+        return None
+    parts = [_HEADER.pack(MAGIC, n, slot_count, shift, len(groups), len(words), len(blob)), hash_bytes, entry_bytes,
+             _u32(accumulate(map(len, encoded), initial=blob_at)), _u32(group_of), _u32(words), blob]
     return b"".join(part + bytes(_pad(len(part))) for part in parts)
 
 
@@ -114,27 +129,52 @@ def _u32(values) -> bytes:   # type: ignore[no-untyped-def]
     return out.tobytes()
 
 
+def _lookup(buffer, shift, hashes, entries, offsets, group_of, groups):   # type: ignore[no-untyped-def]
+    def get(name: str, default=None):   # type: ignore[no-untyped-def]
+        """The ordinals of exactly ``name``; ``default`` when it is not in the table."""
+        try:
+            key = name.encode()
+        except UnicodeEncodeError:   # a lone surrogate: encoded as the names were
+            key = name.encode(*_NAME_CODEC)
+        h = crc32(key)
+        i = h >> shift
+        s = hashes[i]
+        while s < h:   # EMPTY is above every hash: the walk ends at an empty slot
+            i += 1
+            s = hashes[i]
+        while s == h:
+            e = entries[i]
+            if buffer[offsets[e]:offsets[e + 1]] == key:
+                return groups[group_of[e]]
+            i += 1
+            s = hashes[i]
+        return default
+
+    return get
+
+
 class HostTable(Mapping[str, tuple[int, ...]]):
     """A read-only ``host -> ordinals`` mapping over a buffer in ``encode``'s layout (an mmap
-    of the file, or bytes in tests). Checks the layout's sizes and bounds when made
-    (``BadTable``); the caller checks the bytes' digest. Thread-safe: nothing is written."""
+    of the file, or bytes in tests: slicing either gives bytes). Checks the layout's sizes and
+    bounds when made (``BadTable``); the caller checks the bytes' digest. Thread-safe: nothing
+    is written."""
 
-    __slots__ = ("_buffer", "_n", "_home", "_slots", "_offsets", "_group_of", "_groups", "_blob", "_views")
+    __slots__ = ("_buffer", "_n", "_offsets", "_group_of", "_groups", "_views", "get")
 
     def __init__(self, buffer) -> None:   # type: ignore[no-untyped-def]
         if byteorder != "little":   # pragma: no cover - the file is little-endian
             raise BadTable("host tables are read on little-endian machines only")
         view = memoryview(buffer)
         if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
+            raise BadTable("a host table is read from a flat byte buffer")
         if len(view) < _HEADER.size:
             raise BadTable("shorter than a host-table header")
-        magic, n, m, g, w, b = _HEADER.unpack_from(view)
+        magic, n, m, shift, g, w, b = _HEADER.unpack_from(view)
         if magic != MAGIC:
             raise BadTable("not a host table (magic)")
-        sizes = (8 * m, 4 * (n + 1), 4 * n, 4 * w, b)
-        if m != max(2 * n, 8) + MAX_RUN + 1 or g > n + 1 or b >= 1 << 32:
+        if n >= 1 << 30 or shift != _shift(n) or m != (1 << (32 - shift)) + MAX_RUN + 1 or g > n + 1:
             raise BadTable("host-table header is inconsistent")
+        sizes = (8 * m, 4 * m, 4 * (n + 1), 4 * n, 4 * w, b)
         if len(view) != _HEADER.size + sum(s + _pad(s) for s in sizes):
             raise BadTable("host-table size does not match its header")
         at = _HEADER.size
@@ -142,9 +182,11 @@ class HostTable(Mapping[str, tuple[int, ...]]):
         for size in sizes:
             sections.append(view[at:at + size])
             at += size + _pad(size)
-        slots, offsets, group_of = sections[0].cast("Q"), sections[1].cast("I"), sections[2].cast("I")
-        words = sections[3].cast("I")
-        if slots[m - 1] != 0 or offsets[0] != 0 or offsets[n] != b or (n and max(group_of) >= g):
+        blob_at = len(view) - b - _pad(b)
+        hashes, entries, offsets = sections[0].cast("Q"), sections[1].cast("I"), sections[2].cast("I")
+        group_of, words = sections[3].cast("I"), sections[4].cast("I")
+        if (hashes[m - 1] != EMPTY or offsets[0] != blob_at or offsets[n] != blob_at + b
+                or (n and (max(entries) >= n or max(group_of) >= g))):
             raise BadTable("host-table sections are inconsistent")
         groups = []
         i = 0
@@ -158,32 +200,13 @@ class HostTable(Mapping[str, tuple[int, ...]]):
             raise BadTable("host-table group count does not match")
         self._buffer = buffer   # keeps the mapping alive as long as the table
         self._n = n
-        self._home = max(2 * n, 8)
-        self._slots = slots
         self._offsets = offsets
         self._group_of = group_of
         self._groups = tuple(groups)
-        self._blob = sections[4]
-        self._views = (view, *sections, slots, offsets, group_of, words)
-
-    def get(self, name: str, default=None):   # type: ignore[no-untyped-def,override]
-        """The ordinals of exactly ``name``; ``default`` when it is not in the table."""
-        key = name.encode("utf-8", "surrogatepass")
-        h = crc32(key)
-        low = h << 32
-        high = low | 0xFFFFFFFF
-        slots = self._slots
-        i = (h * self._home) >> 32
-        while True:
-            s = slots[i]
-            if not s or s > high:
-                return default
-            if s >= low:
-                e = s & 0xFFFFFFFF
-                offsets = self._offsets
-                if self._blob[offsets[e - 1]:offsets[e]] == key:
-                    return self._groups[self._group_of[e - 1]]
-            i += 1
+        self._views = (view, *sections)
+        # ``get`` is a closure over the sections (the snapshot calls it for every label of
+        # every host: local names instead of attribute loads are ~25 % of a lookup).
+        self.get = _lookup(buffer, shift, hashes, entries, offsets, group_of, self._groups)
 
     def __getitem__(self, name: str) -> tuple[int, ...]:
         found = self.get(name) if isinstance(name, str) else None
@@ -198,14 +221,14 @@ class HostTable(Mapping[str, tuple[int, ...]]):
         return self._n
 
     def __iter__(self) -> Iterator[str]:
-        offsets, blob = self._offsets, self._blob
+        offsets, buffer = self._offsets, self._buffer
         for i in range(self._n):
-            yield bytes(blob[offsets[i]:offsets[i + 1]]).decode(*_NAME_CODEC)
+            yield bytes(buffer[offsets[i]:offsets[i + 1]]).decode(*_NAME_CODEC)
 
     def items(self):   # type: ignore[no-untyped-def,override]
         """(name, ordinals) in entry order, without a lookup per name."""
-        offsets, blob, groups, group_of = self._offsets, self._blob, self._groups, self._group_of
-        return [(bytes(blob[offsets[i]:offsets[i + 1]]).decode(*_NAME_CODEC), groups[group_of[i]])
+        offsets, buffer, groups, group_of = self._offsets, self._buffer, self._groups, self._group_of
+        return [(bytes(buffer[offsets[i]:offsets[i + 1]]).decode(*_NAME_CODEC), groups[group_of[i]])
                 for i in range(self._n)]
 
     def __eq__(self, other: object) -> bool:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from gateway.hostname import normalize_host
 from gateway.policy import DeviceContext, load_policy, query_for_url
+from gateway.policy import hosttable
 from gateway.policy.hosttable import MAX_RUN, BadTable, HostTable, encode
 from gateway.policy.lists import valid_domain
 from gateway.runtime import hosttablefile
@@ -92,9 +93,8 @@ def test_names_crowding_one_hash_are_not_mapped():
     """crc32 is not keyed: a list that puts more than MAX_RUN names on one home slot would make
     every lookup there long. ``encode`` refuses it (the caller keeps the dict)."""
     n = MAX_RUN + 50
-    home_slots = 2 * n
-    crowd = [name for name in (f"h{i}.example" for i in range(2_000_000))
-             if (crc32(name.encode()) * home_slots) >> 32 == 0][:n]
+    shift = hosttable._shift(n)   # a name's home slot: crc32 >> shift
+    crowd = [name for name in (f"h{i}.example" for i in range(2_000_000)) if crc32(name.encode()) >> shift == 0][:n]
     assert len(crowd) == n
     assert encode(dict.fromkeys(crowd, (0,))) is None
     assert encode(dict.fromkeys(crowd[:MAX_RUN // 2], (0,))) is not None
