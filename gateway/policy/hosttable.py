@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Mapping
+from array import array
 from collections import deque
 from itertools import accumulate, count, repeat
-from operator import add, and_, rshift, sub
+from operator import add, and_, lshift, or_, rshift, sub
 from sys import byteorder
 from zlib import crc32
 
@@ -67,66 +68,67 @@ def _shift(n: int) -> int:
 
 
 def encode(table: Mapping[str, tuple[int, ...]]) -> bytes | None:
-    """The table in the layout above; None when its hashes pile up (a name more than
-    ``MAX_RUN`` slots after its home) or it is too big for 32-bit offsets: keep the dict
-    then. Entries stay in the table's order; only the slots follow the hashes. Bulk steps in
-    C (map, sort, accumulate): 1M names in about a second."""
+    """The table in the layout above, as one bytes object (``encode_parts`` joined)."""
+    parts = encode_parts(table)
+    return None if parts is None else b"".join(parts)
+
+
+def encode_parts(table: Mapping[str, tuple[int, ...]]) -> list | None:
+    """The table in the layout above, as buffers to write one after the other; None when its
+    hashes pile up (a name more than ``MAX_RUN`` slots after its home) or it is too big for
+    32-bit offsets: keep the dict then. Entries stay in the table's order; only the slots
+    follow the hashes. Bulk steps in C (map, sort, accumulate, arrays of machine integers, no
+    list of a million bytes objects): about a second and ~60 MiB of temporaries per 1M names."""
     n = len(table)
-    if n >= 1 << 30:
+    if n >= 1 << 30 or byteorder != "little":   # the layout is little-endian machine integers
         return None
-    encoded = list(map(str.encode, table, repeat(_NAME_CODEC[0]), repeat(_NAME_CODEC[1])))
+    blob = "".join(table).encode(*_NAME_CODEC)
+    ascii_only = len(blob) == sum(map(len, table))   # then a name's bytes are its characters
     shift = _shift(n)
     home_slots = 1 << (32 - shift)
     # (hash << 32) | entry, sorted: the entries in hash order (a C sort of ints).
-    order = [(h << 32) | i for i, h in enumerate(map(crc32, encoded))]
+    hashes_of_names = map(crc32, map(str.encode, table, repeat(_NAME_CODEC[0]), repeat(_NAME_CODEC[1])))
+    order = list(map(or_, map(lshift, hashes_of_names, repeat(32)), count()))
     order.sort()
-    homes = list(map(rshift, order, repeat(32 + shift)))
+    homes = array("q", map(rshift, order, repeat(32 + shift)))
     # Linear probing in hash order: position k = max(home k, position k-1 + 1), that is
     # k + the running maximum of (home j - j) over j <= k.
-    positions = list(map(add, count(), accumulate(map(sub, homes, count()), max)))
+    positions = array("q", map(add, count(), accumulate(map(sub, homes, count()), max)))
     if positions and (max(map(sub, positions, homes)) > MAX_RUN or positions[-1] >= home_slots + MAX_RUN):
         return None
     del homes
     slot_count = home_slots + MAX_RUN + 1   # the last slot always stays empty: every probe ends
-    hashes = [EMPTY] * slot_count
+    hashes = _array("Q", [EMPTY]) * slot_count
     deque(map(hashes.__setitem__, positions, map(rshift, order, repeat(32))), maxlen=0)
-    hash_bytes = _u64(hashes)
-    del hashes
-    entries = [0] * slot_count
+    entries = _array("I", [0]) * slot_count
     deque(map(entries.__setitem__, positions, map(and_, order, repeat(_LOW))), maxlen=0)
-    entry_bytes = _u32(entries)
-    del entries, positions, order
-    groups: dict[tuple[int, ...], int] = {}
-    group_of = [groups.setdefault(ordinals, len(groups)) for ordinals in table.values()]
-    words = [x for ordinals in groups for x in (len(ordinals), *ordinals)]
+    del positions, order
+    groups = {ordinals: k for k, ordinals in enumerate(dict.fromkeys(table.values()))}
+    group_of = _array("I", map(groups.__getitem__, table.values()))
+    words = _array("I", [x for ordinals in groups for x in (len(ordinals), *ordinals)])
     sizes = (8 * slot_count, 4 * slot_count, 4 * (n + 1), 4 * n, 4 * len(words))
     blob_at = _HEADER.size + sum(size + _pad(size) for size in sizes)
-    blob = b"".join(encoded)
     if blob_at + len(blob) >= 1 << 32:
         return None
-    parts = [_HEADER.pack(MAGIC, n, slot_count, shift, len(groups), len(words), len(blob)), hash_bytes, entry_bytes,
-             _u32(accumulate(map(len, encoded), initial=blob_at)), _u32(group_of), _u32(words), blob]
-    return b"".join(part + bytes(_pad(len(part))) for part in parts)
+    lengths = map(len, table) if ascii_only else (len(name.encode(*_NAME_CODEC)) for name in table)
+    offsets = _array("I", accumulate(lengths, initial=blob_at))
+    parts: list = [_HEADER.pack(MAGIC, n, slot_count, shift, len(groups), len(words), len(blob)), hashes, entries,
+                   offsets, group_of, words, blob]
+    out: list = []
+    for part in parts:
+        out.append(part)
+        size = part.itemsize * len(part) if isinstance(part, array) else len(part)
+        if _pad(size):
+            out.append(bytes(_pad(size)))
+    return out
 
 
-def _u64(values: list[int]) -> bytes:
-    from array import array
-
-    out = array("Q", values)
-    if byteorder != "little":
-        out.byteswap()
-    return out.tobytes()
-
-
-def _u32(values) -> bytes:   # type: ignore[no-untyped-def]
-    from array import array
-
-    out = array("I", values)
-    if out.itemsize != 4:   # pragma: no cover - CPython on Linux: "I" is 4 bytes
-        raise BadTable("unsigned int is not 32 bits here")
-    if byteorder != "little":
-        out.byteswap()
-    return out.tobytes()
+def _array(code: str, values) -> array:   # type: ignore[no-untyped-def]
+    """An array of little-endian machine integers (u32 for "I", u64 for "Q")."""
+    out = array(code, values)
+    if out.itemsize != {"I": 4, "Q": 8}[code]:   # pragma: no cover - CPython on Linux x86/arm
+        raise BadTable(f"array {code!r} is not {out.itemsize} bytes here")
+    return out
 
 
 def _lookup(buffer, shift, hashes, entries, offsets, group_of, groups):   # type: ignore[no-untyped-def]

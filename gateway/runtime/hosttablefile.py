@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import tempfile
+from collections.abc import Buffer, Sequence
 from pathlib import Path
 
 from gateway.policy.hosttable import BadTable, HostTable
@@ -41,15 +42,21 @@ def path_for(directory: str | Path, digest: str) -> Path:
     return Path(directory) / f"{digest}{SUFFIX}"
 
 
-def write(directory: str | Path, data: bytes) -> str:
-    """Write ``data`` as ``<sha256>.hosts`` (atomically) and return the digest. Raises OSError."""
+def write(directory: str | Path, data: bytes | Sequence[Buffer]) -> str:
+    """Write ``data`` (bytes, or the buffers of hosttable.encode_parts one after the other) as
+    ``<sha256>.hosts``, atomically, and return the digest. Raises OSError."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    digest = hashlib.sha256(data).hexdigest()
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    digest = h.hexdigest()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o400)   # never written again: a new table is a new file

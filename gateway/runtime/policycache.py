@@ -351,7 +351,7 @@ class PolicyCache:
             table = getattr(prepared, name)
             if len(table) < self.map_min:
                 continue
-            data = hosttable.encode(table)
+            data = hosttable.encode_parts(table)
             if data is None:
                 log.warning("the %s host table (%d names) is not mapped: its names crowd one hash; "
                             "each process builds its own copy", name, len(table))
