@@ -84,4 +84,11 @@ def _compile(doc: Any, text: str, sources: Any, list_texts: dict[str, tuple[str,
     if prepared is None:
         cache.store(key, snapshot.prepared)
         snapshot.prepared = None  # the parsed lists need not outlive the compile
+        # issue #22: serve the big host tables from the files just written, mapped as every
+        # process that loads this policy from the cache maps them (one shared copy), not from
+        # this compile's dicts. Same contents: the files were written from these dicts, and
+        # the snapshot is not served yet.
+        shared = cache.shared_tables(key) if hasattr(cache, "shared_tables") else {}
+        snapshot._exact = shared.get("exact", snapshot._exact)
+        snapshot._suffix = shared.get("suffix", snapshot._suffix)
     return snapshot

@@ -20,6 +20,14 @@ compiler stays pure: this module is the I/O edge, called by policy/loader.py.
   removed, and the policy compiled from its sources as if there were no cache. A damaged
   cache can only cost a recompile, never a different verdict (tests/unit/test_policy_cache.py
   feeds it truncated and bit-flipped files).
+- **Big host tables are mapped, not decoded** (issue #22, "the compiled policy is built once
+  and shared"): a host table of at least ``MAP_MIN_ENTRIES`` names is written beside the
+  payload as its own file (gateway/runtime/hosttablefile.py: ``<sha256>.hosts``, the layout
+  of gateway/policy/hosttable.py) and the payload names it by its digest. A load maps that
+  file read-only instead of building a dict, so the gateway and every inspection worker that
+  loads the policy share one copy; the compile that wrote it swaps its own dicts for the
+  mapping too (``shared_tables``, called by policy/loader.py). A missing or damaged table file
+  refuses the whole entry as above (compiled from the sources, written anew).
 - The payload is read only after its digest matched: marshal is not meant for hostile
   bytes, and the digest turns random damage into a refusal. The state directory is the
   gateway's own (mode 0700); whoever can write it can change the policy itself.
@@ -36,8 +44,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from gateway.policy import hosttable
 from gateway.policy.compiler import PREPARED_FORMAT, Prepared
 from gateway.policy.lists import DomainList
+from gateway.runtime import hosttablefile
 
 log = logging.getLogger("kanmon.policycache")
 
@@ -48,8 +58,12 @@ _LENGTH = 8
 # The modules whose code decides what a compile derives from its inputs: a change to any of
 # them is a new engine version (and so a new key).
 _ENGINE_SOURCES = ("gateway/policy/compiler.py", "gateway/policy/lists.py", "gateway/policy/urlpattern.py",
-                   "gateway/hostname.py", "gateway/runtime/policycache.py")
+                   "gateway/hostname.py", "gateway/runtime/policycache.py", "gateway/policy/hosttable.py")
 _ROOT = Path(__file__).resolve().parents[2]   # the checkout (this file: gateway/runtime/)
+# A host table of at least this many names is mapped from its own file (smaller ones stay in
+# the payload and become dicts: a lookup in a dict is ~3x faster, and they cost little).
+MAP_MIN_ENTRIES = 4096
+_TABLES = ("exact", "suffix")
 
 
 # Libraries whose version changes what a compile derives: RE2 accepts or refuses patterns,
@@ -136,18 +150,24 @@ def _table(groups: object) -> dict[str, tuple[int, ...]]:
     return table
 
 
-def encode(key: str, prepared: Prepared) -> bytes:
+def encode(key: str, prepared: Prepared, mapped: Mapping[str, str] | None = None) -> bytes:
+    """``mapped``: "exact"/"suffix" -> the digest of the host-table file that holds that
+    table (hosttablefile.write); the payload then names the file instead of holding the hosts."""
+    mapped = mapped or {}
     lists = tuple((name, lst.filename, _joined(lst.suffix), _joined(lst.exact), lst.regexes)
                   for name, lst in sorted(prepared.lists.items()))
     wildcards = tuple((raw, *fields) for raw, fields in prepared.wildcards.items())
     payload = marshal.dumps((PREPARED_FORMAT, key, lists, tuple(sorted(prepared.sizes.items())),
-                             _table_groups(prepared.exact), _table_groups(prepared.suffix), wildcards,
+                             mapped.get("exact") or _table_groups(prepared.exact),
+                             mapped.get("suffix") or _table_groups(prepared.suffix), wildcards,
                              tuple(prepared.valid_patterns)))
     return MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(_LENGTH, "big") + payload
 
 
-def decode(data: bytes, key: str) -> Prepared:
-    """The Prepared in ``data``, or DamagedCache saying why not."""
+def decode(data: bytes, key: str, open_table: Callable[[str], Mapping[str, tuple[int, ...]]] | None = None) -> Prepared:
+    """The Prepared in ``data``, or DamagedCache saying why not. ``open_table``: maps a host
+    table the payload names by its digest (raises DamagedCache); without it such a payload is
+    refused."""
     head = len(MAGIC) + _DIGEST + _LENGTH
     if len(data) < head or not data.startswith(MAGIC):
         raise DamagedCache("not a prepared-policy cache file (or cut short)")
@@ -162,7 +182,16 @@ def decode(data: bytes, key: str) -> Prepared:
         value = marshal.loads(payload)
     except (EOFError, ValueError, TypeError) as exc:
         raise DamagedCache(f"payload unreadable: {exc}") from None
-    return _prepared(value, key)
+    return _prepared(value, key, open_table)
+
+
+def _host_table(value: object, open_table: Callable[[str], Mapping[str, tuple[int, ...]]] | None) -> Mapping[str, tuple[int, ...]]:
+    """A host table of the payload: groups (a dict is built) or a mapped file's digest."""
+    if type(value) is str:
+        if open_table is None:
+            raise DamagedCache("the payload names a host-table file and none can be opened here")
+        return open_table(value)
+    return _table(value)
 
 
 def _strings(value: object) -> bool:
@@ -172,7 +201,7 @@ def _strings(value: object) -> bool:
 _WILDCARD_TYPES = ((str,), (str, type(None)), (bool,), (str, type(None)), (str, type(None)), (str,), (str,))
 
 
-def _prepared(value: object, key: str) -> Prepared:
+def _prepared(value: object, key: str, open_table: Callable[[str], Mapping[str, tuple[int, ...]]] | None = None) -> Prepared:
     """Check the shape of a decoded payload (it was written by ``encode``; anything else is
     damage)."""
     if not (type(value) is tuple and len(value) == 8):
@@ -202,8 +231,8 @@ def _prepared(value: object, key: str) -> Prepared:
                 and all(type(v) in kinds for v, kinds in zip(entry[1:], _WILDCARD_TYPES))):
             raise DamagedCache("a URL wildcard is malformed")
         compiled[entry[0]] = entry[1:]
-    return Prepared(lists=out, sizes=dict(sizes), exact=_table(exact), suffix=_table(suffix), wildcards=compiled,
-                    valid_patterns=frozenset(valid))
+    return Prepared(lists=out, sizes=dict(sizes), exact=_host_table(exact, open_table),
+                    suffix=_host_table(suffix, open_table), wildcards=compiled, valid_patterns=frozenset(valid))
 
 
 class PolicyCache:
@@ -211,8 +240,11 @@ class PolicyCache:
     ``misses``, ``refused`` and ``write_failures`` count what happened; ``last`` says it in
     words for the log."""
 
-    def __init__(self, directory: str | Path, on_result: Callable[[str], None] | None = None):
+    def __init__(self, directory: str | Path, on_result: Callable[[str], None] | None = None,
+                 map_min: int = MAP_MIN_ENTRIES):
         self.directory = Path(directory)
+        self.map_min = map_min   # host tables of at least this many names are mapped files
+        self._stored: tuple[str, dict[str, str]] | None = None   # the last store's key and table files
         self.hits = self.misses = self.refused = self.write_failures = 0
         self.last = ""
         # Told "hit", "miss", "refused" or "write-failure" (the gateway counts them in
@@ -239,9 +271,20 @@ class PolicyCache:
             return None
         except OSError as exc:
             return self._refuse(path, f"unreadable: {exc.strerror or exc}")
+        damaged: list[str] = []
+
+        def open_table(digest: str) -> Mapping[str, tuple[int, ...]]:
+            try:
+                return hosttablefile.open_table(self.directory, digest)
+            except hosttablefile.DamagedTable as exc:
+                damaged.append(digest)
+                raise DamagedCache(f"host table {exc}") from None
+
         try:
-            prepared = decode(data, key)
+            prepared = decode(data, key, open_table)
         except DamagedCache as exc:
+            for digest in damaged:   # written anew by the compile from the sources
+                hosttablefile.path_for(self.directory, digest).unlink(missing_ok=True)
             return self._refuse(path, str(exc))
         self.hits += 1
         self.last = "hit"
@@ -265,7 +308,8 @@ class PolicyCache:
         never raised: the gateway serves the policy it compiled either way."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            data = encode(key, prepared)
+            mapped = self._write_tables(prepared)
+            data = encode(key, prepared, mapped)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -295,4 +339,35 @@ class PolicyCache:
                     old.unlink()
                 except OSError:
                     pass
+        hosttablefile.remove_unreferenced(self.directory, set(mapped.values()))
+        self._stored = (key, mapped)
         return True
+
+    def _write_tables(self, prepared: Prepared) -> dict[str, str]:
+        """Write the host tables of at least ``map_min`` names as mapped files; "exact" /
+        "suffix" -> digest. A table whose names pile up on one hash stays in the payload."""
+        mapped = {}
+        for name in _TABLES:
+            table = getattr(prepared, name)
+            if len(table) < self.map_min:
+                continue
+            data = hosttable.encode_parts(table)
+            if data is None:
+                log.warning("the %s host table (%d names) is not mapped: its names crowd one hash; "
+                            "each process builds its own copy", name, len(table))
+                continue
+            mapped[name] = hosttablefile.write(self.directory, data)
+        return mapped
+
+    def shared_tables(self, key: str) -> dict[str, Mapping[str, tuple[int, ...]]]:
+        """The host tables the last ``store`` of ``key`` wrote, mapped ("exact"/"suffix" -> the
+        table): the compiling process serves these instead of its own dicts, as every process
+        that loads the policy from the cache does. Empty when none were written or one does
+        not open (then the dicts serve: same verdicts, logged)."""
+        if self._stored is None or self._stored[0] != key:
+            return {}
+        try:
+            return {name: hosttablefile.open_table(self.directory, digest) for name, digest in self._stored[1].items()}
+        except hosttablefile.DamagedTable as exc:
+            log.warning("host table just written does not open (%s); this process keeps its own copy", exc)
+            return {}
