@@ -407,7 +407,7 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
 # -- issue #22: Kanmon with `proxy.workers: N` --------------------------------------------------
 # nftables spreads *devices* over the workers (a hash of the device's tunnel address), so the
 # load comes from one device per worker at once (wrk in each namespace, the connections split
-# between them): `NdevwN`; `Ndev w1` is the same load on one worker and `mitmproxy Ndev` the same
+# between them): 'kanmon+policy Ndev wN'; 'Ndev w1' is the same load on one worker and 'mitmproxy Ndev' the same
 # load on bare mitmdump. CPU: the gateway's processes' own time (parent and every worker: process_tree_cpu).
 
 def _gateway_cpu_seconds(lab: Lab) -> float:

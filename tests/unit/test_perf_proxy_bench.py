@@ -230,3 +230,13 @@ def test_percentiles_of_curl_latencies():
     assert proxy.percentile(values, 50) == 51   # nearest rank (index round(0.5 * 99) = 50)
     assert proxy.percentile(values, 99) == pytest.approx(99)
     assert proxy.percentile([], 50) is None
+
+
+def test_kanmon_workers_with_the_https_suite_is_refused_before_any_lab_is_built(monkeypatch, capsys):
+    # The HTTPS suite always runs workers 1 and auto from one device per worker: a worker count
+    # given to it would be silently ignored, so it is refused (exit 2, argparse's usage error).
+    monkeypatch.setattr(proxy.sys, "argv", ["proxy.py", "--suite", "https", "--kanmon-workers", "2"])
+    monkeypatch.setattr(proxy, "Lab", lambda *a, **k: pytest.fail("a lab was built"))
+    with pytest.raises(SystemExit) as exc:
+        proxy.main()
+    assert exc.value.code == 2 and "--kanmon-workers is for the plain-HTTP suite" in capsys.readouterr().err
