@@ -1,7 +1,8 @@
 """Proxy throughput, side by side in one run, in the namespace lab (needs root).
 
-Scenarios, all from one WireGuard device in its namespace to nginx in the fake internet
-(HTTP keep-alive, small responses, `wrk` with N connections):
+Scenarios, from one WireGuard device in its namespace to nginx in the fake internet (HTTP
+keep-alive, small responses, `wrk` with N connections; the `Ndev` scenarios and the HTTPS suite
+load from one device per inspection worker at once, see below):
 
   tunnel          the WireGuard tunnel, routed and masqueraded by the gateway, no proxy
   mitmproxy       + bare `mitmdump --mode transparent` (no addons) behind an nftables redirect
@@ -25,15 +26,34 @@ load has drifted. Every ratio is taken between two figures of the *same* round (
 kanmon+policy / mitmproxy of round 2) and the table shows the median over the rounds, with
 the per-round ratios to bare mitmproxy listed below it.
 
-Prints a table with ratios and writes bench/results/proxy.json (per-round figures, per-scenario
-medians and per-round ratios).
+Gateway CPU: every scenario with a proxy also reports the proxy's CPU-seconds per 1,000
+requests (utime + stime from /proc of the proxy process and all its descendants: Kanmon's parent
+and every inspection worker; bare mitmdump; e2guardian), read just around the measured load, and
+its ratio to bare mitmproxy's within each round (issue #22: Kanmon+policy's must be <= 1).
+`--kanmon-workers N` adds the same load from N devices at once, one per worker (nftables keeps a
+device in one worker): bare mitmdump, Kanmon with 1 worker and with N.
 
-    sudo .venv/bin/python bench/proxy.py [--duration 10] [--rounds 3] [--connections 10] [--workers 2]
-        [--baseline DIR]   # also the gateway of another checkout, same rounds (before/after a change)
-    sudo .venv/bin/python bench/proxy.py --suite https [--tls-names 1000] [--before COMMIT]
-        # HTTPS keep-alive and a new TLS connection per request (see "HTTPS through interception"
-        # below), bare mitmdump and Kanmon with the example policy, gateway CPU-seconds per 1,000
-        # requests; writes bench/results/proxy_https.json
+Prints a table with ratios, the per-round figures and ratios, the issue's goals (met or not), and
+writes bench/results/proxy.json (per-round figures, per-scenario medians, per-round ratios, goals).
+
+The two runs of issue #22 (each about 15-25 minutes on 2 cores; medians of 3 rounds):
+
+    sudo .venv/bin/python bench/proxy.py --rounds 3 --kanmon-workers 2
+        # plain HTTP: every scenario above plus 'mitmproxy 2dev', 'kanmon+policy 2dev w1/w2';
+        # writes bench/results/proxy.json
+    sudo .venv/bin/python bench/proxy.py --suite https --tls-names 1000 --rounds 3
+        # HTTPS keep-alive (https) and a new TLS connection per request over 1,000 names (newtls),
+        # each on bare mitmdump, Kanmon+policy with workers 1 (w1) and workers auto (auto), all
+        # from the same devices (one per worker of auto) at once; writes bench/results/proxy_https.json
+
+Other options:
+
+    [--duration 10] [--connections 10] [--workers 2]   # seconds per scenario; wrk connections; bare mitmdump xW
+    [--baseline DIR]   # also the gateway of another checkout, same rounds (before/after a change)
+    [--before COMMIT]  # the same from a temporary git worktree of COMMIT; in the HTTPS suite it adds
+                       # 'kanmon+policy w1 before' and 'auto before' (the req/s and CPU vs before columns)
+    [--only SCENARIO]  # repeatable: run only these scenarios (names as printed)
+    [--out FILE]       # another JSON file
 """
 
 from __future__ import annotations
@@ -50,6 +70,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,26 +101,82 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
-def load(lab: Lab, duration: int, connections: int, via_proxy: str | None = None) -> dict:
-    """wrk from the device. With `via_proxy` (host:port) the requests go to that explicit
-    proxy in absolute form, for the same URL."""
-    dev = lab.devices[0]
-    url, extra = f"http://{WEB4}/bench", []
+def split_connections(connections: int, devices: int) -> list[int]:
+    """`connections` spread over `devices` load generators (the first get the remainder), at
+    least one each: the same total load whether one device or one per worker sends it."""
+    base, extra = divmod(connections, devices)
+    return [max(1, base + (1 if i < extra else 0)) for i in range(devices)]
+
+
+def combine_wrk(parts: list[dict]) -> dict:
+    """One row from wrk's figures of several devices loaded at once: rates and counts summed,
+    each latency percentile the worst device's (percentiles cannot be merged exactly)."""
+    def worst(key: str) -> float | None:
+        values = [p[key] for p in parts if p.get(key) is not None]
+        return max(values) if values else None
+
+    return {"requests_per_s": sum(p["requests_per_s"] for p in parts), "p50_ms": worst("p50_ms"),
+            "p90_ms": worst("p90_ms"), "p99_ms": worst("p99_ms"), "non_2xx": sum(p["non_2xx"] for p in parts),
+            "socket_errors": "; ".join(p["socket_errors"] for p in parts if p["socket_errors"]),
+            "requests": sum(p["requests"] for p in parts), "devices": len(parts)}
+
+
+def with_cpu(out: dict, cpu: float | None) -> dict:
+    """The proxy's CPU-seconds of the measured load, and per 1,000 requests (None: no proxy)."""
+    out["gateway_cpu_s"] = round(cpu, 3) if cpu is not None else None
+    out["cpu_s_per_1000"] = 1000 * cpu / out["requests"] if cpu is not None and out["requests"] else None
+    return out
+
+
+def on_devices(devices: list, job) -> list:
+    """`job(device, i)` on every device at once (threads: each waits on its own subprocess)."""
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        return list(pool.map(lambda pair: job(*pair), [(d, i) for i, d in enumerate(devices)]))
+
+
+def drive_wrk(devices: list, url: str, connections: int, duration: int, extra: tuple = (),
+              cpu_of: Callable[[], float] | None = None) -> dict:
+    """wrk from every device at once (the connections split between them), after a 2 s warm-up;
+    `cpu_of()`: the proxy processes' CPU seconds so far, read just around the measured load."""
+    counts = split_connections(connections, len(devices))
+
+    def wrk(dev, i: int, seconds: int, latency: bool) -> str:
+        result = dev.ns.run("wrk", "-t1", "-c", str(counts[i]), "-d", f"{seconds}s", *(["--latency"] if latency else []),
+                            *extra, url, timeout=seconds + 60, check=False)
+        if result.returncode != 0 or "Requests/sec" not in result.stdout:
+            raise RuntimeError(f"wrk on {dev.device_id} failed ({result.returncode}): {result.stdout}{result.stderr}")
+        return result.stdout
+
+    on_devices(devices, lambda d, i: wrk(d, i, 2, False))   # warm-up
+    cpu0 = cpu_of() if cpu_of else None
+    parts = [parse_wrk(text) for text in on_devices(devices, lambda d, i: wrk(d, i, duration, True))]
+    cpu = cpu_of() - cpu0 if cpu_of else None
+    return with_cpu(combine_wrk(parts), cpu)
+
+
+def wait_through(devices: list, probe: list[str], url: str) -> None:
+    """After a switch between the manual tunnel and the gateway each device's WireGuard session
+    is renewed: wait until a request of every device gets through."""
+    for dev in devices:
+        wait_until(lambda: dev.ns.run(*probe, url, check=False, timeout=10).returncode == 0,
+                   30, f"a request of {dev.device_id} through the scenario", interval=0.2)
+
+
+def load(lab: Lab, duration: int, connections: int, via_proxy: str | None = None,
+         cpu_of: Callable[[], float] | None = None, devices: list | None = None) -> dict:
+    """wrk from the device (or from each of `devices` at once). With `via_proxy` (host:port) the
+    requests go to that explicit proxy in absolute form, for the same URL."""
+    devices = devices or lab.devices[:1]
+    url, extra = f"http://{WEB4}/bench", ()
     if via_proxy:
         script = lab.workdir / "absolute-form.lua"
         script.write_text(f'wrk.path = "http://{WEB4}/bench"\nwrk.headers["Host"] = "{WEB4}"\n')
-        url, extra = f"http://{via_proxy}/", ["-s", str(script)]
-    # After a switch between the manual tunnel and the gateway the device's WireGuard session
-    # is renewed: wait until a request gets through before the warm-up and the measurement.
+        url, extra = f"http://{via_proxy}/", ("-s", str(script))
     probe = ["curl", "-sS", "-o", "/dev/null", "--max-time", "2"]
     if via_proxy:
         probe += ["--proxy", f"http://{via_proxy}"]
-    wait_until(lambda: dev.ns.run(*probe, f"http://{WEB4}/bench", check=False, timeout=10).returncode == 0,
-               30, "a request through the scenario", interval=0.2)
-    dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", "2s", *extra, url, timeout=60)  # warm-up
-    result = dev.ns.run("wrk", "-t1", "-c", str(connections), "-d", f"{duration}s", "--latency", *extra, url,
-                        timeout=duration + 60)
-    return parse_wrk(result.stdout)
+    wait_through(devices, probe, f"http://{WEB4}/bench")
+    return drive_wrk(devices, url, connections, duration, extra, cpu_of)
 
 
 def prepare_e2guardian(lab: Lab, port: int) -> Path:
@@ -206,6 +284,7 @@ class Modes:
         self.mode: str | None = None
         self.gateway_overrides: tuple | None = None
         self.ca_tag = "after"     # whose interception CA is in the state directory (see use_ca)
+        self.devices: list = []   # the devices that drive the load (default: the first one)
 
     def manual(self) -> None:
         lab = self.lab
@@ -245,7 +324,8 @@ class Modes:
         self.use_ca(ca)
         lab.write_config(overrides)
         lab.start_gateway(env=env)
-        lab.wait_for_peer(lab.devices[0])
+        for dev in self.devices or lab.devices[:1]:
+            lab.wait_for_peer(dev)
         self.mode, self.gateway_overrides = "gateway", (overrides, env)
 
 
@@ -255,20 +335,20 @@ BENCH_LIMITS = {"tunnel_packets_per_second": 100_000, "new_connections_per_secon
 
 def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -> dict:
     """name -> a function that sets the scenario up, loads it once and returns wrk's figures."""
-    def load_now() -> dict:
-        return load(lab, args.duration, args.connections)
+    def load_now(cpu_of: Callable[[], float] | None) -> dict:
+        return load(lab, args.duration, args.connections, cpu_of=cpu_of)
 
     def tunnel() -> dict:
         modes.manual()
         steer(lab, None)
-        return load_now()
+        return load_now(None)   # no proxy process: no CPU column
 
     def mitmproxy(ports: list[int], preload: Path | None = None) -> dict:
         modes.manual()
         procs = [start_mitmdump(lab, p, workdir / "mitm", preload) for p in ports]
         try:
             steer(lab, ports)
-            return load_now()
+            return load_now(lambda: sum(process_tree_cpu(p.pid) for p in procs))
         finally:
             stop(procs)
             steer(lab, None)
@@ -282,7 +362,8 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
             e2g_conf.append(prepare_e2guardian(lab, 18090))
         procs = [start_e2guardian(lab, e2g_conf[0], 18090)]
         try:
-            return load(lab, args.duration, args.connections, via_proxy=f"{GATEWAY_TUNNEL4}:18090")
+            return load(lab, args.duration, args.connections, via_proxy=f"{GATEWAY_TUNNEL4}:18090",
+                        cpu_of=lambda: process_tree_cpu(procs[0].pid))
         finally:
             stop(procs)
 
@@ -292,7 +373,7 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
         # bench/noisy_neighbour.py measures; here the proxy's own cost is the subject.
         overrides = {**overrides, "limits": {**BENCH_LIMITS, **overrides.get("limits", {})}}
         modes.gateway(overrides, env)
-        return load_now()
+        return load_now(lambda: _gateway_cpu_seconds(lab))
 
     jemalloc = find_jemalloc()
     out = {
@@ -313,7 +394,7 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
     out["kanmon+policy"] = lambda: kanmon(example)
     out["kanmon+policy glibc"] = lambda: kanmon(example, {"KANMON_ALLOCATOR": "glibc"})
     if args.kanmon_workers:   # issue #22 (branch workers): see kanmon_worker_scenarios
-        out.update(kanmon_worker_scenarios(lab, modes, args, example))
+        out.update(kanmon_worker_scenarios(lab, modes, args, example, workdir))
     if args.baseline:
         # The same gateway from another checkout (e.g. main before a change), in the same
         # run and rounds, so a change's cost is a ratio between two figures of one round.
@@ -323,49 +404,55 @@ def scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, workdir: Path) -
     return out
 
 
-# -- issue #22 (branch workers): Kanmon with `proxy.workers: N` ---------------------------------
-# nftables spreads *devices* over the workers (a hash of the tunnel source address), so the
+# -- issue #22: Kanmon with `proxy.workers: N` --------------------------------------------------
+# nftables spreads *devices* over the workers (a hash of the device's tunnel address), so the
 # load comes from one device per worker at once (wrk in each namespace, the connections split
-# between them); `w1` is the same load on one worker. CPU: the gateway's processes' own time.
+# between them): 'kanmon+policy Ndev wN'; 'Ndev w1' is the same load on one worker and 'mitmproxy Ndev' the same
+# load on bare mitmdump. CPU: the gateway's processes' own time (parent and every worker: process_tree_cpu).
 
 def _gateway_cpu_seconds(lab: Lab) -> float:
     """The gateway's CPU seconds: its process and every worker (one measure for both suites)."""
     return process_tree_cpu(lab.gateway.proc.pid)
 
 
-def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, policy: dict) -> dict:
+def find_worker_devices(lab: Lab, modes: Modes, overrides: dict, workers: int) -> list:
+    """Once per run: the gateway with `overrides` (its `workers` inspection processes) up, one
+    lab device per worker found by probing (gateway/lab/workerprobe.py), in worker order. From
+    then on every gateway start waits for all their peers."""
     from gateway.lab.workerprobe import one_device_per_worker
 
-    n = args.kanmon_workers
-    devices: list = []
-
-    def run(workers: int) -> dict:
-        overrides = {**policy, "proxy": {"workers": workers}, "limits": BENCH_LIMITS}
-        if not devices:   # once, with the gateway in N-worker mode: find one device per worker
-            modes.gateway({**overrides, "proxy": {"workers": n}})
-            devices.extend(one_device_per_worker(lab, n).values())
+    if not modes.devices:
         modes.gateway(overrides)
-        for dev in devices:
-            lab.wait_for_peer(dev)
-        url, per_device = f"http://{WEB4}/bench", max(1, args.connections // len(devices))
-        for dev in devices:
-            wait_until(lambda: dev.ns.run("curl", "-sS", "-o", "/dev/null", "--max-time", "2", url, check=False,
-                                          timeout=10).returncode == 0, 30, "a request through the gateway", interval=0.2)
-        cpu = _gateway_cpu_seconds(lab)
-        procs = [subprocess.Popen(dev.ns.cmd("wrk", "-t1", "-c", str(per_device), "-d", f"{args.duration}s",
-                                             "--latency", url), stdout=subprocess.PIPE, text=True) for dev in devices]
-        parts = [parse_wrk(p.communicate(timeout=args.duration + 60)[0]) for p in procs]
-        cpu = _gateway_cpu_seconds(lab) - cpu
-        requests = sum(p["requests"] for p in parts)
-        return {"requests_per_s": sum(p["requests_per_s"] for p in parts),
-                "p50_ms": max(p["p50_ms"] or 0 for p in parts), "p90_ms": max(p["p90_ms"] or 0 for p in parts),
-                "p99_ms": max(p["p99_ms"] or 0 for p in parts), "non_2xx": sum(p["non_2xx"] for p in parts),
-                "socket_errors": "; ".join(p["socket_errors"] for p in parts if p["socket_errors"]),
-                "requests": requests, "gateway_cpu_s": round(cpu, 2),
-                "cpu_s_per_1000_requests": round(1000 * cpu / requests, 3) if requests else None,
-                "devices": len(devices)}
+        by_worker = one_device_per_worker(lab, workers)
+        modes.devices = [by_worker[i] for i in sorted(by_worker)]
+    return modes.devices
 
-    return {"kanmon+policy 2dev w1": lambda: run(1), f"kanmon+policy 2dev w{n}": lambda: run(n)}
+
+def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, policy: dict, workdir: Path) -> dict:
+    n = args.kanmon_workers
+
+    def settings(workers: int) -> dict:
+        return {**policy, "proxy": {"workers": workers}, "limits": BENCH_LIMITS}
+
+    def kanmon(workers: int) -> dict:
+        devices = find_worker_devices(lab, modes, settings(n), n)
+        modes.gateway(settings(workers))
+        return load(lab, args.duration, args.connections, cpu_of=lambda: _gateway_cpu_seconds(lab), devices=devices)
+
+    def mitmproxy() -> dict:
+        devices = find_worker_devices(lab, modes, settings(n), n)
+        modes.manual()
+        procs = [start_mitmdump(lab, 18080, workdir / "mitm")]
+        try:
+            steer(lab, [18080])
+            return load(lab, args.duration, args.connections, cpu_of=lambda: process_tree_cpu(procs[0].pid),
+                        devices=devices)
+        finally:
+            stop(procs)
+            steer(lab, None)
+
+    return {f"mitmproxy {n}dev": mitmproxy, f"kanmon+policy {n}dev w1": lambda: kanmon(1),
+            f"kanmon+policy {n}dev w{n}": lambda: kanmon(n)}
 
 
 # --- HTTPS through interception (issue #22) ---------------------------------------------------
@@ -380,18 +467,26 @@ def kanmon_worker_scenarios(lab: Lab, modes: Modes, args: argparse.Namespace, po
 #           cache, so every request is a new, full handshake (num_connects is checked).
 #           The names cycle in order: a cache smaller than the number of names (mitmproxy's
 #           100) misses on every request; one pass over all names before the measurement
-#           (the warm-up) fills a large enough cache.
+#           (the warm-up, by every device: each worker has its own cache) fills a large enough
+#           cache.
 #
-# The device resolves the names from a hosts file (`ip netns exec` binds /etc/netns/NS/hosts
+# Each variant runs on bare mitmdump, Kanmon+policy with `proxy.workers: 1` (w1) and with
+# `workers: auto` (one per usable core). nftables keeps a device's traffic in one worker (a hash
+# of its tunnel address), so every scenario is loaded from the same devices, one per worker of
+# `auto` (found by probing once, gateway/lab/workerprobe.py), at once, the N connections split
+# between them: the same load for all three.
+#
+# The devices resolve the names from a hosts file (`ip netns exec` binds /etc/netns/NS/hosts
 # over /etc/hosts), so no DNS is in the measurement. The bench names are served by a second
 # nginx on SPARE4:443 with one wildcard certificate *.bench.test from the lab CA: the leaf the
 # gateway makes depends on the SNI only (connection_strategy lazy: it is made before the
 # upstream is contacted), so per-name upstream certificates would measure nothing more and
 # cost the lab 1,000 keys.
 #
-# Gateway CPU: utime+stime of the proxy process and of its descendants (and its reaped
-# children) from /proc, read just before and just after the measured load (warm-ups excluded),
-# reported as CPU-seconds per 1,000 requests: steadier than req/s on a shared machine.
+# Gateway CPU: utime+stime of the proxy process and of its descendants (the workers; and the
+# children they reaped) from /proc, read just before and just after the measured load (warm-ups
+# excluded), reported as CPU-seconds per 1,000 requests: steadier than req/s on a shared machine.
+# wireguard-go daemonizes (it is no child of the gateway) and is not counted for any scenario.
 
 from gateway.lab.topology import SPARE4  # noqa: E402
 
@@ -401,7 +496,9 @@ TLS_VARIANTS = ("https", "newtls")
 
 
 def process_tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of `pid`, its live descendants and its reaped children."""
+    """CPU seconds (user + system) of `pid` and its live descendants, each with the children it
+    has reaped (cutime/cstime: a child's time moves there when it is waited for, so nothing is
+    counted twice)."""
     tick = os.sysconf("SC_CLK_TCK")
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
@@ -420,9 +517,7 @@ def process_tree_cpu(pid: int) -> float:
     while todo:
         p = todo.pop()
         f = stats[p]
-        total += int(f[11]) + int(f[12])           # utime, stime
-        if p == pid:
-            total += int(f[13]) + int(f[14])       # cutime, cstime: children already reaped
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])   # utime, stime, cutime, cstime
         todo.extend(children.get(p, ()))
     return total / tick
 
@@ -431,13 +526,16 @@ def bench_names(count: int) -> list[str]:
     return [f"h{i:04d}.{BENCH_DOMAIN}" for i in range(count)]
 
 
-def prepare_tls_lab(lab: Lab, names: list[str]) -> None:
-    """Hosts file for the device, and nginx on SPARE4:443 for *.bench.test."""
-    dev = lab.devices[0]
-    etc = Path("/etc/netns") / dev.ns.name        # removed with the namespace by lab.teardown()
+def write_hosts(device, names: list[str]) -> None:
+    """The device's hosts file: www.example.test and the bench names (idempotent)."""
+    etc = Path("/etc/netns") / device.ns.name     # removed with the namespace by lab.teardown()
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "hosts").write_text(f"127.0.0.1 localhost\n{WEB4} {KEEPALIVE_HOST}\n"
                                + "".join(f"{SPARE4} {n}\n" for n in names))
+
+
+def prepare_tls_lab(lab: Lab) -> None:
+    """nginx on SPARE4:443 for *.bench.test."""
     pair = lab.ca.issue_server("bench-wildcard", [f"*.{BENCH_DOMAIN}"])
     d = lab.workdir / "bench-nginx"
     (d / "tmp").mkdir(parents=True, exist_ok=True)
@@ -475,17 +573,16 @@ def percentile(values: list[float], pct: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
-def curl_new_connections(lab: Lab, urls: list[str], connections: int, timeout: float) -> dict:
-    """Each URL once, `connections` at a time, a new TLS connection each; wall time and the
-    per-transfer figures curl reports."""
-    dev = lab.devices[0]
-    cfg = lab.workdir / f"urls-{len(urls)}.cfg"
+def curl_new_connections(lab: Lab, device, urls: list[str], connections: int, timeout: float) -> dict:
+    """Each URL once from `device`, `connections` at a time, a new TLS connection each; wall
+    time and the per-transfer figures curl reports."""
+    cfg = lab.workdir / f"urls-{device.device_id}-{len(urls)}.cfg"
     cfg.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
     started = time.monotonic()
-    result = dev.ns.run("curl", "-sS", "-k", "--http1.1", "--no-sessionid", "-H", "Connection: close",
-                        "--parallel", "--parallel-immediate", "--parallel-max", str(connections),
-                        "--max-time", "20", "-w", "%{http_code} %{time_total} %{num_connects}\\n", "-K", str(cfg),
-                        check=False, timeout=timeout)
+    result = device.ns.run("curl", "-sS", "-k", "--http1.1", "--no-sessionid", "-H", "Connection: close",
+                           "--parallel", "--parallel-immediate", "--parallel-max", str(connections),
+                           "--max-time", "20", "-w", "%{http_code} %{time_total} %{num_connects}\\n", "-K", str(cfg),
+                           check=False, timeout=timeout)
     elapsed = time.monotonic() - started
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
     ok = [r for r in rows if len(r) == 3 and r[0] == "200"]
@@ -493,84 +590,95 @@ def curl_new_connections(lab: Lab, urls: list[str], connections: int, timeout: f
             "new_connections": sum(int(r[2]) for r in ok), "latencies_ms": [float(r[1]) * 1000 for r in ok]}
 
 
-def load_tls(lab: Lab, variant: str, pid_of, args: argparse.Namespace) -> dict:
-    """One measurement of `variant` ('https' or 'newtls'); `pid_of()` is the proxy's pid."""
-    dev = lab.devices[0]
+def combine_curl(parts: list[dict]) -> dict:
+    """One newtls row from the devices' curl runs, started together: the rate is all requests
+    over the longest device's wall time (a device that finished first idles: conservative),
+    latency percentiles over every transfer."""
+    requests = sum(p["requests"] for p in parts)
+    elapsed = max(p["elapsed_s"] for p in parts)
+    lat = [v for p in parts for v in p["latencies_ms"]]
+    return {"requests_per_s": requests / elapsed if elapsed else 0.0, "requests": requests,
+            "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
+            "non_2xx": sum(p["failed"] for p in parts), "socket_errors": "",
+            "new_connection_share": sum(p["new_connections"] for p in parts) / requests if requests else None,
+            "elapsed_s_per_device": [round(p["elapsed_s"], 2) for p in parts], "devices": len(parts)}
+
+
+def load_tls(lab: Lab, variant: str, cpu_of: Callable[[], float], args: argparse.Namespace, devices: list) -> dict:
+    """One measurement of `variant` ('https' or 'newtls') from every device at once (the
+    connections split between them); `cpu_of()` is the proxy processes' CPU seconds so far."""
     probe = ["curl", "-sS", "-k", "-o", "/dev/null", "--max-time", "2"]
     target = f"https://{KEEPALIVE_HOST}/bench" if variant == "https" else f"https://h0000.{BENCH_DOMAIN}/bench"
-    wait_until(lambda: dev.ns.run(*probe, target, check=False, timeout=10).returncode == 0,
-               30, "a request through the scenario", interval=0.2)
+    wait_through(devices, probe, target)
     if variant == "https":
-        dev.ns.run("wrk", "-t1", "-c", str(args.connections), "-d", "2s", target, timeout=60)   # warm-up
-        cpu0 = process_tree_cpu(pid_of())
-        result = dev.ns.run("wrk", "-t1", "-c", str(args.connections), "-d", f"{args.duration}s", "--latency",
-                            target, timeout=args.duration + 60)
-        cpu = process_tree_cpu(pid_of()) - cpu0
-        out = parse_wrk(result.stdout)
-    else:
-        names = bench_names(args.tls_names)
-        urls = [f"https://{n}/bench" for n in names]
-        warm = curl_new_connections(lab, urls, args.connections, timeout=600)   # one pass: fills a cache that is big enough
-        rate = warm["requests"] / warm["elapsed_s"] if warm["requests"] else 50.0
-        count = max(len(names), int(rate * args.duration))
-        measured = [urls[i % len(urls)] for i in range(count)]
-        cpu0 = process_tree_cpu(pid_of())
-        run_ = curl_new_connections(lab, measured, args.connections, timeout=args.duration * 20 + 120)
-        cpu = process_tree_cpu(pid_of()) - cpu0
-        lat = run_["latencies_ms"]
-        out = {"requests_per_s": run_["requests"] / run_["elapsed_s"], "requests": run_["requests"],
-               "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90), "p99_ms": percentile(lat, 99),
-               "non_2xx": run_["failed"], "socket_errors": "",
-               "new_connection_share": run_["new_connections"] / run_["requests"] if run_["requests"] else None,
-               "warmup_requests_per_s": rate}
-    out["gateway_cpu_s"] = cpu
-    out["cpu_s_per_1000"] = 1000 * cpu / out["requests"] if out["requests"] else None
-    return out
+        return drive_wrk(devices, target, args.connections, args.duration, cpu_of=cpu_of)
+    urls = [f"https://{n}/bench" for n in bench_names(args.tls_names)]
+    counts = split_connections(args.connections, len(devices))
+    # One pass over all names per device (each worker has its own leaf cache), which also
+    # gives each device's rate for sizing the measured run.
+    warm = on_devices(devices, lambda d, i: curl_new_connections(lab, d, urls, counts[i], timeout=600))
+    measured: list[list[str]] = []
+    for i, w in enumerate(warm):
+        rate = w["requests"] / w["elapsed_s"] if w["requests"] else 50.0
+        count = max(len(urls), int(rate * args.duration))
+        offset = i * len(urls) // len(devices)    # devices at different places in the cycle
+        measured.append([urls[(offset + k) % len(urls)] for k in range(count)])
+    cpu0 = cpu_of()
+    parts = on_devices(devices, lambda d, i: curl_new_connections(lab, d, measured[i], counts[i],
+                                                                  timeout=args.duration * 20 + 120))
+    cpu = cpu_of() - cpu0
+    out = combine_curl(parts)
+    out["warmup_requests_per_s"] = sum(w["requests"] / w["elapsed_s"] for w in warm if w["elapsed_s"])
+    return with_cpu(out, cpu)
 
 
 def tls_scenarios(lab: Lab, modes: "Modes", args: argparse.Namespace, workdir: Path) -> dict:
-    """name -> function, for the HTTPS scenarios (``--suite https``)."""
-    prepare_tls_lab(lab, bench_names(args.tls_names))
-    out: dict = {}
+    """name -> function, for the HTTPS scenarios (``--suite https``). Finds the devices first:
+    one per worker of `workers: auto` (on one core: one device)."""
+    from gateway.config import MAX_PROXY_WORKERS, usable_cores
 
-    def kanmon(overrides: dict, env: dict | None, ca: str) -> None:
+    prepare_tls_lab(lab)
+    names = bench_names(args.tls_names)
+    example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
+    auto = min(usable_cores(), MAX_PROXY_WORKERS)
+
+    def settings(workers) -> dict:
         # As in scenarios(): the per-device limits lifted (one bench device stands for many
-        # phones; new connections per second matter here). `ca`: which interception CA
-        # directory the gateway gets (the commit before makes mitmproxy's RSA CA, this one
-        # an ECDSA CA: each keeps its own).
-        overrides = {**overrides, "limits": {**BENCH_LIMITS, **overrides.get("limits", {})}}
-        modes.gateway(overrides, env, ca)
+        # phones; new connections per second matter here).
+        return {**example, "proxy": {"workers": workers}, "limits": BENCH_LIMITS}
 
-    def gateway_pid() -> int:
-        return lab.gateway.proc.pid
+    devices = find_worker_devices(lab, modes, settings("auto"), auto)
+    for dev in devices:
+        write_hosts(dev, names)
+    print(f"HTTPS suite: {len(devices)} device(s), one per worker of workers: auto ({auto}): "
+          + ", ".join(f"{d.device_id} {d.ipv4}" for d in devices), flush=True)
 
     def mitmproxy(variant: str) -> dict:
         modes.manual()
         procs = [start_mitmdump(lab, 18080, workdir / "mitm")]
         try:
             steer(lab, [18080])
-            return load_tls(lab, variant, lambda: procs[0].pid, args)
+            return load_tls(lab, variant, lambda: process_tree_cpu(procs[0].pid), args, devices)
         finally:
             stop(procs)
             steer(lab, None)
 
-    def gateway(variant: str, overrides: dict, env: dict | None = None, ca: str = "after") -> dict:
-        kanmon(overrides, env, ca)
-        return load_tls(lab, variant, gateway_pid, args)
+    def gateway(variant: str, workers, env: dict | None = None, ca: str = "after") -> dict:
+        # `ca`: which interception CA directory the gateway gets (an older commit may make
+        # mitmproxy's RSA CA, this one an ECDSA CA: each keeps its own).
+        modes.gateway(settings(workers), env, ca)
+        return load_tls(lab, variant, lambda: _gateway_cpu_seconds(lab), args, devices)
 
-    example = {"policy": {"path": str(ROOT / "policies" / "example.yaml")}}
+    out: dict = {}
     for variant in TLS_VARIANTS:
         out[f"{variant} mitmproxy"] = lambda v=variant: mitmproxy(v)
-        out[f"{variant} kanmon+policy"] = lambda v=variant: gateway(v, example)
-        workers = getattr(args, "kanmon_workers", None)   # the workers branch's --kanmon-workers N
-        if workers:
-            # One bench device: nftables hashes it to one worker, so this measures the cost of
-            # the workers set-up on one device's load, not the spread (see kanmon_worker_scenarios).
-            more = {**example, "proxy": {"workers": workers}}
-            out[f"{variant} kanmon+policy w{workers}"] = lambda v=variant, o=more: gateway(v, o)
+        for label, workers in (("w1", 1), ("auto", "auto")):
+            out[f"{variant} kanmon+policy {label}"] = lambda v=variant, w=workers: gateway(v, w)
         if args.baseline:
             base = {"PYTHONPATH": str(Path(args.baseline).resolve())}
-            out[f"{variant} kanmon+policy before"] = lambda v=variant, b=base: gateway(v, example, b, "before")
+            for label, workers in (("w1", 1), ("auto", "auto")):
+                out[f"{variant} kanmon+policy {label} before"] = \
+                    lambda v=variant, w=workers, b=base: gateway(v, w, b, "before")
     return out
 
 
@@ -581,81 +689,227 @@ def round_order(names: list[str], round_index: int, rounds: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def per_round_ratio(rounds: list[dict], name: str, ref: str, metric: str) -> list[float]:
+    """`metric` of `name` over that of `ref`, in each round that has both."""
+    return [r["results"][name][metric] / r["results"][ref][metric] for r in rounds
+            if name in r["results"] and r["results"].get(ref, {}).get(metric)
+            and r["results"][name].get(metric) is not None]
+
+
+def _medians(rows: list[dict], keys: tuple) -> dict:
+    out = {}
+    for key in keys:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def _add_ratios(entry: dict, rounds: list[dict], name: str, key: str, ref: str | None, metrics: dict) -> None:
+    """entry[f"{prefix}vs_{key}"] (median) and its per-round list, for each metric -> prefix."""
+    for metric, prefix in metrics.items():
+        per_round = per_round_ratio(rounds, name, ref, metric) if ref else []
+        entry[f"{prefix}vs_{key}_per_round"] = per_round
+        entry[f"{prefix}vs_{key}"] = statistics.median(per_round) if per_round else None
+
+
+def same_devices_mitmproxy(name: str) -> str:
+    """Bare mitmproxy driven from the same devices as `name` ('kanmon+policy 2dev w2' ->
+    'mitmproxy 2dev'; one device: 'mitmproxy')."""
+    m = re.search(r" (\d+dev)\b", name)
+    return f"mitmproxy {m.group(1)}" if m else "mitmproxy"
+
+
+def one_worker_twin(name: str) -> str | None:
+    """The 1-worker scenario of a multi-worker one (same load, same devices), else None."""
+    m = re.fullmatch(r"(.* \d+dev) w(\d+)", name)
+    if m and m.group(2) != "1":
+        return f"{m.group(1)} w1"
+    if " auto" in name:
+        return name.replace(" auto", " w1")
+    return None
+
+
 def summarize(names: list[str], rounds: list[dict]) -> dict:
-    """Per scenario: medians of its figures over the rounds, and its ratios to tunnel /
-    mitmproxy / e2guardian, each ratio taken within one round, with their median."""
+    """Per scenario: medians of its figures over the rounds (req/s, latency, proxy CPU-s per
+    1,000 requests), and its ratios, each taken within one round, with their median: req/s to
+    tunnel / mitmproxy / e2guardian; CPU per request to bare mitmproxy (with and without
+    jemalloc); a multi-worker scenario's req/s and CPU to its 1-worker twin. 'mitmproxy' is
+    the one driven from the same devices (see same_devices_mitmproxy)."""
     out: dict[str, dict] = {}
     for name in names:
         rows = [r["results"][name] for r in rounds if name in r["results"]]
-        entry: dict = {key: statistics.median(row[key] for row in rows if row[key] is not None)
-                       if any(row[key] is not None for row in rows) else None
-                       for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms")}
+        entry = _medians(rows, ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000"))
         entry["non_2xx"] = sum(row["non_2xx"] for row in rows)
         entry["socket_errors"] = [row["socket_errors"] for row in rows if row["socket_errors"]]
         entry["requests_per_s_per_round"] = [row["requests_per_s"] for row in rows]
-        for ref in ("tunnel", "mitmproxy", "mitmproxy jemalloc", "e2guardian"):
-            per_round = [r["results"][name]["requests_per_s"] / r["results"][ref]["requests_per_s"]
-                         for r in rounds if name in r["results"] and r["results"].get(ref, {}).get("requests_per_s")]
-            key = ref.replace(" ", "_")
-            entry[f"vs_{key}_per_round"] = per_round
-            entry[f"vs_{key}"] = statistics.median(per_round) if per_round else None
+        entry["cpu_s_per_1000_per_round"] = [row.get("cpu_s_per_1000") for row in rows]
+        mitm = same_devices_mitmproxy(name)
+        rps_cpu = {"requests_per_s": "", "cpu_s_per_1000": "cpu_"}
+        _add_ratios(entry, rounds, name, "tunnel", "tunnel", {"requests_per_s": ""})
+        _add_ratios(entry, rounds, name, "mitmproxy", mitm, rps_cpu)
+        _add_ratios(entry, rounds, name, "mitmproxy_jemalloc", "mitmproxy jemalloc" if mitm == "mitmproxy" else None,
+                    rps_cpu)
+        _add_ratios(entry, rounds, name, "e2guardian", "e2guardian", {"requests_per_s": ""})
+        _add_ratios(entry, rounds, name, "w1", one_worker_twin(name), rps_cpu)
         out[name] = entry
     return out
 
 
 def summarize_tls(names: list[str], rounds: list[dict]) -> dict:
     """Per scenario: medians over the rounds of req/s, latency and CPU-s per 1,000 requests,
-    and its ratios (req/s and CPU) to bare mitmproxy and to the commit before of the same
-    variant, each ratio within one round."""
+    and its ratios (req/s and CPU), each within one round: to bare mitmproxy of the same
+    variant, to the same scenario of the commit before, and (workers: auto) to 1 worker."""
     out: dict[str, dict] = {}
     for name in names:
         variant = name.split()[0]
         rows = [r["results"][name] for r in rounds if name in r["results"]]
-        entry: dict = {}
-        for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000", "new_connection_share"):
-            values = [row[key] for row in rows if row.get(key) is not None]
-            entry[key] = statistics.median(values) if values else None
+        entry = _medians(rows, ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_s_per_1000",
+                                "new_connection_share"))
         entry["non_2xx"] = sum(row["non_2xx"] for row in rows)
         entry["requests_per_s_per_round"] = [row["requests_per_s"] for row in rows]
         entry["cpu_s_per_1000_per_round"] = [row.get("cpu_s_per_1000") for row in rows]
-        for ref_name, key in ((f"{variant} mitmproxy", "mitmproxy"), (f"{variant} kanmon+policy before", "before")):
-            for metric, short in (("requests_per_s", "rps"), ("cpu_s_per_1000", "cpu")):
-                per_round = [r["results"][name][metric] / r["results"][ref_name][metric] for r in rounds
-                             if name in r["results"] and r["results"].get(ref_name, {}).get(metric)
-                             and r["results"][name].get(metric) is not None]
-                entry[f"{short}_vs_{key}_per_round"] = per_round
-                entry[f"{short}_vs_{key}"] = statistics.median(per_round) if per_round else None
+        metrics = {"requests_per_s": "rps_", "cpu_s_per_1000": "cpu_"}
+        _add_ratios(entry, rounds, name, "mitmproxy", f"{variant} mitmproxy", metrics)
+        before = None if name.endswith(" before") or "kanmon" not in name else f"{name} before"
+        _add_ratios(entry, rounds, name, "before", before, metrics)
+        _add_ratios(entry, rounds, name, "w1", one_worker_twin(name), metrics)
         out[name] = entry
     return out
 
 
-def report_tls(names: list[str], rounds: list[dict], args: argparse.Namespace) -> int:
+def _fmt(value, width: int, spec: str) -> str:
+    return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+def per_round_table(names: list[str], rounds: list[dict], summary: dict, columns: list[tuple[str, str]]) -> list[str]:
+    """Lines: per scenario and round, req/s, CPU-s/1000 and the ratios named in `columns`
+    (summary key of a per-round list, label)."""
+    lines = []
+    for name in names:
+        rows = {r["round"]: r["results"].get(name) for r in rounds}
+        s = summary[name]
+        for key, label in columns:
+            if not s.get(key) or "mitmproxy" in name:   # bare mitmproxy is the reference itself
+                continue
+            cells = " ".join(f"{v:7.3f}" for v in s[key])
+            lines.append(f"  {name}: {label} per round {cells} (median {statistics.median(s[key]):.3f})")
+        figures = " | ".join(f"r{k}: {_fmt(row['requests_per_s'] if row else None, 0, '.0f')} req/s "
+                             f"{_fmt(row.get('cpu_s_per_1000') if row else None, 0, '.3f')} CPU-s/1k"
+                             for k, row in rows.items())
+        lines.append(f"  {name}: {figures}")
+    return lines
+
+
+def goals(summary: dict) -> list[dict]:
+    """Issue #22's goals, judged on the medians of the per-round ratios: every Kanmon+policy
+    scenario's CPU per request <= bare mitmproxy's on the same load; a multi-worker scenario of
+    HTTPS keep-alive (and of plain HTTP) >= 1.3x its 1-worker twin's req/s with CPU per request
+    within 1.1x of it."""
+    out = []
+
+    def judge(goal: str, name: str, value: float | None, bound: float, at_least: bool) -> None:
+        met = None if value is None else (value >= bound if at_least else value <= bound)
+        out.append({"goal": goal, "scenario": name, "value": value, "bound": bound, "met": met})
+
+    for name, s in summary.items():
+        if "kanmon+policy" not in name or name.endswith(" before") or name.endswith(" baseline"):
+            continue
+        judge("CPU per request vs bare mitmproxy", name, s.get("cpu_vs_mitmproxy"), 1.0, False)
+        if one_worker_twin(name) and not name.startswith("newtls"):
+            rps = s.get("rps_vs_w1", s.get("vs_w1"))
+            judge("req/s vs 1 worker", name, rps, 1.3, True)
+            judge("CPU per request vs 1 worker", name, s.get("cpu_vs_w1"), 1.1, False)
+    return out
+
+
+def print_goals(results: list[dict]) -> None:
+    print("\ngoals (issue #22; medians of the per-round ratios):")
+    for g in results:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        sign = ">=" if g["goal"].startswith("req/s") else "<="
+        print(f"  {g['scenario']:34} {g['goal']:34} {_fmt(g['value'], 6, '.3f')} {sign} {g['bound']}: {verdict}")
+
+
+def report_tls(names: list[str], rounds: list[dict], args: argparse.Namespace, devices: list[str]) -> int:
     summary = summarize_tls(names, rounds)
     load = os.getloadavg()
-    print(f"\nproxy HTTPS benchmark: {args.connections} connections, {args.duration} s per scenario, "
-          f"{args.rounds} rounds (rotated order), {os.cpu_count()} cores, {args.tls_names} names for newtls; "
-          f"medians over the rounds, ratios within each round; load average at the end {load[0]:.2f}\n")
-
-    def fmt(value, width: int, spec: str) -> str:
-        return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
-
+    print(f"\nproxy HTTPS benchmark: {args.connections} connections over {len(devices)} device(s) "
+          f"({', '.join(devices)}), {args.duration} s per scenario, {args.rounds} rounds (rotated order), "
+          f"{os.cpu_count()} cores, {args.tls_names} names for newtls; medians over the rounds, ratios within "
+          f"each round; load average at the end {load[0]:.2f}\n")
     w = max(24, *(len(n) for n in names))
     print(f"{'scenario':{w}} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU-s/1k':>9} {'req/s vs mitm':>14} "
-          f"{'CPU vs mitm':>12} {'req/s vs before':>16} {'CPU vs before':>14} {'errors':>7}")
+          f"{'CPU vs mitm':>12} {'req/s vs w1':>12} {'CPU vs w1':>10} {'req/s vs before':>16} {'CPU vs before':>14} "
+          f"{'errors':>7}")
     for name in names:
         s = summary[name]
-        print(f"{name:{w}} {fmt(s['requests_per_s'], 8, '.0f')} {fmt(s['p50_ms'], 8, '.2f')} {fmt(s['p99_ms'], 8, '.2f')} "
-              f"{fmt(s['cpu_s_per_1000'], 9, '.3f')} {fmt(s['rps_vs_mitmproxy'], 14, '.3f')} "
-              f"{fmt(s['cpu_vs_mitmproxy'], 12, '.3f')} {fmt(s['rps_vs_before'], 16, '.3f')} "
-              f"{fmt(s['cpu_vs_before'], 14, '.3f')} {s['non_2xx']:>7}")
+        print(f"{name:{w}} {_fmt(s['requests_per_s'], 8, '.0f')} {_fmt(s['p50_ms'], 8, '.2f')} "
+              f"{_fmt(s['p99_ms'], 8, '.2f')} {_fmt(s['cpu_s_per_1000'], 9, '.3f')} "
+              f"{_fmt(s['rps_vs_mitmproxy'], 14, '.3f')} {_fmt(s['cpu_vs_mitmproxy'], 12, '.3f')} "
+              f"{_fmt(s['rps_vs_w1'], 12, '.3f')} {_fmt(s['cpu_vs_w1'], 10, '.3f')} "
+              f"{_fmt(s['rps_vs_before'], 16, '.3f')} {_fmt(s['cpu_vs_before'], 14, '.3f')} {s['non_2xx']:>7}")
+    print("\nper round:")
+    print("\n".join(per_round_table(names, rounds, summary, [
+        ("cpu_vs_mitmproxy_per_round", "CPU vs mitmproxy"), ("rps_vs_w1_per_round", "req/s vs w1"),
+        ("cpu_vs_w1_per_round", "CPU vs w1")])))
+    judged = goals(summary)
+    print_goals(judged)
     print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
         "cores": os.cpu_count(), "load_average_end": load, "suite": "https", "duration_s": args.duration,
-        "connections": args.connections, "tls_names": args.tls_names, "rounds_run": args.rounds,
-        "before": args.before, "summary": summary, "rounds": rounds,
+        "connections": args.connections, "devices": devices, "tls_names": args.tls_names, "rounds_run": args.rounds,
+        "before": args.before, "summary": summary, "goals": judged, "rounds": rounds,
+    }, indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def report_http(names: list[str], rounds: list[dict], args: argparse.Namespace) -> int:
+    summary = summarize(names, rounds)
+    load = os.getloadavg()
+    print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "
+          f"{args.rounds} rounds (rotated order), {os.cpu_count()} cores; medians over the rounds, "
+          f"ratios taken within each round; load average at the end {load[0]:.2f}\n")
+    w = max(16, *(len(n) for n in names))
+    print(f"{'scenario':{w}} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'CPU-s/1k':>9} {'vs tunnel':>10} "
+          f"{'vs mitm':>8} {'CPU vs mitm':>12} {'vs mitm+jem':>12} {'CPU vs mitm+jem':>16} {'vs e2g':>7} "
+          f"{'vs w1':>6} {'CPU vs w1':>10} {'errors':>7}")
+    for name in names:
+        s = summary[name]
+        print(f"{name:{w}} {_fmt(s['requests_per_s'], 8, '.0f')} {_fmt(s['p50_ms'], 8, '.2f')} "
+              f"{_fmt(s['p90_ms'], 8, '.2f')} {_fmt(s['p99_ms'], 8, '.2f')} {_fmt(s['cpu_s_per_1000'], 9, '.3f')} "
+              f"{_fmt(s['vs_tunnel'], 10, '.3f')} {_fmt(s['vs_mitmproxy'], 8, '.3f')} "
+              f"{_fmt(s['cpu_vs_mitmproxy'], 12, '.3f')} {_fmt(s['vs_mitmproxy_jemalloc'], 12, '.3f')} "
+              f"{_fmt(s['cpu_vs_mitmproxy_jemalloc'], 16, '.3f')} {_fmt(s['vs_e2guardian'], 7, '.3f')} "
+              f"{_fmt(s['vs_w1'], 6, '.3f')} {_fmt(s['cpu_vs_w1'], 10, '.3f')} {s['non_2xx']:>7}")
+    print("\n'mitm' is bare mitmproxy on the same device(s): 'mitmproxy Ndev' for the Ndev scenarios.")
+    print("per round:")
+    print("\n".join(per_round_table(names, rounds, summary, [
+        ("vs_mitmproxy_per_round", "req/s vs mitmproxy"), ("cpu_vs_mitmproxy_per_round", "CPU vs mitmproxy"),
+        ("vs_w1_per_round", "req/s vs w1"), ("cpu_vs_w1_per_round", "CPU vs w1")])))
+    judged = goals(summary)
+    print_goals(judged)
+    print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "cores": os.cpu_count(), "load_average_end": load, "suite": "http", "duration_s": args.duration,
+        "connections": args.connections, "workers": args.workers, "kanmon_workers": args.kanmon_workers,
+        "rounds_run": args.rounds,
+        "results": {name: {k: summary[name][k] for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms",
+                                                          "cpu_s_per_1000", "non_2xx")}
+                    for name in names},
+        "ratios": {name: {k: summary[name][k] for k in ("vs_tunnel", "vs_mitmproxy", "cpu_vs_mitmproxy",
+                                                         "vs_mitmproxy_jemalloc", "cpu_vs_mitmproxy_jemalloc",
+                                                         "vs_e2guardian", "vs_w1", "cpu_vs_w1")}
+                   for name in names},
+        "summary": summary,
+        "goals": judged,
+        "rounds": rounds,
     }, indent=2))
     print(f"\nwritten: {out}")
     return 0
@@ -672,8 +926,9 @@ def main() -> int:
                     help="also run 'kanmon baseline' and 'kanmon+policy baseline': the gateway from another "
                          "checkout (e.g. a git worktree of main), to compare two commits in one run")
     ap.add_argument("--kanmon-workers", type=int, default=0, metavar="N",  # issue #22 (branch workers)
-                    help="also run 'kanmon+policy 2dev w1' and 'kanmon+policy 2dev wN': Kanmon with proxy.workers 1 "
-                         "and N, loaded from one device per worker at once (a device's traffic stays in one worker)")
+                    help="plain-HTTP suite: also run 'mitmproxy Ndev', 'kanmon+policy Ndev w1' and 'kanmon+policy "
+                         "Ndev wN': bare mitmdump and Kanmon with proxy.workers 1 and N, all loaded from the same N "
+                         "devices (one per worker, found by probing) at once (a device's traffic stays in one worker)")
     ap.add_argument("--only", action="append", metavar="SCENARIO",
                     help="run only this scenario (repeatable; e.g. to profile one of them)")
     ap.add_argument("--suite", choices=("http", "https"), default="http",
@@ -685,6 +940,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.before and args.baseline:
         ap.error("--before and --baseline are two ways to say the same: give one")
+    if args.suite == "https" and args.kanmon_workers:
+        ap.error("--kanmon-workers is for the plain-HTTP suite: the HTTPS suite always runs workers 1 and auto")
     if args.suite == "https" and args.out == str(RESULTS / "proxy.json"):
         args.out = str(RESULTS / "proxy_https.json")
     before_tree: Path | None = None
@@ -727,7 +984,7 @@ def main() -> int:
                 started = time.time()
                 results[name] = table[name]()
                 cpu = results[name].get("cpu_s_per_1000")
-                print(f"round {r + 1}/{args.rounds}: {name:20} {results[name]['requests_per_s']:8.0f} req/s "
+                print(f"round {r + 1}/{args.rounds}: {name:28} {results[name]['requests_per_s']:8.0f} req/s "
                       + (f"{cpu:6.2f} CPU-s/1000 " if cpu is not None else "")
                       + f"({time.time() - started:.0f} s)", flush=True)
             rounds.append({"round": r + 1, "order": order, "results": results})
@@ -736,49 +993,9 @@ def main() -> int:
         if before_tree is not None:
             run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_tree)], check=False)
     if args.suite == "https":
-        return report_tls(names, rounds, args)
+        return report_tls(names, rounds, args, [f"{d.device_id} {d.ipv4}" for d in modes.devices])
 
-    summary = summarize(names, rounds)
-    print(f"\nproxy benchmark: {args.connections} keep-alive connections, {args.duration} s per scenario, "
-          f"{args.rounds} rounds (rotated order), {os.cpu_count()} cores; medians over the rounds, "
-          f"ratios taken within each round\n")
-
-    def ratio(value: float | None, width: int) -> str:
-        return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}}"
-
-    w = max(16, *(len(n) for n in names))
-    print(f"{'scenario':{w}} {'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'vs tunnel':>10} {'vs mitmproxy':>13} "
-          f"{'vs mitm+jemalloc':>17} {'vs e2guardian':>14} {'errors':>8}")
-    for name in names:
-        s = summary[name]
-        print(f"{name:{w}} {s['requests_per_s']:10.0f} {s['p50_ms'] or 0:8.2f} {s['p90_ms'] or 0:8.2f} {s['p99_ms'] or 0:8.2f} "
-              f"{ratio(s['vs_tunnel'], 10)} {ratio(s['vs_mitmproxy'], 13)} {ratio(s['vs_mitmproxy_jemalloc'], 17)} "
-              f"{ratio(s['vs_e2guardian'], 14)} {s['non_2xx']:>8}")
-    print("\nper round (req/s, and ratio to bare mitmproxy of the same round):")
-    print(f"{'scenario':{w}} " + " ".join(f"{'round ' + str(r['round']):>18}" for r in rounds))
-    for name in names:
-        cells = []
-        for r in rounds:
-            row, bare = r["results"].get(name), r["results"].get("mitmproxy")
-            cells.append(f"{row['requests_per_s']:8.0f} ({row['requests_per_s'] / bare['requests_per_s']:5.3f}x)"
-                         if row and bare else f"{'-':>18}")
-        print(f"{name:{w}} " + " ".join(f"{c:>18}" for c in cells))
-    print("orders: " + "; ".join(" > ".join(r["order"]) for r in rounds))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-        "cores": os.cpu_count(), "duration_s": args.duration, "connections": args.connections,
-        "workers": args.workers, "rounds_run": args.rounds,
-        "results": {name: {k: summary[name][k] for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "non_2xx")}
-                    for name in names},
-        "ratios": {name: {k: summary[name][k] for k in ("vs_tunnel", "vs_mitmproxy", "vs_mitmproxy_jemalloc", "vs_e2guardian")}
-                   for name in names},
-        "summary": summary,
-        "rounds": rounds,
-    }, indent=2))
-    print(f"\nwritten: {out}")
-    return 0
+    return report_http(names, rounds, args)
 
 
 if __name__ == "__main__":
