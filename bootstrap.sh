@@ -107,7 +107,7 @@ run_tests() {
   say "running the test suite (unit + end-to-end in network namespaces)"
   mkdir -p "$ROOT/artifacts"
   set +e
-  "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfEs "$@"
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfEs --durations=25 "$@"
   local rc=$?
   set -e
   if [ "$rc" -eq 5 ]; then

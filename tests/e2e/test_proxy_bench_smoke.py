@@ -2,7 +2,9 @@
 #22 run end to end and their JSON carries what the report is built from — every Kanmon scenario
 loaded from the same devices as bare mitmdump, one per worker, a new TLS connection for every
 newtls request, CPU counted for every proxy (Kanmon's parent and workers). No speed is asserted:
-the figures belong to the benchmark (bench/results), not to a test on a shared machine."""
+the figures belong to the benchmark (bench/results), not to a test on a shared machine.
+The plain-HTTP suite's CPU column and worker scenarios are checked by
+tests/unit/test_perf_proxy_bench.py only: one more lab run of six scenarios is ~2 minutes of CI."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench(out: Path, *args: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "proxy.py"), "--rounds", "1", "--duration", "2",
+    cmd = [sys.executable, str(ROOT / "bench" / "proxy.py"), "--rounds", "1", "--duration", "1",
            "--connections", "4", "--out", str(out), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     print(result.stdout[-4000:])
@@ -33,8 +35,11 @@ def _bench(out: Path, *args: str) -> dict:
 def test_https_suite_drives_workers_1_and_auto_from_the_same_devices():
     require_lab()
     auto = min(usable_cores(), MAX_PROXY_WORKERS)
-    report = _bench(ARTIFACTS / "bench-smoke" / "proxy_https.json", "--suite", "https", "--tls-names", "20")
-    names = {f"{v} {k}" for v in ("https", "newtls") for k in ("mitmproxy", "kanmon+policy w1", "kanmon+policy auto")}
+    # four of the six scenarios (each starts its proxy: ~25 s of CI apiece): enough for both
+    # kinds of ratio the report judges (auto vs 1 worker, Kanmon vs bare mitmdump)
+    names = {"https kanmon+policy w1", "https kanmon+policy auto", "newtls mitmproxy", "newtls kanmon+policy w1"}
+    report = _bench(ARTIFACTS / "bench-smoke" / "proxy_https.json", "--suite", "https", "--tls-names", "20",
+                    *[arg for name in sorted(names) for arg in ("--only", name)])
     results = report["rounds"][0]["results"]
     assert set(results) == names and len(report["devices"]) == auto
     for name, row in results.items():
@@ -50,19 +55,3 @@ def test_https_suite_drives_workers_1_and_auto_from_the_same_devices():
     judged = {(g["scenario"], g["goal"]) for g in report["goals"] if g["value"] is not None}
     assert ("https kanmon+policy auto", "req/s vs 1 worker") in judged
     assert ("newtls kanmon+policy w1", "CPU per request vs bare mitmproxy") in judged
-
-
-def test_plain_http_suite_has_cpu_for_every_proxy_and_the_worker_scenarios():
-    require_lab()
-    only = ["tunnel", "mitmproxy", "kanmon+policy", "mitmproxy 2dev", "kanmon+policy 2dev w1", "kanmon+policy 2dev w2"]
-    report = _bench(ARTIFACTS / "bench-smoke" / "proxy.json", "--kanmon-workers", "2",
-                    *[arg for name in only for arg in ("--only", name)])
-    results = report["rounds"][0]["results"]
-    assert set(results) == set(only)
-    assert results["tunnel"]["cpu_s_per_1000"] is None          # no proxy process in that scenario
-    for name in only[1:]:
-        assert results[name]["requests"] > 0 and results[name]["cpu_s_per_1000"] > 0, name
-    assert all(results[n]["devices"] == 2 for n in only[3:])
-    ratios = report["ratios"]
-    assert ratios["kanmon+policy"]["cpu_vs_mitmproxy"] is not None
-    assert ratios["kanmon+policy 2dev w2"]["vs_w1"] is not None and ratios["kanmon+policy 2dev w2"]["cpu_vs_w1"] is not None
