@@ -47,7 +47,8 @@ from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
 from gateway.runtime.reconcile import Reconciler, cut_changed_devices
 from gateway.registry.model import DeviceRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
-from gateway.net.tunnel import TunnelError, WireGuardInterface, load_or_create_private_key
+from gateway.net.tunnel import TunnelError, load_or_create_private_key
+from gateway.net.tunnelshards import ShardedTunnel
 from gateway.net.firewalllog_reader import FirewallLogReader, FirewallLogReaderError
 from gateway.net.tunnellog import DeviceInfo, TunnelEvents, peer_change_records
 from gateway.runtime.policycache import PolicyCache  # issue #22
@@ -95,7 +96,7 @@ class GatewayApp:
     def __post_init__(self) -> None:
         self.connections = LiveConnections()
         self.directory = DeviceDirectory()
-        self.tunnel = WireGuardInterface(self.cfg.wg_interface, self.cfg.wg_implementation)
+        self.tunnel = ShardedTunnel(self.cfg.tunnel_shards, self.cfg.wg_implementation)   # issue #22: >65,536 devices
         self.cutter = ConnectionCutter()
         self.fatal_reason: str | None = None
         self._stop = asyncio.Event()
@@ -314,7 +315,8 @@ class GatewayApp:
             ipv4_prefix=cfg.ipv4_prefix, gateway_ipv4=cfg.gateway_ipv4,
             ipv6_prefix=cfg.ipv6_prefix, gateway_ipv6=cfg.gateway_ipv6,
             transparent_port=cfg.transparent_port, dns_port=cfg.dns_port, blocked=tuple(initial.blocked),
-            log_group=cfg.firewall_log_group, workers=cfg.proxy_workers))   # issue #22: spread over workers
+            log_group=cfg.firewall_log_group, workers=cfg.proxy_workers,   # issue #22: spread over workers
+            shard_interfaces=cfg.tunnel_shards.interfaces[1:]))          # issue #22: and over WireGuard interfaces
         log.info("nftables table inet %s installed", cfg.nft_table)
         self._remember(reconciler.registry.all())
         try:
@@ -323,7 +325,8 @@ class GatewayApp:
                 metrics=self.metrics, interval=cfg.firewall_log_interval).start()
         except FirewallLogReaderError as exc:
             raise StartupError(f"firewall log: {exc}") from None
-        limitsnft.apply(cfg.nft_table, cfg.wg_interface, cfg.limits, cfg.wg_listen_port)   # issue #14: the kernel takes floods
+        limitsnft.apply(cfg.nft_table, cfg.tunnel_shards.interfaces, cfg.limits, cfg.wg_listen_port,
+                        cfg.tunnel_shards.count)   # issue #14: the kernel takes floods
         addresses = [ipaddress.ip_interface(f"{cfg.gateway_ipv4}/{cfg.ipv4_prefix.prefixlen}")]
         if cfg.ipv6_prefix is not None:
             addresses.append(ipaddress.ip_interface(f"{cfg.gateway_ipv6}/{cfg.ipv6_prefix.prefixlen}"))
