@@ -46,6 +46,7 @@ from gateway.proxy.dnsbinding import DnsBindings
 from gateway.proxy.master import ProxySettings, build_master, wait_for_listeners
 from gateway.runtime.reconcile import Reconciler, cut_changed_devices
 from gateway.registry.model import DeviceRegistry
+from gateway.registry.sqlite import SqliteRegistry
 from gateway.reports.alerting import AlertDispatcher, AlertSettings, event_from_audit, log_failure_event
 from gateway.net.tunnel import TunnelError, load_or_create_private_key
 from gateway.net.tunnelshards import ShardedTunnel
@@ -308,7 +309,10 @@ class GatewayApp:
         self.logstore.open_streams()
         self.open_signin()
         key = load_or_create_private_key(cfg.wg_private_key_file)
-        reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table, on_clock_jump=self.metrics.observe_clock_jump)
+        # issue #22: the periodic full pass reads every row on a connection of its own (SQLite)
+        snapshot = SqliteRegistry(self.registry.path) if isinstance(self.registry, SqliteRegistry) else None
+        reconciler = Reconciler(self.registry, self.tunnel, cfg.nft_table, on_clock_jump=self.metrics.observe_clock_jump,
+                                snapshot_registry=snapshot, background_full=True)
         initial = reconciler.initial()
         steering.apply_ruleset(steering.SteeringPlan(
             table=cfg.nft_table, tunnel_interface=cfg.wg_interface, uplink_interface=cfg.uplink_interface,
@@ -318,7 +322,7 @@ class GatewayApp:
             log_group=cfg.firewall_log_group, workers=cfg.proxy_workers,   # issue #22: spread over workers
             shard_interfaces=cfg.tunnel_shards.interfaces[1:]))          # issue #22: and over WireGuard interfaces
         log.info("nftables table inet %s installed", cfg.nft_table)
-        self._remember(reconciler.registry.all())
+        self._remember(reconciler.snapshot_registry.all())
         try:
             self.firewall_log = FirewallLogReader(
                 cfg.firewall_log_group, lambda record: self.logstore.append("conn", record), self._firewall_device,

@@ -21,12 +21,13 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.net import steering
 from gateway.registry.model import DeviceRecord, DeviceRegistry
-from gateway.net.tunnel import PeerSpec, WireGuardInterface
+from gateway.net.tunnel import PeerSpec, PeerState, WireGuardInterface, differs
 
 log = logging.getLogger("kanmon.reconcile")
 
@@ -110,14 +111,30 @@ class Reconciler:
     A full pass reads every device and the interface's actual peers (corrects any drift); an
     incremental pass reads only the rows changed since the last revision seen and touches only
     their peers and addresses, so revoking one device among 10,000 costs one row, one UAPI
-    message and one nft command."""
+    message and one nft command.
+
+    The periodic full pass (``run_once(full=True)`` once the first pass is done) never holds a
+    revocation back (issue #22: at 100,000 devices its reads take about a second). Its reads --
+    every row (from ``snapshot_registry``: its own connection, so the incremental passes' reads
+    do not queue behind it) and every peer of the interfaces -- run in a background thread while
+    incremental passes go on. When they are done, the next pass applies the corrections they
+    show, except for the devices whose rows changed after the snapshot's revision: those belong
+    to the incremental passes, which have applied (or will apply) newer state than the snapshot
+    holds. A start-up pass and a pass after a clock step run in full at once, as before."""
 
     def __init__(self, registry: DeviceRegistry, tunnel: WireGuardInterface, nft_table: str,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  set_blocked: Callable[..., None] = steering.set_blocked,
                  monotonic: Callable[[], float] = time.monotonic,
-                 on_clock_jump: Callable[[float], None] | None = None):
+                 on_clock_jump: Callable[[float], None] | None = None,
+                 snapshot_registry: DeviceRegistry | None = None, background_full: bool = False):
         self.registry = registry
+        self.background_full = background_full   # the gateway: True (tests of the inline pass: False)
+        # issue #22: the full pass's reader of every row (a second connection to the same
+        # registry); the only one whose all() is called, so one parse cache is kept.
+        self.snapshot_registry = snapshot_registry if snapshot_registry is not None else registry
+        self._snapshot: Future | None = None
+        self._snapshot_pool: ThreadPoolExecutor | None = None
         self.tunnel = tunnel
         self.nft_table = nft_table
         self.clock = clock
@@ -135,7 +152,7 @@ class Reconciler:
 
     def initial(self) -> DesiredState:
         """Desired state before the tunnel and the table exist (the table is rendered with it)."""
-        state = desired_state(self.registry.all(), self.now())
+        state = desired_state(self.snapshot_registry.all(), self.now())
         self.applied_blocked = state.blocked
         return state
 
@@ -157,19 +174,90 @@ class Reconciler:
 
     def due(self) -> bool:
         now = self.now()
-        if self.full_pass_pending or self.registry.revision() != self.seen_revision:
+        if self.full_pass_pending or self.registry.revision() != self.seen_revision or self.snapshot_ready():
             return True
         return self.next_change is not None and now >= self.next_change
+
+    def snapshot_ready(self) -> bool:
+        """The background reads of a periodic full pass are done: the next pass applies them."""
+        return self._snapshot is not None and self._snapshot.done()
 
     def run_once(self, full: bool = False) -> ReconcileReport:
         """Blocking (registry, netlink/UAPI, nft): call from a worker thread. Blocks first, then
         removes peers, so a device losing admission is cut off at the firewall at once."""
         started = time.perf_counter()
         now = self.now()
-        timer_due = self.next_change is not None and now >= self.next_change
-        if full or self.seen_revision is None or self.full_pass_pending:
+        if self.seen_revision is None or self.full_pass_pending or (full and not self.background_full):
             self.full_pass_pending = False
+            self._drop_snapshot()   # older than the pass about to run
             return self._full(now, started)
+        if full and self._snapshot is None:
+            if self._snapshot_pool is None:
+                self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="reconcile-snapshot")
+            self._snapshot = self._snapshot_pool.submit(self._read_snapshot)
+        report = self._incremental(now, started)
+        if not self.snapshot_ready():
+            return report
+        future, self._snapshot = self._snapshot, None
+        return self._apply_snapshot(*future.result(), now, started)   # a failed read raises: counted, retried
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.cancel()
+            self._snapshot = None
+
+    def close(self) -> None:
+        self._drop_snapshot()
+        if self._snapshot_pool is not None:
+            self._snapshot_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_snapshot(self) -> tuple[int, list[DeviceRecord], dict[str, PeerState]]:
+        """Background thread: the registry's revision, then every row, then every peer."""
+        revision = self.snapshot_registry.revision()
+        records = self.snapshot_registry.all()
+        return revision, records, self.tunnel.peers()
+
+    def _apply_snapshot(self, revision: int, records: list[DeviceRecord], current: dict[str, PeerState],
+                        now: datetime, started: float) -> ReconcileReport:
+        """The periodic full pass's corrections from its background reads (after this call's
+        incremental part). Devices whose rows changed after `revision` keep what the incremental
+        passes applied, and their keys are neither added nor removed here."""
+        _, moved = self.registry.changed_since(revision)
+        skip = {r.device_id for r in moved}
+        skip_keys = {r.wg_public_key for r in moved if r.wg_public_key}
+        by_id = {r.device_id: r for r in records if r.device_id not in skip}
+        peer_of: dict[str, PeerSpec] = {}
+        blocked_of: dict[str, frozenset[Address]] = {}
+        for device_id in skip:
+            if device_id in self.records:
+                by_id[device_id] = self.records[device_id]
+            if (peer := self.peer_of.get(device_id)) is not None:
+                peer_of[device_id] = peer
+                skip_keys.add(peer.public_key)
+            if self.blocked_of.get(device_id):
+                blocked_of[device_id] = self.blocked_of[device_id]
+        for device_id, rec in by_id.items():
+            if device_id in skip:
+                continue
+            peer, blocked = contribution(rec, now)
+            if peer is not None:
+                peer_of[device_id] = peer
+            if blocked:
+                blocked_of[device_id] = blocked
+        desired = {p.public_key: p for p in peer_of.values()}
+        remove = [k for k in current if k not in desired and k not in skip_keys]
+        upsert = [p for k, p in desired.items() if k not in skip_keys
+                  and (k not in current or differs(p.allowed_ips, current[k].allowed_ips))]
+        new_blocked = frozenset().union(*blocked_of.values()) if blocked_of else frozenset()
+        newly_blocked, unblocked = new_blocked - self.applied_blocked, self.applied_blocked - new_blocked
+        self._cut_then_admit(newly_blocked, unblocked, new_blocked, remove, upsert)
+        self.records, self.peer_of, self.blocked_of = by_id, peer_of, blocked_of
+        self._plan_next([], now, recompute=True)
+        return self._report(self.seen_revision, True, len(upsert), len(remove), newly_blocked, unblocked,
+                            list(by_id.values()), started)
+
+    def _incremental(self, now: datetime, started: float) -> ReconcileReport:
+        timer_due = self.next_change is not None and now >= self.next_change
         revision, changed = self.registry.changed_since(self.seen_revision)
         for rec in changed:
             self.records[rec.device_id] = rec
@@ -232,8 +320,8 @@ class Reconciler:
             self.tunnel.upsert_peers(upsert)
 
     def _full(self, now: datetime, started: float) -> ReconcileReport:
-        revision = self.registry.revision()
-        records = self.registry.all()
+        revision = self.snapshot_registry.revision()
+        records = self.snapshot_registry.all()
         state = desired_state(records, now)
         newly_blocked, unblocked = state.blocked - self.applied_blocked, self.applied_blocked - state.blocked
         try:
