@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from pyroute2 import IPRoute, NetlinkError
@@ -38,8 +38,11 @@ log = logging.getLogger("kanmon.tunnel")
 
 
 class ShardedTunnel:
-    def __init__(self, layout: ShardLayout, implementation: str = "auto"):
+    def __init__(self, layout: ShardLayout, implementation: str = "auto",
+                 build: Callable[[int], WireGuardInterface] | None = None):
         self.layout = layout
+        # build(shard) -> its interface, up: tests give one without netlink; None makes it (below)
+        self._build = build if build is not None else self._bring_up
         self.implementation = implementation
         self.shards: dict[int, WireGuardInterface] = {}
         self._key_shard: dict[str, int] = {}     # public key -> shard it was put on / read from
@@ -76,22 +79,24 @@ class ShardedTunnel:
 
     def _make(self, shard: int) -> WireGuardInterface:
         with self._lock:
-            if shard in self.shards:
-                return self.shards[shard]
-            if self._setup is None:
-                raise TunnelError(Text("トンネルがまだ作られていません", "the tunnel is not up yet"))
-            key, mtu, addresses = self._setup
-            iface = WireGuardInterface(self.layout.interface_of(shard), self.implementation)
-            if shard == 0:
-                iface.ensure(key, self.layout.port_of(0), mtu, addresses)
-            else:
-                own = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
-                iface.ensure(key, self.layout.port_of(shard), mtu, own)
-                _route(iface.name, [b for b in (self.layout.block_v4(shard), self.layout.block_v6(shard)) if b is not None])
-                log.info("tunnel shard %d: %s on port %d for %s", shard, iface.name, self.layout.port_of(shard),
-                         self.layout.block_v4(shard))
-            self.shards[shard] = iface
+            if shard not in self.shards:
+                self.shards[shard] = self._build(shard)
+            return self.shards[shard]
+
+    def _bring_up(self, shard: int) -> WireGuardInterface:
+        if self._setup is None:
+            raise TunnelError(Text("トンネルがまだ作られていません", "the tunnel is not up yet"))
+        key, mtu, addresses = self._setup
+        iface = WireGuardInterface(self.layout.interface_of(shard), self.implementation)
+        if shard == 0:
+            iface.ensure(key, self.layout.port_of(0), mtu, addresses)
             return iface
+        own = [ipaddress.ip_interface(f"{a.ip}/{a.max_prefixlen}") for a in addresses]
+        iface.ensure(key, self.layout.port_of(shard), mtu, own)
+        _route(iface.name, [b for b in (self.layout.block_v4(shard), self.layout.block_v6(shard)) if b is not None])
+        log.info("tunnel shard %d: %s on port %d for %s", shard, iface.name, self.layout.port_of(shard),
+                 self.layout.block_v4(shard))
+        return iface
 
     def destroy(self) -> None:
         for shard in sorted(self.shards, reverse=True):
