@@ -322,7 +322,7 @@ class GatewayApp:
             log_group=cfg.firewall_log_group, workers=cfg.proxy_workers,   # issue #22: spread over workers
             shard_interfaces=cfg.tunnel_shards.interfaces[1:]))          # issue #22: and over WireGuard interfaces
         log.info("nftables table inet %s installed", cfg.nft_table)
-        self._remember(reconciler.snapshot_registry.all())
+        self._remember(reconciler.initial_records)
         try:
             self.firewall_log = FirewallLogReader(
                 cfg.firewall_log_group, lambda record: self.logstore.append("conn", record), self._firewall_device,
@@ -359,6 +359,9 @@ class GatewayApp:
                 self.metrics.devices.labels(status).set(counts.get(status, 0))
         else:
             self.directory.update(admitted, [r for r in report.changed if r.device_id not in report.admitted_ids])
+            if report.status_counts is not None:   # issue #22: the periodic full pass's counts
+                for status in ("active", "suspended", "quarantined", "revoked"):
+                    self.metrics.devices.labels(status).set(report.status_counts.get(status, 0))
         self.metrics.peers.set(len(report.admitted_ids))
         changed = {r.device_id: r for r in report.changed}
         gone: set[str] = set()

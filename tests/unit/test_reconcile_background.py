@@ -88,10 +88,13 @@ def test_a_revocation_is_applied_while_the_full_pass_is_still_reading(tmp_path):
     wait_ready(rec)
     assert rec.due(), "finished background reads make the next pass due"
     report = rec.run_once()
-    assert report.full and report.admitted_ids == {"a", "c"}
+    assert report.admitted_ids == {"a", "c"}
     assert set(tunnel.state) == {a.wg_public_key, c.wg_public_key}, "drift corrected, the revoked device not re-added"
     assert b.ipv4 in nft.elements, "the snapshot (older than the revocation) did not unblock it"
-    assert {r.device_id for r in report.changed} == {"a", "b", "c"}
+    # The report names only what the correction changed (a's lost peer), with every device counted
+    # by the status its applied row has (b: revoked, although the snapshot read it active).
+    assert not report.full and [r.device_id for r in report.changed] == ["a"]
+    assert report.status_counts == {"active": 2, "revoked": 1}
 
 
 def test_a_device_added_after_the_snapshot_is_left_to_the_incremental_pass(tmp_path):
@@ -106,7 +109,20 @@ def test_a_device_added_after_the_snapshot_is_left_to_the_incremental_pass(tmp_p
     wait_ready(rec)
     report = rec.run_once()
     assert d.wg_public_key in tunnel.state and "d" in report.admitted_ids
+    assert report.changed == () and report.status_counts == {"active": 4}
     assert not rec.due()
+
+
+def test_a_row_deleted_from_the_registry_loses_its_peer_and_is_reported(tmp_path):
+    reg, (a, b, c), tunnel, nft, rec = setup(tmp_path)
+    reg._db.execute("DELETE FROM devices WHERE device_id='c'")   # no revision stamp: only a full pass sees it
+    tunnel.gate = threading.Event()
+    rec.run_once(full=True)
+    tunnel.gate.set()
+    wait_ready(rec)
+    report = rec.run_once()
+    assert c.wg_public_key not in tunnel.state and report.admitted_ids == {"a", "b"}
+    assert [r.device_id for r in report.changed] == ["c"]
 
 
 def test_a_failed_background_read_is_reported_and_the_next_periodic_pass_reads_again(tmp_path):
@@ -123,7 +139,9 @@ def test_a_failed_background_read_is_reported_and_the_next_periodic_pass_reads_a
     rec.run_once(full=True)
     tunnel.gate.set()
     wait_ready(rec)
-    assert rec.run_once().full and c.wg_public_key in tunnel.state
+    report = rec.run_once()
+    assert report.status_counts is not None and c.wg_public_key in tunnel.state
+    assert [r.device_id for r in report.changed] == ["c"]
     rec.close()
 
 
