@@ -49,6 +49,19 @@ class ShardedTunnel:
         self._setup: tuple[WireguardKey, int, list] | None = None
         self._lock = threading.Lock()             # shard creation, _key_shard updates
 
+    @classmethod
+    def existing(cls, layout: ShardLayout, implementation: str = "auto") -> "ShardedTunnel":
+        """The interfaces a running gateway made, for reading their peers from another process
+        (the console's live view); nothing is created or changed."""
+        tunnel = cls(layout, implementation)
+        with IPRoute() as ipr:
+            present = [i for i in range(layout.count) if ipr.link_lookup(ifname=layout.interface_of(i))]
+        for shard in present:
+            iface = WireGuardInterface(layout.interface_of(shard), implementation)
+            iface.kind = iface._existing_kind()
+            tunnel.shards[shard] = iface
+        return tunnel
+
     @property
     def name(self) -> str:
         return self.layout.interface

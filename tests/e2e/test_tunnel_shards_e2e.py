@@ -41,6 +41,10 @@ def test_devices_on_two_interfaces_are_served_judged_and_cut(make_lab):
     assert lab.gw.run("ip", "link", "show", f"{lab.wg_interface}-2", check=False).returncode != 0
     wait_until(lambda: high.public_key in peers_on(lab, shard1), 15, "the shard-1 peer")
     assert high.public_key not in peers_on(lab, lab.wg_interface) and low.public_key in peers_on(lab, lab.wg_interface)
+    # Another process (the console's live view) reads the peers of every interface of the pool.
+    read = lab.gw.python("from gateway.config import load_config; from gateway.net.tunnelshards import ShardedTunnel; "
+                         f"print(sorted(ShardedTunnel.existing(load_config({str(lab.config_path)!r}).tunnel_shards).peers()))")
+    assert high.public_key in read.stdout and low.public_key in read.stdout
     # The exported configuration names each device's port; the lab's devices use it.
     assert exported_endpoint(lab, low.device_id) == f"{UNDERLAY_GW}:{WG_PORT}"
     assert exported_endpoint(lab, high.device_id) == f"{UNDERLAY_GW}:{WG_PORT + 1}"
