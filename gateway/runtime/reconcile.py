@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from gateway.net import steering
@@ -54,21 +54,26 @@ class DesiredState:
     peers: dict[str, PeerSpec]
     blocked: frozenset[Address]
     next_change: datetime | None
+    # The same by device id (the reconciler's bookkeeping after a full pass).
+    peer_of: dict[str, PeerSpec] = field(default_factory=dict)
+    blocked_of: dict[str, frozenset[Address]] = field(default_factory=dict)
 
 
 def desired_state(records: list[DeviceRecord], now: datetime) -> DesiredState:
     """Pure: what the host should look like for these records at `now`."""
-    admitted, peers, blocked, changes = [], {}, set(), []
+    admitted, peers, blocked, changes, peer_of, blocked_of = [], {}, set(), [], {}, {}
     for rec in records:
         for t in (rec.valid_from, rec.valid_until, rec.suspended_until):
             if t is not None and t > now:
                 changes.append(t)
         if rec.admitted(now):
             admitted.append(rec)
-            peers[rec.wg_public_key] = peer_spec(rec)
+            peers[rec.wg_public_key] = peer_of[rec.device_id] = peer_spec(rec)
         else:
-            blocked.update(rec.addresses)
-    return DesiredState(tuple(admitted), peers, frozenset(blocked), min(changes) if changes else None)
+            blocked_of[rec.device_id] = addresses = frozenset(rec.addresses)
+            blocked.update(addresses)
+    return DesiredState(tuple(admitted), peers, frozenset(blocked), min(changes) if changes else None,
+                        peer_of, blocked_of)
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -150,7 +155,7 @@ class Reconciler:
         # registry); the only one whose all() is called, so one parse cache is kept.
         self.snapshot_registry = snapshot_registry if snapshot_registry is not None else registry
         self._snapshot: Future | None = None
-        self._initial_read: tuple[int, list[DeviceRecord]] | None = None
+        self._initial_read: tuple[int, list[DeviceRecord], DesiredState] | None = None
         self.initial_records: list[DeviceRecord] = []   # the rows initial() read
         self._snapshot_pool: ThreadPoolExecutor | None = None
         self.tunnel = tunnel
@@ -174,9 +179,9 @@ class Reconciler:
         self.initial_records = self.snapshot_registry.all()
         state = desired_state(self.initial_records, self.now())
         self.applied_blocked = state.blocked
-        # The start-up's full pass uses these rows when no revision was written since (issue #22:
-        # reading 100,000 rows again cost ~0.7 s of the start-up).
-        self._initial_read = (revision, self.initial_records)
+        # The start-up's full pass uses these rows and this state when no revision was written
+        # since (issue #22: reading and evaluating 100,000 rows again cost ~2 s of the start-up).
+        self._initial_read = (revision, self.initial_records, state)
         return state
 
     def now(self) -> datetime:
@@ -378,8 +383,11 @@ class Reconciler:
     def _full(self, now: datetime, started: float) -> ReconcileReport:
         revision = self.snapshot_registry.revision()
         first, self._initial_read = self._initial_read, None
-        records = first[1] if first is not None and first[0] == revision else self.snapshot_registry.all()
-        state = desired_state(records, now)
+        if first is not None and first[0] == revision:
+            _, records, state = first
+        else:
+            records = self.snapshot_registry.all()
+            state = desired_state(records, now)
         newly_blocked, unblocked = state.blocked - self.applied_blocked, self.applied_blocked - state.blocked
         try:
             self.set_blocked(self.nft_table, add=newly_blocked, remove=unblocked)
@@ -390,14 +398,8 @@ class Reconciler:
             self.tunnel.sync_peers(state.peers, add=False)
             raise
         result = self.tunnel.sync_peers(state.peers)  # reads the interface: corrects drift
-        peer_of, blocked_of = {}, {}
-        for rec in records:
-            if rec.admitted(now):
-                peer_of[rec.device_id] = peer_spec(rec)
-            else:
-                blocked_of[rec.device_id] = frozenset(rec.addresses)
         self.records = {r.device_id: r for r in records}
-        self.peer_of, self.blocked_of = peer_of, blocked_of
+        self.peer_of, self.blocked_of = state.peer_of, state.blocked_of
         self.seen_revision = revision
         self.next_change = state.next_change
         return self._report(revision, True, len(result.added) + len(result.updated), len(result.removed),

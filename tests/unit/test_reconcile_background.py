@@ -152,3 +152,19 @@ def test_the_inline_full_pass_is_kept_for_start_up_and_without_the_option(tmp_pa
     rec = Reconciler(reg, tunnel, "t", clock=lambda: NOW, set_blocked=FlakyNft())
     assert rec.run_once(full=True).full and rec.run_once(full=True).full
     assert rec.snapshot_registry is reg
+
+
+def test_start_up_reads_the_rows_once_unless_a_write_came_between(tmp_path):
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    a, b = add(reg, "a"), add(reg, "b")
+    reads = []
+    original = reg.all
+    reg.all = lambda: reads.append(1) or original()
+    rec = Reconciler(reg, GatedTunnel(), "t", clock=lambda: NOW, set_blocked=FlakyNft())
+    rec.initial()
+    assert rec.run_once(full=True).admitted_ids == {"a", "b"} and len(reads) == 1
+    rec = Reconciler(reg, GatedTunnel(), "t", clock=lambda: NOW, set_blocked=FlakyNft())
+    rec.initial()
+    reg.update(replace(a, status=DeviceStatus.REVOKED))   # between the table's render and the first pass
+    report = rec.run_once(full=True)
+    assert report.admitted_ids == {"b"} and a.ipv4 in report.newly_blocked and len(reads) == 3
