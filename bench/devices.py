@@ -159,7 +159,9 @@ def _start_gateway(lab: Lab, tree: Path, profile: Path | None, timeout: float) -
     log_path.unlink(missing_ok=True)
     env = {"PYTHONPATH": str(tree), "KANMON_LOG_LEVEL": "info"}
     t0 = time.perf_counter()
-    proc = lab.gw.popen(*lab.kanmon_cmd, "run", "--config", str(lab.config_path),
+    # From the tree's own directory: `python -m` puts the working directory ahead of PYTHONPATH,
+    # so launched from another checkout, `--before` would measure that checkout instead.
+    proc = lab.gw.popen("env", "-C", str(tree), *lab.kanmon_cmd, "run", "--config", str(lab.config_path),
                         stdout=open(log_path, "a"), env={**os.environ, **env})
     if profile is not None:
         _profile(proc.pid, profile, 60)
