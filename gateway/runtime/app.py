@@ -9,6 +9,7 @@ restart after a crash (stale table, stale interface, stale control socket) recov
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
@@ -631,6 +632,10 @@ class GatewayApp:
             if self.cluster is not None:
                 self.cluster.start(asyncio.get_running_loop())
             self.cfg.pid_path.write_text(f"{os.getpid()}\n")
+            # issue #22: what start-up built (every device's record, peer and directory entry) is kept
+            # for good; the cyclic gc no longer walks it: a full collection over 100,000 devices' objects
+            # stopped the process ~0.3-1 s, a revocation's tail (freed objects are still freed).
+            gc.freeze()
             sd_notify("READY=1")
             log.info("gateway ready")
             stop_task = asyncio.create_task(self._stop.wait())
