@@ -186,6 +186,9 @@ def _revoke(registry: SqliteRegistry, device_id: str, applied_path: Path, timeou
         seen = applied_revision(applied_path)
         if seen is not None and seen >= revision:
             at = json.loads(applied_path.read_text())["at"]
+            if at - written > 0.1:   # to find it in the gateway's log (--logs)
+                print(f"  slow revocation: revision {revision}, {(at - written) * 1000:.0f} ms, written at "
+                      f"{time.strftime('%H:%M:%S', time.localtime(written))}.{int(written % 1 * 1000):03d}", flush=True)
             return (at - written) * 1000
         time.sleep(0.002)
     raise RuntimeError(f"revision {revision} not applied within {timeout} s")
@@ -242,6 +245,8 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
         }
     finally:
         lab.stop_gateway(timeout=120)
+        if args.logs:   # the gateway's log, e.g. its reconcile pass timings around a slow revocation
+            shutil.copyfile(lab.gateway.log_path, Path(args.logs) / f"devices-{n}-{label.split()[0]}.log")
         for name in _config(lab).tunnel_shards.interfaces:
             if lab.gw.run("ip", "link", "show", name, check=False).returncode == 0:
                 lab.gw.run("ip", "link", "del", name, check=False)
@@ -327,11 +332,13 @@ def main() -> int:
     ap.add_argument("--peers-per-interface", type=int,
                     help="tunnel.peers_per_interface (addresses per WireGuard interface; default 65,536)")
     ap.add_argument("--profile", help="directory for py-spy collapsed stacks of each gateway's first 60 s")
+    ap.add_argument("--logs", help="directory to keep each gateway's log in")
     ap.add_argument("--out", default=str(RESULTS / "devices.json"))
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # tear the lab down on `kill` too
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.logs):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
     trees = [("after", ROOT)]
     before = _worktree(args.before) if args.before else None
     if before is not None:
