@@ -244,9 +244,10 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
             "revoked_cut_verified": cut,
         }
     finally:
+        log_path = lab.gateway.log_path
         lab.stop_gateway(timeout=120)
         if args.logs:   # the gateway's log, e.g. its reconcile pass timings around a slow revocation
-            shutil.copyfile(lab.gateway.log_path, Path(args.logs) / f"devices-{n}-{label.split()[0]}.log")
+            shutil.copyfile(log_path, Path(args.logs) / f"devices-{n}-{label.split()[0]}.log")
         for name in _config(lab).tunnel_shards.interfaces:
             if lab.gw.run("ip", "link", "show", name, check=False).returncode == 0:
                 lab.gw.run("ip", "link", "del", name, check=False)
