@@ -38,8 +38,11 @@ class DeviceDirectory:
         self._by_ip = table
 
     def update(self, admitted: list[DeviceRecord], removed: list[DeviceRecord]) -> None:
-        """Apply a reconcile pass's changes (copy, then swap: lookups stay consistent)."""
-        table = dict(self._by_ip)
+        """Apply a reconcile pass's changes. In place (issue #22: copying 200,000 entries per
+        revocation cost ~100 ms of the event loop at 100,000 devices): this runs on the event
+        loop, where the proxy's lookups are made, so none of them sees the table half-updated
+        (the firewall-log thread's lookup, naming a dropped packet's device, is one dict read)."""
+        table = self._by_ip
         for rec in removed:
             for addr in rec.addresses:  # a device's tunnel addresses never change
                 if (held := table.get(addr)) is not None and held.device_id == rec.device_id:
@@ -47,7 +50,6 @@ class DeviceDirectory:
         for rec in admitted:
             for addr in rec.addresses:
                 table[addr] = rec
-        self._by_ip = table
 
     def by_ip(self, ip: str) -> DeviceRecord | None:
         addr = canonical_address(ip)

@@ -19,11 +19,16 @@ reconciler loads all N peers into the WireGuard interface, and the bench reads:
   more than one periodic full pass. Afterwards the bench checks that every revoked device
   has no peer on the interface and its address is in the drop set.
 
-wireguard-go holds at most 65,536 peers per interface (its MaxPeers): the default sizes stop at
-60,000, and the figures at 100,000 are extrapolated along the line through the two largest
-sizes (said so in the output). With kernel WireGuard, ``--sizes 10000 100000`` measures it.
+wireguard-go holds at most 65,536 peers per interface (its MaxPeers). Since issue #22 the gateway
+splits a larger pool over several interfaces (gateway/devices/shards.py: one per 65,536-address
+block), so ``--sizes 10000 60000 100000`` measures 100,000 (a /15 pool: two wireguard-go
+processes, synced in parallel); the RSS column of wireguard-go sums every shard's process. A tree
+that cannot (``--before`` an older commit) refuses at start-up: its row says so. When no size
+reaches 100,000 the figures there are extrapolated along the line through the two largest sizes.
+``--peers-per-interface N`` (a power of two) splits smaller pools too, to see the shards at small
+sizes.
 
-    sudo .venv/bin/python bench/devices.py [--sizes 10000 60000] [--before COMMIT] [--profile DIR]
+    sudo .venv/bin/python bench/devices.py [--sizes 10000 60000 100000] [--before COMMIT] [--profile DIR]
 
 Prints a table and writes bench/results/devices.json.
 """
@@ -117,6 +122,16 @@ def _wireguard_go_pid(ifname: str) -> int | None:
     return int(pids[0]) if pids else None
 
 
+def _interfaces(lab: Lab) -> list[str]:
+    """The tunnel's interfaces that exist now (shard 0 first; issue #22)."""
+    names = _config(lab).tunnel_shards.interfaces
+    return [n for n in names if lab.gw.run("ip", "link", "show", n, check=False).returncode == 0]
+
+
+def _peer_keys(lab: Lab) -> list[str]:
+    return [k for n in _interfaces(lab) for k in lab.gw.run("wg", "show", n, "peers", timeout=300).stdout.split()]
+
+
 def _profile(pid: int, out: Path, seconds: int) -> threading.Thread:
     """py-spy (collapsed stacks, idle frames left out) of the gateway for `seconds`, attached
     once `kanmon run` has re-executed itself with jemalloc preloaded (a py-spy session does not
@@ -144,7 +159,9 @@ def _start_gateway(lab: Lab, tree: Path, profile: Path | None, timeout: float) -
     log_path.unlink(missing_ok=True)
     env = {"PYTHONPATH": str(tree), "KANMON_LOG_LEVEL": "info"}
     t0 = time.perf_counter()
-    proc = lab.gw.popen(*lab.kanmon_cmd, "run", "--config", str(lab.config_path),
+    # From the tree's own directory: `python -m` puts the working directory ahead of PYTHONPATH,
+    # so launched from another checkout, `--before` would measure that checkout instead.
+    proc = lab.gw.popen("env", "-C", str(tree), *lab.kanmon_cmd, "run", "--config", str(lab.config_path),
                         stdout=open(log_path, "a"), env={**os.environ, **env})
     if profile is not None:
         _profile(proc.pid, profile, 60)
@@ -169,6 +186,9 @@ def _revoke(registry: SqliteRegistry, device_id: str, applied_path: Path, timeou
         seen = applied_revision(applied_path)
         if seen is not None and seen >= revision:
             at = json.loads(applied_path.read_text())["at"]
+            if at - written > 0.1:   # to find it in the gateway's log (--logs)
+                print(f"  slow revocation: revision {revision}, {(at - written) * 1000:.0f} ms, written at "
+                      f"{time.strftime('%H:%M:%S', time.localtime(written))}.{int(written % 1 * 1000):03d}", flush=True)
             return (at - written) * 1000
         time.sleep(0.002)
     raise RuntimeError(f"revision {revision} not applied within {timeout} s")
@@ -187,9 +207,10 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
         log = lab.gateway.log_text()
         first = RECONCILED.search(log)
         gw_mem = _status(proc.pid)
-        wg_pid = _wireguard_go_pid(lab.wg_interface)
-        wg_mem = _status(wg_pid) if wg_pid else {}
-        peers = len(lab.gw.run("wg", "show", lab.wg_interface, "peers", timeout=300).stdout.split())
+        interfaces = _interfaces(lab)
+        wg_pids = [p for p in map(_wireguard_go_pid, interfaces) if p]
+        wg_rss = sum(_status(p).get("VmRSS", 0) for p in wg_pids) if wg_pids else None
+        peers = len(_peer_keys(lab))
         time.sleep(2)   # let the start-up's tail (first underlay read, audit shipping) pass
         registry = SqliteRegistry(state_db)
         rng = random.Random(n)
@@ -203,7 +224,7 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
         revoked = {registry.get(d).wg_public_key for d in victims}
         addresses = {str(registry.get(d).ipv4) for d in victims}
         registry.close()
-        peer_keys = set(lab.gw.run("wg", "show", lab.wg_interface, "peers", timeout=300).stdout.split())
+        peer_keys = set(_peer_keys(lab))
         blocked = lab.gw.run("nft", "-j", "list", "set", "inet", _config(lab).nft_table, "blocked_v4",
                              check=False).stdout
         cut = not (revoked & peer_keys) and all(a in blocked for a in addresses)
@@ -212,9 +233,9 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
             "tree": label, "devices": n,
             "gateway_startup_s": round(startup_s, 2),
             "initial_peer_sync_ms": float(first.group(4)) if first else None,
-            "peers_on_interface": peers,
+            "peers_on_interface": peers, "interfaces": len(interfaces),
             "gateway_rss_mib": gw_mem.get("VmRSS"), "gateway_peak_rss_mib": gw_mem.get("VmHWM"),
-            "wireguard_go_rss_mib": wg_mem.get("VmRSS"),
+            "wireguard_go_rss_mib": wg_rss,
             "cpu_percent": round(idle_cpu, 1),
             "revoke_ms_median": round(statistics.median(latencies), 1),
             "revoke_ms_p99": round(latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))], 1),
@@ -223,9 +244,13 @@ def measure(lab: Lab, tree: Path, registry_copy: Path, n: int, args, label: str)
             "revoked_cut_verified": cut,
         }
     finally:
+        log_path = lab.gateway.log_path
         lab.stop_gateway(timeout=120)
-        if lab.gw.run("ip", "link", "show", lab.wg_interface, check=False).returncode == 0:
-            lab.gw.run("ip", "link", "del", lab.wg_interface, check=False)
+        if args.logs:   # the gateway's log, e.g. its reconcile pass timings around a slow revocation
+            shutil.copyfile(log_path, Path(args.logs) / f"devices-{n}-{label.split()[0]}.log")
+        for name in _config(lab).tunnel_shards.interfaces:
+            if lab.gw.run("ip", "link", "show", name, check=False).returncode == 0:
+                lab.gw.run("ip", "link", "del", name, check=False)
 
 
 def _config(lab: Lab):
@@ -236,7 +261,10 @@ def _config(lab: Lab):
 def run_size(n: int, trees: list[tuple[str, Path]], args) -> tuple[dict, list[dict]]:
     workdir = Path(tempfile.mkdtemp(prefix=f"kanmon-devbench-{n}-"))
     prefix = _prefix_for(n)
-    lab = Lab(workdir, n_devices=0, config_overrides={"tunnel": {"ipv4_prefix": prefix}})
+    tunnel = {"ipv4_prefix": prefix}
+    if args.peers_per_interface:
+        tunnel["peers_per_interface"] = args.peers_per_interface
+    lab = Lab(workdir, n_devices=0, config_overrides={"tunnel": tunnel})
     try:
         lab.build()
         copy = workdir / "registry-copy.sqlite3"
@@ -247,7 +275,11 @@ def run_size(n: int, trees: list[tuple[str, Path]], args) -> tuple[dict, list[di
         print(f"{n} devices registered ({per_device * 1000:.2f} ms per device)", flush=True)
         rows = []
         for label, tree in trees:
-            rows.append(measure(lab, tree, copy, n, args, label))
+            try:
+                rows.append(measure(lab, tree, copy, n, args, label))
+            except RuntimeError as exc:   # e.g. an older tree refusing more than 65,536 peers
+                tail = [line for line in str(exc).splitlines() if line.strip()][-3:]
+                rows.append({"tree": label, "devices": n, "error": " / ".join(tail)[-600:]})
             print(json.dumps(rows[-1]), flush=True)
         return reg, rows
     finally:
@@ -263,7 +295,7 @@ def _worktree(commit: str) -> Path:
     return path
 
 
-COLUMNS = ("gateway_startup_s", "initial_peer_sync_ms", "gateway_rss_mib", "gateway_peak_rss_mib",
+COLUMNS = ("interfaces", "gateway_startup_s", "initial_peer_sync_ms", "gateway_rss_mib", "gateway_peak_rss_mib",
            "wireguard_go_rss_mib", "cpu_percent", "revoke_ms_median", "revoke_ms_p99", "revoke_ms_max",
            "revoked_cut_verified")
 
@@ -277,7 +309,7 @@ def extrapolate(rows: list[dict], n: int) -> dict[str, dict]:
     peers per interface, so 100,000 cannot be run on a host without the kernel module)."""
     out = {}
     for tree in dict.fromkeys(r["tree"] for r in rows):
-        mine = sorted((r for r in rows if r["tree"] == tree), key=lambda r: r["devices"])
+        mine = sorted((r for r in rows if r["tree"] == tree and "error" not in r), key=lambda r: r["devices"])
         if len(mine) < 2 or mine[-1]["devices"] >= n:
             continue
         a, b = mine[-2], mine[-1]
@@ -298,12 +330,16 @@ def main() -> int:
     ap.add_argument("--revocations", type=int, default=25, help="revocations timed per size and tree")
     ap.add_argument("--spacing", type=float, default=1.3,
                     help="mean seconds between revocations (25 x 1.3 s spans the 30 s periodic full pass)")
+    ap.add_argument("--peers-per-interface", type=int,
+                    help="tunnel.peers_per_interface (addresses per WireGuard interface; default 65,536)")
     ap.add_argument("--profile", help="directory for py-spy collapsed stacks of each gateway's first 60 s")
+    ap.add_argument("--logs", help="directory to keep each gateway's log in")
     ap.add_argument("--out", default=str(RESULTS / "devices.json"))
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # tear the lab down on `kill` too
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.logs):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
     trees = [("after", ROOT)]
     before = _worktree(args.before) if args.before else None
     if before is not None:
@@ -323,7 +359,8 @@ def main() -> int:
     head = f"| {'devices':>7} | {'tree':<18} | " + " | ".join(COLUMNS) + " |"
     print("\n" + head + "\n|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        print(f"| {r['devices']:>7} | {r['tree'][:18]:<18} | " + " | ".join(f"{r[c]!s:>{len(c)}}" for c in COLUMNS) + " |")
+        print(f"| {r['devices']:>7} | {r['tree'][:18]:<18} | " + " | ".join(f"{r.get(c)!s:>{len(c)}}" for c in COLUMNS) + " |"
+              + (f" failed: {r['error']}" if "error" in r else ""))
     extrapolated = extrapolate(rows, GOAL_DEVICES)
     for tree, figures in extrapolated.items():
         print(f"\n{tree}: straight line through the two largest sizes, at {GOAL_DEVICES:,} devices: "

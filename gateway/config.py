@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.devices.shards import MAX_PEERS_PER_INTERFACE, ShardLayout, layout_problems
 from gateway.hostname import host_in, normalize_host_entry, split_host_entries
 from gateway.i18n import Text
 from gateway.posture import VersionError, normalize_platform, parse_version
@@ -58,6 +59,9 @@ SCHEMA: dict[str, Any] = {
                 "persistent_keepalive": {"type": "integer", "minimum": 1, "maximum": 65535},
                 "implementation": {"enum": ["auto", "kernel", "wireguard-go"]},
                 "private_key_file": _STR,
+                # issue #22: addresses per WireGuard interface (gateway/devices/shards.py); only
+                # tests lower it, to get several interfaces from a small pool
+                "peers_per_interface": {"type": "integer"},
             },
         },
         "uplink": {
@@ -314,10 +318,23 @@ class GatewayConfig:
     proxy_workers: int = 1                    # issue #22: inspection processes (gateway/runtime/workers.py)
     proxy_ca_key: str = "ecdsa-p256"          # issue #22: gateway/proxy/interceptca.py
     leaf_cert_cache: int = 10_000             # issue #22: gateway/proxy/certcache.py
+    wg_peers_per_interface: int = MAX_PEERS_PER_INTERFACE   # issue #22: gateway/devices/shards.py
 
     @property
     def gateway_ipv4(self) -> ipaddress.IPv4Address:
         return next(self.ipv4_prefix.hosts())
+
+    @property
+    def tunnel_shards(self) -> ShardLayout:
+        """issue #22: which WireGuard interface and port serve which addresses of the pool."""
+        return ShardLayout(self.wg_interface, self.wg_listen_port, self.ipv4_prefix, self.ipv6_prefix,
+                           self.wg_peers_per_interface)
+
+    def device_endpoint(self, address, endpoint: str | None = None) -> str | None:
+        """issue #22: the endpoint (host:port) for the device with this tunnel address: the port
+        of its shard's interface (tunnel.endpoint unchanged while the pool is one interface)."""
+        endpoint = self.endpoint if endpoint is None else endpoint
+        return None if endpoint is None else self.tunnel_shards.endpoint_for(endpoint, address)
 
     @property
     def gateway_ipv6(self) -> ipaddress.IPv6Address | None:
@@ -468,6 +485,12 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
             except ValueError:
                 errors.append(doc.error(("proxy", key), Text(f"IPv{version} アドレスにしてください", f"must be an IPv{version} address")))
 
+    if ipv4 is not None:   # issue #22: the pool split over WireGuard interfaces
+        for key, problem in layout_problems(ShardLayout(tunnel["interface"], tunnel["listen_port"], ipv4, ipv6,
+                                                        tunnel.get("peers_per_interface", MAX_PEERS_PER_INTERFACE)),
+                                            tunnel.get("endpoint")):
+            errors.append(doc.error(("tunnel", key), problem))
+
     if d["uplink"]["interface"] == tunnel["interface"]:
         errors.append(doc.error(("uplink", "interface"), Text("tunnel.interface と別のインターフェースにしてください", "must differ from tunnel.interface")))
 
@@ -510,6 +533,7 @@ def _build(doc: LoadedYaml) -> GatewayConfig:
         wg_mtu=tunnel.get("mtu", 1420),
         wg_persistent_keepalive=tunnel.get("persistent_keepalive"),
         endpoint=tunnel.get("endpoint"),
+        wg_peers_per_interface=tunnel.get("peers_per_interface", MAX_PEERS_PER_INTERFACE),
         ipv4_prefix=ipv4,
         ipv6_prefix=ipv6,
         uplink_interface=d["uplink"]["interface"],

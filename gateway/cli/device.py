@@ -543,8 +543,8 @@ def cmd_export_config(args: argparse.Namespace) -> int:
     try:
         text = wg_quick_config(private_key=private, address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None,
-                               gateway_public_key=gateway_public, endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu,
-                               persistent_keepalive=_keepalive(args, cfg))
+                               gateway_public_key=gateway_public, endpoint=cfg.device_endpoint(rec.ipv4),
+                               dns=dns, mtu=cfg.wg_mtu, persistent_keepalive=_keepalive(args, cfg))
         outputs: list[tuple[Path, bytes]] = []
         if args.qr_png:
             outputs.append((Path(args.qr_png), qr_png(text)))
@@ -564,7 +564,7 @@ def cmd_export_config(args: argparse.Namespace) -> int:
             ident = f"{args.profile_prefix}.{re.sub(r'[^A-Za-z0-9-]', '-', rec.device_id)}"
             profile = ios_mobileconfig(
                 config_text=text, profile_identifier=ident, tunnel_name=args.tunnel_name, organization=org,
-                remote_address=cfg.endpoint, interception_ca=inter_ca, on_demand=not args.no_on_demand)
+                remote_address=cfg.device_endpoint(rec.ipv4), interception_ca=inter_ca, on_demand=not args.no_on_demand)
             if org_cert is not None:
                 # Signed by the organization CA (a profile-signing leaf of it), which the phone
                 # trusts with its device certificate: iOS shows the profile as verified.

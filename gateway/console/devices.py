@@ -364,7 +364,7 @@ def register():
     try:
         text = wg_quick_config(private_key=str(private), address_v4=str(rec.ipv4),
                                address_v6=str(rec.ipv6) if rec.ipv6 else None, gateway_public_key=gateway_public,
-                               endpoint=cfg.endpoint, dns=dns, mtu=cfg.wg_mtu)
+                               endpoint=cfg.device_endpoint(rec.ipv4), dns=dns, mtu=cfg.wg_mtu)
         qr = "data:image/png;base64," + base64.b64encode(qr_png(text, scale=5)).decode("ascii")
     except ClientConfigError as exc:
         return render_page("register.html", 500, ownerships=[str(o) for o in Ownership], values=form,

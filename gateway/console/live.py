@@ -67,8 +67,8 @@ def parse_proc_tcp(text: str) -> list[tuple[str, int, int]]:
 def live_of(cfg) -> LiveView:
     view = LiveView()
     try:
-        from gateway.net.tunnel import WireGuardInterface
-        view.peers = WireGuardInterface(cfg.wg_interface).peers()
+        from gateway.net.tunnelshards import ShardedTunnel
+        view.peers = ShardedTunnel.existing(cfg.tunnel_shards).peers()   # issue #22: every interface of the pool
         view.known = True
     except Exception as exc:   # no such interface here, no permission: unknown, never an error page
         log.debug("peer table not readable: %s", exc)

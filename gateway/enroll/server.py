@@ -421,7 +421,8 @@ class EnrollmentServer:
         record = decision.write or decision.record
         dns = [str(self.cfg.gateway_ipv4)] + ([str(self.cfg.gateway_ipv6)] if self.cfg.gateway_ipv6 else [])
         body = enrollment_response(record, gateway_public_key=self.gateway_public_key,
-                                   endpoint=self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}",
+                                   endpoint=self.cfg.device_endpoint(   # issue #22: its shard's port
+                                       record.ipv4, self.cfg.endpoint or f"{self.cfg.enrollment_host}:{self.cfg.wg_listen_port}"),
                                    dns=dns, interception_ca_pem=self.interception_ca_pem, mtu=self.cfg.wg_mtu,
                                    changed=decision.write is not None,
                                    persistent_keepalive=getattr(self.cfg, "wg_persistent_keepalive", None))

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from gateway.limits import LimitSettings
 from gateway.i18n import Text
-from gateway.net.steering import T_NO_NFT, SteeringError, remove_table
+from gateway.net.steering import T_NO_NFT, SteeringError, interface_match, remove_table
 
 KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
 # The table's named counters -> the `limit` label they are counted under in
@@ -36,8 +37,14 @@ def table_name(steering_table: str) -> str:
     return f"{steering_table}_limits"
 
 
-def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettings, tunnel_port: int = 51820) -> str:
-    """The whole table as `nft -f` input (replaced atomically, like the steering table)."""
+def render_limits_table(table: str, tunnel_interface: "str | Sequence[str]", settings: LimitSettings,
+                        tunnel_port: int = 51820, tunnel_ports: int = 1) -> str:
+    """The whole table as `nft -f` input (replaced atomically, like the steering table).
+    issue #22: a pool split over several WireGuard interfaces (gateway/devices/shards.py) passes
+    all their names and `tunnel_ports` consecutive ports from `tunnel_port`."""
+    names = [tunnel_interface] if isinstance(tunnel_interface, str) else list(tunnel_interface)
+    tunnel_if = interface_match(names)
+    port = str(tunnel_port) if tunnel_ports == 1 else f"{tunnel_port}-{tunnel_port + tunnel_ports - 1}"
     packets = settings.tunnel_packets_per_second
     rate = max(1, int(settings.new_connections_per_second * KERNEL_FACTOR))
     burst = settings.new_connections_burst * KERNEL_FACTOR
@@ -66,11 +73,11 @@ def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettin
         # before the steering table's local_in (priority filter): the proxy's listeners
         "    type filter hook input priority filter - 1; policy accept;",
         # Encrypted packets per WireGuard endpoint, before the tunnel's one socket queues them.
-        f"    udp dport {tunnel_port} meta nfproto ipv4 add @tunnel_v4 {{ ip saddr . udp sport limit rate over"
+        f"    udp dport {port} meta nfproto ipv4 add @tunnel_v4 {{ ip saddr . udp sport limit rate over"
         f" {packets}/second burst {packets} packets }} counter name dropped_tunnel drop",
-        f"    udp dport {tunnel_port} meta nfproto ipv6 add @tunnel_v6 {{ ip6 saddr . udp sport limit rate over"
+        f"    udp dport {port} meta nfproto ipv6 add @tunnel_v6 {{ ip6 saddr . udp sport limit rate over"
         f" {packets}/second burst {packets} packets }} counter name dropped_tunnel drop",
-        f'    iifname != "{tunnel_interface}" return',
+        f'    iifname != {tunnel_if} return',
         # Only DNS reaches the gateway over UDP from the tunnel (the steering table drops the rest).
         f"    meta l4proto udp meta nfproto ipv4 add @dns_v4 {{ ip saddr limit rate over {dns_rate}/second"
         f" burst {dns_burst} packets }} counter name dropped_dns drop",
@@ -92,12 +99,14 @@ def render_limits_table(table: str, tunnel_interface: str, settings: LimitSettin
     return "\n".join(lines) + "\n"
 
 
-def apply(steering_table: str, tunnel_interface: str, settings: LimitSettings, tunnel_port: int = 51820) -> None:
+def apply(steering_table: str, tunnel_interface: "str | Sequence[str]", settings: LimitSettings,
+          tunnel_port: int = 51820, tunnel_ports: int = 1) -> None:
     binary = shutil.which("nft")
     if binary is None:
         raise SteeringError(T_NO_NFT)
     proc = subprocess.run([binary, "-f", "-"], input=render_limits_table(table_name(steering_table),
-                                                                          tunnel_interface, settings, tunnel_port),
+                                                                          tunnel_interface, settings, tunnel_port,
+                                                                          tunnel_ports),
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise SteeringError(Text(f"nft が上限のテーブルを受け付けません: {proc.stderr.strip()}",

@@ -53,6 +53,19 @@ class SteeringPlan:
     # issue #22: inspection workers. Worker i listens on transparent_port + i and dns_port + i;
     # a device's traffic goes to the worker its tunnel source address hashes to (below).
     workers: int = 1
+    # issue #22: the other WireGuard interfaces of a pool split over several (gateway/devices/
+    # shards.py): every name the pool may use, so a shard made later is matched already.
+    shard_interfaces: tuple[str, ...] = ()
+
+
+def interface_match(names: Iterable[str]) -> str:
+    """The nft operand matching these interface names: "wg0", or an anonymous set of them."""
+    names = list(dict.fromkeys(names))
+    return f'"{names[0]}"' if len(names) == 1 else "{ " + ", ".join(f'"{n}"' for n in names) + " }"
+
+
+def tunnel_match(plan: SteeringPlan) -> str:
+    return interface_match((plan.tunnel_interface, *plan.shard_interfaces))
 
 
 # Kernel-side bound on logged packets, per drop rule (a flood is logged at this rate at most;
@@ -103,14 +116,14 @@ def _worker_port(base: int, plan: SteeringPlan, family: str) -> str:
 
 
 def _redirects(plan: SteeringPlan) -> list[str]:
-    wg, tp, dp = plan.tunnel_interface, plan.transparent_port, plan.dns_port
+    wg, tp, dp = tunnel_match(plan), plan.transparent_port, plan.dns_port
     if plan.workers == 1:   # exactly the table of a single-process gateway
-        return [f'    iifname "{wg}" udp dport 53 redirect to :{dp}',
-                f'    iifname "{wg}" tcp dport 53 redirect to :{dp}',
-                f'    iifname "{wg}" meta l4proto tcp redirect to :{tp}']
+        return [f'    iifname {wg} udp dport 53 redirect to :{dp}',
+                f'    iifname {wg} tcp dport 53 redirect to :{dp}',
+                f'    iifname {wg} meta l4proto tcp redirect to :{tp}']
     out = []
     for family in ("ipv4", "ipv6"):
-        match = f'meta nfproto {family} iifname "{wg}"'
+        match = f'meta nfproto {family} iifname {wg}'
         out += [f"    {match} udp dport 53 redirect to :{_worker_port(dp, plan, family)}",
                 f"    {match} tcp dport 53 redirect to :{_worker_port(dp, plan, family)}",
                 f"    {match} meta l4proto tcp redirect to :{_worker_port(tp, plan, family)}"]
@@ -128,7 +141,7 @@ def _listener_ports(plan: SteeringPlan) -> tuple[str, str]:
 def render_ruleset(plan: SteeringPlan) -> str:
     """The whole table as `nft -f` input. Creating the table first makes the delete valid
     whether or not a previous table exists, so the replacement is one atomic transaction."""
-    wg, up, t = plan.tunnel_interface, plan.uplink_interface, plan.table
+    wg, up, t = tunnel_match(plan), plan.uplink_interface, plan.table
     tcp_ports, udp_ports = _listener_ports(plan)
     v6 = plan.ipv6_prefix is not None
     lg = plan.log_group
@@ -141,7 +154,7 @@ def render_ruleset(plan: SteeringPlan) -> str:
         "",
         "  chain tunnel_ingress {",
         "    type filter hook prerouting priority mangle; policy accept;",
-        f'    iifname "{wg}" jump from_device',
+        f'    iifname {wg} jump from_device',
         "  }",
         "",
         "  chain from_device {",
@@ -194,32 +207,32 @@ def render_ruleset(plan: SteeringPlan) -> str:
         "  chain local_in {",
         "    type filter hook input priority filter; policy accept;",
         # From devices only the proxy listeners (after redirect) and ping answer.
-        f'    iifname "{wg}" tcp dport {tcp_ports} accept',
-        f'    iifname "{wg}" udp dport {udp_ports} accept',
-        f'    iifname "{wg}" meta l4proto {{ icmp, ipv6-icmp }} accept',
-        *_logged(f'iifname "{wg}"', "local-service", lg),
-        f'    iifname "{wg}" counter drop',
+        f'    iifname {wg} tcp dport {tcp_ports} accept',
+        f'    iifname {wg} udp dport {udp_ports} accept',
+        f'    iifname {wg} meta l4proto {{ icmp, ipv6-icmp }} accept',
+        *_logged(f'iifname {wg}', "local-service", lg),
+        f'    iifname {wg} counter drop',
         # The proxy listeners are for redirected tunnel traffic only.
-        *_logged(f'iifname != "{wg}" tcp dport {tcp_ports}', "listener-from-outside", lg),
-        f'    iifname != "{wg}" tcp dport {tcp_ports} drop',
-        *_logged(f'iifname != "{wg}" udp dport {udp_ports}', "listener-from-outside", lg),
-        f'    iifname != "{wg}" udp dport {udp_ports} drop',
+        *_logged(f'iifname != {wg} tcp dport {tcp_ports}', "listener-from-outside", lg),
+        f'    iifname != {wg} tcp dport {tcp_ports} drop',
+        *_logged(f'iifname != {wg} udp dport {udp_ports}', "listener-from-outside", lg),
+        f'    iifname != {wg} udp dport {udp_ports} drop',
         "  }",
         "",
         "  chain route_through {",
         "    type filter hook forward priority filter; policy accept;",
-        *_logged(f'iifname "{wg}"', "forward-from-tunnel", lg),
-        f'    iifname "{wg}" counter drop',
-        *_logged(f'oifname "{wg}"', "forward-to-tunnel", lg),
-        f'    oifname "{wg}" counter drop',
+        *_logged(f'iifname {wg}', "forward-from-tunnel", lg),
+        f'    iifname {wg} counter drop',
+        *_logged(f'oifname {wg}', "forward-to-tunnel", lg),
+        f'    oifname {wg} counter drop',
         "  }",
         "",
         "  chain local_out {",
         "    type filter hook output priority filter; policy accept;",
-        f'    oifname "{wg}" ip daddr @blocked_v4 drop',
-        f'    oifname "{wg}" ip6 daddr @blocked_v6 drop',
+        f'    oifname {wg} ip daddr @blocked_v4 drop',
+        f'    oifname {wg} ip6 daddr @blocked_v6 drop',
         # Only replies go to devices: the proxy never opens a connection to one.
-        f'    oifname "{wg}" ct state new counter drop',
+        f'    oifname {wg} ct state new counter drop',
         "  }",
         "",
         "  chain uplink_nat {",

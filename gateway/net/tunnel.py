@@ -353,7 +353,7 @@ class WireGuardInterface:
                 "on one interface: use kernel WireGuard (tunnel.implementation: kernel). The devices beyond "
                 "that are not connected."))
         added = [k for k in desired if k not in current]
-        updated = [k for k in desired if k in current and _differs(desired[k].allowed_ips, current[k].allowed_ips)]
+        updated = [k for k in desired if k in current and differs(desired[k].allowed_ips, current[k].allowed_ips)]
         self._apply(remove=removed, upsert=[desired[k] for k in added + updated])
         return PeerSyncResult(tuple(added), tuple(removed), tuple(updated))
 
@@ -419,7 +419,7 @@ class WireGuardInterface:
                                    f"wireguard-go refused configuration on {self.name}: errno={fields.get('errno')}"))
 
 
-def _differs(desired: Iterable[str], current: tuple[str, ...]) -> bool:
+def differs(desired: Iterable[str], current: tuple[str, ...]) -> bool:
     """Do two AllowedIPs lists name different networks? Text first (both sides print the
     canonical form, so this is the common answer), parsed only when the texts differ."""
     if tuple(sorted(desired)) == current:

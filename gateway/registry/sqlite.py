@@ -442,7 +442,9 @@ class SqliteRegistry:
             self._db.execute("BEGIN")
             try:
                 current = self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0]
-                rows = self._db.execute("SELECT * FROM devices WHERE row_rev > ? ORDER BY device_id",
+                # `+device_id`: sort the few changed rows, not scan 100,000 in key order (issue #22: the
+                # planner took the primary key for the ORDER BY, 65 ms per revocation at 100,000 devices)
+                rows = self._db.execute("SELECT * FROM devices WHERE row_rev > ? ORDER BY +device_id",
                                         (revision,)).fetchall()
             finally:
                 self._db.execute("COMMIT")

@@ -21,12 +21,13 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from gateway.net import steering
 from gateway.registry.model import DeviceRecord, DeviceRegistry
-from gateway.net.tunnel import PeerSpec, WireGuardInterface
+from gateway.net.tunnel import PeerSpec, PeerState, WireGuardInterface, differs
 
 log = logging.getLogger("kanmon.reconcile")
 
@@ -53,21 +54,26 @@ class DesiredState:
     peers: dict[str, PeerSpec]
     blocked: frozenset[Address]
     next_change: datetime | None
+    # The same by device id (the reconciler's bookkeeping after a full pass).
+    peer_of: dict[str, PeerSpec] = field(default_factory=dict)
+    blocked_of: dict[str, frozenset[Address]] = field(default_factory=dict)
 
 
 def desired_state(records: list[DeviceRecord], now: datetime) -> DesiredState:
     """Pure: what the host should look like for these records at `now`."""
-    admitted, peers, blocked, changes = [], {}, set(), []
+    admitted, peers, blocked, changes, peer_of, blocked_of = [], {}, set(), [], {}, {}
     for rec in records:
         for t in (rec.valid_from, rec.valid_until, rec.suspended_until):
             if t is not None and t > now:
                 changes.append(t)
         if rec.admitted(now):
             admitted.append(rec)
-            peers[rec.wg_public_key] = peer_spec(rec)
+            peers[rec.wg_public_key] = peer_of[rec.device_id] = peer_spec(rec)
         else:
-            blocked.update(rec.addresses)
-    return DesiredState(tuple(admitted), peers, frozenset(blocked), min(changes) if changes else None)
+            blocked_of[rec.device_id] = addresses = frozenset(rec.addresses)
+            blocked.update(addresses)
+    return DesiredState(tuple(admitted), peers, frozenset(blocked), min(changes) if changes else None,
+                        peer_of, blocked_of)
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -102,6 +108,22 @@ class ReconcileReport:
     admitted_ids: frozenset[str]
     next_change: datetime | None
     seconds: float
+    # Devices by effective status (issue #22: from the periodic full pass's background read, whose
+    # report lists only the devices it corrected); None: not counted in this pass.
+    status_counts: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A periodic full pass's background read and what follows from it alone."""
+    revision: int
+    records: dict[str, DeviceRecord]
+    peer_of: dict[str, PeerSpec]
+    blocked_of: dict[str, frozenset[Address]]
+    remove: list[str]
+    upsert: list[PeerSpec]
+    next_change: datetime | None
+    status_counts: dict[str, int]
 
 
 class Reconciler:
@@ -110,14 +132,32 @@ class Reconciler:
     A full pass reads every device and the interface's actual peers (corrects any drift); an
     incremental pass reads only the rows changed since the last revision seen and touches only
     their peers and addresses, so revoking one device among 10,000 costs one row, one UAPI
-    message and one nft command."""
+    message and one nft command.
+
+    The periodic full pass (``run_once(full=True)`` once the first pass is done) never holds a
+    revocation back (issue #22: at 100,000 devices its reads take about a second). Its reads --
+    every row (from ``snapshot_registry``: its own connection, so the incremental passes' reads
+    do not queue behind it) and every peer of the interfaces -- run in a background thread while
+    incremental passes go on. When they are done, the next pass applies the corrections they
+    show, except for the devices whose rows changed after the snapshot's revision: those belong
+    to the incremental passes, which have applied (or will apply) newer state than the snapshot
+    holds. A start-up pass and a pass after a clock step run in full at once, as before."""
 
     def __init__(self, registry: DeviceRegistry, tunnel: WireGuardInterface, nft_table: str,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  set_blocked: Callable[..., None] = steering.set_blocked,
                  monotonic: Callable[[], float] = time.monotonic,
-                 on_clock_jump: Callable[[float], None] | None = None):
+                 on_clock_jump: Callable[[float], None] | None = None,
+                 snapshot_registry: DeviceRegistry | None = None, background_full: bool = False):
         self.registry = registry
+        self.background_full = background_full   # the gateway: True (tests of the inline pass: False)
+        # issue #22: the full pass's reader of every row (a second connection to the same
+        # registry); the only one whose all() is called, so one parse cache is kept.
+        self.snapshot_registry = snapshot_registry if snapshot_registry is not None else registry
+        self._snapshot: Future | None = None
+        self._initial_read: tuple[int, list[DeviceRecord], DesiredState] | None = None
+        self.initial_records: list[DeviceRecord] = []   # the rows initial() read
+        self._snapshot_pool: ThreadPoolExecutor | None = None
         self.tunnel = tunnel
         self.nft_table = nft_table
         self.clock = clock
@@ -135,8 +175,13 @@ class Reconciler:
 
     def initial(self) -> DesiredState:
         """Desired state before the tunnel and the table exist (the table is rendered with it)."""
-        state = desired_state(self.registry.all(), self.now())
+        revision = self.snapshot_registry.revision()
+        self.initial_records = self.snapshot_registry.all()
+        state = desired_state(self.initial_records, self.now())
         self.applied_blocked = state.blocked
+        # The start-up's full pass uses these rows and this state when no revision was written
+        # since (issue #22: reading and evaluating 100,000 rows again cost ~2 s of the start-up).
+        self._initial_read = (revision, self.initial_records, state)
         return state
 
     def now(self) -> datetime:
@@ -157,19 +202,123 @@ class Reconciler:
 
     def due(self) -> bool:
         now = self.now()
-        if self.full_pass_pending or self.registry.revision() != self.seen_revision:
+        if self.full_pass_pending or self.registry.revision() != self.seen_revision or self.snapshot_ready():
             return True
         return self.next_change is not None and now >= self.next_change
+
+    def snapshot_ready(self) -> bool:
+        """The background reads of a periodic full pass are done: the next pass applies them."""
+        return self._snapshot is not None and self._snapshot.done()
 
     def run_once(self, full: bool = False) -> ReconcileReport:
         """Blocking (registry, netlink/UAPI, nft): call from a worker thread. Blocks first, then
         removes peers, so a device losing admission is cut off at the firewall at once."""
         started = time.perf_counter()
         now = self.now()
-        timer_due = self.next_change is not None and now >= self.next_change
-        if full or self.seen_revision is None or self.full_pass_pending:
+        if self.seen_revision is None or self.full_pass_pending or (full and not self.background_full):
             self.full_pass_pending = False
+            self._drop_snapshot()   # older than the pass about to run
             return self._full(now, started)
+        if full and self._snapshot is None:
+            if self._snapshot_pool is None:
+                self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="reconcile-snapshot")
+            self._snapshot = self._snapshot_pool.submit(self._read_snapshot)
+        report = self._incremental(now, started)
+        if not self.snapshot_ready():
+            return report
+        future, self._snapshot = self._snapshot, None
+        return self._apply_snapshot(future.result(), now, started)   # a failed read raises: counted, retried
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.cancel()
+            self._snapshot = None
+
+    def close(self) -> None:
+        self._drop_snapshot()
+        if self._snapshot_pool is not None:
+            self._snapshot_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_snapshot(self) -> "_Snapshot":
+        """Background thread: the registry's revision, every row, every peer, and from them
+        everything the correction needs that does not depend on later writes (so the pass that
+        applies it does work in proportion to the devices changed since, not to all of them)."""
+        revision = self.snapshot_registry.revision()
+        records = self.snapshot_registry.all()
+        now = self.clock()
+        peer_of: dict[str, PeerSpec] = {}
+        blocked_of: dict[str, frozenset[Address]] = {}
+        changes = []
+        counts: dict[str, int] = {}
+        for rec in records:
+            peer, blocked = contribution(rec, now)
+            if peer is not None:
+                peer_of[rec.device_id] = peer
+            if blocked:
+                blocked_of[rec.device_id] = blocked
+            changes += [t for t in (rec.valid_from, rec.valid_until, rec.suspended_until) if t is not None and t > now]
+            status = str(rec.effective_status(now))
+            counts[status] = counts.get(status, 0) + 1
+        current = self.tunnel.peers()
+        desired = {p.public_key: p for p in peer_of.values()}
+        remove = [k for k in current if k not in desired]
+        upsert = [p for k, p in desired.items() if k not in current or differs(p.allowed_ips, current[k].allowed_ips)]
+        return _Snapshot(revision, {r.device_id: r for r in records}, peer_of, blocked_of, remove, upsert,
+                         min(changes) if changes else None, counts)
+
+    def _apply_snapshot(self, snap: "_Snapshot", now: datetime, started: float) -> ReconcileReport:
+        """The periodic full pass's corrections (after this call's incremental part). Devices
+        whose rows changed after the snapshot's revision keep what the incremental passes
+        applied, and their keys are neither added nor removed here. The report lists only the
+        devices the correction changed (drift, rows edited without a revision stamp, deleted
+        rows), so the event loop's share is small too; it carries the status counts."""
+        _, moved = self.registry.changed_since(snap.revision)
+        skip = {r.device_id for r in moved}
+        skip_keys = {r.wg_public_key for r in moved if r.wg_public_key}
+        by_id, peer_of, blocked_of = snap.records, snap.peer_of, snap.blocked_of   # owned: patched in place
+        counts = dict(snap.status_counts)
+        for device_id in skip:
+            for rec, step in ((by_id.get(device_id), -1), (self.records.get(device_id), 1)):
+                if rec is not None:   # the status counts follow the rows applied, not the snapshot's
+                    status = str(rec.effective_status(now))
+                    counts[status] = counts.get(status, 0) + step
+            for held in (peer_of.get(device_id), self.peer_of.get(device_id)):
+                if held is not None:
+                    skip_keys.add(held.public_key)
+            for mine, theirs in ((self.peer_of, peer_of), (self.blocked_of, blocked_of), (self.records, by_id)):
+                if device_id in mine:
+                    theirs[device_id] = mine[device_id]
+                else:
+                    theirs.pop(device_id, None)
+        remove = [k for k in snap.remove if k not in skip_keys]
+        upsert = [p for p in snap.upsert if p.public_key not in skip_keys]
+        new_blocked = frozenset().union(*blocked_of.values()) if blocked_of else frozenset()
+        newly_blocked, unblocked = new_blocked - self.applied_blocked, self.applied_blocked - new_blocked
+        self._cut_then_admit(newly_blocked, unblocked, new_blocked, remove, upsert)
+        # What the correction changed: records that differ from the ones applied, devices whose
+        # peer or drop entry was corrected, and devices gone from the registry.
+        touched = {d for d, rec in by_id.items() if (old := self.records.get(d)) is not rec and old != rec}
+        touched |= {d for d in self.records if d not in by_id}
+        if upsert:
+            keys = {p.public_key: d for d, p in peer_of.items()}
+            touched |= {keys[p.public_key] for p in upsert if p.public_key in keys}
+        if remove:
+            gone = {p.public_key: d for d, p in self.peer_of.items()}
+            touched |= {gone[k] for k in remove if k in gone}
+        touched |= {d for d in set(blocked_of) ^ set(self.blocked_of) if d not in skip}
+        changed = [by_id.get(d) or self.records[d] for d in sorted(touched)]
+        self.records, self.peer_of, self.blocked_of = by_id, peer_of, blocked_of
+        candidates = [t for t in (snap.next_change,) if t is not None and t > now]
+        for device_id in skip:
+            if (rec := by_id.get(device_id)) is not None:
+                candidates += [t for t in (rec.valid_from, rec.valid_until, rec.suspended_until) if t is not None and t > now]
+        self.next_change = min(candidates) if candidates else None
+        report = self._report(self.seen_revision, False, len(upsert), len(remove), newly_blocked, unblocked,
+                              changed, started)
+        return replace(report, status_counts=counts)
+
+    def _incremental(self, now: datetime, started: float) -> ReconcileReport:
+        timer_due = self.next_change is not None and now >= self.next_change
         revision, changed = self.registry.changed_since(self.seen_revision)
         for rec in changed:
             self.records[rec.device_id] = rec
@@ -232,9 +381,13 @@ class Reconciler:
             self.tunnel.upsert_peers(upsert)
 
     def _full(self, now: datetime, started: float) -> ReconcileReport:
-        revision = self.registry.revision()
-        records = self.registry.all()
-        state = desired_state(records, now)
+        revision = self.snapshot_registry.revision()
+        first, self._initial_read = self._initial_read, None
+        if first is not None and first[0] == revision:
+            _, records, state = first
+        else:
+            records = self.snapshot_registry.all()
+            state = desired_state(records, now)
         newly_blocked, unblocked = state.blocked - self.applied_blocked, self.applied_blocked - state.blocked
         try:
             self.set_blocked(self.nft_table, add=newly_blocked, remove=unblocked)
@@ -245,14 +398,8 @@ class Reconciler:
             self.tunnel.sync_peers(state.peers, add=False)
             raise
         result = self.tunnel.sync_peers(state.peers)  # reads the interface: corrects drift
-        peer_of, blocked_of = {}, {}
-        for rec in records:
-            if rec.admitted(now):
-                peer_of[rec.device_id] = peer_spec(rec)
-            else:
-                blocked_of[rec.device_id] = frozenset(rec.addresses)
         self.records = {r.device_id: r for r in records}
-        self.peer_of, self.blocked_of = peer_of, blocked_of
+        self.peer_of, self.blocked_of = state.peer_of, state.blocked_of
         self.seen_revision = revision
         self.next_change = state.next_change
         return self._report(revision, True, len(result.added) + len(result.updated), len(result.removed),

@@ -3,6 +3,7 @@ and the reconciler's fail-closed behaviour when a batch fails half-way."""
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import pytest
 from gateway.net.tunnel import (
     PeerSpec, TunnelError, WireGuardInterface, _key_b64, _key_hex, parse_uapi_peers, uapi_set_messages,
 )
-from gateway.registry.model import AuditEntry, DeviceStatus
+from gateway.registry.model import AuditEntry, DeviceRecord, DeviceStatus
 from gateway.registry.sqlite import SqliteRegistry
 from gateway.runtime.reconcile import Reconciler
 from tests.unit.test_registry import NOW, FakeTunnel, add, key
@@ -255,3 +256,28 @@ def test_more_admitted_devices_than_wireguard_go_holds_is_refused_clearly_and_on
     assert "カーネル" in refused.value.text.ja and "kernel WireGuard" in refused.value.text.en
     sent = "".join(tunnel.sent)
     assert "remove=true" in sent and "replace_allowed_ips" not in sent, "the stale peer is removed, none added"
+
+
+def test_the_incremental_read_of_changed_rows_does_not_scan_every_device(tmp_path):
+    """Issue #22: `changed_since` reads through the row_rev index; with the primary key chosen
+    for its ORDER BY it visited all 100,000 rows (65 ms) on every revocation."""
+    reg = SqliteRegistry(tmp_path / "r.sqlite3")
+    reg._db.execute("PRAGMA synchronous=OFF")
+    pool = ipaddress.ip_network("10.64.0.0/20")
+    devices = [reg.add(DeviceRecord(f"d{i:04d}", key(), *reg.allocate_addresses(pool, None))) for i in range(1500)]
+    before = reg.revision()
+    reg.update(replace(devices[700], status=DeviceStatus.REVOKED))
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+    reg._db.set_progress_handler(count, 100)
+    revision, changed = reg.changed_since(before)
+    incremental, steps[0] = steps[0], 0
+    reg.all()
+    whole = steps[0]
+    reg._db.set_progress_handler(None, 0)
+    assert [r.device_id for r in changed] == ["d0700"]
+    assert incremental * 50 < whole, (incremental, whole)
+    reg.close()
