@@ -27,6 +27,11 @@ from gateway.i18n import Text
 from gateway.net.steering import T_NO_NFT, SteeringError, interface_match, remove_table
 
 KERNEL_FACTOR = 2   # the kernel's thresholds, as a multiple of the proxy's
+# Elements per set: every address the pool can ever hold (gateway/devices/shards.py: at most
+# MAX_SHARDS blocks of 65,536). A full dynamic set makes `add @set` fail, and the rule does not
+# match: past 65,535 busy devices the kernel backstop stopped applying (issue #22, 100k devices).
+# The kernel allocates elements as they are added; the size is only the bound.
+SET_SIZE = 1 << 24
 # The table's named counters -> the `limit` label they are counted under in
 # kanmon_device_limited_total (the kernel's bites, all devices together: nft keeps no per-device count).
 KERNEL_LIMITS = {"refused_rate": "kernel-connection-rate", "refused_held": "kernel-connections",
@@ -58,10 +63,10 @@ def render_limits_table(table: str, tunnel_interface: "str | Sequence[str]", set
     ]
     for v in ("4", "6"):
         lines += [
-            f"  set rate_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic,timeout; timeout 5m; }}",
-            f"  set held_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic; }}",
-            f"  set dns_v{v} {{ type ipv{v}_addr; size 65535; flags dynamic,timeout; timeout 5m; }}",
-            f"  set tunnel_v{v} {{ type ipv{v}_addr . inet_service; size 65535; flags dynamic,timeout; timeout 5m; }}",
+            f"  set rate_v{v} {{ type ipv{v}_addr; size {SET_SIZE}; flags dynamic,timeout; timeout 5m; }}",
+            f"  set held_v{v} {{ type ipv{v}_addr; size {SET_SIZE}; flags dynamic; }}",
+            f"  set dns_v{v} {{ type ipv{v}_addr; size {SET_SIZE}; flags dynamic,timeout; timeout 5m; }}",
+            f"  set tunnel_v{v} {{ type ipv{v}_addr . inet_service; size {SET_SIZE}; flags dynamic,timeout; timeout 5m; }}",
         ]
     lines += [
         "  counter refused_rate {}",

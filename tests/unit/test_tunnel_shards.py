@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
 
 from gateway.config import load_config_text
-from gateway.devices.shards import MAX_SHARDS, ShardError, ShardLayout, layout_problems
+from gateway.devices.shards import MAX_PEERS_PER_INTERFACE, MAX_SHARDS, ShardError, ShardLayout, layout_problems
 from gateway.limits import LimitSettings
 from gateway.net.limitsnft import render_limits_table
 from gateway.net.steering import SteeringPlan, render_ruleset
@@ -116,6 +117,10 @@ def test_limits_table_covers_every_shard_interface_and_port():
     assert 'iifname != { "kmwg0", "kmwg0-1" } return' in text
     assert text.count("udp dport 51820-51821 ") == 2
     assert render_limits_table("t", "kmwg0", LimitSettings()) == render_limits_table("t", ("kmwg0",), LimitSettings())
+    # every per-address set can hold every address the pool can ever have: a full dynamic set
+    # makes `add @set` fail and its rule not match (the kernel backstop off for the rest)
+    sizes = {int(n) for n in re.findall(r"; size (\d+);", text)}
+    assert len(sizes) == 1 and sizes.pop() >= MAX_SHARDS * MAX_PEERS_PER_INTERFACE
 
 
 def test_nft_accepts_the_split_tables():
