@@ -132,17 +132,46 @@ def encode(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any | None:
-    """The next message, or None at the end of the stream (the other side closed or died).
-    A frame cut short by the sender's death was never sent as far as the sender knew."""
-    try:
-        head = await reader.readexactly(_HEADER.size)
-        (length,) = _HEADER.unpack(head)
-        if length > _MAX_FRAME:
-            raise ValueError(f"frame of {length} bytes")
-        return pickle.loads(await reader.readexactly(length))
-    except asyncio.IncompleteReadError:
-        return None
+class Frames(asyncio.Protocol):
+    """Messages straight from the socket's data callback: every complete frame of what arrived
+    goes to ``on_message`` in order, then ``on_chunk()`` runs once (to answer everything read
+    in one go with one message); the stream's end (the other side closed or died: everything
+    it sent was delivered first) sets ``closed``. No reader task is woken per message -- this
+    carries the access records and their answers, one exchange per turn of the loops."""
+
+    def __init__(self, on_message: Callable[[Any], None], on_chunk: Callable[[], None] | None = None):
+        self.on_message = on_message
+        self.on_chunk = on_chunk
+        self.closed = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos, end = 0, len(buffer)
+        try:
+            with memoryview(buffer) as view:
+                while end - pos >= _HEADER.size:
+                    (length,) = _HEADER.unpack_from(view, pos)
+                    if length > _MAX_FRAME:
+                        raise ValueError(f"frame of {length} bytes")
+                    if end - pos - _HEADER.size < length:
+                        break
+                    message = pickle.loads(view[pos + _HEADER.size:pos + _HEADER.size + length])
+                    pos += _HEADER.size + length
+                    self.on_message(message)
+        finally:
+            del buffer[:pos]
+            if self.on_chunk is not None:
+                self.on_chunk()
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)   # a frame cut short by the sender's death was never sent
 
 
 class Uplink:
@@ -369,7 +398,6 @@ class _Worker:
     log_upto: int = 0                          # its last record written (or failed)
     log_answered: int = 0                      # ... and the last one it was told about
     log_errors: dict[int, str] = dataclasses.field(default_factory=dict)   # failed since the last answer
-    log_answer_due: bool = False
 
 
 class WorkerPool:
@@ -457,12 +485,16 @@ class WorkerPool:
         for data in worker.pending:
             worker.writer.write(data)
         worker.pending.clear()
-        reader, up_writer = await asyncio.open_unix_connection(sock=up, limit=_MAX_FRAME)
+        frames = Frames(lambda message: self._received(worker, message), lambda: self._answer_logs(worker))
         try:
-            while (message := await read_message(reader)) is not None:
-                self._received(worker, message)
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: frames, sock=up)
+        except BaseException:
+            await self._died(worker)
+            raise
+        try:
+            await frames.closed
         finally:
-            up_writer.close()
+            transport.close()
             # Everything the worker sent before it died has been read (the stream ends only
             # after its last byte): its log records are written.
             await self._died(worker)
@@ -509,12 +541,11 @@ class WorkerPool:
                     worker.log_errors[seq] = f"{type(exc).__name__}: {exc}"
             if seq:
                 worker.log_upto = seq
-        if worker.log_upto > worker.log_answered and not worker.log_answer_due:
-            worker.log_answer_due = True
-            asyncio.get_running_loop().call_soon(self._answer_logs, worker)
 
     def _answer_logs(self, worker: _Worker) -> None:
-        worker.log_answer_due = False
+        """After each chunk read from a worker: one answer for every record it waits for."""
+        if worker.log_upto <= worker.log_answered:
+            return
         errors, worker.log_errors = worker.log_errors, {}
         worker.log_answered = worker.log_upto
         self._send(worker, ("logged", worker.log_upto, errors or None))
@@ -711,8 +742,11 @@ async def _serve(app, index: int, down: socket.socket, uplink: Uplink) -> int:
         uplink.send(("fatal", app.fatal_reason))
         return EXIT_FATAL
     uplink.send(("ready", os.getpid()))
-    reader, _ = await asyncio.open_unix_connection(sock=down, limit=_MAX_FRAME)
-    follow_task = asyncio.create_task(_follow(app, reader, uplink), name="follow-parent")
+    inbox: asyncio.Queue = asyncio.Queue()
+    frames = Frames(lambda message: _from_parent(app, inbox, message))
+    await loop.connect_accepted_socket(lambda: frames, sock=down)
+    frames.closed.add_done_callback(lambda _: inbox.put_nowait(None))
+    follow_task = asyncio.create_task(_follow(app, inbox, uplink), name="follow-parent")
     metrics_task = asyncio.create_task(_push_metrics(app, uplink), name="metrics")
     underlay_task = asyncio.create_task(app.underlay_loop(), name="underlay")
     stop_task = asyncio.create_task(app._stop.wait())
@@ -734,13 +768,20 @@ async def _push_metrics(app, uplink: Uplink) -> None:
         await asyncio.sleep(METRICS_EVERY)
 
 
-async def _follow(app, reader: asyncio.StreamReader, uplink: Uplink) -> None:
+def _from_parent(app, inbox: asyncio.Queue, message: tuple) -> None:
+    """The parent's answers for access records settle at once (the requests waiting for them go
+    on); everything else is applied in order by ``_follow``."""
+    if message[0] == "logged":
+        app.logstore.written(message[1], message[2])
+    else:
+        inbox.put_nowait(message)
+
+
+async def _follow(app, inbox: asyncio.Queue, uplink: Uplink) -> None:
     """Apply what the parent sends until it closes the stream (it stopped or died)."""
-    while (message := await read_message(reader)) is not None:
+    while (message := await inbox.get()) is not None:
         kind = message[0]
-        if kind == "logged":
-            app.logstore.written(message[1], message[2])
-        elif kind == "metrics?":
+        if kind == "metrics?":
             uplink.send(("metrics", snapshot(app.metrics.registry), message[1]))
         elif kind == "reconcile":
             follow_reconcile(app, message[1])

@@ -17,8 +17,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.runtime import workers
-from gateway.runtime.workers import (RemoteLogStore, Uplink, WorkerPool, encode, merge, read_message, retained,
-                                     snapshot)
+from gateway.runtime.workers import Frames, RemoteLogStore, Uplink, WorkerPool, encode, merge, retained, snapshot
 
 
 def registry_with(counter: float, gauge: float, label: str = "a") -> CollectorRegistry:
@@ -89,14 +88,7 @@ def test_records_sent_before_a_sigkill_all_arrive():
             os._exit(1)
     child_end.close()
 
-    async def read_all() -> list:
-        reader, _ = await asyncio.open_unix_connection(sock=parent_end)
-        out = []
-        while (message := await read_message(reader)) is not None:
-            out.append(message)
-        return out
-
-    got = asyncio.run(read_all())
+    got = asyncio.run(read_all(parent_end))
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert all(m[0] == "logs" for m in got)
@@ -105,16 +97,39 @@ def test_records_sent_before_a_sigkill_all_arrive():
     assert all(stream == "proxy" and seq == 0 for stream, _, seq in records)
 
 
-def test_a_frame_cut_short_is_not_a_message():
-    async def run() -> list:
-        reader = asyncio.StreamReader()
-        whole = encode(("log", "proxy", {"n": 1}))
-        reader.feed_data(whole + encode(("log", "proxy", {"n": 2}))[:-3])
-        reader.feed_eof()
-        return [await read_message(reader), await read_message(reader)]
+def test_frames_split_anywhere_arrive_whole_in_order_and_a_frame_cut_short_is_not_a_message():
+    messages = [("logs", [("proxy", {"n": n, "pad": "x" * (n * 37)}, n)]) for n in range(20)]
+    data = b"".join(encode(m) for m in messages)
 
-    first, second = asyncio.run(run())
-    assert first == ("log", "proxy", {"n": 1}) and second is None
+    async def run(step: int) -> tuple[list, int]:
+        got, chunks = [], []
+        frames = Frames(got.append, lambda: chunks.append(len(got)))
+        for i in range(0, len(data), step):
+            frames.data_received(data[i:i + step])
+        frames.data_received(encode(("logs", [("proxy", {"n": 99}, 99)]))[:-3])   # the sender died mid-frame
+        frames.connection_lost(None)
+        assert frames.closed.done()
+        return got, len(chunks)
+
+    for step in (1, 7, 4096, len(data)):
+        got, chunks = asyncio.run(run(step))
+        assert got == messages, step
+        assert chunks == -(-len(data) // step) + 1   # one on_chunk per piece of data read
+
+    async def oversized():
+        frames = Frames(pytest.fail)
+        with pytest.raises(ValueError):
+            frames.data_received(struct.pack("!I", workers._MAX_FRAME + 1) + b"x")
+    asyncio.run(oversized())
+
+
+async def read_all(sock: socket.socket) -> list:
+    """Every message on ``sock`` until the other end closes it."""
+    got = []
+    frames = Frames(got.append)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: frames, sock=sock)
+    await frames.closed
+    return got
 
 
 # -- the pool with stand-in workers (forked for real) ----------------------------------------
@@ -342,24 +357,22 @@ def test_the_writer_appends_in_order_and_answers_each_turn_once_naming_the_failu
     async def scenario():
         pool = WorkerPool(1, CollectorRegistry(), standin_worker, on_log=on_log, on_fatal=pytest.fail)
         worker = workers._Worker(0, 0, FakeWriter())
-        pool._received(worker, ("logs", [("proxy", {"n": 1}, 1), ("proxy", {"n": 2}, 2), ("conn", {"n": 0}, 0)]))
-        pool._received(worker, ("logs", [("dns", {"n": 3}, 3), ("proxy", {"n": 4}, 4), ("proxy", {"n": 5}, 5)]))
-        assert worker.writer.data == b"", "answered after the turn, once"
-        await asyncio.sleep(0)
-        reader = asyncio.StreamReader()
-        reader.feed_data(worker.writer.data)
-        reader.feed_eof()
+        frames = Frames(lambda message: pool._received(worker, message), lambda: pool._answer_logs(worker))
+        frames.data_received(encode(("logs", [("proxy", {"n": 1}, 1), ("proxy", {"n": 2}, 2), ("conn", {"n": 0}, 0)]))
+                             + encode(("logs", [("dns", {"n": 3}, 3), ("proxy", {"n": 4}, 4), ("proxy", {"n": 5}, 5)])))
         answers = []
-        while (m := await read_message(reader)) is not None:
-            answers.append(m)
+        decoder = Frames(answers.append)
+        decoder.data_received(worker.writer.data)
         assert answers == [("logged", 5, {2: "OSError: [Errno 28] No space left on device",
-                                          5: "OSError: [Errno 28] No space left on device"})]
-        pool._received(worker, ("logs", [("conn", {"n": 6}, 0)]))   # nothing waits for it: no answer
-        await asyncio.sleep(0)
-        assert worker.writer.data.count(b"logged") == 1
+                                          5: "OSError: [Errno 28] No space left on device"})], "one answer for both"
+        frames.data_received(encode(("logs", [("conn", {"n": 6}, 0)])))   # nothing waits for it: no answer
+        frames.data_received(encode(("logs", [("conn", {"n": 7}, 6)])))
+        answers.clear()
+        decoder.data_received(worker.writer.data[len(worker.writer.data) - len(encode(("logged", 6, None))):])
+        assert answers == [("logged", 6, None)] and worker.writer.data.count(b"logged") == 2
 
     asyncio.run(scenario())
-    assert written == [("proxy", 1), ("conn", 0), ("dns", 3), ("proxy", 4), ("conn", 6)]
+    assert written == [("proxy", 1), ("conn", 0), ("dns", 3), ("proxy", 4), ("conn", 6), ("conn", 7)]
 
 
 def logging_worker(index: int, down: socket.socket, up: socket.socket) -> None:
@@ -369,21 +382,15 @@ def logging_worker(index: int, down: socket.socket, up: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         uplink = Uplink(up)
         store = RemoteLogStore(uplink, loop=loop, timeout=5)
-        reader, _ = await asyncio.open_unix_connection(sock=down)
-
-        async def follow():
-            while (message := await read_message(reader)) is not None:
-                if message[0] == "logged":
-                    store.written(message[1], message[2])
-
-        follower = asyncio.create_task(follow())
+        await loop.connect_accepted_socket(
+            lambda: Frames(lambda message: store.written(message[1], message[2]) if message[0] == "logged" else None),
+            sock=down)
         uplink.send(("ready", os.getpid()))
         results = []
         for chunk in range(3):   # three bursts: several messages, several answers
             futures = [store.append_later("proxy", {"n": chunk * 20 + i}) for i in range(20)]
             results += await asyncio.gather(*futures, return_exceptions=True)
         uplink.send(("quarantine", ["written" if r is None else f"failed: {r}" for r in results]))
-        follower.cancel()
         os.kill(os.getpid(), signal.SIGKILL)
     asyncio.run(run())
 
