@@ -264,7 +264,12 @@ class RemoteLogStore:
             return
         batch, self._outbox = self._outbox, []
         try:
-            self._uplink.send(("logs", batch))
+            try:
+                self._uplink.send(("logs", batch))
+            except OSError:
+                raise
+            except Exception:   # noqa: BLE001 - a record that cannot be encoded; nothing was sent
+                self._send_each(batch)
         except OSError as exc:   # the parent is gone: nothing waiting will be answered
             while self._waiting:
                 _, stream, future, _ = self._waiting.popleft()
@@ -273,14 +278,41 @@ class RemoteLogStore:
                 from gateway.logstore.writer import LogWriteError
                 raise LogWriteError(batch[-1][0], exc) from None
             return
-        if self._waiting and self._loop is not None:
-            now = time.monotonic()
-            for entry in reversed(self._waiting):   # stamp the ones just sent (the newest) for the watchdog
-                if entry[3]:
-                    break
-                entry[3] = now
-            if self._watchdog is None:
-                self._watchdog = self._loop.call_later(min(1.0, self._timeout), self._check_overdue)
+        finally:
+            self._stamp()
+
+    def _send_each(self, batch: list[tuple[str, dict[str, Any], int]]) -> None:
+        """One message per record: a record that cannot be encoded fails alone (its request is
+        blocked; an on-loop ``append`` raises), the others are sent."""
+        from gateway.logstore.writer import LogWriteError
+        failed: LogWriteError | None = None
+        for stream, record, seq in batch:
+            try:
+                self._uplink.send(("logs", [(stream, record, seq)]))
+            except OSError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - pickle's errors are of many types
+                log.error("a %s record cannot be sent to the log writer: %s", stream, exc)
+                if seq == 0:
+                    failed = LogWriteError(stream, exc)
+                for entry in self._waiting:
+                    if entry[0] == seq:
+                        self._settle(entry[2], stream, f"{type(exc).__name__}: {exc}")
+                        break
+        if failed is not None:
+            raise failed
+
+    def _stamp(self) -> None:
+        """Note when the records just sent (the newest unstamped ones) left, for the watchdog."""
+        if not self._waiting or self._loop is None:
+            return
+        now = time.monotonic()
+        for entry in reversed(self._waiting):
+            if entry[3]:
+                break
+            entry[3] = now
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(min(1.0, self._timeout), self._check_overdue)
 
     def _check_overdue(self) -> None:
         """Fail the records the parent has not answered within ``timeout`` (checked each second)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -316,6 +317,35 @@ def test_an_unanswered_append_fails_instead_of_passing():
         store = RemoteLogStore(CapturingUplink(), timeout=0.2)
         with pytest.raises(LogWriteError, match="did not answer"):
             await asyncio.wait_for(store.append_later("proxy", {"n": 1}), 5)
+
+    asyncio.run(scenario())
+
+
+def test_a_record_that_cannot_be_encoded_fails_alone_and_the_others_are_sent():
+    import threading
+
+    from gateway.logstore import LogWriteError
+
+    class EncodingUplink(CapturingUplink):
+        def send(self, message):
+            super().send(pickle.loads(encode(message)[4:]))   # encodes as the real one does
+
+    uplink = EncodingUplink()
+
+    async def scenario():
+        store = RemoteLogStore(uplink, timeout=5)
+        good = store.append_later("proxy", {"n": 1})
+        bad = store.append_later("proxy", {"n": 2, "lock": threading.Lock()})   # not picklable
+        also_good = store.append_later("dns", {"n": 3})
+        await asyncio.sleep(0)
+        with pytest.raises(LogWriteError):
+            bad.result()
+        sent = [(stream, r["n"], seq) for m in uplink.sent for stream, r, seq in m[1]]
+        assert sent == [("proxy", 1, 1), ("dns", 3, 3)]
+        store.written(3, None)
+        assert good.result() is None and also_good.result() is None
+        with pytest.raises(LogWriteError):
+            store.append("conn", {"n": 4, "lock": threading.Lock()})   # on the loop: raised at once
 
     asyncio.run(scenario())
 
