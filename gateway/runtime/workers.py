@@ -238,7 +238,10 @@ class RemoteLogStore:
         if self._loop is None:
             raise LogWriteError(stream, RuntimeError("the worker's event loop is not running"))
         done = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._queue, stream, record, done)
+        try:
+            self._loop.call_soon_threadsafe(self._queue, stream, record, done)
+        except RuntimeError as exc:   # the loop has closed (the worker is stopping)
+            raise LogWriteError(stream, exc) from None
         try:
             done.result(self._timeout + 1)
         except concurrent.futures.TimeoutError:

@@ -310,6 +310,18 @@ def test_an_append_off_the_loop_waits_for_the_writer_and_a_failed_write_raises()
     assert outcome["full"].startswith("failed") and "No space left" in outcome["full"]
 
 
+def test_an_append_from_a_thread_after_the_loop_closed_fails():
+    from gateway.logstore import LogWriteError
+
+    loop = asyncio.new_event_loop()
+    store = RemoteLogStore(CapturingUplink(), loop_thread=-1, timeout=5, loop=loop)
+    loop.close()
+    with pytest.raises(LogWriteError):
+        store.append("auth", {"n": 1})
+    with pytest.raises(LogWriteError):
+        RemoteLogStore(CapturingUplink(), loop_thread=-1).append("auth", {"n": 1})   # no loop at all
+
+
 def test_an_unanswered_append_fails_instead_of_passing():
     from gateway.logstore import LogWriteError
 
