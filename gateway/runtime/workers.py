@@ -42,10 +42,9 @@ What stays whole across the workers, and why this way:
   log awaits the parent's answer on the worker's event loop, so a response reaches the device
   only after its record was written, and a write that failed blocks it
   (``logs.on_write_error``) as in the single process. Group commit, so that this costs little
-  per request: the records of one turn of the worker's loop go in one message, the parent
-  answers every record it read in one turn of its loop with one message (naming the failed
-  ones), and no thread is involved (RemoteLogStore). A record sent is in the kernel's socket
-  buffer, which survives the worker's ``kill -9``: the parent reads it to the end after the
+  per request: the records of two turns of the worker's loop go in one message, the parent
+  answers every record of one read with one message (naming the failed ones), and no thread
+  is involved (RemoteLogStore). A record sent is in the kernel's socket buffer, which survives the worker's ``kill -9``: the parent reads it to the end after the
   worker died. (The parent is the single writer: if it dies the workers lose their socket and
   end with it.)
 - **Metrics: an aggregator in the parent.** A scrape of the parent's /metrics asks every
@@ -192,8 +191,8 @@ class RemoteLogStore:
     """The LogStore a worker's chain writes to: each record to the parent's one writer.
 
     The access log awaits ``append_later`` on the worker's event loop (no thread): the record
-    joins the *outbox*, every record that joins it during one turn of the loop goes to the
-    parent in one message (one ``send``), and the parent writes them one by one into the
+    joins the *outbox*; every record that joins it during that turn of the loop and the next
+    goes to the parent in one message (one ``send``), and the parent writes them one by one into the
     chains and answers with one message for all of them (``("logged", upto, errors)``). The
     returned future resolves when the parent has written that record, and fails with
     LogWriteError when its write failed or no answer came within ``timeout``: the request
@@ -245,7 +244,8 @@ class RemoteLogStore:
         try:
             done.result(self._timeout + 1)
         except concurrent.futures.TimeoutError:
-            raise LogWriteError(stream, TimeoutError(f"the log writer did not answer within {self._timeout:.0f} s")) from None
+            why = TimeoutError(f"the log writer did not answer within {self._timeout:.0f} s")
+            raise LogWriteError(stream, why) from None
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -258,7 +258,12 @@ class RemoteLogStore:
         self._waiting.append([self._next, stream, future, 0.0])
         if not self._flush_due:
             self._flush_due = True
-            self._event_loop().call_soon(self.flush)
+            self._event_loop().call_soon(self._flush_after_next_turn)
+
+    def _flush_after_next_turn(self) -> None:
+        # One more turn of the loop first: the connections whose data arrived with this one's
+        # (their callbacks run after this) add their records to the same message.
+        self._event_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Send every record of the outbox in one message (on the loop thread)."""

@@ -241,20 +241,25 @@ class CapturingUplink:
         self.sent.append(message)
 
 
-def test_records_of_one_loop_turn_go_in_one_message_and_one_answer_settles_them():
+def test_records_of_two_loop_turns_go_in_one_message_and_one_answer_settles_them():
     from gateway.logstore import LogWriteError
 
     uplink = CapturingUplink()
 
     async def scenario():
         store = RemoteLogStore(uplink, timeout=5)
-        first = [store.append_later("proxy", {"n": n}) for n in range(3)]
-        await asyncio.sleep(0)           # the loop turns: the three leave in one message
-        later = [store.append_later("dns", {"n": 3}), store.append_later("proxy", {"n": 4})]
+        first = [store.append_later("proxy", {"n": n}) for n in range(2)]
+        await asyncio.sleep(0)           # one turn of the loop: nothing sent yet ...
+        assert uplink.sent == []
+        first.append(store.append_later("proxy", {"n": 2}))   # ... and this one joins them
         await asyncio.sleep(0)
-        assert [m[0] for m in uplink.sent] == ["logs", "logs"]
+        assert [m[0] for m in uplink.sent] == ["logs"]
         assert [(stream, r["n"], seq) for stream, r, seq in uplink.sent[0][1]] == [
             ("proxy", 0, 1), ("proxy", 1, 2), ("proxy", 2, 3)]
+        later = [store.append_later("dns", {"n": 3}), store.append_later("proxy", {"n": 4})]
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert [m[0] for m in uplink.sent] == ["logs", "logs"]
         assert [(stream, seq) for stream, _, seq in uplink.sent[1][1]] == [("dns", 4), ("proxy", 5)]
         assert not any(f.done() for f in first + later), "nothing is written before the writer answered"
         store.written(4, {2: "OSError: [Errno 28] No space left on device", 4: "OSError: [Errno 5] EIO"})
@@ -349,7 +354,8 @@ def test_a_record_that_cannot_be_encoded_fails_alone_and_the_others_are_sent():
         good = store.append_later("proxy", {"n": 1})
         bad = store.append_later("proxy", {"n": 2, "lock": threading.Lock()})   # not picklable
         also_good = store.append_later("dns", {"n": 3})
-        await asyncio.sleep(0)
+        for _ in range(2):
+            await asyncio.sleep(0)
         with pytest.raises(LogWriteError):
             bad.result()
         sent = [(stream, r["n"], seq) for m in uplink.sent for stream, r, seq in m[1]]
