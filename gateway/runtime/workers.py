@@ -44,9 +44,9 @@ What stays whole across the workers, and why this way:
   (``logs.on_write_error``) as in the single process. Group commit, so that this costs little
   per request: the records of two turns of the worker's loop go in one message, the parent
   answers every record of one read with one message (naming the failed ones), and no thread
-  is involved (RemoteLogStore). A record sent is in the kernel's socket buffer, which survives the worker's ``kill -9``: the parent reads it to the end after the
-  worker died. (The parent is the single writer: if it dies the workers lose their socket and
-  end with it.)
+  is involved (RemoteLogStore). A record sent is in the kernel's socket buffer, which survives
+  the worker's ``kill -9``: the parent reads it to the end after the worker died. (The parent
+  is the single writer: if it dies the workers lose their socket and end with it.)
 - **Metrics: an aggregator in the parent.** A scrape of the parent's /metrics asks every
   worker for a snapshot of its own registry and waits for the answers (at most
   ``SCRAPE_TIMEOUT``; workers also push one every ``METRICS_EVERY`` seconds), then merges them
