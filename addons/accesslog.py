@@ -102,6 +102,9 @@ class AccessLog:
         self.connections = connections
         self.user_of = user_of
         self.off_loop = bool(getattr(sink, "writes_block", False))
+        # A sink that answers on this event loop (the inspection workers' RemoteLogStore,
+        # gateway/runtime/workers.py): awaited here, no thread per record.
+        self._append_later = getattr(sink, "append_later", None)
         # No-inspect connections (no flow object exists for them) awaiting their end record.
         self._passed_through: dict[str, dict[str, Any]] = {}
 
@@ -116,10 +119,20 @@ class AccessLog:
     def _write(self, stream: str, record: dict[str, Any]) -> Awaitable[None] | None:
         """Write now, or (blocking sink) return the write to await, run in a worker thread.
         A hook returns what this returns, so mitmproxy waits for the record either way."""
+        if self._append_later is not None:
+            return self._appended_later(stream, record)
         if self.off_loop:
             return asyncio.to_thread(self._append, stream, record)
         self._append(stream, record)
         return None
+
+    async def _appended_later(self, stream: str, record: dict[str, Any]) -> None:
+        try:
+            await self._append_later(stream, record)
+        except Exception:
+            if self.on_log_failure == "block":
+                raise
+            log.exception("log write failed (configured to continue)")
 
     def _http_record(self, flow: http.HTTPFlow) -> dict[str, Any]:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)

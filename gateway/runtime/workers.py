@@ -39,12 +39,14 @@ What stays whole across the workers, and why this way:
   socket to the parent, whose one LogStore appends it to the one hash chain of its stream, so
   ``kanmon logs verify/search``, the reports, retention and anchors are unchanged. A chain per
   worker would have meant N chains per stream for every reader to merge and verify. The access
-  log waits (off the worker's event loop) for the parent's answer, so a response reaches the
-  device only after its record was written, and a write that failed blocks it
-  (``logs.on_write_error``) as in the single process. A record sent is in the kernel's socket
-  buffer, which survives the worker's ``kill -9``: the parent reads it to the end after the
-  worker died. (The parent is the single writer: if it dies the workers lose their socket and
-  end with it.)
+  log awaits the parent's answer on the worker's event loop, so a response reaches the device
+  only after its record was written, and a write that failed blocks it
+  (``logs.on_write_error``) as in the single process. Group commit, so that this costs little
+  per request: the records of two turns of the worker's loop go in one message, the parent
+  answers every record of one read with one message (naming the failed ones), and no thread
+  is involved (RemoteLogStore). A record sent is in the kernel's socket buffer, which survives
+  the worker's ``kill -9``: the parent reads it to the end after the worker died. (The parent
+  is the single writer: if it dies the workers lose their socket and end with it.)
 - **Metrics: an aggregator in the parent.** A scrape of the parent's /metrics asks every
   worker for a snapshot of its own registry and waits for the answers (at most
   ``SCRAPE_TIMEOUT``; workers also push one every ``METRICS_EVERY`` seconds), then merges them
@@ -88,6 +90,8 @@ child, glibc's malloc and jemalloc their arenas' locks (pthread_atfork).
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import ctypes
 import dataclasses
 import gc
@@ -127,17 +131,46 @@ def encode(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any | None:
-    """The next message, or None at the end of the stream (the other side closed or died).
-    A frame cut short by the sender's death was never sent as far as the sender knew."""
-    try:
-        head = await reader.readexactly(_HEADER.size)
-        (length,) = _HEADER.unpack(head)
-        if length > _MAX_FRAME:
-            raise ValueError(f"frame of {length} bytes")
-        return pickle.loads(await reader.readexactly(length))
-    except asyncio.IncompleteReadError:
-        return None
+class Frames(asyncio.Protocol):
+    """Messages straight from the socket's data callback: every complete frame of what arrived
+    goes to ``on_message`` in order, then ``on_chunk()`` runs once (to answer everything read
+    in one go with one message); the stream's end (the other side closed or died: everything
+    it sent was delivered first) sets ``closed``. No reader task is woken per message -- this
+    carries the access records and their answers, one exchange per turn of the loops."""
+
+    def __init__(self, on_message: Callable[[Any], None], on_chunk: Callable[[], None] | None = None):
+        self.on_message = on_message
+        self.on_chunk = on_chunk
+        self.closed = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos, end = 0, len(buffer)
+        try:
+            with memoryview(buffer) as view:
+                while end - pos >= _HEADER.size:
+                    (length,) = _HEADER.unpack_from(view, pos)
+                    if length > _MAX_FRAME:
+                        raise ValueError(f"frame of {length} bytes")
+                    if end - pos - _HEADER.size < length:
+                        break
+                    message = pickle.loads(view[pos + _HEADER.size:pos + _HEADER.size + length])
+                    pos += _HEADER.size + length
+                    self.on_message(message)
+        finally:
+            del buffer[:pos]
+            if self.on_chunk is not None:
+                self.on_chunk()
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)   # a frame cut short by the sender's death was never sent
 
 
 class Uplink:
@@ -157,50 +190,165 @@ class Uplink:
 class RemoteLogStore:
     """The LogStore a worker's chain writes to: each record to the parent's one writer.
 
-    Called from a thread (the access log runs a blocking sink's appends off the event loop,
-    addons/accesslog.py, as with ``fsync: always``), ``append`` returns only when the parent has
-    written the record, and raises LogWriteError when the parent's write failed: the request
+    The access log awaits ``append_later`` on the worker's event loop (no thread): the record
+    joins the *outbox*; every record that joins it during that turn of the loop and the next
+    goes to the parent in one message (one ``send``), and the parent writes them one by one into the
+    chains and answers with one message for all of them (``("logged", upto, errors)``). The
+    returned future resolves when the parent has written that record, and fails with
+    LogWriteError when its write failed or no answer came within ``timeout``: the request
     whose record could not be written is blocked (``logs.on_write_error: block``), never served
-    unlogged, exactly as in the single process. Called on the event loop (other addons' rare
-    records), it returns once the record is in the kernel's socket buffer (it cannot wait for
-    an answer that the same loop delivers)."""
+    unlogged, exactly as in the single process. Records keep their order (one outbox, one
+    socket, the parent appends in arrival order), so each stream stays one hash chain.
+
+    ``append`` on the event loop (other addons' rare records) sends the outbox with the record
+    at once and returns when it is in the kernel's socket buffer (it cannot wait for an answer
+    the same loop delivers); a record in the kernel's buffer survives the worker's ``kill -9``.
+    ``append`` from another thread waits for the parent's answer like ``append_later``."""
 
     writes_block = True
 
-    def __init__(self, uplink: Uplink, loop_thread: int | None = None, timeout: float = LOG_ACK_TIMEOUT):
+    def __init__(self, uplink: Uplink, loop_thread: int | None = None, timeout: float = LOG_ACK_TIMEOUT,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self._uplink = uplink
         self._loop_thread = loop_thread if loop_thread is not None else threading.get_ident()
+        self._loop = loop
         self._timeout = timeout
-        self._lock = threading.Lock()
         self._next = 0
-        self._waiting: dict[int, list] = {}    # seq -> [Event, error text or None]
+        self._outbox: list[tuple[str, dict[str, Any], int]] = []
+        self._flush_due = False
+        # records queued or sent and not yet answered, oldest first:
+        # [seq, stream, future (asyncio or concurrent), monotonic time sent or 0.0 while queued]
+        self._waiting: collections.deque[list] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    # -- on the worker's event loop
+    def append_later(self, stream: str, record: dict[str, Any]) -> asyncio.Future:
+        """The record is written when the returned future is done (LogWriteError: it was not)."""
+        future = self._event_loop().create_future()
+        self._queue(stream, record, future)
+        return future
 
     def append(self, stream: str, record: dict[str, Any]) -> None:
         from gateway.logstore.writer import LogWriteError
         if threading.get_ident() == self._loop_thread:
-            self._uplink.send(("log", stream, record, 0))
+            self._outbox.append((stream, record, 0))
+            self.flush()
             return
-        with self._lock:
-            self._next += 1
-            seq = self._next
-            slot = self._waiting[seq] = [threading.Event(), None]
+        if self._loop is None:
+            raise LogWriteError(stream, RuntimeError("the worker's event loop is not running"))
+        done = concurrent.futures.Future()
         try:
-            self._uplink.send(("log", stream, record, seq))
-            if not slot[0].wait(self._timeout):
-                raise LogWriteError(stream, TimeoutError(f"the log writer did not answer within {self._timeout:.0f} s"))
-        finally:
-            with self._lock:
-                self._waiting.pop(seq, None)
-        if slot[1] is not None:
-            raise LogWriteError(stream, OSError(slot[1]))
+            self._loop.call_soon_threadsafe(self._queue, stream, record, done)
+        except RuntimeError as exc:   # the loop has closed (the worker is stopping)
+            raise LogWriteError(stream, exc) from None
+        try:
+            done.result(self._timeout + 1)
+        except concurrent.futures.TimeoutError:
+            why = TimeoutError(f"the log writer did not answer within {self._timeout:.0f} s")
+            raise LogWriteError(stream, why) from None
 
-    def written(self, seq: int, error: str | None) -> None:
-        """The parent's answer for record ``seq`` (called by the worker's reader)."""
-        with self._lock:
-            slot = self._waiting.get(seq)
-        if slot is not None:
-            slot[1] = error
-            slot[0].set()
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _queue(self, stream: str, record: dict[str, Any], future) -> None:
+        self._next += 1
+        self._outbox.append((stream, record, self._next))
+        self._waiting.append([self._next, stream, future, 0.0])
+        if not self._flush_due:
+            self._flush_due = True
+            self._event_loop().call_soon(self._flush_after_next_turn)
+
+    def _flush_after_next_turn(self) -> None:
+        # One more turn of the loop first: the connections whose data arrived with this one's
+        # (their callbacks run after this) add their records to the same message.
+        self._event_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send every record of the outbox in one message (on the loop thread)."""
+        self._flush_due = False
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            try:
+                self._uplink.send(("logs", batch))
+            except OSError:
+                raise
+            except Exception:   # noqa: BLE001 - a record that cannot be encoded; nothing was sent
+                self._send_each(batch)
+        except OSError as exc:   # the parent is gone: nothing waiting will be answered
+            while self._waiting:
+                _, stream, future, _ = self._waiting.popleft()
+                self._settle(future, stream, f"{type(exc).__name__}: {exc}")
+            if batch[-1][2] == 0:
+                from gateway.logstore.writer import LogWriteError
+                raise LogWriteError(batch[-1][0], exc) from None
+            return
+        finally:
+            self._stamp()
+
+    def _send_each(self, batch: list[tuple[str, dict[str, Any], int]]) -> None:
+        """One message per record: a record that cannot be encoded fails alone (its request is
+        blocked; an on-loop ``append`` raises), the others are sent."""
+        from gateway.logstore.writer import LogWriteError
+        failed: LogWriteError | None = None
+        for stream, record, seq in batch:
+            try:
+                self._uplink.send(("logs", [(stream, record, seq)]))
+            except OSError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - pickle's errors are of many types
+                log.error("a %s record cannot be sent to the log writer: %s", stream, exc)
+                if seq == 0:
+                    failed = LogWriteError(stream, exc)
+                for entry in self._waiting:
+                    if entry[0] == seq:
+                        self._settle(entry[2], stream, f"{type(exc).__name__}: {exc}")
+                        break
+        if failed is not None:
+            raise failed
+
+    def _stamp(self) -> None:
+        """Note when the records just sent (the newest unstamped ones) left, for the watchdog."""
+        if not self._waiting or self._loop is None:
+            return
+        now = time.monotonic()
+        for entry in reversed(self._waiting):
+            if entry[3]:
+                break
+            entry[3] = now
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(min(1.0, self._timeout), self._check_overdue)
+
+    def _check_overdue(self) -> None:
+        """Fail the records the parent has not answered within ``timeout`` (checked each second)."""
+        self._watchdog = None
+        limit = time.monotonic() - self._timeout
+        while self._waiting and 0 < self._waiting[0][3] <= limit:
+            _, stream, future, _ = self._waiting.popleft()
+            self._settle(future, stream, f"TimeoutError: the log writer did not answer within {self._timeout:.0f} s")
+        if self._waiting:
+            self._watchdog = self._event_loop().call_later(min(1.0, self._timeout), self._check_overdue)
+
+    def written(self, upto: int, errors: dict[int, str] | None = None) -> None:
+        """The parent's answer (called by the worker's reader on the loop): every record up to
+        ``upto`` was written, except those in ``errors`` (seq -> why its write failed)."""
+        errors = errors or {}
+        while self._waiting and self._waiting[0][0] <= upto:
+            seq, stream, future, _ = self._waiting.popleft()
+            self._settle(future, stream, errors.get(seq))
+
+    @staticmethod
+    def _settle(future, stream: str, error: str | None) -> None:
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            from gateway.logstore.writer import LogWriteError
+            future.set_exception(LogWriteError(stream, OSError(error)))
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -287,6 +435,9 @@ class _Worker:
     pending: list[bytes] = dataclasses.field(default_factory=list)   # sent before the stream was open
     metrics_seq: int = 0                       # the last scrape request its snapshot answered
     sessions: int = 0                          # the last ended-sessions notice it applied
+    log_upto: int = 0                          # its last record written (or failed)
+    log_answered: int = 0                      # ... and the last one it was told about
+    log_errors: dict[int, str] = dataclasses.field(default_factory=dict)   # failed since the last answer
 
 
 class WorkerPool:
@@ -374,26 +525,24 @@ class WorkerPool:
         for data in worker.pending:
             worker.writer.write(data)
         worker.pending.clear()
-        reader, up_writer = await asyncio.open_unix_connection(sock=up, limit=_MAX_FRAME)
+        frames = Frames(lambda message: self._received(worker, message), lambda: self._answer_logs(worker))
         try:
-            while (message := await read_message(reader)) is not None:
-                self._received(worker, message)
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: frames, sock=up)
+        except BaseException:
+            await self._died(worker)
+            raise
+        try:
+            await frames.closed
         finally:
-            up_writer.close()
+            transport.close()
             # Everything the worker sent before it died has been read (the stream ends only
             # after its last byte): its log records are written.
             await self._died(worker)
 
     def _received(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
-        if kind == "log":
-            error = None
-            try:
-                self.on_log(message[1], message[2])
-            except Exception as exc:   # noqa: BLE001 - counted by the log store; the worker blocks the request
-                error = f"{type(exc).__name__}: {exc}"
-            if message[3]:
-                self._send(worker, ("logged", message[3], error))
+        if kind == "logs":
+            self._write_logs(worker, message[1])
         elif kind == "metrics":
             self.snapshots[worker.index] = message[1]
             if len(message) > 2:
@@ -419,6 +568,27 @@ class WorkerPool:
             log.info("inspection worker %d serving", worker.index)
         elif kind == "fatal":
             self.on_fatal(f"inspection worker {worker.index}: {message[1]}")
+
+    def _write_logs(self, worker: _Worker, batch: list[tuple[str, dict, int]]) -> None:
+        """Append a worker's records in the order they came, then answer: one message for every
+        record that arrived in this turn of the loop (``_answer_logs``), naming the ones whose
+        write failed (the worker blocks their requests)."""
+        for stream, record, seq in batch:
+            try:
+                self.on_log(stream, record)
+            except Exception as exc:   # noqa: BLE001 - counted by the log store; the worker blocks the request
+                if seq:
+                    worker.log_errors[seq] = f"{type(exc).__name__}: {exc}"
+            if seq:
+                worker.log_upto = seq
+
+    def _answer_logs(self, worker: _Worker) -> None:
+        """After each chunk read from a worker: one answer for every record it waits for."""
+        if worker.log_upto <= worker.log_answered:
+            return
+        errors, worker.log_errors = worker.log_errors, {}
+        worker.log_answered = worker.log_upto
+        self._send(worker, ("logged", worker.log_upto, errors or None))
 
     async def _died(self, worker: _Worker) -> None:
         worker.alive = False
@@ -590,7 +760,7 @@ async def _serve(app, index: int, down: socket.socket, uplink: Uplink) -> int:
     # The process's own data-path state; what the parent built (directory, policy) is kept.
     app.metrics = GatewayMetrics()       # from zero: the parent sums (see the module note)
     app.connections = LiveConnections()
-    app.logstore = RemoteLogStore(uplink, threading.get_ident())
+    app.logstore = RemoteLogStore(uplink, threading.get_ident(), loop=loop)
     app._stop = asyncio.Event()
     app._underlay_now = asyncio.Event()
     app.underlay = UnderlayAddresses(read_peers=app.tunnel.peers, on_change=app._underlay_changed,
@@ -612,8 +782,11 @@ async def _serve(app, index: int, down: socket.socket, uplink: Uplink) -> int:
         uplink.send(("fatal", app.fatal_reason))
         return EXIT_FATAL
     uplink.send(("ready", os.getpid()))
-    reader, _ = await asyncio.open_unix_connection(sock=down, limit=_MAX_FRAME)
-    follow_task = asyncio.create_task(_follow(app, reader, uplink), name="follow-parent")
+    inbox: asyncio.Queue = asyncio.Queue()
+    frames = Frames(lambda message: _from_parent(app, inbox, message))
+    await loop.connect_accepted_socket(lambda: frames, sock=down)
+    frames.closed.add_done_callback(lambda _: inbox.put_nowait(None))
+    follow_task = asyncio.create_task(_follow(app, inbox, uplink), name="follow-parent")
     metrics_task = asyncio.create_task(_push_metrics(app, uplink), name="metrics")
     underlay_task = asyncio.create_task(app.underlay_loop(), name="underlay")
     stop_task = asyncio.create_task(app._stop.wait())
@@ -635,13 +808,20 @@ async def _push_metrics(app, uplink: Uplink) -> None:
         await asyncio.sleep(METRICS_EVERY)
 
 
-async def _follow(app, reader: asyncio.StreamReader, uplink: Uplink) -> None:
+def _from_parent(app, inbox: asyncio.Queue, message: tuple) -> None:
+    """The parent's answers for access records settle at once (the requests waiting for them go
+    on); everything else is applied in order by ``_follow``."""
+    if message[0] == "logged":
+        app.logstore.written(message[1], message[2])
+    else:
+        inbox.put_nowait(message)
+
+
+async def _follow(app, inbox: asyncio.Queue, uplink: Uplink) -> None:
     """Apply what the parent sends until it closes the stream (it stopped or died)."""
-    while (message := await read_message(reader)) is not None:
+    while (message := await inbox.get()) is not None:
         kind = message[0]
-        if kind == "logged":
-            app.logstore.written(message[1], message[2])
-        elif kind == "metrics?":
+        if kind == "metrics?":
             uplink.send(("metrics", snapshot(app.metrics.registry), message[1]))
         elif kind == "reconcile":
             follow_reconcile(app, message[1])
