@@ -15,8 +15,8 @@ start or a SIGHUP). Scenarios:
 Modes, each a fresh ``python`` process: ``compile`` (no cache), ``cache-miss`` (empty cache
 directory: compile and write the cache) and ``cache-hit`` (the cache written by a previous
 process: a restart with unchanged inputs). ``--before DIR`` runs ``compile`` with another
-checkout on PYTHONPATH too (e.g. ``git archive`` of the previous commit), in the same run,
-rounds interleaved, so before and after see the same machine load.
+checkout on PYTHONPATH too (e.g. ``git archive`` of the previous commit), every mode, in the
+same run, rounds interleaved, so before and after see the same machine load.
 
 Figures per process: wall and CPU seconds of ``load_policy``; RSS growth right after it; RSS
 growth after ``malloc_trim(0)`` (what the compile's freed temporaries leave once glibc returns
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 GOAL_SECONDS = 2.0
 GOAL_MIB = 150.0
+MODES = ("compile", "cache-miss", "cache-hit")
 
 
 def _status(field: str) -> int:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--allocators", default="glibc,jemalloc")
-    ap.add_argument("--before", help="another checkout to measure beside this one (compile mode only)")
+    ap.add_argument("--before", help="another checkout to measure beside this one (every mode)")
     ap.add_argument("--ut1", default="/work/shared/data/ut1-2026-08-17")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_scale.json"))
     args = ap.parse_args(argv)
@@ -160,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {}
             for r in range(args.rounds):
                 for allocator in allocators:
-                    plan = [(name, tree, "compile") for name, tree in trees]
-                    plan += [("after", ROOT, "cache-miss"), ("after", ROOT, "cache-hit")]
-                    if r % 2:
-                        plan = plan[1:] + plan[:1]  # who goes first alternates
+                    # Every mode for every tree, the trees side by side per mode; who goes
+                    # first alternates between rounds.
+                    plan = [(name, tree, mode) for mode in MODES
+                            for name, tree in (trees if r % 2 == 0 else trees[::-1])]
                     for name, tree, mode in plan:
-                        cache_dir = work / f"cache-{allocator}"
+                        cache_dir = work / f"cache-{name}-{allocator}"
                         if mode == "cache-miss":
                             for f in cache_dir.glob("*"):
                                 f.unlink()

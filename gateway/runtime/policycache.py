@@ -367,7 +367,8 @@ class PolicyCache:
         if self._stored is None or self._stored[0] != key:
             return {}
         try:
-            return {name: hosttablefile.open_table(self.directory, digest) for name, digest in self._stored[1].items()}
+            return {name: hosttablefile.open_table(self.directory, digest, written_here=True)
+                    for name, digest in self._stored[1].items()}
         except hosttablefile.DamagedTable as exc:
             log.warning("host table just written does not open (%s); this process keeps its own copy", exc)
             return {}
