@@ -42,7 +42,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Iterator, Mapping
-from itertools import islice
+from itertools import groupby, islice
 from sys import byteorder
 from zlib import crc32
 
@@ -94,7 +94,9 @@ def encode_parts(table: Mapping[str, tuple[int, ...]]) -> list | None:
     blob, lengths, hashes = _names(table)
     if n and int(lengths.max()) > _MAX_NAME:
         return None
-    groups = {ordinals: k for k, ordinals in enumerate(dict.fromkeys(table.values()))}
+    # The distinct ordinal tuples in order of first use (a list's hosts share one: groupby
+    # compares neighbours, mostly the same object, instead of hashing a tuple per name).
+    groups = {ordinals: k for k, ordinals in enumerate(dict.fromkeys(g for g, _ in groupby(table.values())))}
     if len(groups) > _MAX_GROUPS:
         return None
     words = np.array([x for ordinals in groups for x in (len(ordinals), *ordinals)], dtype="<u4")
