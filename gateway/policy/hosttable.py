@@ -44,9 +44,11 @@ from array import array
 from collections.abc import Iterator, Mapping
 from itertools import groupby, islice
 from sys import byteorder
+from typing import TYPE_CHECKING
 from zlib import crc32
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"KANMON-HOSTS-v3\n"
 _HEADER = struct.Struct("<16s6Q")
@@ -85,9 +87,11 @@ def encode_parts(table: Mapping[str, tuple[int, ...]]) -> list | None:
 
     Bulk steps with numpy (arrays of machine integers; its sort, cumulative sum and scatter
     are C loops; it does no I/O): the work left per name is in CPython's C loops (``join``,
-    ``split``, ``crc32``). About 0.4 s of CPU and ~80 MiB of temporaries (the slots among them)
-    per 1M names; the passes of ``map``/``accumulate`` over Python ints it replaces took 2.6 s
-    (bench/engine_scale.py)."""
+    ``split``, ``crc32``). Per 1M names about 0.4 s of CPU and ~100 MiB at the peak, the ~50
+    MiB it returns included; the passes of ``map``/``accumulate`` over Python ints it replaces
+    took 2.4 s and ~135 MiB (measured on bench/engine_scale.py's 1M names)."""
+    import numpy as np   # here, not at the top: only a process that encodes loads it (~14 MiB, 0.09 s)
+
     n = len(table)
     if n >= 1 << 30 or byteorder != "little":   # the layout is little-endian machine integers
         return None
@@ -162,10 +166,12 @@ _CHUNK = 1 << 16   # names encoded at a time: ~1 MiB of bytes, a few MiB of temp
 
 def _names(table: Mapping[str, tuple[int, ...]]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """The names' bytes one after the other (the blob, in pieces), each name's length in bytes
-    and its crc32, in table order. Per chunk of names: joined with "\n" and encoded in one
+    and its crc32, in table order. Per chunk of names: joined with newlines and encoded in one
     call; when the bytes hold one newline fewer than the chunk has names, no name holds one
     (no checked host name does), so the newlines are the bounds between the names, found by
     numpy (not one ``encode`` and ``len`` per name)."""
+    import numpy as np
+
     n = len(table)
     lengths = np.empty(n, dtype="<u8")
     hashes = np.empty(n, dtype="<u4")
