@@ -14,16 +14,17 @@ start or a SIGHUP). Scenarios:
 
 Modes, each a fresh ``python`` process: ``compile`` (no cache), ``cache-miss`` (empty cache
 directory: compile and write the cache) and ``cache-hit`` (the cache written by a previous
-process: a restart with unchanged inputs). ``--before DIR`` runs ``compile`` with another
+process: a restart with unchanged inputs). ``--before DIR`` runs every mode with another
 checkout on PYTHONPATH too (e.g. ``git archive`` of the previous commit), in the same run,
 rounds interleaved, so before and after see the same machine load.
 
 Figures per process: wall and CPU seconds of ``load_policy``; RSS growth right after it; RSS
 growth after ``malloc_trim(0)`` (what the compile's freed temporaries leave once glibc returns
 them; the gateway runs on jemalloc, which returns them by itself, see gateway/allocator.py);
-peak RSS growth (VmHWM). Each is run on glibc and with jemalloc preloaded (the gateway's
-allocator) unless ``--allocators`` says otherwise. Medians over ``--rounds``.
-Writes bench/results/engine_scale.json and prints a table.
+peak RSS growth (VmHWM); the size of the host-table files the process maps and how much of
+them is resident in it (already in RSS: a mapped page counts once touched). Each is run on
+glibc and with jemalloc preloaded (the gateway's allocator) unless ``--allocators`` says
+otherwise. Medians over ``--rounds``. Writes bench/results/engine_scale.json and prints a table.
 
     python bench/engine_scale.py                       # both scenarios, 3 rounds
     python bench/engine_scale.py --before /tmp/before  # and the previous commit beside it
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 GOAL_SECONDS = 2.0
 GOAL_MIB = 150.0
+MODES = ("compile", "cache-miss", "cache-hit")
 
 
 def _status(field: str) -> int:
@@ -54,6 +56,24 @@ def _status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _mapped_tables() -> tuple[float, float]:
+    """MiB of host-table files (``*.hosts``) this process maps, and of those the pages resident
+    in it (in RSS). A mapped table's pages are the page cache's, one copy for every process
+    that maps the file; RSS counts only those this process has touched."""
+    size = rss = 0
+    current = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if not head[0].endswith(":"):   # a mapping's first line: range perms offset dev inode [path]
+                current = head[-1].endswith(".hosts")
+            elif current and head[0] == "Size:":
+                size += int(head[1])
+            elif current and head[0] == "Rss:":
+                rss += int(head[1])
+    return size / 1024, rss / 1024
 
 
 def child(policy: str, mode: str, cache_dir: str) -> None:
@@ -84,7 +104,8 @@ def child(policy: str, mode: str, cache_dir: str) -> None:
     except (AttributeError, OSError):
         pass
     rss2 = _status("VmRSS")
-    out = {"wall_s": wall, "cpu_s": cpu, "rss_mib": (rss1 - rss0) / 1024, "rss_trimmed_mib": (rss2 - rss0) / 1024,
+    mapped, resident = _mapped_tables()
+    out = {"tables_mapped_mib": mapped, "tables_resident_mib": resident, "wall_s": wall, "cpu_s": cpu, "rss_mib": (rss1 - rss0) / 1024, "rss_trimmed_mib": (rss2 - rss0) / 1024,
            "peak_mib": (max(hwm1, rss1) - max(hwm0, rss0)) / 1024, "rules": len(snapshot.rules),
            "cache": getattr(kwargs.get("cache"), "last", "none")}
     print(json.dumps(out))
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--allocators", default="glibc,jemalloc")
-    ap.add_argument("--before", help="another checkout to measure beside this one (compile mode only)")
+    ap.add_argument("--before", help="another checkout to measure beside this one (every mode)")
     ap.add_argument("--ut1", default="/work/shared/data/ut1-2026-08-17")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_scale.json"))
     args = ap.parse_args(argv)
@@ -160,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {}
             for r in range(args.rounds):
                 for allocator in allocators:
-                    plan = [(name, tree, "compile") for name, tree in trees]
-                    plan += [("after", ROOT, "cache-miss"), ("after", ROOT, "cache-hit")]
-                    if r % 2:
-                        plan = plan[1:] + plan[:1]  # who goes first alternates
+                    # Every mode for every tree, the trees side by side per mode; who goes
+                    # first alternates between rounds.
+                    plan = [(name, tree, mode) for mode in MODES
+                            for name, tree in (trees if r % 2 == 0 else trees[::-1])]
                     for name, tree, mode in plan:
-                        cache_dir = work / f"cache-{allocator}"
+                        cache_dir = work / f"cache-{name}-{allocator}"
                         if mode == "cache-miss":
                             for f in cache_dir.glob("*"):
                                 f.unlink()
@@ -176,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for label, samples in runs.items():
             rows[label] = {key: statistics.median(s[key] for s in samples)
-                           for key in ("wall_s", "cpu_s", "rss_mib", "rss_trimmed_mib", "peak_mib")}
+                           for key in ("wall_s", "cpu_s", "rss_mib", "rss_trimmed_mib", "peak_mib",
+                                       "tables_mapped_mib", "tables_resident_mib")}
             rows[label]["cache"] = sorted({s["cache"] for s in samples})
             rows[label]["rounds"] = len(samples)
         results["scenarios"][scenario] = {**meta, "rows": rows}
         print(f"\n{scenario}: {meta}; medians of {args.rounds} rounds, each a fresh process")
-        print(f"{'':<32}{'wall (s)':>10}{'CPU (s)':>10}{'RSS (MiB)':>11}{'trimmed':>10}{'peak':>8}  cache")
+        print(f"{'':<32}{'wall (s)':>10}{'CPU (s)':>10}{'RSS (MiB)':>11}{'trimmed':>10}{'peak':>8}"
+              f"{'mapped':>8}{'(in RSS)':>10}  cache")
         for label, row in rows.items():
             print(f"{label:<32}{row['wall_s']:>10.2f}{row['cpu_s']:>10.2f}{row['rss_mib']:>11.0f}"
-                  f"{row['rss_trimmed_mib']:>10.0f}{row['peak_mib']:>8.0f}  {','.join(row['cache'])}")
+                  f"{row['rss_trimmed_mib']:>10.0f}{row['peak_mib']:>8.0f}{row['tables_mapped_mib']:>8.0f}"
+                  f"{row['tables_resident_mib']:>10.0f}  {','.join(row['cache'])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

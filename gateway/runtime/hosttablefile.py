@@ -13,7 +13,9 @@ the page cache instead of one dict per process.
 - **Checked on open**: the SHA-256 of the mapped bytes must be the name's, and the layout
   (hosttable.HostTable) must be sound; anything else (short, damaged, foreign, missing) raises
   ``DamagedTable`` and the caller compiles the policy from its sources: never a different
-  verdict. The check reads every page once (they stay in the page cache, shared).
+  verdict. The check reads every page once (they stay in the page cache, shared). The process
+  that wrote the file maps it without hashing it again (``written_here``): its digest was
+  computed over the bytes written.
 - **Removal**: the cache removes files no prepared policy refers to after a write; a process
   that still maps an old one keeps it (an unlinked file lives on until its last mapping goes).
 """
@@ -42,23 +44,31 @@ def path_for(directory: str | Path, digest: str) -> Path:
     return Path(directory) / f"{digest}{SUFFIX}"
 
 
+_SLICE = 1 << 20   # bytes hashed then written at a time: still in the CPU cache when written
+
+
 def write(directory: str | Path, data: bytes | Sequence[Buffer]) -> str:
     """Write ``data`` (bytes, or the buffers of hosttable.encode_parts one after the other) as
-    ``<sha256>.hosts``, atomically, and return the digest. Raises OSError."""
+    ``<sha256>.hosts``, atomically, and return the digest. One pass: each slice is hashed and
+    then written while it is still in the CPU cache. Raises OSError."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     h = hashlib.sha256()
-    for part in parts:
-        h.update(part)
-    digest = h.hexdigest()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
             for part in parts:
-                fh.write(part)
-            fh.flush()
-            os.fsync(fh.fileno())
+                view = memoryview(part).cast("B")
+                for at in range(0, len(view), _SLICE):
+                    piece = view[at:at + _SLICE]
+                    h.update(piece)
+                    while piece:
+                        piece = piece[os.write(fd, piece):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest = h.hexdigest()
         os.chmod(tmp, 0o400)   # never written again: a new table is a new file
         os.replace(tmp, path_for(directory, digest))
     except BaseException:
@@ -75,8 +85,13 @@ def write(directory: str | Path, data: bytes | Sequence[Buffer]) -> str:
     return digest
 
 
-def open_table(directory: str | Path, digest: str) -> HostTable:
-    """Map ``<digest>.hosts`` read-only and check it; ``DamagedTable`` saying why not."""
+def open_table(directory: str | Path, digest: str, written_here: bool = False) -> HostTable:
+    """Map ``<digest>.hosts`` read-only and check it; ``DamagedTable`` saying why not.
+
+    ``written_here``: this process wrote the file a moment ago (``write`` returned ``digest``,
+    hashed over the very bytes it wrote): the layout and size are checked, the bytes are not
+    hashed again (that would read back the same page-cache pages, and make every page of the
+    table resident in this process at once, while the dicts it replaces are still alive)."""
     if type(digest) is not str or not _DIGEST.match(digest):
         raise DamagedTable("not a host-table digest")
     path = path_for(directory, digest)
@@ -95,7 +110,7 @@ def open_table(directory: str | Path, digest: str) -> HostTable:
         os.close(fd)   # the mapping keeps the file
     # A refused mapping is not closed here (a view of it may still be alive in the traceback):
     # it goes with its last reference.
-    if hashlib.sha256(mapped).hexdigest() != digest:
+    if not written_here and hashlib.sha256(mapped).hexdigest() != digest:
         raise DamagedTable(f"{path.name}: contents do not match the digest")
     try:
         return HostTable(mapped)

@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import string
+import struct
 from datetime import UTC, datetime
 from pathlib import Path
 from zlib import crc32
@@ -75,6 +76,54 @@ def test_a_mapped_table_answers_exactly_as_its_dict(listed, asked, seed):
     assert mapped.get("\udcff.example") is None  # a lone surrogate is a miss, not an error
 
 
+def _reference_encode(table) -> bytes | None:
+    """The layout of hosttable's docstring, spelled out one name at a time (the encoder does it
+    in bulk with numpy): what ``encode`` must produce byte for byte."""
+    names = [name.encode("utf-8", "surrogatepass") for name in table]
+    groups = list(dict.fromkeys(table.values()))
+    if any(len(name) > hosttable._MAX_NAME for name in names) or len(groups) > hosttable._MAX_GROUPS:
+        return None
+    words = [x for ordinals in groups for x in (len(ordinals), *ordinals)]
+    n, shift = len(names), hosttable._shift(len(names))
+    homes = 1 << (32 - shift)
+    m = homes + MAX_RUN + 1
+    words_bytes = struct.pack(f"<{len(words)}I", *words)
+    words_bytes += bytes(-len(words_bytes) % 8)
+    blob_at = 64 + 16 * m + len(words_bytes)
+    infos, at = [], blob_at
+    for k, name in enumerate(names):
+        infos.append(at << 32 | len(name) << 20 | groups.index(list(table.values())[k]))
+        at += len(name)
+    slots = [(hosttable.EMPTY, 0)] * m
+    position = -1
+    for h, k in sorted((crc32(name), k) for k, name in enumerate(names)):
+        position = max(h >> shift, position + 1)   # linear probing in hash order
+        if position - (h >> shift) > MAX_RUN or position >= homes + MAX_RUN:
+            return None
+        slots[position] = (h, infos[k])
+    blob = b"".join(names)
+    return (struct.pack("<16s6Q", hosttable.MAGIC, n, m, shift, len(groups), len(words), len(blob))
+            + b"".join(struct.pack("<QQ", *slot) for slot in slots) + words_bytes + blob + bytes(-len(blob) % 8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=string.ascii_lowercase + ".-\n\udcffé例", max_size=12), max_size=80),
+       st.integers(0, 2**32))
+@example([], 0)
+@example([""], 0)
+@example(["a\nb.example", "a", "b.example"], 1)   # a name holding the separator the encoder splits on
+@example(["\udcff", "\udcff.example", "é.example"], 2)
+def test_encode_is_the_documented_layout_byte_for_byte(names, seed):
+    rng = random.Random(seed)
+    table = {name: tuple(sorted(set(rng.sample(range(1000), rng.randint(1, 3))))) for name in names}
+    if seed % 2:   # one list: every name has the same ordinals (one group)
+        table = dict.fromkeys(table, (seed % 1000,))
+    assert encode(table) == _reference_encode(table)
+    data = encode(table)
+    if data is not None:
+        assert dict(HostTable(data).items()) == table
+
+
 def test_a_large_table_of_real_looking_names():
     rng = random.Random(7)
     letters = string.ascii_lowercase + string.digits + "-"
@@ -100,6 +149,7 @@ def test_names_crowding_one_hash_are_not_mapped():
     assert len(crowd) == n
     assert encode(dict.fromkeys(crowd, (0,))) is None
     assert encode(dict.fromkeys(crowd[:MAX_RUN // 2], (0,))) is not None
+    assert encode(dict.fromkeys(crowd[:MAX_RUN // 2], (0,))) == _reference_encode(dict.fromkeys(crowd[:MAX_RUN // 2], (0,)))
 
 
 def test_a_buffer_that_is_not_a_table_is_refused():
@@ -263,3 +313,35 @@ def test_table_files_are_read_only_and_named_by_their_digest(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o400
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name[:-len(".hosts")]
         assert valid_domain(next(iter(hosttablefile.open_table(cache.directory, path.name[:-len(".hosts")]))))
+
+
+def test_a_table_file_is_the_encoded_bytes_under_their_digest(tmp_path):
+    """``write`` hashes and writes each slice in one pass: the file is exactly ``encode``'s bytes
+    and its name their SHA-256, for parts larger than one slice (the slots of 70k names: 2 MiB)."""
+    rng = random.Random(11)
+    table = {f"{''.join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 14)))}.example": (i % 3,)
+             for i in range(70_000)}
+    parts = hosttable.encode_parts(table)
+    assert max(len(memoryview(p).cast("B")) for p in parts) > hosttablefile._SLICE
+    digest = hosttablefile.write(tmp_path, parts)
+    data = (tmp_path / f"{digest}.hosts").read_bytes()
+    assert data == encode(table) and hashlib.sha256(data).hexdigest() == digest
+    for written_here in (False, True):
+        mapped = hosttablefile.open_table(tmp_path, digest, written_here=written_here)
+        assert all(mapped.get(name) == ordinals for name, ordinals in list(table.items())[::97])
+
+
+def test_the_writer_maps_its_own_file_with_the_layout_checked(tmp_path):
+    """The process that wrote a table maps it without hashing it again; a file that is not a
+    sound table under that name (cut short, another layout) is still refused."""
+    digest = hosttablefile.write(tmp_path, encode({"a.example": (0,), "b.example": (1,)}))
+    path = tmp_path / f"{digest}.hosts"
+    assert hosttablefile.open_table(tmp_path, digest, written_here=True).get("b.example") == (1,)
+    good = path.read_bytes()
+    for damaged in (good[:-8], good[:40], b"KANMON-HOSTS-v1\n" + good[16:]):
+        path.chmod(0o600)
+        path.write_bytes(damaged)
+        with pytest.raises(hosttablefile.DamagedTable):
+            hosttablefile.open_table(tmp_path, digest, written_here=True)
+        with pytest.raises(hosttablefile.DamagedTable):
+            hosttablefile.open_table(tmp_path, digest)
