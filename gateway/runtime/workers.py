@@ -33,8 +33,9 @@ What stays whole across the workers, and why this way:
   no list is parsed again) and swaps it in one assignment, checking that it got the version
   the parent compiled. A worker that fails or is late is killed and forked again from the
   parent, which serves the new policy: every worker serves the same version afterwards.
-  Memory: after a reload each worker holds its own copy of the new rules until it is next
-  forked (the initial policy is shared).
+  Memory: after a reload the big host tables (block lists of thousands of names and more) are
+  one file every process maps read-only (gateway/runtime/hosttablefile.py), not a copy per
+  worker; the rest of the new snapshot (rules, RE2 sets, small tables) is per process.
 - **Logs: one writer.** Workers do not open log files: each record goes over a Unix stream
   socket to the parent, whose one LogStore appends it to the one hash chain of its stream, so
   ``kanmon logs verify/search``, the reports, retention and anchors are unchanged. A chain per
