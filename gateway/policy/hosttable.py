@@ -44,11 +44,16 @@ from array import array
 from collections.abc import Iterator, Mapping
 from itertools import groupby, islice
 from sys import byteorder
+from typing import TYPE_CHECKING
 from zlib import crc32
 
-# numpy: the encoder's bulk steps (no I/O). Imported with this module, as the gateway imports
-# it at start: a load does not pay for it (~0.06 s); a worker forked from the gateway shares it.
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy does the encoder's bulk steps (no I/O). It is imported by the encoder only: importing
+# it costs ~0.08 s, ~14 MiB and an OpenBLAS thread (measured), which every gateway start, every
+# inspection worker (forked with that thread already running) and every process that only maps
+# a table (a cache hit, a worker's reload) would pay for a step only a cache miss runs.
 
 MAGIC = b"KANMON-HOSTS-v3\n"
 _HEADER = struct.Struct("<16s6Q")
@@ -90,6 +95,7 @@ def encode_parts(table: Mapping[str, tuple[int, ...]]) -> list | None:
     ``split``, ``crc32``). Per 1M names about 0.4 s of CPU and ~100 MiB at the peak, the ~50
     MiB it returns included; the passes of ``map``/``accumulate`` over Python ints it replaces
     took 2.4 s and ~135 MiB (measured on bench/engine_scale.py's 1M names)."""
+    import numpy as np
     n = len(table)
     if n >= 1 << 30 or byteorder != "little":   # the layout is little-endian machine integers
         return None
@@ -170,6 +176,7 @@ def _names(table: Mapping[str, tuple[int, ...]]) -> tuple[list[bytes], np.ndarra
     call; when the bytes hold one newline fewer than the chunk has names, no name holds one
     (no checked host name does), so the newlines are the bounds between the names, found by
     numpy (not one ``encode`` and ``len`` per name)."""
+    import numpy as np
     n = len(table)
     lengths = np.empty(n, dtype="<u4")
     hashes = np.empty(n, dtype="<u4")
