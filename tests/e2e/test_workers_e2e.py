@@ -197,53 +197,51 @@ def last_data(proc: subprocess.Popen) -> float:
     return json.loads(proc.communicate(timeout=30)[0].strip().splitlines()[-1])["last_data"]
 
 
+def cut_ms(wlab: Lab, worker: int, *command: str, other_keeps: bool = True) -> float:
+    """Run a `kanmon device ...` command against the device of ``worker`` while it downloads
+    (and, with ``other_keeps``, while the other worker's device downloads too): ms from the
+    command's return to the device's last data (negative: cut before it returned). The
+    other worker's download must survive it."""
+    mine = start_download(wlab.on_worker[worker])
+    other = start_download(wlab.on_worker[1 - worker]) if other_keeps else None
+    out = wlab.kanmon("device", *command, "--config", str(wlab.config_path))
+    returned = time.time()
+    assert "did not confirm" not in out.stderr, out.stderr
+    ms = round((last_data(mine) - returned) * 1000, 1)
+    assert ms <= 100, f"worker {worker}: {command[0]} left the device's download running ({ms} ms)"
+    if other is not None:
+        assert other.poll() is None, "the other worker's device keeps its download"
+        other.kill()
+        other.wait()
+    return ms
+
+
 def test_quarantine_suspension_and_revocation_cut_live_flows_in_every_worker(wlab: Lab):
     cfg = ["--config", str(wlab.config_path)]
     for worker in range(WORKERS):   # the test before it killed a worker: it may still be coming back
         wait_until(lambda: wlab.metric_value("kanmon_worker_up", worker=str(worker)) == 1, 10, f"worker {worker} up")
     wait_until(lambda: set(worker_pids(wlab)) == set(range(WORKERS)), 10, "every worker listening")
-    after_return: dict[str, list[float]] = {"quarantine": [], "revoke": []}
+    after_return: dict[str, list[float]] = {"quarantine": [], "suspend": [], "revoke": []}
+    # Quarantine keeps the device admitted (no drop set): only its worker can cut the flow.
     for trial in range(QUARANTINE_TRIALS):
         for worker, device in wlab.on_worker.items():
-            # Quarantine keeps the device admitted (no drop set): only its worker can cut the flow.
-            mine, other = start_download(device), start_download(wlab.on_worker[1 - worker])
-            out = wlab.kanmon("device", "quarantine", device.device_id, "--reason", "e2e", *cfg)
-            returned = time.time()
-            assert "did not confirm" not in out.stderr, out.stderr
-            after_return["quarantine"].append(round((last_data(mine) - returned) * 1000, 1))
-            assert after_return["quarantine"][-1] <= 100, f"worker {worker}: the quarantined device's download lives on"
-            assert other.poll() is None, "the other worker's device keeps its download"
-            other.kill()
-            other.wait()
+            after_return["quarantine"].append(cut_ms(wlab, worker, "quarantine", device.device_id, "--reason", "e2e"))
             wlab.kanmon("device", "release", device.device_id, *cfg)
-    # Suspension drops the device (like revocation, until a time): cut in its worker, the other
-    # worker's device keeps its download; resumed, the device is served again.
-    after_return["suspend"] = []
+    # Suspension drops the device (like revocation, until a time); resumed, it is served again.
     for worker, device in wlab.on_worker.items():
-        mine, other = start_download(device), start_download(wlab.on_worker[1 - worker])
         until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-        out = wlab.kanmon("device", "suspend", device.device_id, "--until", until, "--reason", "e2e", *cfg)
-        returned = time.time()
-        assert "did not confirm" not in out.stderr, out.stderr
-        after_return["suspend"].append(round((last_data(mine) - returned) * 1000, 1))
-        assert after_return["suspend"][-1] <= 100, f"worker {worker}: the suspended device's download lives on"
-        assert other.poll() is None, "the other worker's device keeps its download"
-        other.kill()
-        other.wait()
+        after_return["suspend"].append(cut_ms(wlab, worker, "suspend", device.device_id, "--until", until,
+                                              "--reason", "e2e"))
         wlab.kanmon("device", "resume", device.device_id, *cfg)
         # Its peer was removed: the device's WireGuard client notices only when its data go
         # unanswered (keepalive + rekey timeout, ~15 s) and then shakes hands again.
         wait_until(lambda: http_code(device.curl(f"http://www.example.test/resumed-{time.monotonic_ns()}", timeout=2))
                    == "200", 40, "the resumed device to be served again", interval=0.5)
-    # Revocation, in the worker of device 1 then device 0 (the last test of the module: they stay revoked).
+    # Revocation, in the worker of device 1 then device 0 (the last test of the module: they
+    # stay revoked, so the first one's device cannot be the "other" of the second).
     for worker in (1, 0):
-        device = wlab.on_worker[worker]
-        proc = start_download(device)
-        out = wlab.kanmon("device", "revoke", device.device_id, "--reason", "lost", *cfg)
-        returned = time.time()
-        assert "did not confirm" not in out.stderr, out.stderr
-        after_return["revoke"].append(round((last_data(proc) - returned) * 1000, 1))
-        assert after_return["revoke"][-1] <= 100, f"worker {worker}: the revoked device's download lives on"
+        after_return["revoke"].append(cut_ms(wlab, worker, "revoke", wlab.on_worker[worker].device_id,
+                                             "--reason", "lost", other_keeps=False))
     (ARTIFACTS / "e2e").mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "e2e" / "workers-cut-latency.json").write_text(json.dumps(
         {"workers": WORKERS, "ms_from_command_return_to_last_data": after_return}, indent=2))
