@@ -19,7 +19,7 @@ import pytest
 
 from gateway.lab import workerprobe
 from gateway.lab.topology import GATEWAY_TUNNEL4, WEB4, WEB6, Lab, wait_until
-from tests.e2e.conftest import ARTIFACTS, require_lab
+from tests.e2e.conftest import ARTIFACTS, require_lab, running_lab
 from tests.e2e.test_device_lifecycle import DOWNLOAD
 from tests.e2e.test_policy_e2e import POLICIES
 
@@ -61,21 +61,10 @@ def wlab(tmp_path_factory):
         "quarantine": {"allow_hosts": ["mdm.test"]},
     })
     lab.policy_dir = policy_dir
-    try:
-        lab.build()
-        lab.start_gateway()
-        for device in lab.devices:
-            lab.wait_for_peer(device)
+    with running_lab(lab, "test_workers_e2e"):
         # One device per worker (addresses are allocated in order; the hash decides, so probe).
-        by_worker = workerprobe.one_device_per_worker(lab, WORKERS, BASE_PORT)
-        lab.on_worker = by_worker
+        lab.on_worker = workerprobe.one_device_per_worker(lab, WORKERS, BASE_PORT)
         yield lab
-    finally:
-        dest = ARTIFACTS / "e2e" / "test_workers_e2e"
-        dest.mkdir(parents=True, exist_ok=True)
-        if (work / "gateway.log").exists():
-            shutil.copy(work / "gateway.log", dest / "gateway.log")
-        lab.teardown()
 
 
 def test_a_device_keeps_its_worker_and_cannot_pick_another(wlab: Lab):

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.lab import workerprobe
 from gateway.lab.topology import Lab
-from tests.e2e.conftest import ARTIFACTS, require_lab
+from tests.e2e.conftest import require_lab, running_lab
 from tests.e2e.test_policy_e2e import POLICIES
 
 pytestmark = pytest.mark.e2e
@@ -38,19 +38,9 @@ def slab(tmp_path_factory):
     lab = Lab(work, n_devices=2, config_overrides={"proxy": {"workers": WORKERS},
                                                    "policy": {"path": str(policy_dir / "lab.yaml")}})
     lab.policy_dir = policy_dir
-    try:
-        lab.build()
-        lab.start_gateway()
-        for device in lab.devices:
-            lab.wait_for_peer(device)
+    with running_lab(lab, "test_workers_shared_policy_e2e"):
         lab.on_worker = workerprobe.one_device_per_worker(lab, WORKERS, BASE_PORT)
         yield lab
-    finally:
-        dest = ARTIFACTS / "e2e" / "test_workers_shared_policy_e2e"
-        dest.mkdir(parents=True, exist_ok=True)
-        if (work / "gateway.log").exists():
-            shutil.copy(work / "gateway.log", dest / "gateway.log")
-        lab.teardown()
 
 
 def _codes(lab: Lab) -> dict[int, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,12 +20,12 @@ from gateway.autoquarantine.triggers import AUTO_ACTOR
 from gateway.config import MAX_PROXY_WORKERS, usable_cores
 from gateway.lab import workerprobe
 from gateway.lab.oidcprovider import OidcClient
-from gateway.lab.topology import WEB4, Lab, wait_until
+from gateway.lab.topology import Lab, wait_until
 from tests.availability import unavailable
 from tests.e2e.conftest import ARTIFACTS, require_lab, running_lab
-from tests.e2e.test_device_lifecycle import DOWNLOAD
 from tests.e2e.test_oidc_lab import _require_oidc_lab
 from tests.e2e.test_signin_e2e import CALLBACK, PORTAL, _auth, _code, _curl, _sign_in
+from tests.e2e.test_workers_e2e import last_data, start_download
 
 pytestmark = pytest.mark.e2e
 
@@ -71,16 +70,6 @@ def wslab(tmp_path_factory):
             lab.wait_for_peer(device)
         lab.on_worker = workerprobe.one_device_per_worker(lab, WORKERS, BASE_PORT)
         yield lab
-
-
-def start_download(device) -> subprocess.Popen:
-    proc = subprocess.Popen(device.ns.cmd(sys.executable, "-c", DOWNLOAD, WEB4), stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "flowing", "the download must be running first"
-    return proc
-
-
-def last_data(proc: subprocess.Popen) -> float:
-    return json.loads(proc.communicate(timeout=30)[0].strip().splitlines()[-1])["last_data"]
 
 
 def signout(lab: Lab, user: str) -> subprocess.CompletedProcess:
