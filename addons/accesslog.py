@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from mitmproxy import connection, dns, http, tcp, tls
@@ -108,13 +109,19 @@ class AccessLog:
         # No-inspect connections (no flow object exists for them) awaiting their end record.
         self._passed_through: dict[str, dict[str, Any]] = {}
 
-    def _append(self, stream: str, record: dict[str, Any]) -> None:
+    @contextmanager
+    def _failure_policy(self) -> Iterator[None]:
+        """A failed write raises (the flow is blocked) unless configured to continue."""
         try:
-            self.sink.append(stream, record)
+            yield
         except Exception:
             if self.on_log_failure == "block":
                 raise
             log.exception("log write failed (configured to continue)")
+
+    def _append(self, stream: str, record: dict[str, Any]) -> None:
+        with self._failure_policy():
+            self.sink.append(stream, record)
 
     def _write(self, stream: str, record: dict[str, Any]) -> Awaitable[None] | None:
         """Write now, or (blocking sink) return the write to await, run in a worker thread.
@@ -127,12 +134,8 @@ class AccessLog:
         return None
 
     async def _appended_later(self, stream: str, record: dict[str, Any]) -> None:
-        try:
+        with self._failure_policy():
             await self._append_later(stream, record)
-        except Exception:
-            if self.on_log_failure == "block":
-                raise
-            log.exception("log write failed (configured to continue)")
 
     def _http_record(self, flow: http.HTTPFlow) -> dict[str, Any]:
         rec = _device_fields(flow.metadata.get(METADATA_DEVICE), flow.client_conn, self.user_of)
