@@ -2,7 +2,8 @@
 test-only block size: the product default is 65,536, wireguard-go's peer limit) the lab's three
 devices are 10.77.0.2 and .3 (shard 0, the configured interface and port) and .4 (shard 1, a
 second interface on the next port). The device on shard 1 connects on the port its exported
-configuration names, is judged by the proxy over IPv4 and IPv6, and is cut when revoked; the
+configuration names, is judged by the proxy over IPv4 and IPv6, cannot reach the proxy's port directly nor send
+with another device's address, and is cut when revoked; the
 device on shard 0 is untouched throughout."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from gateway.lab.topology import UNDERLAY_GW, WEB6, WG_PORT, Lab, wait_until
+from gateway.lab.topology import GATEWAY_TUNNEL4, UNDERLAY_GW, WEB4, WEB6, WG_PORT, Lab, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +65,22 @@ def test_devices_on_two_interfaces_are_served_judged_and_cut(make_lab):
                                                                         (high.device_id, "block")}
     assert {r["source.ip"] for r in records} == {high.ipv4, high.ipv6}
 
+    # Attacks from the shard-1 device. The proxy's own port on the gateway is not reachable
+    # from the second interface either (steering drops gateway addresses there too).
+    direct = high.ns.run("curl", "-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                         "-H", "Host: www.example.test", f"http://{GATEWAY_TUNNEL4}:8080/direct-{marker}", check=False)
+    assert direct.stdout.strip() == "000", direct
+    # A packet with the shard-0 device's address as its source: shard 1's wireguard-go accepts
+    # from this peer only its own /32 (AllowedIPs), so it never reaches the proxy or the server.
+    high.ns.run("ip", "addr", "add", f"{low.ipv4}/32", "dev", high.wg_interface)
+    spoof = high.ns.run("curl", "-sS", "--max-time", "2", "--interface", low.ipv4, "-o", "/dev/null",
+                        "-H", "Host: www.example.test", f"http://{WEB4}/spoof-{marker}", check=False)
+    assert spoof.returncode != 0, spoof
+    high.ns.run("ip", "addr", "del", f"{low.ipv4}/32", "dev", high.wg_interface)
+    reached = lab.nginx_requests()
+    assert [r for r in reached if f"/shard-{marker}" in str(r)], "the allowed request is in the server's log"
+    assert not [r for r in reached if f"direct-{marker}" in str(r) or f"spoof-{marker}" in str(r)], reached
+    assert not [r for r in lab.log_records("proxy") if f"spoof-{marker}" in (r.get("url.full") or "")]
     out = lab.kanmon("device", "revoke", high.device_id, "--reason", "lost", "--config", str(lab.config_path))
     assert "did not confirm" not in out.stderr, out.stderr
     assert high.public_key not in peers_on(lab, shard1)
